@@ -1,0 +1,553 @@
+"""Configuration: one TOML file, read and validated once into frozen typed settings.
+
+Every error names the file, the key and what was expected. Unknown keys are errors: a misspelt
+key silently ignored is a setting that silently does not apply.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mailer.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "mailer.toml"
+KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+Security = Literal["none", "starttls", "tls"]
+MULTILINE_KEYS = frozenset({"postal_address", "description"})
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    tagline: str
+    base_url: str
+    from_address: str
+    reply_to: str | None
+    privacy_policy_url: str
+    privacy_policy_file: Path | None
+    privacy_policy_version: str
+    postal_address: str
+    publisher: str
+    disclaimer: str
+    timezone: str
+    secret_key_env: str
+    secret_key: bytes | None = field(repr=False)
+    list_id: str
+    unsubscribe_mailto: str | None
+    feedback_id: str | None
+
+    @property
+    def domain(self) -> str:
+        """The site's domain: the right-hand side of Message-IDs and tokens."""
+        return Address(addr_spec=parseaddr(self.from_address)[1]).domain
+
+    def require_secret(self) -> bytes:
+        """The site secret, or a ConfigError naming the environment variable to set."""
+        if not self.secret_key:
+            raise ConfigError(
+                f"the site secret is not set: export {self.secret_key_env} "
+                "(named by [site].secret_key_env) or set [site].secret_key_file"
+            )
+        return self.secret_key
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    security: Security
+    username: str | None
+    password_env: str | None
+    password: str | None = field(repr=False)
+    connections: int
+    rate_per_second: float
+    timeout: float
+    envelope_from: str | None
+    verp: bool
+    retry_base_seconds: float
+    retry_max_age_hours: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    domain: str
+    selector: str
+    private_key_file: Path
+
+
+@dataclass(frozen=True)
+class Topic:
+    key: str
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Source:
+    type: Literal["feed", "directory"]
+    topic: str
+    url: str | None
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class Digest:
+    key: str
+    name: str
+    subject: str
+    schedule: str
+    timezone: str
+    topics: tuple[str, ...]
+    max_articles: int
+    template: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    site: SiteSettings
+    database: DatabaseSettings
+    web: WebSettings
+    smtp: SmtpSettings
+    dkim: DkimSettings | None
+    topics: tuple[Topic, ...]
+    sources: tuple[Source, ...]
+    digests: tuple[Digest, ...]
+
+    def digest(self, key: str) -> Digest:
+        for digest in self.digests:
+            if digest.key == key:
+                return digest
+        known = ", ".join(d.key for d in self.digests) or "none"
+        raise ConfigError(f"no digest {key!r} in [[digests]] (known: {known})", path=self._where)
+
+    def topic(self, key: str) -> Topic:
+        for topic in self.topics:
+            if topic.key == key:
+                return topic
+        raise ConfigError(f"no topic {key!r} in [[topics]]", path=self._where)
+
+    @property
+    def topic_keys(self) -> tuple[str, ...]:
+        return tuple(t.key for t in self.topics)
+
+    @property
+    def _where(self) -> str | None:
+        return str(self.path) if self.path else None
+
+
+class _Table:
+    """Typed, tracked access to one TOML table; ``finish`` rejects keys nobody asked for."""
+
+    def __init__(self, data: Any, name: str, path: str | None) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"must be a table, got {_kind(data)}", path=path, key=name)
+        self.data: dict[str, Any] = data
+        self.name = name
+        self.path = path
+        self.used: set[str] = set()
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, key=f"{self.name}.{key}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, "is required")
+            return default
+        return self.data[key]
+
+    def text(self, key: str, default: Any = None, *, pattern: re.Pattern[str] | None = None) -> Any:
+        value = self._get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {_kind(value)}")
+        if "\r" in value or ("\n" in value and key not in MULTILINE_KEYS):
+            raise self.error(key, "must be one line (no CR or LF)")
+        if pattern is not None and not pattern.match(value):
+            raise self.error(key, f"must match {pattern.pattern}, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: Any, *, low: int, high: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"must be a whole number {low}–{high}, got {value!r}")
+        if not low <= value <= high:
+            raise self.error(key, f"must be {low}–{high}, got {value}")
+        return value
+
+    def number(self, key: str, default: Any, *, low: float, high: float) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"must be a number {low}–{high}, got {value!r}")
+        if not low <= value <= high:
+            raise self.error(key, f"must be {low}–{high}, got {value}")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: Any, choices: tuple[str, ...]) -> Any:
+        value = self.text(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def text_list(self, key: str, default: Any) -> list[str]:
+        value = self._get(key, default)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"must be a list of strings, got {value!r}")
+        return list(value)
+
+    def tables(self, key: str) -> Iterator[_Table]:
+        value = self._get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, f"must be an array of tables ([[{key}]]), got {_kind(value)}")
+        for index, item in enumerate(value):
+            yield _Table(item, f"{key}[{index}]", self.path)
+
+    def table(self, key: str, *, required: bool = True) -> _Table | None:
+        value = self._get(key, _REQUIRED if required else None)
+        if value is None:
+            return None
+        return _Table(value, key, self.path)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(
+                unknown[0], f"is not a known key (known: {', '.join(sorted(self.used))})"
+            )
+
+
+_REQUIRED = object()
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a table", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_url(table: _Table, key: str, value: str, *, https_only: bool = False) -> str:
+    parts = urlsplit(value)
+    schemes = ("https",) if https_only else ("http", "https")
+    if parts.scheme not in schemes or not parts.netloc:
+        raise table.error(key, f"must be an absolute {' or '.join(schemes)} URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _check_zone(table: _Table, key: str, value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise table.error(
+            key, f"must be an IANA time zone such as America/New_York, got {value!r}"
+        ) from exc
+    return value
+
+
+def _check_mailbox(table: _Table, key: str, value: str) -> str:
+    _name, addr = parseaddr(value)
+    if not addr or "@" not in addr or not addr.isascii():
+        raise table.error(key, f"must be an address like 'Name <user@example.org>', got {value!r}")
+    return value
+
+
+def _resolve_path(base: Path | None, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base is None else base / path
+
+
+def _site(t: _Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
+    name = t.text("name", _REQUIRED)
+    base_url = _check_url(t, "base_url", t.text("base_url", _REQUIRED))
+    from_address = _check_mailbox(t, "from", t.text("from", _REQUIRED))
+    reply_to = t.text("reply_to")
+    if reply_to is not None:
+        _check_mailbox(t, "reply_to", reply_to)
+    privacy_url = _check_url(
+        t, "privacy_policy_url", t.text("privacy_policy_url", f"{base_url}/privacy")
+    )
+    privacy_file = t.text("privacy_policy_file")
+    postal = t.text("postal_address", _REQUIRED)
+    if not postal.strip():
+        raise t.error("postal_address", "must be a valid physical postal address (CAN-SPAM)")
+    secret_env = t.text(
+        "secret_key_env", "MAILER_SECRET_KEY", pattern=re.compile(r"^[A-Z_][A-Z0-9_]*$")
+    )
+    secret_file = t.text("secret_key_file")
+    secret: bytes | None = None
+    if env.get(secret_env):
+        secret = env[secret_env].encode()
+    elif secret_file is not None:
+        secret_path = _resolve_path(base, secret_file)
+        try:
+            secret = secret_path.read_bytes().strip()
+        except OSError as exc:
+            raise t.error(
+                "secret_key_file", f"cannot be read: {exc.strerror} ({secret_path})"
+            ) from exc
+    if secret is not None and len(secret) < 16:
+        raise t.error("secret_key_env", "the site secret must be at least 16 characters long")
+    domain = Address(addr_spec=parseaddr(from_address)[1]).domain
+    list_id = t.text("list_id", f"updates.{domain}", pattern=re.compile(r"^[A-Za-z0-9.-]{1,200}$"))
+    mailto = t.text("unsubscribe_mailto")
+    if mailto is not None and ("@" not in mailto or not mailto.isascii() or " " in mailto):
+        raise t.error("unsubscribe_mailto", f"must be a plain address, got {mailto!r}")
+    feedback_id = t.text(
+        "feedback_id", pattern=re.compile(r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+){1,3}$")
+    )
+    site = SiteSettings(
+        name=name,
+        tagline=t.text("tagline", ""),
+        base_url=base_url,
+        from_address=from_address,
+        reply_to=reply_to,
+        privacy_policy_url=privacy_url,
+        privacy_policy_file=_resolve_path(base, privacy_file) if privacy_file else None,
+        privacy_policy_version=t.text("privacy_policy_version", "1"),
+        postal_address=postal.strip(),
+        publisher=t.text("publisher", name),
+        disclaimer=t.text("disclaimer", ""),
+        timezone=_check_zone(t, "timezone", t.text("timezone", "UTC")),
+        secret_key_env=secret_env,
+        secret_key=secret,
+        list_id=list_id,
+        unsubscribe_mailto=mailto,
+        feedback_id=feedback_id,
+    )
+    t.finish()
+    return site
+
+
+def _smtp(t: _Table | None, env: dict[str, str]) -> SmtpSettings:
+    t = t or _Table({}, "smtp", None)
+    security = t.choice("security", "none", ("none", "starttls", "tls"))
+    username = t.text("username")
+    password_env = t.text("password_env", pattern=re.compile(r"^[A-Z_][A-Z0-9_]*$"))
+    if username and not password_env:
+        raise t.error("password_env", "is required when [smtp].username is set")
+    password = env.get(password_env) if password_env else None
+    envelope_from = t.text("envelope_from")
+    if envelope_from is not None and ("@" not in envelope_from or not envelope_from.isascii()):
+        raise t.error("envelope_from", f"must be a plain address, got {envelope_from!r}")
+    smtp = SmtpSettings(
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 25, low=1, high=65535),
+        security=security,
+        username=username,
+        password_env=password_env,
+        password=password,
+        connections=t.integer("connections", 8, low=1, high=256),
+        rate_per_second=t.number("rate_per_second", 0, low=0, high=1_000_000),
+        timeout=t.number("timeout", 30, low=0.1, high=600),
+        envelope_from=envelope_from,
+        verp=t.flag("verp", False),
+        retry_base_seconds=t.number("retry_base_seconds", 60, low=0, high=86_400),
+        retry_max_age_hours=t.number("retry_max_age_hours", 72, low=0, high=24 * 30),
+        batch_size=t.integer("batch_size", 500, low=1, high=100_000),
+    )
+    t.finish()
+    return smtp
+
+
+def _dkim(t: _Table | None, base: Path | None) -> DkimSettings | None:
+    if t is None:
+        return None
+    dkim = DkimSettings(
+        domain=t.text("domain", _REQUIRED, pattern=re.compile(r"^[A-Za-z0-9.-]+$")),
+        selector=t.text("selector", _REQUIRED, pattern=re.compile(r"^[A-Za-z0-9._-]+$")),
+        private_key_file=_resolve_path(base, t.text("private_key_file", _REQUIRED)),
+    )
+    t.finish()
+    return dkim
+
+
+DAY_NUMBER_RE = re.compile(r"\d")
+
+
+def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
+    key = t.text("key", _REQUIRED, pattern=KEY_RE)
+    schedule = t.text("schedule", _REQUIRED)
+    fields = schedule.split()
+    if len(fields) != 5:
+        raise t.error(
+            "schedule",
+            "must be a 5-field cron expression (minute hour day month day_of_week), "
+            f"got {schedule!r}",
+        )
+    if DAY_NUMBER_RE.search(fields[4]):
+        raise t.error(
+            "schedule",
+            f"day of week must use names mon..sun, not numbers (got {fields[4]!r}): "
+            "numeric weekdays count differently in cron and in the scheduler",
+        )
+    digest_topics = t.text_list("topics", _REQUIRED)
+    for topic in digest_topics:
+        if topic not in topics:
+            raise t.error(
+                "topics", f"names unknown topic {topic!r} (known: {', '.join(sorted(topics))})"
+            )
+    if not digest_topics:
+        raise t.error("topics", "must name at least one topic")
+    digest = Digest(
+        key=key,
+        name=t.text("name", _REQUIRED),
+        subject=t.text("subject", "{{ digest.name }} — {{ date.strftime('%-d %B %Y') }}"),
+        schedule=schedule,
+        timezone=_check_zone(t, "timezone", t.text("timezone", site_zone)),
+        topics=tuple(digest_topics),
+        max_articles=t.integer("max_articles", 20, low=1, high=500),
+        template=t.text("template", "digest", pattern=KEY_RE),
+    )
+    t.finish()
+    return digest
+
+
+def parse_settings(
+    data: dict[str, Any], *, path: Path | None = None, env: dict[str, str] | None = None
+) -> Settings:
+    """Validate a parsed TOML document into Settings. ``env`` defaults to ``os.environ``."""
+    env = dict(os.environ) if env is None else env
+    where = str(path) if path else None
+    base = path.parent if path else None
+    root = _Table(data, "", where)
+    site_table = root.table("site")
+    assert site_table is not None
+    site_table.name = "site"
+    site = _site(site_table, base, env)
+
+    db_table = root.table("database", required=False) or _Table({}, "database", where)
+    db_table.name = "database"
+    db_url = db_table.text("url", "sqlite:///mailer.db")
+    if not db_url.startswith(("sqlite", "postgresql")):
+        raise db_table.error("url", f"must be a sqlite:/// or postgresql:// URL, got {db_url!r}")
+    if (
+        db_url.startswith("sqlite:///")
+        and base is not None
+        and not db_url.startswith("sqlite:////")
+    ):
+        relative = db_url.removeprefix("sqlite:///")
+        if relative and relative != ":memory:":
+            db_url = "sqlite:///" + str(base / relative)
+    db_table.finish()
+
+    web_table = root.table("web", required=False) or _Table({}, "web", where)
+    web_table.name = "web"
+    web = WebSettings(
+        host=web_table.text("host", "127.0.0.1"),
+        port=web_table.integer("port", 8000, low=1, high=65535),
+    )
+    web_table.finish()
+
+    smtp_table = root.table("smtp", required=False)
+    smtp = _smtp(smtp_table, env)
+
+    dkim = _dkim(root.table("dkim", required=False), base)
+
+    topics: list[Topic] = []
+    for t in root.tables("topics"):
+        topic = Topic(
+            key=t.text("key", _REQUIRED, pattern=KEY_RE),
+            name=t.text("name", _REQUIRED),
+            description=t.text("description", ""),
+        )
+        if any(existing.key == topic.key for existing in topics):
+            raise t.error("key", f"duplicates topic {topic.key!r}")
+        t.finish()
+        topics.append(topic)
+    if not topics:
+        raise ConfigError("at least one [[topics]] table is required", path=where)
+    topic_keys = {t.key for t in topics}
+
+    sources: list[Source] = []
+    for t in root.tables("sources"):
+        kind = t.choice("type", _REQUIRED, ("feed", "directory"))
+        topic = t.text("topic", _REQUIRED)
+        if topic not in topic_keys:
+            raise t.error("topic", f"names unknown topic {topic!r}")
+        url = t.text("url")
+        src_path = t.text("path")
+        if kind == "feed":
+            if url is None:
+                raise t.error("url", "is required for a feed source")
+            _check_url(t, "url", url)
+        if kind == "directory" and src_path is None:
+            raise t.error("path", "is required for a directory source")
+        t.finish()
+        sources.append(
+            Source(
+                type=kind,
+                topic=topic,
+                url=url,
+                path=_resolve_path(base, src_path) if src_path else None,
+            )
+        )
+
+    digests: list[Digest] = []
+    for t in root.tables("digests"):
+        digest = _digest(t, topic_keys, site.timezone)
+        if any(existing.key == digest.key for existing in digests):
+            raise t.error("key", f"duplicates digest {digest.key!r}")
+        digests.append(digest)
+    root.finish()
+    return Settings(
+        path=path,
+        site=site,
+        database=DatabaseSettings(url=db_url),
+        web=web,
+        smtp=smtp,
+        dkim=dkim,
+        topics=tuple(topics),
+        sources=tuple(sources),
+        digests=tuple(digests),
+    )
+
+
+def load_settings(path: str | os.PathLike[str], *, env: dict[str, str] | None = None) -> Settings:
+    """Read and validate a config file; every failure is a ConfigError naming the file."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            "config file not found (pass --config FILE or set MAILER_CONFIG)", path=str(file)
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", path=str(file)) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"is not UTF-8 text (byte {exc.start})", path=str(file)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"is not valid TOML: {exc}", path=str(file)) from exc
+    return parse_settings(data, path=file.resolve(), env=env)

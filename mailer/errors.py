@@ -1,0 +1,90 @@
+"""The project's exceptions: one root, subclasses that also inherit the builtin they mean.
+
+Each carries the data a caller needs (the key, the row, the SMTP code), not only text.
+"""
+
+from __future__ import annotations
+
+
+class MailerError(Exception):
+    """Root of every error the project raises on purpose."""
+
+
+class ConfigError(MailerError, ValueError):
+    """The configuration file is missing, unreadable or invalid.
+
+    ``path`` is the file and ``key`` the dotted key (``smtp.port``) when one is at fault.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        prefix = f"{path}: " if path else ""
+        where = (
+            f"[{key.rsplit('.', 1)[0]}].{key.rsplit('.', 1)[1]} "
+            if key and "." in key
+            else (f"{key} " if key else "")
+        )
+        super().__init__(f"{prefix}{where}{message}")
+
+
+class AddressError(MailerError, ValueError):
+    """An email address is not valid; ``address`` is what was given."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"invalid email address {address!r}: {reason}")
+
+
+class SubscriberError(MailerError, LookupError):
+    """A subscriber operation cannot be done (unknown address, suppressed address)."""
+
+    def __init__(self, message: str, *, email: str | None = None) -> None:
+        self.email = email
+        super().__init__(message)
+
+
+class SuppressedError(SubscriberError):
+    """The address is on the suppression list (erased, bounced or complained)."""
+
+    def __init__(self, email: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{email} is suppressed ({reason}) and cannot be added", email=email)
+
+
+class ArticleError(MailerError, ValueError):
+    """An article file cannot be parsed; ``path`` and ``line`` locate the fault."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = path or "<article>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {message}")
+
+
+class TokenError(MailerError, ValueError):
+    """A signed link token is malformed, forged, or for another purpose."""
+
+
+class TemplateError(MailerError, ValueError):
+    """A template cannot be loaded or rendered (syntax, undefined name, unsafe access)."""
+
+
+class DigestError(MailerError, LookupError):
+    """A digest, issue or delivery cannot be found or acted on."""
+
+
+class DeliveryError(MailerError):
+    """Sending failed in a way that is not a per-recipient SMTP answer."""
+
+
+class SmtpReplyError(DeliveryError):
+    """An SMTP server answered with an error; ``code`` and ``reply`` carry its words."""
+
+    def __init__(self, code: int, reply: str) -> None:
+        self.code = code
+        self.reply = reply
+        super().__init__(f"{code} {reply}")

@@ -1,0 +1,202 @@
+"""The database schema, as SQLAlchemy Core tables.
+
+Core rather than ORM classes: the hot paths (CSV import, recipient snapshots, delivery results)
+are bulk statements, and the rest is small enough to read as SQL. Migrations in ``db/`` create
+exactly these tables; a test compares the two.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always read back timezone-aware.
+
+    SQLite keeps no zone, so a naive value read back is UTC by construction; a naive value
+    written is refused, because guessing its zone is how off-by-hours bugs are made.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+SUBSCRIBER_STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
+ISSUE_STATUSES = ("sending", "sent", "empty", "cancelled")
+DELIVERY_STATUSES = (
+    "queued",
+    "sending",
+    "sent",
+    "deferred",
+    "bounced",
+    "failed",
+    "cancelled",
+    "unknown",
+)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+subscribers = sa.Table(
+    "subscribers",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("uid", sa.String(32), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("confirmed_at", UtcDateTime),
+    sa.Column("unsubscribed_at", UtcDateTime),
+    sa.Column("bounce_count", sa.Integer, nullable=False, server_default="0"),
+    # Consent evidence (GDPR Art. 7(1)): how, when, from where, under which policy version.
+    sa.Column("consent_source", sa.String(200), nullable=False, server_default=""),
+    sa.Column("consent_at", UtcDateTime),
+    sa.Column("consent_ip", sa.String(64)),
+    sa.Column("consent_user_agent", sa.String(500)),
+    sa.Column("consent_policy_version", sa.String(40)),
+    sa.Column("confirm_ip", sa.String(64)),
+    sa.Column("confirm_user_agent", sa.String(500)),
+    sa.Column("confirmation_message_id", sa.String(200)),
+    sa.Column("confirmation_sent_at", UtcDateTime),
+    sa.CheckConstraint(_in("status", SUBSCRIBER_STATUSES), name="status"),
+    sqlite_autoincrement=True,
+)
+
+subscriber_topics = sa.Table(
+    "subscriber_topics",
+    metadata,
+    sa.Column(
+        "subscriber_id", Id, sa.ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("topic", sa.String(40), primary_key=True),
+)
+
+articles = sa.Table(
+    "articles",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("guid", sa.String(500), nullable=False, unique=True),
+    sa.Column("topic", sa.String(40), nullable=False),
+    sa.Column("title", sa.String(500), nullable=False),
+    sa.Column("summary", sa.Text, nullable=False, server_default=""),
+    sa.Column("why_it_matters", sa.Text, nullable=False, server_default=""),
+    sa.Column("body", sa.Text, nullable=False, server_default=""),
+    sa.Column("link", sa.String(1000)),
+    sa.Column("published_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Index("ix_articles_topic_published", "topic", "published_at"),
+    sqlite_autoincrement=True,
+)
+
+issues = sa.Table(
+    "issues",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(40), nullable=False),
+    sa.Column("scheduled_for", UtcDateTime, nullable=False),
+    sa.Column("window_start", UtcDateTime),
+    sa.Column("window_end", UtcDateTime, nullable=False),
+    sa.Column("subject", sa.String(500), nullable=False),
+    sa.Column("topics", sa.String(500), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("completed_at", UtcDateTime),
+    sa.UniqueConstraint("digest", "scheduled_for"),
+    sa.CheckConstraint(_in("status", ISSUE_STATUSES), name="status"),
+    sqlite_autoincrement=True,
+)
+
+issue_articles = sa.Table(
+    "issue_articles",
+    metadata,
+    sa.Column("issue_id", Id, sa.ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("article_id", Id, sa.ForeignKey("articles.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("issue_id", Id, sa.ForeignKey("issues.id", ondelete="CASCADE"), nullable=False),
+    sa.Column(
+        "subscriber_id", Id, sa.ForeignKey("subscribers.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UtcDateTime, nullable=False),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_expires_at", UtcDateTime),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    sa.Column("last_reply", sa.String(500)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.Column("sent_at", UtcDateTime),
+    sa.UniqueConstraint("issue_id", "subscriber_id"),
+    sa.CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
+    sa.Index("ix_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_deliveries_subscriber", "subscriber_id"),
+    sqlite_autoincrement=True,
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("subscriber_id", Id, sa.ForeignKey("subscribers.id", ondelete="CASCADE")),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Index("ix_events_subscriber", "subscriber_id"),
+    sqlite_autoincrement=True,
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    # SHA-256 of the normalized address: enough to refuse it again, nothing to read back.
+    sa.Column("email_hash", sa.String(64), primary_key=True),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+
+def row_dict(row: Any) -> dict[str, Any]:
+    """A result row as a plain dict."""
+    return dict(row._mapping)

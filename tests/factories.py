@@ -1,0 +1,92 @@
+"""Factories: valid defaults, overridden per test."""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailer import subscribers
+from mailer.config import Settings, parse_settings
+
+SECRET = "test-secret-0123456789abcdef0123"
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+BASE_CONFIG: dict[str, Any] = {
+    "site": {
+        "name": "Camp Lejeune & New River Updates",
+        "tagline": (
+            "Essential base alerts, local events, and military news delivered to your inbox."
+        ),
+        "base_url": "https://news.example.org",
+        "from": "Camp Lejeune & New River Updates <digest@news.example.org>",
+        "reply_to": "editor@news.example.org",
+        "privacy_policy_url": "https://news.example.org/privacy",
+        "postal_address": "Example Media, 100 Main Street, Jacksonville, NC 28540, USA",
+        "publisher": "Example Media",
+        "disclaimer": "Not an official U.S. Marine Corps or Department of Defense publication.",
+        "timezone": "America/New_York",
+        "secret_key_env": "MAILER_SECRET_KEY",
+        "list_id": "updates.news.example.org",
+        "unsubscribe_mailto": "unsubscribe@news.example.org",
+    },
+    "smtp": {"host": "127.0.0.1", "port": 2525, "connections": 2, "timeout": 5},
+    "topics": [
+        {"key": "base-alerts", "name": "Base alerts"},
+        {"key": "local-events", "name": "Local events"},
+        {"key": "military-news", "name": "Military news"},
+    ],
+    "digests": [
+        {
+            "key": "weekly",
+            "name": "Weekly digest",
+            "subject": "Camp Lejeune & New River Updates — week of {{ date.strftime('%-d %B') }}",
+            "schedule": "0 7 * * fri",
+            "topics": ["base-alerts", "local-events", "military-news"],
+            "max_articles": 20,
+        }
+    ],
+}
+
+TOPICS = ("base-alerts", "local-events", "military-news")
+
+
+def config_dict(**sections: Any) -> dict[str, Any]:
+    """The base config with whole sections or ``section__key`` values replaced."""
+    data = copy.deepcopy(BASE_CONFIG)
+    for name, value in sections.items():
+        if "__" in name:
+            section, key = name.split("__", 1)
+            data.setdefault(section, {})[key] = value
+        else:
+            data[name] = value
+    return data
+
+
+def make_settings(
+    db_url: str = "sqlite:///:memory:", path: Path | None = None, **sections: Any
+) -> Settings:
+    data = config_dict(**sections)
+    data.setdefault("database", {})["url"] = db_url
+    return parse_settings(data, path=path, env={"MAILER_SECRET_KEY": SECRET})
+
+
+_counter = iter(range(1, 10**9))
+
+
+def make_subscriber(engine: sa.Engine, **overrides: Any) -> subscribers.Subscriber:
+    n = next(_counter)
+    values: dict[str, Any] = {
+        "email": f"reader{n}@example.org",
+        "name": f"Reader {n}",
+        "topics": TOPICS,
+        "status": "active",
+        "known_topics": TOPICS,
+        "now": NOW,
+    }
+    values.update(overrides)
+    email = values.pop("email")
+    return subscribers.add(engine, email, **values)
