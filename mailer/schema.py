@@ -91,6 +91,8 @@ subscribers = sa.Table(
     sa.Column("confirm_user_agent", sa.String(500)),
     sa.Column("confirmation_message_id", sa.String(200)),
     sa.Column("confirmation_sent_at", UtcDateTime),
+    # Set from the preferences page: no digest goes out while it lies in the future.
+    sa.Column("paused_until", UtcDateTime),
     sa.CheckConstraint(_in("status", SUBSCRIBER_STATUSES), name="status"),
     sqlite_autoincrement=True,
 )

@@ -1,0 +1,831 @@
+"""Articles: read the site's text format or Markdown with front matter, store them, query them.
+
+Parsing is pure (text and ``now`` in, a ``ParsedArticle`` out); storing and querying are thin Core
+statements around it, bulk-friendly and the same on SQLite and PostgreSQL.
+
+Two file formats:
+
+* The site's format, as readers see an article page: the title line, a "Summary" heading and its
+  paragraph, a "Why this matters" heading and its paragraph, then the body. The page ends with the
+  newsletter sign-up box, which is page chrome and is dropped.
+* Markdown with front matter: TOML between ``+++`` lines or YAML between ``---`` lines, then the
+  Markdown body. ``## Summary`` and ``## Why this matters`` sections in the body may stand in for
+  the ``summary`` and ``why_it_matters`` keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import reprlib
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path, PurePath
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+import yaml
+from sqlalchemy.dialects import postgresql, sqlite
+
+from mailer.errors import ArticleError
+from mailer.models import Article
+from mailer.schema import articles
+
+# Field limits: the title, guid and link ones are the column sizes in mailer/schema.py.
+MAX_TITLE = 500
+MAX_GUID = 500
+MAX_LINK = 1000
+MAX_SUMMARY = 5_000
+MAX_WHY = 5_000
+MAX_BODY = 200_000
+MAX_TEXT = 1_000_000  # characters in one file
+MAX_FILE_BYTES = 4 * MAX_TEXT
+
+UPSERT_CHUNK = 500  # guids per IN (...) list: well under SQLite's and PostgreSQL's bind limits
+
+FRONT_MATTER_KEYS = (
+    "title",
+    "topic",
+    "link",
+    "published",
+    "expires",
+    "guid",
+    "summary",
+    "why_it_matters",
+    "why",
+)
+
+
+@dataclass(frozen=True)
+class ParsedArticle:
+    """One article read from a file or feed: validated, cleaned, ready to store.
+
+    Text fields are plain text (or Markdown for a Markdown body); templates escape them.
+    """
+
+    guid: str
+    topic: str
+    title: str
+    summary: str
+    why_it_matters: str
+    body: str
+    link: str | None
+    published_at: datetime
+    expires_at: datetime | None = None
+    # False when the file named no date and published_at is the time it was read. Re-adding such
+    # a file later must not move it into a newer digest, so the store keeps the first date.
+    date_given: bool = True
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of the content fields: equal hashes mean there is nothing to update."""
+        fields = [
+            self.topic,
+            self.title,
+            self.summary,
+            self.why_it_matters,
+            self.body,
+            self.link,
+            self.published_at.astimezone(UTC).isoformat() if self.date_given else None,
+            self.expires_at.astimezone(UTC).isoformat() if self.expires_at else None,
+        ]
+        return hashlib.sha256(json.dumps(fields).encode("ascii")).hexdigest()
+
+
+@dataclass
+class UpsertReport:
+    """What ``upsert_articles`` did, one count per distinct guid."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass(frozen=True)
+class _Context:
+    path: str | None
+    default_topic: str | None
+    known_topics: Sequence[str]
+    now: datetime
+
+    def error(self, message: str, line: int | None = None) -> ArticleError:
+        return ArticleError(message, path=self.path, line=line)
+
+
+class _Fields(NamedTuple):
+    """Raw fields from either format, each with the line it came from (None if unknown)."""
+
+    title: tuple[str, int | None]
+    summary: tuple[str, int | None]
+    why: tuple[str, int | None]
+    body: tuple[str, int | None]
+    topic: tuple[str | None, int | None]
+    link: tuple[str | None, int | None]
+    guid: tuple[str | None, int | None]
+    published: tuple[datetime | None, int | None]
+    expires: tuple[datetime | None, int | None]
+
+
+# C0 and C1 controls except tab and newline, and lone surrogates (no database stores those).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    return _CONTROLS.sub("", text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# Bounded: a plain repr() of a YAML value built from nested aliases can run to gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 2
+
+
+def _short(value: object) -> str:
+    return _REPR.repr(value)
+
+
+def parse_article(
+    text: str,
+    *,
+    source: str | None = None,
+    default_topic: str | None = None,
+    known_topics: Sequence[str],
+    now: datetime,
+) -> ParsedArticle:
+    """Parse one article in the site's text format or Markdown with front matter.
+
+    ``source`` names the file in error messages, and its base name seeds the guid of an article
+    that has neither a ``guid`` nor a ``link``. ``default_topic`` applies when the article names
+    none; the topic must be one of ``known_topics``. An article without a date is published
+    ``now``. Raises ArticleError (with ``path`` and ``line`` where known) for anything invalid.
+    """
+    ctx = _Context(source, default_topic, known_topics, now)
+    if len(text) > MAX_TEXT:
+        raise ctx.error(f"the file has {len(text):,} characters; the limit is {MAX_TEXT:,}")
+    text = _clean(text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n"))
+    if not text.strip():
+        raise ctx.error("the file is empty")
+    first = text.split("\n", 1)[0].strip()
+    if first in ("+++", "---"):
+        fields = _parse_front_matter(text, first, ctx)
+    else:
+        fields = _parse_site_text(text, ctx)
+    return _build(fields, ctx)
+
+
+def load_article_file(
+    path: Path,
+    *,
+    default_topic: str | None,
+    known_topics: Sequence[str],
+    now: datetime,
+) -> ParsedArticle:
+    """Read and parse one UTF-8 article file; a first line of ``+++`` or ``---`` means Markdown.
+
+    Errors name the file. The guid of an article without ``guid`` or ``link`` derives from the
+    file's name and title, so adding the same file again finds the same article.
+    """
+    where = str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ArticleError(
+                f"the file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,}", path=where
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArticleError(f"cannot read the file: {exc.strerror or exc}", path=where) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ArticleError(
+            f"not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8",
+            path=where,
+            line=line,
+        ) from exc
+    return parse_article(
+        text, source=where, default_topic=default_topic, known_topics=known_topics, now=now
+    )
+
+
+# The site's text format ----------------------------------------------------------------------
+
+# "Summary", "Why this matters" (or "Why it matters"), any case, optionally "## " before and ":"
+# after; text after the colon on the same line counts as the section's first line.
+_SITE_HEADING = re.compile(
+    r"^\s*(?:#{1,6}\s*)?(summary|why\s+(?:this|it)\s+matters)\s*(?::\s*(.*?))?\s*$",
+    re.IGNORECASE,
+)
+
+# The newsletter sign-up box at the foot of every article page, compared after _chrome_key().
+_SIGNUP_BOX = frozenset(
+    {
+        "get camp lejeune & new river updates",
+        "get camp lejeune and new river updates",
+        "essential base alerts, local events, and military news delivered to your inbox",
+        "we don't spam! read our privacy policy for more info",
+        "we don't spam! read our privacy policy",
+        "we don't spam",
+        "read our privacy policy for more info",
+        "read our privacy policy",
+    }
+)
+# Form widgets a copied page may carry next to the box; dropped only in the trailing box.
+_SIGNUP_FORM = frozenset(
+    {
+        "subscribe",
+        "sign up",
+        "email",
+        "email address",
+        "your email",
+        "your email address",
+        "enter your email",
+        "enter your email address",
+        "name",
+        "your name",
+        "first name",
+        "submit",
+    }
+)
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+
+# A summary may run over several paragraphs when "Why this matters" follows within this many;
+# otherwise it is one paragraph, so a stray heading deep in the body cannot swallow the body.
+_MAX_SUMMARY_PARAGRAPHS = 5
+
+
+class _Paragraph(NamedTuple):
+    line: int  # 1-based line of the first line
+    lines: list[str]
+
+
+def _chrome_key(line: str) -> str:
+    key = _one_line(line.translate(_QUOTES).replace("&amp;", "&").casefold())
+    return key.rstrip(" .!:")
+
+
+def _strip_signup_box(lines: list[str]) -> list[str]:
+    """Blank out the sign-up box; blanking rather than deleting keeps line numbers right."""
+    keys = [_chrome_key(line) for line in lines]
+    # The trailing box, with any form widgets inside it...
+    start = len(lines)
+    chrome = _SIGNUP_BOX | _SIGNUP_FORM
+    while start > 0 and (not lines[start - 1].strip() or keys[start - 1] in chrome):
+        start -= 1
+    # The box starts at its first own line: a lone "Email" above it is the article's text.
+    start = next((i for i in range(start, len(lines)) if keys[i] in _SIGNUP_BOX), len(lines))
+    # ...and the box's own lines wherever a page put them: no article sentence is one of them.
+    return ["" if i >= start or keys[i] in _SIGNUP_BOX else line for i, line in enumerate(lines)]
+
+
+def _paragraphs(lines: list[str], first: int, *, at_headings: bool) -> list[_Paragraph]:
+    """Runs of non-blank lines; with ``at_headings`` a heading line also starts a new one."""
+    found: list[_Paragraph] = []
+    current: list[str] = []
+    for number, line in enumerate(lines[first:], start=first + 1):
+        if line.strip():
+            if current and at_headings and _SITE_HEADING.match(line):
+                current = []
+            if not current:
+                found.append(_Paragraph(number, current))
+            current.append(line)
+        else:
+            current = []
+    return found
+
+
+def _heading(paragraph: _Paragraph) -> tuple[str, str] | None:
+    """("summary" | "why", text after the colon) when the paragraph opens with a heading."""
+    match = _SITE_HEADING.match(paragraph.lines[0])
+    if match is None:
+        return None
+    return _section_kind(match.group(1)), match.group(2) or ""
+
+
+def _parse_site_text(text: str, ctx: _Context) -> _Fields:
+    lines = _strip_signup_box([line.rstrip() for line in text.split("\n")])
+    title_at = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if title_at is None:
+        raise ctx.error("no article text: the file holds only the newsletter sign-up box")
+    title = lines[title_at].strip()
+    match = _SITE_HEADING.match(title)
+    if match is not None and not match.group(2):
+        raise ctx.error(
+            f"the first line is the {match.group(1)!r} heading: put the article's title above it",
+            title_at + 1,
+        )
+    # Headings split paragraphs only here, in the head: a body line reading "Summary" is text.
+    paragraphs = _paragraphs(lines, title_at + 1, at_headings=True)
+    sections: dict[str, tuple[str, int]] = {}
+    i = 0
+    while i < len(paragraphs) and (heading := _heading(paragraphs[i])) is not None:
+        kind, inline = heading
+        if kind in sections:
+            break  # a second "Summary" heading is body text
+        head = paragraphs[i]
+        own = ([inline] if inline else []) + head.lines[1:]
+        i += 1
+        end = i
+        if kind == "summary" and "why" not in sections:
+            end = next(
+                (
+                    k
+                    for k in range(i, min(len(paragraphs), i + _MAX_SUMMARY_PARAGRAPHS + 1))
+                    if (h := _heading(paragraphs[k])) is not None and h[0] == "why"
+                ),
+                i,
+            )
+        if end == i and not own and i < len(paragraphs) and _heading(paragraphs[i]) is None:
+            end = i + 1  # the usual layout: heading, blank line, one paragraph
+        parts = (["\n".join(own)] if own else []) + ["\n".join(p.lines) for p in paragraphs[i:end]]
+        sections[kind] = ("\n\n".join(parts).strip(), head.line)
+        i = end
+    body_line = paragraphs[i].line if i < len(paragraphs) else None
+    rest = _paragraphs(lines, body_line - 1, at_headings=False) if body_line else []
+    body = "\n\n".join("\n".join(p.lines) for p in rest)
+    return _Fields(
+        title=(title, title_at + 1),
+        summary=sections.get("summary", ("", None)),
+        why=sections.get("why", ("", None)),
+        body=(body, body_line),
+        topic=(None, None),
+        link=(None, None),
+        guid=(None, None),
+        published=(None, None),
+        expires=(None, None),
+    )
+
+
+# Markdown with front matter ------------------------------------------------------------------
+
+_ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_SECTION_NAME = re.compile(r"^(summary|why\s+(?:this|it)\s+matters)\s*:?$", re.IGNORECASE)
+_TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _parse_front_matter(text: str, delimiter: str, ctx: _Context) -> _Fields:
+    lines = text.split("\n")
+    closers = ("+++",) if delimiter == "+++" else ("---", "...")
+    # Column 0 only: an indented "---" is content of a YAML block scalar, not the end.
+    end = next((i for i in range(1, len(lines)) if lines[i].rstrip() in closers), None)
+    if end is None:
+        raise ctx.error(
+            f"the front matter opened by {delimiter!r} on line 1 is never closed: "
+            f"add a {delimiter!r} line after it",
+            1,
+        )
+    block = lines[1:end]
+    meta = _load_toml(block, ctx) if delimiter == "+++" else _load_yaml(block, ctx)
+
+    def line_of(key: str) -> int:
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*[=:]")
+        found = next((n for n, line in enumerate(block) if pattern.match(line)), None)
+        return 1 if found is None else found + 2
+
+    for key in meta:
+        if key not in FRONT_MATTER_KEYS:
+            raise ctx.error(
+                f"unknown front-matter key {_short(key)} (known: {', '.join(FRONT_MATTER_KEYS)})",
+                line_of(str(key)),
+            )
+    if "why" in meta and "why_it_matters" in meta:
+        raise ctx.error("give 'why_it_matters' or 'why', not both", line_of("why"))
+
+    def text_of(key: str) -> tuple[str | None, int | None]:
+        value = meta.get(key)
+        if value is None:
+            return None, None
+        if not isinstance(value, str):
+            raise ctx.error(
+                f"{key} must be text, got {type(value).__name__} {_short(value)}: quote it",
+                line_of(key),
+            )
+        return value, line_of(key)
+
+    def date_of(key: str) -> tuple[datetime | None, int | None]:
+        value = meta.get(key)
+        if value is None:
+            return None, None
+        return _to_datetime(value, key, ctx, line_of(key)), line_of(key)
+
+    body_lines, found = _take_sections(lines[end + 1 :], end + 2, ctx)
+    summary, summary_line = text_of("summary")
+    why_key = "why" if "why" in meta else "why_it_matters"
+    why, why_line = text_of(why_key)
+    for key, value, kind in (("summary", summary, "summary"), (why_key, why, "why")):
+        if value is not None and kind in found:
+            raise ctx.error(
+                f"{key} is given twice: in the front matter (line {line_of(key)}) and as a "
+                f"section in the body (line {found[kind][1]}); keep one",
+                found[kind][1],
+            )
+    while body_lines and not body_lines[0][1].strip():
+        body_lines.pop(0)
+    while body_lines and not body_lines[-1][1].strip():
+        body_lines.pop()
+    title, title_line = text_of("title")
+    if title is None:
+        raise ctx.error("the front matter has no 'title'", 1)
+    return _Fields(
+        title=(title, title_line),
+        summary=(summary, summary_line)
+        if summary is not None
+        else found.get("summary", ("", None)),
+        why=(why, why_line) if why is not None else found.get("why", ("", None)),
+        body=("\n".join(line for _, line in body_lines), body_lines[0][0] if body_lines else None),
+        topic=text_of("topic"),
+        link=text_of("link"),
+        guid=text_of("guid"),
+        published=date_of("published"),
+        expires=date_of("expires"),
+    )
+
+
+def _load_toml(block: list[str], ctx: _Context) -> dict[str, Any]:
+    try:
+        return tomllib.loads("\n".join(block))
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        match = _TOML_LINE.search(str(exc))
+        # "+ 1" for the opening "+++"; an error "at end of document" is on the last line.
+        line = int(match.group(1)) + 1 if match else len(block) + 1
+        raise ctx.error(f"invalid TOML front matter: {exc}", line) from exc
+
+
+def _load_yaml(block: list[str], ctx: _Context) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load("\n".join(block))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 2 if mark is not None else None
+        raise ctx.error(f"invalid YAML front matter: {exc.problem or exc}", line) from exc
+    # PyYAML raises ValueError for a date-shaped value that is no date (2026-13-45).
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
+        raise ctx.error(f"invalid YAML front matter: {exc}", 1) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ctx.error(
+            f"the YAML front matter must be 'key: value' lines, got a {type(data).__name__}", 2
+        )
+    return data
+
+
+class _Block(NamedTuple):
+    start: int  # index of the first line
+    end: int  # index after the last line
+    heading: bool
+    section: str | None  # "summary" or "why" for those headings
+
+
+def _blocks(lines: list[str]) -> list[_Block]:
+    """Paragraphs and ATX headings of a Markdown body; fenced code is one paragraph."""
+    found: list[_Block] = []
+    start: int | None = None
+    fence: str | None = None
+    for i, line in enumerate(lines):
+        fence_match = _FENCE.match(line)
+        if fence is not None:
+            if fence_match is not None:
+                marker = fence_match.group(1)
+                if marker[0] == fence[0] and len(marker) >= len(fence):
+                    fence = None
+            continue
+        heading = _ATX_HEADING.match(line)
+        if heading is not None or not line.strip():
+            if start is not None:
+                found.append(_Block(start, i, False, None))
+                start = None
+            if heading is not None:
+                name = _SECTION_NAME.match(heading.group(2).strip())
+                kind = None if name is None else _section_kind(name.group(1))
+                found.append(_Block(i, i + 1, True, kind))
+            continue
+        if start is None:
+            start = i
+        if fence_match is not None:
+            fence = fence_match.group(1)
+    if start is not None:
+        found.append(_Block(start, len(lines), False, None))
+    return found
+
+
+def _section_kind(name: str) -> str:
+    return "summary" if name.casefold() == "summary" else "why"
+
+
+def _take_sections(
+    lines: list[str], first_line: int, ctx: _Context
+) -> tuple[list[tuple[int, str]], dict[str, tuple[str, int]]]:
+    """Remove ``## Summary`` / ``## Why this matters`` sections from a Markdown body.
+
+    Same rule as the site's format: a section is the paragraph after its heading, except that
+    a Summary runs up to a "Why this matters" heading that follows within a few paragraphs.
+    A section cannot simply run to the next heading: the body usually follows it headless.
+    """
+    blocks = _blocks(lines)
+    found: dict[str, tuple[str, int]] = {}
+    removed: list[tuple[int, int]] = []
+    i = 0
+    while i < len(blocks):
+        block = blocks[i]
+        i += 1
+        if block.section is None:
+            continue
+        if block.section in found:
+            raise ctx.error(
+                f"a second {lines[block.start].strip()!r} section "
+                f"(the first is on line {found[block.section][1]})",
+                first_line + block.start,
+            )
+        end = i
+        if block.section == "summary" and "why" not in found:
+            for k in range(i, min(len(blocks), i + _MAX_SUMMARY_PARAGRAPHS + 1)):
+                if blocks[k].heading:
+                    end = k if blocks[k].section == "why" else i
+                    break
+        if end == i and i < len(blocks) and not blocks[i].heading:
+            end = i + 1
+        content_start = blocks[i].start if end > i else block.end
+        content_end = blocks[end - 1].end if end > i else block.end
+        text = "\n".join(lines[content_start:content_end]).strip()
+        found[block.section] = (text, first_line + block.start)
+        removed.append((block.start, content_end))
+        i = end
+    kept = [
+        (first_line + n, line)
+        for n, line in enumerate(lines)
+        if not any(start <= n < stop for start, stop in removed)
+    ]
+    return kept, found
+
+
+def _to_datetime(value: Any, key: str, ctx: _Context, line: int) -> datetime:
+    hint = "a date like 2026-11-20 or a date-time like 2026-11-20T09:30:00-05:00"
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError as exc:
+            raise ctx.error(f"{key} must be {hint}, got {_short(value)}", line) from exc
+    if isinstance(value, datetime):
+        # A time without a zone is read as UTC, like a bare date: the parser knows no site zone.
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ctx.error(f"{key} is out of range: {value.isoformat()}", line) from exc
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    raise ctx.error(f"{key} must be {hint}, got {type(value).__name__} {_short(value)}", line)
+
+
+# Both formats --------------------------------------------------------------------------------
+
+
+def _checked(value: str, name: str, limit: int, ctx: _Context, line: int | None) -> str:
+    if len(value) > limit:
+        raise ctx.error(f"{name} is {len(value):,} characters; the limit is {limit:,}", line)
+    return value
+
+
+def _build(fields: _Fields, ctx: _Context) -> ParsedArticle:
+    title_text, title_line = fields.title
+    title = _checked(_one_line(_clean(title_text)), "title", MAX_TITLE, ctx, title_line)
+    if not title:
+        raise ctx.error("the title is empty", title_line)
+
+    topic, topic_line = fields.topic
+    topic = _one_line(_clean(topic)) if topic is not None else ctx.default_topic
+    known = ", ".join(ctx.known_topics) or "none configured"
+    if not topic:
+        raise ctx.error(
+            f"no topic: name one in the front matter or give the source a topic (known: {known})",
+            topic_line,
+        )
+    if topic not in ctx.known_topics:
+        raise ctx.error(f"unknown topic {_short(topic)} (known: {known})", topic_line)
+
+    link_text, link_line = fields.link
+    link: str | None = None
+    if link_text is not None:
+        link = _checked(_clean(link_text).strip(), "link", MAX_LINK, ctx, link_line)
+        parts = urlsplit(link)
+        if parts.scheme not in ("http", "https") or not parts.netloc or re.search(r"\s", link):
+            raise ctx.error(f"link must be an http(s) URL, got {_short(link)}", link_line)
+
+    guid_text, guid_line = fields.guid
+    if guid_text is not None:
+        guid = _checked(_clean(guid_text).strip(), "guid", MAX_GUID, ctx, guid_line)
+        if not guid:
+            raise ctx.error("guid is empty: remove it or give a value", guid_line)
+    elif link is not None:
+        guid = _checked(link, "link (used as the guid)", MAX_GUID, ctx, link_line)
+    else:
+        name = PurePath(ctx.path).name if ctx.path else ""
+        digest = hashlib.sha256(f"{name}\x1f{title.casefold()}".encode()).hexdigest()
+        guid = f"urn:mailer:article:{digest[:32]}"
+
+    published, published_line = fields.published
+    expires, expires_line = fields.expires
+    if published is not None and expires is not None and expires <= published:
+        raise ctx.error(
+            f"expires ({expires.isoformat()}) is not after published ({published.isoformat()})",
+            expires_line or published_line,
+        )
+
+    summary_text, summary_line = fields.summary
+    why_text, why_line = fields.why
+    body_text, body_line = fields.body
+    return ParsedArticle(
+        guid=guid,
+        topic=topic,
+        title=title,
+        summary=_checked(_clean(summary_text).strip(), "summary", MAX_SUMMARY, ctx, summary_line),
+        why_it_matters=_checked(_clean(why_text).strip(), "why it matters", MAX_WHY, ctx, why_line),
+        body=_checked(_clean(body_text), "body", MAX_BODY, ctx, body_line),
+        link=link,
+        published_at=published if published is not None else ctx.now,
+        expires_at=expires,
+        date_given=published is not None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+_CONTENT_COLUMNS = ("topic", "title", "summary", "why_it_matters", "body", "link", "expires_at")
+
+
+def _insert(conn: sa.Connection) -> Any:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(articles)
+
+
+def _values(item: ParsedArticle) -> dict[str, Any]:
+    for name, value, limit in (
+        ("guid", item.guid, MAX_GUID),
+        ("title", item.title, MAX_TITLE),
+        ("link", item.link or "", MAX_LINK),
+    ):
+        if len(value) > limit:
+            raise ArticleError(
+                f"article {item.guid[:80]!r}: {name} is {len(value):,} characters; "
+                f"the limit is {limit:,}"
+            )
+    return {
+        "guid": item.guid,
+        "topic": item.topic,
+        "title": item.title,
+        "summary": item.summary,
+        "why_it_matters": item.why_it_matters,
+        "body": item.body,
+        "link": item.link,
+        "published_at": item.published_at,
+        "expires_at": item.expires_at,
+        "content_hash": item.content_hash,
+    }
+
+
+def upsert_articles(
+    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime
+) -> UpsertReport:
+    """Store articles by guid: new ones are added, changed ones updated, the rest left alone.
+
+    A guid given twice keeps its last version. "Changed" means a different ``content_hash``; an
+    article whose file gave no date keeps the publication date it was first stored with.
+    Runs in one transaction, with a few bulk statements per chunk of guids.
+    """
+    latest: dict[str, ParsedArticle] = {}
+    for item in items:
+        latest[item.guid] = item
+    unique = list(latest.values())
+    report = UpsertReport()
+    with engine.begin() as conn:
+        for start in range(0, len(unique), UPSERT_CHUNK):
+            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now)
+    return report
+
+
+def _upsert_chunk(
+    conn: sa.Connection, chunk: list[ParsedArticle], report: UpsertReport, now: datetime
+) -> None:
+    rows = {item.guid: _values(item) for item in chunk}
+    stored: dict[str, str] = {
+        guid: content_hash
+        for guid, content_hash in conn.execute(
+            sa.select(articles.c.guid, articles.c.content_hash).where(
+                articles.c.guid.in_(list(rows))
+            )
+        )
+    }
+    new = [row for guid, row in rows.items() if guid not in stored]
+    if new:
+        # DO NOTHING: a concurrent ingest that added the same guid first has stored it already.
+        conn.execute(
+            _insert(conn).on_conflict_do_nothing(index_elements=["guid"]),
+            [row | {"created_at": now, "updated_at": now} for row in new],
+        )
+    changed = [
+        item
+        for item in chunk
+        if item.guid in stored and stored[item.guid] != rows[item.guid]["content_hash"]
+    ]
+    for with_date in (True, False):
+        group = [item for item in changed if item.date_given is with_date]
+        if not group:
+            continue
+        columns = (*_CONTENT_COLUMNS, "content_hash") + (("published_at",) if with_date else ())
+        statement = (
+            articles.update()
+            .where(articles.c.guid == sa.bindparam("b_guid"))
+            .values({name: sa.bindparam(f"b_{name}") for name in columns} | {"updated_at": now})
+        )
+        conn.execute(
+            statement,
+            [{f"b_{name}": rows[item.guid][name] for name in (*columns, "guid")} for item in group],
+        )
+    report.added += len(new)
+    report.updated += len(changed)
+    report.unchanged += len(chunk) - len(new) - len(changed)
+
+
+_ARTICLE_COLUMNS = (
+    articles.c.id,
+    articles.c.guid,
+    articles.c.topic,
+    articles.c.title,
+    articles.c.summary,
+    articles.c.why_it_matters,
+    articles.c.body,
+    articles.c.link,
+    articles.c.published_at,
+    articles.c.expires_at,
+)
+
+
+def _newest_first(query: sa.Select[Any], limit: int) -> sa.Select[Any]:
+    if limit < 0:
+        raise ValueError(f"limit must be 0 or more, got {limit}")
+    return query.order_by(articles.c.published_at.desc(), articles.c.id.desc()).limit(limit)
+
+
+def _fetch(bind: sa.Engine | sa.Connection, query: sa.Select[Any]) -> list[Article]:
+    if isinstance(bind, sa.Connection):
+        return [Article(**row._mapping) for row in bind.execute(query)]
+    with bind.connect() as conn:
+        return [Article(**row._mapping) for row in conn.execute(query)]
+
+
+def list_articles(
+    engine: sa.Engine | sa.Connection, *, topic: str | None = None, limit: int = 50
+) -> list[Article]:
+    """The newest ``limit`` articles, newest first, optionally of one topic (expired ones too).
+
+    ``engine`` may also be a Connection, to read inside a caller's transaction.
+    """
+    query = sa.select(*_ARTICLE_COLUMNS)
+    if topic is not None:
+        query = query.where(articles.c.topic == topic)
+    return _fetch(engine, _newest_first(query, limit))
+
+
+def articles_in_window(
+    engine: sa.Engine | sa.Connection,
+    *,
+    topics: Sequence[str],
+    start: datetime | None,
+    end: datetime,
+    limit: int,
+    now: datetime,
+) -> list[Article]:
+    """The articles an issue covers, newest first, at most ``limit``.
+
+    Published in ``(start, end]`` (no lower bound when ``start`` is None, so the half-open
+    windows of consecutive issues never share or skip an article), in one of ``topics``, and not
+    expired at ``now`` (an article expiring exactly at ``now`` has expired). Pass a Connection
+    to read inside a caller's transaction (creating an issue snapshots its articles there).
+    """
+    if not topics or limit == 0:
+        return []
+    query = sa.select(*_ARTICLE_COLUMNS).where(
+        articles.c.topic.in_(list(topics)),
+        articles.c.published_at <= end,
+        sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),
+    )
+    if start is not None:
+        query = query.where(articles.c.published_at > start)
+    return _fetch(engine, _newest_first(query, limit))

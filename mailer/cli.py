@@ -1,0 +1,488 @@
+"""The staff command line: a thin layer that parses arguments and calls the library.
+
+Exit codes: 0 success, 1 a project error (one line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mailer import articles, issues, logs, subscribers
+from mailer.clock import now
+from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
+from mailer.db import check_schema, create_engine, migrate
+from mailer.errors import MailerError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# soft_wrap: a long line (an error naming a path) stays one line, as scripts expect.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Context:
+    """What every command gets: the config path, loaded and connected on first use."""
+
+    config_path: Path
+    _settings: Settings | None = None
+    _engine: sa.Engine | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+        return self._settings
+
+    def engine(self, *, check: bool = True) -> sa.Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.settings.database.url)
+            if check:
+                check_schema(self._engine)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Config file (default: $MAILER_CONFIG, else ./{DEFAULT_CONFIG_NAME}).",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="mailer")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
+    """Camp Lejeune & New River Updates: the newsletter service for staff."""
+    logs.configure([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
+    path = config_path or Path(os.environ.get("MAILER_CONFIG") or DEFAULT_CONFIG_NAME)
+    ctx.obj = Context(path)
+    ctx.call_on_close(ctx.obj.close)
+
+
+@cli.command()
+@pass_ctx
+def init(ctx: Context) -> None:
+    """Create the database, or upgrade it to the newest schema."""
+    revision = migrate(ctx.engine(check=False))
+    out.print(f"database ready at revision {revision}: {_safe_url(ctx.settings.database.url)}")
+
+
+def _safe_url(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+# ---------------------------------------------------------------- subscribers
+
+
+@cli.group("subscribers")
+def subscribers_group() -> None:
+    """Add, import, export, list, show, remove and erase subscribers."""
+
+
+@subscribers_group.command("add")
+@click.argument("email")
+@click.option("--name", default="", help="Display name.")
+@click.option("--topic", "topics", multiple=True, help="A topic key (repeat; default: all).")
+@click.option(
+    "--status",
+    type=click.Choice(["active", "pending"]),
+    default="active",
+    show_default=True,
+    help="pending sends nothing until the subscriber confirms.",
+)
+@pass_ctx
+def subscribers_add(
+    ctx: Context, email: str, name: str, topics: tuple[str, ...], status: str
+) -> None:
+    """Add one subscriber (with consent obtained by staff, recorded as source "cli")."""
+    sub = subscribers.add(
+        ctx.engine(),
+        email,
+        name=name,
+        topics=topics,
+        status=status,
+        known_topics=ctx.settings.topic_keys,
+        now=now(),
+        source="cli",
+        policy_version=ctx.settings.site.privacy_policy_version,
+    )
+    out.print(f"added {sub.email} ({sub.status}; topics: {', '.join(sub.topics)})")
+
+
+@subscribers_group.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--update", is_flag=True, help="Refresh names and topics of present subscribers.")
+@pass_ctx
+def subscribers_import(ctx: Context, csv_file: Path, update: bool) -> None:
+    """Import a CSV file with columns email,name,topics,status (topics separated by ;)."""
+    with csv_file.open(encoding="utf-8", newline="") as stream:
+        report = subscribers.import_csv(
+            ctx.engine(),
+            stream,
+            known_topics=ctx.settings.topic_keys,
+            now=now(),
+            source=f"import:{csv_file.name}",
+            update=update,
+        )
+    for error in report.errors:
+        err.print(f"{csv_file}: {error}", markup=False)
+    out.print(
+        f"{report.rows} rows: {report.added} added, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {report.suppressed} suppressed, "
+        f"{len(report.errors)} rejected"
+    )
+    if report.errors:
+        raise MailerError(
+            f"{len(report.errors)} rows rejected (listed above); the others were imported"
+        )
+
+
+@subscribers_group.command("export")
+@click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option(
+    "--status",
+    type=click.Choice(list(("pending", "active", "unsubscribed", "bounced", "complained"))),
+)
+@pass_ctx
+def subscribers_export(ctx: Context, csv_file: Path | None, status: str | None) -> None:
+    """Export subscribers as CSV (to a file, or standard output)."""
+    if csv_file is None:
+        subscribers.export_csv(ctx.engine(), sys.stdout, status=status)
+        return
+    with csv_file.open("w", encoding="utf-8", newline="") as stream:
+        count = subscribers.export_csv(ctx.engine(), stream, status=status)
+    out.print(f"exported {count} subscribers to {csv_file}")
+
+
+@subscribers_group.command("list")
+@click.option("--status", help="Only this status.")
+@click.option("--topic", help="Only subscribers of this topic.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@pass_ctx
+def subscribers_list(ctx: Context, status: str | None, topic: str | None, limit: int) -> None:
+    """List subscribers in address order."""
+    table = Table("email", "name", "status", "topics", "since")
+    for i, sub in enumerate(subscribers.iter_subscribers(ctx.engine(), status=status, topic=topic)):
+        if i >= limit:
+            break
+        table.add_row(
+            sub.email, sub.name, sub.status, ";".join(sub.topics), f"{sub.created_at:%Y-%m-%d}"
+        )
+    out.print(table)
+    counts = subscribers.counts_by_status(ctx.engine())
+    out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no subscribers")
+
+
+@subscribers_group.command("show")
+@click.argument("email")
+@pass_ctx
+def subscribers_show(ctx: Context, email: str) -> None:
+    """Show one subscriber: status first, then topics and consent evidence."""
+    sub = subscribers.get(ctx.engine(), email)
+    out.print(sub.status)
+    for label, value in [
+        ("email", sub.email),
+        ("name", sub.name),
+        ("topics", ", ".join(sub.topics)),
+        ("created", sub.created_at.isoformat()),
+        ("confirmed", sub.confirmed_at.isoformat() if sub.confirmed_at else "-"),
+        ("unsubscribed", sub.unsubscribed_at.isoformat() if sub.unsubscribed_at else "-"),
+        ("consent source", sub.consent_source),
+        ("consent ip", sub.consent_ip or "-"),
+        ("consent policy", sub.consent_policy_version or "-"),
+    ]:
+        out.print(f"  {label:15} {value}", markup=False)
+
+
+@subscribers_group.command("remove")
+@click.argument("email")
+@pass_ctx
+def subscribers_remove(ctx: Context, email: str) -> None:
+    """Unsubscribe someone (their record stays; use erase to delete it)."""
+    sub = subscribers.set_status(ctx.engine(), email, "unsubscribed", now=now(), source="cli")
+    out.print(f"{sub.email} is {sub.status}")
+
+
+@subscribers_group.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def subscribers_erase(ctx: Context, email: str, yes: bool) -> None:
+    """Delete all data about a person (GDPR Art. 17); a hash stays so they are never mailed."""
+    if not yes:
+        click.confirm(f"Erase everything held about {email}?", abort=True)
+    subscribers.erase(ctx.engine(), email, now=now())
+    out.print(f"erased {email}; its hash is on the suppression list")
+
+
+@subscribers_group.command("purge")
+@pass_ctx
+def subscribers_purge(ctx: Context) -> None:
+    """Delete sign-ups not confirmed in time (GDPR storage limitation)."""
+    from mailer.web import UNCONFIRMED_TTL, purge_unconfirmed
+
+    count = purge_unconfirmed(ctx.engine(), UNCONFIRMED_TTL, now=now())
+    out.print(f"{count} unconfirmed sign-ups older than {UNCONFIRMED_TTL.days} days deleted")
+
+
+# ---------------------------------------------------------------- articles
+
+
+@cli.group("articles")
+def articles_group() -> None:
+    """Add and list articles."""
+
+
+@articles_group.command("add")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--topic", help="Topic for files that do not name one.")
+@pass_ctx
+def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> None:
+    """Add article files (the site's text format, or Markdown with front matter)."""
+    moment = now()
+    parsed = []
+    failed = 0
+    for path in files:
+        try:
+            parsed.append(
+                articles.load_article_file(
+                    path, default_topic=topic, known_topics=ctx.settings.topic_keys, now=moment
+                )
+            )
+        except MailerError as exc:
+            err.print(str(exc), markup=False)
+            failed += 1
+    report = articles.upsert_articles(ctx.engine(), parsed, now=moment)
+    out.print(f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged")
+    if failed:
+        raise MailerError(f"{failed} of {len(files)} files could not be read (listed above)")
+
+
+@articles_group.command("list")
+@click.option("--topic", help="Only this topic.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@pass_ctx
+def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
+    """List articles, newest first."""
+    table = Table("id", "published", "topic", "title")
+    for a in articles.list_articles(ctx.engine(), topic=topic, limit=limit):
+        table.add_row(str(a.id), f"{a.published_at:%Y-%m-%d %H:%M}", a.topic, a.title)
+    out.print(table)
+
+
+# ---------------------------------------------------------------- digests and issues
+
+
+@cli.group("digest")
+def digest_group() -> None:
+    """Preview or send a digest."""
+
+
+@digest_group.command("preview")
+@click.argument("key")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path))
+@pass_ctx
+def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
+    """Render the next issue of a digest without sending it."""
+    from mailer.digests import preview_next
+
+    preview = preview_next(ctx.engine(), ctx.settings, ctx.settings.digest(key), now=now())
+    if out_dir is None:
+        out.print(preview.text, markup=False)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{key}.html").write_text(preview.html, encoding="utf-8")
+    (out_dir / f"{key}.txt").write_text(preview.text, encoding="utf-8")
+    out.print(
+        f"{preview.subject!r}: {preview.articles} articles → {out_dir / f'{key}.html'}",
+        markup=False,
+    )
+
+
+@digest_group.command("send")
+@click.argument("key")
+@pass_ctx
+def digest_send(ctx: Context, key: str) -> None:
+    """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
+    from mailer.digests import open_issue
+
+    settings = ctx.settings
+    engine = ctx.engine()
+    issue = open_issue(engine, settings, settings.digest(key), now=now())
+    verb = "created" if issue.created else "resuming"
+    out.print(
+        f"issue {issue.issue_id} {verb}"
+        + (f": {issue.articles} articles, {issue.recipients} recipients" if issue.created else "")
+    )
+    send_issue(engine, settings, issue.issue_id)
+
+
+def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
+    """Deliver an issue with a progress bar, then print the summary line."""
+    from mailer.digests import deliver_issue
+
+    summary = issues.summarize(engine, issue_id)
+    due = (
+        summary.counts.get("queued", 0)
+        + summary.counts.get("deferred", 0)
+        + summary.counts.get("sending", 0)
+    )
+    with Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task("send", total=due)
+        totals = asyncio.run(
+            deliver_issue(
+                engine,
+                settings,
+                issue_id,
+                on_batch=lambda c: progress.advance(task, sum(c.values())),
+            )
+        )
+    c = totals.counts
+    out.print(
+        f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
+        f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {totals.elapsed:.2f}s "
+        f"({totals.rate:.0f} msg/s)"
+    )
+
+
+@cli.group("issues")
+def issues_group() -> None:
+    """List and inspect issues."""
+
+
+@issues_group.command("list")
+@click.option("--digest", help="Only this digest.")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@pass_ctx
+def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
+    """Recent issues with their delivery counts."""
+    table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
+    for s in issues.list_issues(ctx.engine(), digest=digest, limit=limit):
+        pending = (
+            s.counts.get("queued", 0) + s.counts.get("deferred", 0) + s.counts.get("sending", 0)
+        )
+        table.add_row(
+            str(s.id),
+            s.digest,
+            f"{s.scheduled_for:%Y-%m-%d %H:%M}",
+            s.status,
+            str(s.counts.get("sent", 0)),
+            str(pending),
+            s.subject,
+        )
+    out.print(table)
+
+
+@issues_group.command("show")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_show(ctx: Context, issue_id: int) -> None:
+    """One issue: its status and deliveries by status."""
+    s = issues.summarize(ctx.engine(), issue_id)
+    out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
+    out.print(f"  digest {s.digest}, scheduled {s.scheduled_for.isoformat()}")
+    for status, n in sorted(s.counts.items()):
+        out.print(f"  {status:10} {n}")
+    out.print(f"  {'total':10} {s.total}")
+
+
+@cli.command()
+@click.option("--host", default=None, help="Listen address (default: [web].host).")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Listen port (default: [web].port)."
+)
+@pass_ctx
+def web(ctx: Context, host: str | None, port: int | None) -> None:
+    """Serve the subscriber web app: sign-up, confirm, unsubscribe, preferences, archive."""
+    from mailer.web.server import serve
+
+    serve(ctx.settings, ctx.engine(), host=host, port=port)
+
+
+# ---------------------------------------------------------------- sink and demo
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=1025, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("mail"),
+    show_default=True,
+)
+def sink(host: str, port: int, out_dir: Path) -> None:
+    """A local capture SMTP server: one .eml file per message received."""
+    from mailer.sink import run_sink
+
+    run_sink(host, port, out_dir)
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-output"),
+    show_default=True,
+)
+@click.option(
+    "--serve",
+    is_flag=True,
+    help="Then keep the web app on http://127.0.0.1:8000 and the capture server running.",
+)
+def demo(out_dir: Path, serve: bool) -> None:
+    """Run the whole path on embedded defaults: subscribers, articles, one digest delivered."""
+    from mailer.demo import run_demo
+
+    run_demo(out_dir, console=out, serve=serve)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: project errors become one line and exit code 1."""
+    try:
+        cli.main(args=argv, prog_name="mailer", standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MailerError as exc:
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,94 @@
+"""Digest operations staff run: preview the next issue, send one now (or resume it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from mailer.articles import articles_in_window
+from mailer.config import Digest, Settings
+from mailer.delivery import Deliverer, Totals
+from mailer.issues import IssueCreated, create_issue
+from mailer.messages import DigestComposer
+from mailer.models import IssueContent
+from mailer.rendering import render_subject
+from mailer.schema import issues
+from mailer.smtp import SmtpPool
+
+
+@dataclass(frozen=True)
+class Preview:
+    subject: str
+    html: str
+    text: str
+    articles: int
+
+
+def _last_window_end(conn: sa.Connection, digest: Digest) -> datetime | None:
+    return conn.execute(
+        sa.select(sa.func.max(issues.c.window_end)).where(issues.c.digest == digest.key)
+    ).scalar_one_or_none()
+
+
+def preview_next(
+    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime
+) -> Preview:
+    """The next issue as it would go out now, with neutral links, without creating it."""
+    with engine.connect() as conn:
+        start = _last_window_end(conn, digest)
+        chosen = articles_in_window(
+            conn, topics=digest.topics, start=start, end=now, limit=digest.max_articles, now=now
+        )
+    date = now.astimezone(ZoneInfo(digest.timezone))
+    subject = render_subject(digest, date)
+    content = IssueContent(
+        issue_id=0,
+        digest_key=digest.key,
+        digest_name=digest.name,
+        subject=subject,
+        date=date,
+        articles=tuple(chosen),
+    )
+    html, text = DigestComposer(settings, content).preview(digest.topics)
+    return Preview(subject, html, text, len(chosen))
+
+
+def open_issue(
+    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime
+) -> IssueCreated:
+    """The digest's unfinished issue if there is one (resume it), else a new issue for now.
+
+    Resuming instead of starting over is what makes a second ``digest send`` after a crash
+    send nothing twice; a new issue only holds articles published since the previous one.
+    """
+    with engine.connect() as conn:
+        unfinished = conn.execute(
+            sa.select(issues.c.id)
+            .where(issues.c.digest == digest.key, issues.c.status == "sending")
+            .order_by(issues.c.scheduled_for)
+            .limit(1)
+        ).scalar_one_or_none()
+    if unfinished is not None:
+        return IssueCreated(unfinished, False, 0, 0)
+    return create_issue(
+        engine, settings, digest, scheduled_for=now, now=now, render_subject=render_subject
+    )
+
+
+async def deliver_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    issue_id: int,
+    *,
+    on_batch: Callable[[dict[str, int]], None] | None = None,
+    pool: SmtpPool | None = None,
+) -> Totals:
+    """Send every due delivery of one issue over a fresh pool (or the one given)."""
+    if pool is not None:
+        return await Deliverer(engine, settings, pool).drain(issue_id=issue_id, on_batch=on_batch)
+    async with SmtpPool(settings.smtp) as own:
+        return await Deliverer(engine, settings, own).drain(issue_id=issue_id, on_batch=on_batch)

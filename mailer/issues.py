@@ -1,0 +1,298 @@
+"""Issues: one per (digest, nominal time), created once, with a snapshot of its recipients.
+
+``create_issue`` is idempotent: the INSERT … ON CONFLICT DO NOTHING on UNIQUE(digest,
+scheduled_for) picks one winner, and only the winner selects the articles and snapshots the
+recipients, in the same transaction. Two processes firing the same slot create one issue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from mailer.articles import articles_in_window
+from mailer.config import Digest, Settings
+from mailer.errors import DigestError
+from mailer.models import Article, IssueContent
+from mailer.schema import (
+    articles,
+    deliveries,
+    issue_articles,
+    issues,
+    subscriber_topics,
+    subscribers,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssueCreated:
+    issue_id: int
+    created: bool  # False: the issue already existed (another firing or process won)
+    articles: int
+    recipients: int
+
+
+@dataclass(frozen=True)
+class IssueSummary:
+    id: int
+    digest: str
+    scheduled_for: datetime
+    subject: str
+    status: str
+    created_at: datetime
+    completed_at: datetime | None
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def message_id_prefix(digest_key: str, scheduled_for: datetime, issue_id: int) -> str:
+    """The fixed left part of every Message-ID in an issue; the subscriber uid completes it."""
+    return f"{digest_key}.{scheduled_for:%Y%m%d%H%M}.{issue_id}."
+
+
+def create_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    digest: Digest,
+    *,
+    scheduled_for: datetime,
+    now: datetime,
+    render_subject: Callable[[Digest, datetime], str],
+) -> IssueCreated:
+    """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients."""
+    local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
+    subject = render_subject(digest, local_date)
+    with engine.begin() as conn:
+        previous = conn.execute(
+            sa.select(sa.func.max(issues.c.window_end)).where(
+                issues.c.digest == digest.key, issues.c.scheduled_for < scheduled_for
+            )
+        ).scalar_one_or_none()
+        insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(issues)
+        issue_id = conn.execute(
+            insert.values(
+                digest=digest.key,
+                scheduled_for=scheduled_for,
+                window_start=previous,
+                window_end=scheduled_for,
+                subject=subject,
+                topics=";".join(digest.topics),
+                status="sending",
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["digest", "scheduled_for"])
+            .returning(issues.c.id)
+        ).scalar_one_or_none()
+        if issue_id is None:
+            existing = conn.execute(
+                sa.select(issues.c.id).where(
+                    issues.c.digest == digest.key, issues.c.scheduled_for == scheduled_for
+                )
+            ).scalar_one()
+            return IssueCreated(existing, False, 0, 0)
+        chosen = articles_in_window(
+            conn,
+            topics=digest.topics,
+            start=previous,
+            end=scheduled_for,
+            limit=digest.max_articles,
+            now=now,
+        )
+        if chosen:
+            conn.execute(
+                issue_articles.insert(),
+                [
+                    {"issue_id": issue_id, "article_id": a.id, "position": i}
+                    for i, a in enumerate(chosen)
+                ],
+            )
+        recipients = _snapshot(
+            conn, settings, digest, issue_id, scheduled_for, {a.topic for a in chosen}, now
+        )
+        if recipients == 0:
+            conn.execute(
+                issues.update()
+                .where(issues.c.id == issue_id)
+                .values(status="empty", completed_at=now)
+            )
+    log.info(
+        "issue created",
+        extra={
+            "issue": issue_id,
+            "digest": digest.key,
+            "articles": len(chosen),
+            "recipients": recipients,
+        },
+    )
+    return IssueCreated(issue_id, True, len(chosen), recipients)
+
+
+def _snapshot(
+    conn: sa.Connection,
+    settings: Settings,
+    digest: Digest,
+    issue_id: int,
+    scheduled_for: datetime,
+    topics: set[str],
+    now: datetime,
+) -> int:
+    """Queue one delivery per active subscriber who chose a topic this issue has articles in."""
+    if not topics:
+        return 0
+    prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
+    suffix = f"@{settings.site.domain}>"
+    wanted = sa.select(subscriber_topics.c.subscriber_id).where(
+        subscriber_topics.c.topic.in_(sorted(topics))
+    )
+    select = sa.select(
+        sa.literal(issue_id),
+        subscribers.c.id,
+        sa.literal("queued"),
+        sa.literal(now, type_=deliveries.c.next_attempt_at.type),
+        (sa.literal(prefix) + subscribers.c.uid + sa.literal(suffix)),
+        sa.literal(now, type_=deliveries.c.created_at.type),
+        sa.literal(now, type_=deliveries.c.updated_at.type),
+    ).where(
+        subscribers.c.status == "active",
+        subscribers.c.id.in_(wanted),
+        # Paused from the preferences page: no issue while the pause lasts.
+        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
+    )
+    conn.execute(
+        deliveries.insert().from_select(
+            [
+                "issue_id",
+                "subscriber_id",
+                "status",
+                "next_attempt_at",
+                "message_id",
+                "created_at",
+                "updated_at",
+            ],
+            select,
+        )
+    )
+    # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
+    return int(
+        conn.execute(
+            sa.select(sa.func.count())
+            .select_from(deliveries)
+            .where(deliveries.c.issue_id == issue_id)
+        ).scalar_one()
+    )
+
+
+def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> IssueContent:
+    """Everything a composer needs to render an issue."""
+    row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
+    if row is None:
+        raise DigestError(f"no issue {issue_id}")
+    rows = conn.execute(
+        sa.select(articles)
+        .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+        .where(issue_articles.c.issue_id == issue_id)
+        .order_by(issue_articles.c.position)
+    ).all()
+    zone = ZoneInfo(_digest_zone(settings, row.digest))
+    try:
+        name = settings.digest(row.digest).name
+    except Exception:
+        name = row.digest
+    return IssueContent(
+        issue_id=row.id,
+        digest_key=row.digest,
+        digest_name=name,
+        subject=row.subject,
+        date=row.scheduled_for.astimezone(zone),
+        articles=tuple(_article(r) for r in rows),
+    )
+
+
+def _digest_zone(settings: Settings, key: str) -> str:
+    for digest in settings.digests:
+        if digest.key == key:
+            return digest.timezone
+    return settings.site.timezone
+
+
+def _article(row: sa.Row[tuple[object, ...]]) -> Article:
+    m = row._mapping
+    return Article(
+        id=m["id"],
+        guid=m["guid"],
+        topic=m["topic"],
+        title=m["title"],
+        summary=m["summary"],
+        why_it_matters=m["why_it_matters"],
+        body=m["body"],
+        link=m["link"],
+        published_at=m["published_at"],
+        expires_at=m["expires_at"],
+    )
+
+
+def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
+        if row is None:
+            raise DigestError(f"no issue {issue_id}")
+        counts = {
+            status: n
+            for status, n in conn.execute(
+                sa.select(deliveries.c.status, sa.func.count())
+                .where(deliveries.c.issue_id == issue_id)
+                .group_by(deliveries.c.status)
+            )
+        }
+    return IssueSummary(
+        id=row.id,
+        digest=row.digest,
+        scheduled_for=row.scheduled_for,
+        subject=row.subject,
+        status=row.status,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        counts=counts,
+    )
+
+
+def list_issues(
+    engine: sa.Engine, *, digest: str | None = None, limit: int = 20
+) -> list[IssueSummary]:
+    with engine.connect() as conn:
+        query = sa.select(issues.c.id).order_by(issues.c.scheduled_for.desc()).limit(limit)
+        if digest is not None:
+            query = query.where(issues.c.digest == digest)
+        ids: Sequence[int] = conn.scalars(query).all()
+    return [summarize(engine, i) for i in ids]
+
+
+def finish_if_done(conn: sa.Connection, issue_id: int, now: datetime) -> bool:
+    """Mark an issue sent once no delivery of it is queued, deferred or in flight."""
+    pending = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(deliveries)
+        .where(
+            deliveries.c.issue_id == issue_id,
+            deliveries.c.status.in_(("queued", "deferred", "sending")),
+        )
+    ).scalar_one()
+    if pending:
+        return False
+    done = conn.execute(
+        issues.update()
+        .where(issues.c.id == issue_id, issues.c.status == "sending")
+        .values(status="sent", completed_at=now)
+    ).rowcount
+    return bool(done)

@@ -1,0 +1,74 @@
+"""When digests are due: pure functions of a digest's cron schedule and a given ``now``.
+
+APScheduler's CronTrigger does the calendar arithmetic (time zones, DST); this module only asks
+it questions, so the same answers serve the live scheduler, start-up catch-up and the tests.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from apscheduler.triggers.cron import CronTrigger
+
+from mailer.config import Digest
+from mailer.errors import ConfigError
+
+MAX_SLOTS = 10_000  # a bound on any walk over slots, whatever the schedule
+
+
+def trigger_for(digest: Digest) -> CronTrigger:
+    """The digest's cron trigger in its own time zone."""
+    try:
+        return CronTrigger.from_crontab(digest.schedule, timezone=digest.timezone)
+    except ValueError as exc:
+        raise ConfigError(f"[[digests]] {digest.key}: schedule {digest.schedule!r}: {exc}") from exc
+
+
+def slots_between(digest: Digest, start: datetime, end: datetime) -> list[datetime]:
+    """Nominal fire times in (start, end], in UTC, oldest first."""
+    trigger = trigger_for(digest)
+    slots: list[datetime] = []
+    previous: datetime | None = None
+    cursor = start + timedelta(microseconds=1)
+    while len(slots) < MAX_SLOTS:
+        fire = trigger.get_next_fire_time(previous, cursor)
+        if fire is None or fire > end:
+            break
+        slots.append(fire.astimezone(UTC))
+        previous = fire
+        cursor = fire + timedelta(microseconds=1)
+    return slots
+
+
+def latest_slot(digest: Digest, now: datetime, *, within: timedelta) -> datetime | None:
+    """The most recent fire time at or before ``now``, if one falls within ``within``."""
+    slots = slots_between(digest, now - within, now)
+    return slots[-1] if slots else None
+
+
+def next_slot(digest: Digest, now: datetime) -> datetime | None:
+    """The first fire time after ``now``, in UTC."""
+    fire = trigger_for(digest).get_next_fire_time(None, now + timedelta(microseconds=1))
+    return fire.astimezone(UTC) if fire else None
+
+
+def missed_slots(
+    digest: Digest,
+    *,
+    last_issue: datetime | None,
+    now: datetime,
+    window: timedelta,
+    catch_up: str = "latest",
+) -> list[datetime]:
+    """Slots that passed without an issue, to create at start-up.
+
+    ``catch_up`` is "latest" (only the most recent missed slot: one late digest beats a burst
+    of stale ones), "all" (every slot in the window) or "none".
+    """
+    if catch_up == "none":
+        return []
+    start = now - window
+    if last_issue is not None and last_issue > start:
+        start = last_issue
+    slots = slots_between(digest, start, now)
+    return slots[-1:] if catch_up == "latest" else slots

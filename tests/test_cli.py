@@ -1,0 +1,103 @@
+"""The staff CLI, run in process against a real config file and database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from mailer.cli import cli, main
+from tests.factories import SECRET, config_dict
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
+    return write_config(tmp_path / "mailer.toml", db_url)
+
+
+def write_config(path: Path, db_url: str) -> Path:
+    data = config_dict(database={"url": db_url})
+    lines = []
+    for section in ("site", "database", "smtp"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in data[section].items()]
+    for topic in data["topics"]:
+        lines.append("[[topics]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in topic.items()]
+    for digest in data["digests"]:
+        lines.append("[[digests]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in digest.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run(config: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--config", str(config), *args], catch_exceptions=False)
+
+
+def test_show_prints_the_status_word_first(config: Path) -> None:
+    assert run(config, "init").exit_code == 0
+    assert run(config, "subscribers", "add", "Ann@Example.org", "--name", "Ann").exit_code == 0
+    result = run(config, "subscribers", "show", "ann@example.org")
+    assert result.exit_code == 0
+    assert result.output.splitlines()[0] == "active"
+
+
+def test_import_lists_rejected_rows_and_exits_1(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(config, "init")
+    csv_file = tmp_path / "people.csv"
+    csv_file.write_text(
+        "email,name,topics,status\nann@example.org,Ann,,active\nnope,Bob,,active\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "import", str(csv_file)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "row 3 (nope)" in captured.err
+    assert "2 rows: 1 added" in captured.out
+    assert run(config, "subscribers", "show", "ann@example.org").output.startswith("active")
+
+
+def test_project_errors_are_one_line_with_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "fresh.toml", f"sqlite:///{tmp_path / 'fresh.db'}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "list"])
+    assert exit_info.value.code == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: the database is not initialized: run `mailer init`"
+    )
+
+
+def test_bad_usage_exits_2(config: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "add"])
+    assert exit_info.value.code == 2
+
+
+def test_bad_config_names_the_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[site]\nname = "x"\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(bad), "init"])
+    assert exit_info.value.code == 1
+    assert f"{bad.resolve()}: [site].base_url is required" in capsys.readouterr().err
+
+
+def test_erase_then_add_is_refused(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(config, "init")
+    run(config, "subscribers", "add", "ann@example.org")
+    assert run(config, "subscribers", "erase", "ann@example.org", "--yes").exit_code == 0
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "subscribers", "add", "ann@example.org"])
+    assert "ann@example.org is suppressed (erased)" in capsys.readouterr().err

@@ -1,0 +1,329 @@
+"""Rendering: the sandbox, strict undefined names, escaping, CSS inlining and the digest layout."""
+
+from __future__ import annotations
+
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailer.errors import TemplateError
+from mailer.messages import DigestComposer, render_digest
+from mailer.models import Article, IssueContent
+from mailer.rendering import (
+    TEMPLATE_DIR,
+    LinkView,
+    Renderer,
+    RenderError,
+    default_renderer,
+    isolate_links,
+    paragraphs,
+    render_subject,
+    safe_link,
+    sections,
+)
+from tests.factories import NOW, make_settings
+
+SETTINGS = make_settings()
+LINKS = LinkView(
+    unsubscribe="https://news.example.org/unsubscribe/TOKEN-U",
+    preferences="https://news.example.org/preferences/TOKEN-P",
+    privacy="https://news.example.org/privacy",
+    archive="https://news.example.org/archive/7",
+    home="https://news.example.org/",
+    personal=True,
+)
+HOSTILE_TITLE = '<script>alert(1)</script> "><img src=x onerror=alert(1)> {{ 7*7 }}\r\nBcc: x'
+
+
+def article(n: int = 1, **overrides: Any) -> Article:
+    values: dict[str, Any] = {
+        "id": n,
+        "guid": f"guid-{n}",
+        "topic": "base-alerts",
+        "title": f"Gate {n} closed for resurfacing",
+        "summary": "The main gate closes Saturday.\n\nUse the Sneads Ferry gate instead.",
+        "why_it_matters": "Expect longer lines on the way in.",
+        "body": "",
+        "link": f"https://news.example.org/articles/{n}",
+        "published_at": NOW,
+    }
+    values.update(overrides)
+    return Article(**values)
+
+
+def issue(*articles: Article) -> IssueContent:
+    return IssueContent(
+        issue_id=7,
+        digest_key="weekly",
+        digest_name="Weekly digest",
+        subject="Camp Lejeune & New River Updates — week of 20 November",
+        date=NOW,
+        articles=articles,
+    )
+
+
+def render(*articles: Article, links: LinkView = LINKS) -> tuple[str, str]:
+    topics = tuple({a.topic for a in articles})
+    return render_digest(SETTINGS, issue(*articles), topics, links, default_renderer())
+
+
+def template_dir(tmp_path: Path, **files: str) -> Path:
+    """A copy of the project's templates with some email/ files replaced."""
+    target = tmp_path / "templates"
+    shutil.copytree(TEMPLATE_DIR, target)
+    for name, text in files.items():
+        (target / "email" / name.replace("__", ".")).write_text(text, encoding="utf-8")
+    return target
+
+
+class Tags(HTMLParser):
+    """Every start tag and its attributes, and the visible text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def flat(text: str) -> str:
+    """``text`` with wrapping undone: every whitespace run one space."""
+    return " ".join(text.split())
+
+
+def tags(html: str) -> Tags:
+    parser = Tags()
+    parser.feed(html)
+    return parser
+
+
+# --- subject ----------------------------------------------------------------------------------
+
+
+def test_subject_renders_digest_and_date() -> None:
+    subject = render_subject(SETTINGS.digest("weekly"), NOW)
+    assert subject == "Camp Lejeune & New River Updates — week of 20 November"
+
+
+def test_subject_is_one_line_whatever_the_template_emits() -> None:
+    digest = SETTINGS.digest("weekly")
+    staff = type(digest)(**{**digest.__dict__, "subject": "{{ digest.name }}\r\nBcc: x\n\t{{ 1 }}"})
+    assert render_subject(staff, NOW) == "Weekly digest Bcc: x 1"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("{{ nope }}", "'nope' is undefined"),
+        ("{{ ''.__class__.__mro__ }}", "unsafe"),
+        ("{{ date.strftime( }}", "syntax error"),
+        ("   ", "empty subject"),
+    ],
+    ids=["undefined", "sandbox", "syntax", "empty"],
+)
+def test_subject_failures_are_template_errors(source: str, expected: str) -> None:
+    digest = SETTINGS.digest("weekly")
+    staff = type(digest)(**{**digest.__dict__, "subject": source})
+    with pytest.raises(TemplateError, match=expected) as caught:
+        render_subject(staff, NOW)
+    assert "'weekly' subject" in str(caught.value)
+
+
+# --- the environment --------------------------------------------------------------------------
+
+
+def test_sandbox_refuses_unsafe_attributes(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path, x__html="ok\n{{ ''.__class__.__mro__ }}\n"))
+    with pytest.raises(TemplateError, match="unsafe") as caught:
+        renderer.render("email/x.html", {})
+    assert isinstance(caught.value, RenderError)
+    assert (caught.value.template, caught.value.line) == ("email/x.html", 2)
+
+
+def test_undefined_variable_is_named_with_its_line(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path, x__txt="one\ntwo\n{{ site.nmae }}\n"))
+    with pytest.raises(RenderError, match="nmae") as caught:
+        renderer.render("email/x.txt", {"site": {"name": "N"}})
+    assert caught.value.line == 3
+    assert "email/x.txt, line 3" in str(caught.value)
+
+
+def test_error_in_an_included_template_names_that_template(tmp_path: Path) -> None:
+    renderer = Renderer(
+        template_dir(tmp_path, x__txt='{% include "email/y.txt" %}\n', y__txt="\n{{ 1 / 0 }}\n")
+    )
+    with pytest.raises(RenderError, match="ZeroDivisionError") as caught:
+        renderer.render("email/x.txt", {})
+    assert (caught.value.template, caught.value.line) == ("email/y.txt", 2)
+
+
+def test_syntax_error_names_template_and_line(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path, x__html="<p>\n{% for %}\n"))
+    with pytest.raises(RenderError, match="syntax error") as caught:
+        renderer.render("email/x.html", {})
+    assert (caught.value.template, caught.value.line) == ("email/x.html", 2)
+
+
+def test_missing_template_is_a_template_error(tmp_path: Path) -> None:
+    with pytest.raises(TemplateError, match="not found"):
+        Renderer(tmp_path).render("email/nope.html", {})
+
+
+def test_html_is_autoescaped_and_text_is_not(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path, x__html="<p>{{ v }}</p>", x__txt="{{ v }}"))
+    assert renderer.render("email/x.html", {"v": "<b>&"}) == "<p>&lt;b&gt;&amp;</p>"
+    assert renderer.render("email/x.txt", {"v": "<b>&"}) == "<b>&"
+
+
+def test_css_is_inlined_and_media_queries_are_kept() -> None:
+    html, _text = render(article())
+    assert 'class="masthead"' in html
+    masthead = next(attrs for tag, attrs in tags(html).tags if attrs.get("class") == "masthead")
+    assert "background-color: #17324d" in (masthead.get("style") or "")
+    assert "@media only screen and (max-width: 620px)" in html
+
+
+def test_isolate_links_puts_each_href_on_its_own_line() -> None:
+    html = '<p>a href="x" b</p><a class="c" href="https://e.org/?a=1&amp;b" style="s">t</a>'
+    assert isolate_links(html) == (
+        '<p>a href="x" b</p><a class="c"\nhref="https://e.org/?a=1&amp;b"\nstyle="s">t</a>'
+    )
+    assert isolate_links('<a href="u">') == '<a\nhref="u"\n>'
+
+
+# --- view helpers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://e.org/a?b=1", "https://e.org/a?b=1"),
+        ("http://e.org/a", "https://e.org/a"),
+        ("javascript:alert(1)", None),
+        ("data:text/html,x", None),
+        ("https://e.org/a b", None),
+        ("//e.org/a", None),
+        ("", None),
+        (None, None),
+    ],
+    ids=["https", "http-upgraded", "javascript", "data", "space", "relative", "empty", "none"],
+)
+def test_safe_link(url: str | None, expected: str | None) -> None:
+    assert safe_link(url) == expected
+
+
+def test_paragraphs_split_on_blank_lines_and_join_the_rest() -> None:
+    assert paragraphs("a\nb\r\n\r\n  c  \n \n\n") == ["a b", "c"]
+
+
+def test_sections_follow_the_configured_topic_order() -> None:
+    articles = [
+        article(1, topic="military-news"),
+        article(2, topic="base-alerts"),
+        article(3, topic="retired-topic"),
+        article(4, topic="military-news"),
+    ]
+    result = sections(SETTINGS, articles)
+    assert [(s.key, s.name) for s in result] == [
+        ("base-alerts", "Base alerts"),
+        ("military-news", "Military news"),
+        ("retired-topic", "retired-topic"),
+    ]
+    assert [a.title for a in result[1].articles] == [
+        "Gate 1 closed for resurfacing",
+        "Gate 4 closed for resurfacing",
+    ]
+
+
+# --- the digest -------------------------------------------------------------------------------
+
+
+def test_digest_shows_every_article_field_in_both_parts() -> None:
+    html, text = render(article(1), article(2, topic="local-events", link=None))
+    visible = flat(" ".join(tags(html).text))
+    for part in (visible, flat(text)):
+        assert "Camp Lejeune & New River Updates" in part
+        assert "Essential base alerts, local events" in part
+        assert "Gate 1 closed for resurfacing" in part
+        assert "The main gate closes Saturday." in part
+        assert "Why this matters" in part
+        assert "Expect longer lines on the way in." in part
+    assert visible.index("Base alerts") < visible.index("Local events")
+    hrefs = [attrs["href"] for tag, attrs in tags(html).tags if tag == "a"]
+    assert hrefs.count("https://news.example.org/articles/1") == 2  # title and "Read more"
+    assert "https://news.example.org/articles/2" not in html + text
+    assert "Read more:\nhttps://news.example.org/articles/1\n" in text
+
+
+def test_footer_has_every_compliance_item_in_both_parts() -> None:
+    html, text = render(article())
+    visible = flat(" ".join(tags(html).text))
+    hrefs = {attrs["href"] for tag, attrs in tags(html).tags if tag == "a"}
+    assert {LINKS.unsubscribe, LINKS.preferences, LINKS.privacy, LINKS.archive} <= hrefs
+    for url in (LINKS.unsubscribe, LINKS.preferences, LINKS.privacy, LINKS.archive):
+        assert f"\n{url}\n" in text  # alone on its line
+    for part in (visible, flat(text)):
+        assert "You are receiving this because you subscribed to" in part
+        assert "https://news.example.org" in part
+        assert "Published by Example Media." in part
+        assert "Not an official U.S. Marine Corps or Department of Defense" in part
+        assert "100 Main Street, Jacksonville, NC 28540, USA" in part
+
+
+def test_html_has_no_active_content_and_only_https_links() -> None:
+    hostile = article(title=HOSTILE_TITLE, summary=HOSTILE_TITLE, why_it_matters=HOSTILE_TITLE)
+    html, text = render(hostile, article(2, link="javascript:alert(1)"))
+    parsed = tags(html)
+    names = {tag for tag, _attrs in parsed.tags}
+    assert not names & {"script", "form", "iframe", "object", "embed", "input", "img"}
+    for _tag, attrs in parsed.tags:
+        assert not [name for name in attrs if name.startswith("on")]
+        assert "display: none" not in (attrs.get("style") or "")
+        if "href" in attrs:
+            assert (attrs["href"] or "").startswith("https://")
+    assert "&lt;script&gt;" in html
+    assert "{{ 7*7 }}" in html and "49" not in html
+    assert "<script>alert(1)</script>" in text  # plain text: shown, not run
+    assert "{{ 7*7 }} Bcc: x" in flat(text)  # the title's CR/LF became a space
+    assert "\r" not in text
+    assert "javascript:" not in html + text
+
+
+def test_template_without_the_unsubscribe_link_is_refused(tmp_path: Path) -> None:
+    source = (TEMPLATE_DIR / "email" / "digest.txt").read_text(encoding="utf-8")
+    broken = template_dir(tmp_path, digest__txt=source.replace("{{ links.unsubscribe }}", ""))
+    with pytest.raises(TemplateError, match=r"email/digest\.txt: must contain"):
+        render_digest(SETTINGS, issue(article()), ("base-alerts",), LINKS, Renderer(broken))
+
+
+def test_preview_web_copy_has_no_personal_links() -> None:
+    html, text = DigestComposer(SETTINGS, issue(article())).preview(["base-alerts"])
+    for part in (html, text):
+        assert "/unsubscribe/" not in part and "/preferences/" not in part
+        assert "web copy" in part
+        assert "https://news.example.org/privacy" in part
+        assert "100 Main Street" in part
+
+
+def test_preview_sample_shows_subscriber_style_links() -> None:
+    html, text = DigestComposer(SETTINGS, issue(article())).preview(["base-alerts"], sample=True)
+    for part in (html, text):
+        assert "https://news.example.org/unsubscribe/sample-subscriber-0000." in part
+
+
+def test_empty_digest_says_so() -> None:
+    html, text = DigestComposer(SETTINGS, issue(article())).preview(["local-events"])
+    assert "No new articles" in html and "No new articles" in text
+
+
+def test_issue_date_is_written_out_in_full() -> None:
+    html, text = render(article())
+    assert "Friday, 20 November 2026" in html and "Friday, 20 November 2026" in text
