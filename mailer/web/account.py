@@ -1,0 +1,244 @@
+"""The link holder's pages: unsubscribe (RFC 8058 one-click), preferences, data export, erasure.
+
+The signed token in the URL is the capability (RFC 8058 §3.1: the URI alone identifies the
+recipient): no login, no cookie, no CSRF token. Every change is a POST, and every answer is
+a page, never a redirect (RFC 8058 §3.1 forbids one for the unsubscribe POST).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from zoneinfo import ZoneInfo
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mailer.tokens import Purpose, make_token
+from mailer.web import store
+from mailer.web.context import NO_STORE, WebContext, read_form
+from mailer.web.forms import FieldError, Invalid, parse_delete, parse_preferences
+from mailer.web.pages import mask_address
+
+
+class AccountViews:
+    def __init__(self, web: WebContext) -> None:
+        self.web = web
+
+    def _token(self, purpose: Purpose, uid: str) -> str:
+        return make_token(self.web.settings.site.require_secret(), purpose, uid)
+
+    def _links(self, uid: str) -> dict[str, str]:
+        url = self.web.pages.url
+        preferences = url("/preferences/" + self._token(Purpose.PREFERENCES, uid))
+        return {
+            "preferences": preferences,
+            "unsubscribe": url("/unsubscribe/" + self._token(Purpose.UNSUBSCRIBE, uid)),
+            "export": preferences + "/export",
+            "delete": preferences + "/delete",
+        }
+
+    def _not_found(self) -> Response:
+        return self.web.pages.message(
+            "We hold nothing for this link",
+            "There is no subscription for this link any more: it was deleted, or never "
+            "confirmed. You will not receive anything from us.",
+            status=404,
+            links=(("Sign up", self.web.pages.url("/")),),
+            headers=NO_STORE,
+        )
+
+    # --- unsubscribe ----------------------------------------------------------------------
+
+    async def unsubscribe_page(self, request: Request) -> Response:
+        """GET: a page with one button. Never unsubscribes: link scanners fetch every URL."""
+        web = self.web
+        token = request.path_params["token"]
+        uid = web.uid(token, Purpose.UNSUBSCRIBE)
+        account = await run_in_threadpool(store.account, web.engine, uid)
+        return web.pages.render(
+            "unsubscribe.html",
+            headers=NO_STORE,
+            account=account,
+            masked=mask_address(account.email) if account else "",
+            action=web.pages.url("/unsubscribe/" + token),
+            links=self._links(uid) if account else None,
+        )
+
+    async def unsubscribe(self, request: Request) -> Response:
+        """POST: unsubscribe now, whatever the body (RFC 8058 one-click, or our button)."""
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.UNSUBSCRIBE)
+        via = "one-click"
+        try:
+            form = await read_form(request)
+        except HTTPException as exc:
+            if exc.status_code == 413:
+                raise
+            # RFC 8058: the URI alone says who and what; an odd body must not stop it.
+        else:
+            if form.get("via") == "page":
+                via = "page"
+        account = await run_in_threadpool(
+            store.unsubscribe, web.engine, uid, now=web.clock(), via=via
+        )
+        return web.pages.render(
+            "unsubscribed.html",
+            headers=NO_STORE,
+            account=account,
+            links=self._links(uid) if account else None,
+        )
+
+    # --- preferences ----------------------------------------------------------------------
+
+    def _preferences(
+        self,
+        account: store.Account,
+        *,
+        status: int = 200,
+        saved: str = "",
+        errors: list[FieldError] | None = None,
+    ) -> Response:
+        now = self.web.clock()
+        return self.web.pages.render(
+            "preferences.html",
+            status=status,
+            headers=NO_STORE,
+            account=account,
+            paused=account.paused(now),
+            saved=saved,
+            errors=errors or [],
+            links=self._links(account.uid),
+        )
+
+    async def preferences_page(self, request: Request) -> Response:
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
+        account = await run_in_threadpool(store.account, web.engine, uid)
+        if account is None:
+            return self._not_found()
+        return self._preferences(account)
+
+    async def preferences(self, request: Request) -> Response:
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
+        form = await read_form(request)
+        account = await run_in_threadpool(store.account, web.engine, uid)
+        if account is None:
+            return self._not_found()
+        try:
+            change = parse_preferences(form, web.topic_choices)
+        except Invalid as exc:
+            return self._preferences(account, status=400, errors=list(exc.errors))
+        now = web.clock()
+        names = dict(web.topic_choices)
+        if change.action == "leave":
+            updated = await run_in_threadpool(
+                store.unsubscribe, web.engine, uid, now=now, via="preferences"
+            )
+            return self._preferences(updated or account, saved="You are unsubscribed.")
+        if account.status not in store.LEAVABLE:
+            return self._preferences(
+                account,
+                status=409,
+                errors=[
+                    FieldError(
+                        "action",
+                        "You are unsubscribed, so there is nothing to change. "
+                        "To receive the newsletter again, sign up again.",
+                    )
+                ],
+            )
+        if change.action == "topics":
+            updated = await run_in_threadpool(
+                store.set_topics, web.engine, uid, change.topics, now=now
+            )
+            saved = "Saved. You will get: " + ", ".join(names[t] for t in change.topics) + "."
+        elif change.action == "drop-topic":
+            topic = change.topics[0]
+            updated, left = await run_in_threadpool(
+                store.drop_topic, web.engine, uid, topic, now=now
+            )
+            saved = (
+                "That was your last topic, so you are now unsubscribed from "
+                f"{web.settings.site.name}."
+                if left
+                else f"You will get no more {names[topic]}."
+            )
+        elif change.action == "pause":
+            until = now + timedelta(days=change.days)
+            updated = await run_in_threadpool(store.pause, web.engine, uid, until, now=now)
+            local = until.astimezone(ZoneInfo(web.settings.site.timezone))
+            saved = f"Paused for {change.days} days, until {local.day} {local:%B %Y}."
+        else:  # resume
+            updated = await run_in_threadpool(store.pause, web.engine, uid, None, now=now)
+            saved = "Resumed: you will get the next digest."
+        return self._preferences(updated or account, saved=saved)
+
+    # --- your data ------------------------------------------------------------------------
+
+    async def export(self, request: Request) -> Response:
+        """POST: everything we hold about the subscriber, as a JSON download (GDPR Art. 15, 20)."""
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
+        data = await run_in_threadpool(store.export, web.engine, uid)
+        if data is None:
+            return self._not_found()
+        body = json.dumps(
+            {
+                "newsletter": web.settings.site.name,
+                "publisher": web.settings.site.publisher,
+                "exported_at": web.clock().isoformat(),
+                **data,
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        return Response(
+            body + "\n",
+            media_type="application/json",
+            headers={
+                **NO_STORE,
+                "Content-Disposition": 'attachment; filename="my-newsletter-data.json"',
+            },
+        )
+
+    async def delete_page(self, request: Request) -> Response:
+        web = self.web
+        token = request.path_params["token"]
+        uid = web.uid(token, Purpose.PREFERENCES)
+        account = await run_in_threadpool(store.account, web.engine, uid)
+        if account is None:
+            return self._not_found()
+        return web.pages.render(
+            "delete.html", headers=NO_STORE, errors=[], links=self._links(uid), account=account
+        )
+
+    async def delete(self, request: Request) -> Response:
+        """POST with the box ticked: erase, as ``mailer subscribers erase`` (GDPR Art. 17)."""
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
+        form = await read_form(request)
+        account = await run_in_threadpool(store.account, web.engine, uid)
+        if account is None:
+            return self._not_found()
+        try:
+            parse_delete(form)
+        except Invalid as exc:
+            return web.pages.render(
+                "delete.html",
+                status=400,
+                headers=NO_STORE,
+                errors=exc.errors,
+                links=self._links(uid),
+                account=account,
+            )
+        await run_in_threadpool(store.erase, web.engine, uid, now=web.clock())
+        return web.pages.message(
+            "Your data has been deleted",
+            "We deleted your subscription, your choices and their history. We keep only a "
+            "one-way fingerprint of your address so that we never email it again.",
+            headers=NO_STORE,
+        )

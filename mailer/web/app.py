@@ -1,0 +1,130 @@
+"""The subscriber web app: ``create_app(settings, engine, mailer)`` returns a Starlette app.
+
+Routes (DESIGN.md "URLs"):
+
+====================================  ========================================================
+``GET /``                             sign-up page
+``POST /subscribe``                   sign-up form target (double opt-in; same page for all)
+``GET /confirm/{token}``              confirmation link: activates, shows the welcome page
+``GET /unsubscribe/{token}``          a page with one button; never unsubscribes by itself
+``POST /unsubscribe/{token}``         RFC 8058 one-click (urlencoded or multipart) and button
+``GET|POST /preferences/{token}``     topics, pause, one-topic unsubscribe, leave
+``POST /preferences/{token}/export``  "download my data" (JSON)
+``GET|POST /preferences/{token}/delete``  "delete my data" (confirmation form, then erase)
+``GET /privacy``                      the privacy policy and its version
+``GET /archive``, ``/archive/{id}``   sent issues, and one as its readers saw it
+``GET /embed``                        the embeddable sign-up snippet, for staff to copy
+``GET /healthz``                      database check, JSON
+``GET /static/style.css``             the one stylesheet
+====================================  ========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mailer.clock import now as clock_now
+from mailer.config import Settings
+from mailer.web.account import AccountViews
+from mailer.web.context import WebContext
+from mailer.web.pages import Pages
+from mailer.web.public import PublicViews
+from mailer.web.ratelimit import Limits, RateLimiter
+from mailer.web.security import BodyLimitMiddleware, SecurityHeadersMiddleware
+from mailer.web.sender import ConfirmationSender
+from mailer.web.signup import SignupViews
+
+log = logging.getLogger(__name__)
+
+
+class WebApp(Starlette):
+    """Starlette with the security headers outside even its own error middleware, so that a
+    500 page carries them too."""
+
+    hsts = False
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeadersMiddleware(super().build_middleware_stack(), hsts=self.hsts)
+
+
+def create_app(
+    settings: Settings,
+    engine: sa.Engine,
+    mailer: ConfirmationSender,
+    *,
+    limits: Limits | None = None,
+    clock: Callable[[], datetime] = clock_now,
+    pages: Pages | None = None,
+) -> Starlette:
+    """The web app. ``mailer`` sends the confirmation mails (``SmtpConfirmationSender`` in
+    production); ``clock`` is the one clock; ``limits`` the abuse limits.
+
+    Raises ``ConfigError`` now, not at the first request, if the site secret is missing or the
+    privacy policy file cannot be read or rendered.
+    """
+    settings.site.require_secret()
+    limits = limits or Limits()
+    pages = pages or Pages(settings)
+    web = WebContext(
+        settings=settings,
+        engine=engine,
+        sender=mailer,
+        pages=pages,
+        limits=limits,
+        clock=clock,
+        per_ip=RateLimiter(limits.per_ip, limits.per_ip_window),
+        per_address=RateLimiter(limits.per_address, limits.per_address_window),
+    )
+    signup = SignupViews(web)
+    account = AccountViews(web)
+    public = PublicViews(web)
+    routes = [
+        Route("/", signup.home, methods=["GET"]),
+        Route("/subscribe", signup.subscribe, methods=["POST"]),
+        Route("/confirm/{token}", signup.confirm, methods=["GET"]),
+        Route("/embed", signup.embed, methods=["GET"]),
+        Route("/unsubscribe/{token}", account.unsubscribe_page, methods=["GET"]),
+        Route("/unsubscribe/{token}", account.unsubscribe, methods=["POST"]),
+        Route("/preferences/{token}", account.preferences_page, methods=["GET"]),
+        Route("/preferences/{token}", account.preferences, methods=["POST"]),
+        Route("/preferences/{token}/export", account.export, methods=["POST"]),
+        Route("/preferences/{token}/delete", account.delete_page, methods=["GET"]),
+        Route("/preferences/{token}/delete", account.delete, methods=["POST"]),
+        Route("/privacy", public.privacy, methods=["GET"]),
+        Route("/archive", public.archive, methods=["GET"]),
+        Route("/archive/{issue_id:int}", public.archived_issue, methods=["GET"]),
+        Route("/healthz", public.healthz, methods=["GET"]),
+        Route("/static/style.css", public.stylesheet, methods=["GET"]),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return pages.error(exc.status_code, exc.detail, headers=exc.headers)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette re-raises the exception after this page is sent, and uvicorn logs it.
+        return pages.error(500)
+
+    async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
+        await pages.error(413)(scope, receive, send)
+
+    app = WebApp(
+        routes=routes,
+        middleware=[Middleware(BodyLimitMiddleware, limit=limits.max_body_bytes, reject=too_large)],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
+    app.hsts = urlsplit(settings.site.base_url).scheme == "https"
+    app.state.web = web
+    return app

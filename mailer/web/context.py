@@ -1,0 +1,67 @@
+"""What every view needs, built once by ``create_app``, and small request helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from mailer.config import Settings
+from mailer.errors import TokenError
+from mailer.tokens import Purpose, read_token
+from mailer.web.pages import Pages
+from mailer.web.ratelimit import Limits, RateLimiter
+from mailer.web.sender import ConfirmationSender
+
+MAX_FORM_FIELDS = 50
+NO_STORE = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex"}
+
+
+@dataclass(frozen=True)
+class WebContext:
+    settings: Settings
+    engine: sa.Engine
+    sender: ConfirmationSender
+    pages: Pages
+    limits: Limits
+    clock: Callable[[], datetime]
+    per_ip: RateLimiter
+    per_address: RateLimiter
+
+    @property
+    def topic_choices(self) -> tuple[tuple[str, str], ...]:
+        return tuple((t.key, t.name) for t in self.settings.topics)
+
+    def uid(self, token: str, purpose: Purpose) -> str:
+        """The uid a link token stands for; a 400 page if it is forged, cut short or foreign."""
+        try:
+            return read_token(self.settings.site.require_secret(), purpose, token)
+        except TokenError as exc:
+            raise HTTPException(
+                400,
+                "This link is not valid. Check that you opened the whole link from the email; "
+                "if it was split over two lines, copy both parts.",
+            ) from exc
+
+
+def client_ip(request: Request) -> str | None:
+    """The peer address (uvicorn rewrites it from X-Forwarded-For only for trusted proxies)."""
+    return request.client.host if request.client else None
+
+
+def user_agent(request: Request) -> str | None:
+    return request.headers.get("user-agent")
+
+
+async def read_form(request: Request) -> FormData:
+    """The submitted form: urlencoded or multipart, no files, a bounded number of fields.
+
+    A malformed body becomes a 400 page (Starlette raises HTTPException for it); a body over
+    the limit a 413 page (``BodyLimitMiddleware``).
+    """
+    return await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)

@@ -1,0 +1,100 @@
+"""Pages anyone may read: the privacy policy, the archive of sent issues, health, the stylesheet."""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from mailer.errors import DigestError
+from mailer.issues import load_content
+from mailer.messages import DigestComposer
+from mailer.web import store
+from mailer.web.context import WebContext
+from mailer.web.security import ARCHIVE_CSP
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_PAGE = 30
+MAX_PAGE = 10_000
+MAX_ISSUE_ID = 2**63 - 1
+
+
+class PublicViews:
+    def __init__(self, web: WebContext) -> None:
+        self.web = web
+
+    async def privacy(self, request: Request) -> Response:
+        return self.web.pages.render("privacy.html", policy=self.web.pages.privacy_html)
+
+    async def stylesheet(self, request: Request) -> Response:
+        return Response(
+            self.web.pages.stylesheet,
+            media_type="text/css",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        """200 if the database answers SELECT 1, else 503; JSON either way."""
+        try:
+            await run_in_threadpool(store.ping, self.web.engine)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("health check: database unavailable: %s", exc)
+            return JSONResponse(
+                {"status": "error", "database": "unavailable"},
+                status_code=503,
+                headers={"Cache-Control": "no-store"},
+            )
+        return JSONResponse(
+            {"status": "ok", "database": "ok"}, headers={"Cache-Control": "no-store"}
+        )
+
+    async def archive(self, request: Request) -> Response:
+        raw = request.query_params.get("page", "1")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+            raise HTTPException(400, f"The page number must be a whole number 1–{MAX_PAGE}.")
+        page = int(raw)
+        found = await run_in_threadpool(
+            store.sent_issues,
+            self.web.engine,
+            limit=ARCHIVE_PAGE + 1,
+            offset=(page - 1) * ARCHIVE_PAGE,
+        )
+        return self.web.pages.render(
+            "archive.html",
+            issues=found[:ARCHIVE_PAGE],
+            page=page,
+            more=len(found) > ARCHIVE_PAGE,
+        )
+
+    async def archived_issue(self, request: Request) -> Response:
+        """One sent issue as its readers saw it, with every topic and no personal link."""
+        issue_id: int = request.path_params["issue_id"]
+        if issue_id > MAX_ISSUE_ID:
+            raise HTTPException(404)
+        html = await run_in_threadpool(self._render_issue, issue_id)
+        if html is None:
+            raise HTTPException(404, "There is no sent issue with this number.")
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": ARCHIVE_CSP,
+                "Cache-Control": "public, max-age=300",
+            },
+        )
+
+    def _render_issue(self, issue_id: int) -> str | None:
+        settings = self.web.settings
+        with self.web.engine.connect() as conn:
+            if not store.is_sent(conn, issue_id):
+                return None
+            try:
+                content = load_content(conn, issue_id, settings)
+            except DigestError:
+                return None
+        html, _text = DigestComposer(settings, content).preview(settings.topic_keys)
+        return html

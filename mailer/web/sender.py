@@ -1,0 +1,55 @@
+"""How the web app hands a confirmation mail to SMTP: an injected object, real in tests too."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from email.utils import parseaddr
+from typing import Protocol
+
+from mailer.config import Settings
+from mailer.models import Recipient
+from mailer.smtp import SendResult, SmtpPool
+
+log = logging.getLogger(__name__)
+
+
+class ConfirmationSender(Protocol):
+    """Sends one ready-made message to one recipient and says what the server answered."""
+
+    async def send(self, recipient: Recipient, message: bytes) -> SendResult: ...
+
+
+class SmtpConfirmationSender:
+    """Sends each confirmation over its own one-connection ``SmtpPool`` to ``[smtp]``.
+
+    Confirmations are rare (a few per sign-up at most), so a short-lived connection per mail
+    is simpler than keeping one open across requests and event loops; the pool still brings
+    TLS verification, AUTH and the reply classification of the digest path.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        local_hostname: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._smtp = dataclasses.replace(settings.smtp, connections=1, rate_per_second=0)
+        self._envelope_from = (
+            settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
+        )
+        self._local_hostname = local_hostname
+        self._tls_context = tls_context
+
+    async def send(self, recipient: Recipient, message: bytes) -> SendResult:
+        async with SmtpPool(
+            self._smtp, local_hostname=self._local_hostname, tls_context=self._tls_context
+        ) as pool:
+            result = await pool.send(self._envelope_from, recipient.email, message)
+        log.info(
+            "confirmation mail handed to SMTP",
+            extra={"outcome": result.outcome.value, "code": result.code},
+        )
+        return result

@@ -1,0 +1,170 @@
+"""Serving the web app with uvicorn: in the foreground (``mailer web``), inside another event
+loop (``mailer run``, ``mailer demo --serve``), or in a background thread (browser tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from types import TracebackType
+from typing import Self
+
+import sqlalchemy as sa
+import uvicorn
+from starlette.types import ASGIApp
+
+from mailer.config import Settings
+from mailer.web.app import create_app
+from mailer.web.sender import ConfirmationSender, SmtpConfirmationSender
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+def server_config(
+    app: ASGIApp,
+    *,
+    host: str,
+    port: int,
+    forwarded_allow_ips: str | None = None,
+) -> uvicorn.Config:
+    """uvicorn settings for this app.
+
+    ``forwarded_allow_ips``: the reverse proxies whose X-Forwarded-For is believed (the
+    client IP is consent evidence and the rate-limit key); default: only 127.0.0.1.
+    """
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # the CLI configures logging once (mailer.logs)
+        access_log=False,  # the access log would record every capability URL
+        server_header=False,
+        proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
+        lifespan="off",
+        ws="none",  # no websockets here; and importing a websockets library costs start time
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
+async def serve_async(
+    settings: Settings,
+    engine: sa.Engine,
+    mailer: ConfirmationSender | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    forwarded_allow_ips: str | None = None,
+) -> None:
+    """Serve until cancelled, or until uvicorn exits (SIGINT/SIGTERM in the main thread)."""
+    app = create_app(settings, engine, mailer or SmtpConfirmationSender(settings))
+    config = server_config(
+        app,
+        host=host or settings.web.host,
+        port=settings.web.port if port is None else port,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
+    log.info("web app listening", extra={"host": config.host, "port": config.port})
+    await uvicorn.Server(config).serve()
+
+
+def serve(
+    settings: Settings,
+    engine: sa.Engine,
+    mailer: ConfirmationSender | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    forwarded_allow_ips: str | None = None,
+) -> None:
+    """Serve in the foreground until interrupted (``mailer web``)."""
+    asyncio.run(
+        serve_async(
+            settings,
+            engine,
+            mailer,
+            host=host,
+            port=port,
+            forwarded_allow_ips=forwarded_allow_ips,
+        )
+    )
+
+
+def bind_ephemeral(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to ``host`` on a free port chosen by the kernel."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.ready.set()
+
+    def install_signal_handlers(self) -> None:  # a background thread leaves signals alone
+        return
+
+
+class ServerThread:
+    """The app served by uvicorn in a background thread on ``host`` and an ephemeral port.
+
+    ``with ServerThread(app) as server: server.url`` — the socket is bound before the thread
+    starts, so the port is known at once and nothing races for it. Pass ``sock`` (from
+    ``bind_ephemeral``) to know the URL before building the app, e.g. for its base_url.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        sock: socket.socket | None = None,
+        startup_timeout: float = 10,
+    ) -> None:
+        self._socket = sock or bind_ephemeral()
+        address = self._socket.getsockname()
+        self.host: str = address[0]
+        self.port: int = address[1]
+        self._server = _Server(server_config(app, host=self.host, port=self.port))
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="web-server",
+            daemon=True,
+        )
+        self._startup_timeout = startup_timeout
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        if not self._server.ready.wait(self._startup_timeout):
+            self.stop()
+            raise RuntimeError(f"the web server did not start within {self._startup_timeout} s")
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(GRACEFUL_SHUTDOWN_SECONDS + 5)
+        self._socket.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

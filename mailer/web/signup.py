@@ -1,0 +1,153 @@
+"""Joining: the sign-up page, the form post (double opt-in), the confirmation link, the embed.
+
+The answer to a valid sign-up is the same page whatever the address's state (new, pending,
+active, unsubscribed, suppressed), and the confirmation mail goes out after the response, so
+that neither the page nor its timing tells anyone whether an address is on the list.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mailer.errors import MailerError
+from mailer.messages import build_confirmation
+from mailer.models import Recipient
+from mailer.smtp import Outcome
+from mailer.tokens import Purpose, make_token
+from mailer.web import store
+from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
+from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
+
+log = logging.getLogger(__name__)
+
+
+class SignupViews:
+    def __init__(self, web: WebContext) -> None:
+        self.web = web
+
+    async def home(self, request: Request) -> Response:
+        return self.web.pages.render("signup.html", errors=[], values={}, honeypot=HONEYPOT)
+
+    async def embed(self, request: Request) -> Response:
+        return self.web.pages.render("embed_page.html", snippet=self.web.pages.embed_snippet)
+
+    def _too_many(self, retry_after: int) -> Response:
+        return self.web.pages.error(
+            429,
+            "Too many sign-up attempts. Please wait a few minutes and try again.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+    async def subscribe(self, request: Request) -> Response:
+        web = self.web
+        ip = client_ip(request) or "unknown"
+        if not web.per_ip.hit(ip):
+            log.info("sign-up rate limit (IP)", extra={"ip": ip})
+            return self._too_many(web.per_ip.retry_after(ip))
+        form = await read_form(request)
+        try:
+            signup = parse_signup(form, web.topic_choices)
+        except Invalid as exc:
+            values = {
+                "email": next((v for v in form.getlist("email") if isinstance(v, str)), "")[:320],
+                "topics": [v for v in form.getlist("topic") if isinstance(v, str)],
+                "consent": False,
+            }
+            return web.pages.render(
+                "signup.html", status=400, errors=exc.errors, values=values, honeypot=HONEYPOT
+            )
+        if not web.per_address.hit(signup.email):
+            log.info("sign-up rate limit (address)")
+            return self._too_many(web.per_address.retry_after(signup.email))
+        consent = store.Consent(
+            source=consent_source(signup.source, request.headers.get("referer")),
+            ip=client_ip(request),
+            user_agent=user_agent(request),
+            policy_version=web.settings.site.privacy_policy_version,
+        )
+        recipient = await run_in_threadpool(
+            store.record_signup,
+            web.engine,
+            signup.email,
+            signup.topics,
+            consent,
+            now=web.clock(),
+            domain=web.settings.site.domain,
+            daily_cap=web.limits.confirmations_per_day,
+        )
+        task = BackgroundTask(self.send_confirmation, recipient) if recipient else None
+        return web.pages.render("check_inbox.html", headers=NO_STORE, background=task)
+
+    async def send_confirmation(self, recipient: Recipient) -> None:
+        """Build and send the double opt-in mail; a failure is logged and recorded, not raised
+        (the response has gone; the person can submit the form again)."""
+        web = self.web
+        try:
+            message = build_confirmation(web.settings, recipient, web.clock())
+            result = await web.sender.send(recipient, message)
+        except (MailerError, OSError) as exc:
+            log.error("cannot send a confirmation mail: %s", exc)
+            reply = str(exc)
+        else:
+            if result.outcome is Outcome.SENT:
+                return
+            log.warning(
+                "confirmation mail not accepted",
+                extra={"outcome": result.outcome.value, "code": result.code, "reply": result.reply},
+            )
+            reply = f"{result.outcome.value}: {result.code or ''} {result.reply}"
+        await run_in_threadpool(
+            store.record_send_failure,
+            web.engine,
+            recipient.uid,
+            recipient.message_id,
+            reply,
+            now=web.clock(),
+        )
+
+    async def confirm(self, request: Request) -> Response:
+        web = self.web
+        uid = web.uid(request.path_params["token"], Purpose.CONFIRM)
+        outcome, account = await run_in_threadpool(
+            store.confirm,
+            web.engine,
+            uid,
+            ip=client_ip(request),
+            user_agent=user_agent(request),
+            now=web.clock(),
+        )
+        url = web.pages.url
+        if outcome is store.Confirmed.UNKNOWN or account is None:
+            return web.pages.message(
+                "This link has expired",
+                "We keep unconfirmed sign-ups for a few days only. Please sign up again: "
+                "we will send you a new link.",
+                status=404,
+                links=(("Sign up again", url("/")),),
+                headers=NO_STORE,
+            )
+        if outcome is store.Confirmed.INACTIVE:
+            return web.pages.message(
+                "This subscription has ended",
+                "You unsubscribed (or your address stopped accepting mail), so this old "
+                "confirmation link changes nothing. To receive the newsletter again, sign up "
+                "again.",
+                links=(("Sign up again", url("/")),),
+                headers=NO_STORE,
+            )
+        preferences = url(
+            "/preferences/"
+            + make_token(web.settings.site.require_secret(), Purpose.PREFERENCES, account.uid)
+        )
+        return web.pages.render(
+            "welcome.html",
+            headers=NO_STORE,
+            already=outcome is store.Confirmed.ALREADY,
+            preferences=preferences,
+            chosen=[t for t in web.settings.topics if t.key in account.topics],
+        )

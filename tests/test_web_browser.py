@@ -1,0 +1,241 @@
+"""End to end in a real headless Chromium: the app served by uvicorn, mail to a real aiosmtpd.
+
+Sign up on the page → the confirmation mail arrives → follow its link → active; then a digest
+→ follow its unsubscribe link → press the button → unsubscribed; and RFC 8058 one-click POSTs
+(urlencoded and multipart) over real HTTP. Every page is photographed into
+``$MAILER_SCREENSHOTS`` (default: the test's tmp dir), at phone size.
+
+Debian's chromium is used (``playwright install`` cannot download a browser here); without it
+the module is skipped, unless ``MAILER_REQUIRE_BROWSER=1`` makes that a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import sqlalchemy as sa
+
+from mailer.db import create_engine
+from mailer.issues import load_content
+from mailer.messages import DigestComposer
+from mailer.models import Recipient
+from mailer.schema import subscribers as subscriber_table
+from mailer.smtp import Outcome, SmtpPool
+from mailer.tokens import Purpose, make_token
+from mailer.web import SmtpConfirmationSender, create_app
+from mailer.web.server import ServerThread, bind_ephemeral
+from tests.factories import NOW, SECRET, make_settings, make_subscriber
+from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
+from tests.test_web import make_issue
+
+CHROMIUM = Path("/usr/bin/chromium")
+REQUIRE = os.environ.get("MAILER_REQUIRE_BROWSER") == "1"
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PHONE = {"width": 390, "height": 844}
+
+pytestmark = pytest.mark.browser
+
+if not CHROMIUM.exists():
+    reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
+    if REQUIRE:
+        raise RuntimeError(reason + " (MAILER_REQUIRE_BROWSER=1)")
+    pytest.skip(reason, allow_module_level=True)
+
+if REQUIRE:
+    import playwright.sync_api as sync_api
+else:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is missing")
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    directory = Path(os.environ.get("MAILER_SCREENSHOTS") or tmp_path / "screenshots")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@pytest.fixture
+def site(
+    tmp_path: Path,
+    sqlite_template: Path,
+    smtp_server: FaultServer,  # noqa: F811
+) -> Iterator[tuple[ServerThread, sa.Engine, Any]]:
+    """The app on 127.0.0.1 and an ephemeral port, its base_url that very address."""
+    database = tmp_path / "mailer.db"
+    shutil.copy(sqlite_template, database)
+    sock = bind_ephemeral()
+    host, port = sock.getsockname()[:2]
+    settings = make_settings(
+        f"sqlite:///{database}",
+        site__base_url=f"http://{host}:{port}",
+        site__privacy_policy_url=f"http://{host}:{port}/privacy",
+        smtp__port=smtp_server.port,
+    )
+    engine = create_engine(settings.database.url)
+    app = create_app(
+        settings, engine, SmtpConfirmationSender(settings, local_hostname="client.test")
+    )
+    with ServerThread(app, sock=sock) as server:
+        yield server, engine, settings
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One Chromium for the module (starting it is most of a test's time)."""
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context (no cookies, no cache) at phone size."""
+    context = browser.new_context(viewport=PHONE, device_scale_factor=1)
+    context.set_default_timeout(10_000)
+    yield context.new_page()
+    context.close()
+
+
+def status_of(engine: sa.Engine, email: str) -> str | None:
+    with engine.connect() as conn:
+        status: str | None = conn.scalar(
+            sa.select(subscriber_table.c.status).where(subscriber_table.c.email == email)
+        )
+    return status
+
+
+def text_part(data: bytes) -> str:
+    message = cast(EmailMessage, message_from_bytes(data, policy=policy.default))
+    body = message.get_body(preferencelist=("plain",))
+    assert body is not None
+    return str(body.get_content())
+
+
+def send_digest(settings: Any, engine: sa.Engine, email: str) -> None:
+    """One real digest for ``email``, built by the composer and sent over SMTP."""
+    issue_id = make_issue(engine, status="sent", days_ago=1, title="Gate 5 closed")
+    with engine.connect() as conn:
+        content = load_content(conn, issue_id, settings)
+        uid = conn.scalar(
+            sa.select(subscriber_table.c.uid).where(subscriber_table.c.email == email)
+        )
+    recipient = Recipient(email, "", uid, f"<weekly.{issue_id}.{uid}@news.example.org>")
+    data = DigestComposer(settings, content).message(recipient, settings.topic_keys, NOW)
+    assert data is not None
+
+    async def send() -> Outcome:
+        async with SmtpPool(settings.smtp, local_hostname="client.test") as pool:
+            return (await pool.send("digest@news.example.org", email, data)).outcome
+
+    # Playwright's sync API runs an event loop in this thread: send from another one.
+    with ThreadPoolExecutor(1) as executor:
+        assert executor.submit(lambda: asyncio.run(send())).result() is Outcome.SENT
+
+
+def test_sign_up_confirm_and_unsubscribe_in_a_real_browser(
+    site: tuple[ServerThread, sa.Engine, Any],
+    page: Any,
+    smtp_server: FaultServer,  # noqa: F811
+    shots: Path,
+) -> None:
+    server, engine, settings = site
+    email = "browser@example.org"
+
+    page.goto(server.url + "/")
+    assert page.title() == "Get Camp Lejeune & New River Updates"
+    page.screenshot(path=shots / "01-signup.png", full_page=True)
+
+    # Submitting without the consent box shows the server's errors (the box's `required`
+    # is removed first: the browser would otherwise refuse to submit at all).
+    page.fill("#email", email)
+    page.check("#topic-base-alerts")
+    page.check("#topic-local-events")
+    page.locator("#consent").evaluate("e => e.removeAttribute('required')")
+    page.click("button[type=submit]")
+    assert page.locator(".error-summary").is_visible()
+    assert "Tick the box to agree" in page.inner_text(".error-summary")
+    page.screenshot(path=shots / "02-signup-error.png", full_page=True)
+    assert status_of(engine, email) is None
+
+    page.check("#consent")
+    page.click("button[type=submit]")
+    page.wait_for_selector("text=Check your inbox")
+    page.screenshot(path=shots / "03-check-inbox.png", full_page=True)
+    assert status_of(engine, email) == "pending"
+
+    [received] = smtp_server.received_for(email)
+    link = re.search(r"http://127\.0\.0\.1:\d+/confirm/\S+", text_part(received.data))
+    assert link and link.group(0).startswith(server.url)
+    page.goto(link.group(0))
+    page.wait_for_selector("text=Your subscription is confirmed")
+    page.screenshot(path=shots / "04-welcome.png", full_page=True)
+    assert status_of(engine, email) == "active"
+
+    page.click("text=Manage your preferences")
+    page.wait_for_selector("h1:text('Your preferences')")
+    page.screenshot(path=shots / "05-preferences.png", full_page=True)
+    page.click("text=Delete my data")
+    page.wait_for_selector("h1:text('Delete your data?')")
+    page.screenshot(path=shots / "06-delete-confirm.png", full_page=True)
+
+    send_digest(settings, engine, email)
+    digest = smtp_server.received_for(email)[-1]
+    unsubscribe = re.search(r"http://127\.0\.0\.1:\d+/unsubscribe/\S+", text_part(digest.data))
+    assert unsubscribe
+    page.goto(unsubscribe.group(0))
+    page.wait_for_selector("h1:text('Unsubscribe from')")
+    page.screenshot(path=shots / "07-unsubscribe.png", full_page=True)
+    assert status_of(engine, email) == "active"  # opening the page changes nothing
+
+    page.click("button:text('Unsubscribe')")
+    page.wait_for_selector("h1:text('You are unsubscribed')")
+    assert page.url == unsubscribe.group(0)  # answered in place: no redirect
+    page.screenshot(path=shots / "08-unsubscribed.png", full_page=True)
+    assert status_of(engine, email) == "unsubscribed"
+
+    for path, name in (
+        ("/privacy", "09-privacy"),
+        ("/archive", "10-archive"),
+        ("/embed", "11-embed"),
+    ):
+        page.goto(server.url + path)
+        page.screenshot(path=shots / f"{name}.png", full_page=True)
+    page.goto(server.url + "/archive")
+    page.click("a:text('Weekly: Gate 5 closed')")
+    page.wait_for_selector("text=Gate 5 closed")
+    page.screenshot(path=shots / "12-archived-issue.png", full_page=True)
+
+
+@pytest.mark.parametrize("encoding", ["form", "multipart"])
+def test_one_click_unsubscribe_over_real_http(
+    site: tuple[ServerThread, sa.Engine, Any], page: Any, encoding: str
+) -> None:
+    """RFC 8058 §3.2 as a mail provider sends it: a POST with no cookie, to the served app."""
+    server, engine, _settings = site
+    sub = make_subscriber(engine, email=f"oneclick-{encoding}@example.org")
+    url = f"{server.url}/unsubscribe/{make_token(SECRET.encode(), Purpose.UNSUBSCRIBE, sub.uid)}"
+    body = {encoding: {"List-Unsubscribe": "One-Click"}}
+    response = page.request.post(url, max_redirects=0, **body)
+    assert response.status == 200
+    assert "location" not in response.headers and "set-cookie" not in response.headers
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert status_of(engine, sub.email) == "unsubscribed"
