@@ -431,6 +431,51 @@ def web(ctx: Context, host: str | None, port: int | None) -> None:
     serve(ctx.settings, ctx.engine(), host=host, port=port)
 
 
+@issues_group.command("cancel")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_cancel(ctx: Context, issue_id: int) -> None:
+    """Stop an issue that is sending: what has not gone out yet is cancelled."""
+    count = issues.cancel(ctx.engine(), issue_id, now=now())
+    out.print(f"issue {issue_id} cancelled; {count} deliveries will not be sent")
+
+
+@issues_group.command("resume")
+@click.argument("issue_id", type=int)
+@click.option("--resend-unknown", is_flag=True, help="Also re-send deliveries held as unknown.")
+@pass_ctx
+def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
+    """Queue a cancelled issue's deliveries again; a running worker sends them."""
+    count = issues.resume(ctx.engine(), issue_id, now=now(), resend_unknown=resend_unknown)
+    out.print(f"issue {issue_id}: {count} deliveries queued again")
+
+
+@cli.command()
+@click.option("--no-web", is_flag=True, help="Leave the web app to `mailer web` elsewhere.")
+@pass_ctx
+def run(ctx: Context, no_web: bool) -> None:
+    """Scheduler, delivery worker and web app in one process, until SIGTERM or Ctrl-C."""
+    from mailer.service import Parts, Service
+
+    asyncio.run(Service(ctx.engine(), ctx.settings, parts=Parts(web=not no_web)).run())
+
+
+@cli.command()
+@click.option("--drain", is_flag=True, help="Exit when nothing is due.")
+@pass_ctx
+def worker(ctx: Context, drain: bool) -> None:
+    """Deliver due mail only (no scheduler, no web), until SIGTERM or Ctrl-C."""
+    from mailer.service import Parts, Service
+
+    service = Service(ctx.engine(), ctx.settings, parts=Parts(scheduler=False, web=False))
+    totals = asyncio.run(service.run(drain=drain))
+    c = totals.counts
+    out.print(
+        f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
+        f"failed {c.get('failed', 0)}"
+    )
+
+
 # ---------------------------------------------------------------- sink and demo
 
 

@@ -89,6 +89,16 @@ class SmtpSettings:
     retry_base_seconds: float
     retry_max_age_hours: float
     batch_size: int
+    lease_seconds: float
+    in_doubt: Literal["resend", "hold"]
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    catch_up: Literal["latest", "all", "none"]
+    catch_up_hours: float
+    misfire_grace_seconds: int
+    poll_seconds: float
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class Settings:
     database: DatabaseSettings
     web: WebSettings
     smtp: SmtpSettings
+    scheduler: SchedulerSettings
     dkim: DkimSettings | None
     topics: tuple[Topic, ...]
     sources: tuple[Source, ...]
@@ -375,9 +386,23 @@ def _smtp(t: _Table | None, env: dict[str, str]) -> SmtpSettings:
         retry_base_seconds=t.number("retry_base_seconds", 60, low=0, high=86_400),
         retry_max_age_hours=t.number("retry_max_age_hours", 72, low=0, high=24 * 30),
         batch_size=t.integer("batch_size", 500, low=1, high=100_000),
+        lease_seconds=t.number("lease_seconds", 300, low=5, high=86_400),
+        in_doubt=t.choice("in_doubt", "resend", ("resend", "hold")),
     )
     t.finish()
     return smtp
+
+
+def _scheduler(t: _Table | None) -> SchedulerSettings:
+    t = t or _Table({}, "scheduler", None)
+    scheduler = SchedulerSettings(
+        catch_up=t.choice("catch_up", "latest", ("latest", "all", "none")),
+        catch_up_hours=t.number("catch_up_hours", 24, low=0, high=24 * 366),
+        misfire_grace_seconds=t.integer("misfire_grace_seconds", 3600, low=1, high=7 * 86_400),
+        poll_seconds=t.number("poll_seconds", 5, low=0.05, high=3600),
+    )
+    t.finish()
+    return scheduler
 
 
 def _dkim(t: _Table | None, base: Path | None) -> DkimSettings | None:
@@ -399,16 +424,16 @@ def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
     key = t.text("key", _REQUIRED, pattern=KEY_RE)
     schedule = t.text("schedule", _REQUIRED)
     fields = schedule.split()
-    if len(fields) != 5:
+    if len(fields) not in (5, 6):
         raise t.error(
             "schedule",
             "must be a 5-field cron expression (minute hour day month day_of_week), "
-            f"got {schedule!r}",
+            f"or 6 fields with seconds first, got {schedule!r}",
         )
-    if DAY_NUMBER_RE.search(fields[4]):
+    if DAY_NUMBER_RE.search(fields[-1]):
         raise t.error(
             "schedule",
-            f"day of week must use names mon..sun, not numbers (got {fields[4]!r}): "
+            f"day of week must use names mon..sun, not numbers (got {fields[-1]!r}): "
             "numeric weekdays count differently in cron and in the scheduler",
         )
     digest_topics = t.text_list("topics", _REQUIRED)
@@ -472,6 +497,7 @@ def parse_settings(
     smtp_table = root.table("smtp", required=False)
     smtp = _smtp(smtp_table, env)
 
+    scheduler = _scheduler(root.table("scheduler", required=False))
     dkim = _dkim(root.table("dkim", required=False), base)
 
     topics: list[Topic] = []
@@ -526,6 +552,7 @@ def parse_settings(
         database=DatabaseSettings(url=db_url),
         web=web,
         smtp=smtp,
+        scheduler=scheduler,
         dkim=dkim,
         topics=tuple(topics),
         sources=tuple(sources),

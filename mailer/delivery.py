@@ -1,4 +1,11 @@
-"""The delivery loop: claim a batch, build each message, send over the pool, record the batch."""
+"""The delivery loop: claim a batch, send it over the pool's connections, commit in groups.
+
+One *lane* per SMTP connection takes the batch's deliveries one at a time. Before a lane sends
+a message it hands the previous message's outcome and the new message's id to the committer,
+and waits: the committer writes what every waiting lane handed it in one transaction (a group
+commit), which both records the outcomes and marks the new messages in flight. That ordering
+is what bounds a crash to at most one in-doubt message per connection (see mailer.ledger).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,11 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from email.utils import parseaddr
 
 import sqlalchemy as sa
 
@@ -22,8 +31,6 @@ from mailer.models import Recipient
 from mailer.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
-
-LEASE = timedelta(minutes=5)
 
 
 @dataclass
@@ -58,13 +65,58 @@ def worker_name() -> str:
 
 def envelope_sender(settings: Settings) -> str:
     """The envelope sender (Return-Path): configured, else the From: address."""
-    from email.utils import parseaddr
-
     return settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
 
 
+@dataclass
+class _Handoff:
+    result: ledger.Result | None
+    start: int | None
+    done: asyncio.Future[bool]
+
+
+class _Committer:
+    """Collects lanes' handoffs and writes each collection in one transaction."""
+
+    def __init__(self, deliverer: Deliverer, totals: Totals) -> None:
+        self.deliverer = deliverer
+        self.totals = totals
+        self.pending: list[_Handoff] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    async def handoff(self, result: ledger.Result | None, start: int | None) -> bool:
+        """Record ``result``, mark ``start`` in flight; True once ``start`` may be sent."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Handoff(result, start, done))
+        self.wake.set()
+        return await done
+
+    async def run(self) -> None:
+        while not (self.closed and not self.pending):
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = self.pending, []
+            if not batch:
+                continue
+            try:
+                counts, started = await asyncio.to_thread(self.deliverer.commit, batch)
+            except BaseException as exc:
+                for handoff in batch:
+                    if not handoff.done.done():
+                        handoff.done.set_exception(exc)
+                raise
+            self.totals.add(counts)
+            for handoff in batch:
+                handoff.done.set_result(handoff.start in started)
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
 class Deliverer:
-    """Drains due deliveries for one pool; composers are cached per issue."""
+    """Drains due deliveries over one pool; composers are cached per issue."""
 
     def __init__(
         self,
@@ -74,13 +126,16 @@ class Deliverer:
         *,
         owner: str | None = None,
         clock: Callable[[], datetime] = clock_now,
+        sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.pool = pool
         self.owner = owner or worker_name()
         self.clock = clock
+        self.sign = sign
         self.sender = envelope_sender(settings)
+        self.lease = timedelta(seconds=settings.smtp.lease_seconds)
         self._composers: dict[int, DigestComposer] = {}
 
     def composer(self, issue_id: int) -> DigestComposer:
@@ -91,30 +146,81 @@ class Deliverer:
             composer = self._composers[issue_id] = DigestComposer(self.settings, content)
         return composer
 
-    async def run_batch(self, *, issue_id: int | None = None) -> dict[str, int] | None:
-        """Claim, send and record one batch; None when nothing was due."""
-        claimed = await asyncio.to_thread(
-            ledger.claim,
+    def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
+        return ledger.commit_progress(
+            self.engine,
+            results=[h.result for h in batch if h.result is not None],
+            starts=[h.start for h in batch if h.start is not None],
+            owner=self.owner,
+            settings=self.settings.smtp,
+            now=self.clock(),
+            lease=self.lease,
+        )
+
+    def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
+        now = self.clock()
+        resend = self.settings.smtp.in_doubt == "resend"
+        if not resend:
+            ledger.hold_in_doubt(self.engine, now=now)
+        return ledger.claim(
             self.engine,
             owner=self.owner,
             limit=self.settings.smtp.batch_size,
-            lease=LEASE,
-            now=self.clock(),
+            lease=self.lease,
+            now=now,
             issue_id=issue_id,
+            resend_in_doubt=resend,
         )
+
+    async def run_batch(
+        self, *, issue_id: int | None = None, stop: asyncio.Event | None = None
+    ) -> dict[str, int] | None:
+        """Claim, send and record one batch; None when nothing was due.
+
+        When ``stop`` is set, lanes finish the message they are on and the rest of the batch
+        is released to the queue.
+        """
+        claimed = await asyncio.to_thread(self.claim, issue_id)
         if not claimed:
             return None
-        results = await asyncio.gather(*(self._deliver(d) for d in claimed))
-        now = self.clock()
-        counts = await asyncio.to_thread(
-            ledger.record, self.engine, results, settings=self.settings.smtp, now=now
-        )
-        issues = {d.issue_id for d in claimed}
-        await asyncio.to_thread(self._finish, issues, now)
-        log.info("batch delivered", extra={"owner": self.owner, "counts": counts})
-        return counts
+        queue = deque(claimed)
+        totals = Totals()
+        committer = _Committer(self, totals)
+        commit_task = asyncio.create_task(committer.run(), name="delivery-committer")
+        lanes = [
+            asyncio.create_task(self._lane(queue, committer, stop), name=f"delivery-lane-{i}")
+            for i in range(min(self.settings.smtp.connections, len(claimed)))
+        ]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            committer.close()
+            await commit_task
+        if queue:
+            await asyncio.to_thread(
+                ledger.release,
+                self.engine,
+                [d.id for d in queue],
+                owner=self.owner,
+                now=self.clock(),
+            )
+        await asyncio.to_thread(self._finish, {d.issue_id for d in claimed})
+        log.info("batch delivered", extra={"owner": self.owner, "counts": totals.counts})
+        return totals.counts
 
-    def _finish(self, issue_ids: set[int], now: datetime) -> None:
+    async def _lane(
+        self, queue: deque[ledger.Claimed], committer: _Committer, stop: asyncio.Event | None
+    ) -> None:
+        previous: ledger.Result | None = None
+        while True:
+            nxt = queue.popleft() if queue and not (stop and stop.is_set()) else None
+            started = await committer.handoff(previous, nxt.id if nxt else None)
+            if nxt is None:
+                return
+            previous = await self._deliver(nxt) if started else None
+
+    def _finish(self, issue_ids: set[int]) -> None:
+        now = self.clock()
         with self.engine.begin() as conn:
             for issue_id in issue_ids:
                 if finish_if_done(conn, issue_id, now):
@@ -125,6 +231,8 @@ class Deliverer:
         data = self.composer(d.issue_id).message(recipient, d.topics, self.clock())
         if data is None:
             return ledger.Result(d, None)
+        if self.sign is not None:
+            data = self.sign(data)
         return ledger.Result(d, await self.pool.send(self.sender, d.email, data))
 
     async def drain(
@@ -132,10 +240,14 @@ class Deliverer:
         *,
         issue_id: int | None = None,
         on_batch: Callable[[dict[str, int]], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Totals:
-        """Deliver until nothing is due; deferred deliveries wait for a later run."""
+        """Deliver until nothing is due (or ``stop`` is set); deferred mail waits for later."""
         totals = Totals()
-        while (counts := await self.run_batch(issue_id=issue_id)) is not None:
+        while not (stop and stop.is_set()):
+            counts = await self.run_batch(issue_id=issue_id, stop=stop)
+            if counts is None:
+                break
             totals.add(counts)
             if on_batch is not None:
                 on_batch(counts)

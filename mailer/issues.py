@@ -193,6 +193,14 @@ def _snapshot(
     )
 
 
+def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
+    """The slot of the digest's newest issue, if any."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
+        ).scalar_one_or_none()
+
+
 def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> IssueContent:
     """Everything a composer needs to render an issue."""
     row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
@@ -296,3 +304,65 @@ def finish_if_done(conn: sa.Connection, issue_id: int, now: datetime) -> bool:
         .values(status="sent", completed_at=now)
     ).rowcount
     return bool(done)
+
+
+CANCELLED_BY_STAFF = "cancelled by staff"
+
+
+def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
+    """Stop an issue: its waiting deliveries are cancelled; returns how many."""
+    with engine.begin() as conn:
+        summary_row = conn.execute(
+            sa.select(issues.c.status).where(issues.c.id == issue_id)
+        ).first()
+        if summary_row is None:
+            raise DigestError(f"no issue {issue_id}")
+        if summary_row.status not in ("sending",):
+            raise DigestError(
+                f"issue {issue_id} is {summary_row.status}; only a sending issue can be cancelled"
+            )
+        conn.execute(
+            issues.update()
+            .where(issues.c.id == issue_id)
+            .values(status="cancelled", completed_at=now)
+        )
+        return conn.execute(
+            deliveries.update()
+            .where(
+                deliveries.c.issue_id == issue_id, deliveries.c.status.in_(("queued", "deferred"))
+            )
+            .values(
+                status="cancelled",
+                last_reply=CANCELLED_BY_STAFF,
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        ).rowcount
+
+
+def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: bool = False) -> int:
+    """Send a cancelled issue after all, and (if asked) re-send deliveries held as unknown."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(issues.c.status).where(issues.c.id == issue_id)).first()
+        if row is None:
+            raise DigestError(f"no issue {issue_id}")
+        statuses = ["cancelled"] + (["unknown"] if resend_unknown else [])
+        requeue = sa.or_(
+            sa.and_(
+                deliveries.c.status == "cancelled", deliveries.c.last_reply == CANCELLED_BY_STAFF
+            ),
+            deliveries.c.status.in_(statuses[1:]),
+        )
+        count = conn.execute(
+            deliveries.update()
+            .where(deliveries.c.issue_id == issue_id, requeue)
+            .values(status="queued", next_attempt_at=now, last_reply=None, updated_at=now)
+        ).rowcount
+        if count or row.status == "cancelled":
+            conn.execute(
+                issues.update()
+                .where(issues.c.id == issue_id)
+                .values(status="sending", completed_at=None)
+            )
+        return count

@@ -1,9 +1,19 @@
-"""The delivery ledger: claim due deliveries with a lease, record outcomes in group commits.
+"""The delivery ledger: claims, in-flight marks and outcomes, in group commits.
 
-A delivery moves queued → sending (claimed, leased) → sent | deferred | bounced | failed |
-cancelled. Claims take a batch at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the
-``BEGIN IMMEDIATE`` write lock on SQLite) so that concurrent workers never share a row, and
-results are written per batch, not per message: a transaction per message was measured at
+A delivery's life: ``queued`` → claimed (a lease: ``lease_owner`` and ``lease_expires_at``
+set, status unchanged) → ``sending`` (in flight: its bytes may be on the wire) → ``sent`` |
+``deferred`` (queued again later) | ``bounced`` | ``failed`` | ``cancelled``.
+
+Crash bound. A worker marks a delivery ``sending`` in the same transaction that records the
+outcome of the previous message on that SMTP connection, and starts DATA only after that
+commit. So at any instant a worker has at most one ``sending`` row per open connection, and
+those are the only rows whose fate a crash can leave unknown. Claimed rows not yet started
+keep their old status and simply return to the queue when the lease expires. In-doubt rows
+are re-sent with the same Message-ID, or held as ``unknown``, by ``[smtp].in_doubt``.
+
+Claims take a batch at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; the ``BEGIN
+IMMEDIATE`` write lock on SQLite), so concurrent workers never share a row. Outcomes are
+written for many connections in one transaction: a transaction per message was measured at
 about 200 messages per second.
 """
 
@@ -21,7 +31,7 @@ from mailer.config import SmtpSettings
 from mailer.schema import deliveries, subscriber_topics, subscribers
 from mailer.smtp import Outcome, SendResult
 
-CLAIMABLE = ("queued", "deferred")
+WAITING = ("queued", "deferred")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,26 @@ class Result:
     outcome: SendResult | None  # None: nothing to send (no article in the subscriber's topics)
 
 
+def _free(now: datetime) -> sa.ColumnElement[bool]:
+    return sa.or_(deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at < now)
+
+
+def hold_in_doubt(engine: sa.Engine, *, now: datetime) -> int:
+    """Mark deliveries whose worker died mid-send ``unknown`` (the "hold" policy)."""
+    with engine.begin() as conn:
+        return conn.execute(
+            deliveries.update()
+            .where(deliveries.c.status == "sending", deliveries.c.lease_expires_at < now)
+            .values(
+                status="unknown",
+                last_reply="worker stopped while sending; may have been delivered",
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        ).rowcount
+
+
 def claim(
     engine: sa.Engine,
     *,
@@ -54,20 +84,19 @@ def claim(
     lease: timedelta,
     now: datetime,
     issue_id: int | None = None,
+    resend_in_doubt: bool = True,
 ) -> list[Claimed]:
     """Lease up to ``limit`` due deliveries to ``owner``.
 
-    Due means queued or deferred with ``next_attempt_at`` passed, or still "sending" under an
-    expired lease (its worker died): such a message may have reached the server, and is sent
-    again with the same Message-ID so that receivers can tell the copies apart.
+    Due: queued or deferred with ``next_attempt_at`` passed and no live lease; with
+    ``resend_in_doubt``, also rows left ``sending`` under an expired lease (their worker died).
     """
-    due = sa.or_(
-        sa.and_(deliveries.c.status.in_(CLAIMABLE), deliveries.c.next_attempt_at <= now),
-        sa.and_(deliveries.c.status == "sending", deliveries.c.lease_expires_at < now),
-    )
+    due = sa.and_(deliveries.c.status.in_(WAITING), deliveries.c.next_attempt_at <= now)
+    if resend_in_doubt:
+        due = sa.or_(due, deliveries.c.status == "sending")
     query = (
         sa.select(deliveries.c.id)
-        .where(due)
+        .where(due, _free(now))
         .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
     )
     if issue_id is not None:
@@ -79,13 +108,7 @@ def claim(
         conn.execute(
             deliveries.update()
             .where(deliveries.c.id.in_(ids))
-            .values(
-                status="sending",
-                lease_owner=owner,
-                lease_expires_at=now + lease,
-                attempts=deliveries.c.attempts + 1,
-                updated_at=now,
-            )
+            .values(lease_owner=owner, lease_expires_at=now + lease, updated_at=now)
         )
         rows = conn.execute(
             sa.select(
@@ -113,8 +136,9 @@ def claim(
                 .where(deliveries.c.id.in_(gone))
                 .values(
                     status="cancelled",
-                    last_reply="subscriber no longer active",
+                    last_reply="subscriber no longer receiving",
                     lease_owner=None,
+                    lease_expires_at=None,
                     updated_at=now,
                 )
             )
@@ -153,68 +177,106 @@ def retry_delay(settings: SmtpSettings, attempts: int, rng: random.Random) -> ti
     return timedelta(seconds=min(base, 6 * 3600) * rng.uniform(0.75, 1.25))
 
 
-def record(
+def _outcome_row(
+    result: Result, settings: SmtpSettings, now: datetime, rng: random.Random
+) -> dict[str, Any]:
+    d = result.delivery
+    attempts = d.attempts + 1  # counted when it was started
+    row: dict[str, Any] = {"_id": d.id, "_status": "sent", "_reply": None, "_sent_at": None}
+    row["_next"] = now
+    outcome = result.outcome
+    if outcome is None:
+        row.update(_status="cancelled", _reply="no article in the subscriber's topics")
+        return row
+    row["_reply"] = ((f"{outcome.code} " if outcome.code else "") + outcome.reply)[:500] or None
+    if outcome.outcome is Outcome.SENT:
+        row["_sent_at"] = now
+    elif outcome.outcome is Outcome.BOUNCED:
+        row["_status"] = "bounced"
+    elif now - d.created_at >= timedelta(hours=settings.retry_max_age_hours):
+        row["_status"] = "failed"
+    else:
+        row.update(_status="deferred", _next=now + retry_delay(settings, attempts, rng))
+    return row
+
+
+def commit_progress(
     engine: sa.Engine,
-    results: Sequence[Result],
     *,
+    results: Sequence[Result],
+    starts: Sequence[int],
+    owner: str,
     settings: SmtpSettings,
     now: datetime,
+    lease: timedelta,
     rng: random.Random | None = None,
-) -> dict[str, int]:
-    """Write a batch of outcomes in one transaction; returns counts by new status."""
+) -> tuple[dict[str, int], set[int]]:
+    """One group commit: record outcomes and mark the next messages in flight.
+
+    Returns the counts by new status and the ids actually started: a start is refused when
+    this worker no longer holds the row's lease (another worker took it over).
+    """
     rng = rng or random.Random()
-    give_up = timedelta(hours=settings.retry_max_age_hours)
-    rows: list[dict[str, Any]] = []
-    bounced: list[int] = []
-    for result in results:
-        d = result.delivery
-        row: dict[str, Any] = {
-            "_id": d.id,
-            "_status": "sent",
-            "_reply": None,
-            "_sent_at": None,
-            "_next": now,
-        }
-        outcome = result.outcome
-        if outcome is None:
-            row.update(_status="cancelled", _reply="no article in the subscriber's topics")
-        else:
-            row["_reply"] = (f"{outcome.code} " if outcome.code else "") + outcome.reply
-            if outcome.outcome is Outcome.SENT:
-                row["_sent_at"] = now
-            elif outcome.outcome is Outcome.BOUNCED:
-                row["_status"] = "bounced"
-                bounced.append(d.subscriber_id)
-            elif now - d.created_at >= give_up:
-                row["_status"] = "failed"
-            else:
-                row.update(_status="deferred", _next=now + retry_delay(settings, d.attempts, rng))
-        row["_reply"] = (row["_reply"] or "")[:500] or None
-        rows.append(row)
+    rows = [_outcome_row(r, settings, now, rng) for r in results]
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["_status"]] = counts.get(row["_status"], 0) + 1
-    if not rows:
-        return counts
+    bounced = [
+        r.delivery.subscriber_id
+        for r, row in zip(results, rows, strict=True)
+        if row["_status"] == "bounced"
+    ]
+    started: set[int] = set()
     with engine.begin() as conn:
-        conn.execute(
-            deliveries.update()
-            .where(deliveries.c.id == sa.bindparam("_id"))
-            .values(
-                status=sa.bindparam("_status"),
-                last_reply=sa.bindparam("_reply"),
-                sent_at=sa.bindparam("_sent_at"),
-                next_attempt_at=sa.bindparam("_next"),
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            ),
-            rows,
-        )
+        if rows:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == sa.bindparam("_id"))
+                .values(
+                    status=sa.bindparam("_status"),
+                    last_reply=sa.bindparam("_reply"),
+                    sent_at=sa.bindparam("_sent_at"),
+                    next_attempt_at=sa.bindparam("_next"),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                ),
+                rows,
+            )
         if bounced:
             conn.execute(
                 subscribers.update()
                 .where(subscribers.c.id.in_(bounced))
                 .values(bounce_count=subscribers.c.bounce_count + 1, updated_at=now)
             )
-    return counts
+        if starts:
+            started = set(
+                conn.scalars(
+                    deliveries.update()
+                    .where(deliveries.c.id.in_(starts), deliveries.c.lease_owner == owner)
+                    .values(
+                        status="sending",
+                        attempts=deliveries.c.attempts + 1,
+                        lease_expires_at=now + lease,
+                        updated_at=now,
+                    )
+                    .returning(deliveries.c.id)
+                )
+            )
+    return counts, started
+
+
+def release(engine: sa.Engine, ids: Sequence[int], *, owner: str, now: datetime) -> None:
+    """Give back claimed rows that were never started (a stop before the batch ended)."""
+    if not ids:
+        return
+    with engine.begin() as conn:
+        conn.execute(
+            deliveries.update()
+            .where(
+                deliveries.c.id.in_(ids),
+                deliveries.c.lease_owner == owner,
+                deliveries.c.status.in_(WAITING),
+            )
+            .values(lease_owner=None, lease_expires_at=None, updated_at=now)
+        )

@@ -16,10 +16,18 @@ from mailer.errors import ConfigError
 MAX_SLOTS = 10_000  # a bound on any walk over slots, whatever the schedule
 
 
+CRON_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
+
+
 def trigger_for(digest: Digest) -> CronTrigger:
-    """The digest's cron trigger in its own time zone."""
+    """The digest's cron trigger in its own time zone.
+
+    Five fields as in crontab, or six with seconds first (for alert lanes and tests).
+    """
+    values = digest.schedule.split()
+    names = CRON_FIELDS if len(values) == 5 else ("second", *CRON_FIELDS)
     try:
-        return CronTrigger.from_crontab(digest.schedule, timezone=digest.timezone)
+        return CronTrigger(timezone=digest.timezone, **dict(zip(names, values, strict=True)))
     except ValueError as exc:
         raise ConfigError(f"[[digests]] {digest.key}: schedule {digest.schedule!r}: {exc}") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,20 @@ def make_subscriber(engine: sa.Engine, **overrides: Any) -> subscribers.Subscrib
     values.update(overrides)
     email = values.pop("email")
     return subscribers.add(engine, email, **values)
+
+
+def write_config(path: Path, db_url: str, **sections: Any) -> Path:
+    """A config file for ``mailer --config``: the base config, overridden like config_dict."""
+    data = config_dict(**sections)
+    data.setdefault("database", {})["url"] = db_url
+    lines = []
+    for name, value in data.items():
+        if isinstance(value, list):
+            for table in value:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+        else:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from tests.factories import SECRET, config_dict
+from tests.factories import SECRET, write_config
 
 
 @pytest.fixture
 def config(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
     return write_config(tmp_path / "mailer.toml", db_url)
-
-
-def write_config(path: Path, db_url: str) -> Path:
-    data = config_dict(database={"url": db_url})
-    lines = []
-    for section in ("site", "database", "smtp"):
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in data[section].items()]
-    for topic in data["topics"]:
-        lines.append("[[topics]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in topic.items()]
-    for digest in data["digests"]:
-        lines.append("[[digests]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in digest.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def run(config: Path, *args: str) -> Result:
