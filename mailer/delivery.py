@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from mailer import ledger
 from mailer.clock import now as clock_now
 from mailer.config import Settings
+from mailer.errors import AddressError, DeliveryError, TokenError
 from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import Recipient
@@ -228,7 +229,13 @@ class Deliverer:
 
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
-        data = self.composer(d.issue_id).message(recipient, d.topics, self.clock())
+        try:
+            data = self.composer(d.issue_id).message(recipient, d.topics, self.clock())
+        except (AddressError, DeliveryError, TokenError) as exc:
+            # One recipient's data is unusable: fail that delivery, not the batch. A template
+            # error is the issue's, not the recipient's, and stops the run instead.
+            log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
+            return ledger.Result(d, None, error=f"message not built: {exc}")
         if data is None:
             return ledger.Result(d, None)
         if self.sign is not None:

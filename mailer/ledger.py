@@ -54,6 +54,7 @@ class Claimed:
 class Result:
     delivery: Claimed
     outcome: SendResult | None  # None: nothing to send (no article in the subscriber's topics)
+    error: str | None = None  # the message could not be built for this recipient: failed
 
 
 def _free(now: datetime) -> sa.ColumnElement[bool]:
@@ -185,6 +186,9 @@ def _outcome_row(
     row: dict[str, Any] = {"_id": d.id, "_status": "sent", "_reply": None, "_sent_at": None}
     row["_next"] = now
     outcome = result.outcome
+    if result.error is not None:
+        row.update(_status="failed", _reply=result.error[:500])
+        return row
     if outcome is None:
         row.update(_status="cancelled", _reply="no article in the subscriber's topics")
         return row

@@ -2,28 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 from mailer.config import SiteSettings
 from mailer.tokens import Purpose, make_token
 
 
-@dataclass(frozen=True)
 class Links:
-    unsubscribe: str
-    preferences: str
-    confirm: str
+    """Every per-subscriber link for one uid, each signed only when first asked for.
+
+    A digest needs two of the three; an HMAC is a third of the per-message cost of a message.
+    """
+
+    def __init__(self, site: SiteSettings, uid: str) -> None:
+        self._secret = site.require_secret()
+        self._base = site.base_url
+        self._uid = uid
+
+    def _url(self, path: str, purpose: Purpose) -> str:
+        return f"{self._base}/{path}/{make_token(self._secret, purpose, self._uid)}"
+
+    @cached_property
+    def unsubscribe(self) -> str:
+        return self._url("unsubscribe", Purpose.UNSUBSCRIBE)
+
+    @cached_property
+    def preferences(self) -> str:
+        return self._url("preferences", Purpose.PREFERENCES)
+
+    @cached_property
+    def confirm(self) -> str:
+        return self._url("confirm", Purpose.CONFIRM)
 
 
 def links_for(site: SiteSettings, uid: str) -> Links:
-    """Every per-subscriber link for ``uid``, under the site's base URL."""
-    secret = site.require_secret()
-    base = site.base_url
-    return Links(
-        unsubscribe=f"{base}/unsubscribe/{make_token(secret, Purpose.UNSUBSCRIBE, uid)}",
-        preferences=f"{base}/preferences/{make_token(secret, Purpose.PREFERENCES, uid)}",
-        confirm=f"{base}/confirm/{make_token(secret, Purpose.CONFIRM, uid)}",
-    )
+    """The links for ``uid``, under the site's base URL."""
+    return Links(site, uid)
 
 
 def archive_url(site: SiteSettings, issue_id: int) -> str:

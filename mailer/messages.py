@@ -153,7 +153,7 @@ def fold_words(name: str, words: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class PersonalHeaders:
+class _PersonalHeaders:
     """The header values that differ per recipient."""
 
     to: str
@@ -166,7 +166,7 @@ def _add_headers(
     msg: EmailMessage,
     settings: Settings,
     subject: str,
-    personal: PersonalHeaders,
+    personal: _PersonalHeaders,
     *,
     raw: bool,
     list_headers: bool,
@@ -183,7 +183,10 @@ def _add_headers(
     _set(msg, "To", personal.to, raw=raw)
     msg["Subject"] = one_line(subject)  # RFC 2047 encoded-words when non-ASCII, by the package
     _set(msg, "Date", personal.date, raw=raw)
-    _set(msg, "Message-ID", personal.message_id, raw=raw)
+    # Verbatim on one line (≤ 998, RFC 5322 §2.1.1): the email package folds a msg-id of 64-75
+    # characters onto a continuation line, and its own parser then returns it with a leading
+    # space, a lookup key that no longer matches the ledger's. MTAs write it unfolded too.
+    msg.set_raw("Message-ID", personal.message_id)
     if list_headers:
         msg.set_raw("List-Id", list_id_value(site))
         if personal.list_unsubscribe is not None:
@@ -471,7 +474,7 @@ class DigestComposer:
         links = self._links(mark("UNSUB"), mark("PREFS"))
         html, text = render_digest(self.settings, self.content, shown, links, self.renderer)
         msg = EmailMessage(policy=POLICY)
-        personal = PersonalHeaders(mark("TO"), mark("DATE"), mark("MSGID"), mark("LISTUNSUB"))
+        personal = _PersonalHeaders(mark("TO"), mark("DATE"), mark("MSGID"), mark("LISTUNSUB"))
         _add_headers(
             msg, self.settings, self.content.subject, personal, raw=True, list_headers=True
         )
@@ -527,7 +530,7 @@ def reference_message(
     )
     html, text = render_digest(settings, content, shown, view, renderer or default_renderer())
     msg = EmailMessage(policy=POLICY)
-    personal = PersonalHeaders(
+    personal = _PersonalHeaders(
         to=check_address(recipient.email),
         date=date_value(now),
         message_id=check_message_id(recipient.message_id),
@@ -571,7 +574,7 @@ def build_confirmation(
     text = renderer.render("email/confirm.txt", context)
     _require(html, text, (links.confirm, links.privacy), settings, "email/confirm")
     msg = EmailMessage(policy=POLICY)
-    personal = PersonalHeaders(
+    personal = _PersonalHeaders(
         to=check_address(recipient.email),
         date=date_value(now),
         message_id=check_message_id(recipient.message_id),

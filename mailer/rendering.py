@@ -41,6 +41,7 @@ TEMPLATE_DIR = Path(mailer.__file__).parent.parent / "templates"
 
 _WS_RE = re.compile(r"\s+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
 _PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 # A start tag as html5ever (css_inline) serializes it: attributes always as name="value", with
 # '"' escaped as &quot; inside values and '<' never bare outside tags, so this is exact.
@@ -274,6 +275,10 @@ class Renderer:
         subject = one_line(text)
         if not subject:
             raise RenderError("renders to an empty subject", template=where)
+        if _FAKE_REPLY_RE.match(subject):
+            # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
+            # (15 USC 7704(a)(2); COMPLIANCE 4.8).
+            raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
         return subject
 
     def _error(self, exc: Exception, name: str) -> RenderError:

@@ -142,6 +142,12 @@ def raw_field(raw: bytes, name: str) -> bytes:
     return match.group(1)
 
 
+def body_bytes(raw: bytes) -> bytes:
+    """Everything after the top-level header block, the random boundary normalized."""
+    normalized = without_boundary(raw)
+    return normalized[len(header_block(normalized)) :]
+
+
 def without_boundary(raw: bytes) -> bytes:
     found = re.search(rb'boundary="([^"]+)"', raw)
     assert found
@@ -225,7 +231,7 @@ local_parts = st.from_regex(r"[a-z0-9]{1,20}([.+_-][a-z0-9]{1,20}){0,3}", fullma
 domains = st.sampled_from(["example.org", "mail.example.co.uk", "x-y.example", "e.org"])
 uids = st.text(alphabet=string.ascii_letters + string.digits + "-_", min_size=22, max_size=22)
 message_ids = st.from_regex(
-    r"<[a-z0-9]{1,40}(\.[a-z0-9]{1,12}){0,3}@news\.example\.org>", fullmatch=True
+    r"<[a-z0-9_-]{1,60}(\.[a-z0-9_-]{1,24}){0,3}@news\.example\.org>", fullmatch=True
 )
 topic_sets = st.lists(st.sampled_from([*TOPICS, "retired-topic"]), unique=True, min_size=1)
 moments = st.datetimes(
@@ -257,8 +263,10 @@ def test_spliced_message_equals_the_reference(
         return
     assert fast is not None and slow is not None
     assert_same_message(fast, slow)
-    # Stronger than needed, and true: b2a_qp encodes the URL lines as the email package does.
-    assert without_boundary(fast) == without_boundary(slow)
+    # Stronger than needed, and true: b2a_qp encodes the URL lines as the email package does,
+    # so the bodies are byte-identical. (Headers may fold differently: the package folds a
+    # long To before the address, the splice writes it on one line; both parse the same.)
+    assert body_bytes(fast) == body_bytes(slow)
     msg = assert_compliant(fast, SETTINGS)
     assert msg["To"] == recipient.email
     # Compared in UTC: an ambiguous local time (DST fold) never equals another zone's (PEP 495).
@@ -406,8 +414,9 @@ def test_hostile_article_text_is_escaped_and_never_breaks_the_message(text: str)
         subject=SUBJECT + " " + text,
     )
     raw = DigestComposer(SETTINGS, content).message(recipient(), TOPICS, NOW)
-    assert raw is not None
-    assert_same_message(raw, reference_message(SETTINGS, content, recipient(), TOPICS, NOW) or b"")
+    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW)
+    assert raw is not None and slow is not None
+    assert_same_message(raw, slow)
     msg = assert_compliant(raw, SETTINGS)
     assert msg["Bcc"] is None
     assert [k for k, _v in msg.items()].count("Subject") == 1
