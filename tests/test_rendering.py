@@ -126,8 +126,10 @@ def test_subject_is_one_line_whatever_the_template_emits() -> None:
         ("{{ ''.__class__.__mro__ }}", "unsafe"),
         ("{{ date.strftime( }}", "syntax error"),
         ("   ", "empty subject"),
+        ("RE: {{ digest.name }}", "reply or forward"),
+        ("Fwd:{{ digest.name }}", "reply or forward"),
     ],
-    ids=["undefined", "sandbox", "syntax", "empty"],
+    ids=["undefined", "sandbox", "syntax", "empty", "fake-reply", "fake-forward"],
 )
 def test_subject_failures_are_template_errors(source: str, expected: str) -> None:
     digest = SETTINGS.digest("weekly")
