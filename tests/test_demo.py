@@ -1,0 +1,44 @@
+"""`mailer demo` on embedded defaults: every captured message meets the compliance rules."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from mailer.config import load_settings
+from mailer.db import create_engine
+from mailer.demo import run_demo
+from mailer.subscribers import export_text
+from tests.compliance import assert_compliant
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path) -> None:
+    console = Console(file=io.StringIO(), width=200)
+    figures = run_demo(tmp_path, console=console)
+
+    mail = sorted((tmp_path / "mail").glob("*.eml"))
+    assert figures["sent"] == figures["recipients"] == len(mail) > 0
+    settings = load_settings(tmp_path / "mailer.toml", env={})
+    assert settings.site.base_url.startswith("https://")
+    for path in mail:
+        message = assert_compliant(path.read_bytes(), settings)
+        assert message["To"] in path.name
+    assert (tmp_path / "preview.html").read_text(encoding="utf-8").startswith("<!")
+    engine = create_engine(settings.database.url)
+    assert "maria.alvarez@example.org" in export_text(engine)
+    engine.dispose()
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "demo complete" in output and str(tmp_path / "mailer.toml") in output
+
+
+def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
+    console = Console(file=io.StringIO())
+    first = run_demo(tmp_path, console=console)
+    second = run_demo(tmp_path, console=console)
+    assert first["sent"] == second["sent"]
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"]
