@@ -40,7 +40,9 @@ from mailer.models import Article, IssueContent
 TEMPLATE_DIR = Path(mailer.__file__).parent.parent / "templates"
 
 _WS_RE = re.compile(r"\s+")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0/C1 controls, and the bidirectional overrides and isolates that can make a subject or
+# title display as something other than what it says (Trojan Source, CVE-2021-42574).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
 _PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 # A start tag as html5ever (css_inline) serializes it: attributes always as name="value", with

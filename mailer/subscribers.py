@@ -249,7 +249,9 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str], report: ImportReport)
         header = next(reader)
     except StopIteration:
         return
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise SubscriberError(_not_utf8(exc)) from exc
+    except csv.Error as exc:
         raise SubscriberError(f"cannot read the CSV header: {exc}") from exc
     columns = [h.strip().lower().lstrip("\ufeff") for h in header]
     if "email" not in columns:
@@ -270,9 +272,7 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str], report: ImportReport)
         except StopIteration:
             return
         except UnicodeDecodeError as exc:
-            raise SubscriberError(
-                f"row {line}: the file is not UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from exc
+            raise SubscriberError(f"row {line}: " + _not_utf8(exc)) from exc
         except csv.Error as exc:
             report.errors.append(RowError(line, "", f"malformed CSV: {exc}"))
             continue
@@ -314,6 +314,13 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str], report: ImportReport)
             continue
         seen[email] = line
         yield _Row(line, email, name, chosen, status)
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return (
+        f"the file is not UTF-8 text ({exc.reason} near byte {exc.start}); "
+        "save it as UTF-8 CSV and import it again (nothing was imported from this point)"
+    )
 
 
 def _chunks(rows: Iterable[_Row], size: int) -> Iterator[list[_Row]]:
