@@ -162,6 +162,14 @@ class Service:
             if server is not None:
                 tasks.append(asyncio.create_task(server.serve(), name="web"))
             totals = Totals()
+            log.info(
+                "service running",
+                extra={
+                    "scheduler": self.parts.scheduler,
+                    "worker": self.parts.worker,
+                    "web": self.parts.web,
+                },
+            )
             try:
                 if self.parts.worker:
                     totals = await self.deliver_forever(drain=drain)

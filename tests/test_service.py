@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -44,14 +44,29 @@ def spawn(config: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
         )
 
 
-def stop(process: subprocess.Popen[bytes], log: Path) -> None:
-    process.send_signal(signal.SIGTERM)
+def stop_all(processes: list[subprocess.Popen[bytes]], log: Path) -> None:
+    """SIGTERM every process, then require each to exit 0 promptly; none is left running."""
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    codes = []
     try:
-        code = process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError(f"process did not stop on SIGTERM:\n{log.read_text()}") from None
-    assert code == 0, log.read_text()
+        for process in processes:
+            codes.append(process.wait(timeout=30))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert codes == [0] * len(processes), log.read_text()
+
+
+def wait_for(condition: Callable[[], bool], log: Path, what: str, timeout: float = 90) -> None:
+    """Poll until ``condition`` holds; a slow machine only makes this slower, not fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
+        time.sleep(0.02)
 
 
 def article(n: int, published: datetime) -> articles.ParsedArticle:
@@ -128,12 +143,16 @@ def test_processes_on_one_database_make_each_issue_once_and_mail_each_subscriber
     feeder.start()
     running = [spawn(config, process_log, "run", "--no-web") for _ in range(processes)]
     try:
-        time.sleep(9)
+        wait_for(
+            lambda: process_log.read_text().count("service running") == processes,
+            process_log,
+            "the services to start",
+        )
+        time.sleep(8)
     finally:
         feeder.halt.set()
         feeder.join()
-        for process in running:
-            stop(process, process_log)
+        stop_all(running, process_log)
     drain = spawn(config, process_log, "worker", "--drain")
     assert drain.wait(timeout=60) == 0, process_log.read_text()
 
@@ -192,11 +211,11 @@ def test_a_worker_killed_mid_issue_loses_nothing_and_duplicates_at_most_one_per_
         render_subject=render_subject,
     )
     worker = spawn(config, process_log, "worker", "--drain")
-    deadline = time.monotonic() + 30
-    while len(smtp_server.received) < 60 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.kill()
-    worker.wait()
+    try:
+        wait_for(lambda: len(smtp_server.received) >= 60, process_log, "60 messages sent")
+    finally:
+        worker.kill()
+        worker.wait()
     assert 0 < len(smtp_server.received) < len(emails), "the kill should land mid-issue"
     time.sleep(5.5)  # the dead worker's lease expires
     again = spawn(config, process_log, "worker", "--drain")
