@@ -282,6 +282,39 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
         raise MailerError(f"{failed} of {len(files)} files could not be read (listed above)")
 
 
+@articles_group.command("fetch")
+@pass_ctx
+def articles_fetch(ctx: Context) -> None:
+    """Fetch every [[sources]] feed and folder once; store new and changed articles."""
+    from mailer.sources import fetch_sources_sync
+
+    feeds = ctx.settings.feeds
+    results = fetch_sources_sync(
+        ctx.engine(),
+        ctx.settings,
+        now=now(),
+        concurrency=feeds.concurrency,
+        read_timeout=feeds.timeout,
+        max_bytes=feeds.max_bytes,
+    )
+    for result in results:
+        if result.error:
+            err.print(result.error, markup=False)
+            continue
+        if result.not_modified:
+            what = "not modified (304)"
+        else:
+            what = f"{result.added} added, {result.updated} updated, {result.unchanged} unchanged"
+        out.print(f"{result.name}: {what}", markup=False)
+        for problem in result.skipped:
+            err.print(f"{result.name}: skipped {problem}", markup=False)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise MailerError(
+            f"{len(failed)} of {len(results)} sources failed or skipped items (listed above)"
+        )
+
+
 @articles_group.command("list")
 @click.option("--topic", help="Only this topic.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
@@ -493,7 +526,15 @@ def sink(host: str, port: int, out_dir: Path) -> None:
     """A local capture SMTP server: one .eml file per message received."""
     from mailer.sink import run_sink
 
-    run_sink(host, port, out_dir)
+    run_sink(
+        host,
+        port,
+        out_dir,
+        on_ready=lambda bound: out.print(
+            f"capturing on {host}:{bound} into {out_dir}/ (Ctrl-C stops)"
+        ),
+        on_message=lambda m: out.print(f"{m.path.name}", markup=False),
+    )
 
 
 @cli.command()

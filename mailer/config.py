@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.utils import parseaddr
@@ -121,6 +121,16 @@ class Source:
     topic: str
     url: str | None
     path: Path | None
+    # Feed entry category -> topic (matched ignoring case); unmatched entries take ``topic``.
+    categories: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    interval_minutes: float  # 0: feeds are fetched only by `mailer articles fetch`
+    timeout: float
+    max_bytes: int
+    concurrency: int
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ class Settings:
     web: WebSettings
     smtp: SmtpSettings
     scheduler: SchedulerSettings
+    feeds: FeedSettings
     dkim: DkimSettings | None
     topics: tuple[Topic, ...]
     sources: tuple[Source, ...]
@@ -237,6 +248,14 @@ class _Table:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self.error(key, f"must be a list of strings, got {value!r}")
         return list(value)
+
+    def string_map(self, key: str) -> dict[str, str]:
+        value = self._get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self.error(key, f'must be a table of "category" = "topic", got {_kind(value)}')
+        return dict(value)
 
     def tables(self, key: str) -> Iterator[_Table]:
         value = self._get(key, [])
@@ -405,6 +424,18 @@ def _scheduler(t: _Table | None) -> SchedulerSettings:
     return scheduler
 
 
+def _feeds(t: _Table | None) -> FeedSettings:
+    t = t or _Table({}, "feeds", None)
+    feeds = FeedSettings(
+        interval_minutes=t.number("interval_minutes", 15, low=0, high=24 * 60),
+        timeout=t.number("timeout", 10, low=0.5, high=300),
+        max_bytes=t.integer("max_bytes", 5 * 1024 * 1024, low=1024, high=100 * 1024 * 1024),
+        concurrency=t.integer("concurrency", 4, low=1, high=64),
+    )
+    t.finish()
+    return feeds
+
+
 def _dkim(t: _Table | None, base: Path | None) -> DkimSettings | None:
     if t is None:
         return None
@@ -498,6 +529,7 @@ def parse_settings(
     smtp = _smtp(smtp_table, env)
 
     scheduler = _scheduler(root.table("scheduler", required=False))
+    feeds = _feeds(root.table("feeds", required=False))
     dkim = _dkim(root.table("dkim", required=False), base)
 
     topics: list[Topic] = []
@@ -529,6 +561,16 @@ def parse_settings(
             _check_url(t, "url", url)
         if kind == "directory" and src_path is None:
             raise t.error("path", "is required for a directory source")
+        categories = t.string_map("categories")
+        if categories and kind != "feed":
+            raise t.error("categories", "applies to feed sources only")
+        for category, mapped in categories.items():
+            if mapped not in topic_keys:
+                raise t.error(
+                    "categories",
+                    f"maps {category!r} to unknown topic {mapped!r} "
+                    f"(known: {', '.join(sorted(topic_keys))})",
+                )
         t.finish()
         sources.append(
             Source(
@@ -536,6 +578,7 @@ def parse_settings(
                 topic=topic,
                 url=url,
                 path=_resolve_path(base, src_path) if src_path else None,
+                categories=categories,
             )
         )
 
@@ -553,6 +596,7 @@ def parse_settings(
         web=web,
         smtp=smtp,
         scheduler=scheduler,
+        feeds=feeds,
         dkim=dkim,
         topics=tuple(topics),
         sources=tuple(sources),

@@ -198,6 +198,21 @@ suppressions = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
 )
 
+# One row per feed source, keyed by the URL the config names: the validators for conditional GET
+# (so an unchanged feed costs one 304) and the fetch history (so a broken feed shows up in data).
+feed_state = sa.Table(
+    "feed_state",
+    metadata,
+    sa.Column("url", sa.String(1000), primary_key=True),
+    sa.Column("etag", sa.String(500)),
+    sa.Column("last_modified", sa.String(100)),
+    sa.Column("last_status", sa.Integer),
+    sa.Column("last_fetched_at", UtcDateTime),
+    sa.Column("last_success_at", UtcDateTime),
+    sa.Column("last_error", sa.Text),
+    sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+)
+
 
 def row_dict(row: Any) -> dict[str, Any]:
     """A result row as a plain dict."""

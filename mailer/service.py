@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
 from mailer.clock import now as clock_now
 from mailer.config import Digest, Settings
@@ -26,6 +27,7 @@ from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, missed_slots, trigger_for
 from mailer.smtp import SmtpPool
+from mailer.sources import fetch_sources, log_results
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,39 @@ class Service:
                 max_instances=1,
                 misfire_grace_time=self.settings.scheduler.misfire_grace_seconds,
             )
+        feeds = self.settings.feeds
+        if self.settings.sources and feeds.interval_minutes > 0:
+            scheduler.add_job(
+                self.fetch_sources,
+                trigger=IntervalTrigger(minutes=feeds.interval_minutes, timezone="UTC"),
+                id="sources:fetch",
+                name="fetch sources",
+                coalesce=True,
+                max_instances=1,  # a slow run is never overlapped by the next one
+                misfire_grace_time=max(1, int(feeds.interval_minutes * 60)),
+                # At start-up too, not one interval later: a restart must not leave news waiting.
+                next_run_time=self.clock(),
+            )
         return scheduler
+
+    async def fetch_sources(self) -> None:
+        """Fetch every source once (the scheduler's job); failures are logged, never raised."""
+        feeds = self.settings.feeds
+        try:
+            results = await fetch_sources(
+                self.engine,
+                self.settings,
+                now=self.clock(),
+                concurrency=feeds.concurrency,
+                read_timeout=feeds.timeout,
+                max_bytes=feeds.max_bytes,
+            )
+        except Exception:
+            # What fails every source (the database) must not kill the scheduler; the next
+            # interval tries again. One broken feed is a result, not an exception.
+            log.exception("fetching sources failed")
+            return
+        log_results(results)
 
     async def _fire_async(self, digest: Digest) -> None:
         try:

@@ -203,6 +203,7 @@ class ServerThread:
         """Start listening; returns the port. Raises ``SinkError`` if the port is taken."""
         if self._thread is not None:
             raise RuntimeError("server already started")
+        self._started = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
         try:

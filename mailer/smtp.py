@@ -16,9 +16,10 @@ import ssl
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.typing import Default
 
 from mailer.config import SmtpSettings
@@ -47,8 +48,9 @@ class Outcome(StrEnum):
 class Stage(StrEnum):
     """How far the SMTP session got when the attempt ended.
 
-    A bounce at ``rcpt`` is about the recipient; at ``mail`` or ``data`` it is about the sender
-    or the message, which a caller may not want to count against the subscriber.
+    Only ``rcpt`` and ``data`` answers bounce. A bounce at ``rcpt`` is about the recipient; one
+    at ``data`` may be about the message (content, size), which a caller may prefer not to
+    count against the subscriber. Refusals at ``connect`` and ``mail`` always defer.
     """
 
     CONNECT = "connect"  # TCP, TLS, greeting, EHLO, STARTTLS, AUTH
@@ -128,6 +130,18 @@ class _Connection(aiosmtplib.SMTP):
 
     stage: Stage = Stage.CONNECT
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lost = asyncio.Event()
+
+    def _on_connection_lost(self, protocol: SMTPProtocol) -> None:
+        # aiosmtplib's own hook for its protocol's connection_lost (private, stable since 2.0).
+        # close() only starts closing: TLS still exchanges close_notify. Knowing when the
+        # socket is really gone lets aclose() wait for it instead of leaving it to the garbage
+        # collector when the event loop ends.
+        self.lost.set()
+        super()._on_connection_lost(protocol)
+
     async def execute_command(
         self,
         *args: bytes,
@@ -164,12 +178,6 @@ class _Slot:
     """One of the pool's ``connections`` places; holds a client while it is connected."""
 
     client: _Connection | None = None
-
-    def discard(self) -> None:
-        """Drop the connection without QUIT: its session state is unknown or already gone."""
-        if self.client is not None:
-            self.client.close()
-            self.client = None
 
 
 class SmtpPool:
@@ -222,6 +230,7 @@ class SmtpPool:
             self._idle.put_nowait(slot)
         self._state: Literal["new", "open", "closed"] = "new"
         self._fatal: SmtpAuthError | None = None
+        self._closing: set[_Connection] = set()  # discarded, their sockets not yet closed
 
     @property
     def open_connections(self) -> int:
@@ -252,6 +261,7 @@ class SmtpPool:
         self._state = "closed"
         slots = [await self._idle.get() for _ in self._slots]
         await asyncio.gather(*(self._quit(slot) for slot in slots))
+        await self._closed()
         for slot in slots:
             self._idle.put_nowait(slot)
 
@@ -278,7 +288,7 @@ class SmtpPool:
         except BaseException:
             # Cancelled or failed mid-transaction: the session's state is unknown, so the next
             # message must not inherit it.
-            slot.discard()
+            self._discard(slot)
             raise
         finally:
             self._idle.put_nowait(slot)
@@ -297,7 +307,7 @@ class SmtpPool:
         for attempt in (1, 2):
             fresh = slot.client is None or not slot.client.is_connected
             if fresh:
-                slot.discard()  # closed by the server while idle, or after a 421 or a timeout
+                self._discard(slot)  # closed by the server while idle, after a 421 or a timeout
                 opened = await self._open()
                 if isinstance(opened, SendResult):
                     return opened
@@ -312,7 +322,7 @@ class SmtpPool:
                 "reused SMTP connection unusable, retrying on a new one",
                 extra={"reply": result.reply, "code": result.code},
             )
-            slot.discard()
+            self._discard(slot)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open(self) -> _Connection | SendResult:
@@ -420,15 +430,31 @@ class SmtpPool:
             await _reset(client)
         return result, retry
 
-    async def _quit(self, slot: _Slot) -> None:
-        client = slot.client
+    def _discard(self, slot: _Slot) -> None:
+        """Drop a slot's connection without QUIT: its session state is unknown or gone."""
+        client, slot.client = slot.client, None
         if client is None:
             return
-        if client.is_connected:
+        client.close()
+        self._closing = {c for c in self._closing if not c.lost.is_set()}
+        if not client.lost.is_set():
+            self._closing.add(client)
+
+    async def _quit(self, slot: _Slot) -> None:
+        client = slot.client
+        if client is not None and client.is_connected:
             # The server may have gone or answer oddly: we are closing the connection regardless.
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await client.quit(timeout=self.settings.timeout)
-        slot.discard()
+        self._discard(slot)
+
+    async def _closed(self) -> None:
+        """Wait (bounded by the timeout) until every discarded connection's socket is closed."""
+        waits = [c.lost.wait() for c in self._closing if not c.lost.is_set()]
+        self._closing.clear()
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), self.settings.timeout)
 
 
 async def _greet(client: _Connection) -> None:

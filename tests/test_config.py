@@ -58,6 +58,33 @@ BAD = [
         "[database].url must be a sqlite:/// or postgresql:// URL",
     ),
     ({"topics": []}, "at least one [[topics]] table is required"),
+    (
+        {
+            "sources": [
+                {
+                    "type": "directory",
+                    "path": "a",
+                    "topic": "base-alerts",
+                    "categories": {"A": "base-alerts"},
+                }
+            ]
+        },
+        "categories applies to feed sources only",
+    ),
+    (
+        {
+            "sources": [
+                {
+                    "type": "feed",
+                    "url": "https://x.example/f",
+                    "topic": "base-alerts",
+                    "categories": {"A": "gossip"},
+                }
+            ]
+        },
+        "maps 'A' to unknown topic 'gossip'",
+    ),
+    ({"feeds": {"interval_minutes": -1}}, "[feeds].interval_minutes must be 0–1440"),
 ]
 
 
