@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import time
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -143,6 +144,12 @@ class Digest:
     topics: tuple[str, ...]
     max_articles: int
     template: str
+    # "alert": its deliveries go ahead of queued bulk mail and ignore quiet hours.
+    priority: Literal["bulk", "alert"] = "bulk"
+    # Local (start, end) during which bulk deliveries wait, e.g. 21:00-06:00.
+    quiet_hours: tuple[time, time] | None = None
+    # Send an article a subscriber already received again when it was updated since.
+    include_updates: bool = False
 
 
 @dataclass(frozen=True)
@@ -484,9 +491,26 @@ def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
         topics=tuple(digest_topics),
         max_articles=t.integer("max_articles", 20, low=1, high=500),
         template=t.text("template", "digest", pattern=KEY_RE),
+        priority=t.choice("priority", "bulk", ("bulk", "alert")),
+        quiet_hours=_quiet_hours(t),
+        include_updates=t.flag("include_updates", False),
     )
     t.finish()
     return digest
+
+
+QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _quiet_hours(t: _Table) -> tuple[time, time] | None:
+    value = t.text("quiet_hours")
+    if value is None:
+        return None
+    match = QUIET_RE.match(value.replace(" ", ""))
+    if match is None or match.group(1, 2) == match.group(3, 4):
+        raise t.error("quiet_hours", f'must be "HH:MM-HH:MM" (24-hour, local time), got {value!r}')
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    return time(h1, m1), time(h2, m2)
 
 
 def parse_settings(

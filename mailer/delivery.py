@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 
@@ -28,7 +28,8 @@ from mailer.config import Settings
 from mailer.errors import AddressError, DeliveryError, TokenError
 from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
-from mailer.models import Recipient
+from mailer.models import IssueContent, Recipient
+from mailer.schedule import quiet_until
 from mailer.smtp import SmtpPool
 
 log = logging.getLogger(__name__)
@@ -137,15 +138,56 @@ class Deliverer:
         self.sign = sign
         self.sender = envelope_sender(settings)
         self.lease = timedelta(seconds=settings.smtp.lease_seconds)
-        self._composers: dict[int, DigestComposer] = {}
+        self._contents: dict[int, IssueContent] = {}
+        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        self._digests = {d.key: d for d in settings.digests}
 
-    def composer(self, issue_id: int) -> DigestComposer:
-        composer = self._composers.get(issue_id)
-        if composer is None:
+    def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
+        """The composer for an issue without the ``hidden`` articles.
+
+        Subscribers who hide the same articles (none, usually) share one composer, and so one
+        render per topic set.
+        """
+        content = self._contents.get(issue_id)
+        if content is None:
             with self.engine.connect() as conn:
-                content = load_content(conn, issue_id, self.settings)
-            composer = self._composers[issue_id] = DigestComposer(self.settings, content)
+                content = self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+        now = self.clock()
+        # An article that expired since the issue was made is dropped from what is not sent yet.
+        expired = {
+            a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
+        }
+        key = (issue_id, hidden | expired)
+        composer = self._composers.get(key)
+        if composer is None:
+            shown = tuple(a for a in content.articles if a.id not in key[1])
+            composer = DigestComposer(self.settings, replace(content, articles=shown))
+            self._composers[key] = composer
         return composer
+
+    def hidden(self, d: ledger.Claimed) -> frozenset[int]:
+        """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
+        digest = self._digests.get(d.digest)
+        resend_updates = digest is not None and digest.include_updates
+        return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
+
+    def quiet(self, claimed: list[ledger.Claimed]) -> list[ledger.Claimed]:
+        """Hand back bulk deliveries that fall in their digest's quiet hours; returns the rest."""
+        now = self.clock()
+        waiting: dict[datetime, list[int]] = {}
+        ready = []
+        for d in claimed:
+            digest = self._digests.get(d.digest)
+            until = None
+            if digest is not None and digest.priority != "alert":
+                until = quiet_until(digest.quiet_hours, digest.timezone, now)
+            if until is None:
+                ready.append(d)
+            else:
+                waiting.setdefault(until, []).append(d.id)
+        for until, ids in waiting.items():
+            ledger.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
+        return ready
 
     def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
         return ledger.commit_progress(
@@ -163,15 +205,22 @@ class Deliverer:
         resend = self.settings.smtp.in_doubt == "resend"
         if not resend:
             ledger.hold_in_doubt(self.engine, now=now)
-        return ledger.claim(
-            self.engine,
-            owner=self.owner,
-            limit=self.settings.smtp.batch_size,
-            lease=self.lease,
-            now=now,
-            issue_id=issue_id,
-            resend_in_doubt=resend,
-        )
+        while True:
+            claimed = ledger.claim(
+                self.engine,
+                owner=self.owner,
+                limit=self.settings.smtp.batch_size,
+                lease=self.lease,
+                now=now,
+                issue_id=issue_id,
+                resend_in_doubt=resend,
+            )
+            if not claimed:
+                return []
+            # Postponed rows are due later, so this loop ends.
+            ready = self.quiet(claimed)
+            if ready:
+                return ready
 
     async def run_batch(
         self, *, issue_id: int | None = None, stop: asyncio.Event | None = None
@@ -230,7 +279,8 @@ class Deliverer:
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
-            data = self.composer(d.issue_id).message(recipient, d.topics, self.clock())
+            composer = self.composer(d.issue_id, self.hidden(d))
+            data = composer.message(recipient, d.topics, self.clock())
         except (AddressError, DeliveryError, TokenError) as exc:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
             # error is the issue's, not the recipient's, and stops the run instead.

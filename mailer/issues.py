@@ -20,6 +20,7 @@ from mailer.articles import articles_in_window
 from mailer.config import Digest, Settings
 from mailer.errors import DigestError
 from mailer.models import Article, IssueContent
+from mailer.schedule import quiet_until
 from mailer.schema import (
     articles,
     deliveries,
@@ -151,6 +152,9 @@ def _snapshot(
     if not topics:
         return 0
     prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
+    alert = digest.priority == "alert"
+    # A bulk issue made in quiet hours waits for their end; an alert never waits.
+    due = (None if alert else quiet_until(digest.quiet_hours, digest.timezone, now)) or now
     suffix = f"@{settings.site.domain}>"
     wanted = sa.select(subscriber_topics.c.subscriber_id).where(
         subscriber_topics.c.topic.in_(sorted(topics))
@@ -159,10 +163,11 @@ def _snapshot(
         sa.literal(issue_id),
         subscribers.c.id,
         sa.literal("queued"),
-        sa.literal(now, type_=deliveries.c.next_attempt_at.type),
+        sa.literal(due, type_=deliveries.c.next_attempt_at.type),
         (sa.literal(prefix) + subscribers.c.uid + sa.literal(suffix)),
         sa.literal(now, type_=deliveries.c.created_at.type),
         sa.literal(now, type_=deliveries.c.updated_at.type),
+        sa.literal(1 if alert else 0),
     ).where(
         subscribers.c.status == "active",
         subscribers.c.id.in_(wanted),
@@ -179,6 +184,7 @@ def _snapshot(
                 "message_id",
                 "created_at",
                 "updated_at",
+                "priority",
             ],
             select,
         )

@@ -28,7 +28,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.config import SmtpSettings
-from mailer.schema import deliveries, subscriber_topics, subscribers
+from mailer.schema import (
+    articles,
+    deliveries,
+    issue_articles,
+    issues,
+    subscriber_topics,
+    subscribers,
+)
 from mailer.smtp import Outcome, SendResult
 
 WAITING = ("queued", "deferred")
@@ -48,6 +55,10 @@ class Claimed:
     message_id: str
     attempts: int
     created_at: datetime
+    digest: str = ""
+    # This issue's articles the subscriber already received in another issue, each with
+    # whether the article was updated since (a digest may send updated ones again).
+    seen: tuple[tuple[int, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def claim(
     query = (
         sa.select(deliveries.c.id)
         .where(due, _free(now))
-        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+        .order_by(deliveries.c.priority.desc(), deliveries.c.next_attempt_at, deliveries.c.id)
     )
     if issue_id is not None:
         query = query.where(deliveries.c.issue_id == issue_id)
@@ -124,8 +135,10 @@ def claim(
                 subscribers.c.uid,
                 subscribers.c.status,
                 subscribers.c.paused_until,
+                issues.c.digest,
             )
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+            .join(issues, issues.c.id == deliveries.c.issue_id)
             .where(deliveries.c.id.in_(ids))
             .order_by(deliveries.c.id)
         ).all()
@@ -151,6 +164,7 @@ def claim(
             .order_by(subscriber_topics.c.topic)
         ):
             topics[sid].append(topic)
+        seen = _seen(conn, live)
     return [
         Claimed(
             id=r.id,
@@ -163,9 +177,57 @@ def claim(
             message_id=r.message_id,
             attempts=r.attempts,
             created_at=r.created_at,
+            digest=r.digest,
+            seen=tuple(sorted(seen.get(r.subscriber_id, {}).items())),
         )
         for r in live
     ]
+
+
+def _seen(conn: sa.Connection, rows: Sequence[Any]) -> dict[int, dict[int, bool]]:
+    """Per subscriber: which of these issues' articles another issue already brought them."""
+    if not rows:
+        return {}
+    batch_issues = sorted({r.issue_id for r in rows})
+    previous = deliveries.alias("previous")
+    query = (
+        sa.select(
+            previous.c.subscriber_id,
+            issue_articles.c.article_id,
+            (articles.c.updated_at > previous.c.sent_at).label("updated"),
+        )
+        .join(issue_articles, issue_articles.c.issue_id == previous.c.issue_id)
+        .join(articles, articles.c.id == issue_articles.c.article_id)
+        .where(
+            previous.c.subscriber_id.in_(sorted({r.subscriber_id for r in rows})),
+            previous.c.status == "sent",
+            previous.c.issue_id.not_in(batch_issues),
+            issue_articles.c.article_id.in_(
+                sa.select(issue_articles.c.article_id).where(
+                    issue_articles.c.issue_id.in_(batch_issues)
+                )
+            ),
+        )
+    )
+    seen: dict[int, dict[int, bool]] = {}
+    for sid, article_id, updated in conn.execute(query):
+        mine = seen.setdefault(sid, {})
+        mine[article_id] = bool(updated) and mine.get(article_id, True)
+    return seen
+
+
+def postpone(
+    engine: sa.Engine, ids: Sequence[int], *, owner: str, until: datetime, now: datetime
+) -> None:
+    """Hand claimed rows back with a later due time (quiet hours)."""
+    if not ids:
+        return
+    with engine.begin() as conn:
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
+            .values(next_attempt_at=until, lease_owner=None, lease_expires_at=None, updated_at=now)
+        )
 
 
 def _receiving(status: str, paused_until: datetime | None, now: datetime) -> bool:
@@ -190,7 +252,7 @@ def _outcome_row(
         row.update(_status="failed", _reply=result.error[:500])
         return row
     if outcome is None:
-        row.update(_status="cancelled", _reply="no article in the subscriber's topics")
+        row.update(_status="cancelled", _reply="nothing new in the subscriber's topics")
         return row
     row["_reply"] = ((f"{outcome.code} " if outcome.code else "") + outcome.reply)[:500] or None
     if outcome.outcome is Outcome.SENT:

@@ -6,7 +6,8 @@ it questions, so the same answers serve the live scheduler, start-up catch-up an
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -80,3 +81,21 @@ def missed_slots(
         start = last_issue
     slots = slots_between(digest, start, now)
     return slots[-1:] if catch_up == "latest" else slots
+
+
+def quiet_until(quiet: tuple[time, time] | None, zone: str, now: datetime) -> datetime | None:
+    """The end of the quiet window ``now`` falls in (UTC), or None outside it.
+
+    A window may cross midnight (21:00-06:00). Its end is the first local ``end`` time after
+    ``now``; on a DST change day the wall-clock time is resolved by zoneinfo.
+    """
+    if quiet is None:
+        return None
+    start, end = quiet
+    local = now.astimezone(ZoneInfo(zone))
+    clock = local.time().replace(tzinfo=None)
+    inside = start <= clock < end if start < end else (clock >= start or clock < end)
+    if not inside:
+        return None
+    day = local.date() if clock < end else local.date() + timedelta(days=1)
+    return datetime.combine(day, end, tzinfo=ZoneInfo(zone)).astimezone(UTC)

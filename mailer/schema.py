@@ -170,6 +170,8 @@ deliveries = sa.Table(
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.Column("sent_at", UtcDateTime),
+    # 1 for an alert digest: claimed ahead of bulk mail.
+    sa.Column("priority", sa.SmallInteger, nullable=False, server_default="0"),
     sa.UniqueConstraint("issue_id", "subscriber_id"),
     sa.CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
     sa.Index("ix_deliveries_due", "status", "next_attempt_at"),
