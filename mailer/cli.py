@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a project error (one line on stderr), 2 bad usage.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -24,7 +25,8 @@ from mailer import articles, issues, logs, subscribers
 from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
 from mailer.db import check_schema, create_engine, migrate
-from mailer.errors import MailerError
+from mailer.errors import ConfigError, MailerError
+from mailer.schema import SUBSCRIBER_STATUSES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,6 +63,13 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def signer(settings: Settings) -> Callable[[bytes], bytes] | None:
+    """The DKIM signing function for ``[dkim]``, or None; a bad key fails here, at start-up."""
+    from mailer.dkim import DkimSigner
+
+    return DkimSigner.from_settings(settings.dkim).sign if settings.dkim else None
 
 
 @click.group()
@@ -161,13 +170,28 @@ def subscribers_import(ctx: Context, csv_file: Path, update: bool) -> None:
 
 @subscribers_group.command("export")
 @click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--status", type=click.Choice(SUBSCRIBER_STATUSES))
 @click.option(
-    "--status",
-    type=click.Choice(list(("pending", "active", "unsubscribed", "bounced", "complained"))),
+    "--person",
+    metavar="EMAIL",
+    help="Instead: everything held about one person, as JSON (GDPR Art. 15 and 20).",
 )
 @pass_ctx
-def subscribers_export(ctx: Context, csv_file: Path | None, status: str | None) -> None:
-    """Export subscribers as CSV (to a file, or standard output)."""
+def subscribers_export(
+    ctx: Context, csv_file: Path | None, status: str | None, person: str | None
+) -> None:
+    """Export subscribers as CSV (to a file, or standard output), or one person as JSON."""
+    if person is not None:
+        from mailer.web.store import export
+
+        data = export(ctx.engine(), subscribers.get(ctx.engine(), person).uid)
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        if csv_file is None:
+            sys.stdout.write(text)
+        else:
+            csv_file.write_text(text, encoding="utf-8")
+            out.print(f"wrote everything held about {person} to {csv_file}", markup=False)
+        return
     if csv_file is None:
         subscribers.export_csv(ctx.engine(), sys.stdout, status=status)
         return
@@ -400,6 +424,7 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
                 settings,
                 issue_id,
                 on_batch=lambda c: progress.advance(task, sum(c.values())),
+                sign=signer(settings),
             )
         )
     c = totals.counts
@@ -459,9 +484,12 @@ def issues_show(ctx: Context, issue_id: int) -> None:
 @pass_ctx
 def web(ctx: Context, host: str | None, port: int | None) -> None:
     """Serve the subscriber web app: sign-up, confirm, unsubscribe, preferences, archive."""
+    from mailer.web.sender import SmtpConfirmationSender
     from mailer.web.server import serve
 
-    serve(ctx.settings, ctx.engine(), host=host, port=port)
+    settings = ctx.settings
+    sender = SmtpConfirmationSender(settings, sign=signer(settings))
+    serve(settings, ctx.engine(), sender, host=host, port=port)
 
 
 @issues_group.command("cancel")
@@ -490,7 +518,9 @@ def run(ctx: Context, no_web: bool) -> None:
     """Scheduler, delivery worker and web app in one process, until SIGTERM or Ctrl-C."""
     from mailer.service import Parts, Service
 
-    asyncio.run(Service(ctx.engine(), ctx.settings, parts=Parts(web=not no_web)).run())
+    settings = ctx.settings
+    service = Service(ctx.engine(), settings, parts=Parts(web=not no_web), sign=signer(settings))
+    asyncio.run(service.run())
 
 
 @cli.command()
@@ -500,13 +530,95 @@ def worker(ctx: Context, drain: bool) -> None:
     """Deliver due mail only (no scheduler, no web), until SIGTERM or Ctrl-C."""
     from mailer.service import Parts, Service
 
-    service = Service(ctx.engine(), ctx.settings, parts=Parts(scheduler=False, web=False))
+    service = Service(
+        ctx.engine(),
+        ctx.settings,
+        parts=Parts(scheduler=False, web=False),
+        sign=signer(ctx.settings),
+    )
     totals = asyncio.run(service.run(drain=drain))
     c = totals.counts
     out.print(
         f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
         f"failed {c.get('failed', 0)}"
     )
+
+
+@cli.group("bounces")
+def bounces_group() -> None:
+    """Process bounces (DSN) and complaints (ARF)."""
+
+
+@bounces_group.command("process")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--soft-limit",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Soft bounces within the window that make a subscriber bounced.",
+)
+@click.option("--soft-window-days", type=click.IntRange(1), default=30, show_default=True)
+@pass_ctx
+def bounces_process(ctx: Context, path: Path, soft_limit: int, soft_window_days: int) -> None:
+    """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
+    from datetime import timedelta
+
+    from mailer.bounces import process_path
+    from mailer.delivery import envelope_sender
+
+    summary = process_path(
+        ctx.engine(),
+        path,
+        now=now(),
+        soft_limit=soft_limit,
+        soft_window=timedelta(days=soft_window_days),
+        envelope_from=envelope_sender(ctx.settings),
+    )
+    out.print(str(summary), markup=False)
+
+
+@cli.group("dkim")
+def dkim_group() -> None:
+    """DKIM keys and DNS records."""
+
+
+@dkim_group.command("keygen")
+@click.option("--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing key (signatures fail until DNS is updated)."
+)
+@pass_ctx
+def dkim_keygen(ctx: Context, bits: int, force: bool) -> None:
+    """Write [dkim].private_key_file (RSA, mode 0600) and print the DNS TXT record."""
+    from mailer.dkim import dns_record_name, generate_keypair, zone_file_line
+
+    settings = ctx.settings.dkim
+    if settings is None:
+        raise ConfigError(
+            "has no [dkim] table: set domain, selector and private_key_file, then run this again",
+            path=str(ctx.config_path),
+        )
+    value = generate_keypair(settings.private_key_file, bits, overwrite=force)
+    name = dns_record_name(settings)
+    out.print(f"wrote {settings.private_key_file} ({bits}-bit RSA, mode 0600)", markup=False)
+    out.print(f"publish this TXT record at {name}:", markup=False)
+    out.print(value, markup=False)
+    out.print("in a zone file:", markup=False)
+    out.print(zone_file_line(name, value), markup=False)
+
+
+@dkim_group.command("record")
+@pass_ctx
+def dkim_record(ctx: Context) -> None:
+    """Print the DNS TXT record for the configured key (checks that the key is usable)."""
+    from mailer.dkim import DkimSigner, dns_record_name
+
+    settings = ctx.settings.dkim
+    if settings is None:
+        raise ConfigError("has no [dkim] table", path=str(ctx.config_path))
+    out.print(f"{dns_record_name(settings)} TXT", markup=False)
+    out.print(DkimSigner.from_settings(settings).dns_record(), markup=False)
 
 
 # ---------------------------------------------------------------- sink and demo

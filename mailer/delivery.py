@@ -23,6 +23,7 @@ from email.utils import parseaddr
 import sqlalchemy as sa
 
 from mailer import ledger
+from mailer.bounces import verp_address
 from mailer.clock import now as clock_now
 from mailer.config import Settings
 from mailer.errors import AddressError, DeliveryError, TokenError
@@ -65,9 +66,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:64]
 
 
-def envelope_sender(settings: Settings) -> str:
-    """The envelope sender (Return-Path): configured, else the From: address."""
-    return settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
+def envelope_sender(settings: Settings, uid: str | None = None) -> str:
+    """The envelope sender (Return-Path): configured, else the From: address.
+
+    With ``[smtp].verp`` and a subscriber ``uid`` it carries the uid as a ``+`` tag
+    (``bounces+UID@domain``), so that a bounce names its subscriber (``mailer.bounces``).
+    """
+    base = settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
+    if settings.smtp.verp and uid is not None:
+        return verp_address(base, uid)
+    return base
 
 
 @dataclass
@@ -136,7 +144,6 @@ class Deliverer:
         self.owner = owner or worker_name()
         self.clock = clock
         self.sign = sign
-        self.sender = envelope_sender(settings)
         self.lease = timedelta(seconds=settings.smtp.lease_seconds)
         self._contents: dict[int, IssueContent] = {}
         self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
@@ -290,7 +297,8 @@ class Deliverer:
             return ledger.Result(d, None)
         if self.sign is not None:
             data = self.sign(data)
-        return ledger.Result(d, await self.pool.send(self.sender, d.email, data))
+        sender = envelope_sender(self.settings, d.uid)
+        return ledger.Result(d, await self.pool.send(sender, d.email, data))
 
     async def drain(
         self,

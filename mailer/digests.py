@@ -86,9 +86,12 @@ async def deliver_issue(
     *,
     on_batch: Callable[[dict[str, int]], None] | None = None,
     pool: SmtpPool | None = None,
+    sign: Callable[[bytes], bytes] | None = None,
 ) -> Totals:
     """Send every due delivery of one issue over a fresh pool (or the one given)."""
     if pool is not None:
-        return await Deliverer(engine, settings, pool).drain(issue_id=issue_id, on_batch=on_batch)
+        deliverer = Deliverer(engine, settings, pool, sign=sign)
+        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch)
     async with SmtpPool(settings.smtp) as own:
-        return await Deliverer(engine, settings, own).drain(issue_id=issue_id, on_batch=on_batch)
+        deliverer = Deliverer(engine, settings, own, sign=sign)
+        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch)

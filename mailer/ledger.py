@@ -27,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mailer.bounces import apply_send_bounce
 from mailer.config import SmtpSettings
 from mailer.schema import (
     articles,
@@ -287,11 +288,6 @@ def commit_progress(
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["_status"]] = counts.get(row["_status"], 0) + 1
-    bounced = [
-        r.delivery.subscriber_id
-        for r, row in zip(results, rows, strict=True)
-        if row["_status"] == "bounced"
-    ]
     started: set[int] = set()
     with engine.begin() as conn:
         if rows:
@@ -309,12 +305,19 @@ def commit_progress(
                 ),
                 rows,
             )
-        if bounced:
-            conn.execute(
-                subscribers.update()
-                .where(subscribers.c.id.in_(bounced))
-                .values(bounce_count=subscribers.c.bounce_count + 1, updated_at=now)
-            )
+        for result, row in zip(results, rows, strict=True):
+            # A 5xx at send time is a bounce like a DSN's: same events, same suppression
+            # rules; 5.7.x (policy) and MAIL-stage refusals never suppress the subscriber.
+            if row["_status"] == "bounced" and result.outcome is not None:
+                apply_send_bounce(
+                    conn,
+                    result.delivery.subscriber_id,
+                    code=result.outcome.code,
+                    reply=result.outcome.reply,
+                    stage=result.outcome.stage.value,
+                    message_id=result.delivery.message_id,
+                    now=now,
+                )
         if starts:
             started = set(
                 conn.scalars(

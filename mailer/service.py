@@ -223,7 +223,9 @@ class Service:
         from mailer.web.sender import SmtpConfirmationSender
         from mailer.web.server import server_config
 
-        app = create_app(self.settings, self.engine, SmtpConfirmationSender(self.settings))
+        app = create_app(
+            self.settings, self.engine, SmtpConfirmationSender(self.settings, sign=self.sign)
+        )
         config = server_config(app, host=self.settings.web.host, port=self.settings.web.port)
         return _QuietServer(config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,15 @@ def test_erase_then_add_is_refused(config: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["--config", str(config), "subscribers", "add", "ann@example.org"])
     assert "ann@example.org is suppressed (erased)" in capsys.readouterr().err
+
+
+def test_export_person_gives_everything_held_as_json(config: Path) -> None:
+    run(config, "init")
+    run(config, "subscribers", "add", "ann@example.org", "--name", "Ann", "--topic", "base-alerts")
+    result = run(config, "subscribers", "export", "--person", "ANN@example.org")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["subscriber"]["email"] == "ann@example.org"
+    assert data["topics"] == ["base-alerts"]
+    assert data["consent"]["source"] == "cli"
+    assert [e["kind"] for e in data["events"]] == ["subscribed"]

@@ -177,7 +177,8 @@ async def test_4xx_and_drops_defer_then_resend_with_the_same_message_id(
         "drop@example.org": "deferred",
         "gone@example.org": "bounced",
     }
-    assert subscribers.get(engine, "gone@example.org").status == "active"
+    # A 5.1.1 at send time is a hard bounce: the subscriber is suppressed at once.
+    assert subscribers.get(engine, "gone@example.org").status == "bounced"
 
     # Nothing is due until the backoff has passed.
     assert await deliver(engine, settings, clock, issue.issue_id) == {}

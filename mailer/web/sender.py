@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import ssl
-from email.utils import parseaddr
+from collections.abc import Callable
 from typing import Protocol
 
 from mailer.config import Settings
+from mailer.delivery import envelope_sender
 from mailer.models import Recipient
 from mailer.smtp import SendResult, SmtpPool
 
@@ -35,19 +36,22 @@ class SmtpConfirmationSender:
         *,
         local_hostname: str | None = None,
         tls_context: ssl.SSLContext | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
+        self._settings = settings
         self._smtp = dataclasses.replace(settings.smtp, connections=1, rate_per_second=0)
-        self._envelope_from = (
-            settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
-        )
         self._local_hostname = local_hostname
         self._tls_context = tls_context
+        self._sign = sign
 
     async def send(self, recipient: Recipient, message: bytes) -> SendResult:
         async with SmtpPool(
             self._smtp, local_hostname=self._local_hostname, tls_context=self._tls_context
         ) as pool:
-            result = await pool.send(self._envelope_from, recipient.email, message)
+            if self._sign is not None:
+                message = self._sign(message)  # DKIM: the signed bytes are the sent bytes
+            sender = envelope_sender(self._settings, recipient.uid)
+            result = await pool.send(sender, recipient.email, message)
         log.info(
             "confirmation mail handed to SMTP",
             extra={"outcome": result.outcome.value, "code": result.code},
