@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -31,9 +32,49 @@ from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
 from mailer.schedule import quiet_until
-from mailer.smtp import SmtpPool
+from mailer.smtp import Outcome, SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
+
+# A relay that says it is overloaded or rate-limiting us: a 421 (closing), or a 4xx whose text
+# says so (Gmail 421 4.7.28 / 451 4.7.0, Yahoo 421 4.7.0 [TSS04], Outlook 451 4.7.500, 454).
+THROTTLE_TEXT = re.compile(
+    r"too many|rate|throttl|try again later|slow down|temporarily deferred", re.I
+)
+BACKOFF_START = 1.0
+BACKOFF_MAX = 60.0
+
+
+def is_throttle(result: SendResult) -> bool:
+    """Whether a deferral is the provider pushing back (slow everyone) rather than one mailbox."""
+    if result.outcome is not Outcome.DEFERRED or result.code is None:
+        return False
+    return result.code == 421 or bool(THROTTLE_TEXT.search(result.reply))
+
+
+class Backpressure:
+    """One pause shared by every lane: doubles per throttle reply, resets after a success."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.delay = 0.0
+        self.until = 0.0
+
+    def observe(self, result: SendResult) -> None:
+        if is_throttle(result):
+            self.delay = min(BACKOFF_MAX, max(BACKOFF_START, self.delay * 2))
+            self.until = max(self.until, self.clock() + self.delay)
+            log.warning(
+                "relay throttling: pausing sends",
+                extra={"seconds": self.delay, "reply": result.reply},
+            )
+        elif result.outcome is Outcome.SENT:
+            self.delay = 0.0
+
+    async def wait(self) -> None:
+        pause = self.until - self.clock()
+        if pause > 0:
+            await asyncio.sleep(pause)
 
 
 @dataclass
@@ -148,6 +189,7 @@ class Deliverer:
         self._contents: dict[int, IssueContent] = {}
         self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
         self._digests = {d.key: d for d in settings.digests}
+        self.backpressure = Backpressure()
 
     def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
         """The composer for an issue without the ``hidden`` articles.
@@ -274,7 +316,13 @@ class Deliverer:
             started = await committer.handoff(previous, nxt.id if nxt else None)
             if nxt is None:
                 return
-            previous = await self._deliver(nxt) if started else None
+            if not started:
+                previous = None
+                continue
+            await self.backpressure.wait()
+            previous = await self._deliver(nxt)
+            if previous.outcome is not None:
+                self.backpressure.observe(previous.outcome)
 
     def _finish(self, issue_ids: set[int]) -> None:
         now = self.clock()

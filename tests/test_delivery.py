@@ -12,12 +12,12 @@ import sqlalchemy as sa
 
 from mailer import articles, subscribers
 from mailer.config import Settings
-from mailer.delivery import Deliverer
+from mailer.delivery import Backpressure, Deliverer
 from mailer.digests import open_issue
 from mailer.issues import create_issue, summarize
 from mailer.rendering import render_subject
 from mailer.schema import deliveries
-from mailer.smtp import SmtpPool
+from mailer.smtp import Outcome, SendResult, SmtpPool
 from tests.factories import NOW, TOPICS, make_settings, make_subscriber
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
 
@@ -299,3 +299,45 @@ async def test_an_issue_without_articles_is_empty_and_sends_nothing(
 
 def test_topics_constant_matches_settings() -> None:
     assert make_settings().topic_keys == TOPICS
+
+
+def test_backpressure_doubles_on_throttle_and_resets_on_success() -> None:
+    clock = Clock(NOW)
+    seconds = [0.0]
+    pressure = Backpressure(clock=lambda: seconds[0])
+    throttle = SendResult(Outcome.DEFERRED, 421, "4.7.0 Too many connections, slow down")
+    mailbox_full = SendResult(Outcome.DEFERRED, 452, "4.2.2 Mailbox full")
+    pressure.observe(mailbox_full)
+    assert pressure.until == 0.0  # one mailbox's trouble does not slow everyone
+    pressure.observe(throttle)
+    pressure.observe(throttle)
+    assert (pressure.delay, pressure.until) == (2.0, 2.0)
+    pressure.observe(SendResult(Outcome.SENT, 250, "ok"))
+    assert pressure.delay == 0.0
+    assert clock() == NOW
+
+
+@pytest.mark.usefixtures("content")
+async def test_a_throttling_relay_slows_the_whole_pool(
+    engine: sa.Engine,
+    settings: Settings,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    for n in range(4):
+        make_subscriber(engine, email=f"r{n}@example.org")
+    smtp_server.script("r0@example.org", ["451 4.7.0 Rate limited, try again later"])
+    issue = create_issue(
+        engine,
+        settings,
+        settings.digests[0],
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=render_subject,
+    )
+    async with SmtpPool(settings.smtp) as pool:
+        deliverer = Deliverer(engine, settings, pool, clock=Clock(NOW))
+        counts = (await deliverer.drain(issue_id=issue.issue_id)).counts
+    assert counts == {"sent": 3, "deferred": 1}
+    accepted = sorted(r.at for r in smtp_server.received)
+    # Nothing was accepted within the pause that the throttle reply started (1 s).
+    assert len(accepted) == 3 and accepted[-1] - accepted[0] >= 0.9
