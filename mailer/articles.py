@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 import yaml
-from sqlalchemy.dialects import postgresql, sqlite
 
+from mailer.db import upsert_insert
 from mailer.errors import ArticleError
 from mailer.models import Article
 from mailer.schema import articles
@@ -670,11 +670,6 @@ def _build(fields: _Fields, ctx: _Context) -> ParsedArticle:
 _CONTENT_COLUMNS = ("topic", "title", "summary", "why_it_matters", "body", "link", "expires_at")
 
 
-def _insert(conn: sa.Connection) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(articles)
-
-
 def _values(item: ParsedArticle) -> dict[str, Any]:
     for name, value, limit in (
         ("guid", item.guid, MAX_GUID),
@@ -736,7 +731,7 @@ def _upsert_chunk(
     if new:
         # DO NOTHING: a concurrent ingest that added the same guid first has stored it already.
         conn.execute(
-            _insert(conn).on_conflict_do_nothing(index_elements=["guid"]),
+            upsert_insert(conn, articles).on_conflict_do_nothing(index_elements=["guid"]),
             [row | {"created_at": now, "updated_at": now} for row in new],
         )
     changed = [

@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer.errors import MailerError
 
@@ -33,6 +34,12 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     # pysqlite's own BEGIN handling defers the write lock to the first write, so two claimers
     # could both read the same rows; BEGIN IMMEDIATE takes the lock at the start instead.
     conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def upsert_insert(conn: sa.Connection, table: sa.Table) -> Any:
+    """An INSERT with the dialect's ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
 
 
 def normalize_url(url: str) -> str:

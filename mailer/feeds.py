@@ -33,9 +33,9 @@ import feedparser
 import httpx
 import nh3
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer.articles import MAX_BODY, MAX_GUID, MAX_LINK, MAX_SUMMARY, MAX_TITLE, ParsedArticle
+from mailer.db import upsert_insert
 from mailer.errors import ConfigError, MailerError
 from mailer.schema import feed_state
 
@@ -627,8 +627,7 @@ def load_feed_states(engine: sa.Engine) -> dict[str, FeedState]:
 
 
 def _upsert(conn: sa.Connection, values: dict[str, Any], on_conflict: dict[str, Any]) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(feed_state).values(values)
+    statement = upsert_insert(conn, feed_state).values(values)
     conn.execute(statement.on_conflict_do_update(index_elements=["url"], set_=on_conflict))
 
 

@@ -14,10 +14,10 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer.articles import articles_in_window
 from mailer.config import Digest, Settings
+from mailer.db import upsert_insert
 from mailer.errors import DigestError
 from mailer.models import Article, IssueContent
 from mailer.schedule import quiet_until
@@ -80,7 +80,7 @@ def create_issue(
                 issues.c.digest == digest.key, issues.c.scheduled_for < scheduled_for
             )
         ).scalar_one_or_none()
-        insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(issues)
+        insert = upsert_insert(conn, issues)
         issue_id = conn.execute(
             insert.values(
                 digest=digest.key,

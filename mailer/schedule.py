@@ -45,14 +45,21 @@ def slots_between(digest: Digest, start: datetime, end: datetime) -> list[dateti
             break
         slots.append(fire.astimezone(UTC))
         previous = fire
-        cursor = fire + timedelta(microseconds=1)
+        # In UTC: local wall-clock arithmetic loses track of the repeated hour at a DST fall-back.
+        cursor = fire.astimezone(UTC) + timedelta(microseconds=1)
     return slots
 
 
 def latest_slot(digest: Digest, now: datetime, *, within: timedelta) -> datetime | None:
     """The most recent fire time at or before ``now``, if one falls within ``within``."""
-    slots = slots_between(digest, now - within, now)
-    return slots[-1] if slots else None
+    # Look back over a growing span: walking every slot of the whole window costs ~90 ms for a
+    # two-second schedule, all of it added to the firing's lag.
+    span = min(within, timedelta(seconds=1))
+    while True:
+        slots = slots_between(digest, now - span, now)
+        if slots or span >= within:
+            return slots[-1] if slots else None
+        span = min(span * 8, within)
 
 
 def next_slot(digest: Digest, now: datetime) -> datetime | None:

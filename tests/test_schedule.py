@@ -73,3 +73,13 @@ def test_no_missed_slot_when_the_last_issue_is_current() -> None:
         DIGEST, last_issue=utc(2026, 11, 27, 12), now=utc(2026, 11, 28), window=timedelta(days=30)
     )
     assert got == []
+
+
+def test_slots_across_the_fall_back_hour_are_each_listed_once() -> None:
+    paris = replace(DIGEST, schedule="*/5 * * * mon-sun", timezone="Europe/Paris")
+    # Paris falls back at 2026-10-25 01:00 UTC: 02:00-03:00 local happens twice.
+    slots = slots_between(paris, utc(2026, 10, 24, 23, 30), utc(2026, 10, 25, 1, 30))
+    assert len(slots) == len(set(slots)) == 24
+    assert latest_slot(paris, utc(2026, 10, 25, 1, 27), within=timedelta(hours=1)) == utc(
+        2026, 10, 25, 1, 25
+    )

@@ -16,10 +16,10 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer import events as audit
 from mailer import subscribers as store
+from mailer.db import upsert_insert
 from mailer.models import Recipient
 from mailer.schema import deliveries, events, issues, subscriber_topics, subscribers
 from mailer.tokens import new_uid
@@ -74,10 +74,6 @@ def _clip(value: str | None, limit: int) -> str | None:
         return None
     value = "".join(ch for ch in value if ch.isprintable())
     return value[:limit]
-
-
-def _insert(conn: sa.Connection, table: sa.Table) -> Any:
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def _load(
@@ -147,7 +143,7 @@ def record_signup(
         if store.suppression_reason(conn, email) is not None:
             return None
         sid = conn.execute(
-            _insert(conn, subscribers)
+            upsert_insert(conn, subscribers)
             .values(
                 uid=new_uid(),
                 email=email,
