@@ -495,9 +495,10 @@ class DigestComposer:
         }
 
     def _date_value(self, now: datetime) -> str:
-        # A batch shares one `now`: format it once.
-        if self._date is None or self._date[0] != now:
-            self._date = (now, date_value(now))
+        # The Date header has whole seconds: format it once per second, not per message.
+        second = now.replace(microsecond=0)
+        if self._date is None or self._date[0] != second:
+            self._date = (second, date_value(now))
         return self._date[1]
 
 
