@@ -14,7 +14,7 @@ from mailer import articles, subscribers
 from mailer.config import Settings
 from mailer.delivery import Backpressure, Deliverer
 from mailer.digests import open_issue
-from mailer.issues import create_issue, summarize
+from mailer.issues import IssueCreated, create_issue, summarize
 from mailer.rendering import render_subject
 from mailer.schema import deliveries
 from mailer.smtp import Outcome, SendResult, SmtpPool
@@ -63,6 +63,14 @@ def content(engine: sa.Engine) -> Iterator[None]:
     yield
 
 
+def new_issue(engine: sa.Engine, settings: Settings) -> IssueCreated:
+    """The weekly digest's issue for the slot NOW."""
+    digest = settings.digests[0]
+    return create_issue(
+        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+    )
+
+
 def parsed(data: bytes) -> EmailMessage:
     message = message_from_bytes(data, policy=policy.default)
     assert isinstance(message, EmailMessage)
@@ -103,14 +111,7 @@ async def test_each_active_subscriber_gets_one_message_with_their_topics(
     make_subscriber(engine, email="events@example.org", topics=["local-events"])
     make_subscriber(engine, email="pending@example.org", status="pending")
     make_subscriber(engine, email="left@example.org", status="unsubscribed")
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
     assert (issue.created, issue.articles, issue.recipients) == (True, 3, 2)
 
     counts = await deliver(engine, settings, Clock(NOW), issue.issue_id)
@@ -157,14 +158,7 @@ async def test_4xx_and_drops_defer_then_resend_with_the_same_message_id(
     smtp_server.script("drop@example.org", [DROP], stage="data")
     smtp_server.script("gone@example.org", ["550 5.1.1 no such user"])
     clock = Clock(NOW)
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
 
     assert await deliver(engine, settings, clock, issue.issue_id) == {
         "sent": 1,
@@ -210,14 +204,7 @@ async def test_deferred_mail_fails_after_the_give_up_age(
     make_subscriber(engine, email="later@example.org")
     smtp_server.script("later@example.org", ["451 4.7.1 later", "452 4.2.2 full"])
     clock = Clock(NOW)
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
     assert await deliver(engine, settings, clock, issue.issue_id) == {"deferred": 1}
     clock.value = NOW + timedelta(hours=2)
     assert await deliver(engine, settings, clock, issue.issue_id) == {"failed": 1}
@@ -267,14 +254,7 @@ async def test_who_unsubscribes_after_the_snapshot_gets_nothing(
 ) -> None:
     make_subscriber(engine, email="stays@example.org")
     make_subscriber(engine, email="leaves@example.org")
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
     subscribers.set_status(engine, "leaves@example.org", "unsubscribed", now=NOW, source="test")
     await deliver(engine, settings, Clock(NOW), issue.issue_id)
     assert [r.recipients[0] for r in smtp_server.received] == ["stays@example.org"]
@@ -285,14 +265,7 @@ async def test_an_issue_without_articles_is_empty_and_sends_nothing(
     engine: sa.Engine, settings: Settings
 ) -> None:
     make_subscriber(engine)
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
     assert issue.recipients == 0
     assert summarize(engine, issue.issue_id).status == "empty"
 
@@ -326,14 +299,7 @@ async def test_a_throttling_relay_slows_the_whole_pool(
     for n in range(4):
         make_subscriber(engine, email=f"r{n}@example.org")
     smtp_server.script("r0@example.org", ["451 4.7.0 Rate limited, try again later"])
-    issue = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
-    )
+    issue = new_issue(engine, settings)
     async with SmtpPool(settings.smtp) as pool:
         deliverer = Deliverer(engine, settings, pool, clock=Clock(NOW))
         counts = (await deliverer.drain(issue_id=issue.issue_id)).counts
