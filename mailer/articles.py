@@ -758,7 +758,7 @@ def _upsert_chunk(
     report.unchanged += len(chunk) - len(new) - len(changed)
 
 
-_ARTICLE_COLUMNS = (
+ARTICLE_COLUMNS = (
     articles.c.id,
     articles.c.guid,
     articles.c.topic,
@@ -792,7 +792,7 @@ def list_articles(
 
     ``engine`` may also be a Connection, to read inside a caller's transaction.
     """
-    query = sa.select(*_ARTICLE_COLUMNS)
+    query = sa.select(*ARTICLE_COLUMNS)
     if topic is not None:
         query = query.where(articles.c.topic == topic)
     return _fetch(engine, _newest_first(query, limit))
@@ -816,7 +816,7 @@ def articles_in_window(
     """
     if not topics or limit == 0:
         return []
-    query = sa.select(*_ARTICLE_COLUMNS).where(
+    query = sa.select(*ARTICLE_COLUMNS).where(
         articles.c.topic.in_(list(topics)),
         articles.c.published_at <= end,
         sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),

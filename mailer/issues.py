@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import articles_in_window
+from mailer.articles import ARTICLE_COLUMNS, articles_in_window
 from mailer.config import Digest, Settings
 from mailer.db import upsert_insert
 from mailer.errors import DigestError
@@ -213,46 +213,21 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     if row is None:
         raise DigestError(f"no issue {issue_id}")
     rows = conn.execute(
-        sa.select(articles)
+        sa.select(*ARTICLE_COLUMNS)
         .join(issue_articles, issue_articles.c.article_id == articles.c.id)
         .where(issue_articles.c.issue_id == issue_id)
         .order_by(issue_articles.c.position)
     ).all()
-    zone = ZoneInfo(_digest_zone(settings, row.digest))
-    try:
-        name = settings.digest(row.digest).name
-    except Exception:
-        name = row.digest
+    # A digest since removed from the config still renders its issues, in the site's zone.
+    digest = {d.key: d for d in settings.digests}.get(row.digest)
+    zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
     return IssueContent(
         issue_id=row.id,
         digest_key=row.digest,
-        digest_name=name,
+        digest_name=digest.name if digest else row.digest,
         subject=row.subject,
         date=row.scheduled_for.astimezone(zone),
-        articles=tuple(_article(r) for r in rows),
-    )
-
-
-def _digest_zone(settings: Settings, key: str) -> str:
-    for digest in settings.digests:
-        if digest.key == key:
-            return digest.timezone
-    return settings.site.timezone
-
-
-def _article(row: sa.Row[tuple[object, ...]]) -> Article:
-    m = row._mapping
-    return Article(
-        id=m["id"],
-        guid=m["guid"],
-        topic=m["topic"],
-        title=m["title"],
-        summary=m["summary"],
-        why_it_matters=m["why_it_matters"],
-        body=m["body"],
-        link=m["link"],
-        published_at=m["published_at"],
-        expires_at=m["expires_at"],
+        articles=tuple(Article(**r._mapping) for r in rows),
     )
 
 
