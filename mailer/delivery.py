@@ -27,6 +27,7 @@ from mailer import ledger
 from mailer.bounces import verp_address
 from mailer.clock import now as clock_now
 from mailer.config import Settings
+from mailer.db import reading, writing
 from mailer.errors import AddressError, DeliveryError, TokenError
 from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
@@ -207,7 +208,7 @@ class Deliverer:
         """
         content = self._contents.get(issue_id)
         if content is None:
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 content = self._contents[issue_id] = load_content(conn, issue_id, self.settings)
         now = self.clock()
         # An article that expired since the issue was made is dropped from what is not sent yet.
@@ -404,7 +405,7 @@ class Deliverer:
 
     def _finish(self, issue_ids: set[int]) -> None:
         now = self.clock()
-        with self.engine.begin() as conn:
+        with writing(self.engine) as conn:
             for issue_id in issue_ids:
                 if finish_if_done(conn, issue_id, now):
                     log.info("issue sent", extra={"issue": issue_id})

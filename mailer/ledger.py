@@ -29,7 +29,9 @@ import sqlalchemy as sa
 
 from mailer.bounces import apply_send_bounce
 from mailer.config import SmtpSettings
+from mailer.db import reading, writing
 from mailer.schema import (
+    WAITING_ROW,
     articles,
     deliveries,
     issue_articles,
@@ -75,7 +77,7 @@ def _free(now: datetime) -> sa.ColumnElement[bool]:
 
 def hold_in_doubt(engine: sa.Engine, *, now: datetime) -> int:
     """Mark deliveries whose worker died mid-send ``unknown`` (the "hold" policy)."""
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         return conn.execute(
             deliveries.update()
             .where(deliveries.c.status == "sending", deliveries.c.lease_expires_at < now)
@@ -109,7 +111,7 @@ def claim(
     database's one write lock, which every group commit of every worker waits for); what the
     messages need is read afterwards, from rows that are ours by then.
     """
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         ids = _due(conn, limit=limit, now=now, issue_id=issue_id, resend_in_doubt=resend_in_doubt)
         if not ids:
             return []
@@ -121,7 +123,7 @@ def claim(
             .values(lease_owner=owner, lease_expires_at=now + lease, updated_at=now),
             {"ids": ids},
         )
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(_CLAIMED_ROWS, {"ids": ids}).all()
         # Someone who unsubscribed or paused after the snapshot gets nothing more.
         live = [r for r in rows if _receiving(r.status, r.paused_until, now)]
@@ -132,7 +134,7 @@ def claim(
         seen = _seen(conn, live)
     if len(live) < len(rows):
         gone = [r.id for r in rows if not _receiving(r.status, r.paused_until, now)]
-        with engine.begin() as conn:
+        with writing(engine) as conn:
             conn.execute(
                 deliveries.update()
                 .where(deliveries.c.id.in_(gone))
@@ -195,7 +197,7 @@ def _due(
     are read in (next_attempt_at, id) order, which SQLite reads straight from the index.
     """
     free = _free(now)
-    waiting = sa.and_(deliveries.c.status.in_(WAITING), deliveries.c.next_attempt_at <= now)
+    waiting = sa.and_(WAITING_ROW, deliveries.c.next_attempt_at <= now)
     branches = [waiting]
     if resend_in_doubt:
         branches.append(deliveries.c.status == "sending")
@@ -282,7 +284,7 @@ def postpone(
     """Hand claimed rows back with a later due time (quiet hours)."""
     if not ids:
         return
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(
             deliveries.update()
             .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
@@ -382,7 +384,7 @@ def commit_progress(
     for row in rows:
         counts[row["_status"]] = counts.get(row["_status"], 0) + 1
     started: set[int] = set()
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         if rows:
             for row in rows:
                 row["_now"] = now
@@ -414,7 +416,7 @@ def release(engine: sa.Engine, ids: Sequence[int], *, owner: str, now: datetime)
     """Give back claimed rows that were never started (a stop before the batch ended)."""
     if not ids:
         return
-    with engine.begin() as conn:
+    with writing(engine) as conn:
         conn.execute(
             deliveries.update()
             .where(

@@ -178,6 +178,29 @@ deliveries = sa.Table(
     sa.Index("ix_deliveries_subscriber", "subscriber_id"),
     sqlite_autoincrement=True,
 )
+# Claim order, waiting rows only (migration 0005): one issue's rows (`digest send`), and every
+# issue's, alerts first (workers). A claim reads its batch off the index instead of sorting.
+# Queries must say WAITING_ROW with these literals: neither database proves that a condition
+# with bound parameters implies an index's WHERE.
+WAITING_ROW = deliveries.c.status.in_(
+    [sa.literal_column("'queued'"), sa.literal_column("'deferred'")]
+)
+sa.Index(
+    "ix_deliveries_issue_waiting",
+    deliveries.c.issue_id,
+    deliveries.c.next_attempt_at,
+    deliveries.c.id,
+    postgresql_where=WAITING_ROW,
+    sqlite_where=WAITING_ROW,
+)
+sa.Index(
+    "ix_deliveries_waiting",
+    deliveries.c.priority.desc(),
+    deliveries.c.next_attempt_at,
+    deliveries.c.id,
+    postgresql_where=WAITING_ROW,
+    sqlite_where=WAITING_ROW,
+)
 
 events = sa.Table(
     "events",

@@ -1,0 +1,39 @@
+"""deliveries: partial indexes in claim order, so a claim reads its batch off an index
+
+Revision ID: 0005
+Revises: 0004
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0005'
+down_revision = '0004'
+branch_labels = None
+depends_on = None
+
+WAITING = sa.text("status IN ('queued', 'deferred')")
+
+
+def upgrade() -> None:
+    # `digest send` claims one issue's waiting rows in (next_attempt_at, id) order.
+    op.create_index(
+        'ix_deliveries_issue_waiting',
+        'deliveries',
+        ['issue_id', 'next_attempt_at', 'id'],
+        postgresql_where=WAITING,
+        sqlite_where=WAITING,
+    )
+    # Workers claim every issue's waiting rows, alerts (priority 1) first.
+    op.create_index(
+        'ix_deliveries_waiting',
+        'deliveries',
+        [sa.text('priority DESC'), 'next_attempt_at', 'id'],
+        postgresql_where=WAITING,
+        sqlite_where=WAITING,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index('ix_deliveries_waiting', table_name='deliveries')
+    op.drop_index('ix_deliveries_issue_waiting', table_name='deliveries')

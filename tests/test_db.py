@@ -1,0 +1,169 @@
+"""The database layer: schema checks without Alembic, read-only transactions, the writer lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mailer.db import (
+    SCHEMA_HEAD,
+    check_schema,
+    create_engine,
+    current_revision,
+    migrations_head,
+    reading,
+    writing,
+)
+from mailer.errors import MailerError
+from mailer.writelock import WriteLock
+
+
+def test_schema_head_is_the_newest_migration(engine: sa.Engine) -> None:
+    assert migrations_head(engine) == SCHEMA_HEAD
+    assert current_revision(engine) == SCHEMA_HEAD
+    check_schema(engine)
+
+
+def test_check_schema_names_an_old_or_missing_schema(engine: sa.Engine, tmp_path: Path) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
+    with pytest.raises(MailerError, match=f"at revision 0003, code expects {SCHEMA_HEAD}"):
+        check_schema(engine)
+    empty = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        assert current_revision(empty) is None
+        with pytest.raises(MailerError, match="not initialized: run `mailer init`"):
+            check_schema(empty)
+    finally:
+        empty.dispose()
+
+
+def test_writing_commits_or_rolls_back(engine: sa.Engine) -> None:
+    with writing(engine) as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'x1'"))
+    with pytest.raises(RuntimeError), writing(engine) as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'x2'"))
+        raise RuntimeError("abandon")
+    with reading(engine) as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "x1"
+
+
+def test_sqlite_reading_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+            conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction, open
+        other.execute("INSERT INTO t VALUES (2)")
+        started = time.monotonic()
+        with reading(engine) as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+        assert time.monotonic() - started < 1.0  # no busy wait: the snapshot before the insert
+        other.execute("ROLLBACK")
+        other.close()
+    finally:
+        engine.dispose()
+
+
+def _hold(path: str, held: multiprocessing.synchronize.Event, seconds: float) -> None:
+    with WriteLock(Path(path)):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_write_lock_queues_processes_and_dies_with_its_holder(tmp_path: Path) -> None:
+    path = tmp_path / "db-writers"
+    ctx = multiprocessing.get_context("spawn")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(path), held, 60.0))
+    holder.start()
+    try:
+        assert held.wait(30)
+        lock = WriteLock(path)
+        got = threading.Event()
+
+        def take() -> None:
+            with lock:
+                got.set()
+
+        waiter = threading.Thread(target=take)
+        waiter.start()
+        assert not got.wait(0.3)  # the other process holds it
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)  # the kernel lets go of a dead holder's lock
+        assert got.wait(10)
+        waiter.join(10)
+    finally:
+        holder.kill()
+        holder.join()
+
+
+def test_write_lock_queues_threads(tmp_path: Path) -> None:
+    lock = WriteLock(tmp_path / "db-writers")
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, most
+        for _ in range(50):
+            with lock:
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.0005)
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+
+
+def test_writers_of_two_engines_on_one_file_take_turns(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    engines = [create_engine(url), create_engine(url)]
+    try:
+        with engines[0].begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+
+        def add(engine: sa.Engine) -> None:
+            for i in range(200):
+                with writing(engine) as conn:
+                    conn.execute(sa.text("INSERT INTO t VALUES (:x)"), {"x": i})
+
+        threads = [threading.Thread(target=add, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with reading(engines[0]) as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 400
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_migrations_build_the_schema_the_code_declares(engine: sa.Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from mailer.schema import metadata
+
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diffs == []
