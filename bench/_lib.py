@@ -20,8 +20,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +345,32 @@ def example_articles(now: datetime) -> list[Any]:
     ]
 
 
+# The issue's articles: examples/articles holds six, a week of the site brings about three times
+# as many. Each example appears WEEK_COPIES times (its own GUID, link and date), which makes the
+# rendered digest 20–40 KB, the size of a real weekly issue, instead of 10–19 KB.
+WEEK_COPIES = int(os.environ.get("MAILER_BENCH_COPIES", "3"))
+
+
+def issue_articles(now: datetime) -> list[Any]:
+    """The benchmark issue's articles: the examples, WEEK_COPIES times, newest first."""
+    week = []
+    for copy in range(WEEK_COPIES):
+        for a in example_articles(now):
+            if copy == 0:
+                week.append(a)
+                continue
+            week.append(
+                replace(
+                    a,
+                    guid=f"{a.guid}#{copy}",
+                    link=f"{a.link}?part={copy}" if a.link else None,
+                    title=f"{a.title} (part {copy + 1})",
+                    published_at=a.published_at - timedelta(hours=copy),
+                )
+            )
+    return week
+
+
 def variant_of(i: int) -> tuple[str, ...]:
     """Subscriber i's topics: the seven topic sets in turn, so every variant is exercised."""
     return VARIANTS[i % len(VARIANTS)]
@@ -356,7 +382,7 @@ def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
     from mailer.models import Article, IssueContent, Recipient
 
     now = datetime.now(UTC)
-    parsed = example_articles(now)
+    parsed = issue_articles(now)
     arts = tuple(
         Article(
             id=i,
@@ -439,7 +465,7 @@ def _fill(engine: Any, n: int) -> None:
 
     migrate(engine)
     now = datetime.now(UTC)
-    articles.upsert_articles(engine, example_articles(now), now=now)
+    articles.upsert_articles(engine, issue_articles(now), now=now)
     rng = random.Random(5)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     stamp = now.isoformat(sep=" ")
@@ -512,7 +538,7 @@ def schema_head() -> str:
 
 
 def _sqlite_template(n: int) -> Path:
-    path = WORK / f"template-sqlite-{n}-{schema_head()}.db"
+    path = WORK / f"template-sqlite-{n}-{schema_head()}-a{WEEK_COPIES}.db"
     if path.exists():
         return path
     from mailer.db import create_engine
@@ -531,7 +557,7 @@ def _sqlite_template(n: int) -> Path:
 
 
 def _pg_template(n: int) -> str:
-    name = f"mailer_bench_tpl_{n}_{schema_head()}"
+    name = f"mailer_bench_tpl_{n}_{schema_head()}_a{WEEK_COPIES}"
     with _pg_admin() as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if exists:

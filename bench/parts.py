@@ -55,7 +55,7 @@ def composer_and_recipients(n: int) -> tuple[object, list[object], datetime]:
             link=p.link,
             published_at=p.published_at,
         )
-        for i, p in enumerate(_lib.example_articles(now), 1)
+        for i, p in enumerate(_lib.issue_articles(now), 1)
     )
     content = IssueContent(
         issue_id=1,

@@ -139,7 +139,7 @@ def peer_version() -> str:
 def article_payload() -> str:
     """The example articles as the peer holds them: what our digest shows of each."""
     items = []
-    for a in _lib.example_articles(datetime.now(UTC)):
+    for a in _lib.issue_articles(datetime.now(UTC)):
         text = f"<p>{a.summary}</p>\n<p><strong>Why this matters:</strong> {a.why_it_matters}</p>"
         items.append({"title": a.title, "text": text, "url": a.link or ""})
     return json.dumps(items)

@@ -5,11 +5,11 @@ Each run, for each database, in this order on the same smtp-sink:
 1. the ceiling: Postfix's ``smtp-source`` sending a real rendered digest (the topic variant
    whose size is nearest the mean of all variants) over the same total number of persistent
    connections;
-2. us: a fresh copy of a database holding N active subscribers (seven topic variants) and the
-   articles of examples/articles; then, timed from the moment it is launched, ``mailer --config
-   CFG digest send weekly`` as a subprocess (creates the issue, snapshots the recipients,
-   delivers), plus ``--workers`` ``mailer worker --drain`` processes started as soon as the
-   issue exists (they claim batches of the same issue under their own leases: the second core).
+2. us: a fresh copy of a database holding N active subscribers (seven topic variants) and a
+   week of articles (``_lib.issue_articles``: a 20–40 KB digest); then, timed from the moment
+   it is launched, ``mailer --config CFG digest send weekly [--processes P]`` as a subprocess
+   (creates the issue, snapshots the recipients, delivers over P processes), plus ``--workers``
+   ``mailer worker --drain`` processes started as soon as the issue exists.
 
 Figures per configuration: messages per second end to end (launch to the last process's exit),
 the steady rate seen by the sink (first to last message), CPU seconds per 1,000 messages of all
@@ -90,11 +90,17 @@ def cli_signs() -> bool:
     """Whether ``mailer digest send`` signs with [dkim] by itself (else: bench/_dkim_cli.py)."""
     import mailer.cli
 
-    return "DkimSigner" in inspect.getsource(mailer.cli)
+    source = inspect.getsource(mailer.cli)
+    return "DkimSigner" in source or "signer_for" in source
 
 
 def commands(
-    config: Path, *, dkim: bool, helper: str = "worker", code: Path | None = None
+    config: Path,
+    *,
+    dkim: bool,
+    helper: str = "worker",
+    code: Path | None = None,
+    processes: int = 1,
 ) -> tuple[list[str], list[str]]:
     """The sending command and the helper beside it: ``worker --drain``, or a second
     ``digest send`` (which resumes the issue the first one made). ``code``: run the CLI from
@@ -111,8 +117,9 @@ def commands(
                 " from mailer.cli import main; main()"
             )
             base = [str(_lib.PYTHON), "-c", launch, "--config", str(config)]
-        send = [*base, "digest", "send", "weekly"]
-        worker = [*base, "worker", "--drain"]
+        spread = ["--processes", str(processes)] if processes > 1 else []
+        send = [*base, "digest", "send", "weekly", *spread]
+        worker = [*base, "worker", "--drain", *spread]
     return send, (send if helper == "send" else worker)
 
 
@@ -129,6 +136,7 @@ def ours(
     rate_per_second: float = 0,
     helper: str = "worker",
     code: Path | None = None,
+    processes: int = 1,
 ) -> Ours:
     url = _lib.fresh_database(kind, n, tag)
     try:
@@ -141,7 +149,9 @@ def ours(
             dkim_key=dkim_key,
             rate_per_second=rate_per_second,
         )
-        send_cmd, worker_cmd = commands(config, dkim=dkim_key is not None, helper=helper, code=code)
+        send_cmd, worker_cmd = commands(
+            config, dkim=dkim_key is not None, helper=helper, code=code, processes=processes
+        )
         env = _lib.bench_env()
         base = sink.received
         sink.stamps.clear()
@@ -213,7 +223,15 @@ def main() -> None:
     parser.add_argument("--dkim", action="store_true", help="sign with an RSA-2048 key")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=8, help="[smtp].connections")
-    parser.add_argument("--workers", type=int, default=1, help="helper processes beside it")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="`digest send --processes P`: P sending processes (the command's own helpers)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="`mailer worker --drain` processes beside it"
+    )
     parser.add_argument(
         "--helper",
         choices=["worker", "send"],
@@ -246,14 +264,15 @@ def main() -> None:
     message_file = _lib.WORK / "ceiling.eml"
     # smtp-source -F sends the file line by line, adding CRLF and dot-stuffing itself.
     message_file.write_bytes(message.replace(b"\r\n", b"\n"))
-    sessions = args.connections * (1 + args.workers)
+    sessions = args.connections * args.processes * (1 + args.workers)
     count = min(args.n, args.ceiling_max)
     for kind in kinds:  # build the templates before anything is timed
         _lib.discard_database(_lib.fresh_database(kind, args.n, "warmup"))
 
     print(
         f"# send: N={args.n:,} dkim={'on' if key else 'off'} connections={args.connections}"
-        f" x {1 + args.workers} processes = {sessions} (helper: {args.helper});"
+        f" x {args.processes * (1 + args.workers)} processes = {sessions}"
+        f" (--processes {args.processes}, --workers {args.workers}: {args.helper});"
         f" mean message {mean_size:,} bytes"
         f" (ceiling sends {len(message):,}); {_lib.machine()};"
         f" {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
@@ -276,6 +295,7 @@ def main() -> None:
                         dkim_key=key,
                         tag=f"{kind}-{os.getpid()}",
                         helper=args.helper,
+                        processes=args.processes,
                     )
                     rows[kind].append((c, o))
                     if args.compare is not None:

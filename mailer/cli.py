@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import sqlalchemy as sa
@@ -27,6 +28,11 @@ from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
 from mailer.db import check_schema, create_engine, migrate
 from mailer.errors import ConfigError, MailerError
 from mailer.schema import SUBSCRIBER_STATUSES
+
+if TYPE_CHECKING:
+    from mailer.delivery import Totals
+    from mailer.senders import HelperExit
+    from mailer.service import Parts
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,9 +73,9 @@ pass_ctx = click.make_pass_decorator(Context)
 
 def signer(settings: Settings) -> Callable[[bytes], bytes] | None:
     """The DKIM signing function for ``[dkim]``, or None; a bad key fails here, at start-up."""
-    from mailer.dkim import DkimSigner
+    from mailer.dkim import signer_for
 
-    return DkimSigner.from_settings(settings.dkim).sign if settings.dkim else None
+    return signer_for(settings)
 
 
 @click.group()
@@ -380,14 +386,30 @@ def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     )
 
 
+PROCESSES = click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    help="Sending processes, each with [smtp].connections connections (default: [smtp].processes).",
+)
+
+
+def with_processes(settings: Settings, processes: int | None) -> Settings:
+    if processes is None or processes == settings.smtp.processes:
+        return settings
+    if processes > 1 and settings.database.url in ("sqlite://", "sqlite:///:memory:"):
+        raise click.BadParameter("an in-memory SQLite database is private to one process")
+    return replace(settings, smtp=replace(settings.smtp, processes=processes))
+
+
 @digest_group.command("send")
 @click.argument("key")
+@PROCESSES
 @pass_ctx
-def digest_send(ctx: Context, key: str) -> None:
+def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
     from mailer.digests import open_issue
 
-    settings = ctx.settings
+    settings = with_processes(ctx.settings, processes)
     engine = ctx.engine()
     issue = open_issue(engine, settings, settings.digest(key), now=now())
     verb = "created" if issue.created else "resuming"
@@ -399,8 +421,9 @@ def digest_send(ctx: Context, key: str) -> None:
 
 
 def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
-    """Deliver an issue with a progress bar, then print the summary line."""
-    from mailer.digests import deliver_issue
+    """Deliver an issue with a progress bar (over ``[smtp].processes`` processes), then print
+    the summary line."""
+    from mailer.senders import Helpers, Job, per_process
 
     summary = issues.summarize(engine, issue_id)
     due = (
@@ -408,6 +431,7 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
         + summary.counts.get("deferred", 0)
         + summary.counts.get("sending", 0)
     )
+    started = time.monotonic()
     with Progress(
         TextColumn("sending"),
         BarColumn(),
@@ -418,21 +442,53 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
         disable=not err.is_terminal,
     ) as progress:
         task = progress.add_task("send", total=due)
-        totals = asyncio.run(
-            deliver_issue(
-                engine,
-                settings,
-                issue_id,
-                on_batch=lambda c: progress.advance(task, sum(c.values())),
-                sign=signer(settings),
+
+        def advance(counts: dict[str, int]) -> None:
+            progress.advance(task, sum(counts.values()))
+
+        helpers = Helpers(settings, Job(issue_id, drain=True), on_batch=advance)
+        with helpers:
+            totals, stopped = asyncio.run(
+                _deliver_issue(engine, per_process(settings), issue_id, advance)
             )
-        )
+            if stopped:
+                helpers.stop()
+    elapsed = time.monotonic() - started
+    totals.add(helpers.report.counts)
     c = totals.counts
+    rate = c.get("sent", 0) / elapsed if elapsed > 0 else 0.0
+    spread = f", {settings.smtp.processes} processes" if settings.smtp.processes > 1 else ""
     out.print(
         f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
-        f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {totals.elapsed:.2f}s "
-        f"({totals.rate:.0f} msg/s)"
+        f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {elapsed:.2f}s "
+        f"({rate:.0f} msg/s{spread})"
     )
+    _check_helpers(helpers.report.failed, settings)
+
+
+async def _deliver_issue(
+    engine: sa.Engine, settings: Settings, issue_id: int, advance: Callable[[dict[str, int]], None]
+) -> tuple[Totals, bool]:
+    """This process's share of an issue; SIGTERM/SIGINT stop it after the current messages."""
+    from mailer.digests import deliver_issue
+    from mailer.service import stop_on_signals
+
+    stop = asyncio.Event()
+    with stop_on_signals(stop):
+        totals = await deliver_issue(
+            engine, settings, issue_id, on_batch=advance, sign=signer(settings), stop=stop
+        )
+    return totals, stop.is_set()
+
+
+def _check_helpers(failed: list[HelperExit], settings: Settings) -> None:
+    if failed:
+        raise MailerError(
+            "; ".join(f.describe() for f in failed)
+            + f": the deliveries it held go back to the queue when their lease ends"
+            f" ([smtp].lease_seconds = {settings.smtp.lease_seconds:g}), then a worker or"
+            " another `mailer digest send` sends them"
+        )
 
 
 @cli.group("issues")
@@ -515,33 +571,43 @@ def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
 @click.option("--no-web", is_flag=True, help="Leave the web app to `mailer web` elsewhere.")
 @pass_ctx
 def run(ctx: Context, no_web: bool) -> None:
-    """Scheduler, delivery worker and web app in one process, until SIGTERM or Ctrl-C."""
-    from mailer.service import Parts, Service
+    """Scheduler, delivery worker and web app, until SIGTERM or Ctrl-C (with [smtp].processes
+    > 1, more processes deliver beside it)."""
+    from mailer.service import Parts
 
-    settings = ctx.settings
-    service = Service(ctx.engine(), settings, parts=Parts(web=not no_web), sign=signer(settings))
-    asyncio.run(service.run())
+    _serve(ctx, ctx.settings, Parts(web=not no_web), drain=False)
 
 
 @cli.command()
 @click.option("--drain", is_flag=True, help="Exit when nothing is due.")
+@PROCESSES
 @pass_ctx
-def worker(ctx: Context, drain: bool) -> None:
+def worker(ctx: Context, drain: bool, processes: int | None) -> None:
     """Deliver due mail only (no scheduler, no web), until SIGTERM or Ctrl-C."""
-    from mailer.service import Parts, Service
+    from mailer.service import Parts
 
-    service = Service(
-        ctx.engine(),
-        ctx.settings,
-        parts=Parts(scheduler=False, web=False),
-        sign=signer(ctx.settings),
-    )
-    totals = asyncio.run(service.run(drain=drain))
-    c = totals.counts
+    settings = with_processes(ctx.settings, processes)
+    c = _serve(ctx, settings, Parts(scheduler=False, web=False), drain=drain).counts
     out.print(
         f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
         f"failed {c.get('failed', 0)}"
     )
+
+
+def _serve(ctx: Context, settings: Settings, parts: Parts, *, drain: bool) -> Totals:
+    """Run the service here and its helper processes beside it; the totals of all of them."""
+    from mailer.senders import Helpers, Job, per_process
+    from mailer.service import Service
+
+    service = Service(ctx.engine(), per_process(settings), parts=parts, sign=signer(settings))
+    helpers = Helpers(settings, Job(None, drain=drain))
+    with helpers:
+        totals = asyncio.run(service.run(drain=drain))
+        if service.stop.is_set():
+            helpers.stop()
+    totals.add(helpers.report.counts)
+    _check_helpers(helpers.report.failed, settings)
+    return totals
 
 
 @cli.group("bounces")

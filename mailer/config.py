@@ -92,6 +92,8 @@ class SmtpSettings:
     batch_size: int
     lease_seconds: float
     in_doubt: Literal["resend", "hold"]
+    # Processes sending at once (mailer.senders), each with `connections` connections.
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,7 @@ def _smtp(t: _Table | None, env: dict[str, str]) -> SmtpSettings:
         batch_size=t.integer("batch_size", 500, low=1, high=100_000),
         lease_seconds=t.number("lease_seconds", 300, low=5, high=86_400),
         in_doubt=t.choice("in_doubt", "resend", ("resend", "hold")),
+        processes=t.integer("processes", 1, low=1, high=64),
     )
     t.finish()
     return smtp
@@ -551,6 +554,13 @@ def parse_settings(
 
     smtp_table = root.table("smtp", required=False)
     smtp = _smtp(smtp_table, env)
+    if smtp.processes > 1 and db_url in ("sqlite://", "sqlite:///:memory:"):
+        raise ConfigError(
+            f"must be 1 with an in-memory SQLite database ({db_url}: private to one process),"
+            f" got {smtp.processes}",
+            path=where,
+            key="smtp.processes",
+        )
 
     scheduler = _scheduler(root.table("scheduler", required=False))
     feeds = _feeds(root.table("feeds", required=False))

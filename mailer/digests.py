@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -87,11 +88,15 @@ async def deliver_issue(
     on_batch: Callable[[dict[str, int]], None] | None = None,
     pool: SmtpPool | None = None,
     sign: Callable[[bytes], bytes] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Totals:
-    """Send every due delivery of one issue over a fresh pool (or the one given)."""
+    """Send every due delivery of one issue over a fresh pool (or the one given).
+
+    When ``stop`` is set, lanes finish the message they are on and the rest is released.
+    """
     if pool is not None:
         deliverer = Deliverer(engine, settings, pool, sign=sign)
-        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch)
+        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)
     async with SmtpPool(settings.smtp) as own:
         deliverer = Deliverer(engine, settings, own, sign=sign)
-        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch)
+        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)

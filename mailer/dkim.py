@@ -55,7 +55,7 @@ from dkim.canonicalization import (
 )
 
 from mailer.clock import now as clock_now
-from mailer.config import DkimSettings
+from mailer.config import DkimSettings, Settings
 from mailer.errors import ConfigError, MailerError
 
 log = logging.getLogger(__name__)
@@ -356,3 +356,8 @@ def generate_keypair(path: Path, bits: int = DEFAULT_RSA_BITS, *, overwrite: boo
         Path(temp).unlink(missing_ok=True)
         raise DkimKeyError(path, f"cannot be written: {exc.strerror}") from exc
     return dns_record_value(key.public_key())
+
+
+def signer_for(settings: Settings) -> Callable[[bytes], bytes] | None:
+    """The signing function for ``[dkim]``, or None; a bad key fails here, at start-up."""
+    return DkimSigner.from_settings(settings.dkim).sign if settings.dkim else None

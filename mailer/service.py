@@ -187,7 +187,7 @@ class Service:
         """Run the configured parts until SIGTERM/SIGINT (or drained); returns delivery totals."""
         tasks: list[asyncio.Task[object]] = []
         scheduler = None
-        with _signals(self.stop):
+        with stop_on_signals(self.stop):
             if self.parts.scheduler:
                 await asyncio.to_thread(self.catch_up)
                 scheduler = self.scheduler()
@@ -248,7 +248,7 @@ async def _first(*events: asyncio.Event) -> None:
 
 
 @contextlib.contextmanager
-def _signals(stop: asyncio.Event) -> Iterator[None]:
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     """SIGTERM and SIGINT set ``stop``: lanes finish their message, the rest is released."""
     loop = asyncio.get_running_loop()
     installed = []

@@ -1,0 +1,179 @@
+"""[smtp].processes: more sending processes on one database, each message still sent once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from mailer import articles
+from mailer.db import create_engine
+from mailer.errors import ConfigError
+from mailer.issues import create_issue
+from mailer.rendering import render_subject
+from mailer.schema import deliveries
+from mailer.senders import HelperExit, per_process
+from tests.factories import NOW, make_settings, make_subscriber, write_config
+from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
+from tests.test_service import article, process_log, spawn, wait_for  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+CONNECTIONS = 2
+
+
+def prepare(
+    db_url: str, tmp_path: Path, server: FaultServer, *, subscribers: int, **smtp: object
+) -> tuple[Path, list[str]]:
+    """Subscribers with one article waiting, each message held 20 ms by the server (one process
+    alone takes seconds: the helper starts well before the end)."""
+    config = write_config(
+        tmp_path / "mailer.toml",
+        db_url,
+        smtp={
+            "host": "127.0.0.1",
+            "port": server.port,
+            "connections": CONNECTIONS,
+            "timeout": 5,
+            "batch_size": 20,
+            **smtp,
+        },
+    )
+    engine = create_engine(db_url)
+    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    emails = [f"r{n}@example.org" for n in range(subscribers)]
+    for email in emails:
+        make_subscriber(engine, email=email)
+        server.script(email, [Delay(0.02)], stage="data")
+    engine.dispose()
+    return config, emails
+
+
+def statuses(db_url: str) -> Counter[str]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        found = Counter(conn.scalars(sa.select(deliveries.c.status)))
+    engine.dispose()
+    return found
+
+
+def test_digest_send_over_two_processes_sends_each_message_once(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, emails = prepare(db_url, tmp_path, smtp_server, subscribers=240)
+    send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
+    assert send.wait(timeout=120) == 0, process_log.read_text()
+    log = process_log.read_text()
+    assert "sent 240, deferred 0, bounced 0, failed 0, cancelled 0" in log
+    assert "2 processes" in log
+    got = Counter(r.recipients[0] for r in smtp_server.received)
+    assert set(got) == set(emails) and max(got.values()) == 1
+    assert statuses(db_url) == Counter({"sent": 240})
+    # The helper's connections were open beside the parent's.
+    assert smtp_server.max_concurrent > CONNECTIONS
+
+
+def test_worker_processes_from_the_config_drain_every_due_delivery_once(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, emails = prepare(db_url, tmp_path, smtp_server, subscribers=240, processes=3)
+    settings = make_settings(db_url)
+    engine = create_engine(db_url)
+    create_issue(
+        engine,
+        settings,
+        settings.digests[0],
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=render_subject,
+    )
+    engine.dispose()
+    worker = spawn(config, process_log, "worker", "--drain")
+    assert worker.wait(timeout=120) == 0, process_log.read_text()
+    assert "sent 240, deferred 0, bounced 0, failed 0" in process_log.read_text()
+    got = Counter(r.recipients[0] for r in smtp_server.received)
+    assert set(got) == set(emails) and max(got.values()) == 1
+    assert smtp_server.max_concurrent > CONNECTIONS
+
+
+def test_sigterm_stops_every_process_and_a_second_send_finishes_without_duplicates(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, emails = prepare(db_url, tmp_path, smtp_server, subscribers=200)
+    send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
+    wait_for(lambda: len(smtp_server.received) >= 40, process_log, "40 messages sent")
+    send.send_signal(signal.SIGTERM)  # the parent only: it stops its helper itself
+    assert send.wait(timeout=60) == 0, process_log.read_text()
+    assert len(smtp_server.received) < len(emails), "the stop should land mid-issue"
+    assert statuses(db_url)["sending"] == 0, "every lane finished the message it was on"
+    again = spawn(config, process_log, "digest", "send", "weekly")
+    assert again.wait(timeout=120) == 0, process_log.read_text()
+    got = Counter(r.recipients[0] for r in smtp_server.received)
+    assert set(got) == set(emails) and max(got.values()) == 1
+    assert statuses(db_url) == Counter({"sent": len(emails)})
+
+
+def test_a_killed_helper_is_reported_and_its_deliveries_go_out_after_the_lease(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, emails = prepare(db_url, tmp_path, smtp_server, subscribers=200, lease_seconds=5)
+    send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
+    wait_for(
+        lambda: (
+            "sending processes started" in process_log.read_text()
+            and len(smtp_server.received) >= 40
+        ),
+        process_log,
+        "the helper to send",
+    )
+    line = next(
+        ln for ln in process_log.read_text().splitlines() if "sending processes started" in ln
+    )
+    pid = int(line.split("pids=[", 1)[1].split("]", 1)[0])
+    os.kill(pid, signal.SIGKILL)
+    assert send.wait(timeout=120) == 1, process_log.read_text()
+    assert f"sending process {pid} was killed by signal 9" in process_log.read_text()
+    time.sleep(5.5)  # the dead helper's lease expires
+    again = spawn(config, process_log, "digest", "send", "weekly")
+    assert again.wait(timeout=120) == 0, process_log.read_text()
+    got = Counter(r.recipients[0] for r in smtp_server.received)
+    assert set(got) == set(emails), "nothing lost"
+    assert sum(n - 1 for n in got.values()) <= CONNECTIONS, "at most one per helper connection"
+    assert statuses(db_url) == Counter({"sent": len(emails)})
+
+
+def test_processes_share_the_rate_and_need_a_shared_database() -> None:
+    settings = make_settings("sqlite:////tmp/x.db", smtp__processes=4, smtp__rate_per_second=100)
+    assert per_process(settings).smtp.rate_per_second == 25
+    alone = replace(settings, smtp=replace(settings.smtp, processes=1))
+    assert per_process(alone) is alone
+    with pytest.raises(ConfigError, match=r"\[smtp\]\.processes must be 1 with an in-memory"):
+        make_settings("sqlite:///:memory:", smtp__processes=2)
+    with pytest.raises(ConfigError, match=r"\[smtp\]\.processes"):
+        make_settings("sqlite:////tmp/x.db", smtp__processes=0)
+
+
+def test_helper_exits_describe_themselves() -> None:
+    assert HelperExit(7, 0).ok
+    assert HelperExit(7, -9).describe() == "sending process 7 was killed by signal 9"
+    assert HelperExit(7, 1).describe() == "sending process 7 exited with status 1"
+    assert HelperExit(7, None).describe() == "sending process 7 did not stop"
