@@ -194,7 +194,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16, help="ours: [smtp].connections")
-    parser.add_argument("--workers", type=int, default=1, help="ours: extra `worker --drain`s")
+    parser.add_argument("--processes", type=int, default=2, help="ours: `digest send --processes`")
+    parser.add_argument("--workers", type=int, default=0, help="ours: extra `worker --drain`s")
     parser.add_argument("--keep-templates", action="store_true")
     args = parser.parse_args()
 
@@ -202,7 +203,7 @@ def main() -> None:
     ensure_venv()
     print(
         f"# peer: N={args.n:,}; {peer_version()}; ours: {args.connections} connections x"
-        f" {1 + args.workers} processes, SQLite; {_lib.machine()};"
+        f" {args.processes * (1 + args.workers)} processes, SQLite; {_lib.machine()};"
         f" {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
         flush=True,
     )
@@ -225,6 +226,7 @@ def main() -> None:
                     batch_size=500,
                     dkim_key=None,
                     tag=f"peer-{os.getpid()}",
+                    processes=args.processes,
                 )
                 pairs.append((peer_rate, o.rate, measured, o))
                 print(

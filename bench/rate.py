@@ -24,10 +24,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=1, help="`digest send --processes`")
     args = parser.parse_args()
     _lib.ensure_postfix()
     print(
-        f"# rate: {args.db}, {args.connections} connections, one process; {_lib.machine()};"
+        f"# rate: {args.db}, {args.connections} connections x {args.processes} processes;"
+        f" {_lib.machine()};"
         f" {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
         flush=True,
     )
@@ -48,6 +50,7 @@ def main() -> None:
                         dkim_key=None,
                         tag=f"rate-{os.getpid()}",
                         rate_per_second=rate,
+                        processes=args.processes,
                     )
                     measured.append(o.steady)
                     print(
