@@ -616,7 +616,7 @@ def drop_templates() -> None:
         names = [
             r[0]
             for r in admin.execute(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'mailer_bench%'"
+                "SELECT datname FROM pg_database WHERE datname LIKE 'mailer\\_bench\\_tpl\\_%'"
             )
         ]
         for name in names:

@@ -22,6 +22,7 @@ from mailer.errors import DigestError
 from mailer.models import Article, IssueContent
 from mailer.schedule import quiet_until
 from mailer.schema import (
+    SENDING_ROW,
     WAITING_ROW,
     articles,
     deliveries,
@@ -271,12 +272,12 @@ def list_issues(
 def finish_if_done(conn: sa.Connection, issue_id: int, now: datetime) -> bool:
     """Mark an issue sent once no delivery of it is queued, deferred or in flight."""
     # Two look-ups that each stop at the first row, off ix_deliveries_issue_waiting and
-    # ix_deliveries_due: a count over the issue's rows read all of them (a million at the end
+    # ix_deliveries_sending: a count over the issue's rows read all of them (a million at the end
     # of a million-subscriber issue).
     of_issue = deliveries.c.issue_id == issue_id
     pending = any(
         conn.execute(sa.select(deliveries.c.id).where(of_issue, condition).limit(1)).first()
-        for condition in (WAITING_ROW, deliveries.c.status == "sending")
+        for condition in (WAITING_ROW, SENDING_ROW)
     )
     if pending:
         return False

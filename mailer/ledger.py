@@ -31,6 +31,7 @@ from mailer.bounces import apply_send_bounce
 from mailer.config import SmtpSettings
 from mailer.db import reading, writing
 from mailer.schema import (
+    SENDING_ROW,
     WAITING_ROW,
     articles,
     deliveries,
@@ -80,7 +81,7 @@ def hold_in_doubt(engine: sa.Engine, *, now: datetime) -> int:
     with writing(engine) as conn:
         return conn.execute(
             deliveries.update()
-            .where(deliveries.c.status == "sending", deliveries.c.lease_expires_at < now)
+            .where(SENDING_ROW, deliveries.c.lease_expires_at < now)
             .values(
                 status="unknown",
                 last_reply="worker stopped while sending; may have been delivered",
@@ -191,16 +192,18 @@ def _due(
     transaction ends.
 
     One query per kind of due row instead of one with an OR (waiting rows; rows in doubt),
-    merged here: with the OR, neither database can use ``ix_deliveries_due`` and both sort
-    every row of the issue on every claim. Within one issue every row has the same priority
-    (``issues._snapshot`` sets it from the digest, and nothing changes it), so an issue's rows
-    are read in (next_attempt_at, id) order, which SQLite reads straight from the index.
+    merged here: each reads its own partial index (``ix_deliveries_issue_waiting`` or
+    ``ix_deliveries_waiting``, in claim order, so the batch is the index's first rows;
+    ``ix_deliveries_sending``), where the OR made both databases sort every row of the issue on
+    every claim. Within one issue every row has the same priority (``issues._snapshot`` sets it
+    from the digest, and nothing changes it), so an issue's rows are read in
+    (next_attempt_at, id) order.
     """
     free = _free(now)
     waiting = sa.and_(WAITING_ROW, deliveries.c.next_attempt_at <= now)
     branches = [waiting]
     if resend_in_doubt:
-        branches.append(deliveries.c.status == "sending")
+        branches.append(SENDING_ROW)
     order: tuple[sa.ColumnElement[Any], ...] = (deliveries.c.next_attempt_at, deliveries.c.id)
     if issue_id is None:
         order = (deliveries.c.priority.desc(), *order)

@@ -174,7 +174,6 @@ deliveries = sa.Table(
     sa.Column("priority", sa.SmallInteger, nullable=False, server_default="0"),
     sa.UniqueConstraint("issue_id", "subscriber_id"),
     sa.CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
-    sa.Index("ix_deliveries_due", "status", "next_attempt_at"),
     sa.Index("ix_deliveries_subscriber", "subscriber_id"),
     sqlite_autoincrement=True,
 )
@@ -184,6 +183,14 @@ deliveries = sa.Table(
 # with bound parameters implies an index's WHERE.
 WAITING_ROW = deliveries.c.status.in_(
     [sa.literal_column("'queued'"), sa.literal_column("'deferred'")]
+)
+# Rows in flight (status "sending"), found again when their worker's lease runs out.
+SENDING_ROW = deliveries.c.status == sa.literal_column("'sending'")
+sa.Index(
+    "ix_deliveries_sending",
+    deliveries.c.lease_expires_at,
+    postgresql_where=SENDING_ROW,
+    sqlite_where=SENDING_ROW,
 )
 sa.Index(
     "ix_deliveries_issue_waiting",

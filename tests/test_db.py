@@ -167,3 +167,47 @@ def test_migrations_build_the_schema_the_code_declares(engine: sa.Engine) -> Non
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diffs == []
+
+
+def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mailer import ledger
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    try:
+        from mailer.db import migrate
+
+        migrate(engine)
+        seen: list[tuple[str, object]] = []
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def record(
+            conn: object, cursor: object, statement: str, params: object, *rest: object
+        ) -> None:
+            if statement.startswith("SELECT deliveries.id, deliveries.priority"):
+                seen.append((statement, params))
+
+        now = datetime.now(UTC)
+        for issue_id in (None, 1):
+            ledger.claim(
+                engine,
+                owner="w",
+                limit=10,
+                lease=timedelta(seconds=60),
+                now=now,
+                issue_id=issue_id,
+            )
+        sa.event.remove(engine, "before_cursor_execute", record)
+        plans = []
+        with engine.connect() as conn:
+            for statement, params in seen:
+                rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)  # type: ignore[arg-type]
+                plans.append(" | ".join(str(r[-1]) for r in rows))
+        waiting = [p for s, p in zip(seen, plans, strict=True) if "'queued', 'deferred'" in s[0]]
+        assert len(waiting) == 2
+        assert "USING INDEX ix_deliveries_waiting" in waiting[0]
+        assert "USING INDEX ix_deliveries_issue_waiting" in waiting[1]
+        assert not any("TEMP B-TREE" in p for p in waiting), waiting
+    finally:
+        engine.dispose()

@@ -1,5 +1,9 @@
 """deliveries: partial indexes in claim order, so a claim reads its batch off an index
 
+ix_deliveries_due (status, next_attempt_at) goes: with it, a database without statistics
+(SQLite before ANALYZE) read waiting rows through it and sorted them; rows in flight, the only
+other thing it served, get a partial index of their own.
+
 Revision ID: 0005
 Revises: 0004
 """
@@ -13,9 +17,19 @@ branch_labels = None
 depends_on = None
 
 WAITING = sa.text("status IN ('queued', 'deferred')")
+SENDING = sa.text("status = 'sending'")
 
 
 def upgrade() -> None:
+    op.drop_index('ix_deliveries_due', table_name='deliveries')
+    # Rows in flight, found again when their worker's lease has run out.
+    op.create_index(
+        'ix_deliveries_sending',
+        'deliveries',
+        ['lease_expires_at'],
+        postgresql_where=SENDING,
+        sqlite_where=SENDING,
+    )
     # `digest send` claims one issue's waiting rows in (next_attempt_at, id) order.
     op.create_index(
         'ix_deliveries_issue_waiting',
@@ -37,3 +51,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index('ix_deliveries_waiting', table_name='deliveries')
     op.drop_index('ix_deliveries_issue_waiting', table_name='deliveries')
+    op.drop_index('ix_deliveries_sending', table_name='deliveries')
+    op.create_index('ix_deliveries_due', 'deliveries', ['status', 'next_attempt_at'])
