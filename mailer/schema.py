@@ -188,7 +188,7 @@ WAITING_ROW = deliveries.c.status.in_(
 SENDING_ROW = deliveries.c.status == sa.literal_column("'sending'")
 sa.Index(
     "ix_deliveries_sending",
-    deliveries.c.lease_expires_at,
+    deliveries.c.id,
     postgresql_where=SENDING_ROW,
     sqlite_where=SENDING_ROW,
 )
