@@ -57,6 +57,7 @@ from dkim.canonicalization import (
 from mailer.clock import now as clock_now
 from mailer.config import DkimSettings, Settings
 from mailer.errors import ConfigError, MailerError
+from mailer.wire import CrlfOnly, is_crlf_only
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ class DkimSigner:
 
         ``now`` is the signature time (``t=``, RFC 6376 §3.5); default: the clock.
         """
-        return self.signature_header(message, now=now) + message
+        header = self.signature_header(message, now=now)
+        if isinstance(message, CrlfOnly) and is_crlf_only(header):
+            return CrlfOnly(header + message)
+        return header + message
 
     def signature_header(self, message: bytes, *, now: datetime | None = None) -> bytes:
         """The ``DKIM-Signature: ...\\r\\n`` field for ``message`` (what ``dkim.sign`` returns).

@@ -62,6 +62,7 @@ from mailer.rendering import (
     one_line,
     site_view,
 )
+from mailer.wire import CrlfOnly, is_crlf_only
 
 # RFC 2045 §6.7: encoded lines of at most 76 characters (policy.SMTP's 78 would break it);
 # refold_source="none" keeps set_raw values exactly as given (see COMPLIANCE pitfalls 1-2).
@@ -319,6 +320,10 @@ class SplicedMessage:
 
     def __init__(self, raw: bytes, markers: _Markers) -> None:
         self.parts = tuple(_cut(raw, markers))
+        # Checked once: the slots hold no line break of their own (addresses and Message-IDs
+        # are checked, URLs are built from checked parts, QP lines end in our CRLF), so every
+        # message filled from CRLF-only chunks is CRLF-only (the SMTP client skips its check).
+        self._wire: type[bytes] = CrlfOnly if is_crlf_only(raw) else bytes
         prefix = markers.prefix.encode()
         if any(isinstance(part, bytes) and prefix in part for part in self.parts):
             raise RenderError(
@@ -344,7 +349,7 @@ class SplicedMessage:
         out = self._chunks.copy()
         for index, slot in self._slots:
             out[index] = slot.fill(values)
-        return b"".join(out)
+        return self._wire(b"".join(out))
 
 
 def _cut(raw: bytes, markers: _Markers) -> Iterable[bytes | _HeaderSlot | _LineSlot]:

@@ -31,6 +31,7 @@ from mailer.smtp import (
     _Replies,
     data_payload,
 )
+from mailer.wire import CrlfOnly
 from tests.factories import config_dict
 
 SENDER = "bounces@news.example.org"
@@ -428,6 +429,12 @@ def test_the_payload_is_aiosmtplibs_normalized_and_dot_stuffed_message(
     data = b"\r\n".join(lines) + (b"\r\n" if final_crlf else b"")
     normalized = normalize_message_line_endings(data)
     assert data_payload(data) == (len(normalized), PERIOD_REGEX.sub(b"..", normalized) + b".\r\n")
+
+
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))))
+def test_a_message_marked_crlf_only_gets_the_same_payload(lines: list[bytes]) -> None:
+    data = b"\r\n".join(lines)
+    assert data_payload(CrlfOnly(data)) == data_payload(data)
 
 
 @given(st.binary(max_size=40))
