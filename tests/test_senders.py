@@ -64,6 +64,11 @@ def statuses(db_url: str) -> Counter[str]:
     return found
 
 
+def assert_each_received_once(server: FaultServer, emails: list[str]) -> None:
+    got = Counter(r.recipients[0] for r in server.received)
+    assert set(got) == set(emails) and max(got.values()) == 1
+
+
 def test_digest_send_over_two_processes_sends_each_message_once(
     db_url: str,
     tmp_path: Path,
@@ -76,8 +81,7 @@ def test_digest_send_over_two_processes_sends_each_message_once(
     log = process_log.read_text()
     assert "sent 240, deferred 0, bounced 0, failed 0, cancelled 0" in log
     assert "2 processes" in log
-    got = Counter(r.recipients[0] for r in smtp_server.received)
-    assert set(got) == set(emails) and max(got.values()) == 1
+    assert_each_received_once(smtp_server, emails)
     assert statuses(db_url) == Counter({"sent": 240})
     # The helper's connections were open beside the parent's.
     assert smtp_server.max_concurrent > CONNECTIONS
@@ -92,20 +96,15 @@ def test_worker_processes_from_the_config_drain_every_due_delivery_once(
     config, emails = prepare(db_url, tmp_path, smtp_server, subscribers=240, processes=3)
     settings = make_settings(db_url)
     engine = create_engine(db_url)
+    digest = settings.digests[0]
     create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
-        render_subject=render_subject,
+        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
     )
     engine.dispose()
     worker = spawn(config, process_log, "worker", "--drain")
     assert worker.wait(timeout=120) == 0, process_log.read_text()
     assert "sent 240, deferred 0, bounced 0, failed 0" in process_log.read_text()
-    got = Counter(r.recipients[0] for r in smtp_server.received)
-    assert set(got) == set(emails) and max(got.values()) == 1
+    assert_each_received_once(smtp_server, emails)
     assert smtp_server.max_concurrent > CONNECTIONS
 
 
@@ -124,8 +123,7 @@ def test_sigterm_stops_every_process_and_a_second_send_finishes_without_duplicat
     assert statuses(db_url)["sending"] == 0, "every lane finished the message it was on"
     again = spawn(config, process_log, "digest", "send", "weekly")
     assert again.wait(timeout=120) == 0, process_log.read_text()
-    got = Counter(r.recipients[0] for r in smtp_server.received)
-    assert set(got) == set(emails) and max(got.values()) == 1
+    assert_each_received_once(smtp_server, emails)
     assert statuses(db_url) == Counter({"sent": len(emails)})
 
 
