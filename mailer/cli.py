@@ -423,7 +423,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
 def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
     """Deliver an issue with a progress bar (over ``[smtp].processes`` processes), then print
     the summary line."""
-    from mailer.senders import Helpers, Job, per_process
+    from mailer.senders import Helpers, Job
 
     summary = issues.summarize(engine, issue_id)
     due = (
@@ -448,9 +448,7 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
 
         helpers = Helpers(settings, Job(issue_id, drain=True), on_batch=advance)
         with helpers:
-            totals, stopped = asyncio.run(
-                _deliver_issue(engine, per_process(settings), issue_id, advance)
-            )
+            totals, stopped = asyncio.run(_deliver_issue(engine, settings, issue_id, advance))
             if stopped:
                 helpers.stop()
     elapsed = time.monotonic() - started
@@ -596,10 +594,10 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
 
 def _serve(ctx: Context, settings: Settings, parts: Parts, *, drain: bool) -> Totals:
     """Run the service here and its helper processes beside it; the totals of all of them."""
-    from mailer.senders import Helpers, Job, per_process
+    from mailer.senders import Helpers, Job
     from mailer.service import Service
 
-    service = Service(ctx.engine(), per_process(settings), parts=parts, sign=signer(settings))
+    service = Service(ctx.engine(), settings, parts=parts, sign=signer(settings))
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
         totals = asyncio.run(service.run(drain=drain))

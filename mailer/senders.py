@@ -6,7 +6,8 @@ processes beside the command that runs the delivery loop (``digest send``, ``wor
 ``run``). Each has its own database engine, SMTP pool (``[smtp].connections`` connections)
 and DKIM signer, and runs the same loop on the same database: claims lease disjoint rows, so
 each message still goes out once, and a crash still leaves at most one in-doubt message per
-open connection. ``[smtp].rate_per_second`` is shared out: each process sends 1/N of it.
+open connection. ``[smtp].rate_per_second`` holds for all of them together: their rate
+limiters reserve slots from one schedule in shared memory (``mailer.smtp.share_schedule``).
 
 Helpers are spawned, not forked: the parent holds threads, an event loop and open
 connections, none of which survive a fork safely. They report per-batch counts and their
@@ -23,11 +24,12 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from mailer.config import Settings
+from mailer.smtp import share_schedule
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,6 @@ class HelperReport:
         return [e for e in self.exits if not e.ok]
 
 
-def per_process(settings: Settings) -> Settings:
-    """The settings each of the ``[smtp].processes`` processes runs with (its share of the rate)."""
-    smtp = settings.smtp
-    if smtp.processes == 1 or not smtp.rate_per_second:
-        return settings
-    share = smtp.rate_per_second / smtp.processes
-    return replace(settings, smtp=replace(smtp, rate_per_second=share))
-
-
 class Helpers:
     """``with Helpers(settings, job):`` runs ``[smtp].processes`` − 1 helpers for the block.
 
@@ -100,6 +93,8 @@ class Helpers:
         self._ctx = multiprocessing.get_context("spawn")
         self._events: Any = self._ctx.SimpleQueue()
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        # The rate limiters' next free slot (monotonic seconds), for every process.
+        self._schedule: Any = self._ctx.Value("d", 0.0)
         self._reader: threading.Thread | None = None
 
     @property
@@ -110,10 +105,11 @@ class Helpers:
         if self.count < 1:
             return self
         level = logging.getLogger().getEffectiveLevel()
+        share_schedule(self._schedule)
         for _ in range(self.count):
             process = self._ctx.Process(
                 target=_helper_main,
-                args=(per_process(self.settings), self.job, self._events, level),
+                args=(self.settings, self.job, self._events, self._schedule, level),
                 name="mailer-sender",
                 daemon=False,
             )
@@ -138,6 +134,7 @@ class Helpers:
     ) -> None:
         if not self._processes:
             return
+        share_schedule(None)
         if exc_type is not None or not self.job.drain:
             self.stop()
         self._join()
@@ -171,12 +168,13 @@ class Helpers:
                     self.report.counts[status] = self.report.counts.get(status, 0) + n
 
 
-def _helper_main(settings: Settings, job: Job, events: Any, level: int) -> None:
+def _helper_main(settings: Settings, job: Job, events: Any, schedule: Any, level: int) -> None:
     """A helper process: the delivery loop on its own engine, pool and signer."""
     from mailer import logs
     from mailer.db import create_engine
 
     logs.configure(level)
+    share_schedule(schedule)
     engine = create_engine(settings.database.url)
     try:
         counts = asyncio.run(_deliver(engine, settings, job, events))

@@ -15,10 +15,12 @@ import logging
 import re
 import socket
 import ssl
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import aiosmtplib
 from aiosmtplib.protocol import MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
@@ -98,13 +100,34 @@ class SmtpAuthError(DeliveryError):
         super().__init__(message)
 
 
+class SharedSchedule(Protocol):
+    """A ``multiprocessing.Value("d")``: the next free slot, shared by processes."""
+
+    value: float
+
+    def get_lock(self) -> AbstractContextManager[Any]: ...
+
+
+# The schedule every RateLimiter of this process reserves its slots from, when several
+# processes send together (mailer.senders); None: each limiter keeps its own.
+_shared_schedule: SharedSchedule | None = None
+
+
+def share_schedule(schedule: SharedSchedule | None) -> None:
+    """Make this process's rate limiters take their slots from ``schedule``."""
+    global _shared_schedule
+    _shared_schedule = schedule
+
+
 class RateLimiter:
     """Lets at most ``rate_per_second`` callers through per second, across all tasks sharing it.
 
     Pacing rather than a bucket: each caller reserves the next free slot of a schedule kept in
-    absolute loop time, so a late wake-up never accumulates into drift and no burst exceeds the
-    rate. A caller that comes after its slot has passed is let through at once (the schedule
-    restarts from now; there is no catching up). 0 means unlimited.
+    absolute monotonic time, so a late wake-up never accumulates into drift and no burst
+    exceeds the rate. A caller that comes after its slot has passed is let through at once
+    (the schedule restarts from now; there is no catching up). 0 means unlimited. With a
+    shared schedule (``share_schedule``) the slots are those of every sending process: the
+    clock is the system's monotonic clock, the same in each of them.
     """
 
     def __init__(self, rate_per_second: float) -> None:
@@ -112,14 +135,20 @@ class RateLimiter:
             raise ValueError(f"rate_per_second must be >= 0, got {rate_per_second}")
         self._interval = 1.0 / rate_per_second if rate_per_second else 0.0
         self._next = 0.0
+        self._shared = _shared_schedule
 
     async def acquire(self) -> None:
         """Wait for this caller's slot."""
         if not self._interval:
             return
-        now = asyncio.get_running_loop().time()
-        slot = max(now, self._next)
-        self._next = slot + self._interval
+        now = time.monotonic()
+        if self._shared is None:
+            slot = max(now, self._next)
+            self._next = slot + self._interval
+        else:
+            with self._shared.get_lock():
+                slot = max(now, self._shared.value)
+                self._shared.value = slot + self._interval
         if slot > now:
             await asyncio.sleep(slot - now)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import signal
 import time
 from collections import Counter
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from mailer.errors import ConfigError
 from mailer.issues import create_issue
 from mailer.rendering import render_subject
 from mailer.schema import deliveries
-from mailer.senders import HelperExit, per_process
+from mailer.senders import HelperExit
+from mailer.smtp import RateLimiter, share_schedule
 from tests.factories import NOW, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import article, process_log, spawn, wait_for  # noqa: F401
@@ -159,15 +161,46 @@ def test_a_killed_helper_is_reported_and_its_deliveries_go_out_after_the_lease(
     assert statuses(db_url) == Counter({"sent": len(emails)})
 
 
-def test_processes_share_the_rate_and_need_a_shared_database() -> None:
-    settings = make_settings("sqlite:////tmp/x.db", smtp__processes=4, smtp__rate_per_second=100)
-    assert per_process(settings).smtp.rate_per_second == 25
-    alone = replace(settings, smtp=replace(settings.smtp, processes=1))
-    assert per_process(alone) is alone
+def test_processes_need_a_shared_database() -> None:
     with pytest.raises(ConfigError, match=r"\[smtp\]\.processes must be 1 with an in-memory"):
         make_settings("sqlite:///:memory:", smtp__processes=2)
     with pytest.raises(ConfigError, match=r"\[smtp\]\.processes"):
         make_settings("sqlite:////tmp/x.db", smtp__processes=0)
+
+
+async def test_rate_limiters_on_a_shared_schedule_pace_together() -> None:
+    schedule = multiprocessing.get_context("spawn").Value("d", 0.0)
+    share_schedule(schedule)
+    try:
+        limiters = [RateLimiter(100), RateLimiter(100)]  # as if in two processes
+    finally:
+        share_schedule(None)
+
+    async def take(limiter: RateLimiter) -> None:
+        for _ in range(20):
+            await limiter.acquire()
+
+    started = time.monotonic()
+    await asyncio.gather(*(take(limiter) for limiter in limiters))
+    # 40 slots at 100 per second between them: 0.39 s, not the 0.19 s of two own schedules.
+    assert time.monotonic() - started >= 0.37
+
+
+def test_the_rate_holds_for_all_processes_together(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, emails = prepare(
+        db_url, tmp_path, smtp_server, subscribers=120, rate_per_second=40, batch_size=10
+    )
+    send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
+    assert send.wait(timeout=120) == 0, process_log.read_text()
+    assert_each_received_once(smtp_server, emails)
+    stamps = sorted(r.at for r in smtp_server.received)
+    assert (len(stamps) - 1) / (stamps[-1] - stamps[0]) <= 40 * 1.05
+    assert smtp_server.max_concurrent > CONNECTIONS  # both processes sent
 
 
 def test_helper_exits_describe_themselves() -> None:
