@@ -602,7 +602,7 @@ def fresh_database(kind: str, n: int, tag: str) -> str:
 def discard_database(url: str) -> None:
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", "-writers"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
     else:
         drop_pg(url.rsplit("/", 1)[1])
