@@ -53,6 +53,7 @@ class Ours:
     sink_cpu_us: float
     sent: int
     wall: float
+    postgres_cpu_us: float = 0.0  # the PostgreSQL server's CPU per message (0 on SQLite)
 
 
 def ceiling(sink: _lib.Sink, message: Path, sessions: int, count: int) -> Ceiling:
@@ -157,6 +158,7 @@ def ours(
         sink.stamps.clear()
         sink.record = True
         cpu0 = sink.cpu_seconds()
+        pg0 = _lib.postgres_cpu_seconds() if kind == "postgres" else 0.0
         started = time.monotonic()
         send = _lib.Child(send_cmd, env=env)
         helpers: list[_lib.Child] = []
@@ -164,6 +166,7 @@ def ours(
             helpers = [_lib.Child(worker_cmd, env=env) for _ in range(workers)]
         results = [send.wait(), *(h.wait() for h in helpers)]
         wall = time.monotonic() - started
+        pg_cpu = _lib.postgres_cpu_seconds() - pg0 if kind == "postgres" else 0.0
         sink.record = False
         time.sleep(0.2)
         for r in results:
@@ -191,6 +194,7 @@ def ours(
             sink_cpu_us=(sink.cpu_seconds() - cpu0) / n * 1e6,
             sent=sent,
             wall=wall,
+            postgres_cpu_us=pg_cpu / n * 1e6,
         )
     finally:
         _lib.discard_database(url)
@@ -325,7 +329,8 @@ def main() -> None:
                         f" ({'+'.join(f'{x:.1f}' for x in o.cpu_each)} s CPU in"
                         f" {'+'.join(f'{x:.1f}' for x in o.wall_each)} s),"
                         f" RSS {'+'.join(f'{r:.0f}' for r in o.rss_each)} MB,"
-                        f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f})",
+                        f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f})"
+                        + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us)),
                         flush=True,
                     )
     finally:
