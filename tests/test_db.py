@@ -33,10 +33,16 @@ def test_schema_head_is_the_newest_migration(engine: sa.Engine) -> None:
 
 
 def test_check_schema_names_an_old_or_missing_schema(engine: sa.Engine, tmp_path: Path) -> None:
+    set_version = sa.text("UPDATE alembic_version SET version_num = :v")
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
-    with pytest.raises(MailerError, match=f"at revision 0003, code expects {SCHEMA_HEAD}"):
-        check_schema(engine)
+        conn.execute(set_version, {"v": "0003"})
+    try:
+        with pytest.raises(MailerError, match=f"at revision 0003, code expects {SCHEMA_HEAD}"):
+            check_schema(engine)
+    finally:
+        # The PostgreSQL test database is shared by the session: put the revision back.
+        with engine.begin() as conn:
+            conn.execute(set_version, {"v": SCHEMA_HEAD})
     empty = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     try:
         assert current_revision(empty) is None
@@ -47,13 +53,19 @@ def test_check_schema_names_an_old_or_missing_schema(engine: sa.Engine, tmp_path
 
 
 def test_writing_commits_or_rolls_back(engine: sa.Engine) -> None:
-    with writing(engine) as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'x1'"))
-    with pytest.raises(RuntimeError), writing(engine) as conn:
-        conn.execute(sa.text("UPDATE alembic_version SET version_num = 'x2'"))
-        raise RuntimeError("abandon")
-    with reading(engine) as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "x1"
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE scratch (x INTEGER)"))
+    try:
+        with writing(engine) as conn:
+            conn.execute(sa.text("INSERT INTO scratch VALUES (1)"))
+        with pytest.raises(RuntimeError), writing(engine) as conn:
+            conn.execute(sa.text("INSERT INTO scratch VALUES (2)"))
+            raise RuntimeError("abandon")
+        with reading(engine) as conn:
+            assert conn.execute(sa.text("SELECT x FROM scratch")).scalars().all() == [1]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE scratch"))
 
 
 def test_sqlite_reading_does_not_wait_for_a_writer(tmp_path: Path) -> None:
