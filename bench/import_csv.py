@@ -3,15 +3,24 @@
 The file has the documented columns ``email,name,topics,status`` (topics separated by ``;``,
 the seven topic sets in turn, some addresses in mixed case to be normalized). Each run imports
 it into a freshly migrated, empty database; the figures are the wall time, rows per second,
-CPU seconds and the peak RSS of the ``mailer`` process (wait4), then the rows are counted.
+CPU seconds and the peak RSS of the ``mailer`` process (wait4), on PostgreSQL also the
+server's CPU seconds meanwhile (every ``postgres`` process on the machine, from /proc); then
+the subscribers, their topic rows and their events are counted.
 
-    .venv/bin/python bench/import_csv.py --n 1000000 --db sqlite --runs 3
+    .venv/bin/python bench/import_csv.py --n 1000000 --db sqlite --runs 2
+    .venv/bin/python bench/import_csv.py --n 1000000 --db postgres --runs 1
+
+``--profile`` then samples one more SQLite import with py-spy (wall clock, 100 Hz) and prints
+where its time went.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
+import subprocess
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +30,7 @@ import _lib
 def write_csv(path: Path, n: int) -> Path:
     if path.exists():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8", newline="") as f:
         f.write("email,name,topics,status\n")
@@ -69,11 +79,113 @@ def count(url: str, table: str) -> int:
         engine.dispose()
 
 
+def check_counts(url: str, n: int, output: str) -> None:
+    expected = {
+        "subscribers": n,
+        "subscriber_topics": sum(len(_lib.variant_of(i)) for i in range(n)),
+        "events": n,
+    }
+    for table, rows in expected.items():
+        found = count(url, table)
+        if found != rows:
+            raise RuntimeError(f"{table}: {found} rows, expected {rows}: {output}")
+
+
+# Where the import's time goes: (part, frame that marks it, frame that does not count in it).
+PARTS = [
+    ("start-up (imports)", "_find_and_load", None),
+    ("read and validate the CSV", "_read_csv", None),
+    ("stage rows (uids, hashes; executemany or COPY)", "Staging._copy", "_read_csv"),
+    ("duplicate check (_import_seen)", "Staging._drop_duplicates", None),
+    ("suppression check", "Staging._drop_suppressed", None),
+    ("insert subscribers, topics, events", "Staging._insert_new", None),
+    ("commits", "Transaction.commit", None),
+    ("empty the staging table", "Staging._clear", None),
+]
+
+
+def profile(n: int, csv_file: Path) -> None:
+    """py-spy, wall clock (``--idle``: waits on the database count), one SQLite import."""
+    spy = _lib.VENV / "bin" / "py-spy"
+    if not spy.exists():
+        subprocess.run([str(_lib.PYTHON), "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    raw = _lib.WORK / "import-profile.raw"
+    url = empty_database("sqlite", "profile")
+    config = _lib.write_config(
+        _lib.WORK / "import-profile.toml", db_url=url, smtp_port=25, connections=1
+    )
+    command = [str(_lib.MAILER), "--config", str(config), "subscribers", "import", str(csv_file)]
+    try:
+        subprocess.run(
+            [
+                str(spy),
+                "record",
+                "--idle",
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+                "--",
+                *command,
+            ],
+            env=_lib.bench_env(),
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        _lib.discard_database(url)
+    total = 0
+    parts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count_ = line.rpartition(" ")
+        frames = [f.split(" (", 1)[0] for f in stack.split(";")]
+        total += int(count_)
+        for name, needle, unless in PARTS:
+            if needle in frames and (unless is None or unless not in frames):
+                parts[name] += int(count_)
+    print(f"\nprofile: py-spy --idle, {total:,} samples at 100 Hz, SQLite, N={n:,}")
+    print("| part | share of wall time |")
+    print("|---|---|")
+    for name, _, _ in PARTS:
+        print(f"| {name} | {parts[name] / total:.0%} |")
+
+
+@dataclass
+class Run:
+    """One import: the ``mailer`` process, and the PostgreSQL server's CPU meanwhile."""
+
+    measured: _lib.Measured
+    server_cpu: float  # 0 on SQLite
+
+
+def measure(kind: str, csv_file: Path, n: int) -> Run:
+    """One import of ``csv_file`` into a fresh database, checked, then discarded."""
+    tag = f"{kind}-{os.getpid()}"
+    url = empty_database(kind, tag)
+    try:
+        config = _lib.write_config(
+            _lib.WORK / f"import-{tag}.toml", db_url=url, smtp_port=25, connections=1
+        )
+        command = [str(_lib.MAILER), "--config", str(config), "subscribers", "import"]
+        server = _lib.postgres_cpu_seconds() if kind == "postgres" else 0.0
+        m = _lib.run_measured([*command, str(csv_file)], env=_lib.bench_env())
+        server = _lib.postgres_cpu_seconds() - server if kind == "postgres" else 0.0
+        if m.returncode != 0:
+            raise RuntimeError(f"import failed: {m.stderr[-2000:]}")
+        check_counts(url, n, m.stdout)
+        return Run(m, server)
+    finally:
+        _lib.discard_database(url)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="sqlite")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     csv_file = write_csv(_lib.WORK / f"subscribers-{args.n}.csv", args.n)
@@ -82,49 +194,35 @@ def main() -> None:
         f" {_lib.machine()}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
         flush=True,
     )
-    results: dict[str, list[_lib.Measured]] = {k: [] for k in kinds}
+    results: dict[str, list[Run]] = {k: [] for k in kinds}
     for run in range(args.runs):
         for kind in kinds:
-            tag = f"{kind}-{os.getpid()}"
-            url = empty_database(kind, tag)
-            try:
-                config = _lib.write_config(
-                    _lib.WORK / f"import-{tag}.toml", db_url=url, smtp_port=25, connections=1
-                )
-                m = _lib.run_measured(
-                    [
-                        str(_lib.MAILER),
-                        "--config",
-                        str(config),
-                        "subscribers",
-                        "import",
-                        str(csv_file),
-                    ],
-                    env=_lib.bench_env(),
-                )
-                if m.returncode != 0:
-                    raise RuntimeError(f"import failed: {m.stderr[-2000:]}")
-                rows = count(url, "subscribers")
-                if rows != args.n:
-                    raise RuntimeError(f"imported {rows} of {args.n}: {m.stdout}")
-                results[kind].append(m)
-                print(
-                    f"run {run + 1} {kind:8} {m.wall:6.1f} s, {args.n / m.wall:9,.0f} rows/s,"
-                    f" CPU {m.cpu:.1f} s, peak RSS {m.max_rss_mb:.0f} MB",
-                    flush=True,
-                )
-            finally:
-                _lib.discard_database(url)
+            r = measure(kind, csv_file, args.n)
+            results[kind].append(r)
+            m = r.measured
+            print(
+                f"run {run + 1} {kind:8} {m.wall:6.1f} s, {args.n / m.wall:9,.0f} rows/s,"
+                f" CPU {m.cpu:.1f} s, peak RSS {m.max_rss_mb:.0f} MB"
+                + (f", PostgreSQL server CPU {r.server_cpu:.1f} s" if kind == "postgres" else ""),
+                flush=True,
+            )
     print()
-    print("| database | rows | seconds | rows/s | CPU s | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for kind, ms in results.items():
+    print("| database | rows | seconds | rows/s | CPU s | server CPU s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, runs in results.items():
+        ms = [r.measured for r in runs]
+        server = (
+            _lib.median_range([r.server_cpu for r in runs], "{:.1f}") if kind == "postgres" else "–"
+        )
         print(
             f"| {kind} | {args.n:,} | {_lib.median_range([m.wall for m in ms], '{:.1f}')} "
             f"| {_lib.median_range([args.n / m.wall for m in ms])} "
             f"| {_lib.median_range([m.cpu for m in ms], '{:.1f}')} "
+            f"| {server} "
             f"| {_lib.median_range([m.max_rss_mb for m in ms])} |"
         )
+    if args.profile:
+        profile(args.n, csv_file)
 
 
 if __name__ == "__main__":
