@@ -96,6 +96,7 @@ class Helpers:
         # The rate limiters' next free slot (monotonic seconds), for every process.
         self._schedule: Any = self._ctx.Value("d", 0.0)
         self._reader: threading.Thread | None = None
+        self._stopping = False
 
     @property
     def count(self) -> int:
@@ -121,10 +122,16 @@ class Helpers:
         return self
 
     def stop(self) -> None:
-        """Ask every helper to stop (SIGTERM): each finishes its message and releases the rest."""
+        """Ask every helper to stop (SIGTERM, once): each finishes its message and releases the
+        rest."""
+        if not self._stopping:
+            self._stopping = True
+            self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: signal.Signals) -> None:
         for process in self._processes:
             if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+                os.kill(process.pid, sig)
 
     def __exit__(
         self,
@@ -144,9 +151,12 @@ class Helpers:
 
     def _join(self) -> None:
         for process in self._processes:
-            process.join(None if self.job.drain else STOP_GRACE_SECONDS)
-            if process.is_alive():
-                # Stopped and still busy after the grace period: a hung connection.
+            # A draining helper ends by itself; a stopped one gets a grace period, then one
+            # more SIGTERM (in case the first came before its loop listened, or a connection
+            # hangs), then SIGKILL.
+            process.join(STOP_GRACE_SECONDS if self._stopping else None)
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
                 process.join(STOP_GRACE_SECONDS)
             if process.is_alive():
                 process.kill()
@@ -175,15 +185,22 @@ def _helper_main(settings: Settings, job: Job, events: Any, schedule: Any, level
 
     logs.configure(level)
     share_schedule(schedule)
+    # A stop signal before the delivery loop listens (or after it is done) is noted, not
+    # fatal: nothing is claimed then, and the loop starts already stopped.
+    requested = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: requested.set())
     engine = create_engine(settings.database.url)
     try:
-        counts = asyncio.run(_deliver(engine, settings, job, events))
+        counts = asyncio.run(_deliver(engine, settings, job, events, requested))
     finally:
         engine.dispose()
     events.put(("done", os.getpid(), counts))
 
 
-async def _deliver(engine: Any, settings: Settings, job: Job, events: Any) -> dict[str, int]:
+async def _deliver(
+    engine: Any, settings: Settings, job: Job, events: Any, requested: threading.Event
+) -> dict[str, int]:
     from mailer.digests import deliver_issue
     from mailer.dkim import signer_for
     from mailer.service import Parts, Service, stop_on_signals
@@ -191,8 +208,12 @@ async def _deliver(engine: Any, settings: Settings, job: Job, events: Any) -> di
     sign = signer_for(settings)
     if job.issue_id is None:
         service = Service(engine, settings, parts=Parts(scheduler=False, web=False), sign=sign)
+        if requested.is_set():
+            service.stop.set()
         return (await service.run(drain=job.drain)).counts
     stop = asyncio.Event()
+    if requested.is_set():
+        stop.set()
     with stop_on_signals(stop):
         totals = await deliver_issue(
             engine,

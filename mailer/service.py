@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 import uvicorn
@@ -249,17 +250,24 @@ async def _first(*events: asyncio.Event) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop``: lanes finish their message, the rest is released."""
+    """SIGTERM and SIGINT set ``stop``: lanes finish their message, the rest is released.
+
+    Afterwards the handlers found before are put back (asyncio would leave the defaults, and
+    a second SIGTERM during the last clean-up would kill the process).
+    """
     loop = asyncio.get_running_loop()
-    installed = []
+    installed: list[tuple[signal.Signals, Any]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
         try:
             loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
+            installed.append((sig, previous))
         except (NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
             pass
     try:
         yield
     finally:
-        for sig in installed:
+        for sig, previous in installed:
             loop.remove_signal_handler(sig)
+            if previous is not None:
+                signal.signal(sig, previous)

@@ -208,3 +208,29 @@ def test_helper_exits_describe_themselves() -> None:
     assert HelperExit(7, -9).describe() == "sending process 7 was killed by signal 9"
     assert HelperExit(7, 1).describe() == "sending process 7 exited with status 1"
     assert HelperExit(7, None).describe() == "sending process 7 did not stop"
+
+
+def test_sigterm_to_a_worker_stops_its_helpers_cleanly(
+    db_url: str,
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    config, _ = prepare(db_url, tmp_path, smtp_server, subscribers=1)
+    worker = spawn(config, process_log, "worker", "--processes", "3")
+    wait_for(
+        lambda: process_log.read_text().count("service running") == 3,
+        process_log,
+        "the worker and its two helpers to run",
+    )
+    line = next(
+        ln for ln in process_log.read_text().splitlines() if "sending processes started" in ln
+    )
+    pids = [int(p) for p in line.split("pids=[", 1)[1].split("]", 1)[0].split(",")]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, process_log.read_text()
+    log = process_log.read_text()
+    assert "was killed" not in log and "exited with status" not in log, log
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
