@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,6 +247,26 @@ def bench_env(**extra: str) -> dict[str, str]:
     env.pop("MAILER_CONFIG", None)
     env.update(extra)
     return env
+
+
+# ------------------------------------------------------------------ profiles
+
+
+def py_spy(command: Sequence[str], raw: Path, *, mode: str, rate: int) -> None:
+    """Run ``command`` under ``py-spy record`` (``mode``: ``--gil`` or ``--idle``), raw stacks
+    into ``raw``; installs py-spy into the venv if it is missing."""
+    spy = VENV / "bin" / "py-spy"
+    if not spy.exists():
+        subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    argv = [str(spy), "record", mode, "-r", str(rate), "-f", "raw", "-o", str(raw), "--"]
+    subprocess.run([*argv, *command], env=bench_env(), check=True, capture_output=True)
+
+
+def stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """The samples of a py-spy raw file: (function names, outermost first; count)."""
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        yield [f.split(" (", 1)[0] for f in stack.split(";")], int(count)
 
 
 # ------------------------------------------------------------------ statistics

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,9 +105,6 @@ PARTS = [
 
 def profile(n: int, csv_file: Path) -> None:
     """py-spy, wall clock (``--idle``: waits on the database count), one SQLite import."""
-    spy = _lib.VENV / "bin" / "py-spy"
-    if not spy.exists():
-        subprocess.run([str(_lib.PYTHON), "-m", "pip", "install", "--quiet", "py-spy"], check=True)
     raw = _lib.WORK / "import-profile.raw"
     url = empty_database("sqlite", "profile")
     config = _lib.write_config(
@@ -116,35 +112,16 @@ def profile(n: int, csv_file: Path) -> None:
     )
     command = [str(_lib.MAILER), "--config", str(config), "subscribers", "import", str(csv_file)]
     try:
-        subprocess.run(
-            [
-                str(spy),
-                "record",
-                "--idle",
-                "-r",
-                "100",
-                "-f",
-                "raw",
-                "-o",
-                str(raw),
-                "--",
-                *command,
-            ],
-            env=_lib.bench_env(),
-            check=True,
-            capture_output=True,
-        )
+        _lib.py_spy(command, raw, mode="--idle", rate=100)
     finally:
         _lib.discard_database(url)
     total = 0
     parts: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count_ = line.rpartition(" ")
-        frames = [f.split(" (", 1)[0] for f in stack.split(";")]
-        total += int(count_)
+    for frames, count in _lib.stacks(raw):
+        total += count
         for name, needle, unless in PARTS:
             if needle in frames and (unless is None or unless not in frames):
-                parts[name] += int(count_)
+                parts[name] += count
     print(f"\nprofile: py-spy --idle, {total:,} samples at 100 Hz, SQLite, N={n:,}")
     print("| part | share of wall time |")
     print("|---|---|")

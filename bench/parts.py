@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import collections
 import statistics
-import subprocess
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -256,50 +255,24 @@ PARTS = {
 
 def profile(n: int) -> None:
     """py-spy, GIL-holding samples of `mailer digest send` (one process, SQLite)."""
-    spy = _lib.VENV / "bin" / "py-spy"
-    if not spy.exists():
-        subprocess.run([str(_lib.PYTHON), "-m", "pip", "install", "--quiet", "py-spy"], check=True)
     raw = _lib.WORK / "profile.raw"
     with _lib.Sink() as sink:
         url = _lib.fresh_database("sqlite", n, "profile")
         config = _lib.write_config(
             _lib.WORK / "profile.toml", db_url=url, smtp_port=sink.port, connections=32
         )
+        command = [str(_lib.MAILER), "--config", str(config), "digest", "send", "weekly"]
         try:
-            subprocess.run(
-                [
-                    str(spy),
-                    "record",
-                    "--gil",
-                    "-r",
-                    "250",
-                    "-f",
-                    "raw",
-                    "-o",
-                    str(raw),
-                    "--",
-                    str(_lib.MAILER),
-                    "--config",
-                    str(config),
-                    "digest",
-                    "send",
-                    "weekly",
-                ],
-                env=_lib.bench_env(),
-                check=True,
-                capture_output=True,
-            )
+            _lib.py_spy(command, raw, mode="--gil", rate=250)
         finally:
             _lib.discard_database(url)
     total = 0
     parts: collections.Counter[str] = collections.Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        total += int(count)
-        frames = stack.split(";")
+    for frames, count in _lib.stacks(raw):
+        total += count
         for name, needle in PARTS.items():
-            if any(f.startswith(needle + " ") for f in frames):
-                parts[name] += int(count)
+            if needle in frames:
+                parts[name] += count
     print(f"\nprofile: py-spy --gil, {total:,} samples at 250 Hz, `mailer digest send`, N={n:,}")
     print("| part of the hot path | share of GIL-holding samples |")
     print("|---|---|")
