@@ -248,10 +248,28 @@ _TOPICS = (
 
 
 def _seen(conn: sa.Connection, rows: Sequence[Any]) -> dict[int, dict[int, bool]]:
-    """Per subscriber: which of these issues' articles another issue already brought them."""
+    """Per subscriber: which of these issues' articles another issue already brought them.
+
+    First the other issues that share an article with these (``issue_articles`` is small),
+    then only those issues' deliveries to these subscribers, through the
+    (issue_id, subscriber_id) index. Asked in one join instead, PostgreSQL planned it over
+    every sent delivery while the table's statistics lagged behind a fresh issue: its CPU per
+    message grew with the list (≈ 720 µs at 100,000).
+    """
     if not rows:
         return {}
     batch_issues = sorted({r.issue_id for r in rows})
+    shared = sa.select(issue_articles.c.article_id).where(
+        issue_articles.c.issue_id.in_(batch_issues)
+    )
+    earlier = conn.scalars(
+        sa.select(issue_articles.c.issue_id)
+        .where(issue_articles.c.article_id.in_(shared))
+        .where(issue_articles.c.issue_id.not_in(batch_issues))
+        .distinct()
+    ).all()
+    if not earlier:
+        return {}
     previous = deliveries.alias("previous")
     query = (
         sa.select(
@@ -262,14 +280,10 @@ def _seen(conn: sa.Connection, rows: Sequence[Any]) -> dict[int, dict[int, bool]
         .join(issue_articles, issue_articles.c.issue_id == previous.c.issue_id)
         .join(articles, articles.c.id == issue_articles.c.article_id)
         .where(
+            previous.c.issue_id.in_(earlier),
             previous.c.subscriber_id.in_(sa.bindparam("ids", expanding=True)),
             previous.c.status == "sent",
-            previous.c.issue_id.not_in(batch_issues),
-            issue_articles.c.article_id.in_(
-                sa.select(issue_articles.c.article_id).where(
-                    issue_articles.c.issue_id.in_(batch_issues)
-                )
-            ),
+            issue_articles.c.article_id.in_(shared),
         )
     )
     seen: dict[int, dict[int, bool]] = {}
