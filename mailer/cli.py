@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -394,11 +394,9 @@ PROCESSES = click.option(
 
 
 def with_processes(settings: Settings, processes: int | None) -> Settings:
-    if processes is None or processes == settings.smtp.processes:
-        return settings
-    if processes > 1 and settings.database.url in ("sqlite://", "sqlite:///:memory:"):
-        raise click.BadParameter("an in-memory SQLite database is private to one process")
-    return replace(settings, smtp=replace(settings.smtp, processes=processes))
+    from mailer.config import with_processes as set_processes
+
+    return settings if processes is None else set_processes(settings, processes)
 
 
 @digest_group.command("send")

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import time
 from email.headerregistry import Address
 from email.utils import parseaddr
@@ -516,6 +516,25 @@ def _quiet_hours(t: _Table) -> tuple[time, time] | None:
     return time(h1, m1), time(h2, m2)
 
 
+def check_processes(db_url: str, processes: int, *, path: str | None = None) -> None:
+    """More than one sending process needs a database they can all open."""
+    if processes > 1 and db_url in ("sqlite://", "sqlite:///:memory:"):
+        raise ConfigError(
+            f"must be 1 with an in-memory SQLite database ({db_url}: private to one process),"
+            f" got {processes}",
+            path=path,
+            key="smtp.processes",
+        )
+
+
+def with_processes(settings: Settings, processes: int) -> Settings:
+    """``settings`` with ``[smtp].processes`` set (``--processes``), checked as at load."""
+    if processes == settings.smtp.processes:
+        return settings
+    check_processes(settings.database.url, processes)
+    return replace(settings, smtp=replace(settings.smtp, processes=processes))
+
+
 def parse_settings(
     data: dict[str, Any], *, path: Path | None = None, env: dict[str, str] | None = None
 ) -> Settings:
@@ -554,13 +573,7 @@ def parse_settings(
 
     smtp_table = root.table("smtp", required=False)
     smtp = _smtp(smtp_table, env)
-    if smtp.processes > 1 and db_url in ("sqlite://", "sqlite:///:memory:"):
-        raise ConfigError(
-            f"must be 1 with an in-memory SQLite database ({db_url}: private to one process),"
-            f" got {smtp.processes}",
-            path=where,
-            key="smtp.processes",
-        )
+    check_processes(db_url, smtp.processes, path=where)
 
     scheduler = _scheduler(root.table("scheduler", required=False))
     feeds = _feeds(root.table("feeds", required=False))
