@@ -411,13 +411,10 @@ def variant_of(i: int) -> tuple[str, ...]:
     return VARIANTS[i % len(VARIANTS)]
 
 
-def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
-    """One real digest message per topic variant, rendered from examples/articles."""
-    from mailer.messages import DigestComposer
-    from mailer.models import Article, IssueContent, Recipient
+def issue_content(now: datetime) -> Any:
+    """The benchmark issue as the composer takes it: ``issue_articles`` as stored articles."""
+    from mailer.models import Article, IssueContent
 
-    now = datetime.now(UTC)
-    parsed = issue_articles(now)
     arts = tuple(
         Article(
             id=i,
@@ -430,9 +427,9 @@ def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
             link=p.link,
             published_at=p.published_at,
         )
-        for i, p in enumerate(parsed, 1)
+        for i, p in enumerate(issue_articles(now), 1)
     )
-    content = IssueContent(
+    return IssueContent(
         issue_id=1,
         digest_key="weekly",
         digest_name="Weekly digest",
@@ -440,6 +437,15 @@ def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
         date=now,
         articles=arts,
     )
+
+
+def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
+    """One real digest message per topic variant, rendered from examples/articles."""
+    from mailer.messages import DigestComposer
+    from mailer.models import Recipient
+
+    now = datetime.now(UTC)
+    content = issue_content(now)
     composer = DigestComposer(settings, content)
     recipient = Recipient(
         email="reader1@example.org",

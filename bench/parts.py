@@ -38,32 +38,11 @@ def row(part: str, value: str, note: str) -> None:
 
 def composer_and_recipients(n: int) -> tuple[object, list[object], datetime]:
     from mailer.messages import DigestComposer
-    from mailer.models import Article, IssueContent, Recipient
+    from mailer.models import Recipient
 
     settings = _lib.load_bench_settings(_lib.WORK / "sample.toml")
     now = datetime.now(UTC)
-    arts = tuple(
-        Article(
-            id=i,
-            guid=p.guid,
-            topic=p.topic,
-            title=p.title,
-            summary=p.summary,
-            why_it_matters=p.why_it_matters,
-            body=p.body,
-            link=p.link,
-            published_at=p.published_at,
-        )
-        for i, p in enumerate(_lib.issue_articles(now), 1)
-    )
-    content = IssueContent(
-        issue_id=1,
-        digest_key="weekly",
-        digest_name="Weekly digest",
-        subject="Camp Lejeune & New River Updates \u2014 week of 27 November 2026",
-        date=now,
-        articles=arts,
-    )
+    content = _lib.issue_content(now)
     composer = DigestComposer(settings, content)
     recipients = [
         Recipient(

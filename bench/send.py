@@ -289,31 +289,21 @@ def main() -> None:
             for run in range(args.runs):
                 for kind in kinds:
                     c = ceiling(sink, message_file, sessions, count)
-                    o = ours(
-                        sink,
-                        kind=kind,
-                        n=args.n,
-                        connections=args.connections,
-                        workers=args.workers,
-                        batch_size=args.batch_size,
-                        dkim_key=key,
-                        tag=f"{kind}-{os.getpid()}",
-                        helper=args.helper,
-                        processes=args.processes,
-                    )
+                    common = {
+                        "kind": kind,
+                        "n": args.n,
+                        "connections": args.connections,
+                        "workers": args.workers,
+                        "batch_size": args.batch_size,
+                        "dkim_key": key,
+                        "helper": args.helper,
+                        "processes": args.processes,
+                    }
+                    o = ours(sink, tag=f"{kind}-{os.getpid()}", **common)
                     rows[kind].append((c, o))
                     if args.compare is not None:
                         b = ours(
-                            sink,
-                            kind=kind,
-                            n=args.n,
-                            connections=args.connections,
-                            workers=args.workers,
-                            batch_size=args.batch_size,
-                            dkim_key=key,
-                            tag=f"{kind}-base-{os.getpid()}",
-                            helper=args.helper,
-                            code=args.compare,
+                            sink, tag=f"{kind}-base-{os.getpid()}", code=args.compare, **common
                         )
                         before[kind].append(b)
                         print(
