@@ -223,3 +223,34 @@ def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) ->
         assert not any("TEMP B-TREE" in p for p in waiting), waiting
     finally:
         engine.dispose()
+
+
+def test_writing_waits_for_another_process_holding_the_writer_lock(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    engine = create_engine(f"sqlite:///{path}")
+    ctx = multiprocessing.get_context("spawn")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold, args=(f"{path}-writers", held, 60.0))
+    holder.start()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        assert held.wait(30)
+        done = threading.Event()
+
+        def write() -> None:
+            with writing(engine) as conn:
+                conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert not done.wait(0.5), "writing() did not queue behind the other process"
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)
+        assert done.wait(10)
+        writer.join(10)
+    finally:
+        holder.kill()
+        holder.join()
+        engine.dispose()

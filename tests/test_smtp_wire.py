@@ -437,6 +437,12 @@ def test_a_message_marked_crlf_only_gets_the_same_payload(lines: list[bytes]) ->
     assert data_payload(CrlfOnly(data)) == data_payload(data)
 
 
+def test_the_mark_is_what_skips_the_line_break_check() -> None:
+    # Only a mark that lies shows the skip: unmarked, a bare LF goes to aiosmtplib's path.
+    assert data_payload(b"a\nb\r\n") is None
+    assert data_payload(CrlfOnly(b"a\nb\r\n")) is not None
+
+
 @given(st.binary(max_size=40))
 def test_data_with_a_bare_cr_or_lf_is_left_to_aiosmtplib(data: bytes) -> None:
     payload = data_payload(data)
