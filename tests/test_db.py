@@ -221,6 +221,11 @@ def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) ->
         assert "USING INDEX ix_deliveries_waiting" in waiting[0]
         assert "USING INDEX ix_deliveries_issue_waiting" in waiting[1]
         assert not any("TEMP B-TREE" in p for p in waiting), waiting
+        # The rows in flight: the small partial index, never a walk over the whole issue.
+        sending = [p for s, p in zip(seen, plans, strict=True) if "'sending'" in s[0]]
+        assert len(sending) == 2
+        assert all("USING INDEX ix_deliveries_sending" in p for p in sending), sending
+        assert "TEMP B-TREE" not in sending[1], sending
     finally:
         engine.dispose()
 
