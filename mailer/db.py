@@ -91,6 +91,21 @@ def _write_lock(engine: sa.Engine) -> WriteLock | None:
     return lock
 
 
+def refresh_statistics(engine: sa.Engine, table: sa.Table) -> None:
+    """Have PostgreSQL re-read ``table``'s statistics after a bulk write (an issue's snapshot).
+
+    Until autovacuum gets to it (a minute or more), the planner sees the table as it was: it
+    then joined a claim's 500 rows to every subscriber by hashing the whole table and leased
+    them by a sequential scan (at 20,000 recipients: 21 µs per message for the claim's read
+    instead of 8). ANALYZE samples a bounded number of rows, so it costs about the same at any
+    size, and blocks no reader or writer. SQLite is left alone: its claims are planned from the
+    partial indexes alone, and statistics would only let its planner choose differently.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ANALYZE {table.name}")
+
+
 def upsert_insert(conn: sa.Connection, table: sa.Table) -> Any:
     """An INSERT with the dialect's ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite

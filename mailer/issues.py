@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from mailer.articles import ARTICLE_COLUMNS, articles_in_window
 from mailer.config import Digest, Settings
-from mailer.db import upsert_insert
+from mailer.db import refresh_statistics, upsert_insert
 from mailer.errors import DigestError
 from mailer.models import Article, IssueContent
 from mailer.schedule import quiet_until
@@ -129,6 +129,8 @@ def create_issue(
                 .where(issues.c.id == issue_id)
                 .values(status="empty", completed_at=now)
             )
+    if recipients:
+        refresh_statistics(engine, deliveries)
     log.info(
         "issue created",
         extra={
