@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from mailer.bounces import apply_send_bounce
 from mailer.config import SmtpSettings
@@ -379,6 +380,50 @@ _START = (
 )
 
 
+# PostgreSQL: the same two statements, each one statement per group whatever its size. The
+# outcomes arrive as arrays, unnested into rows joined on id; the ids to start as one array.
+# An executemany is one statement per row on the server (parse-bind-execute each), and an
+# expanding IN list is a new statement text for every group size.
+_outcomes = (
+    sa.func.unnest(
+        sa.bindparam("_ids", type_=ARRAY(sa.BigInteger)),
+        sa.bindparam("_statuses", type_=ARRAY(sa.String)),
+        sa.bindparam("_replies", type_=ARRAY(sa.String)),
+        sa.bindparam("_sent", type_=ARRAY(sa.DateTime(timezone=True))),
+        sa.bindparam("_next", type_=ARRAY(sa.DateTime(timezone=True))),
+    )
+    .table_valued("id", "status", "reply", "sent_at", "next_at", name="outcome")
+    .render_derived()
+)
+_RECORD_ARRAYS = (
+    deliveries.update()
+    .where(deliveries.c.id == _outcomes.c.id)
+    .values(
+        status=_outcomes.c.status,
+        last_reply=_outcomes.c.reply,
+        sent_at=_outcomes.c.sent_at,
+        next_attempt_at=_outcomes.c.next_at,
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=sa.bindparam("_now"),
+    )
+)
+_START_ARRAY = (
+    deliveries.update()
+    .where(
+        deliveries.c.id == sa.any_(sa.bindparam("_ids", type_=ARRAY(sa.BigInteger))),
+        deliveries.c.lease_owner == sa.bindparam("_owner"),
+    )
+    .values(
+        status="sending",
+        attempts=deliveries.c.attempts + 1,
+        lease_expires_at=sa.bindparam("_expires"),
+        updated_at=sa.bindparam("_now"),
+    )
+    .returning(deliveries.c.id)
+)
+
+
 def commit_progress(
     engine: sa.Engine,
     *,
@@ -402,7 +447,20 @@ def commit_progress(
         counts[row["_status"]] = counts.get(row["_status"], 0) + 1
     started: set[int] = set()
     with writing(engine) as conn:
-        if rows:
+        arrays = conn.dialect.name == "postgresql"
+        if rows and arrays:
+            conn.execute(
+                _RECORD_ARRAYS,
+                {
+                    "_ids": [row["_id"] for row in rows],
+                    "_statuses": [row["_status"] for row in rows],
+                    "_replies": [row["_reply"] for row in rows],
+                    "_sent": [row["_sent_at"] for row in rows],
+                    "_next": [row["_next"] for row in rows],
+                    "_now": now,
+                },
+            )
+        elif rows:
             for row in rows:
                 row["_now"] = now
             conn.execute(_RECORD, rows)
@@ -422,7 +480,7 @@ def commit_progress(
         if starts:
             started = set(
                 conn.scalars(
-                    _START,
+                    _START_ARRAY if arrays else _START,
                     {"_ids": list(starts), "_owner": owner, "_expires": now + lease, "_now": now},
                 )
             )
