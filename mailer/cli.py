@@ -31,7 +31,7 @@ from mailer.schema import SUBSCRIBER_STATUSES
 
 if TYPE_CHECKING:
     from mailer.delivery import Totals
-    from mailer.senders import HelperExit
+    from mailer.senders import HelperExit, Helpers
     from mailer.service import Parts
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -405,23 +405,53 @@ def with_processes(settings: Settings, processes: int | None) -> Settings:
 @pass_ctx
 def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
-    from mailer.digests import open_issue
+    # Imported before the helpers are forked, so they start with them.
+    from mailer.digests import deliver_issue, open_issue  # noqa: F401
+    from mailer.senders import Helpers
+    from mailer.signals import stop_on_signals  # noqa: F401
 
     settings = with_processes(ctx.settings, processes)
-    engine = ctx.engine()
-    issue = open_issue(engine, settings, settings.digest(key), now=now())
-    verb = "created" if issue.created else "resuming"
+    digest = settings.digest(key)
+    sign = signer(settings)  # a bad [dkim] key is reported before anything starts
+    # The helper processes start before this command opens anything, so they are forked with
+    # every module already imported, and get ready while the issue is made.
+    helpers = Helpers(settings, fork=True)
+    with helpers:
+        engine = ctx.engine()
+        issue = open_issue(engine, settings, digest, now=now())
+        verb = "created" if issue.created else "resuming"
+        out.print(
+            f"issue {issue.issue_id} {verb}"
+            + (
+                f": {issue.articles} articles, {issue.recipients} recipients"
+                if issue.created
+                else ""
+            )
+        )
+        started = time.monotonic()
+        totals = _send_issue(engine, settings, issue.issue_id, helpers, sign)
+    elapsed = time.monotonic() - started
+    totals.add(helpers.report.counts)
+    c = totals.counts
+    rate = c.get("sent", 0) / elapsed if elapsed > 0 else 0.0
+    spread = f", {settings.smtp.processes} processes" if settings.smtp.processes > 1 else ""
     out.print(
-        f"issue {issue.issue_id} {verb}"
-        + (f": {issue.articles} articles, {issue.recipients} recipients" if issue.created else "")
+        f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
+        f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {elapsed:.2f}s "
+        f"({rate:.0f} msg/s{spread})"
     )
-    send_issue(engine, settings, issue.issue_id)
+    _check_helpers(helpers.report.failed, settings)
 
 
-def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
-    """Deliver an issue with a progress bar (over ``[smtp].processes`` processes), then print
-    the summary line."""
-    from mailer.senders import Helpers, Job
+def _send_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    issue_id: int,
+    helpers: Helpers,
+    sign: Callable[[bytes], bytes] | None,
+) -> Totals:
+    """Deliver an issue here and in the helpers, with a progress bar; this process's totals."""
+    from mailer.senders import Job
 
     summary = issues.summarize(engine, issue_id)
     due = (
@@ -429,7 +459,6 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
         + summary.counts.get("deferred", 0)
         + summary.counts.get("sending", 0)
     )
-    started = time.monotonic()
     with Progress(
         TextColumn("sending"),
         BarColumn(),
@@ -444,35 +473,28 @@ def send_issue(engine: sa.Engine, settings: Settings, issue_id: int) -> None:
         def advance(counts: dict[str, int]) -> None:
             progress.advance(task, sum(counts.values()))
 
-        helpers = Helpers(settings, Job(issue_id, drain=True), on_batch=advance)
-        with helpers:
-            totals, stopped = asyncio.run(_deliver_issue(engine, settings, issue_id, advance))
-            if stopped:
-                helpers.stop()
-    elapsed = time.monotonic() - started
-    totals.add(helpers.report.counts)
-    c = totals.counts
-    rate = c.get("sent", 0) / elapsed if elapsed > 0 else 0.0
-    spread = f", {settings.smtp.processes} processes" if settings.smtp.processes > 1 else ""
-    out.print(
-        f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
-        f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {elapsed:.2f}s "
-        f"({rate:.0f} msg/s{spread})"
-    )
-    _check_helpers(helpers.report.failed, settings)
+        helpers.assign(Job(issue_id, drain=True), on_batch=advance)
+        totals, stopped = asyncio.run(_deliver_issue(engine, settings, issue_id, advance, sign))
+        if stopped:
+            helpers.stop()
+    return totals
 
 
 async def _deliver_issue(
-    engine: sa.Engine, settings: Settings, issue_id: int, advance: Callable[[dict[str, int]], None]
+    engine: sa.Engine,
+    settings: Settings,
+    issue_id: int,
+    advance: Callable[[dict[str, int]], None],
+    sign: Callable[[bytes], bytes] | None,
 ) -> tuple[Totals, bool]:
     """This process's share of an issue; SIGTERM/SIGINT stop it after the current messages."""
     from mailer.digests import deliver_issue
-    from mailer.service import stop_on_signals
+    from mailer.signals import stop_on_signals
 
     stop = asyncio.Event()
     with stop_on_signals(stop):
         totals = await deliver_issue(
-            engine, settings, issue_id, on_batch=advance, sign=signer(settings), stop=stop
+            engine, settings, issue_id, on_batch=advance, sign=sign, stop=stop
         )
     return totals, stop.is_set()
 

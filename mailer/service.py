@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import sqlalchemy as sa
 import uvicorn
@@ -27,6 +25,7 @@ from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, missed_slots, trigger_for
+from mailer.signals import stop_on_signals
 from mailer.smtp import SmtpPool
 from mailer.sources import fetch_sources, log_results
 
@@ -246,28 +245,3 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT set ``stop``: lanes finish their message, the rest is released.
-
-    Afterwards the handlers found before are put back (asyncio would leave the defaults, and
-    a second SIGTERM during the last clean-up would kill the process).
-    """
-    loop = asyncio.get_running_loop()
-    installed: list[tuple[signal.Signals, Any]] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append((sig, previous))
-        except (NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
-            pass
-    try:
-        yield
-    finally:
-        for sig, previous in installed:
-            loop.remove_signal_handler(sig)
-            if previous is not None:
-                signal.signal(sig, previous)

@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
 from datetime import timedelta
@@ -15,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer import articles
-from mailer.db import create_engine
+from mailer.db import create_engine, migrate
 from mailer.errors import ConfigError
 from mailer.issues import create_issue
 from mailer.rendering import render_subject
@@ -234,3 +235,70 @@ def test_sigterm_to_a_worker_stops_its_helpers_cleanly(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie left for whoever adopted it to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def _helper_pids(log: Path) -> list[int]:
+    line = next(ln for ln in log.read_text().splitlines() if "sending processes started" in ln)
+    return [int(p) for p in line.split("pids=[", 1)[1].split("]", 1)[0].split(",")]
+
+
+def test_helpers_started_before_the_issue_end_when_no_issue_can_be_made(
+    tmp_path: Path,
+    process_log: Path,  # noqa: F811
+) -> None:
+    # A database nobody migrated: `digest send` fails after its helpers have started.
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    config = write_config(tmp_path / "mailer.toml", url, smtp={"processes": 2})
+    send = spawn(config, process_log, "digest", "send", "weekly")
+    assert send.wait(timeout=60) == 1, process_log.read_text()
+    log = process_log.read_text()
+    assert "the database is not initialized" in log, log
+    pids = _helper_pids(process_log)
+    assert len(pids) == 1
+    wait_for(lambda: all(_ended(p) for p in pids), process_log, "the helper to end", timeout=10)
+
+
+def test_helpers_waiting_for_their_job_end_when_the_command_is_killed(
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    process_log: Path,  # noqa: F811
+) -> None:
+    path = tmp_path / "held.db"
+    engine = create_engine(f"sqlite:///{path}")
+    migrate(engine)
+    engine.dispose()
+    config, _ = prepare(f"sqlite:///{path}", tmp_path, smtp_server, subscribers=3)
+    # Another writer holds the database: the command waits to create the issue while its
+    # helper waits for the issue.
+    holder = sqlite3.connect(path, isolation_level=None, timeout=30)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
+        wait_for(
+            lambda: "sending processes started" in process_log.read_text(),
+            process_log,
+            "the helper to start",
+        )
+        pids = _helper_pids(process_log)
+        send.kill()
+        send.wait(timeout=30)
+        wait_for(
+            lambda: all(_ended(p) for p in pids),
+            process_log,
+            "the orphaned helper to notice and end",
+            timeout=10,
+        )
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert statuses(f"sqlite:///{path}") == Counter(), "nothing was claimed or sent"
+    assert smtp_server.received == []
