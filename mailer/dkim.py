@@ -57,7 +57,7 @@ from dkim.canonicalization import (
 from mailer.clock import now as clock_now
 from mailer.config import DkimSettings, Settings
 from mailer.errors import ConfigError, MailerError
-from mailer.wire import CrlfOnly, is_crlf_only
+from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,9 @@ class DkimSigner:
         """
         header = self.signature_header(message, now=now)
         if isinstance(message, CrlfOnly) and is_crlf_only(header):
+            # The header's lines begin with its name or a folding space, never with a dot.
+            if isinstance(message, SmtpReady) and not has_leading_dot(header):
+                return SmtpReady(header + message)
             return CrlfOnly(header + message)
         return header + message
 

@@ -62,7 +62,7 @@ from mailer.rendering import (
     one_line,
     site_view,
 )
-from mailer.wire import CrlfOnly, is_crlf_only
+from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 
 # RFC 2045 §6.7: encoded lines of at most 76 characters (policy.SMTP's 78 would break it);
 # refold_source="none" keeps set_raw values exactly as given (see COMPLIANCE pitfalls 1-2).
@@ -325,6 +325,12 @@ class SplicedMessage:
         # message filled from CRLF-only chunks is CRLF-only (the SMTP client skips its check).
         self._wire: type[bytes] = CrlfOnly if is_crlf_only(raw) else bytes
         prefix = markers.prefix.encode()
+        # And no static chunk starts a line with a dot (a chunk is taken to begin a line, which
+        # errs on the safe side); the lines filled in per recipient are checked in fill().
+        if self._wire is CrlfOnly and not any(
+            isinstance(part, bytes) and has_leading_dot(part) for part in self.parts
+        ):
+            self._wire = SmtpReady
         if any(isinstance(part, bytes) and prefix in part for part in self.parts):
             raise RenderError(
                 "a per-recipient value could not be isolated for splicing", template="email/*"
@@ -347,9 +353,14 @@ class SplicedMessage:
     def fill(self, values: Mapping[str, str]) -> bytes:
         """The message with ``values`` (slot name → value) in place of every marker."""
         out = self._chunks.copy()
+        wire = self._wire
         for index, slot in self._slots:
-            out[index] = slot.fill(values)
-        return self._wire(b"".join(out))
+            out[index] = filled = slot.fill(values)
+            # A body line filled in (QP, soft breaks included) may begin a line with a dot;
+            # a header value is never at a line start.
+            if wire is SmtpReady and isinstance(slot, _LineSlot) and has_leading_dot(filled):
+                wire = CrlfOnly
+        return wire(b"".join(out))
 
 
 def _cut(raw: bytes, markers: _Markers) -> Iterable[bytes | _HeaderSlot | _LineSlot]:

@@ -28,7 +28,7 @@ from aiosmtplib.typing import Default
 
 from mailer.config import SmtpSettings
 from mailer.errors import DeliveryError
-from mailer.wire import CrlfOnly, is_crlf_only
+from mailer.wire import CrlfOnly, SmtpReady, is_crlf_only
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,15 @@ def data_payload(data: bytes) -> tuple[int, bytes] | None:
     and its dot-stuffing pass (a "." at the start of a line gets one more, RFC 5321 §4.5.2)
     is one ``bytes.replace``: three quick passes instead of three regular expression passes.
     SIZE counts the message before dot-stuffing, as aiosmtplib does. A ``CrlfOnly`` message
-    (the digest composer's) is not checked again.
+    (the digest composer's) is not checked again, and a ``SmtpReady`` one has no dot to stuff.
     """
     if not isinstance(data, CrlfOnly) and not is_crlf_only(data):
         return None
+    ready = isinstance(data, SmtpReady)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
+    if ready:
+        return len(data), data + b".\r\n"
     stuffed = data.replace(b"\r\n.", b"\r\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed

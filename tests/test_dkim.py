@@ -40,7 +40,7 @@ from mailer.errors import ConfigError, MailerError
 from mailer.messages import DigestComposer, build_confirmation
 from mailer.models import Article, IssueContent, Recipient
 from mailer.smtp import Outcome, SmtpPool
-from mailer.wire import CrlfOnly, is_crlf_only
+from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from tests.factories import NOW, TOPICS, config_dict, make_settings
 from tests.smtp_server import FaultServer
 
@@ -558,8 +558,10 @@ def test_signer_uses_its_clock_for_t(rsa_key: rsa.RSAPrivateKey) -> None:
 
 def test_a_signed_composer_message_stays_marked_crlf_only(signer: DkimSigner) -> None:
     message = digest_message()
-    assert isinstance(message, CrlfOnly)  # what the composer returns
+    assert isinstance(message, SmtpReady)  # what the composer returns
     signed = signer.sign(message)
-    assert isinstance(signed, CrlfOnly) and is_crlf_only(signed)
+    assert isinstance(signed, SmtpReady) and is_crlf_only(signed)
+    assert not has_leading_dot(signed)
+    assert type(signer.sign(CrlfOnly(message))) is CrlfOnly  # only CRLF-only: stays so
     assert verifies(signed, signer)
     assert type(signer.sign(bytes(message))) is bytes  # unmarked input: the client checks it

@@ -30,13 +30,15 @@ from mailer.errors import AddressError, DeliveryError, TemplateError
 from mailer.links import links_for
 from mailer.messages import (
     DigestComposer,
+    SplicedMessage,
+    _Markers,
     build_confirmation,
     list_id_value,
     reference_message,
 )
 from mailer.models import Article, IssueContent, Recipient
 from mailer.rendering import TEMPLATE_DIR, Renderer, one_line
-from mailer.wire import CrlfOnly, is_crlf_only
+from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from tests.compliance import assert_compliant, header_block, parse, raw_field
 from tests.factories import BASE_CONFIG, NOW, TOPICS, make_settings
 
@@ -138,6 +140,9 @@ def assert_same_message(fast: bytes, slow: bytes) -> None:
     # The composer marks what it builds CRLF-only (the SMTP client then skips its own check),
     # and it is.
     assert isinstance(fast, CrlfOnly) and is_crlf_only(fast)
+    # Marked ready for DATA only when no line begins with a dot (nothing to stuff).
+    if isinstance(fast, SmtpReady):
+        assert not has_leading_dot(fast)
     a, b = parse(fast), parse(slow)
     assert headers(a) == headers(b)
     assert parts(a) == parts(b)
@@ -504,3 +509,20 @@ def test_seed_article_digest_round_trips() -> None:
     slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW)
     assert fast is not None and slow is not None
     assert without_boundary(fast) == without_boundary(slow)
+
+
+def test_a_filled_line_that_begins_with_a_dot_loses_the_ready_mark() -> None:
+    markers = _Markers()
+    raw = (
+        b"Subject: x\r\nTo: " + markers("TO").encode() + b"\r\n\r\n"
+        b"Read it: " + markers("URL").encode() + b"\r\n"
+        b"The end.\r\n"
+    )
+    spliced = SplicedMessage(raw, markers)
+    plain = spliced.fill({"TO": "a@example.org", "URL": "https://example.org/x"})
+    assert isinstance(plain, SmtpReady)
+    # Quoted-printable breaks the line after 75 characters: the dot then begins a line.
+    url = "https://example.org/" + "x" * (75 - len("Read it: https://example.org/")) + ".y"
+    dotted = spliced.fill({"TO": "a@example.org", "URL": url})
+    assert b"=\r\n.y" in dotted
+    assert isinstance(dotted, CrlfOnly) and not isinstance(dotted, SmtpReady)

@@ -31,7 +31,7 @@ from mailer.smtp import (
     _Replies,
     data_payload,
 )
-from mailer.wire import CrlfOnly
+from mailer.wire import CrlfOnly, SmtpReady
 from tests.factories import config_dict
 
 SENDER = "bounces@news.example.org"
@@ -435,6 +435,18 @@ def test_the_payload_is_aiosmtplibs_normalized_and_dot_stuffed_message(
 def test_a_message_marked_crlf_only_gets_the_same_payload(lines: list[bytes]) -> None:
     data = b"\r\n".join(lines)
     assert data_payload(CrlfOnly(data)) == data_payload(data)
+
+
+@given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))))
+def test_a_message_marked_ready_gets_the_same_payload(lines: list[bytes]) -> None:
+    data = b"\r\n".join(line.lstrip(b".") for line in lines)
+    assert data_payload(SmtpReady(data)) == data_payload(data)
+
+
+def test_the_ready_mark_is_what_skips_dot_stuffing() -> None:
+    # Only a mark that lies shows the skip: unmarked, the dot is doubled.
+    assert data_payload(b"a\r\n.b\r\n") == (7, b"a\r\n..b\r\n.\r\n")
+    assert data_payload(SmtpReady(b"a\r\n.b\r\n")) == (7, b"a\r\n.b\r\n.\r\n")
 
 
 def test_the_mark_is_what_skips_the_line_break_check() -> None:
