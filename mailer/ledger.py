@@ -364,20 +364,23 @@ _RECORD = (
 )
 
 
-_START = (
-    deliveries.update()
-    .where(
-        deliveries.c.id.in_(sa.bindparam("_ids", expanding=True)),
-        deliveries.c.lease_owner == sa.bindparam("_owner"),
+def _start(chosen: sa.ColumnElement[bool]) -> sa.UpdateBase:
+    """Mark the ``chosen`` rows in flight where this worker still holds their lease; returns
+    the ids started."""
+    return (
+        deliveries.update()
+        .where(chosen, deliveries.c.lease_owner == sa.bindparam("_owner"))
+        .values(
+            status="sending",
+            attempts=deliveries.c.attempts + 1,
+            lease_expires_at=sa.bindparam("_expires"),
+            updated_at=sa.bindparam("_now"),
+        )
+        .returning(deliveries.c.id)
     )
-    .values(
-        status="sending",
-        attempts=deliveries.c.attempts + 1,
-        lease_expires_at=sa.bindparam("_expires"),
-        updated_at=sa.bindparam("_now"),
-    )
-    .returning(deliveries.c.id)
-)
+
+
+_START = _start(deliveries.c.id.in_(sa.bindparam("_ids", expanding=True)))
 
 
 # PostgreSQL: the same two statements, each one statement per group whatever its size. The
@@ -408,20 +411,7 @@ _RECORD_ARRAYS = (
         updated_at=sa.bindparam("_now"),
     )
 )
-_START_ARRAY = (
-    deliveries.update()
-    .where(
-        deliveries.c.id == sa.any_(sa.bindparam("_ids", type_=ARRAY(sa.BigInteger))),
-        deliveries.c.lease_owner == sa.bindparam("_owner"),
-    )
-    .values(
-        status="sending",
-        attempts=deliveries.c.attempts + 1,
-        lease_expires_at=sa.bindparam("_expires"),
-        updated_at=sa.bindparam("_now"),
-    )
-    .returning(deliveries.c.id)
-)
+_START_ARRAY = _start(deliveries.c.id == sa.any_(sa.bindparam("_ids", type_=ARRAY(sa.BigInteger))))
 
 
 def commit_progress(
