@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -400,14 +399,12 @@ class _Readable:
     def __init__(self, rows: Iterator[ImportRow]) -> None:
         self._rows = rows
         self.error: SubscriberError | None = None
-        self.exhausted = False
 
     def __iter__(self) -> Iterator[ImportRow]:
         try:
             yield from self._rows
         except SubscriberError as exc:
             self.error = exc
-        self.exhausted = True
 
 
 def import_csv(
@@ -437,11 +434,16 @@ def import_csv(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     report = ImportReport()
     readable = _Readable(_read_csv(stream, known_topics, report))
-    rows = iter(readable)
-    with engine.connect() as conn, importer.staging(conn, now=now, source=source) as stage:
-        while not readable.exhausted:
+    with (
+        engine.connect() as conn,
+        importer.staging(conn, now=now, source=source) as stage,
+        # The file is read, validated and prepared in a thread, a chunk ahead of the
+        # database (it appends the rows it rejects to report.errors meanwhile).
+        stage.read_ahead(readable, chunk_size) as chunks,
+    ):
+        for chunk in chunks:
             with conn.begin():
-                result = stage.import_chunk(itertools.islice(rows, chunk_size), present=update)
+                result = stage.import_chunk(chunk, present=update)
                 _count(report, result)
                 if update:
                     _refresh(conn, result.present, report, now=now, source=source)

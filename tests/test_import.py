@@ -13,6 +13,8 @@ import io
 import json
 import re
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, TextIO
@@ -264,7 +266,12 @@ def contents(engine: sa.Engine) -> dict[str, list[Any]]:
 
 
 def both_ways(
-    engine: sa.Engine, text: str, *, chunk_size: int, update: bool = False
+    engine: sa.Engine,
+    text: str,
+    *,
+    chunk_size: int,
+    update: bool = False,
+    source: str = "import:f.csv",
 ) -> tuple[tuple[ImportReport, dict[str, list[Any]]], tuple[ImportReport, dict[str, list[Any]]]]:
     """(report, contents) of the reference import, then of import_csv, each on a fresh seed."""
     seed(engine)
@@ -273,7 +280,7 @@ def both_ways(
         io.StringIO(text),
         known_topics=TOPICS,
         now=NOW,
-        source="import:f.csv",
+        source=source,
         update=update,
     )
     before = contents(engine)
@@ -283,7 +290,7 @@ def both_ways(
         io.StringIO(text),
         known_topics=TOPICS,
         now=NOW,
-        source="import:f.csv",
+        source=source,
         update=update,
         chunk_size=chunk_size,
     )
@@ -322,6 +329,32 @@ def test_import_leaves_what_the_row_by_row_import_left(
     assert (report.added, report.suppressed) == (5, 1)
     assert (report.updated, report.unchanged) == ((1, 0) if update else (0, 1))
     assert [e.row for e in report.errors] == [3, 4, 6, 9, 10, 14, 16, 17]
+
+
+# Values that COPY's text format must escape (backslash, tab, newline, carriage return), in
+# the address as given, the name and the source (the event's JSON).
+ESCAPED = (
+    "email,name,topics,status\n"
+    "ann@example.org,Back\\slash,base-alerts,active\n"
+    'bob@example.org,"Two\tcells",,active\n'
+    '"\tann@example.org",Ann again,,active\n'
+    '" bob@example.org\r\n",Bob again,,active\n'
+    'dee@example.org,"new\nline",,pending\n'
+    "eve@example.org,\\N,,active\n"
+)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 50_000], ids=["chunk-1", "one-chunk"])
+def test_values_with_copy_escapes_import_as_given(engine: sa.Engine, chunk_size: int) -> None:
+    source = 'import:C:\\lists\\"tab\tbed".csv'
+    expected, actual = both_ways(engine, ESCAPED, chunk_size=chunk_size, source=source)
+    assert actual == expected
+    report = actual[0]
+    assert report.added == 4
+    assert [(e.row, e.email) for e in report.errors] == [
+        (4, "\tann@example.org"),
+        (6, " bob@example.org\r\n"),
+    ]
 
 
 _EMAILS = st.sampled_from(
@@ -463,3 +496,127 @@ def test_an_update_of_more_rows_than_one_in_list_takes(engine: sa.Engine) -> Non
 
 def _default_sqlite_variable_limit(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766)
+
+
+# ------------------------------------------------------------------ concurrency and failures
+
+
+def test_an_address_inserted_meanwhile_is_skipped(engine: sa.Engine) -> None:
+    """Another session inserts an address of the file after the import's look-up: the chunk
+    skips it, as the row-by-row import's ON CONFLICT did."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("an SQLite import holds the write lock: nobody inserts meanwhile")
+    text = "email,name\na@example.org,A\nb@example.org,B from the file\nc@example.org,C\n"
+    with engine.connect() as other:
+        held = other.begin()
+        other.execute(
+            subscriber_table.insert().values(
+                uid=new_uid(),
+                email="b@example.org",
+                name="B",
+                status="active",
+                created_at=NOW,
+                updated_at=NOW,
+                consent_source="form",
+            )
+        )
+        reports: list[ImportReport] = []
+        importing = threading.Thread(
+            target=lambda: reports.append(
+                subscribers.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
+            )
+        )
+        importing.start()
+        _wait_for_a_lock_wait(engine)  # the import's INSERT waits for the open transaction
+        held.commit()
+    importing.join(timeout=30)
+    assert not importing.is_alive()
+    [report] = reports
+    assert (report.added, report.unchanged, report.errors) == (2, 1, [])
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(subscriber_table.c.email, subscriber_table.c.name).order_by(
+                subscriber_table.c.email
+            )
+        ).all()
+        logged = conn.scalars(
+            sa.select(subscriber_table.c.email)
+            .join(events, events.c.subscriber_id == subscriber_table.c.id)
+            .order_by(events.c.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("a@example.org", "A"),
+        ("b@example.org", "B"),
+        ("c@example.org", "C"),
+    ]
+    assert logged == ["a@example.org", "c@example.org"]
+
+
+def _wait_for_a_lock_wait(engine: sa.Engine) -> None:
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.scalar(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+            conn.rollback()
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError("the import never waited for the other transaction")
+
+
+def _reading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "import-read-ahead"]
+
+
+class _FailingFile(io.RawIOBase):
+    """A file whose reading fails once its data has been read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._data.readinto(buffer)
+        if not count:
+            raise OSError("the disk went away")
+        return count
+
+
+def test_a_reading_error_ends_the_import_after_the_chunks_before_it(engine: sa.Engine) -> None:
+    data = ("email\n" + "".join(f"r{i}@example.org\n" for i in range(250))).encode()
+    stream = io.TextIOWrapper(io.BufferedReader(_FailingFile(data)), encoding="utf-8", newline="")
+    with pytest.raises(OSError, match="the disk went away"):
+        subscribers.import_csv(engine, stream, known_topics=TOPICS, now=NOW, chunk_size=100)
+    with engine.connect() as conn:
+        count = conn.scalar(sa.select(sa.func.count()).select_from(subscriber_table))
+    assert count == 200  # two whole chunks; the third was rolled back
+    assert not _reading_threads()
+
+
+def test_a_database_error_stops_the_reading_thread(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = 0
+    real = importer.Staging.import_chunk
+
+    def failing(self: importer.Staging, *args: Any, **kwargs: Any) -> importer.ChunkResult:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 2:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("connection lost"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(importer.Staging, "import_chunk", failing)
+    text = "email\n" + "".join(f"r{i}@example.org\n" for i in range(50_000))
+    with pytest.raises(sa.exc.OperationalError, match="connection lost"):
+        subscribers.import_csv(
+            engine, io.StringIO(text), known_topics=TOPICS, now=NOW, chunk_size=1_000
+        )
+    assert not _reading_threads()
