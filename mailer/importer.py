@@ -46,6 +46,24 @@ class ImportRow(NamedTuple):
     status: str
 
 
+@dataclass(frozen=True)
+class RowError:
+    """One rejected CSV row: its 1-based line number in the file, the address given, why."""
+
+    row: int
+    email: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} ({self.email or 'no email'}): {self.reason}"
+
+
+# What the reading of a file yields, in file order: a valid row, or a rejected one. Rejected
+# rows travel with the valid ones so that they count towards a chunk and are handed on, in
+# row order, with the chunk's outcome: memory never holds more than a chunk of them.
+ReadRow = ImportRow | RowError
+
+
 class Duplicate(NamedTuple):
     """A row whose address an earlier row of the file already had."""
 
@@ -78,13 +96,15 @@ class ChunkResult:
 class Batch:
     """Up to ``STAGE_BATCH`` rows of one chunk, ready to be staged."""
 
-    size: int
+    size: int  # valid rows
     # Choices of topics first used in this batch, numbered on from the previous batch's.
     topic_sets: list[tuple[str, ...]]
     # SQLite: the staging table's values, in its column order. PostgreSQL: the same values
     # as the text of a COPY (``copy``), and ``values`` is empty.
     values: list[tuple[Any, ...]]
     copy: bytes
+    # The rows of the batch that were rejected while reading, in row order.
+    rejected: list[RowError]
 
 
 _staging = sa.MetaData()
@@ -189,7 +209,9 @@ class _Preparer:
             self._duplicates.submit(self._lines, self._emails)
             self._lines, self._emails = [], []
 
-    def __call__(self, rows: list[ImportRow]) -> Batch:
+    def __call__(self, read: list[ReadRow]) -> Batch:
+        rows = [r for r in read if type(r) is ImportRow]
+        rejected = [r for r in read if type(r) is RowError] if len(rows) < len(read) else []
         if self._duplicates is not None:
             self._lines += [r.line for r in rows]
             self._emails += [r.email for r in rows]
@@ -218,7 +240,7 @@ class _Preparer:
             for r, uid, topic_set in zip(rows, fresh_uids(len(rows)), sets, strict=True)
         ]
         if not self._postgres:
-            return Batch(len(rows), new, values, b"")
+            return Batch(len(rows), new, values, b"", rejected)
         # An f-string per row: a third of the time of a join of str() of each value.
         text = "".join(
             [
@@ -238,7 +260,7 @@ class _Preparer:
             text = "".join(
                 ["\t".join([str(v).translate(_COPY_ESCAPES) for v in row]) + "\n" for row in values]
             )
-        return Batch(len(rows), new, [], text.encode())
+        return Batch(len(rows), new, [], text.encode(), rejected)
 
 
 class Staging:
@@ -275,7 +297,7 @@ class Staging:
 
     @contextlib.contextmanager
     def read_ahead(
-        self, rows: Iterable[ImportRow], chunk_size: int
+        self, rows: Iterable[ReadRow], chunk_size: int
     ) -> Iterator[Iterator[Iterator[Batch]]]:
         """The chunks of ``rows``, each an iterator of its batches; the last may be empty.
 
@@ -388,6 +410,8 @@ class Staging:
         else:
             count = 0
             for batch in batches:
+                if not batch.size:
+                    continue  # every row of the batch was rejected
                 self._add_topic_sets(batch.topic_sets)
                 # The values go to the driver as they are, without SQLAlchemy's per-value
                 # type processing: all of them are str or int already.
@@ -443,7 +467,7 @@ _T = TypeVar("_T")
 
 
 def _chunks(
-    rows: Iterable[ImportRow], chunk_size: int, prepare: Callable[[list[ImportRow]], Batch]
+    rows: Iterable[ReadRow], chunk_size: int, prepare: Callable[[list[ReadRow]], Batch]
 ) -> Iterator[Iterator[Batch]]:
     """The chunks of ``rows``, prepared a batch at a time as they are read."""
     source = iter(rows)
@@ -479,7 +503,7 @@ class ReadAhead:
     time, at most a chunk (and a batch) ahead, so memory does not grow with the file.
     """
 
-    def __init__(self, rows: Iterable[ImportRow], chunk_size: int, prepare: _Preparer) -> None:
+    def __init__(self, rows: Iterable[ReadRow], chunk_size: int, prepare: _Preparer) -> None:
         self._rows = iter(rows)
         self._chunk_size = chunk_size
         self._prepare = prepare

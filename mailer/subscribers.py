@@ -10,7 +10,7 @@ import csv
 import functools
 import io
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TextIO
@@ -21,7 +21,8 @@ from mailer import events, importer
 from mailer.addresses import MAX_ADDRESS_LENGTH, address_hash, normalize_address
 from mailer.db import upsert_insert
 from mailer.errors import AddressError, SubscriberError, SuppressedError
-from mailer.importer import ImportRow
+from mailer.importer import ImportRow, ReadRow
+from mailer.importer import RowError as RowError
 from mailer.schema import (
     SUBSCRIBER_STATUSES,
     subscriber_topics,
@@ -54,29 +55,19 @@ class Subscriber:
     consent_policy_version: str | None
 
 
-@dataclass(frozen=True)
-class RowError:
-    """One rejected CSV row: its 1-based line number in the file, the address given, why."""
-
-    row: int
-    email: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"row {self.row} ({self.email or 'no email'}): {self.reason}"
-
-
 @dataclass
 class ImportReport:
     added: int = 0
     updated: int = 0
     unchanged: int = 0
     suppressed: int = 0
+    rejected: int = 0
+    # The rejected rows, in row order; empty when they were handed to ``on_rejected``.
     errors: list[RowError] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
-        return self.added + self.updated + self.unchanged + self.suppressed + len(self.errors)
+        return self.added + self.updated + self.unchanged + self.suppressed + self.rejected
 
 
 def clean_name(raw: str) -> str:
@@ -281,10 +272,8 @@ class _ImportNormalizer:
         return normalize_address(raw)
 
 
-def _read_csv(
-    stream: TextIO, known_topics: Sequence[str], report: ImportReport
-) -> Iterator[ImportRow]:
-    """The valid rows of the file; rejected ones go to ``report.errors``.
+def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
+    """The rows of the file in order: valid ones, and a RowError for each rejected one.
 
     Duplicates are not looked for here: the staging tables find them (see mailer/importer.py).
     """
@@ -307,27 +296,23 @@ def _read_csv(
         except UnicodeDecodeError as exc:
             raise SubscriberError(f"row {line}: " + _not_utf8(exc)) from exc
         except csv.Error as exc:
-            report.errors.append(RowError(line, "", f"malformed CSV: {exc}"))
+            yield RowError(line, "", f"malformed CSV: {exc}")
             continue
         line = reader.line_num
         if parse.blank(cells):
             continue
         if len(cells) != parse.width:
-            report.errors.append(
-                RowError(
-                    line,
-                    cells[0] if cells else "",
-                    f"expected {parse.width} fields, got {len(cells)}",
-                )
+            yield RowError(
+                line, cells[0] if cells else "", f"expected {parse.width} fields, got {len(cells)}"
             )
             continue
         try:
             row = parse(line, cells)
         except AddressError as exc:
-            report.errors.append(RowError(line, parse.email(cells), exc.reason))
+            yield RowError(line, parse.email(cells), exc.reason)
             continue
         except ValueError as exc:
-            report.errors.append(RowError(line, parse.email(cells), str(exc)))
+            yield RowError(line, parse.email(cells), str(exc))
             continue
         yield row
 
@@ -396,11 +381,11 @@ class _Readable:
     they have.
     """
 
-    def __init__(self, rows: Iterator[ImportRow]) -> None:
+    def __init__(self, rows: Iterator[ReadRow]) -> None:
         self._rows = rows
         self.error: SubscriberError | None = None
 
-    def __iter__(self) -> Iterator[ImportRow]:
+    def __iter__(self) -> Iterator[ReadRow]:
         try:
             yield from self._rows
         except SubscriberError as exc:
@@ -416,14 +401,18 @@ def import_csv(
     source: str = "import",
     update: bool = False,
     chunk_size: int = IMPORT_CHUNK,
+    on_rejected: Callable[[list[RowError]], None] | None = None,
 ) -> ImportReport:
     """Import ``email,name,topics,status`` rows; bad rows are reported, valid rows all go in.
 
     New addresses are inserted. Present ones are left alone (``update=True`` refreshes their name
     and topics, never their status: an import must not resubscribe someone who left).
     Suppressed addresses are skipped. Running the same file twice changes nothing.
-    ``report.errors`` is in row order. A file that stops decoding raises SubscriberError after
-    the rows before that point have gone in.
+    ``report.errors`` is in row order. With ``on_rejected``, the rejected rows are handed to it
+    instead, in row order, after the chunk that holds them has been committed (so memory does
+    not grow with a file of bad rows), and ``report.errors`` stays empty. A file that stops
+    decoding raises SubscriberError after the rows before that point have gone in (and their
+    rejected rows have been handed over).
 
     Each ``chunk_size`` rows are one transaction: on SQLite it holds the write lock for about a
     second at 50,000 rows (other writers wait, up to their busy timeout); fewer, larger
@@ -433,33 +422,54 @@ def import_csv(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     report = ImportReport()
-    readable = _Readable(_read_csv(stream, known_topics, report))
+    readable = _Readable(_read_csv(stream, known_topics))
     with (
         engine.connect() as conn,
         importer.staging(conn, now=now, source=source) as stage,
         # The file is read, validated and prepared in a thread, a chunk ahead of the
-        # database (it appends the rows it rejects to report.errors meanwhile).
+        # database.
         stage.read_ahead(readable, chunk_size) as chunks,
     ):
         for chunk in chunks:
+            batches = _Batches(chunk)
             with conn.begin():
-                result = stage.import_chunk(chunk, present=update)
+                result = stage.import_chunk(batches, present=update)
                 _count(report, result)
                 if update:
                     _refresh(conn, result.present, report, now=now, source=source)
+            # The chunk is committed: its rejected rows are handed on, in row order.
+            rejected = batches.rejected + [
+                RowError(d.line, d.raw_email, f"duplicate of row {d.first_line}")
+                for d in result.duplicates
+            ]
+            rejected.sort(key=lambda e: e.row)
+            report.rejected += len(rejected)
+            if on_rejected is None:
+                report.errors += rejected
+            elif rejected:
+                on_rejected(rejected)
     if readable.error is not None:
         raise readable.error
-    report.errors.sort(key=lambda e: e.row)
     return report
+
+
+class _Batches:
+    """A chunk's batches, gathering the rows rejected while reading them."""
+
+    def __init__(self, batches: Iterable[importer.Batch]) -> None:
+        self._batches = batches
+        self.rejected: list[RowError] = []
+
+    def __iter__(self) -> Iterator[importer.Batch]:
+        for batch in self._batches:
+            self.rejected += batch.rejected
+            yield batch
 
 
 def _count(report: ImportReport, result: importer.ChunkResult) -> None:
     report.added += result.added
     report.suppressed += result.suppressed
     report.unchanged += result.unchanged
-    report.errors.extend(
-        RowError(d.line, d.raw_email, f"duplicate of row {d.first_line}") for d in result.duplicates
-    )
 
 
 def _refresh(

@@ -48,6 +48,28 @@ def test_import_lists_rejected_rows_and_exits_1(
     assert run(config, "subscribers", "show", "ann@example.org").output.startswith("active")
 
 
+def test_import_lists_rejected_rows_in_order_with_control_characters_escaped(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(config, "init")
+    csv_file = tmp_path / "people.csv"
+    rows = [f"bad{i},N" for i in range(7)]
+    rows[3] = "\x1b[2Jclear@,N"  # an escape sequence would clear the staff's terminal
+    rows.insert(5, "ann@example.org,Ann")
+    csv_file.write_text("email,name\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "import", str(csv_file)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err
+    listed = [
+        line.split(": row ")[1].split(" ")[0] for line in err.splitlines() if ": row " in line
+    ]
+    assert listed == ["2", "3", "4", "5", "6", "8", "9"]
+    assert "row 5 (\\x1b[2Jclear@)" in err
+    assert "7 rows rejected" in err
+
+
 def test_project_errors_are_one_line_with_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

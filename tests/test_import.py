@@ -61,6 +61,7 @@ def reference_import(
             _reference_chunk(
                 conn, rows[start : start + chunk], report, now=now, source=source, update=update
             )
+    report.rejected = len(report.errors)
     return report
 
 
@@ -329,6 +330,67 @@ def test_import_leaves_what_the_row_by_row_import_left(
     assert (report.added, report.suppressed) == (5, 1)
     assert (report.updated, report.unchanged) == ((1, 0) if update else (0, 1))
     assert [e.row for e in report.errors] == [3, 4, 6, 9, 10, 14, 16, 17]
+
+
+def test_rejected_rows_are_handed_on_in_row_order_after_their_chunk_commits(
+    engine: sa.Engine,
+) -> None:
+    seed(engine)
+    everything = subscribers.import_csv(
+        engine, io.StringIO(EVERY_CASE), known_topics=TOPICS, now=NOW, chunk_size=3
+    )
+    seed(engine)
+    handed: list[tuple[list[RowError], int]] = []  # each hand-over, and the subscribers then
+
+    def on_rejected(rejected: list[RowError]) -> None:
+        with engine.connect() as conn:  # another connection: sees only what is committed
+            present = conn.scalar(sa.select(sa.func.count()).select_from(subscriber_table))
+        handed.append((rejected, present or 0))
+
+    report = subscribers.import_csv(
+        engine,
+        io.StringIO(EVERY_CASE),
+        known_topics=TOPICS,
+        now=NOW,
+        chunk_size=3,
+        on_rejected=on_rejected,
+    )
+    assert report.errors == []
+    assert report.rejected == everything.rejected == len(everything.errors) == 8
+    assert [e for rejected, _ in handed for e in rejected] == everything.errors
+    assert len(handed) > 1  # a hand-over per chunk with rejections, not one at the end
+    # Each hand-over comes after the rows before its rejections are committed: ann (row 2)
+    # is in by the time row 3 is handed on, and every new subscriber by the last.
+    seeded = _count_subscribers(engine) - report.added
+    assert handed[0][1] >= seeded + 1
+    assert handed[-1][1] == seeded + report.added
+
+
+def test_a_file_of_bad_rows_is_handed_on_a_chunk_at_a_time(engine: sa.Engine) -> None:
+    text = "email,name\n" + "".join(f"not an address {i},N\n" for i in range(1_000))
+    sizes: list[int] = []
+    rows: list[int] = []
+
+    def on_rejected(rejected: list[RowError]) -> None:
+        sizes.append(len(rejected))
+        rows.extend(e.row for e in rejected)
+
+    report = subscribers.import_csv(
+        engine,
+        io.StringIO(text),
+        known_topics=TOPICS,
+        now=NOW,
+        chunk_size=100,
+        on_rejected=on_rejected,
+    )
+    assert (report.added, report.rejected, report.rows, report.errors) == (0, 1_000, 1_000, [])
+    assert rows == list(range(2, 1_002))
+    assert max(sizes) <= 100  # never more than a chunk's rows held
+
+
+def _count_subscribers(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return conn.scalar(sa.select(sa.func.count()).select_from(subscriber_table)) or 0
 
 
 # Values that COPY's text format must escape (backslash, tab, newline, carriage return), in
