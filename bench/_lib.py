@@ -169,31 +169,55 @@ class Measured:
     max_rss_mb: float = 0.0
     stdout: str = ""
     stderr: str = ""
+    # wait4's peak RSS: an upper bound, since it includes the benchmark's own peak RSS when
+    # it started the child (``spawn_rss_mb``). ``max_rss_mb`` is the processes' own (HighWater).
+    wait4_rss_mb: float = 0.0
+    spawn_rss_mb: float = 0.0
 
 
 class Child:
     """A subprocess whose resource usage is collected exactly with ``os.wait4``."""
 
-    def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stderr_file: Path | None = None,
+    ) -> None:
+        """``stderr_file``: the child's stderr goes there instead of into this process."""
         self.argv = [str(a) for a in argv]
+        # The kernel's peak RSS of a process counts its image before exec, which (spawned with
+        # vfork or fork) is this process's: a child's figure is never below this process's
+        # own peak so far. Keep the benchmark small (never hold a child's big output).
+        self.spawn_rss_mb = own_peak_rss_mb()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=ROOT,
-        )
+        err_file = None if stderr_file is None else stderr_file.open("wb")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if err_file is None else err_file,
+                env=env,
+                cwd=ROOT,
+            )
+        finally:
+            if err_file is not None:
+                err_file.close()  # the child has its own copy
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._lines: list[str] = []
         self._line_event = threading.Condition()
         self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self._out), daemon=True)
         ]
+        if self.proc.stderr is not None:
+            self._threads.append(
+                threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True)
+            )
         for t in self._threads:
             t.start()
+        self._hwm = HighWater(self.proc.pid)
 
     def _pump(self, stream: Any, into: list[bytes]) -> None:
         for line in stream:
@@ -224,6 +248,7 @@ class Child:
     def wait(self) -> Measured:
         _, status, usage = os.wait4(self.proc.pid, 0)
         ended = time.monotonic()
+        peak = self._hwm.stop()
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         for t in self._threads:
             t.join()
@@ -232,14 +257,76 @@ class Child:
             returncode=self.proc.returncode,
             wall=ended - self.started,
             cpu=usage.ru_utime + usage.ru_stime,
-            max_rss_mb=usage.ru_maxrss / 1024,  # Linux: kilobytes
+            max_rss_mb=peak or usage.ru_maxrss / 1024,  # Linux: kilobytes
+            wait4_rss_mb=usage.ru_maxrss / 1024,
+            spawn_rss_mb=self.spawn_rss_mb,
             stdout=b"".join(self._out).decode(errors="replace"),
             stderr=b"".join(self._err).decode(errors="replace"),
         )
 
 
-def run_measured(argv: Sequence[str], *, env: dict[str, str] | None = None) -> Measured:
-    return Child(argv, env=env).wait()
+class HighWater:
+    """The largest VmHWM of a process and its descendants, read from /proc every 20 ms.
+
+    The kernel's peak RSS from wait4 (``ru_maxrss``) counts the image a process had before its
+    exec: spawned with vfork or fork, that is this benchmark's, with its own peak so far (a
+    template database filled here, a child's output held here). VmHWM is the peak of the
+    process's own memory since its exec (a helper's since its fork). Read until the process
+    ends: only a peak in its last 20 ms could be missed, and VmHWM never goes down.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._peaks: dict[int, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        """The peak in MB over every process seen (0 if none could be read)."""
+        self._done.set()
+        self._thread.join()
+        return max(self._peaks.values(), default=0.0)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            for pid in self._tree(self._pid):
+                hwm = _vm_hwm_mb(pid)
+                if hwm:
+                    self._peaks[pid] = max(self._peaks.get(pid, 0.0), hwm)
+            self._done.wait(0.02)
+
+    def _tree(self, pid: int) -> list[int]:
+        pids = [pid]
+        for p in pids:  # grows as children are found
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        pids.extend(int(c) for c in f.read().split())
+        return pids
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def own_peak_rss_mb() -> float:
+    """This process's peak resident size so far (VmHWM), in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_measured(
+    argv: Sequence[str], *, env: dict[str, str] | None = None, stderr_file: Path | None = None
+) -> Measured:
+    return Child(argv, env=env, stderr_file=stderr_file).wait()
 
 
 def bench_env(**extra: str) -> dict[str, str]:

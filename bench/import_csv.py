@@ -3,12 +3,17 @@
 The file has the documented columns ``email,name,topics,status`` (topics separated by ``;``,
 the seven topic sets in turn, some addresses in mixed case to be normalized). Each run imports
 it into a freshly migrated, empty database; the figures are the wall time, rows per second,
-CPU seconds and the peak RSS of the ``mailer`` process (wait4), on PostgreSQL also the
-server's CPU seconds meanwhile (every ``postgres`` process on the machine, from /proc); then
-the subscribers, their topic rows and their events are counted.
+CPU seconds (wait4) and the peak RSS (VmHWM, ``_lib.HighWater``) of the ``mailer`` process,
+on PostgreSQL also the server's CPU seconds meanwhile (every ``postgres`` process on the
+machine, from /proc); then the subscribers, their topic rows and their events are counted.
 
     .venv/bin/python bench/import_csv.py --n 1000000 --db sqlite --runs 2
     .venv/bin/python bench/import_csv.py --n 1000000 --db postgres --runs 1
+
+``--rejected`` imports a file in which every row is rejected (no ``@`` in the address) instead:
+the CLI must list each one on stderr, by row number, and exit 1, with nothing imported.
+
+    .venv/bin/python bench/import_csv.py --n 1000000 --db sqlite --runs 2 --rejected
 
 ``--profile`` then samples one more SQLite import with py-spy (wall clock, 100 Hz) and prints
 where its time went.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,6 +48,44 @@ def write_csv(path: Path, n: int) -> Path:
             f.write("".join(lines))
     tmp.rename(path)
     return path
+
+
+def write_rejected_csv(path: Path, n: int) -> Path:
+    """``n`` rows whose address has no ``@``: every one is rejected."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
+        f.write("email,name,topics,status\n")
+        for start in range(0, n, 100_000):
+            f.write(
+                "".join(
+                    f"reader{i} at example.org,Reader {i},,active\n"
+                    for i in range(start, min(n, start + 100_000))
+                )
+            )
+    tmp.rename(path)
+    return path
+
+
+def check_rejected(url: str, n: int, m: _lib.Measured, stderr: Path) -> None:
+    """Exit 1, every row listed once on stderr in row order, nothing imported."""
+    if m.returncode != 1:
+        raise RuntimeError(f"expected exit status 1, got {m.returncode}: see {stderr}")
+    expected = 2  # the first row after the header
+    with stderr.open(encoding="utf-8") as listing:  # read as a stream: it is large
+        for line in listing:
+            if ": row " not in line:
+                continue
+            row = int(line.split(": row ", 1)[1].split(" ", 1)[0])
+            if row != expected:
+                raise RuntimeError(f"{stderr}: row {row} listed where row {expected} was due")
+            expected += 1
+    if expected != n + 2:
+        raise RuntimeError(f"{stderr}: {expected - 2:,} rows listed, expected {n:,}")
+    if count(url, "subscribers"):
+        raise RuntimeError("subscribers were imported from a file of rejected rows")
 
 
 def empty_database(kind: str, tag: str) -> str:
@@ -137,7 +181,7 @@ class Run:
     server_cpu: float  # 0 on SQLite
 
 
-def measure(kind: str, csv_file: Path, n: int) -> Run:
+def measure(kind: str, csv_file: Path, n: int, *, rejected: bool = False) -> Run:
     """One import of ``csv_file`` into a fresh database, checked, then discarded."""
     tag = f"{kind}-{os.getpid()}"
     url = empty_database(kind, tag)
@@ -147,12 +191,20 @@ def measure(kind: str, csv_file: Path, n: int) -> Run:
         )
         command = [str(_lib.MAILER), "--config", str(config), "subscribers", "import"]
         server = _lib.postgres_cpu_seconds() if kind == "postgres" else 0.0
-        m = _lib.run_measured([*command, str(csv_file)], env=_lib.bench_env())
+        # A rejected row's listing goes to a file: held here, it would grow this process.
+        stderr = _lib.WORK / f"import-{tag}.stderr" if rejected else None
+        m = _lib.run_measured([*command, str(csv_file)], env=_lib.bench_env(), stderr_file=stderr)
         server = _lib.postgres_cpu_seconds() - server if kind == "postgres" else 0.0
-        if m.returncode != 0:
+        if stderr is not None:
+            check_rejected(url, n, m, stderr)
+            stderr.unlink()
+        elif m.returncode != 0:
             raise RuntimeError(f"import failed: {m.stderr[-2000:]}")
-        check_counts(url, n, m.stdout)
-        return Run(m, server)
+        else:
+            check_counts(url, n, m.stdout)
+        # Checked: the output is dropped. Kept, a million listed rows would grow this process,
+        # and the next import's peak RSS starts from this process's size (see _lib.Child).
+        return Run(dataclasses.replace(m, stdout="", stderr=""), server)
     finally:
         _lib.discard_database(url)
 
@@ -163,23 +215,28 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="sqlite")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rejected", action="store_true", help="every row of the file is bad")
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
-    csv_file = write_csv(_lib.WORK / f"subscribers-{args.n}.csv", args.n)
+    if args.rejected:
+        csv_file = write_rejected_csv(_lib.WORK / f"rejected-{args.n}.csv", args.n)
+    else:
+        csv_file = write_csv(_lib.WORK / f"subscribers-{args.n}.csv", args.n)
     print(
-        f"# import: N={args.n:,} rows ({csv_file.stat().st_size / 1e6:.0f} MB);"
+        f"# import{' (every row rejected)' if args.rejected else ''}: N={args.n:,} rows"
+        f" ({csv_file.stat().st_size / 1e6:.0f} MB);"
         f" {_lib.machine()}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
         flush=True,
     )
     results: dict[str, list[Run]] = {k: [] for k in kinds}
     for run in range(args.runs):
         for kind in kinds:
-            r = measure(kind, csv_file, args.n)
+            r = measure(kind, csv_file, args.n, rejected=args.rejected)
             results[kind].append(r)
             m = r.measured
             print(
                 f"run {run + 1} {kind:8} {m.wall:6.1f} s, {args.n / m.wall:9,.0f} rows/s,"
-                f" CPU {m.cpu:.1f} s, peak RSS {m.max_rss_mb:.0f} MB"
+                f" CPU {m.cpu:.1f} s, peak RSS {m.max_rss_mb:.0f} MB (wait4: {m.wait4_rss_mb:.0f})"
                 + (f", PostgreSQL server CPU {r.server_cpu:.1f} s" if kind == "postgres" else ""),
                 flush=True,
             )

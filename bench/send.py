@@ -13,8 +13,9 @@ Each run, for each database, in this order on the same smtp-sink:
 
 Figures per configuration: messages per second end to end (launch to the last process's exit),
 the steady rate seen by the sink (first to last message), CPU seconds per 1,000 messages of all
-our processes (from wait4), the peak RSS of each process, and the ratio to the ceiling of the
-same run. Medians and min–max over ``--runs``.
+our processes (from wait4), the peak RSS of each process (VmHWM, read while they run:
+``_lib.HighWater``; wait4's figure, printed beside it, includes this benchmark's own peak), and
+the ratio to the ceiling of the same run. Medians and min–max over ``--runs``.
 
     .venv/bin/python bench/send.py --n 10000 --db sqlite --runs 5
     .venv/bin/python bench/send.py --n 100000 --db postgres --runs 3 --dkim
@@ -54,6 +55,8 @@ class Ours:
     sent: int
     wall: float
     postgres_cpu_us: float = 0.0  # the PostgreSQL server's CPU per message (0 on SQLite)
+    # wait4's peak RSS, which includes the benchmark's own peak (see _lib.HighWater).
+    wait4_rss_mb: float = 0.0
 
 
 def ceiling(sink: _lib.Sink, message: Path, sessions: int, count: int) -> Ceiling:
@@ -195,6 +198,7 @@ def ours(
             sent=sent,
             wall=wall,
             postgres_cpu_us=pg_cpu / n * 1e6,
+            wait4_rss_mb=max(r.wait4_rss_mb for r in results),
         )
     finally:
         _lib.discard_database(url)
@@ -318,7 +322,8 @@ def main() -> None:
                         f" {o.rate / c.rate:5.1%} of ceiling, {o.cpu_per_1000:.2f} CPU s/1000"
                         f" ({'+'.join(f'{x:.1f}' for x in o.cpu_each)} s CPU in"
                         f" {'+'.join(f'{x:.1f}' for x in o.wall_each)} s),"
-                        f" RSS {'+'.join(f'{r:.0f}' for r in o.rss_each)} MB,"
+                        f" RSS {'+'.join(f'{r:.0f}' for r in o.rss_each)} MB"
+                        f" (wait4: {o.wait4_rss_mb:.0f}),"
                         f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f})"
                         + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us)),
                         flush=True,
