@@ -25,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +33,19 @@ from pathlib import Path
 import _lib
 
 
-def write_csv(path: Path, n: int) -> Path:
+def subscriber_row(i: int) -> str:
+    """Row ``i`` of the benchmark's file: a new subscriber (one in ten in mixed case)."""
+    email = f"Reader{i}@Example.org" if i % 10 == 0 else f"reader{i}@example.org"
+    return f"{email},Reader {i},{';'.join(_lib.variant_of(i))},active\n"
+
+
+def rejected_row(i: int) -> str:
+    """Row ``i`` of the ``--rejected`` file: an address without ``@``, rejected."""
+    return f"reader{i} at example.org,Reader {i},,active\n"
+
+
+def write_csv(path: Path, n: int, row: Callable[[int], str] = subscriber_row) -> Path:
+    """``n`` rows made by ``row``, under the documented header (kept for the next run)."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,31 +53,7 @@ def write_csv(path: Path, n: int) -> Path:
     with tmp.open("w", encoding="utf-8", newline="") as f:
         f.write("email,name,topics,status\n")
         for start in range(0, n, 100_000):
-            lines = []
-            for i in range(start, min(n, start + 100_000)):
-                email = f"Reader{i}@Example.org" if i % 10 == 0 else f"reader{i}@example.org"
-                topics = ";".join(_lib.variant_of(i))
-                lines.append(f"{email},Reader {i},{topics},active\n")
-            f.write("".join(lines))
-    tmp.rename(path)
-    return path
-
-
-def write_rejected_csv(path: Path, n: int) -> Path:
-    """``n`` rows whose address has no ``@``: every one is rejected."""
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write("email,name,topics,status\n")
-        for start in range(0, n, 100_000):
-            f.write(
-                "".join(
-                    f"reader{i} at example.org,Reader {i},,active\n"
-                    for i in range(start, min(n, start + 100_000))
-                )
-            )
+            f.write("".join(row(i) for i in range(start, min(n, start + 100_000))))
     tmp.rename(path)
     return path
 
@@ -219,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     kinds = ["sqlite", "postgres"] if args.db == "both" else [args.db]
     if args.rejected:
-        csv_file = write_rejected_csv(_lib.WORK / f"rejected-{args.n}.csv", args.n)
+        csv_file = write_csv(_lib.WORK / f"rejected-{args.n}.csv", args.n, rejected_row)
     else:
         csv_file = write_csv(_lib.WORK / f"subscribers-{args.n}.csv", args.n)
     print(

@@ -343,9 +343,8 @@ def test_rejected_rows_are_handed_on_in_row_order_after_their_chunk_commits(
     handed: list[tuple[list[RowError], int]] = []  # each hand-over, and the subscribers then
 
     def on_rejected(rejected: list[RowError]) -> None:
-        with engine.connect() as conn:  # another connection: sees only what is committed
-            present = conn.scalar(sa.select(sa.func.count()).select_from(subscriber_table))
-        handed.append((rejected, present or 0))
+        # Counted on another connection: it sees only what is committed.
+        handed.append((rejected, _count_subscribers(engine)))
 
     report = subscribers.import_csv(
         engine,
