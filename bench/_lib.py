@@ -170,9 +170,8 @@ class Measured:
     stdout: str = ""
     stderr: str = ""
     # wait4's peak RSS: an upper bound, since it includes the benchmark's own peak RSS when
-    # it started the child (``spawn_rss_mb``). ``max_rss_mb`` is the processes' own (HighWater).
+    # it started the child. ``max_rss_mb`` is the processes' own (HighWater).
     wait4_rss_mb: float = 0.0
-    spawn_rss_mb: float = 0.0
 
 
 class Child:
@@ -187,10 +186,6 @@ class Child:
     ) -> None:
         """``stderr_file``: the child's stderr goes there instead of into this process."""
         self.argv = [str(a) for a in argv]
-        # The kernel's peak RSS of a process counts its image before exec, which (spawned with
-        # vfork or fork) is this process's: a child's figure is never below this process's
-        # own peak so far. Keep the benchmark small (never hold a child's big output).
-        self.spawn_rss_mb = own_peak_rss_mb()
         self.started = time.monotonic()
         err_file = None if stderr_file is None else stderr_file.open("wb")
         try:
@@ -259,7 +254,6 @@ class Child:
             cpu=usage.ru_utime + usage.ru_stime,
             max_rss_mb=peak or usage.ru_maxrss / 1024,  # Linux: kilobytes
             wait4_rss_mb=usage.ru_maxrss / 1024,
-            spawn_rss_mb=self.spawn_rss_mb,
             stdout=b"".join(self._out).decode(errors="replace"),
             stderr=b"".join(self._err).decode(errors="replace"),
         )
@@ -308,15 +302,6 @@ class HighWater:
 
 def _vm_hwm_mb(pid: int) -> float:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def own_peak_rss_mb() -> float:
-    """This process's peak resident size so far (VmHWM), in MB."""
-    with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,7 +179,8 @@ def measure(kind: str, csv_file: Path, n: int, *, rejected: bool = False) -> Run
         )
         command = [str(_lib.MAILER), "--config", str(config), "subscribers", "import"]
         server = _lib.postgres_cpu_seconds() if kind == "postgres" else 0.0
-        # A rejected row's listing goes to a file: held here, it would grow this process.
+        # A rejected row's listing goes to a file: held here, it would grow this process (and
+        # with it wait4's figure for the next import, see _lib.HighWater).
         stderr = _lib.WORK / f"import-{tag}.stderr" if rejected else None
         m = _lib.run_measured([*command, str(csv_file)], env=_lib.bench_env(), stderr_file=stderr)
         server = _lib.postgres_cpu_seconds() - server if kind == "postgres" else 0.0
@@ -191,9 +191,7 @@ def measure(kind: str, csv_file: Path, n: int, *, rejected: bool = False) -> Run
             raise RuntimeError(f"import failed: {m.stderr[-2000:]}")
         else:
             check_counts(url, n, m.stdout)
-        # Checked: the output is dropped. Kept, a million listed rows would grow this process,
-        # and the next import's peak RSS starts from this process's size (see _lib.Child).
-        return Run(dataclasses.replace(m, stdout="", stderr=""), server)
+        return Run(m, server)
     finally:
         _lib.discard_database(url)
 

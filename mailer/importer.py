@@ -55,7 +55,12 @@ class RowError:
     reason: str
 
     def __str__(self) -> str:
-        return f"row {self.row} ({self.email or 'no email'}): {self.reason}"
+        text = f"row {self.row} ({self.email or 'no email'}): {self.reason}"
+        if text.isprintable():
+            return text
+        # The address and reason are the file's own characters: shown escaped, they never
+        # reach a terminal or a log as control characters.
+        return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 # What the reading of a file yields, in file order: a valid row, or a rejected one. Rejected
@@ -86,7 +91,8 @@ class ChunkResult:
 
     added: int
     suppressed: int
-    duplicates: list[Duplicate]
+    # Rejected while reading, and duplicates of an earlier row, in row order.
+    rejected: list[RowError]
     # Filled only when asked for (an import with ``update``); otherwise they are ``unchanged``.
     present: list[Present]
     unchanged: int
@@ -298,7 +304,7 @@ class Staging:
     @contextlib.contextmanager
     def read_ahead(
         self, rows: Iterable[ReadRow], chunk_size: int
-    ) -> Iterator[Iterator[Iterator[Batch]]]:
+    ) -> Iterator[Iterable[Iterator[Batch]]]:
         """The chunks of ``rows``, each an iterator of its batches; the last may be empty.
 
         On PostgreSQL they are read and prepared in a thread (``ReadAhead``). On SQLite in
@@ -306,7 +312,7 @@ class Staging:
         step, and with a second thread busy each row then waited to get it back.
         """
         if not self._postgres:
-            yield _chunks(rows, chunk_size, _Preparer(postgres=False, source=self._source))
+            yield _Chunks(rows, chunk_size, _Preparer(postgres=False, source=self._source))
             return
         duplicates = DuplicateCheck(self._conn.engine)
         prepare = _Preparer(postgres=True, source=self._source, duplicates=duplicates)
@@ -322,18 +328,23 @@ class Staging:
     def import_chunk(self, batches: Iterable[Batch], *, present: bool) -> ChunkResult:
         """Stage one chunk's batches and insert the new rows, inside the caller's transaction."""
         self._clear()
-        staged = self._copy(batches)
+        rejected: list[RowError] = []
+        staged = self._copy(_valid(batches, rejected))
         if not staged:
-            return ChunkResult(0, 0, [], [], 0)
+            return ChunkResult(0, 0, rejected, [], 0)
         duplicates = self._drop_duplicates()
         suppressed = self._drop_suppressed()
         added = self._insert_new()
         found = self._present() if present else []
         kept = staged - len(duplicates) - suppressed
+        rejected += [
+            RowError(d.line, d.raw_email, f"duplicate of row {d.first_line}") for d in duplicates
+        ]
+        rejected.sort(key=lambda e: e.row)
         return ChunkResult(
             added=added,
             suppressed=suppressed,
-            duplicates=duplicates,
+            rejected=rejected,
             present=found,
             unchanged=0 if present else kept - added,
         )
@@ -346,7 +357,7 @@ class Staging:
             if not first:
                 return []
             unstaged = conn.execute(sql.drop_lines, {"lines": list(first)})
-            return sorted(Duplicate(line, raw, first[line]) for line, raw in unstaged)
+            return [Duplicate(line, raw, first[line]) for line, raw in unstaged]
         conn.execute(sql.remember)
         duplicates = [Duplicate(*row) for row in conn.execute(sql.duplicates)]
         if duplicates:
@@ -404,14 +415,12 @@ class Staging:
             self._conn.execute(_rows.delete())
 
     def _copy(self, batches: Iterable[Batch]) -> int:
-        """Stage the batches; returns how many rows."""
+        """Stage the batches (each with at least one row); returns how many rows."""
         if self._postgres:
             count = self._copy_postgres(batches)
         else:
             count = 0
             for batch in batches:
-                if not batch.size:
-                    continue  # every row of the batch was rejected
                 self._add_topic_sets(batch.topic_sets)
                 # The values go to the driver as they are, without SQLAlchemy's per-value
                 # type processing: all of them are str or int already.
@@ -466,26 +475,39 @@ _UNIQUE_VIOLATION = "23505"  # SQLSTATE
 _T = TypeVar("_T")
 
 
-def _chunks(
-    rows: Iterable[ReadRow], chunk_size: int, prepare: Callable[[list[ReadRow]], Batch]
-) -> Iterator[Iterator[Batch]]:
-    """The chunks of ``rows``, prepared a batch at a time as they are read."""
-    source = iter(rows)
-    ended = False
+def _valid(batches: Iterable[Batch], rejected: list[RowError]) -> Iterator[Batch]:
+    """The batches that hold a row to stage; every batch's rejected rows go to ``rejected``."""
+    for batch in batches:
+        rejected += batch.rejected
+        if batch.size:
+            yield batch
 
-    def chunk() -> Iterator[Batch]:
-        nonlocal ended
-        left = chunk_size
+
+class _Chunks:
+    """The chunks of ``rows``, each an iterator of its batches, prepared a batch at a time as
+    they are read; the last may be empty. A chunk must be read to its end before the next."""
+
+    def __init__(
+        self, rows: Iterable[ReadRow], chunk_size: int, prepare: Callable[[list[ReadRow]], Batch]
+    ) -> None:
+        self._rows = iter(rows)
+        self._chunk_size = chunk_size
+        self._prepare = prepare
+        self.ended = False  # the rows ran out: the chunk read last was the last
+
+    def __iter__(self) -> Iterator[Iterator[Batch]]:
+        while not self.ended:
+            yield self._chunk()
+
+    def _chunk(self) -> Iterator[Batch]:
+        left = self._chunk_size
         while left:
-            batch = list(itertools.islice(source, min(left, STAGE_BATCH)))
-            if not batch:
-                ended = True
+            rows = list(itertools.islice(self._rows, min(left, STAGE_BATCH)))
+            if not rows:
+                self.ended = True
                 return
-            yield prepare(batch)
-            left -= len(batch)
-
-    while not ended:
-        yield chunk()
+            yield self._prepare(rows)
+            left -= len(rows)
 
 
 _END = "end"  # the file has no more rows
@@ -504,8 +526,7 @@ class ReadAhead:
     """
 
     def __init__(self, rows: Iterable[ReadRow], chunk_size: int, prepare: _Preparer) -> None:
-        self._rows = iter(rows)
-        self._chunk_size = chunk_size
+        self._chunks = _Chunks(rows, chunk_size, prepare)
         self._prepare = prepare
         ahead = -(-chunk_size // STAGE_BATCH) + 1  # a chunk's batches, and its end
         self._queue: queue.Queue[Batch | str | BaseException] = queue.Queue(maxsize=ahead)
@@ -553,18 +574,11 @@ class ReadAhead:
                 self._put(exc)
 
     def _read(self) -> None:
-        while True:
-            left = self._chunk_size
-            while left:
-                rows = list(itertools.islice(self._rows, min(left, STAGE_BATCH)))
-                if not rows:
-                    self._prepare.end_chunk()
-                    self._put(_END)
-                    return
-                self._put(self._prepare(rows))
-                left -= len(rows)
+        for chunk in self._chunks:
+            for batch in chunk:
+                self._put(batch)
             self._prepare.end_chunk()
-            self._put(_CHUNK_END)
+            self._put(_END if self._chunks.ended else _CHUNK_END)
 
     def _put(self, item: Batch | str | BaseException) -> None:
         _put(self._queue, item, self._stop)

@@ -419,11 +419,14 @@ def _start(chosen: sa.ColumnElement[bool]) -> sa.UpdateBase:
     )
 
 
-_START = _start(_one_of(deliveries.c.id, "_ids", arrays=False))
+# By ``arrays``, as _CLAIM: on PostgreSQL the ids to start go as one array.
+_START = {
+    arrays: _start(_one_of(deliveries.c.id, "_ids", arrays=arrays)) for arrays in (False, True)
+}
 
 
-# PostgreSQL: the same two statements, each one statement per group whatever its size. The
-# outcomes arrive as arrays, unnested into rows joined on id; the ids to start as one array.
+# PostgreSQL: the outcomes as one statement per group whatever its size, as for the starts.
+# They arrive as arrays, unnested into rows joined on id.
 # An executemany is one statement per row on the server (parse-bind-execute each), and an
 # expanding IN list is a new statement text for every group size.
 _outcomes = (
@@ -450,7 +453,6 @@ _RECORD_ARRAYS = (
         updated_at=sa.bindparam("_now"),
     )
 )
-_START_ARRAY = _start(_one_of(deliveries.c.id, "_ids", arrays=True))
 
 
 def commit_progress(
@@ -509,7 +511,7 @@ def commit_progress(
         if starts:
             started = set(
                 conn.scalars(
-                    _START_ARRAY if arrays else _START,
+                    _START[arrays],
                     {"_ids": list(starts), "_owner": owner, "_expires": now + lease, "_now": now},
                 )
             )

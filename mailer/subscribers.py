@@ -431,45 +431,26 @@ def import_csv(
         stage.read_ahead(readable, chunk_size) as chunks,
     ):
         for chunk in chunks:
-            batches = _Batches(chunk)
             with conn.begin():
-                result = stage.import_chunk(batches, present=update)
+                result = stage.import_chunk(chunk, present=update)
                 _count(report, result)
                 if update:
                     _refresh(conn, result.present, report, now=now, source=source)
             # The chunk is committed: its rejected rows are handed on, in row order.
-            rejected = batches.rejected + [
-                RowError(d.line, d.raw_email, f"duplicate of row {d.first_line}")
-                for d in result.duplicates
-            ]
-            rejected.sort(key=lambda e: e.row)
-            report.rejected += len(rejected)
             if on_rejected is None:
-                report.errors += rejected
-            elif rejected:
-                on_rejected(rejected)
+                report.errors += result.rejected
+            elif result.rejected:
+                on_rejected(result.rejected)
     if readable.error is not None:
         raise readable.error
     return report
-
-
-class _Batches:
-    """A chunk's batches, gathering the rows rejected while reading them."""
-
-    def __init__(self, batches: Iterable[importer.Batch]) -> None:
-        self._batches = batches
-        self.rejected: list[RowError] = []
-
-    def __iter__(self) -> Iterator[importer.Batch]:
-        for batch in self._batches:
-            self.rejected += batch.rejected
-            yield batch
 
 
 def _count(report: ImportReport, result: importer.ChunkResult) -> None:
     report.added += result.added
     report.suppressed += result.suppressed
     report.unchanged += result.unchanged
+    report.rejected += len(result.rejected)
 
 
 def _refresh(

@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -346,14 +346,7 @@ def test_rejected_rows_are_handed_on_in_row_order_after_their_chunk_commits(
         # Counted on another connection: it sees only what is committed.
         handed.append((rejected, _count_subscribers(engine)))
 
-    report = subscribers.import_csv(
-        engine,
-        io.StringIO(EVERY_CASE),
-        known_topics=TOPICS,
-        now=NOW,
-        chunk_size=3,
-        on_rejected=on_rejected,
-    )
+    report = _handing_on(engine, EVERY_CASE, chunk_size=3, on_rejected=on_rejected)
     assert report.errors == []
     assert report.rejected == everything.rejected == len(everything.errors) == 8
     assert [e for rejected, _ in handed for e in rejected] == everything.errors
@@ -374,17 +367,27 @@ def test_a_file_of_bad_rows_is_handed_on_a_chunk_at_a_time(engine: sa.Engine) ->
         sizes.append(len(rejected))
         rows.extend(e.row for e in rejected)
 
-    report = subscribers.import_csv(
+    report = _handing_on(engine, text, chunk_size=100, on_rejected=on_rejected)
+    assert (report.added, report.rejected, report.rows, report.errors) == (0, 1_000, 1_000, [])
+    assert rows == list(range(2, 1_002))
+    assert max(sizes) <= 100  # never more than a chunk's rows held
+
+
+def _handing_on(
+    engine: sa.Engine,
+    text: str,
+    *,
+    chunk_size: int,
+    on_rejected: Callable[[list[RowError]], None],
+) -> ImportReport:
+    return subscribers.import_csv(
         engine,
         io.StringIO(text),
         known_topics=TOPICS,
         now=NOW,
-        chunk_size=100,
+        chunk_size=chunk_size,
         on_rejected=on_rejected,
     )
-    assert (report.added, report.rejected, report.rows, report.errors) == (0, 1_000, 1_000, [])
-    assert rows == list(range(2, 1_002))
-    assert max(sizes) <= 100  # never more than a chunk's rows held
 
 
 def _count_subscribers(engine: sa.Engine) -> int:
