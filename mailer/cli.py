@@ -9,10 +9,11 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,7 @@ from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
 from mailer.db import check_schema, create_engine, migrate
 from mailer.errors import ConfigError, MailerError
+from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
 
 if TYPE_CHECKING:
@@ -419,6 +421,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     settings = with_processes(ctx.settings, processes)
     digest = settings.digest(key)
     sign = signer(settings)  # a bad [dkim] key is reported before anything starts
+    preflight(settings, ("secret", "database", "smtp"))  # before the issue, before the helpers
     # The helper processes start before this command opens anything, so they are forked with
     # every module already imported, and get ready while the issue is made.
     helpers = Helpers(settings, fork=True)
@@ -568,8 +571,17 @@ def web(ctx: Context, host: str | None, port: int | None) -> None:
     from mailer.web.server import serve
 
     settings = ctx.settings
+    web_settings = replace(
+        settings.web, host=host or settings.web.host, port=port or settings.web.port
+    )
+    settings = replace(settings, web=web_settings)
     sender = SmtpConfirmationSender(settings, sign=signer(settings))
-    serve(settings, ctx.engine(), sender, host=host, port=port)
+    sock = preflight(settings, ("secret", "database", "web"))
+    assert sock is not None
+    with sock:
+        engine = ctx.engine()
+        _started(f"mailer web: {_web_line(settings, sock)}")
+        serve(settings, engine, sender, sock=sock)
 
 
 @issues_group.command("cancel")
@@ -597,9 +609,34 @@ def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
 def run(ctx: Context, no_web: bool) -> None:
     """Scheduler, delivery worker and web app, until SIGTERM or Ctrl-C (with [smtp].processes
     > 1, more processes deliver beside it)."""
+    from mailer.schedule import local_time, upcoming
     from mailer.service import Parts
 
-    _serve(ctx, ctx.settings, Parts(web=not no_web), drain=False)
+    settings = ctx.settings
+    sock = preflight(settings, ("secret", "database", "smtp", *(() if no_web else ("web",))))
+    web_line = "web app off (--no-web)" if sock is None else _web_line(settings, sock)
+    zone = settings.site.timezone
+    slots = upcoming(settings.digests, now())
+    scheduled = ", ".join(f"{d.key} {local_time(slot, zone, year=False)}" for d, slot in slots)
+    _started(f"mailer run: {web_line}; next: {scheduled or 'no digest is scheduled'}")
+    try:
+        _serve(ctx, settings, Parts(web=not no_web), drain=False, web_socket=sock)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _web_line(settings: Settings, sock: socket.socket) -> str:
+    """Where the web app listens, and the public address its links use."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"web app on http://{shown}:{port}/ (public address {settings.site.base_url}/)"
+
+
+def _started(line: str) -> None:
+    """The one start-up line, out at once even when standard output is a file or a pipe."""
+    out.print(line, markup=False)
+    sys.stdout.flush()
 
 
 @cli.command()
@@ -611,6 +648,7 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
     from mailer.service import Parts
 
     settings = with_processes(ctx.settings, processes)
+    preflight(settings, ("secret", "database", "smtp"))
     c = _serve(ctx, settings, Parts(scheduler=False, web=False), drain=drain).counts
     out.print(
         f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
@@ -618,12 +656,21 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
     )
 
 
-def _serve(ctx: Context, settings: Settings, parts: Parts, *, drain: bool) -> Totals:
+def _serve(
+    ctx: Context,
+    settings: Settings,
+    parts: Parts,
+    *,
+    drain: bool,
+    web_socket: socket.socket | None = None,
+) -> Totals:
     """Run the service here and its helper processes beside it; the totals of all of them."""
     from mailer.senders import Helpers, Job
     from mailer.service import Service
 
-    service = Service(ctx.engine(), settings, parts=parts, sign=signer(settings))
+    service = Service(
+        ctx.engine(), settings, parts=parts, sign=signer(settings), web_socket=web_socket
+    )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
         totals = asyncio.run(service.run(drain=drain))
@@ -644,19 +691,29 @@ def bounces_group() -> None:
 @click.option(
     "--soft-limit",
     type=click.IntRange(1),
-    default=3,
-    show_default=True,
-    help="Soft bounces within the window that make a subscriber bounced.",
+    default=None,
+    help="Soft bounces within the window that make a subscriber bounced "
+    "(default: [bounces].soft_limit, 3).",
 )
-@click.option("--soft-window-days", type=click.IntRange(1), default=30, show_default=True)
+@click.option(
+    "--soft-window-days",
+    type=click.IntRange(1),
+    default=None,
+    help="The window, in days (default: [bounces].soft_window_days, 30).",
+)
 @pass_ctx
-def bounces_process(ctx: Context, path: Path, soft_limit: int, soft_window_days: int) -> None:
+def bounces_process(
+    ctx: Context, path: Path, soft_limit: int | None, soft_window_days: int | None
+) -> None:
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
     from datetime import timedelta
 
     from mailer.bounces import process_path
     from mailer.delivery import envelope_sender
 
+    policy = ctx.settings.bounces
+    soft_limit = policy.soft_limit if soft_limit is None else soft_limit
+    soft_window_days = policy.soft_window_days if soft_window_days is None else soft_window_days
     summary = process_path(
         ctx.engine(),
         path,

@@ -6,12 +6,13 @@ key silently ignored is a setting that silently does not apply.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import time
+from datetime import datetime, time
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mailer.cron import CronError, first_fire, parse_cron
 from mailer.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "mailer.toml"
@@ -105,6 +107,14 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class BounceSettings:
+    """When soft bounces make a subscriber bounced (``mailer bounces process``)."""
+
+    soft_limit: int = 3
+    soft_window_days: int = 30
+
+
+@dataclass(frozen=True)
 class DkimSettings:
     domain: str
     selector: str
@@ -167,6 +177,7 @@ class Settings:
     topics: tuple[Topic, ...]
     sources: tuple[Source, ...]
     digests: tuple[Digest, ...]
+    bounces: BounceSettings = BounceSettings()
 
     def digest(self, key: str) -> Digest:
         for digest in self.digests:
@@ -304,6 +315,55 @@ def _check_url(table: _Table, key: str, value: str, *, https_only: bool = False)
     return value.rstrip("/")
 
 
+LOOPBACK_HOSTS = frozenset({"localhost"})
+# What mailer.messages splices into headers and quoted-printable HTML unescaped (it checks
+# again there); ? and # are allowed by it, refused here with their own message.
+_INERT_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_HOSTS or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(table: _Table, key: str, value: str) -> str:
+    """The public address of the web app: every link in every message starts with it.
+
+    Plain http is refused unless the host is this machine (the demo, development): the links
+    carry the subscriber's signed token, and RFC 8058 one-click unsubscribe needs an HTTPS URI.
+    """
+    url = _check_url(table, key, value)
+    if not _INERT_URL_RE.fullmatch(url) or len(url) > 800:
+        raise table.error(
+            key,
+            "must be an ASCII URL (punycode host) of at most 800 characters without spaces "
+            f"or any of & ' \" < >: it is spliced into headers and HTML, got {value!r}",
+        )
+    parts = urlsplit(url)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:  # a port that is not a number 0-65535
+        raise table.error(key, f"has an invalid port: {exc} (got {value!r})") from exc
+    if not host or port == 0:
+        raise table.error(key, f"must name a host (and a port 1-65535 if any), got {value!r}")
+    if parts.username is not None or parts.password is not None:
+        raise table.error(key, f"must not carry a user name or password, got {value!r}")
+    if parts.query or parts.fragment or value.rstrip("/").endswith(("?", "#")):
+        raise table.error(key, f"must not have a query or fragment (? or #), got {value!r}")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise table.error(
+            key,
+            f"must be https:// for a public host, got {value!r}: the links in every message "
+            "carry the subscriber's token, and one-click unsubscribe (RFC 8058) needs HTTPS "
+            "(plain http is accepted for localhost and 127.0.0.1 only)",
+        )
+    return url
+
+
 def _check_zone(table: _Table, key: str, value: str) -> str:
     try:
         ZoneInfo(value)
@@ -328,7 +388,7 @@ def _resolve_path(base: Path | None, value: str) -> Path:
 
 def _site(t: _Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     name = t.text("name", _REQUIRED)
-    base_url = _check_url(t, "base_url", t.text("base_url", _REQUIRED))
+    base_url = _check_base_url(t, "base_url", t.text("base_url", _REQUIRED))
     from_address = _check_mailbox(t, "from", t.text("from", _REQUIRED))
     reply_to = t.text("reply_to")
     if reply_to is not None:
@@ -446,6 +506,17 @@ def _feeds(t: _Table | None) -> FeedSettings:
     return feeds
 
 
+def _bounces(t: _Table | None) -> BounceSettings:
+    t = t or _Table({}, "bounces", None)
+    defaults = BounceSettings()
+    bounces = BounceSettings(
+        soft_limit=t.integer("soft_limit", defaults.soft_limit, low=1, high=1000),
+        soft_window_days=t.integer("soft_window_days", defaults.soft_window_days, low=1, high=3660),
+    )
+    t.finish()
+    return bounces
+
+
 def _dkim(t: _Table | None, base: Path | None) -> DkimSettings | None:
     if t is None:
         return None
@@ -458,25 +529,14 @@ def _dkim(t: _Table | None, base: Path | None) -> DkimSettings | None:
     return dkim
 
 
-DAY_NUMBER_RE = re.compile(r"\d")
-
-
 def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
     key = t.text("key", _REQUIRED, pattern=KEY_RE)
     schedule = t.text("schedule", _REQUIRED)
-    fields = schedule.split()
-    if len(fields) not in (5, 6):
-        raise t.error(
-            "schedule",
-            "must be a 5-field cron expression (minute hour day month day_of_week), "
-            f"or 6 fields with seconds first, got {schedule!r}",
-        )
-    if DAY_NUMBER_RE.search(fields[-1]):
-        raise t.error(
-            "schedule",
-            f"day of week must use names mon..sun, not numbers (got {fields[-1]!r}): "
-            "numeric weekdays count differently in cron and in the scheduler",
-        )
+    zone = _check_zone(t, "timezone", t.text("timezone", site_zone))
+    try:
+        sample_slot = first_fire(parse_cron(schedule, zone), schedule)
+    except CronError as exc:
+        raise t.error("schedule", str(exc)) from exc
     digest_topics = t.text_list("topics", _REQUIRED)
     for topic in digest_topics:
         if topic not in topics:
@@ -490,7 +550,7 @@ def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
         name=t.text("name", _REQUIRED),
         subject=t.text("subject", "{{ digest.name }} — {{ date.strftime('%-d %B %Y') }}"),
         schedule=schedule,
-        timezone=_check_zone(t, "timezone", t.text("timezone", site_zone)),
+        timezone=zone,
         topics=tuple(digest_topics),
         max_articles=t.integer("max_articles", 20, low=1, high=500),
         template=t.text("template", "digest", pattern=KEY_RE),
@@ -499,7 +559,27 @@ def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
         include_updates=t.flag("include_updates", False),
     )
     t.finish()
+    _check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))
     return digest
+
+
+def _check_subject(t: _Table, digest: Digest, sample_slot: datetime) -> None:
+    """Compile the subject in the sandbox and render it once for a sample slot.
+
+    A misspelt variable or a filter that fails would otherwise surface only when a scheduled
+    firing builds the issue, long after the config was accepted.
+    """
+    # Here, not at the top: rendering reads this module's dataclasses.
+    from mailer.rendering import RenderError, default_renderer
+
+    try:
+        default_renderer().render_subject(digest, sample_slot)
+    except RenderError as exc:
+        raise t.error(
+            "subject",
+            f"cannot be rendered: {exc.reason} "
+            f"(tried with digest {digest.key!r} and date {sample_slot:%Y-%m-%d %H:%M %Z})",
+        ) from exc
 
 
 QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
@@ -514,6 +594,23 @@ def _quiet_hours(t: _Table) -> tuple[time, time] | None:
         raise t.error("quiet_hours", f'must be "HH:MM-HH:MM" (24-hour, local time), got {value!r}')
     h1, m1, h2, m2 = (int(g) for g in match.groups())
     return time(h1, m1), time(h2, m2)
+
+
+def _check_categories(t: _Table, categories: Mapping[str, str]) -> None:
+    """Category names are matched ignoring case and runs of blanks (as mailer.feeds matches
+    them): each must be distinct, and not empty."""
+    seen: dict[str, str] = {}
+    for category in categories:
+        folded = " ".join(category.split()).casefold()
+        if not folded:
+            raise t.error("categories", 'has an empty category name ("" = ...)')
+        if folded in seen:
+            raise t.error(
+                "categories",
+                f"names category {category!r} twice ({seen[folded]!r} is the same, "
+                "as categories are matched ignoring case)",
+            )
+        seen[folded] = category
 
 
 def check_processes(db_url: str, processes: int, *, path: str | None = None) -> None:
@@ -578,6 +675,7 @@ def parse_settings(
     scheduler = _scheduler(root.table("scheduler", required=False))
     feeds = _feeds(root.table("feeds", required=False))
     dkim = _dkim(root.table("dkim", required=False), base)
+    bounces = _bounces(root.table("bounces", required=False))
 
     topics: list[Topic] = []
     for t in root.tables("topics"):
@@ -611,6 +709,7 @@ def parse_settings(
         categories = t.string_map("categories")
         if categories and kind != "feed":
             raise t.error("categories", "applies to feed sources only")
+        _check_categories(t, categories)
         for category, mapped in categories.items():
             if mapped not in topic_keys:
                 raise t.error(
@@ -648,6 +747,7 @@ def parse_settings(
         topics=tuple(topics),
         sources=tuple(sources),
         digests=tuple(digests),
+        bounces=bounces,
     )
 
 

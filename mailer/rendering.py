@@ -57,6 +57,7 @@ class RenderError(TemplateError):
     def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
         self.template = template
         self.line = line
+        self.reason = message
         where = template if line is None else f"{template}, line {line}"
         super().__init__(f"{where}: {message}")
 

@@ -6,31 +6,25 @@ it questions, so the same answers serve the live scheduler, start-up catch-up an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 
 from mailer.config import Digest
+from mailer.cron import CronError, parse_cron
 from mailer.errors import ConfigError
 
 MAX_SLOTS = 10_000  # a bound on any walk over slots, whatever the schedule
 
 
-CRON_FIELDS = ("minute", "hour", "day", "month", "day_of_week")
-
-
 def trigger_for(digest: Digest) -> CronTrigger:
-    """The digest's cron trigger in its own time zone.
-
-    Five fields as in crontab, or six with seconds first (for alert lanes and tests).
-    """
-    values = digest.schedule.split()
-    names = CRON_FIELDS if len(values) == 5 else ("second", *CRON_FIELDS)
+    """The digest's cron trigger in its own time zone (checked when the config loaded)."""
     try:
-        return CronTrigger(timezone=digest.timezone, **dict(zip(names, values, strict=True)))
-    except ValueError as exc:
-        raise ConfigError(f"[[digests]] {digest.key}: schedule {digest.schedule!r}: {exc}") from exc
+        return parse_cron(digest.schedule, digest.timezone)
+    except CronError as exc:
+        raise ConfigError(f"[[digests]] {digest.key}: schedule {exc}") from exc
 
 
 def slots_between(digest: Digest, start: datetime, end: datetime) -> list[datetime]:
@@ -106,3 +100,24 @@ def quiet_until(quiet: tuple[time, time] | None, zone: str, now: datetime) -> da
         return None
     day = local.date() if clock < end else local.date() + timedelta(days=1)
     return datetime.combine(day, end, tzinfo=ZoneInfo(zone)).astimezone(UTC)
+
+
+def local_time(moment: datetime, zone: str, *, year: bool = True) -> str:
+    """``moment`` as staff read it: ``Fri 11 Dec 2026 07:00 EST`` in ``zone``.
+
+    A zone without an abbreviation (zoneinfo gives ``-03``) is named in full after it.
+    """
+    local = moment.astimezone(ZoneInfo(zone))
+    name = local.tzname() or zone
+    if name[0] in "+-":
+        name = f"{name} ({zone})"
+    day = f"{local:%a} {local.day} {local:%b}" + (f" {local.year}" if year else "")
+    return f"{day} {local:%H:%M} {name}"
+
+
+def upcoming(digests: Sequence[Digest], now: datetime) -> list[tuple[Digest, datetime]]:
+    """Each digest with its next slot after ``now`` (UTC), soonest first."""
+    pairs = [(digest, next_slot(digest, now)) for digest in digests]
+    return sorted(
+        ((digest, slot) for digest, slot in pairs if slot is not None), key=lambda pair: pair[1]
+    )

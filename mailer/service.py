@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,7 +25,7 @@ from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
-from mailer.schedule import latest_slot, missed_slots, trigger_for
+from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.signals import stop_on_signals
 from mailer.smtp import SmtpPool
 from mailer.sources import fetch_sources, log_results
@@ -32,6 +33,10 @@ from mailer.sources import fetch_sources, log_results
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 30.0
+# A failed scheduled firing is retried after 30 s, 1 min, 2 min ... at most 10 min apart,
+# until the slot's [scheduler].misfire_grace_seconds has passed.
+RETRY_FIRST_SECONDS = 30.0
+RETRY_MAX_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -52,14 +57,21 @@ class Service:
         parts: Parts = Parts(),
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
+        render_subject: Callable[[Digest, datetime], str] = render_subject,
+        retry_seconds: float = RETRY_FIRST_SECONDS,
+        web_socket: socket.socket | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.parts = parts
         self.clock = clock
         self.sign = sign
+        self.render_subject = render_subject
+        self.retry_seconds = retry_seconds  # the first wait before a failed firing is retried
+        self.web_socket = web_socket  # bound by the caller (mailer.preflight.claim_port)
         self.stop = asyncio.Event()
         self.work = asyncio.Event()  # set when an issue was created: deliver without waiting
+        self.firings: set[asyncio.Task[IssueCreated | None]] = set()  # retrying a failed slot
 
     def fire(self, digest: Digest, slot: datetime | None = None) -> IssueCreated | None:
         """Create the issue for ``slot`` (default: the slot that just came due)."""
@@ -74,7 +86,7 @@ class Service:
             digest,
             scheduled_for=slot,
             now=now,
-            render_subject=render_subject,
+            render_subject=self.render_subject,
         )
         if issue.created:
             lag = (now - slot).total_seconds()
@@ -83,7 +95,7 @@ class Service:
                 extra={
                     "digest": digest.key,
                     "issue": issue.issue_id,
-                    "slot": slot.isoformat(),
+                    "slot": self._shown(slot),
                     "lag_s": f"{lag:.3f}",
                 },
             )
@@ -112,7 +124,7 @@ class Service:
         scheduler = AsyncIOScheduler(timezone="UTC")
         for digest in self.settings.digests:
             scheduler.add_job(
-                self._fire_async,
+                self.fire_scheduled,
                 trigger=trigger_for(digest),
                 args=[digest],
                 id=f"digest:{digest.key}",
@@ -155,12 +167,78 @@ class Service:
             return
         log_results(results)
 
-    async def _fire_async(self, digest: Digest) -> None:
+    async def fire_scheduled(self, digest: Digest) -> None:
+        """The scheduler's job: make the issue of the slot that just came due.
+
+        A firing that fails is retried in a task of its own (``firings``), so that the job
+        returns at once and the digest's next slot is never skipped as "still running".
+        """
+        grace = timedelta(seconds=self.settings.scheduler.misfire_grace_seconds + 60)
+        slot = await asyncio.to_thread(latest_slot, digest, self.clock(), within=grace)
+        if slot is None:
+            return
+        if await self._try_fire(digest, slot, attempt=1) is not None:
+            return
+        task = asyncio.create_task(
+            self.retry_firing(digest, slot), name=f"retry {digest.key} {slot.isoformat()}"
+        )
+        self.firings.add(task)
+        task.add_done_callback(self.firings.discard)
+
+    async def retry_firing(self, digest: Digest, slot: datetime) -> IssueCreated | None:
+        """Retry a failed firing with a doubling wait until it succeeds, the service stops, or
+        the slot's misfire grace has passed; each failure and the end are logged at ERROR."""
+        deadline = slot + timedelta(seconds=self.settings.scheduler.misfire_grace_seconds)
+        delay = self.retry_seconds
+        attempt = 1
+        while True:
+            if self.clock() + timedelta(seconds=delay) > deadline:
+                log.error(
+                    "issue not made: given up, the slot's misfire grace has passed"
+                    " (make it with `mailer digest send`)",
+                    extra={"digest": digest.key, "slot": self._shown(slot), "attempts": attempt},
+                )
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+            if self.stop.is_set():
+                log.error(
+                    "issue not made: the service stopped before it could be retried"
+                    " (the next start catches the slot up)",
+                    extra={"digest": digest.key, "slot": self._shown(slot), "attempts": attempt},
+                )
+                return None
+            attempt += 1
+            issue = await self._try_fire(digest, slot, attempt=attempt)
+            if issue is not None:
+                log.info(
+                    "issue made on retry",
+                    extra={"digest": digest.key, "slot": self._shown(slot), "attempt": attempt},
+                )
+                return issue
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    async def _try_fire(
+        self, digest: Digest, slot: datetime, *, attempt: int
+    ) -> IssueCreated | None:
+        """One attempt at the slot's issue; a failure is logged at ERROR and returns None."""
         try:
-            await asyncio.to_thread(self.fire, digest)
-        except Exception:
-            # A failed firing must not kill the scheduler; the next start catches the slot up.
-            log.exception("creating the issue failed", extra={"digest": digest.key})
+            issue = await asyncio.to_thread(self.fire, digest, slot)
+        except Exception as exc:
+            # Anything (the database, a template, a bug): logged and retried by the caller,
+            # never dropped. The traceback only with -v: the message says what failed.
+            log.error(
+                "creating the issue failed: %s",
+                " ".join(str(exc).split()) or type(exc).__name__,
+                extra={"digest": digest.key, "slot": self._shown(slot), "attempt": attempt},
+                exc_info=log.isEnabledFor(logging.INFO),
+            )
+            return None
+        assert issue is not None  # the slot was given
+        return issue
+
+    def _shown(self, slot: datetime) -> str:
+        return local_time(slot, self.settings.site.timezone)
 
     async def deliver_forever(self, *, drain: bool = False) -> Totals:
         """Deliver due mail until stopped (or, with ``drain``, until nothing is due)."""
@@ -194,7 +272,8 @@ class Service:
                 scheduler.start()
             server = self._web_server() if self.parts.web else None
             if server is not None:
-                tasks.append(asyncio.create_task(server.serve(), name="web"))
+                sockets = [self.web_socket] if self.web_socket is not None else None
+                tasks.append(asyncio.create_task(server.serve(sockets=sockets), name="web"))
             totals = Totals()
             log.info(
                 "service running",
@@ -214,6 +293,10 @@ class Service:
                     scheduler.shutdown(wait=False)
                 if server is not None:
                     server.should_exit = True
+                for firing in self.firings:
+                    if not self.stop.is_set():
+                        firing.cancel()  # the service failed: that failure is what is reported
+                    tasks.append(firing)  # after SIGTERM: each logs its slot as not made
                 if tasks:
                     await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
         return totals

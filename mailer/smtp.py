@@ -602,6 +602,22 @@ class SmtpPool:
         finally:
             self._idle.put_nowait(slot)
 
+    async def probe(self) -> SendResult | None:
+        """Open one connection as a send would (connect, TLS, EHLO, AUTH where set) and leave
+        it for ``aclose`` to QUIT: None when the relay answered, else the DEFERRED result
+        saying why. Raises ``SmtpAuthError`` when the server refuses the login."""
+        self._check_usable()
+        slot = await self._idle.get()
+        try:
+            # Not logged: the caller reports the failure itself, once.
+            opened = await self._open(log_failure=False)
+            if isinstance(opened, SendResult):
+                return opened
+            slot.client = opened
+            return None
+        finally:
+            self._idle.put_nowait(slot)
+
     def _check_usable(self) -> None:
         if (fatal := self._fatal) is not None:
             # A fresh exception each time: re-raising one instance would grow its traceback.
@@ -634,7 +650,7 @@ class SmtpPool:
             self._discard(slot)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _open(self) -> _Connection | SendResult:
+    async def _open(self, *, log_failure: bool = True) -> _Connection | SendResult:
         """Connect, secure, greet and log in; a failure is a DEFERRED result for this message."""
         s = self.settings
         client = _Connection(
@@ -659,10 +675,16 @@ class SmtpPool:
         except (aiosmtplib.SMTPException, OSError) as exc:  # OSError covers ssl.SSLError
             client.close()
             result = _failure(exc, Stage.CONNECT)
-            log.warning(
-                "cannot open SMTP connection",
-                extra={"host": s.host, "port": s.port, "code": result.code, "reply": result.reply},
-            )
+            if log_failure:
+                log.warning(
+                    "cannot open SMTP connection",
+                    extra={
+                        "host": s.host,
+                        "port": s.port,
+                        "code": result.code,
+                        "reply": result.reply,
+                    },
+                )
             return result
         except ValueError as exc:
             client.close()

@@ -251,20 +251,19 @@ def _helper_pids(log: Path) -> list[int]:
     return [int(p) for p in line.split("pids=[", 1)[1].split("]", 1)[0].split(",")]
 
 
-def test_helpers_started_before_the_issue_end_when_no_issue_can_be_made(
+def test_no_helper_starts_when_the_database_is_not_initialized(
     tmp_path: Path,
     process_log: Path,  # noqa: F811
 ) -> None:
-    # A database nobody migrated: `digest send` fails after its helpers have started.
-    url = f"sqlite:///{tmp_path / 'new.db'}"
-    config = write_config(tmp_path / "mailer.toml", url, smtp={"processes": 2})
+    # A database nobody migrated: `digest send` stops at its checks, before any helper starts.
+    path = tmp_path / "new.db"
+    config = write_config(tmp_path / "mailer.toml", f"sqlite:///{path}", smtp={"processes": 2})
     send = spawn(config, process_log, "digest", "send", "weekly")
     assert send.wait(timeout=60) == 1, process_log.read_text()
     log = process_log.read_text()
-    assert "the database is not initialized" in log, log
-    pids = _helper_pids(process_log)
-    assert len(pids) == 1
-    wait_for(lambda: all(_ended(p) for p in pids), process_log, "the helper to end", timeout=10)
+    assert f"the database {path} does not exist: run `mailer init`" in log, log
+    assert "sending processes started" not in log
+    assert not path.exists()
 
 
 def test_helpers_waiting_for_their_job_end_when_the_command_is_killed(

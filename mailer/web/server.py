@@ -58,8 +58,12 @@ async def serve_async(
     host: str | None = None,
     port: int | None = None,
     forwarded_allow_ips: str | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until cancelled, or until uvicorn exits (SIGINT/SIGTERM in the main thread)."""
+    """Serve until cancelled, or until uvicorn exits (SIGINT/SIGTERM in the main thread).
+
+    ``sock``: a socket already bound to ``host:port`` (``mailer.preflight.claim_port``).
+    """
     app = create_app(settings, engine, mailer or SmtpConfirmationSender(settings))
     config = server_config(
         app,
@@ -68,7 +72,7 @@ async def serve_async(
         forwarded_allow_ips=forwarded_allow_ips,
     )
     log.info("web app listening", extra={"host": config.host, "port": config.port})
-    await uvicorn.Server(config).serve()
+    await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)
 
 
 def serve(
@@ -79,6 +83,7 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     forwarded_allow_ips: str | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     """Serve in the foreground until interrupted (``mailer web``)."""
     asyncio.run(
@@ -89,6 +94,7 @@ def serve(
             host=host,
             port=port,
             forwarded_allow_ips=forwarded_allow_ips,
+            sock=sock,
         )
     )
 
