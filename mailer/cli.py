@@ -578,10 +578,9 @@ def web(ctx: Context, host: str | None, port: int | None) -> None:
     sender = SmtpConfirmationSender(settings, sign=signer(settings))
     sock = preflight(settings, ("secret", "database", "web"))
     assert sock is not None
+    line = f"mailer web: {_web_line(settings, sock)}"
     with sock:
-        engine = ctx.engine()
-        _started(f"mailer web: {_web_line(settings, sock)}")
-        serve(settings, engine, sender, sock=sock)
+        serve(settings, ctx.engine(), sender, sock=sock, on_started=lambda: _started(line))
 
 
 @issues_group.command("cancel")
@@ -616,11 +615,16 @@ def run(ctx: Context, no_web: bool) -> None:
     sock = preflight(settings, ("secret", "database", "smtp", *(() if no_web else ("web",))))
     web_line = "web app off (--no-web)" if sock is None else _web_line(settings, sock)
     zone = settings.site.timezone
-    slots = upcoming(settings.digests, now())
-    scheduled = ", ".join(f"{d.key} {local_time(slot, zone, year=False)}" for d, slot in slots)
-    _started(f"mailer run: {web_line}; next: {scheduled or 'no digest is scheduled'}")
+
+    def started() -> None:
+        slots = upcoming(settings.digests, now())
+        listed = ", ".join(f"{d.key} {local_time(slot, zone, year=False)}" for d, slot in slots)
+        _started(f"mailer run: {web_line}; next: {listed or 'no digest is scheduled'}")
+
     try:
-        _serve(ctx, settings, Parts(web=not no_web), drain=False, web_socket=sock)
+        _serve(
+            ctx, settings, Parts(web=not no_web), drain=False, web_socket=sock, on_started=started
+        )
     finally:
         if sock is not None:
             sock.close()
@@ -663,6 +667,7 @@ def _serve(
     *,
     drain: bool,
     web_socket: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> Totals:
     """Run the service here and its helper processes beside it; the totals of all of them."""
     from mailer.senders import Helpers, Job
@@ -673,7 +678,7 @@ def _serve(
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
-        totals = asyncio.run(service.run(drain=drain))
+        totals = asyncio.run(service.run(drain=drain, on_started=on_started))
         if service.stop.is_set():
             helpers.stop()
     totals.add(helpers.report.counts)

@@ -119,7 +119,7 @@ def check_relay(smtp: SmtpSettings) -> None:
     try:
         result = asyncio.run(_probe(smtp))
     except SmtpAuthError as exc:
-        raise PreflightError("smtp", f"the SMTP relay {where} {exc}", target=where) from exc
+        raise PreflightError("smtp", f"the SMTP relay {where}: {exc}", target=where) from exc
     except TimeoutError as exc:
         raise PreflightError(
             "smtp",

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 import uvicorn
@@ -192,15 +193,17 @@ class Service:
         delay = self.retry_seconds
         attempt = 1
         while True:
-            if self.clock() + timedelta(seconds=delay) > deadline:
+            remaining = (deadline - self.clock()).total_seconds()
+            if remaining <= 0:
                 log.error(
                     "issue not made: given up, the slot's misfire grace has passed"
                     " (make it with `mailer digest send`)",
                     extra={"digest": digest.key, "slot": self._shown(slot), "attempts": attempt},
                 )
                 return None
+            # The last wait is cut short, so that a last attempt is made within the grace.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+                await asyncio.wait_for(self.stop.wait(), timeout=min(delay, remaining))
             if self.stop.is_set():
                 log.error(
                     "issue not made: the service stopped before it could be retried"
@@ -261,8 +264,13 @@ class Service:
                     )
         return totals
 
-    async def run(self, *, drain: bool = False) -> Totals:
-        """Run the configured parts until SIGTERM/SIGINT (or drained); returns delivery totals."""
+    async def run(
+        self, *, drain: bool = False, on_started: Callable[[], None] | None = None
+    ) -> Totals:
+        """Run the configured parts until SIGTERM/SIGINT (or drained); returns delivery totals.
+
+        ``on_started`` is called once the scheduler runs and the web app listens.
+        """
         tasks: list[asyncio.Task[object]] = []
         scheduler = None
         with stop_on_signals(self.stop):
@@ -273,7 +281,11 @@ class Service:
             server = self._web_server() if self.parts.web else None
             if server is not None:
                 sockets = [self.web_socket] if self.web_socket is not None else None
-                tasks.append(asyncio.create_task(server.serve(sockets=sockets), name="web"))
+                web = asyncio.create_task(server.serve(sockets=sockets), name="web")
+                tasks.append(web)
+                await _first(server.listening, _done(web))
+            if on_started is not None:
+                on_started()
             totals = Totals()
             log.info(
                 "service running",
@@ -301,7 +313,7 @@ class Service:
                     await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
         return totals
 
-    def _web_server(self) -> uvicorn.Server:
+    def _web_server(self) -> _QuietServer:
         from mailer.web.app import create_app
         from mailer.web.sender import SmtpConfirmationSender
         from mailer.web.server import server_config
@@ -316,9 +328,25 @@ class Service:
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service owns SIGTERM and SIGINT."""
 
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _done(task: asyncio.Task[Any]) -> asyncio.Event:
+    """An event set when ``task`` ends, however it ends."""
+    event = asyncio.Event()
+    task.add_done_callback(lambda _task: event.set())
+    return event
 
 
 async def _first(*events: asyncio.Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
 from tests.factories import SECRET, write_config
+from tests.test_bounces import dsn
 
 
 @pytest.fixture
@@ -119,3 +121,35 @@ def test_export_person_gives_everything_held_as_json(config: Path) -> None:
     assert data["topics"] == ["base-alerts"]
     assert data["consent"]["source"] == "cli"
     assert [e["kind"] for e in data["events"]] == ["subscribed"]
+
+
+def test_bounces_process_takes_its_policy_from_the_config_and_options_override_it(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
+    config = write_config(tmp_path / "mailer.toml", db_url, bounces={"soft_limit": 2})
+    run(config, "init")
+    recent = datetime.now(UTC) - timedelta(days=1)
+    for person in ("full", "other"):
+        run(config, "subscribers", "add", f"{person}@example.com")
+        (tmp_path / f"{person}.mbox").write_bytes(
+            b"".join(
+                b"From MAILER-DAEMON Thu Nov 19 12:00:00 2026\n"
+                + dsn(
+                    recipient=f"{person}@example.com",
+                    report_id=f"<{person}{n}@mx>",
+                    message_id=f"<{person}{n}@news.example.org>",
+                    date=recent,
+                ).replace(b"\r\n", b"\n")
+                + b"\n"
+                for n in range(2)
+            )
+        )
+    # Two soft bounces reach [bounces].soft_limit = 2; --soft-limit 3 overrides it.
+    assert run(config, "bounces", "process", str(tmp_path / "full.mbox")).exit_code == 0
+    overridden = run(
+        config, "bounces", "process", str(tmp_path / "other.mbox"), "--soft-limit", "3"
+    )
+    assert overridden.exit_code == 0
+    assert run(config, "subscribers", "show", "full@example.com").output.startswith("bounced")
+    assert run(config, "subscribers", "show", "other@example.com").output.startswith("active")

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from mailer.config import load_settings, parse_settings
+from mailer.config import BounceSettings, load_settings, parse_settings
 from mailer.errors import ConfigError
-from tests.factories import SECRET, config_dict, make_settings
+from tests.factories import SECRET, config_dict, make_settings, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,3 +131,163 @@ def test_relative_paths_resolve_beside_the_config_file(tmp_path: Path) -> None:
     settings = parse_settings(data, path=tmp_path / "mailer.toml", env={})
     assert settings.site.require_secret() == b"s" * 40
     assert settings.database.url == f"sqlite:///{tmp_path / 'mailer.db'}"
+
+
+def _feed(categories: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "feed",
+            "url": "https://news.example.org/feed",
+            "topic": "base-alerts",
+            "categories": categories,
+        }
+    ]
+
+
+# What used to load and fail only later: when a scheduled firing built the issue (a subject),
+# when the scheduler started (a schedule), or in every link of every message (base_url).
+REFUSED_AT_LOAD = {
+    "cron-minute-99": (
+        {"digests": _digest(schedule="99 7 * * fri")},
+        "[digests[0]].schedule is not a valid cron expression ('99 7 * * fri'): "
+        "Error validating expression '99': the last value (99) is higher than the maximum value",
+    ),
+    "cron-hour-25": (
+        {"digests": _digest(schedule="0 25 * * fri")},
+        "[digests[0]].schedule is not a valid cron expression",
+    ),
+    "cron-bad-day-name": (
+        {"digests": _digest(schedule="0 7 * * frx")},
+        "[digests[0]].schedule is not a valid cron expression ('0 7 * * frx'): "
+        'Invalid weekday name "frx"',
+    ),
+    "cron-never-fires": (
+        {"digests": _digest(schedule="0 7 31 2 *")},
+        "[digests[0]].schedule never fires ('0 7 31 2 *'",
+    ),
+    "subject-undefined-name": (
+        {"digests": _digest(subject="{{ nope }}")},
+        "[digests[0]].subject cannot be rendered: 'nope' is undefined "
+        "(tried with digest 'weekly' and date 2026-01-02 07:00 EST)",
+    ),
+    "subject-syntax": (
+        {"digests": _digest(subject="{{ date.strftime( }}")},
+        "[digests[0]].subject cannot be rendered: syntax error",
+    ),
+    "subject-unknown-filter": (
+        {"digests": _digest(subject="{{ date | shout }}")},
+        "[digests[0]].subject cannot be rendered: syntax error: No filter named 'shout'",
+    ),
+    "subject-unsafe-attribute": (
+        {"digests": _digest(subject="{{ ''.__class__.__mro__ }}")},
+        "[digests[0]].subject cannot be rendered: access to attribute '__class__'",
+    ),
+    "subject-raises": (
+        {"digests": _digest(subject="Week {{ 1 / 0 }}")},
+        "[digests[0]].subject cannot be rendered: ZeroDivisionError",
+    ),
+    "subject-fake-reply": (
+        {"digests": _digest(subject="Re: {{ digest.name }}")},
+        "[digests[0]].subject cannot be rendered: must not look like a reply or forward",
+    ),
+    "subject-empty": (
+        {"digests": _digest(subject="{{ '' }}")},
+        "[digests[0]].subject cannot be rendered: renders to an empty subject",
+    ),
+    "base-url-plain-http": (
+        {"site__base_url": "http://news.example.org"},
+        "[site].base_url must be https:// for a public host, got 'http://news.example.org'",
+    ),
+    "base-url-query": (
+        {"site__base_url": "https://news.example.org/?ref=mail"},
+        "[site].base_url must not have a query or fragment",
+    ),
+    "base-url-fragment": (
+        {"site__base_url": "https://news.example.org/#top"},
+        "[site].base_url must not have a query or fragment",
+    ),
+    "base-url-credentials": (
+        {"site__base_url": "https://staff:pw@news.example.org"},
+        "[site].base_url must not carry a user name or password",
+    ),
+    "base-url-port": (
+        {"site__base_url": "https://news.example.org:99999"},
+        "[site].base_url has an invalid port",
+    ),
+    "base-url-no-host": (
+        {"site__base_url": "https:///news"},
+        "[site].base_url must be an absolute http or https URL",
+    ),
+    "base-url-quote": (
+        {"site__base_url": "https://news.example.org/a'b"},
+        "[site].base_url must be an ASCII URL (punycode host)",
+    ),
+    "category-empty": (
+        {"sources": _feed({" ": "base-alerts"})},
+        '[sources[0]].categories has an empty category name ("" = ...)',
+    ),
+    "category-twice": (
+        {"sources": _feed({"Base  Alerts": "base-alerts", "base alerts": "local-events"})},
+        "[sources[0]].categories names category 'base alerts' twice ('Base  Alerts' is the same",
+    ),
+    "category-unknown-topic": (
+        {"sources": _feed({"Weather": "weather"})},
+        "[sources[0]].categories maps 'Weather' to unknown topic 'weather'",
+    ),
+    "bounces-soft-limit-0": (
+        {"bounces": {"soft_limit": 0}},
+        "[bounces].soft_limit must be 1–1000, got 0",
+    ),
+    "bounces-window-text": (
+        {"bounces": {"soft_window_days": "30"}},
+        "[bounces].soft_window_days must be a whole number 1–3660, got '30'",
+    ),
+    "bounces-unknown-key": (
+        {"bounces": {"soft_limt": 2}},
+        "[bounces].soft_limt is not a known key (known: soft_limit, soft_window_days)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"), REFUSED_AT_LOAD.values(), ids=REFUSED_AT_LOAD.keys()
+)
+def test_what_would_fail_later_is_refused_at_load_naming_file_and_key(
+    sections: dict[str, Any], expected: str
+) -> None:
+    message = _error(**sections)
+    assert message.startswith("/etc/mailer.toml: ")
+    assert expected in message
+
+
+def test_a_failed_subject_is_reported_from_the_file_by_load_settings(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "mailer.toml", "sqlite:///mailer.db", digests=_digest(subject="{{ nope }}")
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, env={})
+    assert str(info.value).startswith(f"{config}: [digests[0]].subject cannot be rendered")
+    assert (info.value.path, info.value.key) == (str(config), "digests[0].subject")
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:8000",
+        "http://localhost:8000/",
+        "http://[::1]:8000",
+        "https://news.example.org/newsletter/",
+    ],
+    ids=["loopback-ip", "localhost", "loopback-v6", "https-with-path"],
+)
+def test_base_url_http_is_accepted_on_this_machine_and_https_anywhere(base_url: str) -> None:
+    settings = parse_settings(config_dict(site__base_url=base_url), env={})
+    assert settings.site.base_url == base_url.rstrip("/")
+
+
+def test_bounce_policy_defaults_and_values() -> None:
+    assert make_settings().bounces == BounceSettings(soft_limit=3, soft_window_days=30)
+    tight = make_settings(bounces={"soft_limit": 1, "soft_window_days": 7})
+    assert tight.bounces == BounceSettings(soft_limit=1, soft_window_days=7)
+    settings = load_settings(ROOT / "config.example.toml", env={"MAILER_SECRET_KEY": SECRET})
+    assert settings.bounces == BounceSettings(soft_limit=3, soft_window_days=30)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -59,10 +60,12 @@ async def serve_async(
     port: int | None = None,
     forwarded_allow_ips: str | None = None,
     sock: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve until cancelled, or until uvicorn exits (SIGINT/SIGTERM in the main thread).
 
-    ``sock``: a socket already bound to ``host:port`` (``mailer.preflight.claim_port``).
+    ``sock``: a socket already bound to ``host:port`` (``mailer.preflight.claim_port``);
+    ``on_started`` is called once the app listens (and signals are handled).
     """
     app = create_app(settings, engine, mailer or SmtpConfirmationSender(settings))
     config = server_config(
@@ -72,7 +75,8 @@ async def serve_async(
         forwarded_allow_ips=forwarded_allow_ips,
     )
     log.info("web app listening", extra={"host": config.host, "port": config.port})
-    await uvicorn.Server(config).serve(sockets=[sock] if sock is not None else None)
+    server = AnnouncingServer(config, on_started=on_started)
+    await server.serve(sockets=[sock] if sock is not None else None)
 
 
 def serve(
@@ -84,6 +88,7 @@ def serve(
     port: int | None = None,
     forwarded_allow_ips: str | None = None,
     sock: socket.socket | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve in the foreground until interrupted (``mailer web``)."""
     asyncio.run(
@@ -95,8 +100,25 @@ def serve(
             port=port,
             forwarded_allow_ips=forwarded_allow_ips,
             sock=sock,
+            on_started=on_started,
         )
     )
+
+
+class AnnouncingServer(uvicorn.Server):
+    """uvicorn calling ``on_started`` once it listens: a start-up line printed before that
+    could name an address that then fails, or race a SIGTERM sent on reading it."""
+
+    def __init__(
+        self, config: uvicorn.Config, *, on_started: Callable[[], None] | None = None
+    ) -> None:
+        super().__init__(config)
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
 
 def bind_ephemeral(host: str = "127.0.0.1") -> socket.socket:
