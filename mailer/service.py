@@ -24,6 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from mailer.clock import now as clock_now
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
+from mailer.errors import MailerError
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
@@ -279,23 +280,26 @@ class Service:
                 scheduler = self.scheduler()
                 scheduler.start()
             server = self._web_server() if self.parts.web else None
-            if server is not None:
-                sockets = [self.web_socket] if self.web_socket is not None else None
-                web = asyncio.create_task(server.serve(sockets=sockets), name="web")
-                tasks.append(web)
-                await _first(server.listening, _done(web))
-            if on_started is not None:
-                on_started()
             totals = Totals()
-            log.info(
-                "service running",
-                extra={
-                    "scheduler": self.parts.scheduler,
-                    "worker": self.parts.worker,
-                    "web": self.parts.web,
-                },
-            )
             try:
+                if server is not None:
+                    sockets = [self.web_socket] if self.web_socket is not None else None
+                    web = asyncio.create_task(server.serve(sockets=sockets), name="web")
+                    tasks.append(web)
+                    await _first(server.listening, _done(web))
+                    if not server.listening.is_set():
+                        web.result()  # what stopped it, if it raised
+                        raise MailerError("the web app stopped before it listened")
+                if on_started is not None:
+                    on_started()
+                log.info(
+                    "service running",
+                    extra={
+                        "scheduler": self.parts.scheduler,
+                        "worker": self.parts.worker,
+                        "web": self.parts.web,
+                    },
+                )
                 if self.parts.worker:
                     totals = await self.deliver_forever(drain=drain)
                 else:
