@@ -46,15 +46,20 @@ def preflight(settings: Settings, checks: Sequence[Check]) -> socket.socket | No
     it, leaves no moment in which another process could take the port after the check.
     """
     sock = None
-    for check in checks:
-        if check == "secret":
-            check_secret(settings)
-        elif check == "database":
-            check_database(settings.database.url)
-        elif check == "smtp":
-            check_relay(settings.smtp)
-        else:
-            sock = claim_port(settings.web.host, settings.web.port)
+    try:
+        for check in checks:
+            if check == "secret":
+                check_secret(settings)
+            elif check == "database":
+                check_database(settings.database.url)
+            elif check == "smtp":
+                check_relay(settings.smtp)
+            else:
+                sock = claim_port(settings.web.host, settings.web.port)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
     return sock
 
 
