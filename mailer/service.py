@@ -22,6 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from mailer.clock import now as clock_now
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
+from mailer.errors import DatabaseUnavailable
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, missed_slots, trigger_for
@@ -148,6 +149,11 @@ class Service:
                 read_timeout=feeds.timeout,
                 max_bytes=feeds.max_bytes,
             )
+        except DatabaseUnavailable as exc:
+            # An outage is one line (the delivery loop logs when it ends); the next interval
+            # tries again.
+            log.error("fetching sources failed", extra={"error": str(exc)})
+            return
         except Exception:
             # What fails every source (the database) must not kill the scheduler; the next
             # interval tries again. One broken feed is a result, not an exception.
@@ -158,6 +164,9 @@ class Service:
     async def _fire_async(self, digest: Digest) -> None:
         try:
             await asyncio.to_thread(self.fire, digest)
+        except DatabaseUnavailable as exc:
+            # One line, not a traceback: the outage is logged where it is waited out.
+            log.error("creating the issue failed", extra={"digest": digest.key, "error": str(exc)})
         except Exception:
             # A failed firing must not kill the scheduler; the next start catches the slot up.
             log.exception("creating the issue failed", extra={"digest": digest.key})
