@@ -89,9 +89,11 @@ class DatabaseOutages:
         *,
         give_up_after: float | None = None,
         hint: str | None = None,
+        backoff: tuple[float, float] = (BACKOFF_START, BACKOFF_MAX),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
+        self.backoff = backoff  # the first pause between probes, and the longest
         self.url = safe_url(engine.url)
         self.give_up_after = give_up_after
         self.hint = hint
@@ -122,7 +124,7 @@ class DatabaseOutages:
         self.log.failed(error.reason)
         since = self.log.since
         assert since is not None
-        delay = BACKOFF_START
+        delay, longest = self.backoff
         while True:
             waited = self.clock() - since
             if self.give_up_after is not None and waited >= self.give_up_after:
@@ -132,7 +134,7 @@ class DatabaseOutages:
                 pause = min(pause, self.give_up_after - waited)
             if await _stopped(stop, pause):
                 raise self._giving_up(error, since, "stopped while waiting for it") from error
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, longest)
             try:
                 await asyncio.to_thread(probe, self.engine)
             except DatabaseUnavailable as again:
