@@ -175,7 +175,9 @@ def outage_reason(error: BaseException) -> str:
     """The driver's words for an outage, one line: "Connection refused", not the libpq essay."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     # libpq: 'connection failed: connection to server at "127.0.0.1", port 5433 failed: ...'
-    return text.rsplit(" failed: ", 1)[-1].strip() or text
+    # and the server's own words come as 'FATAL:  the database system is shutting down'.
+    reason = text.rsplit(" failed: ", 1)[-1].strip().removeprefix("FATAL:").strip()
+    return reason or text
 
 
 def safe_url(url: str | sa.URL) -> str:

@@ -102,7 +102,7 @@ async def deliver_issue(
         engine,
         give_up_after=wait,
         hint=f"gave up after [database].outage_wait_seconds = {wait:g}; once it is back, "
-        f"`mailer digest send` resumes the issue (or a running worker sends it)",
+        f"`mailer digest send` resumes the issue, or a running worker sends it",
     )
     if pool is not None:
         deliverer = Deliverer(engine, settings, pool, sign=sign, outages=outages)
