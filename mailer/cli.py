@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+log = logging.getLogger(__name__)
+
 # soft_wrap: a long line (an error naming a path) stays one line, as scripts expect.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -822,7 +824,11 @@ def demo(out_dir: Path, serve: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: project errors become one line and exit code 1."""
+    """Entry point: project and operational errors become one line and exit code 1.
+
+    An operational error (the database, the network, the relay) is not a bug: it gets the
+    same one line as a project error; its traceback goes to the log at INFO (``-v``).
+    """
     try:
         cli.main(args=argv, prog_name="mailer", standalone_mode=False)
     except click.exceptions.Abort:
@@ -831,8 +837,36 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except MailerError as exc:
-        err.print(f"error: {exc}", markup=False)
-        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        if not isinstance(exc, (MailerError, *operational_errors())):
+            raise  # a bug: its traceback is what a report needs
+        log.info("the error below, traced", exc_info=exc)
+        err.print(f"error: {describe_error(exc)}", markup=False)
+        sys.exit(1)
+
+
+def operational_errors() -> tuple[type[Exception], ...]:
+    """What is not the program's fault but its surroundings': the database (beyond what
+    mailer.db turns into DatabaseUnavailable), the network and the file system, the SMTP relay
+    (aiosmtplib's errors only where it was loaded: importing it costs every command time)."""
+    found: tuple[type[Exception], ...] = (sa.exc.DBAPIError, OSError)
+    smtp = sys.modules.get("aiosmtplib")
+    return found if smtp is None else (*found, smtp.SMTPException)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: what failed and the words of whoever refused."""
+    if isinstance(exc, MailerError):
+        return str(exc)
+    if isinstance(exc, sa.exc.DBAPIError):
+        words = str(exc.orig).strip().splitlines()
+        return f"the database refused the operation: {words[0] if words else type(exc.orig)}"
+    smtp = sys.modules.get("aiosmtplib")
+    if smtp is not None and isinstance(exc, smtp.SMTPException):
+        return f"the SMTP relay failed: {' '.join(str(exc.message).split())}"
+    if isinstance(exc, OSError):
+        what = f"{exc.filename}: " if exc.filename else ""
+        return f"{what}{exc.strerror or exc}"
+    return str(exc)

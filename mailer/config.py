@@ -68,6 +68,9 @@ class SiteSettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str
+    # How long a foreground `digest send` waits for the database to come back before it gives
+    # up; `run` and `worker` wait for as long as it takes.
+    outage_wait_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -658,6 +661,7 @@ def parse_settings(
         relative = db_url.removeprefix("sqlite:///")
         if relative and relative != ":memory:":
             db_url = "sqlite:///" + str(base / relative)
+    outage_wait = db_table.number("outage_wait_seconds", 60, low=0, high=86_400)
     db_table.finish()
 
     web_table = root.table("web", required=False) or _Table({}, "web", where)
@@ -738,7 +742,7 @@ def parse_settings(
     return Settings(
         path=path,
         site=site,
-        database=DatabaseSettings(url=db_url),
+        database=DatabaseSettings(url=db_url, outage_wait_seconds=outage_wait),
         web=web,
         smtp=smtp,
         scheduler=scheduler,

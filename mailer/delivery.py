@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parseaddr
+from typing import ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
@@ -28,14 +29,18 @@ from mailer.bounces import verp_address
 from mailer.clock import now as clock_now
 from mailer.config import Settings
 from mailer.db import reading, writing
-from mailer.errors import AddressError, DeliveryError, TokenError
+from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
 from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
+from mailer.outages import DatabaseOutages
 from mailer.schedule import quiet_until
 from mailer.smtp import Outcome, SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # A relay that says it is overloaded or rate-limiting us: a 421 (closing), or a 4xx whose text
 # says so (Gmail 421 4.7.28 / 451 4.7.0, Yahoo 421 4.7.0 [TSS04], Outlook 451 4.7.500, 454).
@@ -155,7 +160,7 @@ class _Committer:
             if not batch:
                 continue
             try:
-                counts, started = await asyncio.to_thread(self.deliverer.commit, batch)
+                counts, started = await self.deliverer.db(self.deliverer.commit, batch)
             except BaseException as exc:
                 for handoff in batch:
                     if not handoff.done.done():
@@ -182,8 +187,13 @@ class Deliverer:
         owner: str | None = None,
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
+        outages: DatabaseOutages | None = None,
     ) -> None:
         self.engine = engine
+        # A database outage is waited out (for ever by default) where a call fails, and the
+        # call made again: see db().
+        self.outages = outages or DatabaseOutages(engine)
+        self._stop: asyncio.Event | None = None
         self.settings = settings
         self.pool = pool
         self.owner = owner or worker_name()
@@ -208,8 +218,7 @@ class Deliverer:
         """
         content = self._contents.get(issue_id)
         if content is None:
-            with reading(self.engine) as conn:
-                content = self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            content = self._contents[issue_id] = self._load(issue_id)
         now = self.clock()
         # An article that expired since the issue was made is dropped from what is not sent yet.
         expired = {
@@ -222,6 +231,24 @@ class Deliverer:
             composer = DigestComposer(self.settings, replace(content, articles=shown))
             self._composers[key] = composer
         return composer
+
+    def _load(self, issue_id: int) -> IssueContent:
+        with reading(self.engine) as conn:
+            return load_content(conn, issue_id, self.settings)
+
+    async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call`` in a thread; through a database outage, waited out and made again.
+
+        Every call made this way is safe to make twice: a claim whose commit was lost leases
+        rows that return to the queue when the lease ends; a group commit made again writes
+        the same outcomes, and starts only rows whose lease this worker still holds. A message
+        whose start was written is never sent again here: its lane waits for the commit.
+        """
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args, **kwargs)
+            except DatabaseUnavailable as exc:
+                await self.outages.wait(exc, self._stop)
 
     def hidden(self, d: ledger.Claimed) -> frozenset[int]:
         """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
@@ -286,8 +313,28 @@ class Deliverer:
         """Claim, send and record one batch; None when nothing was due.
 
         When ``stop`` is set, lanes finish the message they are on and the rest of the batch
-        is released to the queue.
+        is released to the queue. A database outage is waited out (``self.outages``); when
+        that wait ends, ``DatabaseUnavailable`` is raised, and what this worker held returns
+        to the queue by the ledger's rules (leases, in-doubt).
         """
+        self._stop = stop
+        try:
+            return await self._run_batch(issue_id, stop)
+        except DatabaseUnavailable:
+            self._forget_prefetched()
+            raise
+
+    def _forget_prefetched(self) -> None:
+        """Drop the claim ahead after an outage ended the batch (its rows' leases run out)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+            # Retrieved, so that its failure is not reported again when it is collected.
+            ahead[1].add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run_batch(
+        self, issue_id: int | None, stop: asyncio.Event | None
+    ) -> dict[str, int] | None:
         claimed = await self._claimed(issue_id)
         if not claimed:
             return None
@@ -314,7 +361,7 @@ class Deliverer:
             committer.close()
             await commit_task
         if queue:
-            await asyncio.to_thread(
+            await self.db(
                 ledger.release,
                 self.engine,
                 [d.id for d in queue],
@@ -326,7 +373,7 @@ class Deliverer:
         ahead = {d.issue_id for d in await self._peek_prefetched(issue_id)}
         done = {d.issue_id for d in claimed} - ahead
         if done:
-            await asyncio.to_thread(self._finish, done)
+            await self.db(self._finish, done)
         if stop is not None and stop.is_set():
             # Checked last: if it is not set here, the caller cannot see it set before its
             # next run_batch, which takes the claim ahead; if it is, those rows go back.
@@ -342,7 +389,7 @@ class Deliverer:
             if ahead[0] == issue_id:
                 return claimed
             await self._release(claimed)
-        return await asyncio.to_thread(self.claim, issue_id)
+        return await self.db(self.claim, issue_id)
 
     def _prefetch(
         self,
@@ -353,7 +400,7 @@ class Deliverer:
     ) -> None:
         """Start claiming the next batch once ``queue`` runs low (once per batch)."""
         if self._ahead is None and len(queue) <= low_water and not (stop and stop.is_set()):
-            task = asyncio.create_task(asyncio.to_thread(self.claim, issue_id), name="claim-ahead")
+            task = asyncio.create_task(self.db(self.claim, issue_id), name="claim-ahead")
             self._ahead = (issue_id, task)
 
     async def _peek_prefetched(self, issue_id: int | None) -> list[ledger.Claimed]:
@@ -370,9 +417,7 @@ class Deliverer:
     async def _release(self, claimed: list[ledger.Claimed]) -> None:
         if claimed:
             ids = [d.id for d in claimed]
-            await asyncio.to_thread(
-                ledger.release, self.engine, ids, owner=self.owner, now=self.clock()
-            )
+            await self.db(ledger.release, self.engine, ids, owner=self.owner, now=self.clock())
 
     async def _lane(
         self,
@@ -412,6 +457,8 @@ class Deliverer:
 
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
+        if d.issue_id not in self._contents:
+            self._contents[d.issue_id] = await self.db(self._load, d.issue_id)
         try:
             composer = self.composer(d.issue_id, self.hidden(d))
             data = composer.message(recipient, d.topics, self.clock())

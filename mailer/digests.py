@@ -16,6 +16,7 @@ from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent
+from mailer.outages import DatabaseOutages
 from mailer.rendering import render_subject
 from mailer.schema import issues
 from mailer.smtp import SmtpPool
@@ -92,11 +93,20 @@ async def deliver_issue(
 ) -> Totals:
     """Send every due delivery of one issue over a fresh pool (or the one given).
 
-    When ``stop`` is set, lanes finish the message they are on and the rest is released.
+    When ``stop`` is set, lanes finish the message they are on and the rest is released. A
+    database outage is waited out for ``[database].outage_wait_seconds``, then raises
+    ``DatabaseUnavailable``.
     """
+    wait = settings.database.outage_wait_seconds
+    outages = DatabaseOutages(
+        engine,
+        give_up_after=wait,
+        hint=f"gave up after [database].outage_wait_seconds = {wait:g}; once it is back, "
+        f"`mailer digest send` resumes the issue, or a running worker sends it",
+    )
     if pool is not None:
-        deliverer = Deliverer(engine, settings, pool, sign=sign)
+        deliverer = Deliverer(engine, settings, pool, sign=sign, outages=outages)
         return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)
     async with SmtpPool(settings.smtp) as own:
-        deliverer = Deliverer(engine, settings, own, sign=sign)
+        deliverer = Deliverer(engine, settings, own, sign=sign, outages=outages)
         return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)

@@ -88,3 +88,32 @@ class SmtpReplyError(DeliveryError):
         self.code = code
         self.reply = reply
         super().__init__(f"{code} {reply}")
+
+
+class DatabaseUnavailable(MailerError, ConnectionError):
+    """The database cannot be reached: refused, reset, or shutting down.
+
+    ``url`` is the database's URL without its password, ``reason`` the driver's words (one
+    line). ``waited`` is how many seconds it was waited out before giving up (None: not
+    waited). ``since`` is when the outage was first seen (a ``time.monotonic()`` reading).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        *,
+        since: float | None = None,
+        waited: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.url = url
+        self.reason = reason
+        self.since = since
+        self.waited = waited
+        message = f"the database at {url} is unreachable: {reason}"
+        if waited is not None:
+            message = f"the database at {url} was unreachable for {waited:.0f} s: {reason}"
+        if hint is not None:
+            message += f" ({hint})"
+        super().__init__(message)

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from mailer.config import Settings
+from mailer.errors import MailerError
 from mailer.smtp import share_schedule
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,12 @@ def _helper_main(
     engine = create_engine(settings.database.url)
     try:
         counts = asyncio.run(_deliver(engine, settings, job, events, requested, sign))
+    except MailerError as exc:
+        # A database outage that outlasted its wait, or a stop during one: one line in the
+        # log, not a traceback; the command that started this process reports the exit.
+        log.error("sending process stopped", extra={"error": str(exc)})
+        events.put(("done", os.getpid(), {}))
+        sys.exit(1)
     finally:
         engine.dispose()
     events.put(("done", os.getpid(), counts))

@@ -24,7 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from mailer.clock import now as clock_now
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
-from mailer.errors import MailerError
+from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
@@ -162,6 +162,11 @@ class Service:
                 read_timeout=feeds.timeout,
                 max_bytes=feeds.max_bytes,
             )
+        except DatabaseUnavailable as exc:
+            # An outage is one line (the delivery loop logs when it ends); the next interval
+            # tries again.
+            log.error("fetching sources failed", extra={"error": str(exc)})
+            return
         except Exception:
             # What fails every source (the database) must not kill the scheduler; the next
             # interval tries again. One broken feed is a result, not an exception.

@@ -28,6 +28,7 @@ from aiosmtplib.typing import Default
 
 from mailer.config import SmtpSettings
 from mailer.errors import DeliveryError
+from mailer.outages import OutageLog
 from mailer.wire import CrlfOnly, SmtpReady, is_crlf_only
 
 log = logging.getLogger(__name__)
@@ -540,6 +541,12 @@ class SmtpPool:
         self._state: Literal["new", "open", "closed"] = "new"
         self._fatal: SmtpAuthError | None = None
         self._closing: set[_Connection] = set()  # discarded, their sockets not yet closed
+        # A relay that refuses connections defers every message (the ledger retries them): its
+        # outage is logged once when it starts and once when a connection opens again.
+        self.outage = OutageLog(
+            f"the SMTP relay at {settings.host}:{settings.port}",
+            meanwhile="deliveries are deferred until it answers",
+        )
 
     @property
     def open_connections(self) -> int:
@@ -685,11 +692,13 @@ class SmtpPool:
                         "reply": result.reply,
                     },
                 )
+                self.outage.failed(f"{result.code} {result.reply}" if result.code else result.reply)
             return result
         except ValueError as exc:
             client.close()
             raise SmtpUsageError(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
         log.debug("SMTP connection opened", extra={"host": s.host, "port": s.port})
+        self.outage.recovered()
         return client
 
     async def _login(self, client: _Connection, username: str, password: str) -> None:

@@ -19,6 +19,7 @@ from mailer.errors import TokenError
 
 UID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 MAC_LEN = 22  # base64url characters of a 16-byte MAC
+TOKEN_LEN = 22 + 1 + MAC_LEN  # <uid>.<mac>
 
 
 class Purpose(StrEnum):
@@ -46,6 +47,8 @@ def make_token(secret: bytes, purpose: Purpose, uid: str) -> str:
 
 def read_token(secret: bytes, purpose: Purpose, token: str) -> str:
     """The uid a token stands for; TokenError if it is malformed, forged or for another purpose."""
+    if len(token) != TOKEN_LEN:  # before anything reads it: a path segment may be megabytes
+        raise TokenError("malformed link token")
     uid, dot, mac = token.partition(".")
     if not dot or not UID_RE.match(uid) or len(mac) != MAC_LEN:
         raise TokenError("malformed link token")

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.db import create_engine, migrate
+from mailer.errors import DatabaseUnavailable
 from mailer.schema import metadata
 
 PG_ADMIN_URL = os.environ.get(
@@ -38,9 +39,9 @@ def postgres_url() -> Iterator[str]:
     try:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as exc:
+    except DatabaseUnavailable as exc:
         admin.dispose()
-        message = f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.orig}"
+        message = f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.reason}"
         if REQUIRE_PG:
             pytest.fail(message + " (MAILER_REQUIRE_POSTGRES=1)")
         pytest.skip(message)

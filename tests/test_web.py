@@ -932,8 +932,15 @@ def test_archive_shows_an_issue_as_readers_saw_it_without_personal_links(web: We
 
 @pytest.mark.parametrize(
     "path",
-    ["/archive/999", "/archive/{unsent}", "/archive/abc", "/archive/99999999999999999999999"],
-    ids=["unknown", "unsent", "not-a-number", "huge"],
+    [
+        "/archive/999",
+        "/archive/{unsent}",
+        "/archive/abc",
+        "/archive/99999999999999999999999",
+        "/archive/" + "9" * 5000,
+        "/archive/²",
+    ],
+    ids=["unknown", "unsent", "not-a-number", "huge", "5000-digits", "superscript-digit"],
 )
 def test_archive_unknown_or_unsent_issue_is_404(web: Web, path: str) -> None:
     unsent = make_issue(web.engine, status="sending", days_ago=0, title="Unfinished")
@@ -942,7 +949,7 @@ def test_archive_unknown_or_unsent_issue_is_404(web: Web, path: str) -> None:
     assert "text/html" in response.headers["content-type"]
 
 
-@pytest.mark.parametrize("page", ["0", "-1", "x", "1e3", "100001"])
+@pytest.mark.parametrize("page", ["0", "-1", "x", "1e3", "100001", "9" * 5000, "²"])
 def test_archive_bad_page_number_is_400(web: Web, page: str) -> None:
     response = web.client.get("/archive", params={"page": page})
     assert response.status_code == 400
@@ -990,7 +997,10 @@ def test_a_server_error_is_an_html_page_with_the_security_headers(
     tmp_path: Path,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    url = f"sqlite:///{tmp_path}/missing-dir/mailer.db"
+    # A file that is not a database: an error of ours to fix, not an outage to wait out (a
+    # database that cannot be reached is a 503, see test_web_edges.py).
+    (tmp_path / "mailer.db").write_bytes(b"not a database\n" * 512)
+    url = f"sqlite:///{tmp_path}/mailer.db"
     broken = create_engine(url)
     try:
         web = make_web(broken, url, smtp_server)

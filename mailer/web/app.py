@@ -30,13 +30,14 @@ import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
 from mailer.config import Settings
+from mailer.errors import DatabaseUnavailable
 from mailer.web.account import AccountViews
 from mailer.web.context import WebContext
 from mailer.web.pages import Pages
@@ -104,7 +105,10 @@ def create_app(
         Route("/preferences/{token}/delete", account.delete, methods=["POST"]),
         Route("/privacy", public.privacy, methods=["GET"]),
         Route("/archive", public.archive, methods=["GET"]),
-        Route("/archive/{issue_id:int}", public.archived_issue, methods=["GET"]),
+        # A plain segment, bounded in the view before it is converted: Starlette's int
+        # convertor would turn 5,000 digits into a ValueError (Python refuses to convert more
+        # than 4,300), that is a 500.
+        Route("/archive/{issue_id}", public.archived_issue, methods=["GET"]),
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
     ]
@@ -117,13 +121,34 @@ def create_app(
         # Starlette re-raises the exception after this page is sent, and uvicorn logs it.
         return pages.error(500)
 
+    async def disconnected(request: Request, exc: Exception) -> Response:
+        # The client went away before its request body arrived (a dropped connection, or a
+        # body uvicorn could not parse): nothing was read, so nothing was done. No one is
+        # left to read a response; uvicorn discards it.
+        route = request.scope.get("route")
+        log.info(
+            "client disconnected before sending the whole request",
+            extra={"method": request.method, "route": getattr(route, "path", "?")},
+        )
+        return Response(status_code=400)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        # An outage is one line in the log and a 503 page, not a 500 with a traceback.
+        log.error("database unavailable for a web request", extra={"error": str(exc)})
+        return pages.error(503, headers={"Retry-After": "30"})
+
     async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
         await pages.error(413)(scope, receive, send)
 
     app = WebApp(
         routes=routes,
         middleware=[Middleware(BodyLimitMiddleware, limit=limits.max_body_bytes, reject=too_large)],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            HTTPException: http_error,
+            ClientDisconnect: disconnected,
+            DatabaseUnavailable: unavailable,
+            Exception: server_error,
+        },
     )
     app.hsts = urlsplit(settings.site.base_url).scheme == "https"
     app.state.web = web

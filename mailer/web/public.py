@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from mailer.errors import DigestError
+from mailer.errors import DatabaseUnavailable, DigestError
 from mailer.issues import load_content
 from mailer.messages import DigestComposer
 from mailer.web import store
@@ -22,6 +22,19 @@ log = logging.getLogger(__name__)
 ARCHIVE_PAGE = 30
 MAX_PAGE = 10_000
 MAX_ISSUE_ID = 2**63 - 1
+MAX_ISSUE_DIGITS = len(str(MAX_ISSUE_ID))
+MAX_PAGE_DIGITS = len(str(MAX_PAGE))
+
+
+def bounded_int(raw: str, max_digits: int) -> int | None:
+    """``raw`` as a whole number if it is at most ``max_digits`` ASCII digits, else None.
+
+    Checked before ``int()``: Python refuses strings of over 4,300 digits (a ValueError, a 500
+    if it escapes), and ``str.isdigit`` alone accepts digits ``int`` cannot read ("²").
+    """
+    if not (0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit()):
+        return None
+    return int(raw)
 
 
 class PublicViews:
@@ -42,7 +55,7 @@ class PublicViews:
         """200 if the database answers SELECT 1, else 503; JSON either way."""
         try:
             await run_in_threadpool(store.ping, self.web.engine)
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
             log.warning("health check: database unavailable: %s", exc)
             return JSONResponse(
                 {"status": "error", "database": "unavailable"},
@@ -54,10 +67,9 @@ class PublicViews:
         )
 
     async def archive(self, request: Request) -> Response:
-        raw = request.query_params.get("page", "1")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        page = bounded_int(request.query_params.get("page", "1"), MAX_PAGE_DIGITS)
+        if page is None or not 1 <= page <= MAX_PAGE:
             raise HTTPException(400, f"The page number must be a whole number 1–{MAX_PAGE}.")
-        page = int(raw)
         found = await run_in_threadpool(
             store.sent_issues,
             self.web.engine,
@@ -73,8 +85,8 @@ class PublicViews:
 
     async def archived_issue(self, request: Request) -> Response:
         """One sent issue as its readers saw it, with every topic and no personal link."""
-        issue_id: int = request.path_params["issue_id"]
-        if issue_id > MAX_ISSUE_ID:
+        issue_id = bounded_int(request.path_params["issue_id"], MAX_ISSUE_DIGITS)
+        if issue_id is None or issue_id > MAX_ISSUE_ID:
             raise HTTPException(404)
         html = await run_in_threadpool(self._render_issue, issue_id)
         if html is None:
