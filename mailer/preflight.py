@@ -21,7 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from mailer.config import Settings, SmtpSettings
 from mailer.db import SCHEMA_HEAD, create_engine, current_revision
-from mailer.errors import ConfigError, MailerError
+from mailer.errors import ConfigError, DatabaseUnavailable, MailerError
 
 if TYPE_CHECKING:
     from mailer.smtp import SendResult
@@ -97,8 +97,10 @@ def check_database(url: str, *, timeout: float = DATABASE_TIMEOUT) -> str:
         )
     try:
         revision = current_revision(engine)
-    except sa.exc.DBAPIError as exc:
-        reason = _one_line(str(exc.orig))
+    except (sa.exc.DBAPIError, DatabaseUnavailable) as exc:
+        # The engine reports a refused or lost connection as DatabaseUnavailable; anything else
+        # the driver raises (authentication, a missing database) is a DBAPIError.
+        reason = _one_line(exc.reason if isinstance(exc, DatabaseUnavailable) else str(exc.orig))
         raise PreflightError(
             "database",
             f"cannot reach the database {shown}: {reason} (check [database].url)",
