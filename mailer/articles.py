@@ -945,6 +945,7 @@ class Selection:
 
     articles: list[Article]
     left_over: int
+    since: datetime  # the publication lower bound it used (exclusive)
 
 
 # Issues whose articles count as taken: a cancelled issue gives its articles back.
@@ -965,32 +966,57 @@ def taken_by(digest_key: str) -> sa.Exists:
     )
 
 
+def lookback_start(
+    conn: sa.Connection, digest_key: str, lookback: timedelta, now: datetime
+) -> datetime:
+    """The oldest publication date (exclusive) the digest's issue made at ``now`` takes.
+
+    ``lookback`` before the digest's previous issue was made, so that what arrives after an
+    issue, published just before it, is still in the lookback of the next one (a weekly digest
+    with a lookback of 7 days takes on Friday what was published Thursday night and fetched
+    after Friday's issue). A first issue takes only ``lookback`` before itself; after a long
+    pause, no more than twice ``lookback`` before itself. Read before the issue is inserted.
+    """
+    query = sa.select(sa.func.max(issues.c.created_at)).where(
+        issues.c.digest == digest_key, issues.c.created_at <= now
+    )
+    previous: datetime | None = conn.execute(query).scalar_one_or_none()
+    if previous is None:
+        return now - lookback
+    return max(previous, now - lookback) - lookback
+
+
 def select_for_issue(
-    conn: sa.Connection | sa.Engine,
+    conn: sa.Connection,
     *,
     digest_key: str,
     topics: Sequence[str],
     lookback: timedelta,
     limit: int,
     now: datetime,
+    since: datetime | None = None,
 ) -> Selection:
     """The articles the issue of ``digest_key`` made at ``now`` takes: by arrival, not by date.
 
     Every article in one of ``topics`` that no issue of this digest has taken yet (a cancelled
-    issue gives its articles back), published in ``(now - lookback, now]`` (an article dated in
-    the future waits for its date), not expired at ``now`` (an event that is over has expired:
-    see ``event_end``) and not removed by staff. So an article stored a moment after an issue
-    was made, whatever its date, goes in the next issue; an update (same guid) is not new.
+    issue gives its articles back), published after ``lookback_start`` and at the latest
+    ``now`` (an article dated in the future waits for its date), not expired at ``now`` (an
+    event that is over has expired: see ``event_end``) and not removed by staff. So an article
+    stored a moment after an issue was made, whatever its date, goes in the next issue; an
+    update (same guid) is not new.
 
     At most ``limit``, oldest arrival first (``created_at``, then id), so what one issue leaves
-    over goes in the next one before anything that arrived after it. Pass a Connection to read
-    inside a caller's transaction (creating an issue snapshots its articles there).
+    over goes in the next one before anything that arrived after it; returned newest published
+    first, the order an issue shows. Reads inside the caller's transaction (creating an issue
+    snapshots its articles there); ``since`` is ``lookback_start`` when the caller read it.
     """
+    if since is None:
+        since = lookback_start(conn, digest_key, lookback, now)
     if not topics or limit == 0:
-        return Selection([], 0)
+        return Selection([], 0, since)
     eligible = sa.and_(
         articles.c.topic.in_(list(topics)),
-        articles.c.published_at > now - lookback,
+        articles.c.published_at > since,
         articles.c.published_at <= now,
         articles.c.removed_at.is_(None),
         sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),
@@ -1006,11 +1032,6 @@ def select_for_issue(
     left_over = 0
     if len(chosen) == limit:
         count = sa.select(sa.func.count()).select_from(articles).where(eligible)
-        if isinstance(conn, sa.Connection):
-            total = conn.execute(count).scalar_one()
-        else:
-            with conn.connect() as c:
-                total = c.execute(count).scalar_one()
-        left_over = int(total) - limit
+        left_over = int(conn.execute(count).scalar_one()) - limit
     chosen.sort(key=lambda a: (a.published_at, a.id), reverse=True)
-    return Selection(chosen, left_over)
+    return Selection(chosen, left_over, since)

@@ -29,6 +29,7 @@ class Preview:
     articles: int
     # Articles past max_articles, which the issue after the next one takes.
     left_over: int = 0
+    article_ids: tuple[int, ...] = ()  # what the issue would take, in its order
 
 
 def preview_next(
@@ -60,7 +61,8 @@ def preview_next(
         articles=tuple(chosen),
     )
     html, text = DigestComposer(settings, content).preview(digest.topics)
-    return Preview(subject, html, text, len(chosen), selection.left_over)
+    ids = tuple(a.id for a in chosen)
+    return Preview(subject, html, text, len(chosen), selection.left_over, ids)
 
 
 def open_issue(

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import ARTICLE_COLUMNS, select_for_issue
+from mailer.articles import ARTICLE_COLUMNS, lookback_start, select_for_issue
 from mailer.config import Digest, Settings
 from mailer.db import refresh_statistics, upsert_insert
 from mailer.errors import DigestError
@@ -85,17 +85,18 @@ def create_issue(
     """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
 
     The issue takes what ``articles.select_for_issue`` gives at ``now`` (the moment it is
-    made); its window records the publication dates that could go in, (now - lookback, now].
+    made); its window records the publication dates that could go in, (window_start, now].
     """
     local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
     subject = render_subject(digest, local_date)
     with engine.begin() as conn:
+        since = lookback_start(conn, digest.key, digest.lookback, now)
         insert = upsert_insert(conn, issues)
         issue_id = conn.execute(
             insert.values(
                 digest=digest.key,
                 scheduled_for=scheduled_for,
-                window_start=now - digest.lookback,
+                window_start=since,
                 window_end=now,
                 subject=subject,
                 topics=";".join(digest.topics),
@@ -120,6 +121,7 @@ def create_issue(
             lookback=digest.lookback,
             limit=digest.max_articles,
             now=now,
+            since=since,
         )
         chosen = selection.articles
         if chosen:

@@ -776,7 +776,10 @@ def _select(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[article
         "now": NOW,
     }
     values.update(overrides)
-    return select_for_issue(engine, **values).articles
+    if isinstance(engine, sa.Connection):
+        return select_for_issue(engine, **values).articles
+    with engine.connect() as conn:
+        return select_for_issue(conn, **values).articles
 
 
 def _window(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[str]:
@@ -833,9 +836,10 @@ def test_selection_is_capped_to_the_oldest_arrivals_shown_newest_first(
         upsert_articles(engine, [item], now=NOW - timedelta(minutes=h))
     assert _window(engine, limit=3) == ["h3", "h4", "h5"]
     assert [a.title for a in _select(engine, limit=2)] == ["h4", "h5"]
-    selection = select_for_issue(
-        engine, digest_key="d", topics=TOPICS, lookback=timedelta(days=7), limit=4, now=NOW
-    )
+    with engine.connect() as conn:
+        selection = select_for_issue(
+            conn, digest_key="d", topics=TOPICS, lookback=timedelta(days=7), limit=4, now=NOW
+        )
     assert selection.left_over == 2
     assert _window(engine, limit=0) == []
 
