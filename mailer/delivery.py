@@ -229,8 +229,8 @@ class Deliverer:
 
     def refresh_contents(self, issue_ids: set[int]) -> None:
         """Read again the content of cached issues whose articles changed since (an article
-        removed by staff): one small query per claimed batch, so no message claimed after the
-        removal carries the article."""
+        removed by staff): one small query per batch, so that only the batch being sent when
+        the article was removed (at most ``[smtp].batch_size`` messages) may still carry it."""
         cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
         if not cached:
             return
@@ -301,7 +301,6 @@ class Deliverer:
             # Postponed rows are due later, so this loop ends.
             ready = self.quiet(claimed)
             if ready:
-                self.refresh_contents({d.issue_id for d in ready})
                 return ready
 
     async def run_batch(
@@ -315,6 +314,9 @@ class Deliverer:
         claimed = await self._claimed(issue_id)
         if not claimed:
             return None
+        # Checked as each batch starts sending, not when it was claimed: a batch claimed ahead
+        # was claimed before the previous one finished, maybe before an article was removed.
+        await asyncio.to_thread(self.refresh_contents, {d.issue_id for d in claimed})
         queue = deque(claimed)
         totals = Totals()
         committer = _Committer(self, totals)
