@@ -481,9 +481,15 @@ def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     (out_dir / f"{key}.html").write_text(preview.html, encoding="utf-8")
     (out_dir / f"{key}.txt").write_text(preview.text, encoding="utf-8")
     out.print(
-        f"{preview.subject!r}: {preview.articles} articles → {out_dir / f'{key}.html'}",
+        f"{preview.subject!r}: {preview.articles} articles{_left_over(preview.left_over)}"
+        f" → {out_dir / f'{key}.html'}",
         markup=False,
     )
+
+
+def _left_over(count: int) -> str:
+    """What max_articles leaves for the issue after, said where the issue's count is shown."""
+    return f" ({count} more wait for the next issue: max_articles)" if count else ""
 
 
 PROCESSES = click.option(
@@ -523,7 +529,8 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         out.print(
             f"issue {issue.issue_id} {verb}"
             + (
-                f": {issue.articles} articles, {issue.recipients} recipients"
+                f": {issue.articles} articles{_left_over(issue.left_over)},"
+                f" {issue.recipients} recipients"
                 if issue.created
                 else ""
             )
