@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from mailer.articles import (
     upsert_articles,
 )
 from mailer.db import create_engine
-from mailer.schema import articles
+from mailer.schema import UtcDateTime, articles
 from mailer.sources import fetch_sources_sync
 from tests.factories import NOW, SECRET, TOPICS, make_settings, write_config
 
@@ -236,5 +238,90 @@ def test_two_ingests_racing_on_postgresql_store_one_copy(postgres_url: str) -> N
         assert guid == first.guid
         assert [(d.guid, d.of) for d in reports[0].duplicates] == [(second.guid, article_id)]
         assert (reports[0].added, reports[0].unchanged) == (0, 0)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database no migration has run on."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    from tests.conftest import PG_ADMIN_URL
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"mailer_0007_{uuid.uuid4().hex[:8]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL not reachable: {exc.orig}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_migration_0007_keys_stored_articles_first_come_first_and_keeps_issues(
+    empty_url: str,
+) -> None:
+    from alembic import command
+
+    from mailer.db import _alembic_config
+
+    engine = create_engine(empty_url)
+    try:
+        config = _alembic_config(engine)
+        command.upgrade(config, "0006")
+        old = sa.table(
+            "articles",
+            *(sa.column(c) for c in ("guid", "topic", "title", "summary", "why_it_matters")),
+            *(sa.column(c) for c in ("body", "link", "content_hash")),
+            sa.column("published_at", UtcDateTime),
+            sa.column("created_at", UtcDateTime),
+            sa.column("updated_at", UtcDateTime),
+        )
+        story = {
+            "topic": "base-alerts",
+            "title": "Gate closed",
+            "summary": "Closed tonight.",
+            "why_it_matters": "",
+            "body": "Use the Main Gate.",
+            "link": None,
+            "content_hash": "x",
+            "published_at": NOW,
+            "created_at": NOW,
+            "updated_at": NOW,
+        }
+        with engine.begin() as conn:
+            conn.execute(old.insert(), [story | {"guid": "a"}, story | {"guid": "b"}])
+            conn.execute(
+                sa.text(
+                    "INSERT INTO issues (digest, scheduled_for, window_end, subject, topics,"
+                    " status, created_at) VALUES ('weekly', :t, :t, 's', 't', 'sent', :t)"
+                ),
+                {"t": NOW.replace(tzinfo=None)},
+            )
+            conn.execute(sa.text("INSERT INTO issue_articles VALUES (1, 1, 0), (1, 2, 1)"))
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            keys = conn.execute(
+                sa.select(articles.c.guid, articles.c.text_key).order_by(articles.c.id)
+            ).all()
+        assert keys == [
+            ("a", item(0, **{k: story[k] for k in ("title", "summary", "body")}).text_key),
+            ("b", None),
+        ]
+        command.downgrade(config, "0006")
+        with engine.connect() as conn:
+            links = conn.execute(sa.text("SELECT count(*) FROM issue_articles")).scalar_one()
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("articles")}
+        assert links == 2
+        assert "text_key" not in columns
+        command.upgrade(config, "head")
     finally:
         engine.dispose()
