@@ -10,7 +10,12 @@ Two file formats:
   newsletter sign-up box, which is page chrome and is dropped.
 * Markdown with front matter: TOML between ``+++`` lines or YAML between ``---`` lines, then the
   Markdown body. ``## Summary`` and ``## Why this matters`` sections in the body may stand in for
-  the ``summary`` and ``why_it_matters`` keys.
+  the ``summary`` and ``why_it_matters`` keys. ``event_end`` (or ``ends``), the end of the event
+  an article announces, ends the article's life like ``expires``: whichever comes first.
+
+Storing keeps one article per story: besides the guid, the normalised text (``text_key``) and
+the canonical link under the normalised title (``link_key``) are unique, so the same story
+from another source or guid is reported as a duplicate of the stored article, not stored again.
 """
 
 from __future__ import annotations
@@ -877,7 +882,7 @@ def _key_owners(conn: sa.Connection, rows: Any) -> _Owners:
 
 
 def _holder(owners: _Owners, row: dict[str, Any], guid: str) -> int | None:
-    """The id of another article holding this row's content (0: an earlier row of the chunk)."""
+    """The id of another article (another guid) holding this row's content, if any."""
     for name in ("text_key", "link_key"):
         owner = owners.get((name, row[name])) if row[name] is not None else None
         if owner is not None and owner[1] != guid:
@@ -948,8 +953,8 @@ class Selection:
     since: datetime  # the publication lower bound it used (exclusive)
 
 
-# Issues whose articles count as taken: a cancelled issue gives its articles back.
-TAKING_STATUSES = ("sending", "sent", "empty")
+# The issue status that gives its articles back: any other issue of the digest has taken them.
+GIVES_BACK = "cancelled"
 
 
 def taken_by(digest_key: str) -> sa.Exists:
@@ -960,7 +965,7 @@ def taken_by(digest_key: str) -> sa.Exists:
         .where(
             issue_articles.c.article_id == articles.c.id,
             issues.c.digest == digest_key,
-            issues.c.status.in_(TAKING_STATUSES),
+            issues.c.status != GIVES_BACK,
         )
         .exists()
     )
@@ -977,13 +982,18 @@ def lookback_start(
     after Friday's issue). A first issue takes only ``lookback`` before itself; after a long
     pause, no more than twice ``lookback`` before itself. Read before the issue is inserted.
     """
-    query = sa.select(sa.func.max(issues.c.created_at)).where(
-        issues.c.digest == digest_key, issues.c.created_at <= now
+    # The newest slot's issue, off the UNIQUE(digest, scheduled_for) index: an alert digest
+    # makes 52,560 issues a year, and a max(created_at) would read every one of them.
+    query = (
+        sa.select(issues.c.created_at)
+        .where(issues.c.digest == digest_key)
+        .order_by(issues.c.scheduled_for.desc())
+        .limit(1)
     )
     previous: datetime | None = conn.execute(query).scalar_one_or_none()
     if previous is None:
         return now - lookback
-    return max(previous, now - lookback) - lookback
+    return max(min(previous, now), now - lookback) - lookback
 
 
 def select_for_issue(

@@ -677,9 +677,16 @@ def web(ctx: Context, host: str | None, port: int | None) -> None:
 @click.argument("issue_id", type=int)
 @pass_ctx
 def issues_cancel(ctx: Context, issue_id: int) -> None:
-    """Stop an issue that is sending: what has not gone out yet is cancelled."""
+    """Stop an issue that is sending: what has not gone out yet is cancelled.
+
+    Its articles go back to the digest: the next issue takes them (a subscriber who already
+    received one from this issue does not get it again).
+    """
     count = issues.cancel(ctx.engine(), issue_id, now=now())
-    out.print(f"issue {issue_id} cancelled; {count} deliveries will not be sent")
+    out.print(
+        f"issue {issue_id} cancelled; {count} deliveries will not be sent;"
+        " its articles go in the digest's next issue"
+    )
 
 
 @issues_group.command("resume")

@@ -324,7 +324,11 @@ CANCELLED_BY_STAFF = "cancelled by staff"
 
 
 def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
-    """Stop an issue: its waiting deliveries are cancelled; returns how many."""
+    """Stop an issue: its waiting deliveries are cancelled; returns how many.
+
+    Its articles count as not taken again (``articles.GIVES_BACK``): the digest's next
+    issue takes them, and the never-twice rule spares whoever received them from this one.
+    """
     with engine.begin() as conn:
         summary_row = conn.execute(
             sa.select(issues.c.status).where(issues.c.id == issue_id)
