@@ -425,6 +425,8 @@ def config_text(
         'timezone = "America/New_York"',
         f"topics = {json.dumps(list(TOPICS))}",
         "max_articles = 20",
+        # The example articles carry fixed dates: the issue must take them whenever it runs.
+        "lookback_days = 3650",
     ]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,12 @@ Two file formats:
   newsletter sign-up box, which is page chrome and is dropped.
 * Markdown with front matter: TOML between ``+++`` lines or YAML between ``---`` lines, then the
   Markdown body. ``## Summary`` and ``## Why this matters`` sections in the body may stand in for
-  the ``summary`` and ``why_it_matters`` keys.
+  the ``summary`` and ``why_it_matters`` keys. ``event_end`` (or ``ends``), the end of the event
+  an article announces, ends the article's life like ``expires``: whichever comes first.
+
+Storing keeps one article per story: besides the guid, the normalised text (``text_key``) and
+the canonical link under the normalised title (``link_key``) are unique, so the same story
+from another source or guid is reported as a duplicate of the stored article, not stored again.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import json
 import re
 import reprlib
 import tomllib
+import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import sqlalchemy as sa
 import yaml
@@ -33,7 +39,7 @@ import yaml
 from mailer.db import upsert_insert
 from mailer.errors import ArticleError
 from mailer.models import Article
-from mailer.schema import articles
+from mailer.schema import articles, issue_articles, issues
 
 # Field limits: the title, guid and link ones are the column sizes in mailer/schema.py.
 MAX_TITLE = 500
@@ -53,6 +59,8 @@ FRONT_MATTER_KEYS = (
     "link",
     "published",
     "expires",
+    "event_end",
+    "ends",
     "guid",
     "summary",
     "why_it_matters",
@@ -95,14 +103,73 @@ class ParsedArticle:
         ]
         return hashlib.sha256(json.dumps(fields).encode("ascii")).hexdigest()
 
+    @property
+    def text_key(self) -> str | None:
+        """The normalised text (title, summary, why it matters, body): equal keys are the same
+        story, whatever the guid or source. None for a title alone, which is too little to tell
+        two stories apart ("Main gate closed" is posted again and again)."""
+        if not (self.summary.strip() or self.why_it_matters.strip() or self.body.strip()):
+            return None
+        texts = [self.title, self.summary, self.why_it_matters, self.body]
+        return _key("text", *(_normalised(t) for t in texts))
+
+    @property
+    def link_key(self) -> str | None:
+        """The canonical link under the normalised title: the same story as published on the
+        site, however a feed or a file words its text. None without a link."""
+        if self.link is None:
+            return None
+        return _key("link", canonical_link(self.link), _normalised(self.title))
+
+
+def _normalised(text: str) -> str:
+    folded = unicodedata.normalize("NFKC", text).translate(_QUOTES).casefold()
+    return " ".join(folded.split())
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+# Query parameters that say where a reader came from, not what they read.
+_TRACKING = re.compile(r"^(utm_\w+|fbclid|gclid|mc_cid|mc_eid)$", re.IGNORECASE)
+
+
+def canonical_link(link: str) -> str:
+    """The link with what does not change the page dropped: http vs https, case and ``www.`` of
+    the host, a default port, a trailing slash, the fragment and tracking parameters."""
+    parts = urlsplit(link.strip())
+    host = (parts.hostname or "").removeprefix("www.")
+    if parts.port is not None and parts.port not in (80, 443):
+        host = f"{host}:{parts.port}"
+    query = urlencode(
+        sorted(
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if not _TRACKING.match(k)
+        )
+    )
+    return urlunsplit(("https", host, parts.path.rstrip("/") or "/", query, ""))
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """An article not stored because article ``of`` holds the same content."""
+
+    guid: str
+    title: str
+    of: int
+
 
 @dataclass
 class UpsertReport:
-    """What ``upsert_articles`` did, one count per distinct guid."""
+    """What ``upsert_articles`` did, one count per distinct guid; ``duplicates`` lists the
+    articles skipped because another article (another guid) holds the same content."""
 
     added: int = 0
     updated: int = 0
     unchanged: int = 0
+    duplicates: list[Duplicate] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +199,8 @@ class _Fields(NamedTuple):
     guid: tuple[str | None, int | None]
     published: tuple[datetime | None, int | None]
     expires: tuple[datetime | None, int | None]
+    # When the event an article announces is over: the article's life ends with it.
+    event_end: tuple[datetime | None, int | None] = (None, None)
 
 
 # C0 and C1 controls except tab and newline, and lone surrogates (no database stores those).
@@ -404,6 +473,8 @@ def _parse_front_matter(text: str, delimiter: str, ctx: _Context) -> _Fields:
             )
     if "why" in meta and "why_it_matters" in meta:
         raise ctx.error("give 'why_it_matters' or 'why', not both", line_of("why"))
+    if "ends" in meta and "event_end" in meta:
+        raise ctx.error("give 'event_end' or 'ends', not both", line_of("ends"))
 
     def text_of(key: str) -> tuple[str | None, int | None]:
         value = meta.get(key)
@@ -452,6 +523,7 @@ def _parse_front_matter(text: str, delimiter: str, ctx: _Context) -> _Fields:
         guid=text_of("guid"),
         published=date_of("published"),
         expires=date_of("expires"),
+        event_end=date_of("ends" if "ends" in meta else "event_end"),
     )
 
 
@@ -641,11 +713,17 @@ def _build(fields: _Fields, ctx: _Context) -> ParsedArticle:
 
     published, published_line = fields.published
     expires, expires_line = fields.expires
-    if published is not None and expires is not None and expires <= published:
-        raise ctx.error(
-            f"expires ({expires.isoformat()}) is not after published ({published.isoformat()})",
-            expires_line or published_line,
-        )
+    event_end, event_end_line = fields.event_end
+    ends = (("expires", expires, expires_line), ("event_end", event_end, event_end_line))
+    for key, end, end_line in ends:
+        if published is not None and end is not None and end <= published:
+            raise ctx.error(
+                f"{key} ({end.isoformat()}) is not after published ({published.isoformat()})",
+                end_line or published_line,
+            )
+    # An event that is over ends the article's life, like an expiry: whichever comes first.
+    if event_end is not None and (expires is None or event_end < expires):
+        expires = event_end
 
     summary_text, summary_line = fields.summary
     why_text, why_line = fields.why
@@ -692,6 +770,8 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
         "published_at": item.published_at,
         "expires_at": item.expires_at,
         "content_hash": item.content_hash,
+        "text_key": item.text_key,
+        "link_key": item.link_key,
     }
 
 
@@ -719,31 +799,55 @@ def _upsert_chunk(
     conn: sa.Connection, chunk: list[ParsedArticle], report: UpsertReport, now: datetime
 ) -> None:
     rows = {item.guid: _values(item) for item in chunk}
-    stored: dict[str, str] = {
-        guid: content_hash
-        for guid, content_hash in conn.execute(
-            sa.select(articles.c.guid, articles.c.content_hash).where(
+    stored: dict[str, tuple[int, str]] = {
+        guid: (id_, content_hash)
+        for id_, guid, content_hash in conn.execute(
+            sa.select(articles.c.id, articles.c.guid, articles.c.content_hash).where(
                 articles.c.guid.in_(list(rows))
             )
         )
     }
-    new = [row for guid, row in rows.items() if guid not in stored]
+    duplicates_before = len(report.duplicates)
+    owners = _key_owners(conn, rows.values())
+    new: list[dict[str, Any]] = []
+    for guid, row in rows.items():
+        if guid in stored:
+            continue
+        holder = _holder(owners, row, guid)
+        if holder is not None:
+            report.duplicates.append(Duplicate(guid, row["title"], holder))
+            continue
+        new.append(row)
+    added = 0
     if new:
-        # DO NOTHING: a concurrent ingest that added the same guid first has stored it already.
-        conn.execute(
-            upsert_insert(conn, articles).on_conflict_do_nothing(index_elements=["guid"]),
-            [row | {"created_at": now, "updated_at": now} for row in new],
+        # No conflict target: a guid, or content (the unique text_key and link_key indexes),
+        # stored meanwhile by a concurrent ingest or by an earlier row of this chunk makes the
+        # row a no-op; the article that holds it is named below.
+        inserted = set(
+            conn.scalars(
+                upsert_insert(conn, articles).on_conflict_do_nothing().returning(articles.c.guid),
+                [row | {"created_at": now, "updated_at": now} for row in new],
+            )
         )
-    changed = [
-        item
-        for item in chunk
-        if item.guid in stored and stored[item.guid] != rows[item.guid]["content_hash"]
-    ]
+        _lost_races(conn, [row for row in new if row["guid"] not in inserted], report)
+        added = len(inserted)
+    changed: list[ParsedArticle] = []
+    for item in chunk:
+        if item.guid not in stored or stored[item.guid][1] == rows[item.guid]["content_hash"]:
+            continue
+        holder = _holder(owners, rows[item.guid], item.guid)
+        if holder is not None and holder != stored[item.guid][0]:
+            # The edit made it the copy of another article: keep the stored version.
+            report.duplicates.append(Duplicate(item.guid, item.title, holder))
+            continue
+        changed.append(item)
     for with_date in (True, False):
         group = [item for item in changed if item.date_given is with_date]
         if not group:
             continue
-        columns = (*_CONTENT_COLUMNS, "content_hash") + (("published_at",) if with_date else ())
+        columns = (*_CONTENT_COLUMNS, "content_hash", "text_key", "link_key") + (
+            ("published_at",) if with_date else ()
+        )
         statement = (
             articles.update()
             .where(articles.c.guid == sa.bindparam("b_guid"))
@@ -753,9 +857,49 @@ def _upsert_chunk(
             statement,
             [{f"b_{name}": rows[item.guid][name] for name in (*columns, "guid")} for item in group],
         )
-    report.added += len(new)
+    duplicates = len(report.duplicates) - duplicates_before
+    report.added += added
     report.updated += len(changed)
-    report.unchanged += len(chunk) - len(new) - len(changed)
+    report.unchanged += len(chunk) - added - len(changed) - duplicates
+
+
+_Owners = dict[tuple[str, str], tuple[int, str]]
+
+
+def _key_owners(conn: sa.Connection, rows: Any) -> _Owners:
+    """(key name, key) → (article id, guid) of the stored articles holding these keys."""
+    owners: _Owners = {}
+    for name in ("text_key", "link_key"):
+        column = articles.c[name]
+        keys = sorted({row[name] for row in rows if row[name] is not None})
+        if not keys:
+            continue
+        for id_, guid, key in conn.execute(
+            sa.select(articles.c.id, articles.c.guid, column).where(column.in_(keys))
+        ):
+            owners[name, key] = (id_, guid)
+    return owners
+
+
+def _holder(owners: _Owners, row: dict[str, Any], guid: str) -> int | None:
+    """The id of another article (another guid) holding this row's content, if any."""
+    for name in ("text_key", "link_key"):
+        owner = owners.get((name, row[name])) if row[name] is not None else None
+        if owner is not None and owner[1] != guid:
+            return owner[0]
+    return None
+
+
+def _lost_races(conn: sa.Connection, rows: list[dict[str, Any]], report: UpsertReport) -> None:
+    """Name the article that holds each row the INSERT skipped: a duplicate of this chunk, or
+    content a concurrent ingest stored first (a guid stored meanwhile is simply unchanged)."""
+    if not rows:
+        return
+    owners = _key_owners(conn, rows)
+    for row in rows:
+        holder = _holder(owners, row, row["guid"])
+        if holder is not None:
+            report.duplicates.append(Duplicate(row["guid"], row["title"], holder))
 
 
 ARTICLE_COLUMNS = (
@@ -769,6 +913,7 @@ ARTICLE_COLUMNS = (
     articles.c.link,
     articles.c.published_at,
     articles.c.expires_at,
+    articles.c.removed_at,
 )
 
 
@@ -798,29 +943,105 @@ def list_articles(
     return _fetch(engine, _newest_first(query, limit))
 
 
-def articles_in_window(
-    engine: sa.Engine | sa.Connection,
+@dataclass(frozen=True)
+class Selection:
+    """What the next issue of a digest takes: ``articles`` (newest published first) and how
+    many more it could take that ``max_articles`` leaves for the issues after it."""
+
+    articles: list[Article]
+    left_over: int
+    since: datetime  # the publication lower bound it used (exclusive)
+
+
+# The issue status that gives its articles back: any other issue of the digest has taken them.
+GIVES_BACK = "cancelled"
+
+
+def taken_by(digest_key: str) -> sa.Exists:
+    """The article (``articles.id``) is in an issue of this digest that was not cancelled."""
+    return (
+        sa.select(issue_articles.c.article_id)
+        .join(issues, issues.c.id == issue_articles.c.issue_id)
+        .where(
+            issue_articles.c.article_id == articles.c.id,
+            issues.c.digest == digest_key,
+            issues.c.status != GIVES_BACK,
+        )
+        .exists()
+    )
+
+
+def lookback_start(
+    conn: sa.Connection, digest_key: str, lookback: timedelta, now: datetime
+) -> datetime:
+    """The oldest publication date (exclusive) the digest's issue made at ``now`` takes.
+
+    ``lookback`` before the digest's previous issue was made, so that what arrives after an
+    issue, published just before it, is still in the lookback of the next one (a weekly digest
+    with a lookback of 7 days takes on Friday what was published Thursday night and fetched
+    after Friday's issue). A first issue takes only ``lookback`` before itself; after a long
+    pause, no more than twice ``lookback`` before itself. Read before the issue is inserted.
+    """
+    # The newest slot's issue, off the UNIQUE(digest, scheduled_for) index: an alert digest
+    # makes 52,560 issues a year, and a max(created_at) would read every one of them.
+    query = (
+        sa.select(issues.c.created_at)
+        .where(issues.c.digest == digest_key)
+        .order_by(issues.c.scheduled_for.desc())
+        .limit(1)
+    )
+    previous: datetime | None = conn.execute(query).scalar_one_or_none()
+    if previous is None:
+        return now - lookback
+    return max(min(previous, now), now - lookback) - lookback
+
+
+def select_for_issue(
+    conn: sa.Connection,
     *,
+    digest_key: str,
     topics: Sequence[str],
-    start: datetime | None,
-    end: datetime,
+    lookback: timedelta,
     limit: int,
     now: datetime,
-) -> list[Article]:
-    """The articles an issue covers, newest first, at most ``limit``.
+    since: datetime | None = None,
+) -> Selection:
+    """The articles the issue of ``digest_key`` made at ``now`` takes: by arrival, not by date.
 
-    Published in ``(start, end]`` (no lower bound when ``start`` is None, so the half-open
-    windows of consecutive issues never share or skip an article), in one of ``topics``, and not
-    expired at ``now`` (an article expiring exactly at ``now`` has expired). Pass a Connection
-    to read inside a caller's transaction (creating an issue snapshots its articles there).
+    Every article in one of ``topics`` that no issue of this digest has taken yet (a cancelled
+    issue gives its articles back), published after ``lookback_start`` and at the latest
+    ``now`` (an article dated in the future waits for its date), not expired at ``now`` (an
+    event that is over has expired: see ``event_end``) and not removed by staff. So an article
+    stored a moment after an issue was made, whatever its date, goes in the next issue; an
+    update (same guid) is not new.
+
+    At most ``limit``, oldest arrival first (``created_at``, then id), so what one issue leaves
+    over goes in the next one before anything that arrived after it; returned newest published
+    first, the order an issue shows. Reads inside the caller's transaction (creating an issue
+    snapshots its articles there); ``since`` is ``lookback_start`` when the caller read it.
     """
+    if since is None:
+        since = lookback_start(conn, digest_key, lookback, now)
     if not topics or limit == 0:
-        return []
-    query = sa.select(*ARTICLE_COLUMNS).where(
+        return Selection([], 0, since)
+    eligible = sa.and_(
         articles.c.topic.in_(list(topics)),
-        articles.c.published_at <= end,
+        articles.c.published_at > since,
+        articles.c.published_at <= now,
+        articles.c.removed_at.is_(None),
         sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),
+        ~taken_by(digest_key),
     )
-    if start is not None:
-        query = query.where(articles.c.published_at > start)
-    return _fetch(engine, _newest_first(query, limit))
+    query = (
+        sa.select(*ARTICLE_COLUMNS)
+        .where(eligible)
+        .order_by(articles.c.created_at, articles.c.id)
+        .limit(limit)
+    )
+    chosen = _fetch(conn, query)
+    left_over = 0
+    if len(chosen) == limit:
+        count = sa.select(sa.func.count()).select_from(articles).where(eligible)
+        left_over = int(conn.execute(count).scalar_one()) - limit
+    chosen.sort(key=lambda a: (a.published_at, a.id), reverse=True)
+    return Selection(chosen, left_over, since)

@@ -6,16 +6,19 @@ Exit codes: 0 success, 1 a project error (one line on stderr), 2 bad usage.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 import sqlalchemy as sa
@@ -317,7 +320,11 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
             err.print(str(exc), markup=False)
             failed += 1
     report = articles.upsert_articles(ctx.engine(), parsed, now=moment)
-    out.print(f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged")
+    line = f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged"
+    if report.duplicates:
+        line += f", {len(report.duplicates)} skipped as duplicates"
+    out.print(line)
+    _print_duplicates("", report.duplicates)
     if failed:
         raise MailerError(f"{failed} of {len(files)} files could not be read (listed above)")
 
@@ -345,7 +352,10 @@ def articles_fetch(ctx: Context) -> None:
             what = "not modified (304)"
         else:
             what = f"{result.added} added, {result.updated} updated, {result.unchanged} unchanged"
+        if result.duplicates:
+            what += f", {len(result.duplicates)} skipped as duplicates"
         out.print(f"{result.name}: {what}", markup=False)
+        _print_duplicates(f"{result.name}: ", result.duplicates)
         for problem in result.skipped:
             err.print(f"{result.name}: skipped {problem}", markup=False)
     failed = [r for r in results if not r.ok]
@@ -355,16 +365,100 @@ def articles_fetch(ctx: Context) -> None:
         )
 
 
+def _print_duplicates(prefix: str, duplicates: Sequence[articles.Duplicate]) -> None:
+    for d in duplicates:
+        out.print(
+            f"{prefix}skipped {d.guid} ({d.title}): a duplicate of article {d.of}", markup=False
+        )
+
+
+def _site_time(settings: Settings, moment: datetime | None) -> str:
+    """A time as staff read it: in the site's time zone, with the zone's name."""
+    if moment is None:
+        return "-"
+    return f"{moment.astimezone(ZoneInfo(settings.site.timezone)):%Y-%m-%d %H:%M:%S %Z}"
+
+
 @articles_group.command("list")
 @click.option("--topic", help="Only this topic.")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @pass_ctx
 def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
-    """List articles, newest first."""
-    table = Table("id", "published", "topic", "title")
+    """List articles, newest first (times in the site's time zone)."""
+    table = Table("id", "published", "topic", "title", "removed")
     for a in articles.list_articles(ctx.engine(), topic=topic, limit=limit):
-        table.add_row(str(a.id), f"{a.published_at:%Y-%m-%d %H:%M}", a.topic, a.title)
+        removed = _site_time(ctx.settings, a.removed_at) if a.removed_at else ""
+        table.add_row(
+            str(a.id), _site_time(ctx.settings, a.published_at), a.topic, a.title, removed
+        )
     out.print(table)
+
+
+@articles_group.command("show")
+@click.argument("article_id", type=int)
+@pass_ctx
+def articles_show(ctx: Context, article_id: int) -> None:
+    """Every field of one article, when it arrived, and the issues that took it."""
+    from mailer.article_admin import show
+
+    a = show(ctx.engine(), article_id)
+    at = functools.partial(_site_time, ctx.settings)
+    fields = [
+        ("id", str(a.id)),
+        ("guid", a.guid),
+        ("topic", a.topic),
+        ("title", a.title),
+        ("link", a.link or "-"),
+        ("published", at(a.published_at)),
+        ("expires", at(a.expires_at)),
+        ("arrived", at(a.created_at)),
+        ("updated", at(a.updated_at)),
+    ]
+    if a.removed_at is not None:
+        where = ", ".join(str(i) for i in a.removed_from) or "none"
+        fields.append(("removed", f"{at(a.removed_at)} by {a.removed_by} (from issues: {where})"))
+    for name, value in fields:
+        out.print(f"{name + ':':<11}{value}", markup=False)
+    out.print("issues:" if a.issues else "issues:    none")
+    for t in a.issues:
+        out.print(f"  {t.issue_id}  {t.digest}  {at(t.scheduled_for)}  {t.status}", markup=False)
+    for name, text in (
+        ("summary", a.summary),
+        ("why it matters", a.why_it_matters),
+        ("body", a.body),
+    ):
+        out.print(f"\n{name}:", markup=False)
+        out.print(text or "-", markup=False)
+
+
+@articles_group.command("remove")
+@click.argument("article_id", type=int)
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "staff",
+    show_default="$USER",
+    help="Who removes it (recorded).",
+)
+@pass_ctx
+def articles_remove(ctx: Context, article_id: int, by: str) -> None:
+    """Take an article out of every issue not yet sent in full, and out of every later one."""
+    from mailer.article_admin import remove
+
+    removal = remove(ctx.engine(), article_id, by=by, now=now())
+    issues_text = ", ".join(str(i) for i in removal.issues) or "none"
+    if removal.already:
+        when = _site_time(ctx.settings, removal.removed_at)
+        out.print(
+            f"article {article_id} was already removed {when} by {removal.removed_by}"
+            f" (from issues: {issues_text})",
+            markup=False,
+        )
+        return
+    out.print(
+        f"article {article_id} removed ({removal.title}); taken out of unsent issues: "
+        f"{issues_text}; no later issue will take it",
+        markup=False,
+    )
 
 
 # ---------------------------------------------------------------- digests and issues
@@ -391,9 +485,15 @@ def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     (out_dir / f"{key}.html").write_text(preview.html, encoding="utf-8")
     (out_dir / f"{key}.txt").write_text(preview.text, encoding="utf-8")
     out.print(
-        f"{preview.subject!r}: {preview.articles} articles → {out_dir / f'{key}.html'}",
+        f"{preview.subject!r}: {preview.articles} articles{_left_over(preview.left_over)}"
+        f" → {out_dir / f'{key}.html'}",
         markup=False,
     )
+
+
+def _left_over(count: int) -> str:
+    """What max_articles leaves for the issue after, said where the issue's count is shown."""
+    return f" ({count} more wait for the next issue: max_articles)" if count else ""
 
 
 PROCESSES = click.option(
@@ -434,7 +534,8 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         out.print(
             f"issue {issue.issue_id} {verb}"
             + (
-                f": {issue.articles} articles, {issue.recipients} recipients"
+                f": {issue.articles} articles{_left_over(issue.left_over)},"
+                f" {issue.recipients} recipients"
                 if issue.created
                 else ""
             )
@@ -589,9 +690,16 @@ def web(ctx: Context, host: str | None, port: int | None) -> None:
 @click.argument("issue_id", type=int)
 @pass_ctx
 def issues_cancel(ctx: Context, issue_id: int) -> None:
-    """Stop an issue that is sending: what has not gone out yet is cancelled."""
+    """Stop an issue that is sending: what has not gone out yet is cancelled.
+
+    Its articles go back to the digest: the next issue takes them (a subscriber who already
+    received one from this issue does not get it again).
+    """
     count = issues.cancel(ctx.engine(), issue_id, now=now())
-    out.print(f"issue {issue_id} cancelled; {count} deliveries will not be sent")
+    out.print(
+        f"issue {issue_id} cancelled; {count} deliveries will not be sent;"
+        " its articles go in the digest's next issue"
+    )
 
 
 @issues_group.command("resume")

@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -165,6 +165,13 @@ class Digest:
     quiet_hours: tuple[time, time] | None = None
     # Send an article a subscriber already received again when it was updated since.
     include_updates: bool = False
+    # An issue takes the articles its digest has not taken yet, published at most this many
+    # days before it is made: a first issue takes only these, never the whole store.
+    lookback_days: float = 7.0
+
+    @property
+    def lookback(self) -> timedelta:
+        return timedelta(days=self.lookback_days)
 
 
 @dataclass(frozen=True)
@@ -560,6 +567,7 @@ def _digest(t: _Table, topics: set[str], site_zone: str) -> Digest:
         priority=t.choice("priority", "bulk", ("bulk", "alert")),
         quiet_hours=_quiet_hours(t),
         include_updates=t.flag("include_updates", False),
+        lookback_days=t.number("lookback_days", 7, low=0.01, high=3650),
     )
     t.finish()
     _check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))

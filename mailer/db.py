@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "db"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # The newest migration in db/versions (tests/test_store.py checks it against Alembic's head).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 # A Connection execution option: the transaction only reads (see _sqlite_begin).
 READ_ONLY = "mailer_read_only"
 

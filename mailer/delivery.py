@@ -35,6 +35,7 @@ from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
 from mailer.outages import DatabaseOutages
 from mailer.schedule import quiet_until
+from mailer.schema import issue_articles
 from mailer.smtp import Outcome, SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,9 @@ class Deliverer:
         # of what sending one took (bench/README.md).
         self._sender = envelope_sender(settings)
         self._contents: dict[int, IssueContent] = {}
-        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        # Keyed by the articles shown: an issue whose articles change (`articles remove`) gets
+        # new composers, and the old ones are never picked again.
+        self._composers: dict[tuple[int, tuple[int, ...]], DigestComposer] = {}
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
@@ -224,10 +227,11 @@ class Deliverer:
         expired = {
             a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
         }
-        key = (issue_id, hidden | expired)
+        left_out = hidden | expired
+        shown = tuple(a for a in content.articles if a.id not in left_out)
+        key = (issue_id, tuple(a.id for a in shown))
         composer = self._composers.get(key)
         if composer is None:
-            shown = tuple(a for a in content.articles if a.id not in key[1])
             composer = DigestComposer(self.settings, replace(content, articles=shown))
             self._composers[key] = composer
         return composer
@@ -249,6 +253,25 @@ class Deliverer:
                 return await asyncio.to_thread(call, *args, **kwargs)
             except DatabaseUnavailable as exc:
                 await self.outages.wait(exc, self._stop)
+
+    def refresh_contents(self, issue_ids: set[int]) -> None:
+        """Read again the content of cached issues whose articles changed since (an article
+        removed by staff): one small query per batch, so that only the batch being sent when
+        the article was removed (at most ``[smtp].batch_size`` messages) may still carry it."""
+        cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
+        if not cached:
+            return
+        current: dict[int, set[int]] = {i: set() for i in cached}
+        with reading(self.engine) as conn:
+            for issue_id, article_id in conn.execute(
+                sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
+                    issue_articles.c.issue_id.in_(sorted(cached))
+                )
+            ):
+                current[issue_id].add(article_id)
+            for issue_id, content in cached.items():
+                if current[issue_id] != {a.id for a in content.articles}:
+                    self._contents[issue_id] = load_content(conn, issue_id, self.settings)
 
     def hidden(self, d: ledger.Claimed) -> frozenset[int]:
         """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
@@ -338,6 +361,9 @@ class Deliverer:
         claimed = await self._claimed(issue_id)
         if not claimed:
             return None
+        # Checked as each batch starts sending, not when it was claimed: a batch claimed ahead
+        # was claimed before the previous one finished, maybe before an article was removed.
+        await self.db(self.refresh_contents, {d.issue_id for d in claimed})
         queue = deque(claimed)
         totals = Totals()
         committer = _Committer(self, totals)

@@ -122,6 +122,8 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         'timezone = "America/New_York"',
         'topics = ["base-alerts", "local-events", "military-news"]',
         "max_articles = 20",
+        # The sample articles carry fixed dates: the demo must find them whenever it runs.
+        "lookback_days = 3650",
     ]
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import articles_in_window
+from mailer.articles import select_for_issue
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue
@@ -28,23 +28,29 @@ class Preview:
     html: str
     text: str
     articles: int
-
-
-def _last_window_end(conn: sa.Connection, digest: Digest) -> datetime | None:
-    return conn.execute(
-        sa.select(sa.func.max(issues.c.window_end)).where(issues.c.digest == digest.key)
-    ).scalar_one_or_none()
+    # Articles past max_articles, which the issue after the next one takes.
+    left_over: int = 0
+    article_ids: tuple[int, ...] = ()  # what the issue would take, in its order
 
 
 def preview_next(
     engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime
 ) -> Preview:
-    """The next issue as it would go out now, with neutral links, without creating it."""
+    """The next issue as it would go out now, with neutral links, without creating it.
+
+    The same selection ``create_issue`` makes at ``now``: the articles the digest has not taken
+    yet, within its lookback, oldest arrival first up to max_articles.
+    """
     with engine.connect() as conn:
-        start = _last_window_end(conn, digest)
-        chosen = articles_in_window(
-            conn, topics=digest.topics, start=start, end=now, limit=digest.max_articles, now=now
+        selection = select_for_issue(
+            conn,
+            digest_key=digest.key,
+            topics=digest.topics,
+            lookback=digest.lookback,
+            limit=digest.max_articles,
+            now=now,
         )
+    chosen = selection.articles
     date = now.astimezone(ZoneInfo(digest.timezone))
     subject = render_subject(digest, date)
     content = IssueContent(
@@ -56,7 +62,8 @@ def preview_next(
         articles=tuple(chosen),
     )
     html, text = DigestComposer(settings, content).preview(digest.topics)
-    return Preview(subject, html, text, len(chosen))
+    ids = tuple(a.id for a in chosen)
+    return Preview(subject, html, text, len(chosen), selection.left_over, ids)
 
 
 def open_issue(
@@ -65,7 +72,7 @@ def open_issue(
     """The digest's unfinished issue if there is one (resume it), else a new issue for now.
 
     Resuming instead of starting over is what makes a second ``digest send`` after a crash
-    send nothing twice; a new issue only holds articles published since the previous one.
+    send nothing twice; a new issue holds only the articles no issue of the digest took yet.
     """
     with engine.connect() as conn:
         unfinished = conn.execute(

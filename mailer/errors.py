@@ -65,6 +65,14 @@ class ArticleError(MailerError, ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class UnknownArticleError(MailerError, LookupError):
+    """No article has this id; ``article_id`` is the id asked for."""
+
+    def __init__(self, article_id: int) -> None:
+        self.article_id = article_id
+        super().__init__(f"no article {article_id}: `mailer articles list` shows their ids")
+
+
 class TokenError(MailerError, ValueError):
     """A signed link token is malformed, forged, or for another purpose."""
 

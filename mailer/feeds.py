@@ -521,6 +521,7 @@ def _entry_article(entry: Any, ctx: _FeedContext) -> ParsedArticle:
         raise _Skip(f"{label} has no title and no text")
 
     published = _entry_date(entry)
+    ends = _event_end(entry)
     return ParsedArticle(
         guid=guid,
         topic=_entry_topic(entry, ctx),
@@ -530,6 +531,7 @@ def _entry_article(entry: Any, ctx: _FeedContext) -> ParsedArticle:
         body=_truncate(body, MAX_BODY),
         link=link,
         published_at=published or ctx.now,
+        expires_at=ends,
         date_given=published is not None,
     )
 
@@ -584,6 +586,21 @@ def _entry_date(entry: Any) -> datetime | None:
         except (TypeError, ValueError, OverflowError):
             continue
     return None
+
+
+def _event_end(entry: Any) -> datetime | None:
+    """The end of the event an entry announces (RSS 1.0 event module, ``<ev:enddate>``): the
+    entry's life ends with it. A date without a time is the end of that day, UTC."""
+    value = _string(entry.get("ev_enddate")).strip()
+    if not value:
+        return None
+    try:
+        ends = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if len(value) <= 10:  # a bare date: the event lasts the whole day
+        ends = ends.replace(hour=23, minute=59, second=59)
+    return ends.replace(tzinfo=UTC) if ends.tzinfo is None else ends.astimezone(UTC)
 
 
 def _entry_topic(entry: Any, ctx: _FeedContext) -> str:

@@ -3,10 +3,17 @@
 ``create_issue`` is idempotent: the INSERT … ON CONFLICT DO NOTHING on UNIQUE(digest,
 scheduled_for) picks one winner, and only the winner selects the articles and snapshots the
 recipients, in the same transaction. Two processes firing the same slot create one issue.
+
+An issue takes the articles its digest has not taken yet (``articles.select_for_issue``): by
+arrival in the store, not by publication date, so an article fetched after its slot's issue
+was made goes in the next one. Issues of one digest are made one at a time (SQLite's write
+lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of them never take
+the same article.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import ARTICLE_COLUMNS, articles_in_window
+from mailer.articles import ARTICLE_COLUMNS, lookback_start, select_for_issue
 from mailer.config import Digest, Settings
 from mailer.db import refresh_statistics, upsert_insert
 from mailer.errors import DigestError
@@ -41,6 +48,8 @@ class IssueCreated:
     created: bool  # False: the issue already existed (another firing or process won)
     articles: int
     recipients: int
+    # Articles this issue could have taken beyond max_articles: the next issue takes them.
+    left_over: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,22 +82,22 @@ def create_issue(
     now: datetime,
     render_subject: Callable[[Digest, datetime], str],
 ) -> IssueCreated:
-    """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients."""
+    """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
+
+    The issue takes what ``articles.select_for_issue`` gives at ``now`` (the moment it is
+    made); its window records the publication dates that could go in, (window_start, now].
+    """
     local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
     subject = render_subject(digest, local_date)
     with engine.begin() as conn:
-        previous = conn.execute(
-            sa.select(sa.func.max(issues.c.window_end)).where(
-                issues.c.digest == digest.key, issues.c.scheduled_for < scheduled_for
-            )
-        ).scalar_one_or_none()
+        since = lookback_start(conn, digest.key, digest.lookback, now)
         insert = upsert_insert(conn, issues)
         issue_id = conn.execute(
             insert.values(
                 digest=digest.key,
                 scheduled_for=scheduled_for,
-                window_start=previous,
-                window_end=scheduled_for,
+                window_start=since,
+                window_end=now,
                 subject=subject,
                 topics=";".join(digest.topics),
                 status="sending",
@@ -104,14 +113,17 @@ def create_issue(
                 )
             ).scalar_one()
             return IssueCreated(existing, False, 0, 0)
-        chosen = articles_in_window(
+        _one_issue_at_a_time(conn, digest.key)
+        selection = select_for_issue(
             conn,
+            digest_key=digest.key,
             topics=digest.topics,
-            start=previous,
-            end=scheduled_for,
+            lookback=digest.lookback,
             limit=digest.max_articles,
             now=now,
+            since=since,
         )
+        chosen = selection.articles
         if chosen:
             conn.execute(
                 issue_articles.insert(),
@@ -137,10 +149,27 @@ def create_issue(
             "issue": issue_id,
             "digest": digest.key,
             "articles": len(chosen),
+            "left_over": selection.left_over,
             "recipients": recipients,
         },
     )
-    return IssueCreated(issue_id, True, len(chosen), recipients)
+    return IssueCreated(issue_id, True, len(chosen), recipients, selection.left_over)
+
+
+def _one_issue_at_a_time(conn: sa.Connection, digest_key: str) -> None:
+    """Hold the digest's issue lock until this transaction ends.
+
+    Two issues of one digest made at once (a scheduled slot and a ``digest send``, or two
+    slots caught up by two processes) would each see the other's articles as not taken yet.
+    SQLite already runs one writing transaction at a time (BEGIN IMMEDIATE); PostgreSQL gets a
+    transaction-scoped advisory lock keyed on the digest, after which this transaction's next
+    statements see what the other one committed (READ COMMITTED).
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    digest_hash = hashlib.sha256(f"mailer.issue:{digest_key}".encode()).digest()
+    key = int.from_bytes(digest_hash[:8], "big", signed=True)
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
 def _snapshot(
@@ -295,7 +324,11 @@ CANCELLED_BY_STAFF = "cancelled by staff"
 
 
 def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
-    """Stop an issue: its waiting deliveries are cancelled; returns how many."""
+    """Stop an issue: its waiting deliveries are cancelled; returns how many.
+
+    Its articles count as not taken again (``articles.GIVES_BACK``): the digest's next
+    issue takes them, and the never-twice rule spares whoever received them from this one.
+    """
     with engine.begin() as conn:
         summary_row = conn.execute(
             sa.select(issues.c.status).where(issues.c.id == issue_id)

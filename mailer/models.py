@@ -20,6 +20,7 @@ class Article:
     link: str | None
     published_at: datetime
     expires_at: datetime | None = None
+    removed_at: datetime | None = None  # taken back by staff (`mailer articles remove`)
 
 
 @dataclass(frozen=True)

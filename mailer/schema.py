@@ -120,9 +120,22 @@ articles = sa.Table(
     sa.Column("published_at", UtcDateTime, nullable=False),
     sa.Column("expires_at", UtcDateTime),
     sa.Column("content_hash", sa.String(64), nullable=False),
+    # Arrival in the store: never changed by an update (an updated article is not a new one).
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
+    # Duplicate content is one article (migration 0007): the same normalised text, or the same
+    # canonical link under the same title, from another source or guid is not stored again.
+    # Unique, so two ingests racing each other cannot both store it; NULL never conflicts.
+    sa.Column("text_key", sa.String(64)),
+    sa.Column("link_key", sa.String(64)),
+    # `mailer articles remove`: when, by whom, and which unsent issues it was taken out of
+    # (issue ids separated by ";"). A removed article is never taken by an issue again.
+    sa.Column("removed_at", UtcDateTime),
+    sa.Column("removed_by", sa.String(200)),
+    sa.Column("removed_from", sa.Text),
     sa.Index("ix_articles_topic_published", "topic", "published_at"),
+    sa.Index("ix_articles_text_key", "text_key", unique=True),
+    sa.Index("ix_articles_link_key", "link_key", unique=True),
     sqlite_autoincrement=True,
 )
 
@@ -132,6 +145,9 @@ issues = sa.Table(
     sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("digest", sa.String(40), nullable=False),
     sa.Column("scheduled_for", UtcDateTime, nullable=False),
+    # The publication dates the issue could take articles from, (window_start, window_end]:
+    # the lookback before the moment the issue was made, and that moment. Which articles it
+    # took is issue_articles: an issue takes what its digest has not taken yet (by arrival).
     sa.Column("window_start", UtcDateTime),
     sa.Column("window_end", UtcDateTime, nullable=False),
     sa.Column("subject", sa.String(500), nullable=False),
@@ -150,6 +166,8 @@ issue_articles = sa.Table(
     sa.Column("issue_id", Id, sa.ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("article_id", Id, sa.ForeignKey("articles.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
+    # "Has this digest taken the article yet?" probes by article (migration 0007).
+    sa.Index("ix_issue_articles_article", "article_id", "issue_id"),
 )
 
 deliveries = sa.Table(

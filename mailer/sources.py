@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from mailer.articles import (
     UPSERT_CHUNK,
+    Duplicate,
     ParsedArticle,
     UpsertReport,
     load_article_file,
@@ -71,6 +72,8 @@ class SourceResult:
     error: str | None = None
     status: int | None = None
     skipped: tuple[str, ...] = ()
+    # Not stored: another article (another guid, maybe another source) holds the same content.
+    duplicates: tuple[Duplicate, ...] = ()
 
     @property
     def name(self) -> str:
@@ -253,6 +256,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
         not_modified=fetched.not_modified,
         status=fetched.status,
         skipped=feed.skipped if feed is not None else (),
+        duplicates=tuple(report.duplicates),
     )
 
 
@@ -300,6 +304,7 @@ async def _run_directory(run: _Run, source: Source) -> SourceResult:
         updated=report.updated,
         unchanged=report.unchanged,
         skipped=tuple(skipped),
+        duplicates=tuple(report.duplicates),
     )
 
 
@@ -356,4 +361,9 @@ def log_results(results: Sequence[SourceResult]) -> None:
             continue
         for problem in result.skipped:
             log.warning("source item skipped", extra={"source": result.name, "problem": problem})
+        for duplicate in result.duplicates:
+            log.info(
+                "duplicate skipped",
+                extra={"source": result.name, "guid": duplicate.guid, "article": duplicate.of},
+            )
         log.info("source fetched", extra=fields)

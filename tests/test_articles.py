@@ -1,4 +1,4 @@
-"""Articles: the site's text format, Markdown with front matter, the store and the window query."""
+"""Articles: the site's text format, Markdown with front matter, the store and the selection."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from mailer import articles, subscribers
 from mailer.articles import (
     MAX_TEXT,
     ParsedArticle,
-    articles_in_window,
     list_articles,
     load_article_file,
     parse_article,
+    select_for_issue,
     upsert_articles,
 )
 from mailer.errors import ArticleError
@@ -677,7 +677,7 @@ def test_example_articles_store_and_fill_a_window(engine: sa.Engine) -> None:
         for path in sorted((EXAMPLES / "articles").iterdir())
     ]
     assert upsert_articles(engine, loaded, now=now).added == len(loaded)
-    chosen = articles_in_window(engine, topics=TOPICS, start=None, end=now, limit=20, now=now)
+    chosen = _select(engine, now=now, lookback=timedelta(days=3650))
     assert {a.guid for a in chosen} == {a.guid for a in loaded}
     assert chosen[0].title == "Putin visits India for talks on defense, trade ties"
     assert "’" in chosen[0].body  # UTF-8 text survives both databases
@@ -762,24 +762,31 @@ def test_list_articles_is_newest_first_and_filters_by_topic(engine: sa.Engine) -
     assert [a.guid for a in list_articles(engine, topic="base-alerts", limit=1)] == [items[2].guid]
 
 
-# ------------------------------------------------------------------ the window query
+# ------------------------------------------------------------------ the selection query
 
 START = NOW - timedelta(days=7)
 
 
-def _window(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[str]:
+def _select(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[articles.Article]:
     values: dict[str, Any] = {
+        "digest_key": "weekly",
         "topics": TOPICS,
-        "start": START,
-        "end": NOW,
+        "lookback": timedelta(days=7),
         "limit": 20,
         "now": NOW,
     }
     values.update(overrides)
-    return [a.title for a in articles_in_window(engine, **values)]
+    if isinstance(engine, sa.Connection):
+        return select_for_issue(engine, **values).articles
+    with engine.connect() as conn:
+        return select_for_issue(conn, **values).articles
 
 
-def test_window_excludes_its_start_and_includes_its_end(engine: sa.Engine) -> None:
+def _window(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[str]:
+    return [a.title for a in _select(engine, **overrides)]
+
+
+def test_lookback_excludes_its_start_and_future_dates(engine: sa.Engine) -> None:
     second = timedelta(seconds=1)
     upsert_articles(
         engine,
@@ -792,7 +799,7 @@ def test_window_excludes_its_start_and_includes_its_end(engine: sa.Engine) -> No
         now=NOW,
     )
     assert _window(engine) == ["at-end", "after-start"]
-    assert _window(engine, start=None) == ["at-end", "after-start", "at-start"]
+    assert _window(engine, lookback=timedelta(days=8)) == ["at-end", "after-start", "at-start"]
 
 
 def test_window_drops_articles_expired_at_now(engine: sa.Engine) -> None:
@@ -820,13 +827,20 @@ def test_window_drops_articles_expired_at_now(engine: sa.Engine) -> None:
     assert "expired" in [a.title for a in list_articles(engine)]
 
 
-def test_window_is_capped_to_the_newest(engine: sa.Engine) -> None:
-    upsert_articles(
-        engine,
-        [make_article(title=f"h{h}", published_at=NOW - timedelta(hours=h)) for h in range(6)],
-        now=NOW,
-    )
-    assert _window(engine, limit=3) == ["h0", "h1", "h2"]
+def test_selection_is_capped_to_the_oldest_arrivals_shown_newest_first(
+    engine: sa.Engine,
+) -> None:
+    # Stored one a minute, the oldest publication first: arrival, not date, decides what goes.
+    for h in range(5, -1, -1):
+        item = make_article(title=f"h{h}", published_at=NOW - timedelta(hours=h))
+        upsert_articles(engine, [item], now=NOW - timedelta(minutes=h))
+    assert _window(engine, limit=3) == ["h3", "h4", "h5"]
+    assert [a.title for a in _select(engine, limit=2)] == ["h4", "h5"]
+    with engine.connect() as conn:
+        selection = select_for_issue(
+            conn, digest_key="d", topics=TOPICS, lookback=timedelta(days=7), limit=4, now=NOW
+        )
+    assert selection.left_over == 2
     assert _window(engine, limit=0) == []
 
 
@@ -863,7 +877,7 @@ def test_window_reads_inside_a_callers_transaction(engine: sa.Engine) -> None:
 
 def test_parsed_articles_are_returned_as_model_articles(engine: sa.Engine) -> None:
     upsert_articles(engine, [parse(TOML_ARTICLE)], now=NOW)
-    (stored,) = articles_in_window(engine, topics=TOPICS, start=None, end=NOW, limit=5, now=NOW)
+    (stored,) = _select(engine, lookback=timedelta(days=3650))
     assert stored.link == "https://news.example.org/2026/11/main-gate"
     assert stored.published_at == datetime(2026, 11, 19, 13, 30, tzinfo=UTC)
     assert stored.expires_at == datetime(2026, 12, 1, tzinfo=UTC)

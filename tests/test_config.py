@@ -20,6 +20,8 @@ def test_example_config_loads_with_every_design_key() -> None:
     assert settings.smtp.security == "none"
     assert [t.key for t in settings.topics] == ["base-alerts", "local-events", "military-news"]
     assert settings.digests[0].schedule == "0 7 * * fri"
+    assert [(d.key, d.lookback_days) for d in settings.digests] == [("weekly", 7), ("alerts", 2)]
+    assert make_settings().digests[0].lookback_days == 7
     assert settings.database.url == "sqlite:///" + str(ROOT / "mailer.db")
 
 
@@ -109,8 +111,18 @@ def _digest(**overrides: Any) -> list[dict[str, Any]]:
         ({"topics": ["weather"]}, "names unknown topic 'weather'"),
         ({"max_articles": 0}, "[digests[0]].max_articles must be 1–500"),
         ({"key": "Weekly Digest!"}, "[digests[0]].key must match"),
+        ({"lookback_days": 0}, "[digests[0]].lookback_days must be 0.01–3650, got 0"),
+        ({"lookback_days": "7"}, "[digests[0]].lookback_days must be a number"),
     ],
-    ids=["numeric-weekday", "four-fields", "unknown-topic", "zero-articles", "bad-key"],
+    ids=[
+        "numeric-weekday",
+        "four-fields",
+        "unknown-topic",
+        "zero-articles",
+        "bad-key",
+        "zero-lookback",
+        "text-lookback",
+    ],
 )
 def test_bad_digests_are_refused(overrides: dict[str, Any], expected: str) -> None:
     assert expected in _error(digests=_digest(**overrides))

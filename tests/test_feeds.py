@@ -777,10 +777,18 @@ async def test_a_story_in_two_feeds_keeps_the_topic_it_was_first_stored_with(
     both = make_settings(sources=[first, feed(server, "/feeds/all.rss", "military-news")])
     _, all_news = await fetch_sources(engine, both, now=NOW, client=client)
 
-    # The two items identified by URL are the same stories: they stay base alerts, unchanged;
-    # the two feed-scoped guids are new articles of the second feed.
-    assert counts(all_news) == (2, 0, 2)
-    g10 = stored(engine)["https://news.example.org/2026/11/18/g-10-live-fire-noise-advisory/"]
+    # The two items identified by URL are the same stories: they stay base alerts, unchanged.
+    # The two feed-scoped guids differ from the first feed's, but their content and link are
+    # the same: duplicates of the stored articles, not new ones.
+    assert counts(all_news) == (0, 0, 2)
+    rows = stored(engine)
+    assert len(rows) == 4
+    ids = {row["guid"]: row["id"] for row in rows.values()}
+    first_feed = first["url"] + "#"
+    assert sorted(
+        (d.guid.removeprefix(all_news.name + "#"), d.of) for d in all_news.duplicates
+    ) == [(g.removeprefix(first_feed), ids[g]) for g in sorted(ids) if g.startswith(first_feed)]
+    g10 = rows["https://news.example.org/2026/11/18/g-10-live-fire-noise-advisory/"]
     assert (g10["topic"], g10["updated_at"]) == ("base-alerts", NOW)
 
 

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer import articles
+from mailer.clock import now as clock_now
 from mailer.db import create_engine, migrate
 from mailer.errors import ConfigError
 from mailer.issues import create_issue
@@ -23,7 +24,7 @@ from mailer.rendering import render_subject
 from mailer.schema import deliveries
 from mailer.senders import HelperExit
 from mailer.smtp import RateLimiter, share_schedule
-from tests.factories import NOW, make_settings, make_subscriber, write_config
+from tests.factories import make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import article, process_log, spawn, wait_for  # noqa: F401
 
@@ -50,7 +51,9 @@ def prepare(
         },
     )
     engine = create_engine(db_url)
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    # On the real clock: `digest send` makes its issue now, and takes a week of articles.
+    moment = clock_now()
+    articles.upsert_articles(engine, [article(1, moment - timedelta(hours=1))], now=moment)
     emails = [f"r{n}@example.org" for n in range(subscribers)]
     for email in emails:
         make_subscriber(engine, email=email)
@@ -100,8 +103,9 @@ def test_worker_processes_from_the_config_drain_every_due_delivery_once(
     settings = make_settings(db_url)
     engine = create_engine(db_url)
     digest = settings.digests[0]
+    moment = clock_now()
     create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine, settings, digest, scheduled_for=moment, now=moment, render_subject=render_subject
     )
     engine.dispose()
     worker = spawn(config, process_log, "worker", "--drain")
