@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,6 +23,7 @@ from mailer.clock import now as clock_now
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue, last_scheduled
+from mailer.ledger import Holding
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, missed_slots, trigger_for
 from mailer.signals import stop_on_signals
@@ -52,8 +53,10 @@ class Service:
         parts: Parts = Parts(),
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
+        on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_wait = on_wait  # told what a draining worker waits for (other workers' leases)
         self.settings = settings
         self.parts = parts
         self.clock = clock
@@ -169,18 +172,24 @@ class Service:
             deliverer = Deliverer(
                 self.engine, self.settings, pool, clock=self.clock, sign=self.sign
             )
-            while not self.stop.is_set():
-                self.work.clear()
-                counts = await deliverer.run_batch(stop=self.stop)
-                if counts is not None:
-                    totals.add(counts)
-                    continue
-                if drain:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        _first(self.stop, self.work), timeout=self.settings.scheduler.poll_seconds
-                    )
+            async with deliverer.leases_kept(self.stop):
+                while not self.stop.is_set():
+                    self.work.clear()
+                    counts = await deliverer.run_batch(stop=self.stop)
+                    if counts is not None:
+                        totals.add(counts)
+                        continue
+                    if drain:
+                        if await deliverer.wait_for_others(on_wait=self.on_wait, stop=self.stop):
+                            continue
+                        break
+                    if await deliverer.take_over_dead():
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            _first(self.stop, self.work),
+                            timeout=self.settings.scheduler.poll_seconds,
+                        )
         return totals
 
     async def run(self, *, drain: bool = False) -> Totals:

@@ -121,7 +121,8 @@ def test_sigterm_stops_every_process_and_a_second_send_finishes_without_duplicat
     send = spawn(config, process_log, "digest", "send", "weekly", "--processes", "2")
     wait_for(lambda: len(smtp_server.received) >= 40, process_log, "40 messages sent")
     send.send_signal(signal.SIGTERM)  # the parent only: it stops its helper itself
-    assert send.wait(timeout=60) == 0, process_log.read_text()
+    assert send.wait(timeout=60) == 1, process_log.read_text()
+    assert "error: issue 1 not finished: " in process_log.read_text()
     assert len(smtp_server.received) < len(emails), "the stop should land mid-issue"
     assert statuses(db_url)["sending"] == 0, "every lane finished the message it was on"
     again = spawn(config, process_log, "digest", "send", "weekly")
