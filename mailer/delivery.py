@@ -303,10 +303,12 @@ class Deliverer:
         UPDATE; returns how many rows it still held."""
         ids = sorted(self.held) if ids is None else ids
         held = ledger.renew(self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock())
-        if held < len(ids):
+        # Rows recorded by a group commit meanwhile are no longer held, and not lost.
+        lost = len(self.held.intersection(ids)) - held
+        if lost > 0:
             log.warning(
                 "leases lost: another worker took over rows this one held",
-                extra={"owner": self.owner, "lost": len(ids) - held},
+                extra={"owner": self.owner, "lost": lost},
             )
         return held
 

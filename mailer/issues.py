@@ -413,7 +413,7 @@ FINAL = ("sent", "bounced", "failed", "cancelled")
 # Statuses whose last reply says why: counted by reason in `issues show`.
 WITH_REASONS = ("deferred", "unknown", "failed", "bounced")
 _ADDRESS = re.compile(r"<?[^\s<>@]+@[^\s<>]+>?")
-REASON_WIDTH = 72
+REASON_WIDTH = 100
 
 
 def short_reason(reply: str | None) -> str:
@@ -485,7 +485,8 @@ class Unfinished:
             line += f"; most got: {self.reason}"
         if self.next_retry is not None:
             when = "now" if self.next_retry <= now else local_time(self.next_retry, zone)
-            line += f"; next retry {when}"
+            retried = self.counts.get("deferred") or self.counts.get("unknown")
+            line += f"; next {'retry' if retried else 'due'} {when}"
         if self.counts.get("deferred") or self.counts.get("unknown"):
             target = ids if len(self.issues) == 1 else "ID"
             line += f" (`mailer issues retry {target}` retries now)"
