@@ -47,6 +47,9 @@ THROTTLE_TEXT = re.compile(
 )
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
+# A drain waiting for another worker's deliveries looks again after this long while their
+# holder makes progress, doubling (up to a heartbeat) while it does not.
+WAIT_FIRST = 0.2
 
 
 def is_throttle(result: SendResult) -> bool:
@@ -201,6 +204,11 @@ class Deliverer:
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
         self._renew_due = time.monotonic() + self.heartbeat_seconds
+        # While waiting for other workers: what they held at the last look, when it was last
+        # told, and how long the next wait is.
+        self._seen_held: tuple[tuple[str, int], ...] | None = None
+        self._told = 0.0
+        self._wait_step = WAIT_FIRST
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
         # of what sending one took (bench/README.md).
         self._sender = envelope_sender(settings)
@@ -385,25 +393,36 @@ class Deliverer:
     ) -> bool:
         """Once nothing is claimable: whether other workers hold due deliveries (of
         ``issue_id``). Claims of dead processes of this host are taken over at once; for live
-        ones this waits (telling ``on_wait``) until the earliest of their leases could end, or
-        one heartbeat interval, whichever comes first, then the caller claims again."""
+        ones this waits until the earliest of their leases could end, or less while their
+        holders make progress (``WAIT_FIRST``, doubling up to a heartbeat interval while
+        nothing changes), then the caller claims again. ``on_wait`` is told when what is held
+        changes, and once per heartbeat interval otherwise."""
         now = self.clock()
         holdings = await asyncio.to_thread(
             ledger.held_elsewhere, self.engine, owner=self.owner, now=now, issue_id=issue_id
         )
         if not holdings:
+            self._seen_held = None
             return False
         if await self._take_over(holdings, now):
             return True
-        log.info(
-            "waiting for deliveries held by other workers",
-            extra={"holders": {h.owner: h.count for h in holdings}},
+        held = tuple((h.owner, h.count) for h in holdings)
+        changed = held != self._seen_held
+        if changed or time.monotonic() - self._told >= self.heartbeat_seconds:
+            log.info(
+                "waiting for deliveries held by other workers",
+                extra={"holders": dict(held)},
+            )
+            if on_wait is not None:
+                on_wait(holdings, now)
+            self._told = time.monotonic()
+        self._wait_step = (
+            WAIT_FIRST if changed else min(2 * self._wait_step, self.heartbeat_seconds)
         )
-        if on_wait is not None:
-            on_wait(holdings, now)
+        self._seen_held = held
         earliest = min(h.expires for h in holdings)
         # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
-        delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self.heartbeat_seconds)
+        delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
         if stop is None:
             await asyncio.sleep(delay)
         else:

@@ -2,7 +2,8 @@
 
 A worker leases rows under the name ``host:pid`` (``mailer.delivery.worker_name``). A worker
 on the same host can tell, without waiting for the lease to run out, that the owner is dead:
-``kill(pid, 0)`` finds no such process. A pid can be reused (``/proc/sys/kernel/pid_max`` is
+``kill(pid, 0)`` finds no such process, or /proc shows it ended and not yet reaped (a sending
+process killed beside its parent). A pid can be reused (``/proc/sys/kernel/pid_max`` is
 32,768 on many machines), so a live process under that pid is compared by start time with the
 last moment the owner is known to have been alive (its last write to the rows it holds): a
 process that started after that moment is another one, and the owner is gone.
@@ -38,10 +39,21 @@ def local_pid(owner: str, hostname: str | None = None) -> int | None:
     return int(pid) if pid.isascii() and pid.isdigit() else None
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and
+    parentheses): [state, ppid, ...]; None where there is no such file."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_started(pid: int) -> datetime | None:
     """When process ``pid`` started (UTC), from /proc; None where /proc cannot tell."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
         boot = next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
@@ -49,10 +61,7 @@ def process_started(pid: int) -> datetime | None:
         )
     except (OSError, StopIteration, ValueError):
         return None
-    # Field 22 (starttime, clock ticks after boot); fields counted after the ")" that ends
-    # the command name, which may itself hold spaces and parentheses.
-    fields = stat.rsplit(")", 1)[1].split()
-    ticks = int(fields[19])
+    ticks = int(fields[19])  # field 22 of the file: starttime, in clock ticks after boot
     return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
@@ -70,5 +79,8 @@ def owner_gone(owner: str, *, alive_at: datetime, hostname: str | None = None) -
         return True
     except PermissionError:
         pass  # it exists, under another user
+    fields = _stat(pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        return True  # it has ended; its parent has not reaped it yet (a killed helper)
     started = process_started(pid)
     return started is not None and started > alive_at + START_SLACK

@@ -153,6 +153,16 @@ def test_owner_gone_knows_dead_pids_reused_pids_and_live_owners() -> None:
     started = process_started(parent)
     assert started is not None
     assert owner_gone(f"{HOST}:{parent}", alive_at=started - timedelta(seconds=10))
+    # Killed but not yet reaped by its parent (a sending process beside the command).
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        zombie.kill()
+        deadline = time.monotonic() + 10
+        while not owner_gone(f"{HOST}:{zombie.pid}", alive_at=now):
+            assert time.monotonic() < deadline, "a killed process still counts as alive"
+            time.sleep(0.01)
+    finally:
+        zombie.wait()
     # Another host, or a name cut at the column's width, is never judged from here.
     assert not owner_gone(f"elsewhere.example:{dead_pid()}", alive_at=now)
     assert not owner_gone(f"{'h' * 60}:{dead_pid()}", alive_at=now, hostname="h" * 60)
