@@ -455,7 +455,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         raise MailerError(left.describe(settings.site.timezone, now()))
 
 
-def _waiting(settings: Settings) -> Callable[[Sequence[Holding], datetime], None]:
+def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
     """What a drain prints while other workers hold the deliveries it waits for."""
 
     def show(holdings: Sequence[Holding], at: datetime) -> None:
@@ -497,7 +497,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting(settings))
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
         )
         if stopped:
             helpers.stop()
@@ -668,7 +668,7 @@ def _serve(ctx: Context, settings: Settings, parts: Parts, *, drain: bool) -> To
     from mailer.service import Service
 
     service = Service(
-        ctx.engine(), settings, parts=parts, sign=signer(settings), on_wait=_waiting(settings)
+        ctx.engine(), settings, parts=parts, sign=signer(settings), on_wait=_waiting()
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:

@@ -203,6 +203,10 @@ class Deliverer:
         # from the loop and from the threads that claim and commit.
         self._held: set[int] = set()
         self._held_lock = threading.Lock()
+        # Taken by every write to held rows (group commits, renewals, releases): two of them
+        # at once, from two threads, could lock the same rows in opposite orders (PostgreSQL
+        # would abort one as a deadlock).
+        self._writes = threading.Lock()
         self._renew_due = time.monotonic() + self.heartbeat_seconds
         # While waiting for other workers: what they held at the last look, when it was last
         # told, and how long the next wait is.
@@ -269,17 +273,19 @@ class Deliverer:
     def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
         results = [h.result for h in batch if h.result is not None]
         starts = [h.start for h in batch if h.start is not None]
-        counts, started = ledger.commit_progress(
-            self.engine,
-            results=results,
-            starts=starts,
-            owner=self.owner,
-            settings=self.settings.smtp,
-            now=self.clock(),
-            lease=self.lease,
-            # The heartbeat rides on a group commit when one falls due: no extra transaction.
-            renew=self._renewal(),
-        )
+        with self._writes:
+            counts, started = ledger.commit_progress(
+                self.engine,
+                results=results,
+                starts=starts,
+                owner=self.owner,
+                settings=self.settings.smtp,
+                now=self.clock(),
+                lease=self.lease,
+                # The heartbeat rides on a group commit when one falls due: no extra
+                # transaction.
+                renew=self._renewal(),
+            )
         self._let_go([r.delivery.id for r in results] + [i for i in starts if i not in started])
         return counts, started
 
@@ -310,7 +316,10 @@ class Deliverer:
         """Extend every lease this worker holds (or those of ``ids``) to now + lease, in one
         UPDATE; returns how many rows it still held."""
         ids = sorted(self.held) if ids is None else ids
-        held = ledger.renew(self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock())
+        with self._writes:
+            held = ledger.renew(
+                self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock()
+            )
         # Rows recorded by a group commit meanwhile are no longer held, and not lost.
         lost = len(self.held.intersection(ids)) - held
         if lost > 0:
@@ -537,10 +546,12 @@ class Deliverer:
     async def _release(self, claimed: list[ledger.Claimed]) -> None:
         if claimed:
             ids = [d.id for d in claimed]
-            await asyncio.to_thread(
-                ledger.release, self.engine, ids, owner=self.owner, now=self.clock()
-            )
-            self._let_go(ids)
+            await asyncio.to_thread(self._release_now, ids)
+
+    def _release_now(self, ids: list[int]) -> None:
+        with self._writes:
+            ledger.release(self.engine, ids, owner=self.owner, now=self.clock())
+        self._let_go(ids)
 
     async def _lane(
         self,
