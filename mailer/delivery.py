@@ -211,6 +211,9 @@ class Deliverer:
         # While waiting for other workers: what they held at the last look, when it was last
         # told, and how long the next wait is.
         self._seen_held: tuple[tuple[str, int], ...] | None = None
+        # When the latest claim chose its rows: what another worker held then is waited for
+        # (or taken) even if its lease ended since, before this worker could claim it.
+        self._claimed_at: datetime | None = None
         self._told = 0.0
         self._wait_step = WAIT_FIRST
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
@@ -407,8 +410,9 @@ class Deliverer:
         nothing changes), then the caller claims again. ``on_wait`` is told when what is held
         changes, and once per heartbeat interval otherwise."""
         now = self.clock()
+        then = min(now, self._claimed_at or now)
         holdings = await asyncio.to_thread(
-            ledger.held_elsewhere, self.engine, owner=self.owner, now=now, issue_id=issue_id
+            ledger.held_elsewhere, self.engine, owner=self.owner, now=then, issue_id=issue_id
         )
         if not holdings:
             self._seen_held = None
@@ -440,7 +444,7 @@ class Deliverer:
         return True
 
     def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
-        now = self.clock()
+        now = self._claimed_at = self.clock()
         resend = self.settings.smtp.in_doubt == "resend"
         if not resend:
             ledger.hold_in_doubt(self.engine, now=now)

@@ -511,3 +511,39 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     assert Counter(r.recipients[0] for r in smtp_server.received) == Counter(emails)
     assert summarize(engine, issue_id).status == "sent"
     engine.dispose()
+
+
+async def test_a_lease_that_ends_between_the_claim_and_the_wait_is_not_left_behind(
+    engine: sa.Engine,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    settings = make_settings(
+        str(engine.url), smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5}
+    )
+    emails = [f"r{n}@example.org" for n in range(3)]
+    issue_id = new_issue(engine, settings, emails)
+    # Held by a worker on another host (never judged gone from here) until NOW + 1.5 s.
+    ledger.claim(
+        engine,
+        owner="elsewhere.example:1",
+        limit=10,
+        lease=timedelta(seconds=1.5),
+        now=NOW,
+        issue_id=issue_id,
+    )
+    ticks = iter(range(10_000))
+
+    def clock() -> datetime:  # two seconds pass between any two readings
+        return NOW + timedelta(seconds=2 * next(ticks))
+
+    told: list[str] = []
+    async with SmtpPool(settings.smtp) as pool:
+        worker = Deliverer(engine, settings, pool, clock=clock)
+        totals = await worker.drain(
+            issue_id=issue_id, on_wait=lambda hs, at: told.extend(h.describe(at) for h in hs)
+        )
+    # The claim (at NOW) found them held; by the look after it the lease had ended: they are
+    # claimed again and sent, not left behind by a drain that thinks nothing is held.
+    assert told and told[0].startswith("3 deliveries held by elsewhere.example:1")
+    assert totals.counts == {"sent": 3}
+    assert Counter(r.recipients[0] for r in smtp_server.received) == Counter(emails)
