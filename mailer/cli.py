@@ -35,7 +35,10 @@ from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from mailer.delivery import Totals
+    from mailer.ledger import Holding
     from mailer.senders import HelperExit, Helpers
     from mailer.service import Parts
 
@@ -552,7 +555,27 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         f"failed {c.get('failed', 0)}, cancelled {c.get('cancelled', 0)} in {elapsed:.2f}s "
         f"({rate:.0f} msg/s{spread})"
     )
-    _check_helpers(helpers.report.failed, settings)
+    # A sending process that died is reported, and so is what is left of the issue; this
+    # command took over the dead process's deliveries, so often nothing is.
+    died = [f.describe() for f in helpers.report.failed]
+    left = issues.unfinished(ctx.engine(), issue.issue_id)
+    if left is not None:
+        raise MailerError("; ".join([*died, left.describe(settings.site.timezone, now())]))
+    if died:
+        raise MailerError(
+            "; ".join(died) + f": issue {issue.issue_id} is complete all the same"
+            " (this command sent the deliveries it held)"
+        )
+
+
+def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
+    """What a drain prints while other workers hold the deliveries it waits for."""
+
+    def show(holdings: Sequence[Holding], at: datetime) -> None:
+        for holding in holdings:
+            err.print(f"waiting for {holding.describe(at)}", markup=False)
+
+    return show
 
 
 def _send_issue(
@@ -586,7 +609,9 @@ def _send_issue(
             progress.advance(task, sum(counts.values()))
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
-        totals, stopped = asyncio.run(_deliver_issue(engine, settings, issue_id, advance, sign))
+        totals, stopped = asyncio.run(
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
+        )
         if stopped:
             helpers.stop()
     return totals
@@ -598,6 +623,7 @@ async def _deliver_issue(
     issue_id: int,
     advance: Callable[[dict[str, int]], None],
     sign: Callable[[bytes], bytes] | None,
+    on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
 ) -> tuple[Totals, bool]:
     """This process's share of an issue; SIGTERM/SIGINT stop it after the current messages."""
     from mailer.digests import deliver_issue
@@ -606,7 +632,7 @@ async def _deliver_issue(
     stop = asyncio.Event()
     with stop_on_signals(stop):
         totals = await deliver_issue(
-            engine, settings, issue_id, on_batch=advance, sign=sign, stop=stop
+            engine, settings, issue_id, on_batch=advance, sign=sign, stop=stop, on_wait=on_wait
         )
     return totals, stop.is_set()
 
@@ -615,9 +641,10 @@ def _check_helpers(failed: list[HelperExit], settings: Settings) -> None:
     if failed:
         raise MailerError(
             "; ".join(f.describe() for f in failed)
-            + f": the deliveries it held go back to the queue when their lease ends"
-            f" ([smtp].lease_seconds = {settings.smtp.lease_seconds:g}), then a worker or"
-            " another `mailer digest send` sends them"
+            + ": the deliveries it held go back to the queue at once for a worker on this host,"
+            f" elsewhere when their lease ends ([smtp].lease_seconds ="
+            f" {settings.smtp.lease_seconds:g}); then a worker or another `mailer digest send`"
+            " sends them"
         )
 
 
@@ -653,13 +680,20 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
 @click.argument("issue_id", type=int)
 @pass_ctx
 def issues_show(ctx: Context, issue_id: int) -> None:
-    """One issue: its status and deliveries by status."""
+    """One issue: its status, deliveries by status (and by reason for those not sent), and
+    when the next retry is due."""
+    zone = ctx.settings.site.timezone
     s = issues.summarize(ctx.engine(), issue_id)
+    why = issues.reasons(ctx.engine(), issue_id)
     out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
-    out.print(f"  digest {s.digest}, scheduled {s.scheduled_for.isoformat()}")
+    out.print(f"  digest {s.digest}, scheduled {issues.local_time(s.scheduled_for, zone)}")
     for status, n in sorted(s.counts.items()):
         out.print(f"  {status:10} {n}")
+        for reason, count in why.by_status.get(status, []):
+            out.print(f"  {'':10} {count:>{len(str(n))}}  {reason}", markup=False)
     out.print(f"  {'total':10} {s.total}")
+    if why.next_retry is not None:
+        out.print(f"  next retry {issues.local_time(why.next_retry, zone)}")
 
 
 @cli.command()
@@ -707,9 +741,21 @@ def issues_cancel(ctx: Context, issue_id: int) -> None:
 @click.option("--resend-unknown", is_flag=True, help="Also re-send deliveries held as unknown.")
 @pass_ctx
 def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
-    """Queue a cancelled issue's deliveries again; a running worker sends them."""
+    """Queue again, due now, what an issue still owes: deliveries cancelled by staff, deferred
+    ones, and those that failed because the relay kept refusing; a worker or `mailer digest
+    send` sends them."""
     count = issues.resume(ctx.engine(), issue_id, now=now(), resend_unknown=resend_unknown)
     out.print(f"issue {issue_id}: {count} deliveries queued again")
+
+
+@issues_group.command("retry")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_retry(ctx: Context, issue_id: int) -> None:
+    """Make the deferred and unknown deliveries of an issue due now (same Message-ID; who was
+    sent the issue is not sent it again); a worker or `mailer digest send` sends them."""
+    count = issues.retry(ctx.engine(), issue_id, now=now())
+    out.print(f"issue {issue_id}: {count} deliveries due now")
 
 
 @cli.command()
@@ -763,11 +809,16 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
 
     settings = with_processes(ctx.settings, processes)
     preflight(settings, ("secret", "database", "smtp"))
+    started = now()
     c = _serve(ctx, settings, Parts(scheduler=False, web=False), drain=drain).counts
     out.print(
         f"sent {c.get('sent', 0)}, deferred {c.get('deferred', 0)}, bounced {c.get('bounced', 0)}, "
         f"failed {c.get('failed', 0)}"
     )
+    if drain:
+        left = issues.unfinished(ctx.engine(), since=started)
+        if left is not None:
+            raise MailerError(left.describe(settings.site.timezone, now()))
 
 
 def _serve(
@@ -784,7 +835,12 @@ def _serve(
     from mailer.service import Service
 
     service = Service(
-        ctx.engine(), settings, parts=parts, sign=signer(settings), web_socket=web_socket
+        ctx.engine(),
+        settings,
+        parts=parts,
+        sign=signer(settings),
+        web_socket=web_socket,
+        on_wait=_waiting(),
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:

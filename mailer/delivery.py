@@ -10,13 +10,15 @@ is what bounds a crash to at most one in-doubt message per connection (see maile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from email.utils import parseaddr
@@ -34,6 +36,7 @@ from mailer.issues import finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
 from mailer.outages import DatabaseOutages
+from mailer.owners import owner_gone
 from mailer.schedule import quiet_until
 from mailer.schema import issue_articles
 from mailer.smtp import Outcome, SendResult, SmtpPool
@@ -50,6 +53,9 @@ THROTTLE_TEXT = re.compile(
 )
 BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
+# A drain waiting for another worker's deliveries looks again after this long while their
+# holder makes progress, doubling (up to a heartbeat) while it does not.
+WAIT_FIRST = 0.2
 
 
 def is_throttle(result: SendResult) -> bool:
@@ -201,6 +207,26 @@ class Deliverer:
         self.clock = clock
         self.sign = sign
         self.lease = timedelta(seconds=settings.smtp.lease_seconds)
+        # Leases are renewed three times per lease: two renewals can fail (a slow commit, a
+        # database hiccup) before another worker may take the rows.
+        self.heartbeat_seconds = settings.smtp.lease_seconds / 3
+        # The ids this worker holds a lease on (claimed, not yet recorded or released); changed
+        # from the loop and from the threads that claim and commit.
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        # Taken by every write to held rows (group commits, renewals, releases): two of them
+        # at once, from two threads, could lock the same rows in opposite orders (PostgreSQL
+        # would abort one as a deadlock).
+        self._writes = threading.Lock()
+        self._renew_due = time.monotonic() + self.heartbeat_seconds
+        # While waiting for other workers: what they held at the last look, when it was last
+        # told, and how long the next wait is.
+        self._seen_held: tuple[tuple[str, int], ...] | None = None
+        # When the latest claim chose its rows: what another worker held then is waited for
+        # (or taken) even if its lease ended since, before this worker could claim it.
+        self._claimed_at: datetime | None = None
+        self._told = 0.0
+        self._wait_step = WAIT_FIRST
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
         # of what sending one took (bench/README.md).
         self._sender = envelope_sender(settings)
@@ -298,18 +324,181 @@ class Deliverer:
         return ready
 
     def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
-        return ledger.commit_progress(
-            self.engine,
-            results=[h.result for h in batch if h.result is not None],
-            starts=[h.start for h in batch if h.start is not None],
-            owner=self.owner,
-            settings=self.settings.smtp,
-            now=self.clock(),
-            lease=self.lease,
+        results = [h.result for h in batch if h.result is not None]
+        starts = [h.start for h in batch if h.start is not None]
+        with self._writes:
+            counts, started = ledger.commit_progress(
+                self.engine,
+                results=results,
+                starts=starts,
+                owner=self.owner,
+                settings=self.settings.smtp,
+                now=self.clock(),
+                lease=self.lease,
+                # The heartbeat rides on a group commit when one falls due: no extra
+                # transaction.
+                renew=self._renewal(),
+            )
+        self._let_go([r.delivery.id for r in results] + [i for i in starts if i not in started])
+        return counts, started
+
+    # ------------------------------------------------------------ leases
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The deliveries this worker holds a lease on."""
+        with self._held_lock:
+            return frozenset(self._held)
+
+    def _hold(self, ids: Iterable[int]) -> None:
+        with self._held_lock:
+            self._held.update(ids)
+
+    def _let_go(self, ids: Iterable[int]) -> None:
+        with self._held_lock:
+            self._held.difference_update(ids)
+
+    def _renewal(self) -> list[int]:
+        """The held ids if a renewal is due (and mark it done), else []."""
+        if time.monotonic() < self._renew_due:
+            return []
+        self._renew_due = time.monotonic() + self.heartbeat_seconds
+        return sorted(self.held)
+
+    def renew_leases(self, ids: Sequence[int] | None = None) -> int:
+        """Extend every lease this worker holds (or those of ``ids``) to now + lease, in one
+        UPDATE; returns how many rows it still held."""
+        ids = sorted(self.held) if ids is None else ids
+        with self._writes:
+            held = ledger.renew(
+                self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock()
+            )
+        # Rows recorded by a group commit meanwhile are no longer held, and not lost.
+        lost = len(self.held.intersection(ids)) - held
+        if lost > 0:
+            log.warning(
+                "leases lost: another worker took over rows this one held",
+                extra={"owner": self.owner, "lost": lost},
+            )
+        return held
+
+    async def _heartbeat(self) -> None:
+        """Renew the held leases every ``heartbeat_seconds`` that no group commit did it."""
+        while True:
+            delay = self._renew_due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            ids = self._renewal()
+            if not ids:
+                continue
+            try:
+                await asyncio.to_thread(self.renew_leases, ids)
+            except DatabaseUnavailable:
+                # An outage: the lanes' own calls wait it out and log it once (self.outages);
+                # while it lasts nothing new goes in flight. Renew again soon.
+                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+            except sa.exc.SQLAlchemyError as exc:
+                # Any other database error: the next group commit fails the same way, and
+                # while it lasts nothing new goes in flight. Try again soon.
+                log.warning("lease renewal failed", extra={"owner": self.owner, "error": str(exc)})
+                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+
+    @contextlib.asynccontextmanager
+    async def leases_kept(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Keep this worker's leases alive for the block (a named background task).
+
+        If the heartbeat dies (a bug, not an outage), ``stop`` is set so the lanes finish
+        their messages and the rest is released, and the error is raised at the block's end.
+        """
+
+        def watch(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("lease heartbeat failed", exc_info=task.exception())
+                if stop is not None:
+                    stop.set()
+
+        task = asyncio.create_task(self._heartbeat(), name=f"lease-heartbeat:{self.owner}")
+        task.add_done_callback(watch)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    async def take_over_dead(self, issue_id: int | None = None) -> bool:
+        """End now the leases held by dead processes of this host on due deliveries (of
+        ``issue_id``); True if there were any."""
+        now = self.clock()
+        holdings = await self.db(
+            ledger.held_elsewhere, self.engine, owner=self.owner, now=now, issue_id=issue_id
         )
+        return await self._take_over(holdings, now)
+
+    async def _take_over(self, holdings: Sequence[ledger.Holding], now: datetime) -> bool:
+        dead = [h for h in holdings if owner_gone(h.owner, alive_at=h.seen)]
+        if not dead:
+            return False
+        owners = [h.owner for h in dead]
+        count = await self.db(ledger.end_leases, self.engine, owners, now=now)
+        log.warning(
+            "took over the claims of workers that are gone",
+            extra={"owners": owners, "deliveries": count},
+        )
+        return True
+
+    async def wait_for_others(
+        self,
+        issue_id: int | None = None,
+        *,
+        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> bool:
+        """Once nothing is claimable: whether other workers hold due deliveries (of
+        ``issue_id``). Claims of dead processes of this host are taken over at once; for live
+        ones this waits until the earliest of their leases could end, or less while their
+        holders make progress (``WAIT_FIRST``, doubling up to a heartbeat interval while
+        nothing changes), then the caller claims again. ``on_wait`` is told when what is held
+        changes, and once per heartbeat interval otherwise."""
+        now = self.clock()
+        then = min(now, self._claimed_at or now)
+        holdings = await self.db(
+            ledger.held_elsewhere, self.engine, owner=self.owner, now=then, issue_id=issue_id
+        )
+        if not holdings:
+            self._seen_held = None
+            return False
+        if await self._take_over(holdings, now):
+            return True
+        held = tuple((h.owner, h.count) for h in holdings)
+        changed = held != self._seen_held
+        if changed or time.monotonic() - self._told >= self.heartbeat_seconds:
+            log.info(
+                "waiting for deliveries held by other workers",
+                extra={"holders": dict(held)},
+            )
+            if on_wait is not None:
+                on_wait(holdings, now)
+            self._told = time.monotonic()
+        self._wait_step = (
+            WAIT_FIRST if changed else min(2 * self._wait_step, self.heartbeat_seconds)
+        )
+        self._seen_held = held
+        earliest = min(h.expires for h in holdings)
+        # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
+        delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        return True
 
     def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
-        now = self.clock()
+        now = self._claimed_at = self.clock()
         resend = self.settings.smtp.in_doubt == "resend"
         if not resend:
             ledger.hold_in_doubt(self.engine, now=now)
@@ -328,6 +517,7 @@ class Deliverer:
             # Postponed rows are due later, so this loop ends.
             ready = self.quiet(claimed)
             if ready:
+                self._hold(d.id for d in ready)
                 return ready
 
     async def run_batch(
@@ -387,13 +577,7 @@ class Deliverer:
             committer.close()
             await commit_task
         if queue:
-            await self.db(
-                ledger.release,
-                self.engine,
-                [d.id for d in queue],
-                owner=self.owner,
-                now=self.clock(),
-            )
+            await self._release(list(queue))
         # An issue with rows in the next claim is not done: counting what is left of it
         # (a scan of the issue's rows) can wait for the batch that sends its last message.
         ahead = {d.issue_id for d in await self._peek_prefetched(issue_id)}
@@ -443,7 +627,12 @@ class Deliverer:
     async def _release(self, claimed: list[ledger.Claimed]) -> None:
         if claimed:
             ids = [d.id for d in claimed]
-            await self.db(ledger.release, self.engine, ids, owner=self.owner, now=self.clock())
+            await self.db(self._release_now, ids)
+
+    def _release_now(self, ids: list[int]) -> None:
+        with self._writes:
+            ledger.release(self.engine, ids, owner=self.owner, now=self.clock())
+        self._let_go(ids)
 
     async def _lane(
         self,
@@ -506,15 +695,24 @@ class Deliverer:
         issue_id: int | None = None,
         on_batch: Callable[[dict[str, int]], None] | None = None,
         stop: asyncio.Event | None = None,
+        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
     ) -> Totals:
-        """Deliver until nothing is due (or ``stop`` is set); deferred mail waits for later."""
+        """Deliver until nothing is due (or ``stop`` is set); deferred mail waits for later.
+
+        Due deliveries another live worker holds are waited for (``on_wait`` is told who holds
+        what) and sent here if their lease ends unfinished; a dead worker's are taken at once.
+        """
         totals = Totals()
-        while not (stop and stop.is_set()):
-            counts = await self.run_batch(issue_id=issue_id, stop=stop)
-            if counts is None:
-                break
-            totals.add(counts)
-            if on_batch is not None:
-                on_batch(counts)
+        stop = stop or asyncio.Event()
+        async with self.leases_kept(stop):
+            while not stop.is_set():
+                counts = await self.run_batch(issue_id=issue_id, stop=stop)
+                if counts is None:
+                    if await self.wait_for_others(issue_id, on_wait=on_wait, stop=stop):
+                        continue
+                    break
+                totals.add(counts)
+                if on_batch is not None:
+                    on_batch(counts)
         totals.finished = time.monotonic()
         return totals

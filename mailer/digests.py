@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -14,6 +14,7 @@ from mailer.articles import select_for_issue
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
 from mailer.issues import IssueCreated, create_issue
+from mailer.ledger import Holding
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent
 from mailer.outages import DatabaseOutages
@@ -97,12 +98,14 @@ async def deliver_issue(
     pool: SmtpPool | None = None,
     sign: Callable[[bytes], bytes] | None = None,
     stop: asyncio.Event | None = None,
+    on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
 ) -> Totals:
     """Send every due delivery of one issue over a fresh pool (or the one given).
 
-    When ``stop`` is set, lanes finish the message they are on and the rest is released. A
-    database outage is waited out for ``[database].outage_wait_seconds``, then raises
-    ``DatabaseUnavailable``.
+    When ``stop`` is set, lanes finish the message they are on and the rest is released.
+    Deliveries of the issue that another live worker holds are waited for (``on_wait`` says
+    which) and finished here if that worker's lease ends first. A database outage is waited
+    out for ``[database].outage_wait_seconds``, then raises ``DatabaseUnavailable``.
     """
     wait = settings.database.outage_wait_seconds
     outages = DatabaseOutages(
@@ -113,7 +116,11 @@ async def deliver_issue(
     )
     if pool is not None:
         deliverer = Deliverer(engine, settings, pool, sign=sign, outages=outages)
-        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)
+        return await deliverer.drain(
+            issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait
+        )
     async with SmtpPool(settings.smtp) as own:
         deliverer = Deliverer(engine, settings, own, sign=sign, outages=outages)
-        return await deliverer.drain(issue_id=issue_id, on_batch=on_batch, stop=stop)
+        return await deliverer.drain(
+            issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait
+        )

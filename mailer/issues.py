@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
@@ -359,18 +361,34 @@ def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
         ).rowcount
 
 
+# A delivery that will never be sent as it stands: its message could not be built for this
+# recipient (ledger.Result.error). Other failures gave up on a relay that kept refusing.
+NOT_BUILT = "message not built:"
+
+
 def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: bool = False) -> int:
-    """Send a cancelled issue after all, and (if asked) re-send deliveries held as unknown."""
+    """Queue again, due now, what an issue still owes: deliveries cancelled by staff (a
+    cancelled issue is sent after all), deferred ones (after a relay outage, without waiting
+    for their backoff) and those that failed because the relay kept refusing past
+    ``[smtp].retry_max_age_hours``; with ``resend_unknown`` also those held as ``unknown``.
+    Sent, bounced and unbuildable deliveries stay as they are."""
     with engine.begin() as conn:
         row = conn.execute(sa.select(issues.c.status).where(issues.c.id == issue_id)).first()
         if row is None:
             raise DigestError(f"no issue {issue_id}")
-        statuses = ["cancelled"] + (["unknown"] if resend_unknown else [])
         requeue = sa.or_(
             sa.and_(
                 deliveries.c.status == "cancelled", deliveries.c.last_reply == CANCELLED_BY_STAFF
             ),
-            deliveries.c.status.in_(statuses[1:]),
+            deliveries.c.status == "deferred",
+            sa.and_(
+                deliveries.c.status == "failed",
+                sa.or_(
+                    deliveries.c.last_reply.is_(None),
+                    sa.not_(deliveries.c.last_reply.startswith(NOT_BUILT, autoescape=True)),
+                ),
+            ),
+            deliveries.c.status.in_(["unknown"] if resend_unknown else []),
         )
         count = conn.execute(
             deliveries.update()
@@ -378,9 +396,169 @@ def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: b
             .values(status="queued", next_attempt_at=now, last_reply=None, updated_at=now)
         ).rowcount
         if count or row.status == "cancelled":
-            conn.execute(
-                issues.update()
-                .where(issues.c.id == issue_id)
-                .values(status="sending", completed_at=None)
-            )
+            _reopen(conn, issue_id)
         return count
+
+
+def retry(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
+    """Make the deferred and unknown deliveries of an issue due now; returns how many.
+
+    They keep their Message-ID; sent deliveries are not touched, so no one who was sent the
+    issue gets it again. (An ``unknown`` delivery was in flight when its worker died: it may
+    have reached its recipient, who then gets a second copy with the same Message-ID.) An
+    issue marked sent goes back to sending.
+    """
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(issues.c.status).where(issues.c.id == issue_id)).first()
+        if row is None:
+            raise DigestError(f"no issue {issue_id}")
+        if row.status == "cancelled":
+            raise DigestError(
+                f"issue {issue_id} is cancelled: `mailer issues resume {issue_id}` sends it"
+                " after all"
+            )
+        deferred = conn.execute(
+            deliveries.update()
+            .where(deliveries.c.issue_id == issue_id, deliveries.c.status == "deferred")
+            .values(next_attempt_at=now, updated_at=now)
+        ).rowcount
+        unknown = conn.execute(
+            deliveries.update()
+            .where(deliveries.c.issue_id == issue_id, deliveries.c.status == "unknown")
+            .values(status="queued", next_attempt_at=now, updated_at=now)
+        ).rowcount
+        if deferred + unknown:
+            _reopen(conn, issue_id)
+        return deferred + unknown
+
+
+def _reopen(conn: sa.Connection, issue_id: int) -> None:
+    conn.execute(
+        issues.update()
+        .where(issues.c.id == issue_id, issues.c.status.in_(("sent", "cancelled")))
+        .values(status="sending", completed_at=None)
+    )
+
+
+# ---------------------------------------------------------------- what is not finished, and why
+
+FINAL = ("sent", "bounced", "failed", "cancelled")
+# Statuses whose last reply says why: counted by reason in `issues show`.
+WITH_REASONS = ("deferred", "unknown", "failed", "bounced")
+_ADDRESS = re.compile(r"<?[^\s<>@]+@[^\s<>]+>?")
+REASON_WIDTH = 100
+
+
+def short_reason(reply: str | None) -> str:
+    """A last reply as a reason shared by many deliveries: one line, addresses masked (a
+    refusal names its recipient), cut to ``REASON_WIDTH`` characters."""
+    if not reply:
+        return "no reply recorded"
+    text = _ADDRESS.sub("<address>", " ".join(reply.split()))
+    return text if len(text) <= REASON_WIDTH else text[: REASON_WIDTH - 1] + "…"
+
+
+def local_time(moment: datetime, zone: str) -> str:
+    """A time for staff: in the site's zone, with the zone's name (``2026-12-05 09:03:12 EST``)."""
+    return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+@dataclass(frozen=True)
+class Reasons:
+    """Why an issue's deliveries are where they are, for `issues show`."""
+
+    by_status: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # most first
+    next_retry: datetime | None = None  # the earliest due time of a waiting delivery
+
+
+def reasons(engine: sa.Engine, issue_id: int) -> Reasons:
+    """Counts by reason for the deferred, unknown, failed and bounced deliveries of an
+    issue, and when the next waiting one is due."""
+    of_issue = deliveries.c.issue_id == issue_id
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(deliveries.c.status, deliveries.c.last_reply, sa.func.count())
+            .where(of_issue, deliveries.c.status.in_(WITH_REASONS))
+            .group_by(deliveries.c.status, deliveries.c.last_reply)
+        ).all()
+        next_retry = conn.execute(
+            sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(of_issue, WAITING_ROW)
+        ).scalar_one_or_none()
+    counted: dict[str, Counter[str]] = {}
+    for status, reply, n in rows:
+        counted.setdefault(status, Counter())[short_reason(reply)] += n
+    by_status = {
+        status: sorted(counted[status].items(), key=lambda kv: (-kv[1], kv[0]))
+        for status in WITH_REASONS
+        if status in counted
+    }
+    return Reasons(by_status, next_retry)
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """Deliveries left not final, for the one line a command exits 1 with."""
+
+    counts: dict[str, int]  # by status
+    reason: str | None  # the reason most of the deferred and unknown ones got
+    next_retry: datetime | None
+    issues: tuple[int, ...]  # the issues they belong to
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self, zone: str, now: datetime) -> str:
+        order = ("deferred", "unknown", "queued", "sending")
+        parts = [f"{self.counts[s]} {s}" for s in order if self.counts.get(s)]
+        ids = ", ".join(map(str, self.issues))
+        whose = f"issue {ids}" if len(self.issues) == 1 else f"issues {ids}"
+        line = f"{whose} not finished: {', '.join(parts)}"
+        if self.reason:
+            line += f"; most got: {self.reason}"
+        if self.next_retry is not None:
+            when = "now" if self.next_retry <= now else local_time(self.next_retry, zone)
+            retried = self.counts.get("deferred") or self.counts.get("unknown")
+            line += f"; next {'retry' if retried else 'due'} {when}"
+        if self.counts.get("deferred") or self.counts.get("unknown"):
+            target = ids if len(self.issues) == 1 else "ID"
+            line += f" (`mailer issues retry {target}` retries now)"
+        return line
+
+
+def unfinished(
+    engine: sa.Engine, issue_id: int | None = None, *, since: datetime | None = None
+) -> Unfinished | None:
+    """What is not final: every such delivery of ``issue_id``; or, across issues, the
+    deferred and unknown ones written since ``since`` (what a drain left behind). None when
+    nothing is left."""
+    if issue_id is not None:
+        where = [deliveries.c.issue_id == issue_id, deliveries.c.status.not_in(FINAL)]
+    else:
+        where = [deliveries.c.status.in_(("deferred", "unknown"))]
+        if since is not None:
+            where.append(deliveries.c.updated_at >= since)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(
+                deliveries.c.issue_id,
+                deliveries.c.status,
+                deliveries.c.last_reply,
+                sa.func.count(),
+            )
+            .where(*where)
+            .group_by(deliveries.c.issue_id, deliveries.c.status, deliveries.c.last_reply)
+        ).all()
+        if not rows:
+            return None
+        next_retry = conn.execute(
+            sa.select(sa.func.min(deliveries.c.next_attempt_at)).where(*where, WAITING_ROW)
+        ).scalar_one_or_none()
+    counts: Counter[str] = Counter()
+    why: Counter[str] = Counter()
+    for _issue, status, reply, n in rows:
+        counts[status] += n
+        if status in ("deferred", "unknown"):
+            why[short_reason(reply)] += n
+    reason = why.most_common(1)[0][0] if why else None
+    return Unfinished(dict(counts), reason, next_retry, tuple(sorted({r[0] for r in rows})))

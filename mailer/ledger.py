@@ -465,8 +465,10 @@ def commit_progress(
     now: datetime,
     lease: timedelta,
     rng: random.Random | None = None,
+    renew: Sequence[int] = (),
 ) -> tuple[dict[str, int], set[int]]:
-    """One group commit: record outcomes and mark the next messages in flight.
+    """One group commit: record outcomes, mark the next messages in flight, and (``renew``)
+    extend the lease of the other rows this worker holds.
 
     Returns the counts by new status and the ids actually started: a start is refused when
     this worker no longer holds the row's lease (another worker took it over).
@@ -515,7 +517,105 @@ def commit_progress(
                     {"_ids": list(starts), "_owner": owner, "_expires": now + lease, "_now": now},
                 )
             )
+        if renew:
+            _renew(conn, renew, owner=owner, expires=now + lease, now=now)
     return counts, started
+
+
+# The heartbeat's one statement, by ``arrays`` as _CLAIM. Keyed by id (the worker knows what it
+# holds) rather than by owner: lease_owner has no index, and a renewal every few seconds must
+# not read the whole table. ``updated_at`` is the owner's latest sign of life (mailer.owners).
+_RENEW = {
+    arrays: deliveries.update()
+    .where(
+        _one_of(deliveries.c.id, "_ids", arrays=arrays),
+        deliveries.c.lease_owner == sa.bindparam("_owner"),
+    )
+    .values(lease_expires_at=sa.bindparam("_expires"), updated_at=sa.bindparam("_now"))
+    for arrays in (False, True)
+}
+
+
+def _renew(
+    conn: sa.Connection, ids: Sequence[int], *, owner: str, expires: datetime, now: datetime
+) -> int:
+    arrays = conn.dialect.name == "postgresql"
+    params = {"_ids": list(ids), "_owner": owner, "_expires": expires, "_now": now}
+    return conn.execute(_RENEW[arrays], params).rowcount
+
+
+def renew(
+    engine: sa.Engine, ids: Sequence[int], *, owner: str, lease: timedelta, now: datetime
+) -> int:
+    """Extend to ``now + lease`` the leases ``owner`` still holds among ``ids`` (one UPDATE);
+    returns how many it still held. Rows taken over by another worker are left alone."""
+    if not ids:
+        return 0
+    with writing(engine) as conn:
+        return _renew(conn, ids, owner=owner, expires=now + lease, now=now)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Due deliveries held under a live lease by another worker."""
+
+    owner: str
+    count: int
+    expires: datetime  # the earliest of their leases to end
+    seen: datetime  # the owner's latest write to them: when it was last known alive
+
+    def describe(self, now: datetime) -> str:
+        ago = max(0.0, (now - self.seen).total_seconds())
+        return (
+            f"{self.count} deliveries held by {self.owner} (lease renewed {ago:.0f} s ago,"
+            f" ends in {max(0.0, (self.expires - now).total_seconds()):.0f} s unless renewed)"
+        )
+
+
+def held_elsewhere(
+    engine: sa.Engine, *, owner: str, now: datetime, issue_id: int | None = None
+) -> list[Holding]:
+    """Who else holds live leases on due or in-flight deliveries (of one issue, or of any),
+    biggest holder first."""
+    query = (
+        sa.select(
+            deliveries.c.lease_owner,
+            sa.func.count(),
+            sa.func.min(deliveries.c.lease_expires_at),
+            sa.func.max(deliveries.c.updated_at),
+        )
+        .where(
+            sa.or_(WAITING_ROW, SENDING_ROW),
+            deliveries.c.lease_expires_at >= now,
+            deliveries.c.lease_owner != owner,
+        )
+        .group_by(deliveries.c.lease_owner)
+    )
+    if issue_id is not None:
+        query = query.where(deliveries.c.issue_id == issue_id)
+    with reading(engine) as conn:
+        rows = conn.execute(query).all()
+    holdings = [Holding(str(o), int(n), expires, seen) for o, n, expires, seen in rows]
+    return sorted(holdings, key=lambda h: (-h.count, h.owner))
+
+
+def end_leases(engine: sa.Engine, owners: Sequence[str], *, now: datetime) -> int:
+    """End now the leases of ``owners`` (processes known to be dead); returns how many rows.
+
+    Their rows become due as if the lease had run out: waiting rows return to the queue, rows
+    left ``sending`` are in doubt and go the ``[smtp].in_doubt`` way (the owner stays named).
+    """
+    if not owners:
+        return 0
+    with writing(engine) as conn:
+        return conn.execute(
+            deliveries.update()
+            .where(
+                deliveries.c.lease_owner.in_(list(owners)),
+                deliveries.c.lease_expires_at >= now,
+            )
+            .values(lease_expires_at=now - timedelta(microseconds=1))
+        ).rowcount
 
 
 def release(engine: sa.Engine, ids: Sequence[int], *, owner: str, now: datetime) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues import IssueCreated, create_issue, last_scheduled
+from mailer.ledger import Holding
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.signals import stop_on_signals
@@ -62,8 +63,10 @@ class Service:
         render_subject: Callable[[Digest, datetime], str] = render_subject,
         retry_seconds: float = RETRY_FIRST_SECONDS,
         web_socket: socket.socket | None = None,
+        on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_wait = on_wait  # told what a draining worker waits for (other workers' leases)
         self.settings = settings
         self.parts = parts
         self.clock = clock
@@ -256,18 +259,24 @@ class Service:
             deliverer = Deliverer(
                 self.engine, self.settings, pool, clock=self.clock, sign=self.sign
             )
-            while not self.stop.is_set():
-                self.work.clear()
-                counts = await deliverer.run_batch(stop=self.stop)
-                if counts is not None:
-                    totals.add(counts)
-                    continue
-                if drain:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        _first(self.stop, self.work), timeout=self.settings.scheduler.poll_seconds
-                    )
+            async with deliverer.leases_kept(self.stop):
+                while not self.stop.is_set():
+                    self.work.clear()
+                    counts = await deliverer.run_batch(stop=self.stop)
+                    if counts is not None:
+                        totals.add(counts)
+                        continue
+                    if drain:
+                        if await deliverer.wait_for_others(on_wait=self.on_wait, stop=self.stop):
+                            continue
+                        break
+                    if await deliverer.take_over_dead():
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            _first(self.stop, self.work),
+                            timeout=self.settings.scheduler.poll_seconds,
+                        )
         return totals
 
     async def run(

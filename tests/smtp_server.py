@@ -239,6 +239,7 @@ class FaultServer:
         users: dict[str, str] | None = None,
         auth_require_tls: bool = False,
         data_size_limit: int | None = 32 * 1024 * 1024,
+        port: int = 0,
     ) -> None:
         self.users = users
         self.received: list[Received] = []
@@ -268,7 +269,7 @@ class FaultServer:
         self._thread = ServerThread(
             factory,
             "127.0.0.1",
-            0,
+            port,  # 0: any free port; a given one to start a server again where one was
             ssl_context=tls_context if implicit_tls else None,
             name="fault-smtp-server",
         )
