@@ -52,13 +52,15 @@ def new_issue(engine: sa.Engine, settings: Settings, emails: Sequence[str]) -> i
     return make_issue(engine, settings, len(emails))
 
 
-def make_issue(engine: sa.Engine, settings: Settings, recipients: int) -> int:
+def make_issue(
+    engine: sa.Engine, settings: Settings, recipients: int, *, at: datetime = NOW
+) -> int:
     made = create_issue(
         engine,
         settings,
         settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
+        scheduled_for=at,
+        now=at,
         render_subject=render_subject,
     )
     assert made.recipients == recipients
@@ -390,7 +392,9 @@ def prepare(
         smtp={"host": "127.0.0.1", "port": port, "timeout": 5, **smtp},
     )
     engine = create_engine(db_url)
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    # The commands run on the real clock: an article of the last hour is within the lookback.
+    now = datetime.now(UTC)
+    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
     for email in emails:
         make_subscriber(engine, email=email)
     return config, engine
@@ -434,28 +438,41 @@ def test_relay_down_then_up_exits_1_with_the_reason_then_delivers_each_once(
     tmp_path: Path,
     process_log: Path,  # noqa: F811
 ) -> None:
-    emails = [f"r{n}@example.org" for n in range(8)]
+    connections = 2
+    emails = [f"r{n}@example.org" for n in range(12)]
     first = FaultServer().start()
     port = first.port
-    first.stop()  # the relay is down
-    config, engine = prepare(db_url, tmp_path, port, emails)
-    down = cli_run(config, "digest", "send", "weekly")
-    assert down.returncode == 1, down.stdout + down.stderr
-    line = down.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: issue 1 not finished: 8 deferred; most got: ")
-    assert "refused" in line.lower() or "connect" in line.lower(), line
+    for email in emails:
+        first.script(email, [Delay(0.2)], stage="data")
+    config, engine = prepare(db_url, tmp_path, port, emails, connections=connections)
+    # The relay answers the start check, then goes away mid-send.
+    send = spawn(config, process_log, "digest", "send", "weekly")
+    try:
+        wait_for(lambda: len(first.received) >= 2, process_log, "two messages sent")
+    finally:
+        first.stop()
+    assert send.wait(timeout=60) == 1, process_log.read_text()
+    line = process_log.read_text().strip().splitlines()[-1]
+    assert line.startswith("error: issue 1 not finished: "), line
+    assert " deferred; most got: " in line, line
     assert "; next retry 20" in line and (" EST" in line or " EDT" in line), line
     assert "`mailer issues retry 1` retries now" in line
     shown = cli_run(config, "issues", "show", "1")
-    assert "deferred   8" in shown.stdout and "next retry" in shown.stdout, shown.stdout
+    assert "deferred" in shown.stdout and "next retry" in shown.stdout, shown.stdout
+    before = Counter(r.recipients[0] for r in first.received)
 
     with FaultServer(port=port) as relay:  # up again, on the same port
         retried = cli_run(config, "issues", "retry", "1")
-        assert "issue 1: 8 deliveries due now" in retried.stdout, retried.stderr
+        assert retried.returncode == 0, retried.stderr
+        assert "deliveries due now" in retried.stdout, retried.stdout
         up = cli_run(config, "digest", "send", "weekly")
         assert up.returncode == 0, up.stdout + up.stderr
         assert "issue 1 resuming" in up.stdout
-        assert Counter(r.recipients[0] for r in relay.received) == Counter(emails)
+        after = Counter(r.recipients[0] for r in relay.received)
+    got = before + after
+    assert set(got) == set(emails), "every subscriber received the issue"
+    # A message cut off with the relay may have reached it: at most one per connection.
+    assert sum(n - 1 for n in got.values()) <= connections, got
     assert summarize(engine, 1).status == "sent"
     engine.dispose()
 
@@ -472,7 +489,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
 ) -> None:
     emails = [f"r{n}@example.org" for n in range(6)]
     config, engine = prepare(db_url, tmp_path, smtp_server.port, emails, lease_seconds=5)
-    issue_id = make_issue(engine, make_settings(db_url), len(emails))
+    issue_id = make_issue(engine, make_settings(db_url), len(emails), at=datetime.now(UTC))
     # Another worker, alive (this test's process), holds three of the issue's deliveries.
     holder = f"{HOST}:{os.getpid()}"
     with engine.connect() as conn:

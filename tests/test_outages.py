@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from mailer.db import create_engine
 from mailer.issues import create_issue
 from mailer.rendering import render_subject
 from mailer.schema import deliveries
-from tests.factories import NOW, SECRET, make_settings, make_subscriber, write_config
+from tests.factories import SECRET, make_settings, make_subscriber, write_config
 from tests.pg_cluster import PgCluster, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import article, wait_for
@@ -56,7 +56,9 @@ def prepare(url: str, tmp_path: Path, server: FaultServer, **database: object) -
         **{f"database__{k}": v for k, v in database.items()},
     )
     engine = create_engine(url)
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    # The commands run on the real clock: an article of the last hour is within the lookback.
+    now = datetime.now(UTC)
+    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
     for n in range(SUBSCRIBERS):
         email = f"r{n}@example.org"
         make_subscriber(engine, email=email)
@@ -117,8 +119,8 @@ def test_a_worker_waits_out_a_database_outage_and_carries_on_by_itself(
         engine,
         settings,
         settings.digests[0],
-        scheduled_for=NOW,
-        now=NOW,
+        scheduled_for=datetime.now(UTC),
+        now=datetime.now(UTC),
         render_subject=render_subject,
     )
     engine.dispose()

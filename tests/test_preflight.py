@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.config import load_settings
-from mailer.db import _alembic_config, create_engine
+from mailer.db import SCHEMA_HEAD, _alembic_config, create_engine
 from mailer.preflight import PreflightError, check_relay
 from mailer.schedule import local_time, upcoming
 from mailer.schema import issues
@@ -147,7 +147,7 @@ def test_a_database_at_an_old_revision_is_refused_with_the_fix(
         line = one_error_line(mailer(config, *args))
         assert line == (
             f"error: the database sqlite:///{path} is at revision 0005, "
-            "this version needs 0006: run `mailer init`"
+            f"this version needs {SCHEMA_HEAD}: run `mailer init`"
         )
     assert issue_count(f"sqlite:///{path}") == 0
     assert smtp_server.connections == 0
