@@ -29,7 +29,7 @@ from rich.table import Table
 from mailer import articles, issues, logs, subscribers
 from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
-from mailer.db import check_schema, create_engine, migrate
+from mailer.db import check_schema, create_engine, migrate, safe_url
 from mailer.errors import ConfigError, MailerError
 from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
@@ -111,11 +111,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
 def init(ctx: Context) -> None:
     """Create the database, or upgrade it to the newest schema."""
     revision = migrate(ctx.engine(check=False))
-    out.print(f"database ready at revision {revision}: {_safe_url(ctx.settings.database.url)}")
-
-
-def _safe_url(url: str) -> str:
-    return sa.make_url(url).render_as_string(hide_password=True)
+    out.print(f"database ready at revision {revision}: {safe_url(ctx.settings.database.url)}")
 
 
 # ---------------------------------------------------------------- subscribers
