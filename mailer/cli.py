@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from zoneinfo import ZoneInfo
 
 import click
 import sqlalchemy as sa
@@ -35,8 +34,6 @@ from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from mailer.delivery import Totals
     from mailer.ledger import Holding
     from mailer.senders import HelperExit, Helpers
@@ -373,9 +370,7 @@ def _print_duplicates(prefix: str, duplicates: Sequence[articles.Duplicate]) -> 
 
 def _site_time(settings: Settings, moment: datetime | None) -> str:
     """A time as staff read it: in the site's time zone, with the zone's name."""
-    if moment is None:
-        return "-"
-    return f"{moment.astimezone(ZoneInfo(settings.site.timezone)):%Y-%m-%d %H:%M:%S %Z}"
+    return "-" if moment is None else issues.local_time(moment, settings.site.timezone)
 
 
 @articles_group.command("list")
