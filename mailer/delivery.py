@@ -39,6 +39,7 @@ from mailer.outages import DatabaseOutages
 from mailer.owners import owner_gone
 from mailer.schedule import quiet_until
 from mailer.schema import issue_articles
+from mailer.signals import stopped_within
 from mailer.smtp import Outcome, SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
@@ -490,11 +491,7 @@ class Deliverer:
         earliest = min(h.expires for h in holdings)
         # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
         delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
-        if stop is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+        await stopped_within(stop, delay)
         return True
 
     def claim(self, issue_id: int | None) -> list[ledger.Claimed]:

@@ -29,7 +29,7 @@ from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.ledger import Holding
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
-from mailer.signals import stop_on_signals
+from mailer.signals import stop_on_signals, stopped_within
 from mailer.smtp import SmtpPool
 from mailer.sources import fetch_sources, log_results
 
@@ -211,9 +211,7 @@ class Service:
                 )
                 return None
             # The last wait is cut short, so that a last attempt is made within the grace.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=min(delay, remaining))
-            if self.stop.is_set():
+            if await stopped_within(self.stop, min(delay, remaining)):
                 log.error(
                     "issue not made: the service stopped before it could be retried"
                     " (the next start catches the slot up)",
