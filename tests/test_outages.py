@@ -26,7 +26,7 @@ from mailer.issues import create_issue
 from mailer.rendering import render_subject
 from mailer.schema import deliveries
 from tests.factories import SECRET, make_settings, make_subscriber, write_config
-from tests.pg_cluster import PgCluster, pg_cluster  # noqa: F401
+from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import article, wait_for
 
@@ -213,7 +213,7 @@ def test_digest_send_against_an_unreachable_database_is_one_line(
     tmp_path: Path,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    port = PgCluster.free_port()
+    port = free_port()
     url = f"postgresql://mailer:hunter2@127.0.0.1:{port}/mailer"
     config = write_config(tmp_path / "mailer.toml", url)
     log = tmp_path / "send.log"
