@@ -32,7 +32,7 @@ from mailer.clock import now as clock_now
 from mailer.config import Settings
 from mailer.db import reading, writing
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
-from mailer.issues import finish_if_done, load_content
+from mailer.issues import NOT_BUILT, finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
 from mailer.outages import DatabaseOutages
@@ -678,7 +678,7 @@ class Deliverer:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
             # error is the issue's, not the recipient's, and stops the run instead.
             log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
-            return ledger.Result(d, None, error=f"message not built: {exc}")
+            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}")
         if data is None:
             return ledger.Result(d, None)
         if self.sign is not None:

@@ -362,7 +362,8 @@ def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
 
 
 # A delivery that will never be sent as it stands: its message could not be built for this
-# recipient (ledger.Result.error). Other failures gave up on a relay that kept refusing.
+# recipient (the last reply mailer.delivery records starts so). Other failures gave up on a
+# relay that kept refusing.
 NOT_BUILT = "message not built:"
 
 
