@@ -232,9 +232,9 @@ class Deliverer:
         # of what sending one took (bench/README.md).
         self._sender = envelope_sender(settings)
         self._contents: dict[int, IssueContent] = {}
-        # Keyed by the articles shown: an issue whose articles change (`articles remove`) gets
-        # new composers, and the old ones are never picked again.
-        self._composers: dict[tuple[int, tuple[int, ...]], DigestComposer] = {}
+        # Keyed by the articles left out; dropped with the issue's content when its articles
+        # change (`articles remove`, see refresh_contents).
+        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
@@ -254,11 +254,10 @@ class Deliverer:
         expired = {
             a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
         }
-        left_out = hidden | expired
-        shown = tuple(a for a in content.articles if a.id not in left_out)
-        key = (issue_id, tuple(a.id for a in shown))
+        key = (issue_id, hidden | expired)
         composer = self._composers.get(key)
         if composer is None:
+            shown = tuple(a for a in content.articles if a.id not in key[1])
             composer = DigestComposer(self.settings, replace(content, articles=shown))
             self._composers[key] = composer
         return composer
@@ -296,9 +295,16 @@ class Deliverer:
                 )
             ):
                 current[issue_id].add(article_id)
-            for issue_id, content in cached.items():
-                if current[issue_id] != {a.id for a in content.articles}:
-                    self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            changed = [
+                issue_id
+                for issue_id, content in cached.items()
+                if current[issue_id] != {a.id for a in content.articles}
+            ]
+            for issue_id in changed:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+        if changed:
+            # Composers render the articles they were made with: the changed issues' go too.
+            self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
 
     def hidden(self, d: ledger.Claimed) -> frozenset[int]:
         """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
