@@ -30,6 +30,7 @@ from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
 from mailer.db import check_schema, create_engine, migrate, safe_url
 from mailer.errors import ConfigError, MailerError
+from mailer.logs import describe_error, operational_errors
 from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
 
@@ -1000,28 +1001,3 @@ def main(argv: list[str] | None = None) -> None:
         log.info("the error below, traced", exc_info=exc)
         err.print(f"error: {describe_error(exc)}", markup=False)
         sys.exit(1)
-
-
-def operational_errors() -> tuple[type[Exception], ...]:
-    """What is not the program's fault but its surroundings': the database (beyond what
-    mailer.db turns into DatabaseUnavailable), the network and the file system, the SMTP relay
-    (aiosmtplib's errors only where it was loaded: importing it costs every command time)."""
-    found: tuple[type[Exception], ...] = (sa.exc.DBAPIError, OSError)
-    smtp = sys.modules.get("aiosmtplib")
-    return found if smtp is None else (*found, smtp.SMTPException)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for an error: what failed and the words of whoever refused."""
-    if isinstance(exc, MailerError):
-        return str(exc)
-    if isinstance(exc, sa.exc.DBAPIError):
-        words = str(exc.orig).strip().splitlines()
-        return f"the database refused the operation: {words[0] if words else type(exc.orig)}"
-    smtp = sys.modules.get("aiosmtplib")
-    if smtp is not None and isinstance(exc, smtp.SMTPException):
-        return f"the SMTP relay failed: {' '.join(str(exc.message).split())}"
-    if isinstance(exc, OSError):
-        what = f"{exc.filename}: " if exc.filename else ""
-        return f"{what}{exc.strerror or exc}"
-    return str(exc)
