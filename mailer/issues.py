@@ -517,11 +517,11 @@ class Unfinished:
         line = f"{whose} not finished: {', '.join(parts)}"
         if self.reason:
             line += f"; most got: {self.reason}"
+        retried = bool(self.counts.get("deferred") or self.counts.get("unknown"))
         if self.next_retry is not None:
             when = "now" if self.next_retry <= now else local_time(self.next_retry, zone)
-            retried = self.counts.get("deferred") or self.counts.get("unknown")
             line += f"; next {'retry' if retried else 'due'} {when}"
-        if self.counts.get("deferred") or self.counts.get("unknown"):
+        if retried:
             target = ids if len(self.issues) == 1 else "ID"
             line += f" (`mailer issues retry {target}` retries now)"
         return line
