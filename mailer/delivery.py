@@ -246,9 +246,7 @@ class Deliverer:
         Subscribers who hide the same articles (none, usually) share one composer, and so one
         render per topic set.
         """
-        content = self._contents.get(issue_id)
-        if content is None:
-            content = self._contents[issue_id] = self._load(issue_id)
+        content = self._contents[issue_id]  # read as its batch started (refresh_contents)
         now = self.clock()
         # An article that expired since the issue was made is dropped from what is not sent yet.
         expired = {
@@ -261,10 +259,6 @@ class Deliverer:
             composer = DigestComposer(self.settings, replace(content, articles=shown))
             self._composers[key] = composer
         return composer
-
-    def _load(self, issue_id: int) -> IssueContent:
-        with reading(self.engine) as conn:
-            return load_content(conn, issue_id, self.settings)
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call`` in a thread; through a database outage, waited out and made again.
@@ -281,14 +275,18 @@ class Deliverer:
                 await self.outages.wait(exc, self._stop)
 
     def refresh_contents(self, issue_ids: set[int]) -> None:
-        """Read again the content of cached issues whose articles changed since (an article
-        removed by staff): one small query per batch, so that only the batch being sent when
-        the article was removed (at most ``[smtp].batch_size`` messages) may still carry it."""
+        """Read the content of the batch's issues: those not cached yet, and cached ones whose
+        articles changed since (an article removed by staff). One small query per batch, so
+        that only the batch being sent when the article was removed (at most
+        ``[smtp].batch_size`` messages) may still carry it."""
         cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
-        if not cached:
-            return
+        missing = issue_ids - cached.keys()
         current: dict[int, set[int]] = {i: set() for i in cached}
         with reading(self.engine) as conn:
+            for issue_id in missing:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            if not cached:
+                return
             for issue_id, article_id in conn.execute(
                 sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
                     issue_articles.c.issue_id.in_(sorted(cached))
@@ -675,8 +673,6 @@ class Deliverer:
 
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
-        if d.issue_id not in self._contents:
-            self._contents[d.issue_id] = await self.db(self._load, d.issue_id)
         try:
             composer = self.composer(d.issue_id, self.hidden(d))
             data = composer.message(recipient, d.topics, self.clock())
