@@ -560,14 +560,10 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         )
 
 
-def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
+def _waiting(holdings: Sequence[Holding], at: datetime) -> None:
     """What a drain prints while other workers hold the deliveries it waits for."""
-
-    def show(holdings: Sequence[Holding], at: datetime) -> None:
-        for holding in holdings:
-            err.print(f"waiting for {holding.describe(at)}", markup=False)
-
-    return show
+    for holding in holdings:
+        err.print(f"waiting for {holding.describe(at)}", markup=False)
 
 
 def _send_issue(
@@ -602,7 +598,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting)
         )
         if stopped:
             helpers.stop()
@@ -832,7 +828,7 @@ def _serve(
         parts=parts,
         sign=signer(settings),
         web_socket=web_socket,
-        on_wait=_waiting(),
+        on_wait=_waiting,
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
