@@ -950,7 +950,6 @@ class Selection:
 
     articles: list[Article]
     left_over: int
-    since: datetime  # the publication lower bound it used (exclusive)
 
 
 # The issue status that gives its articles back: any other issue of the digest has taken them.
@@ -1020,10 +1019,10 @@ def select_for_issue(
     first, the order an issue shows. Reads inside the caller's transaction (creating an issue
     snapshots its articles there); ``since`` is ``lookback_start`` when the caller read it.
     """
+    if not topics or limit == 0:
+        return Selection([], 0)
     if since is None:
         since = lookback_start(conn, digest_key, lookback, now)
-    if not topics or limit == 0:
-        return Selection([], 0, since)
     eligible = sa.and_(
         articles.c.topic.in_(list(topics)),
         articles.c.published_at > since,
@@ -1044,4 +1043,4 @@ def select_for_issue(
         count = sa.select(sa.func.count()).select_from(articles).where(eligible)
         left_over = int(conn.execute(count).scalar_one()) - limit
     chosen.sort(key=lambda a: (a.published_at, a.id), reverse=True)
-    return Selection(chosen, left_over, since)
+    return Selection(chosen, left_over)

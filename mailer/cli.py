@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from zoneinfo import ZoneInfo
 
 import click
 import sqlalchemy as sa
@@ -29,14 +28,13 @@ from rich.table import Table
 from mailer import articles, issues, logs, subscribers
 from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
-from mailer.db import check_schema, create_engine, migrate
+from mailer.db import check_schema, create_engine, migrate, safe_url
 from mailer.errors import ConfigError, MailerError
+from mailer.logs import describe_error, operational_errors
 from mailer.preflight import preflight
 from mailer.schema import SUBSCRIBER_STATUSES
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from mailer.delivery import Totals
     from mailer.ledger import Holding
     from mailer.senders import HelperExit, Helpers
@@ -111,11 +109,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
 def init(ctx: Context) -> None:
     """Create the database, or upgrade it to the newest schema."""
     revision = migrate(ctx.engine(check=False))
-    out.print(f"database ready at revision {revision}: {_safe_url(ctx.settings.database.url)}")
-
-
-def _safe_url(url: str) -> str:
-    return sa.make_url(url).render_as_string(hide_password=True)
+    out.print(f"database ready at revision {revision}: {safe_url(ctx.settings.database.url)}")
 
 
 # ---------------------------------------------------------------- subscribers
@@ -377,9 +371,7 @@ def _print_duplicates(prefix: str, duplicates: Sequence[articles.Duplicate]) -> 
 
 def _site_time(settings: Settings, moment: datetime | None) -> str:
     """A time as staff read it: in the site's time zone, with the zone's name."""
-    if moment is None:
-        return "-"
-    return f"{moment.astimezone(ZoneInfo(settings.site.timezone)):%Y-%m-%d %H:%M:%S %Z}"
+    return "-" if moment is None else issues.local_time(moment, settings.site.timezone)
 
 
 @articles_group.command("list")
@@ -568,14 +560,10 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         )
 
 
-def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
+def _waiting(holdings: Sequence[Holding], at: datetime) -> None:
     """What a drain prints while other workers hold the deliveries it waits for."""
-
-    def show(holdings: Sequence[Holding], at: datetime) -> None:
-        for holding in holdings:
-            err.print(f"waiting for {holding.describe(at)}", markup=False)
-
-    return show
+    for holding in holdings:
+        err.print(f"waiting for {holding.describe(at)}", markup=False)
 
 
 def _send_issue(
@@ -610,7 +598,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting)
         )
         if stopped:
             helpers.stop()
@@ -840,7 +828,7 @@ def _serve(
         parts=parts,
         sign=signer(settings),
         web_socket=web_socket,
-        on_wait=_waiting(),
+        on_wait=_waiting,
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
@@ -1009,28 +997,3 @@ def main(argv: list[str] | None = None) -> None:
         log.info("the error below, traced", exc_info=exc)
         err.print(f"error: {describe_error(exc)}", markup=False)
         sys.exit(1)
-
-
-def operational_errors() -> tuple[type[Exception], ...]:
-    """What is not the program's fault but its surroundings': the database (beyond what
-    mailer.db turns into DatabaseUnavailable), the network and the file system, the SMTP relay
-    (aiosmtplib's errors only where it was loaded: importing it costs every command time)."""
-    found: tuple[type[Exception], ...] = (sa.exc.DBAPIError, OSError)
-    smtp = sys.modules.get("aiosmtplib")
-    return found if smtp is None else (*found, smtp.SMTPException)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for an error: what failed and the words of whoever refused."""
-    if isinstance(exc, MailerError):
-        return str(exc)
-    if isinstance(exc, sa.exc.DBAPIError):
-        words = str(exc.orig).strip().splitlines()
-        return f"the database refused the operation: {words[0] if words else type(exc.orig)}"
-    smtp = sys.modules.get("aiosmtplib")
-    if smtp is not None and isinstance(exc, smtp.SMTPException):
-        return f"the SMTP relay failed: {' '.join(str(exc.message).split())}"
-    if isinstance(exc, OSError):
-        what = f"{exc.filename}: " if exc.filename else ""
-        return f"{what}{exc.strerror or exc}"
-    return str(exc)

@@ -607,12 +607,16 @@ def _quiet_hours(t: _Table) -> tuple[time, time] | None:
     return time(h1, m1), time(h2, m2)
 
 
+def category_key(name: str) -> str:
+    """A feed category as it is matched (mailer.feeds): case and runs of blanks ignored."""
+    return " ".join(name.split()).casefold()
+
+
 def _check_categories(t: _Table, categories: Mapping[str, str]) -> None:
-    """Category names are matched ignoring case and runs of blanks (as mailer.feeds matches
-    them): each must be distinct, and not empty."""
+    """Category names are matched by ``category_key``: each must be distinct, and not empty."""
     seen: dict[str, str] = {}
     for category in categories:
-        folded = " ".join(category.split()).casefold()
+        folded = category_key(category)
         if not folded:
             raise t.error("categories", 'has an empty category name ("" = ...)')
         if folded in seen:

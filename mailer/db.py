@@ -228,9 +228,7 @@ def migrate(engine: sa.Engine) -> str:
     try:
         command.upgrade(config, "head")
     except sa.exc.OperationalError as exc:
-        raise MailerError(
-            f"cannot migrate {engine.url.render_as_string(hide_password=True)}: {exc.orig}"
-        ) from exc
+        raise MailerError(f"cannot migrate {safe_url(engine.url)}: {exc.orig}") from exc
     head = ScriptDirectory.from_config(config).get_current_head()
     return head or ""
 

@@ -32,13 +32,14 @@ from mailer.clock import now as clock_now
 from mailer.config import Settings
 from mailer.db import reading, writing
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
-from mailer.issues import finish_if_done, load_content
+from mailer.issues import NOT_BUILT, finish_if_done, load_content
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent, Recipient
 from mailer.outages import DatabaseOutages
 from mailer.owners import owner_gone
 from mailer.schedule import quiet_until
 from mailer.schema import issue_articles
+from mailer.signals import stopped_within
 from mailer.smtp import Outcome, SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
@@ -231,9 +232,9 @@ class Deliverer:
         # of what sending one took (bench/README.md).
         self._sender = envelope_sender(settings)
         self._contents: dict[int, IssueContent] = {}
-        # Keyed by the articles shown: an issue whose articles change (`articles remove`) gets
-        # new composers, and the old ones are never picked again.
-        self._composers: dict[tuple[int, tuple[int, ...]], DigestComposer] = {}
+        # Keyed by the articles left out; dropped with the issue's content when its articles
+        # change (`articles remove`, see refresh_contents).
+        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
@@ -245,26 +246,19 @@ class Deliverer:
         Subscribers who hide the same articles (none, usually) share one composer, and so one
         render per topic set.
         """
-        content = self._contents.get(issue_id)
-        if content is None:
-            content = self._contents[issue_id] = self._load(issue_id)
+        content = self._contents[issue_id]  # read as its batch started (refresh_contents)
         now = self.clock()
         # An article that expired since the issue was made is dropped from what is not sent yet.
         expired = {
             a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
         }
-        left_out = hidden | expired
-        shown = tuple(a for a in content.articles if a.id not in left_out)
-        key = (issue_id, tuple(a.id for a in shown))
+        key = (issue_id, hidden | expired)
         composer = self._composers.get(key)
         if composer is None:
+            shown = tuple(a for a in content.articles if a.id not in key[1])
             composer = DigestComposer(self.settings, replace(content, articles=shown))
             self._composers[key] = composer
         return composer
-
-    def _load(self, issue_id: int) -> IssueContent:
-        with reading(self.engine) as conn:
-            return load_content(conn, issue_id, self.settings)
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call`` in a thread; through a database outage, waited out and made again.
@@ -281,23 +275,34 @@ class Deliverer:
                 await self.outages.wait(exc, self._stop)
 
     def refresh_contents(self, issue_ids: set[int]) -> None:
-        """Read again the content of cached issues whose articles changed since (an article
-        removed by staff): one small query per batch, so that only the batch being sent when
-        the article was removed (at most ``[smtp].batch_size`` messages) may still carry it."""
+        """Read the content of the batch's issues: those not cached yet, and cached ones whose
+        articles changed since (an article removed by staff). One small query per batch, so
+        that only the batch being sent when the article was removed (at most
+        ``[smtp].batch_size`` messages) may still carry it."""
         cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
-        if not cached:
-            return
+        missing = issue_ids - cached.keys()
         current: dict[int, set[int]] = {i: set() for i in cached}
         with reading(self.engine) as conn:
+            for issue_id in missing:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            if not cached:
+                return
             for issue_id, article_id in conn.execute(
                 sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
                     issue_articles.c.issue_id.in_(sorted(cached))
                 )
             ):
                 current[issue_id].add(article_id)
-            for issue_id, content in cached.items():
-                if current[issue_id] != {a.id for a in content.articles}:
-                    self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            changed = [
+                issue_id
+                for issue_id, content in cached.items()
+                if current[issue_id] != {a.id for a in content.articles}
+            ]
+            for issue_id in changed:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+        if changed:
+            # Composers render the articles they were made with: the changed issues' go too.
+            self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
 
     def hidden(self, d: ledger.Claimed) -> frozenset[int]:
         """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
@@ -490,11 +495,7 @@ class Deliverer:
         earliest = min(h.expires for h in holdings)
         # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
         delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
-        if stop is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+        await stopped_within(stop, delay)
         return True
 
     def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
@@ -672,8 +673,6 @@ class Deliverer:
 
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
-        if d.issue_id not in self._contents:
-            self._contents[d.issue_id] = await self.db(self._load, d.issue_id)
         try:
             composer = self.composer(d.issue_id, self.hidden(d))
             data = composer.message(recipient, d.topics, self.clock())
@@ -681,7 +680,7 @@ class Deliverer:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
             # error is the issue's, not the recipient's, and stops the run instead.
             log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
-            return ledger.Result(d, None, error=f"message not built: {exc}")
+            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}")
         if data is None:
             return ledger.Result(d, None)
         if self.sign is not None:

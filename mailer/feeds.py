@@ -35,6 +35,7 @@ import nh3
 import sqlalchemy as sa
 
 from mailer.articles import MAX_BODY, MAX_GUID, MAX_LINK, MAX_SUMMARY, MAX_TITLE, ParsedArticle
+from mailer.config import category_key
 from mailer.db import upsert_insert
 from mailer.errors import ConfigError, MailerError
 from mailer.schema import feed_state
@@ -410,12 +411,8 @@ def category_topics(
                 f"category {category!r} maps to unknown topic {topic!r} (known: {known})",
                 key="sources.categories",
             )
-        result[_category_key(category)] = topic
+        result[category_key(category)] = topic
     return result
-
-
-def _category_key(value: str) -> str:
-    return " ".join(value.split()).casefold()
 
 
 class _Skip(Exception):
@@ -609,7 +606,7 @@ def _entry_topic(entry: Any, ctx: _FeedContext) -> str:
             if not isinstance(tag, Mapping):
                 continue
             for name in (tag.get("term"), tag.get("label")):
-                topic = ctx.categories.get(_category_key(_string(name)))
+                topic = ctx.categories.get(category_key(_string(name)))
                 if topic is not None:
                     return topic
     return ctx.topic

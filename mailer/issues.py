@@ -362,7 +362,8 @@ def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
 
 
 # A delivery that will never be sent as it stands: its message could not be built for this
-# recipient (ledger.Result.error). Other failures gave up on a relay that kept refusing.
+# recipient (the last reply mailer.delivery records starts so). Other failures gave up on a
+# relay that kept refusing.
 NOT_BUILT = "message not built:"
 
 
@@ -516,11 +517,11 @@ class Unfinished:
         line = f"{whose} not finished: {', '.join(parts)}"
         if self.reason:
             line += f"; most got: {self.reason}"
+        retried = bool(self.counts.get("deferred") or self.counts.get("unknown"))
         if self.next_retry is not None:
             when = "now" if self.next_retry <= now else local_time(self.next_retry, zone)
-            retried = self.counts.get("deferred") or self.counts.get("unknown")
             line += f"; next {'retry' if retried else 'due'} {when}"
-        if self.counts.get("deferred") or self.counts.get("unknown"):
+        if retried:
             target = ids if len(self.issues) == 1 else "ID"
             line += f" (`mailer issues retry {target}` retries now)"
         return line

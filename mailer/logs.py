@@ -1,8 +1,14 @@
-"""Logging: one line per event, with the structured fields (``extra=``) as key=value pairs."""
+"""Logging: one line per event, with the structured fields (``extra=``) as key=value pairs; and
+one line for an error (``describe_error``), for the CLI and for the log alike."""
 
 from __future__ import annotations
 
 import logging
+import sys
+
+import sqlalchemy as sa
+
+from mailer.errors import MailerError
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -22,3 +28,28 @@ def configure(level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def operational_errors() -> tuple[type[Exception], ...]:
+    """What is not the program's fault but its surroundings': the database (beyond what
+    mailer.db turns into DatabaseUnavailable), the network and the file system, the SMTP relay
+    (aiosmtplib's errors only where it was loaded: importing it costs every command time)."""
+    found: tuple[type[Exception], ...] = (sa.exc.DBAPIError, OSError)
+    smtp = sys.modules.get("aiosmtplib")
+    return found if smtp is None else (*found, smtp.SMTPException)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: what failed and the words of whoever refused."""
+    if isinstance(exc, MailerError):
+        return str(exc)
+    if isinstance(exc, sa.exc.DBAPIError):
+        words = str(exc.orig).strip().splitlines()
+        return f"the database refused the operation: {words[0] if words else type(exc.orig)}"
+    smtp = sys.modules.get("aiosmtplib")
+    if smtp is not None and isinstance(exc, smtp.SMTPException):
+        return f"the SMTP relay failed: {' '.join(str(exc.message).split())}"
+    if isinstance(exc, OSError):
+        what = f"{exc.filename}: " if exc.filename else ""
+        return f"{what}{exc.strerror or exc}"
+    return str(exc)

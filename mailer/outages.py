@@ -11,7 +11,6 @@ rules, and only the logging is done here (``SmtpPool``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 
 from mailer.db import probe, safe_url
 from mailer.errors import DatabaseUnavailable
+from mailer.signals import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DatabaseOutages:
             pause = delay
             if self.give_up_after is not None:
                 pause = min(pause, self.give_up_after - waited)
-            if await _stopped(stop, pause):
+            if await stopped_within(stop, pause):
                 raise self._giving_up(error, since, "stopped while waiting for it") from error
             delay = min(delay * 2, longest)
             try:
@@ -149,15 +149,3 @@ class DatabaseOutages:
     ) -> DatabaseUnavailable:
         waited = self.clock() - since
         return DatabaseUnavailable(self.url, error.reason, since=since, waited=waited, hint=hint)
-
-
-async def _stopped(stop: asyncio.Event | None, seconds: float) -> bool:
-    """Sleep ``seconds``; True at once if ``stop`` is (or becomes) set."""
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return False
-    if stop.is_set():
-        return True
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0))
-    return stop.is_set()

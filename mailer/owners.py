@@ -51,18 +51,30 @@ def _stat(pid: int) -> list[str] | None:
 def process_started(pid: int) -> datetime | None:
     """When process ``pid`` started (UTC), from /proc; None where /proc cannot tell."""
     fields = _stat(pid)
-    if fields is None:
+    return None if fields is None else _started(fields)
+
+
+def _started(fields: list[str]) -> datetime | None:
+    """The start time in ``fields`` (``_stat``'s), as a UTC datetime; None without a boot time."""
+    boot = _boot_time()
+    if boot is None:
         return None
+    ticks = int(fields[19])  # field 22 of the file: starttime, in clock ticks after boot
+    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
+
+
+def _boot_time() -> int | None:
+    """When this machine booted (``btime`` in /proc/stat, whole seconds).
+
+    Read at each look, not once: it moves with adjustments of the clock (see START_SLACK)."""
     try:
-        boot = next(
+        return next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
             if line.startswith("btime ")
         )
     except (OSError, StopIteration, ValueError):
         return None
-    ticks = int(fields[19])  # field 22 of the file: starttime, in clock ticks after boot
-    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"), UTC)
 
 
 def owner_gone(owner: str, *, alive_at: datetime, hostname: str | None = None) -> bool:
@@ -80,7 +92,9 @@ def owner_gone(owner: str, *, alive_at: datetime, hostname: str | None = None) -
     except PermissionError:
         pass  # it exists, under another user
     fields = _stat(pid)
-    if fields is not None and fields[0] in ("Z", "X"):
+    if fields is None:
+        return False
+    if fields[0] in ("Z", "X"):
         return True  # it has ended; its parent has not reaped it yet (a killed helper)
-    started = process_started(pid)
+    started = _started(fields)
     return started is not None and started > alive_at + START_SLACK

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from mailer.config import Settings, SmtpSettings
-from mailer.db import SCHEMA_HEAD, create_engine, current_revision
+from mailer.db import SCHEMA_HEAD, create_engine, current_revision, safe_url
 from mailer.errors import ConfigError, DatabaseUnavailable, MailerError
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def check_database(url: str, *, timeout: float = DATABASE_TIMEOUT) -> str:
 
     A missing SQLite file is reported, not created: opening it would make an empty database.
     """
-    shown = sa.make_url(url).render_as_string(hide_password=True)
+    shown = safe_url(url)
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""

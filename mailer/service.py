@@ -27,9 +27,10 @@ from mailer.delivery import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues import IssueCreated, create_issue, last_scheduled
 from mailer.ledger import Holding
+from mailer.logs import describe_error
 from mailer.rendering import render_subject
 from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
-from mailer.signals import stop_on_signals
+from mailer.signals import stop_on_signals, stopped_within
 from mailer.smtp import SmtpPool
 from mailer.sources import fetch_sources, log_results
 
@@ -211,9 +212,7 @@ class Service:
                 )
                 return None
             # The last wait is cut short, so that a last attempt is made within the grace.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=min(delay, remaining))
-            if self.stop.is_set():
+            if await stopped_within(self.stop, min(delay, remaining)):
                 log.error(
                     "issue not made: the service stopped before it could be retried"
                     " (the next start catches the slot up)",
@@ -241,7 +240,7 @@ class Service:
             # never dropped. The traceback only with -v: the message says what failed.
             log.error(
                 "creating the issue failed: %s",
-                " ".join(str(exc).split()) or type(exc).__name__,
+                " ".join(describe_error(exc).split()) or type(exc).__name__,
                 extra={"digest": digest.key, "slot": self._shown(slot), "attempt": attempt},
                 exc_info=log.isEnabledFor(logging.INFO),
             )

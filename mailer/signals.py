@@ -32,3 +32,15 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
             if previous is not None:
                 signal.signal(sig, previous)
+
+
+async def stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Sleep ``seconds``, or less: True at once if ``stop`` is (or becomes) set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    if stop.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0))
+    return stop.is_set()

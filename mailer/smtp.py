@@ -683,15 +683,8 @@ class SmtpPool:
             client.close()
             result = _failure(exc, Stage.CONNECT)
             if log_failure:
-                log.warning(
-                    "cannot open SMTP connection",
-                    extra={
-                        "host": s.host,
-                        "port": s.port,
-                        "code": result.code,
-                        "reply": result.reply,
-                    },
-                )
+                # One ERROR when the outage starts, DEBUG for each failure while it lasts: a
+                # WARNING per message would repeat the outage once per deferred delivery.
                 self.outage.failed(f"{result.code} {result.reply}" if result.code else result.reply)
             return result
         except ValueError as exc:

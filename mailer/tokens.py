@@ -17,9 +17,10 @@ from enum import StrEnum
 
 from mailer.errors import TokenError
 
-UID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+UID_LEN = 22  # base64url characters of a 16-byte uid
+UID_RE = re.compile(rf"^[A-Za-z0-9_-]{{{UID_LEN}}}$")
 MAC_LEN = 22  # base64url characters of a 16-byte MAC
-TOKEN_LEN = 22 + 1 + MAC_LEN  # <uid>.<mac>
+TOKEN_LEN = UID_LEN + 1 + MAC_LEN  # <uid>.<mac>
 
 
 class Purpose(StrEnum):

@@ -53,6 +53,17 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 TOPICS = ("base-alerts", "local-events", "military-news")
+# An alert digest beside the base config's weekly one: every ten minutes, two days' lookback.
+ALERTS = {
+    "key": "alerts",
+    "name": "Base alerts",
+    "subject": "Base alert",
+    "schedule": "*/10 * * * *",
+    "topics": ["base-alerts"],
+    "max_articles": 5,
+    "priority": "alert",
+    "lookback_days": 2,
+}
 
 
 def config_dict(**sections: Any) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def _bin_dir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on (the kernel's pick, released at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -41,13 +42,11 @@ def _free_port() -> int:
 class PgCluster:
     """One cluster: ``start()``, ``stop()`` (fast shutdown: sessions are cut), ``url``."""
 
-    free_port = staticmethod(_free_port)
-
     def __init__(self, bin_dir: Path) -> None:
         self.bin = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="mailer-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/mailer"
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:

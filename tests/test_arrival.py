@@ -25,19 +25,9 @@ from mailer.errors import ArticleError
 from mailer.feeds import parse_feed
 from mailer.rendering import render_subject
 from mailer.schema import issue_articles, metadata
-from tests.factories import TOPICS, config_dict, make_settings, make_subscriber
+from tests.factories import ALERTS, TOPICS, config_dict, make_settings, make_subscriber
 
 NEW_YORK = ZoneInfo("America/New_York")
-ALERTS = {
-    "key": "alerts",
-    "name": "Base alerts",
-    "subject": "Base alert",
-    "schedule": "*/10 * * * *",
-    "topics": ["base-alerts"],
-    "max_articles": 5,
-    "priority": "alert",
-    "lookback_days": 2,
-}
 WEEKLY = config_dict()["digests"][0] | {"timezone": "America/New_York"}
 _counter = iter(range(1, 10**9))
 

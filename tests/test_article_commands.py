@@ -18,19 +18,8 @@ from mailer.delivery import Deliverer
 from mailer.rendering import render_subject
 from mailer.schema import events, issue_articles
 from mailer.smtp import SmtpPool
-from tests.factories import NOW, SECRET, config_dict, write_config
+from tests.factories import ALERTS, NOW, SECRET, config_dict, write_config
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
-
-ALERTS = {
-    "key": "alerts",
-    "name": "Base alerts",
-    "subject": "Base alert",
-    "schedule": "*/10 * * * *",
-    "topics": ["base-alerts"],
-    "max_articles": 5,
-    "priority": "alert",
-    "lookback_days": 2,
-}
 
 
 def article_file(folder: Path, name: str, title: str, topic: str = "base-alerts") -> Path:

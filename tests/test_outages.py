@@ -8,27 +8,23 @@ carries on by itself and a foreground ``digest send`` either finishes or, past
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from mailer import articles
 from mailer.db import create_engine
 from mailer.issues import create_issue
 from mailer.rendering import render_subject
-from mailer.schema import deliveries
-from tests.factories import SECRET, make_settings, make_subscriber, write_config
-from tests.pg_cluster import PgCluster, pg_cluster  # noqa: F401
+from tests.factories import make_settings, make_subscriber, write_config
+from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
-from tests.test_service import article, wait_for
+from tests.test_senders import statuses
+from tests.test_service import article, spawn, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -65,27 +61,6 @@ def prepare(url: str, tmp_path: Path, server: FaultServer, **database: object) -
         server.script(email, [Delay(HOLD)], stage="data")
     engine.dispose()
     return config
-
-
-def spawn(config: Path, log: Path, *args: str, verbose: bool = True) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, MAILER_SECRET_KEY=SECRET)
-    flags = ["-v"] if verbose else []
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mailer", "--config", str(config), *flags, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def statuses(url: str) -> Counter[str]:
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        found = Counter(conn.scalars(sa.select(deliveries.c.status)))
-    engine.dispose()
-    return found
 
 
 def outage_mid_send(cluster: PgCluster, server: FaultServer, log: Path, *, down: float) -> None:
@@ -213,7 +188,7 @@ def test_digest_send_against_an_unreachable_database_is_one_line(
     tmp_path: Path,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    port = PgCluster.free_port()
+    port = free_port()
     url = f"postgresql://mailer:hunter2@127.0.0.1:{port}/mailer"
     config = write_config(tmp_path / "mailer.toml", url)
     log = tmp_path / "send.log"

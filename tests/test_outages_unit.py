@@ -20,7 +20,7 @@ from mailer.outages import DatabaseOutages
 from mailer.sink import Sink
 from mailer.smtp import Outcome, SmtpPool
 from tests.factories import make_settings
-from tests.pg_cluster import PgCluster
+from tests.pg_cluster import free_port
 
 FAST = (0.01, 0.02)
 
@@ -103,7 +103,7 @@ async def test_a_relay_outage_is_logged_once_when_it_starts_and_once_when_it_end
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    port = PgCluster.free_port()
+    port = free_port()
     sink = Sink("127.0.0.1", port, tmp_path / "mail")
     message = b"Subject: hi\r\n\r\nhello\r\n"
     async with SmtpPool(relay(port), local_hostname="client.test") as pool:

@@ -25,6 +25,7 @@ from mailer.preflight import PreflightError, check_relay
 from mailer.schedule import local_time, upcoming
 from mailer.schema import issues
 from tests.factories import SECRET, make_settings, make_subscriber, write_config
+from tests.pg_cluster import free_port
 from tests.smtp_server import FaultServer, make_smtp_server, smtp_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -46,14 +47,6 @@ def mailer(
         text=True,
         timeout=timeout,
     )
-
-
-def closed_port() -> int:
-    """A port nothing listens on (the kernel's pick, released at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -112,7 +105,7 @@ def test_run_without_the_site_secret_stops_before_anything(
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
     add_subscriber(sqlite_url)
-    config = config_for(tmp_path, sqlite_url, smtp_server.port, web={"port": closed_port()})
+    config = config_for(tmp_path, sqlite_url, smtp_server.port, web={"port": free_port()})
     line = one_error_line(mailer(config, "run", secret=False))
     assert line == (
         "error: the site secret is not set: export MAILER_SECRET_KEY "
@@ -124,7 +117,7 @@ def test_run_without_the_site_secret_stops_before_anything(
 
 def test_digest_send_with_the_relay_down_makes_no_issue(tmp_path: Path, db_url: str) -> None:
     add_subscriber(db_url)
-    port = closed_port()
+    port = free_port()
     config = config_for(tmp_path, db_url, port)
     line = one_error_line(mailer(config, "digest", "send", "weekly"))
     assert line.startswith(f"error: the SMTP relay 127.0.0.1:{port} does not answer (connect: ")
@@ -157,7 +150,7 @@ def test_an_unreachable_database_is_one_line(
     tmp_path: Path,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    port = closed_port()
+    port = free_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/mailer"
     config = config_for(tmp_path, url, smtp_server.port)
     line = one_error_line(mailer(config, "digest", "send", "weekly"))
@@ -191,7 +184,7 @@ def test_run_and_web_say_where_they_listen_and_what_comes_next(
     smtp_server: FaultServer,  # noqa: F811
     command: str,
 ) -> None:
-    port = closed_port()
+    port = free_port()
     alert = {
         "key": "alerts",
         "name": "Alerts",

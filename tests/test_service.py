@@ -32,11 +32,13 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn(config: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+def spawn(config: Path, log: Path, *args: str, verbose: bool = True) -> subprocess.Popen[bytes]:
+    """``mailer`` with ``args`` (and ``-v`` unless not ``verbose``), its output in ``log``."""
     env = dict(os.environ, MAILER_SECRET_KEY=SECRET)
+    flags = ["-v"] if verbose else []
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "mailer", "--config", str(config), "-v", *args],
+            [sys.executable, "-m", "mailer", "--config", str(config), *flags, *args],
             cwd=ROOT,
             env=env,
             stdout=out,

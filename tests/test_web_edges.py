@@ -24,7 +24,7 @@ from mailer.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.server import ServerThread
 from tests.factories import SECRET, make_settings, make_subscriber
-from tests.pg_cluster import PgCluster
+from tests.pg_cluster import free_port
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 with warnings.catch_warnings():
@@ -146,7 +146,7 @@ def test_a_database_outage_is_a_503_page_and_one_log_line(
     smtp_server: FaultServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url = f"postgresql://postgres@127.0.0.1:{PgCluster.free_port()}/mailer"  # nothing listens
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/mailer"  # nothing listens
     settings = make_settings(url, smtp__port=smtp_server.port)
     engine = create_engine(url)
     app = create_app(settings, engine, SmtpConfirmationSender(settings))
