@@ -683,7 +683,9 @@ class SmtpPool:
             client.close()
             result = _failure(exc, Stage.CONNECT)
             if log_failure:
-                log.warning(
+                # The outage log says it once at ERROR; each refused connection only at DEBUG,
+                # or a relay that is down writes one line per message it defers.
+                log.debug(
                     "cannot open SMTP connection",
                     extra={
                         "host": s.host,
