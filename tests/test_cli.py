@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -153,3 +157,20 @@ def test_bounces_process_takes_its_policy_from_the_config_and_options_override_i
     assert overridden.exit_code == 0
     assert run(config, "subscribers", "show", "full@example.com").output.startswith("bounced")
     assert run(config, "subscribers", "show", "other@example.com").output.startswith("active")
+
+
+def test_log_lines_name_the_zone_of_their_time() -> None:
+    # Times shown to staff name their zone; a log line's bare "20:43" beside an issue's
+    # "15:43 EST" reads as two different moments.
+    script = (
+        "import logging; from mailer import logs; logs.configure(logging.WARNING);"
+        " logging.getLogger('mailer.x').warning('relay down')"
+    )
+    env = {**os.environ, "TZ": "America/New_York"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} E[SD]T WARNING mailer\.x: relay down\n", done.stderr
+    )
