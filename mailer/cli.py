@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -568,10 +568,21 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         )
 
 
+# While the holders stay the same, a drain says how far they got at most this often (their
+# counts change with every batch they send, several times a second).
+WAITING_EVERY = timedelta(seconds=5)
+
+
 def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
     """What a drain prints while other workers hold the deliveries it waits for."""
+    told: tuple[frozenset[str], datetime] | None = None
 
     def show(holdings: Sequence[Holding], at: datetime) -> None:
+        nonlocal told
+        owners = frozenset(h.owner for h in holdings)
+        if told is not None and told[0] == owners and at - told[1] < WAITING_EVERY:
+            return
+        told = (owners, at)
         for holding in holdings:
             err.print(f"waiting for {holding.describe(at)}", markup=False)
 
