@@ -670,6 +670,7 @@ def issues_group() -> None:
 @pass_ctx
 def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
     """Recent issues with their delivery counts."""
+    zone = ctx.settings.site.timezone
     table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
     for s in issues.list_issues(ctx.engine(), digest=digest, limit=limit):
         pending = (
@@ -678,7 +679,7 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
         table.add_row(
             str(s.id),
             s.digest,
-            f"{s.scheduled_for:%Y-%m-%d %H:%M}",
+            f"{s.scheduled_for.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M %Z}",
             s.status,
             str(s.counts.get("sent", 0)),
             str(pending),
