@@ -156,6 +156,8 @@ def test_a_database_outage_is_a_503_page_and_one_log_line(
     engine.dispose()
     assert page.status_code == 503 and page.headers["retry-after"] == "30"
     assert "Temporarily unavailable" in page.text and "content-security-policy" in page.headers
+    # The reader is told what to do, not only that something is wrong.
+    assert "Please try again in a minute or two; if you were sending a form" in page.text
     assert health.status_code == 503 and health.json()["database"] == "unavailable"
     assert "Traceback" not in caplog.text
     assert "database unavailable for a web request" in caplog.text
