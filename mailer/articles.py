@@ -685,7 +685,8 @@ def _build(fields: _Fields, ctx: _Context) -> ParsedArticle:
     known = ", ".join(ctx.known_topics) or "none configured"
     if not topic:
         raise ctx.error(
-            f"no topic: name one in the front matter or give the source a topic (known: {known})",
+            "no topic: name one in the front matter (topic: KEY), pass --topic KEY to"
+            f" `mailer articles add`, or give its [[sources]] entry a topic (known: {known})",
             topic_line,
         )
     if topic not in ctx.known_topics:

@@ -15,9 +15,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 import sqlalchemy as sa
@@ -560,10 +561,25 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         )
 
 
-def _waiting(holdings: Sequence[Holding], at: datetime) -> None:
+# While the holders stay the same, a drain says how far they got at most this often (their
+# counts change with every batch they send, several times a second).
+WAITING_EVERY = timedelta(seconds=5)
+
+
+def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
     """What a drain prints while other workers hold the deliveries it waits for."""
-    for holding in holdings:
-        err.print(f"waiting for {holding.describe(at)}", markup=False)
+    told: tuple[frozenset[str], datetime] | None = None
+
+    def show(holdings: Sequence[Holding], at: datetime) -> None:
+        nonlocal told
+        owners = frozenset(h.owner for h in holdings)
+        if told is not None and told[0] == owners and at - told[1] < WAITING_EVERY:
+            return
+        told = (owners, at)
+        for holding in holdings:
+            err.print(f"waiting for {holding.describe(at)}", markup=False)
+
+    return show
 
 
 def _send_issue(
@@ -598,7 +614,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting)
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
         )
         if stopped:
             helpers.stop()
@@ -647,6 +663,7 @@ def issues_group() -> None:
 @pass_ctx
 def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
     """Recent issues with their delivery counts."""
+    zone = ctx.settings.site.timezone
     table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
     for s in issues.list_issues(ctx.engine(), digest=digest, limit=limit):
         pending = (
@@ -655,7 +672,7 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
         table.add_row(
             str(s.id),
             s.digest,
-            f"{s.scheduled_for:%Y-%m-%d %H:%M}",
+            f"{s.scheduled_for.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M %Z}",
             s.status,
             str(s.counts.get("sent", 0)),
             str(pending),
@@ -828,7 +845,7 @@ def _serve(
         parts=parts,
         sign=signer(settings),
         web_socket=web_socket,
-        on_wait=_waiting,
+        on_wait=_waiting(),
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:

@@ -589,7 +589,8 @@ def _check_subject(t: _Table, digest: Digest, sample_slot: datetime) -> None:
         raise t.error(
             "subject",
             f"cannot be rendered: {exc.reason} "
-            f"(tried with digest {digest.key!r} and date {sample_slot:%Y-%m-%d %H:%M %Z})",
+            f"(tried with digest {digest.key!r} and date {sample_slot:%Y-%m-%d %H:%M %Z};"
+            " a subject sees digest.name, digest.key and date)",
         ) from exc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import sqlalchemy as sa
 
@@ -14,6 +15,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class KeyValueFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The machine's local time with its zone's name, so that a log line's time is not
+        taken for the site's (every other time shown to staff names its zone)."""
+        zone = time.strftime("%Z", self.converter(record.created))
+        return f"{super().formatTime(record, datefmt)} {zone}"
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = {k: v for k, v in vars(record).items() if k not in _STANDARD}

@@ -186,3 +186,14 @@ def test_an_unknown_article_is_one_line_and_exit_1(
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: no article 42: `mailer articles list` shows their ids"]
+
+
+def test_issues_list_shows_when_each_issue_was_scheduled_in_the_sites_zone(config: Path) -> None:
+    run(config, "init")
+    settings = load_settings(config)
+    engine = create_engine(settings.database.url)
+    make_issue(settings, engine, "weekly", NOW)  # 12:00 UTC, 07:00 in New York
+    listed = run(config, "issues", "list").output
+    cells = [line.split("│")[3].strip() for line in listed.splitlines() if line.startswith("│")]
+    assert cells[:2] == ["2026-11-20 07:00", "EST"]
+    engine.dispose()

@@ -336,7 +336,14 @@ ERRORS: list[tuple[str, str, dict[str, Any], str, int | None]] = [
         r"unknown topic 'weather' \(known: base-alerts, local-events, military-news\)",
         None,
     ),
-    ("no-topic", "Title\n\nBody.", {"default_topic": None}, "no topic", None),
+    (
+        "no-topic",
+        "Title\n\nBody.",
+        {"default_topic": None},
+        r"no topic: name one in the front matter \(topic: KEY\), pass --topic KEY to"
+        r" `mailer articles add`, or give its \[\[sources\]\] entry a topic \(known: ",
+        None,
+    ),
     (
         "unknown-front-matter-topic",
         "+++\ntitle = 'T'\ntopic = 'sports'\n+++\n",

@@ -180,7 +180,13 @@ REFUSED_AT_LOAD = {
     "subject-undefined-name": (
         {"digests": _digest(subject="{{ nope }}")},
         "[digests[0]].subject cannot be rendered: 'nope' is undefined "
-        "(tried with digest 'weekly' and date 2026-01-02 07:00 EST)",
+        "(tried with digest 'weekly' and date 2026-01-02 07:00 EST;",
+    ),
+    "subject-misspelt-attribute": (
+        {"digests": _digest(subject="{{ digest.nme }}")},
+        "[digests[0]].subject cannot be rendered: 'mailer.config.Digest object' has no attribute"
+        " 'nme' (tried with digest 'weekly' and date 2026-01-02 07:00 EST; a subject sees"
+        " digest.name, digest.key and date)",
     ),
     "subject-syntax": (
         {"digests": _digest(subject="{{ date.strftime( }}")},

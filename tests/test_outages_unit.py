@@ -122,3 +122,19 @@ async def test_a_relay_outage_is_logged_once_when_it_starts_and_once_when_it_end
     assert [r.levelno for r in started] == [logging.ERROR, logging.ERROR]
     assert len(ended) == 1 and getattr(ended[0], "failures", 0) == 3
     assert started[0].created <= ended[0].created <= started[1].created
+
+
+async def test_a_relay_outage_writes_one_line_not_one_per_deferred_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    message = b"Subject: hi\r\n\r\nhello\r\n"
+    async with SmtpPool(relay(port), local_hostname="client.test") as pool:
+        results = [await pool.send("a@example.org", f"r{n}@example.org", message) for n in range(5)]
+    assert [r.outcome for r in results] == [Outcome.DEFERRED] * 5
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [
+        f"the SMTP relay at 127.0.0.1:{port} is unreachable; deliveries are deferred"
+        " until it answers"
+    ]

@@ -135,6 +135,28 @@ def test_a_malformed_chunked_body_is_a_400_and_one_warning_without_traceback(
     assert served.statuses() == []
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /subscribe HTTP/1.1\r\n",  # no Content-Type: answered without reading the body
+        b"GET / HTTP/1.1\r\n",
+        b"POST /archive HTTP/1.1\r\n",
+    ],
+)
+def test_a_malformed_chunked_body_to_a_route_that_does_not_read_it_leaves_no_traceback(
+    served: Served, head: bytes
+) -> None:
+    request = (
+        head + b"Host: news.example.org\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\nemail=reader%40example.org\r\n0\r\n\r\n"
+    )
+    answer = served.raw(request, read=True)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    served.wait_for_log("response dropped: the request was malformed and already refused")
+    served.assert_no_traceback()
+    assert served.statuses() == []
+
+
 def test_a_5000_digit_archive_number_is_404_over_the_wire(served: Served) -> None:
     request = b"GET /archive/" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     answer = served.raw(request, read=True)
@@ -156,6 +178,8 @@ def test_a_database_outage_is_a_503_page_and_one_log_line(
     engine.dispose()
     assert page.status_code == 503 and page.headers["retry-after"] == "30"
     assert "Temporarily unavailable" in page.text and "content-security-policy" in page.headers
+    # The reader is told what to do, not only that something is wrong.
+    assert "Please try again in a minute or two; if you were sending a form" in page.text
     assert health.status_code == 503 and health.json()["database"] == "unavailable"
     assert "Traceback" not in caplog.text
     assert "database unavailable for a web request" in caplog.text

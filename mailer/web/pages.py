@@ -49,6 +49,8 @@ ERROR_TEXTS = {
     413: "The form sent more data than any of our forms needs.",
     429: "Please wait a few minutes and try again.",
     500: "Please try again in a few minutes.",
+    503: "We cannot reach our records just now. Please try again in a minute or two; if you"
+    " were sending a form, send it again then.",
 }
 
 

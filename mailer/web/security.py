@@ -6,6 +6,10 @@ own error pages and streamed ones, and cost one dict update per response.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import h11
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +25,8 @@ ARCHIVE_CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; form-action 'none'; "
     "frame-ancestors 'none'; base-uri 'none'; sandbox allow-popups allow-popups-to-escape-sandbox"
 )
+
+log = logging.getLogger(__name__)
 
 
 def security_headers(*, hsts: bool) -> dict[str, str]:
@@ -51,13 +57,31 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
 
+        dropped = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal dropped
+            if dropped:
+                return
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 for name, value in self.headers.items():
                     if name not in headers:
                         headers[name] = value
-            await send(message)
+            try:
+                await send(message)
+            except h11.LocalProtocolError:
+                # uvicorn already answered 400 to a request it could not parse (a bad chunk
+                # size) and closed the connection before a route that does not read the body
+                # answered it: nothing was read, so nothing was done, and no one is left to
+                # read this response. One turn of the loop lets uvicorn see the connection
+                # closed, so it does not report the response as unfinished either.
+                dropped = True
+                log.info(
+                    "response dropped: the request was malformed and already refused",
+                    extra={"method": scope.get("method"), "status": message.get("status")},
+                )
+                await asyncio.sleep(0)
 
         await self.app(scope, receive, send_with_headers)
 
