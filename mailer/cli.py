@@ -698,7 +698,10 @@ def issues_show(ctx: Context, issue_id: int) -> None:
             out.print(f"  {'':10} {count:>{len(str(n))}}  {reason}", markup=False)
     out.print(f"  {'total':10} {s.total}")
     if why.next_retry is not None:
-        out.print(f"  next retry {issues.local_time(why.next_retry, zone)}")
+        # Rows waiting with a due time already past are sent as soon as a worker claims them.
+        when = why.next_retry
+        shown = "due now" if when <= now() else issues.local_time(when, zone)
+        out.print(f"  next {'attempt' if shown == 'due now' else 'retry'} {shown}")
 
 
 @cli.command()

@@ -316,6 +316,8 @@ def test_retry_makes_deferred_and_unknown_due_now_and_reopens_the_issue(
     assert retried.returncode == 0, retried.stderr
     assert f"issue {issue_id}: 2 deliveries due now" in retried.stdout
     assert summarize(engine, issue_id).status == "sending"
+    due = cli_run(config, "issues", "show", str(issue_id))
+    assert "  next attempt due now" in due.stdout and "next retry" not in due.stdout, due.stdout
     sent = cli_run(config, "digest", "send", "weekly")
     # The unbuildable one stays failed: final, so the issue is done.
     assert sent.returncode == 0, sent.stdout + sent.stderr
