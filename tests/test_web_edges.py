@@ -13,12 +13,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from starlette.exceptions import StarletteDeprecationWarning
 
-from mailer.db import create_engine
+from mailer.db import create_engine, migrate
 from mailer.schema import subscribers as subscriber_table
 from mailer.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
@@ -182,4 +183,29 @@ def test_a_database_outage_is_a_503_page_and_one_log_line(
     assert "Please try again in a minute or two; if you were sending a form" in page.text
     assert health.status_code == 503 and health.json()["database"] == "unavailable"
     assert "Traceback" not in caplog.text
-    assert "database unavailable for a web request" in caplog.text
+    assert "is unreachable; web pages answer 503 until it is back" in caplog.text
+
+
+def test_a_database_outage_is_logged_once_for_all_requests_and_its_end_once(
+    tmp_path: Path,
+    smtp_server: FaultServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder = tmp_path / "gone"  # SQLite cannot open a file in a folder that is not there
+    url = f"sqlite:///{folder / 'mailer.db'}"
+    settings = make_settings(url, smtp__port=smtp_server.port)
+    engine = create_engine(url)
+    app = create_app(settings, engine, SmtpConfirmationSender(settings))
+    caplog.set_level(logging.INFO)
+    with TestClient(app) as client:
+        answers = [client.get("/archive").status_code for _ in range(3)]
+        folder.mkdir()
+        migrate(engine)
+        back = client.get("/archive")
+    engine.dispose()
+    assert answers == [503, 503, 503] and back.status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        f"the database at {url} is unreachable; web pages answer 503 until it is back"
+    ]
+    assert "is reachable again after" in caplog.text

@@ -37,7 +37,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
 from mailer.config import Settings
+from mailer.db import safe_url
 from mailer.errors import DatabaseUnavailable
+from mailer.outages import OutageLog
 from mailer.web.account import AccountViews
 from mailer.web.context import WebContext
 from mailer.web.pages import Pages
@@ -132,9 +134,23 @@ def create_app(
         )
         return Response(status_code=400)
 
+    # A database outage is logged once when it starts (however many readers meet it) and once
+    # when the first new connection opens again, not once per request.
+    outage = OutageLog(
+        f"the database at {safe_url(engine.url)}",
+        meanwhile="web pages answer 503 until it is back",
+    )
+
+    def reachable(*_: object) -> None:
+        if outage.down:
+            outage.recovered()
+
+    sa.event.listen(engine, "connect", reachable)
+
     async def unavailable(request: Request, exc: Exception) -> Response:
-        # An outage is one line in the log and a 503 page, not a 500 with a traceback.
-        log.error("database unavailable for a web request", extra={"error": str(exc)})
+        # An outage is a 503 page, not a 500 with a traceback.
+        assert isinstance(exc, DatabaseUnavailable)
+        outage.failed(exc.reason)
         return pages.error(503, headers={"Retry-After": "30"})
 
     async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
