@@ -196,12 +196,22 @@ def sections(settings: Settings, articles: Sequence[Article]) -> tuple[SectionVi
 
 
 def article_view(article: Article) -> ArticleView:
-    """The template view of one article; the title is forced onto one line."""
+    """The template view of one article; the title is forced onto one line.
+
+    An article without a summary (a short alert is often a body alone) is shown by its body:
+    all of it when there is no link to read it at, else its first paragraph. Without this
+    fallback such an article reached readers as a bare title.
+    """
+    link = safe_link(article.link)
+    summary = article.summary.strip()
+    if not summary:
+        body = article.body.strip()
+        summary = body if link is None else (paragraphs(body) or [""])[0]
     return ArticleView(
         title=one_line(article.title),
-        summary=article.summary.strip(),
+        summary=summary,
         why_it_matters=article.why_it_matters.strip(),
-        link=safe_link(article.link),
+        link=link,
     )
 
 

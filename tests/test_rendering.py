@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,19 @@ def test_digest_shows_every_article_field_in_both_parts() -> None:
     assert hrefs.count("https://news.example.org/articles/1") == 2  # title and "Read more"
     assert "https://news.example.org/articles/2" not in html + text
     assert "Read more:\nhttps://news.example.org/articles/1\n" in text
+
+
+def test_an_article_without_a_summary_is_shown_by_its_body_in_both_parts() -> None:
+    alone = article(1, summary="", body="Gate 3 closed for repairs until 18:00.\n\nUse Gate 5.")
+    linked = article(
+        2, summary="", link="https://news.example.org/a/2", body="First part.\n\nSecond part."
+    )
+    html, text = render(replace(alone, link=None), linked)
+    visible = flat(" ".join(tags(html).text))
+    for part in (visible, flat(text)):
+        # No link to read it at: all of it; with a link: its first paragraph, then Read more.
+        assert "Gate 3 closed for repairs until 18:00." in part and "Use Gate 5." in part
+        assert "First part." in part and "Second part." not in part
 
 
 def test_footer_has_every_compliance_item_in_both_parts() -> None:
