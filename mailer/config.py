@@ -60,7 +60,8 @@ class SiteSettings:
         if not self.secret_key:
             raise ConfigError(
                 f"the site secret is not set: export {self.secret_key_env} "
-                "(named by [site].secret_key_env) or set [site].secret_key_file"
+                "(named by [site].secret_key_env) or set [site].secret_key_file; make one with"
+                ' python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         return self.secret_key
 

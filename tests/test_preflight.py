@@ -109,7 +109,8 @@ def test_run_without_the_site_secret_stops_before_anything(
     line = one_error_line(mailer(config, "run", secret=False))
     assert line == (
         "error: the site secret is not set: export MAILER_SECRET_KEY "
-        "(named by [site].secret_key_env) or set [site].secret_key_file"
+        "(named by [site].secret_key_env) or set [site].secret_key_file; make one with"
+        ' python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
     )
     assert issue_count(sqlite_url) == 0
     assert smtp_server.connections == 0
