@@ -15,7 +15,9 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from mailer import events
+from mailer.articles import ARTICLE_COLUMNS
 from mailer.errors import UnknownArticleError
+from mailer.models import Article
 from mailer.schema import articles, issue_articles, issues
 
 log = logging.getLogger(__name__)
@@ -37,21 +39,11 @@ class TakenBy:
 
 @dataclass(frozen=True)
 class ArticleDetail:
-    """Every stored field of one article, what took it, and its removal if any."""
+    """One stored article, when it arrived and changed, what took it, and its removal if any."""
 
-    id: int
-    guid: str
-    topic: str
-    title: str
-    summary: str
-    why_it_matters: str
-    body: str
-    link: str | None
-    published_at: datetime
-    expires_at: datetime | None
+    article: Article
     created_at: datetime  # arrival in the store
     updated_at: datetime
-    removed_at: datetime | None
     removed_by: str | None
     removed_from: tuple[int, ...]
     issues: tuple[TakenBy, ...]
@@ -76,7 +68,15 @@ def _issue_ids(text: str | None) -> tuple[int, ...]:
 def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
     """The article ``article_id`` with the issues that took it; UnknownArticleError if none."""
     with engine.connect() as conn:
-        row = conn.execute(sa.select(articles).where(articles.c.id == article_id)).first()
+        row = conn.execute(
+            sa.select(
+                *ARTICLE_COLUMNS,
+                articles.c.created_at,
+                articles.c.updated_at,
+                articles.c.removed_by,
+                articles.c.removed_from,
+            ).where(articles.c.id == article_id)
+        ).first()
         if row is None:
             raise UnknownArticleError(article_id)
         taken = conn.execute(
@@ -85,20 +85,11 @@ def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
             .where(issue_articles.c.article_id == article_id)
             .order_by(issues.c.scheduled_for, issues.c.id)
         ).all()
+    values = row._mapping
     return ArticleDetail(
-        id=row.id,
-        guid=row.guid,
-        topic=row.topic,
-        title=row.title,
-        summary=row.summary,
-        why_it_matters=row.why_it_matters,
-        body=row.body,
-        link=row.link,
-        published_at=row.published_at,
-        expires_at=row.expires_at,
+        article=Article(**{c.name: values[c.name] for c in ARTICLE_COLUMNS}),
         created_at=row.created_at,
         updated_at=row.updated_at,
-        removed_at=row.removed_at,
         removed_by=row.removed_by,
         removed_from=_issue_ids(row.removed_from),
         issues=tuple(TakenBy(*t) for t in taken),

@@ -397,7 +397,8 @@ def articles_show(ctx: Context, article_id: int) -> None:
     """Every field of one article, when it arrived, and the issues that took it."""
     from mailer.article_admin import show
 
-    a = show(ctx.engine(), article_id)
+    detail = show(ctx.engine(), article_id)
+    a = detail.article
     at = functools.partial(_site_time, ctx.settings)
     fields = [
         ("id", str(a.id)),
@@ -407,16 +408,18 @@ def articles_show(ctx: Context, article_id: int) -> None:
         ("link", a.link or "-"),
         ("published", at(a.published_at)),
         ("expires", at(a.expires_at)),
-        ("arrived", at(a.created_at)),
-        ("updated", at(a.updated_at)),
+        ("arrived", at(detail.created_at)),
+        ("updated", at(detail.updated_at)),
     ]
     if a.removed_at is not None:
-        where = ", ".join(str(i) for i in a.removed_from) or "none"
-        fields.append(("removed", f"{at(a.removed_at)} by {a.removed_by} (from issues: {where})"))
+        where = ", ".join(str(i) for i in detail.removed_from) or "none"
+        fields.append(
+            ("removed", f"{at(a.removed_at)} by {detail.removed_by} (from issues: {where})")
+        )
     for name, value in fields:
         out.print(f"{name + ':':<11}{value}", markup=False)
-    out.print("issues:" if a.issues else "issues:    none")
-    for t in a.issues:
+    out.print("issues:" if detail.issues else "issues:    none")
+    for t in detail.issues:
         out.print(f"  {t.issue_id}  {t.digest}  {at(t.scheduled_for)}  {t.status}", markup=False)
     for name, text in (
         ("summary", a.summary),
