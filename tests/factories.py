@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from mailer import subscribers
+from mailer import articles, subscribers
 from mailer.config import Settings, parse_settings
+from mailer.db import create_engine
+from tests.smtp_server import Delay, FaultServer
 
 SECRET = "test-secret-0123456789abcdef0123"
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -119,3 +122,47 @@ def write_config(path: Path, db_url: str, **sections: Any) -> Path:
             lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def article(n: int, published: datetime) -> articles.ParsedArticle:
+    """A base alert published at ``published``."""
+    return articles.ParsedArticle(
+        guid=f"urn:test:{n}",
+        topic="base-alerts",
+        title=f"Alert {n}",
+        summary="Summary.",
+        why_it_matters="Why.",
+        body="Body.",
+        link="https://news.example.org/a",
+        published_at=published,
+    )
+
+
+def ready_to_send(
+    db_url: str,
+    config: Path,
+    server: FaultServer,
+    emails: Sequence[str],
+    *,
+    hold: float | None = None,
+    smtp: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Path:
+    """A config for ``mailer --config`` that sends to ``server``, one article of the last hour
+    (commands run on the real clock: it is within the lookback) and ``emails`` as active
+    subscribers; with ``hold``, the server holds each of their messages that many seconds."""
+    write_config(
+        config,
+        db_url,
+        smtp={"host": "127.0.0.1", "port": server.port, "timeout": 5, **(smtp or {})},
+        **sections,
+    )
+    engine = create_engine(db_url)
+    now = datetime.now(UTC)
+    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
+    for email in emails:
+        make_subscriber(engine, email=email)
+        if hold is not None:
+            server.script(email, [Delay(hold)], stage="data")
+    engine.dispose()
+    return config

@@ -28,9 +28,16 @@ from mailer.owners import owner_gone, process_started
 from mailer.rendering import render_subject
 from mailer.schema import deliveries, issues, subscribers
 from mailer.smtp import SmtpPool
-from tests.factories import NOW, make_settings, make_subscriber, write_config
+from tests.factories import (
+    NOW,
+    article,
+    make_settings,
+    make_subscriber,
+    ready_to_send,
+    write_config,
+)
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
-from tests.test_service import article, process_log, spawn, wait_for  # noqa: F401
+from tests.test_service import process_log, spawn, wait_for  # noqa: F401
 
 HOST = socket.gethostname()
 
@@ -386,20 +393,10 @@ def test_resume_requeues_what_a_relay_outage_left(engine: sa.Engine) -> None:
 
 
 def prepare(
-    db_url: str, tmp_path: Path, port: int, emails: Sequence[str], **smtp: object
+    db_url: str, tmp_path: Path, server: FaultServer, emails: Sequence[str], **smtp: object
 ) -> tuple[Path, sa.Engine]:
-    config = write_config(
-        tmp_path / "mailer.toml",
-        db_url,
-        smtp={"host": "127.0.0.1", "port": port, "timeout": 5, **smtp},
-    )
-    engine = create_engine(db_url)
-    # The commands run on the real clock: an article of the last hour is within the lookback.
-    now = datetime.now(UTC)
-    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
-    for email in emails:
-        make_subscriber(engine, email=email)
-    return config, engine
+    config = ready_to_send(db_url, tmp_path / "mailer.toml", server, emails, smtp=smtp)
+    return config, create_engine(db_url)
 
 
 def test_kill_9_mid_send_then_send_again_finishes_within_seconds(
@@ -412,7 +409,7 @@ def test_kill_9_mid_send_then_send_again_finishes_within_seconds(
     emails = [f"r{n}@example.org" for n in range(200)]
     # The default lease (15 s): no lease_seconds given.
     config, engine = prepare(
-        db_url, tmp_path, smtp_server.port, emails, connections=connections, batch_size=50
+        db_url, tmp_path, smtp_server, emails, connections=connections, batch_size=50
     )
     for email in emails:
         smtp_server.script(email, [Delay(0.02)], stage="data")
@@ -446,7 +443,7 @@ def test_relay_down_then_up_exits_1_with_the_reason_then_delivers_each_once(
     port = first.port
     for email in emails:
         first.script(email, [Delay(0.2)], stage="data")
-    config, engine = prepare(db_url, tmp_path, port, emails, connections=connections)
+    config, engine = prepare(db_url, tmp_path, first, emails, connections=connections)
     # The relay answers the start check, then goes away mid-send.
     send = spawn(config, process_log, "digest", "send", "weekly")
     try:
@@ -490,7 +487,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     command: tuple[str, ...],
 ) -> None:
     emails = [f"r{n}@example.org" for n in range(6)]
-    config, engine = prepare(db_url, tmp_path, smtp_server.port, emails, lease_seconds=5)
+    config, engine = prepare(db_url, tmp_path, smtp_server, emails, lease_seconds=5)
     issue_id = make_issue(engine, make_settings(db_url), len(emails), at=datetime.now(UTC))
     # Another worker, alive (this test's process), holds three of the issue's deliveries.
     holder = f"{HOST}:{os.getpid()}"

@@ -11,20 +11,19 @@ from __future__ import annotations
 import signal
 import time
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from mailer import articles
 from mailer.db import create_engine
 from mailer.issues import create_issue
 from mailer.rendering import render_subject
-from tests.factories import make_settings, make_subscriber, write_config
+from tests.factories import make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_senders import statuses
-from tests.test_service import article, spawn, wait_for
+from tests.test_service import spawn, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,28 +38,15 @@ HOLD = 0.02
 
 
 def prepare(url: str, tmp_path: Path, server: FaultServer, **database: object) -> Path:
-    config = write_config(
-        tmp_path / "mailer.toml",
+    return ready_to_send(
         url,
-        smtp={
-            "host": "127.0.0.1",
-            "port": server.port,
-            "connections": CONNECTIONS,
-            "timeout": 5,
-            "batch_size": 20,
-        },
+        tmp_path / "mailer.toml",
+        server,
+        [f"r{n}@example.org" for n in range(SUBSCRIBERS)],
+        hold=HOLD,
+        smtp={"connections": CONNECTIONS, "batch_size": 20},
         **{f"database__{k}": v for k, v in database.items()},
     )
-    engine = create_engine(url)
-    # The commands run on the real clock: an article of the last hour is within the lookback.
-    now = datetime.now(UTC)
-    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
-    for n in range(SUBSCRIBERS):
-        email = f"r{n}@example.org"
-        make_subscriber(engine, email=email)
-        server.script(email, [Delay(HOLD)], stage="data")
-    engine.dispose()
-    return config
 
 
 def outage_mid_send(cluster: PgCluster, server: FaultServer, log: Path, *, down: float) -> None:

@@ -9,13 +9,11 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles
 from mailer.clock import now as clock_now
 from mailer.db import create_engine, migrate
 from mailer.errors import ConfigError
@@ -24,9 +22,9 @@ from mailer.rendering import render_subject
 from mailer.schema import deliveries
 from mailer.senders import HelperExit
 from mailer.smtp import RateLimiter, share_schedule
-from tests.factories import make_settings, make_subscriber, write_config
+from tests.factories import make_settings, ready_to_send, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
-from tests.test_service import article, process_log, spawn, wait_for  # noqa: F401
+from tests.test_service import process_log, spawn, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +36,15 @@ def prepare(
 ) -> tuple[Path, list[str]]:
     """Subscribers with one article waiting, each message held 20 ms by the server (one process
     alone takes seconds: the helper starts well before the end)."""
-    config = write_config(
-        tmp_path / "mailer.toml",
-        db_url,
-        smtp={
-            "host": "127.0.0.1",
-            "port": server.port,
-            "connections": CONNECTIONS,
-            "timeout": 5,
-            "batch_size": 20,
-            **smtp,
-        },
-    )
-    engine = create_engine(db_url)
-    # On the real clock: `digest send` makes its issue now, and takes a week of articles.
-    moment = clock_now()
-    articles.upsert_articles(engine, [article(1, moment - timedelta(hours=1))], now=moment)
     emails = [f"r{n}@example.org" for n in range(subscribers)]
-    for email in emails:
-        make_subscriber(engine, email=email)
-        server.script(email, [Delay(0.02)], stage="data")
-    engine.dispose()
+    config = ready_to_send(
+        db_url,
+        tmp_path / "mailer.toml",
+        server,
+        emails,
+        hold=0.02,
+        smtp={"connections": CONNECTIONS, "batch_size": 20, **smtp},
+    )
     return config, emails
 
 

@@ -24,7 +24,7 @@ from mailer.issues import create_issue
 from mailer.rendering import render_subject
 from mailer.schema import deliveries, issues
 from mailer.service import Service
-from tests.factories import NOW, SECRET, make_settings, make_subscriber, write_config
+from tests.factories import NOW, SECRET, article, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -69,19 +69,6 @@ def wait_for(condition: Callable[[], bool], log: Path, what: str, timeout: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
         time.sleep(0.02)
-
-
-def article(n: int, published: datetime) -> articles.ParsedArticle:
-    return articles.ParsedArticle(
-        guid=f"urn:test:{n}",
-        topic="base-alerts",
-        title=f"Alert {n}",
-        summary="Summary.",
-        why_it_matters="Why.",
-        body="Body.",
-        link="https://news.example.org/a",
-        published_at=published,
-    )
 
 
 class Feeder(threading.Thread):
