@@ -37,7 +37,7 @@ from tests.factories import (
     write_config,
 )
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
-from tests.test_service import process_log, spawn, wait_for  # noqa: F401
+from tests.test_service import process_log, running, spawn, wait_for  # noqa: F401
 
 HOST = socket.gethostname()
 
@@ -508,9 +508,8 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
             )
 
     hold(30)  # outlasts the command's start; it waits a heartbeat (5 s / 3) at a time
-    drain = spawn(config, process_log, *command)
     waiting = f"waiting for 3 deliveries held by {holder} (lease renewed"
-    try:
+    with running(config, process_log, *command) as drain:
         wait_for(lambda: waiting in process_log.read_text(), process_log, "the drain to wait")
         assert len(smtp_server.received) == 3, "the rest went out meanwhile"
         hold(30)  # renewed: still alive, still waited for
@@ -520,10 +519,6 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
         # The holder gives them back unsent: the drain sends them.
         ledger.release(engine, held, owner=holder, now=datetime.now(UTC))
         assert drain.wait(timeout=30) == 0, process_log.read_text()
-    finally:
-        if drain.poll() is None:
-            drain.kill()
-            drain.wait()
     assert Counter(r.recipients[0] for r in smtp_server.received) == Counter(emails)
     assert summarize(engine, issue_id).status == "sent"
     engine.dispose()

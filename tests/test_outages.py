@@ -23,7 +23,7 @@ from tests.factories import make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_senders import statuses
-from tests.test_service import spawn, wait_for
+from tests.test_service import running, spawn, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -86,8 +86,7 @@ def test_a_worker_waits_out_a_database_outage_and_carries_on_by_itself(
     )
     engine.dispose()
     log = tmp_path / "worker.log"
-    worker = spawn(config, log, "worker", "--processes", str(PROCESSES))
-    try:
+    with running(config, log, "worker", "--processes", str(PROCESSES)) as worker:
         outage_mid_send(pg_cluster, smtp_server, log, down=2)
         wait_for(
             lambda: statuses(pg_cluster.url) == Counter({"sent": SUBSCRIBERS}), log, "all sent"
@@ -95,10 +94,6 @@ def test_a_worker_waits_out_a_database_outage_and_carries_on_by_itself(
         assert worker.poll() is None, log.read_text()  # still running, by itself
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0, log.read_text()
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
     text = log.read_text()
     assert_nothing_lost(smtp_server)
     assert "Traceback" not in text, text
@@ -118,16 +113,11 @@ def test_digest_send_finishes_after_the_database_comes_back(
 ) -> None:
     config = prepare(pg_cluster.url, tmp_path, smtp_server, outage_wait_seconds=60)
     log = tmp_path / "send.log"
-    send = spawn(
+    with running(
         config, log, "digest", "send", "weekly", "--processes", str(PROCESSES), verbose=False
-    )
-    try:
+    ) as send:
         outage_mid_send(pg_cluster, smtp_server, log, down=2)
         assert send.wait(timeout=90) == 0, log.read_text()
-    finally:
-        if send.poll() is None:
-            send.kill()
-            send.wait()
     text = log.read_text()
     assert "Traceback" not in text, text
     assert f"sent {SUBSCRIBERS}, deferred 0" in text, text
@@ -142,19 +132,14 @@ def test_digest_send_gives_up_after_outage_wait_seconds_with_one_line(
 ) -> None:
     config = prepare(pg_cluster.url, tmp_path, smtp_server, outage_wait_seconds=2)
     log = tmp_path / "send.log"
-    send = spawn(
+    with running(
         config, log, "digest", "send", "weekly", "--processes", str(PROCESSES), verbose=False
-    )
-    try:
+    ) as send:
         wait_for(lambda: len(smtp_server.received) >= SUBSCRIBERS // 4, log, "a quarter sent")
         pg_cluster.stop()
         started = time.monotonic()
         code = send.wait(timeout=60)
         waited = time.monotonic() - started
-    finally:
-        if send.poll() is None:
-            send.kill()
-            send.wait()
     text = log.read_text()
     assert code == 1, text
     assert "Traceback" not in text, text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -44,6 +45,21 @@ def spawn(config: Path, log: Path, *args: str, verbose: bool = True) -> subproce
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+@contextlib.contextmanager
+def running(
+    config: Path, log: Path, *args: str, verbose: bool = True
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``spawn`` for the block; a process still running when the block ends is killed (a
+    failed assertion must not leave it behind)."""
+    process = spawn(config, log, *args, verbose=verbose)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def stop_all(processes: list[subprocess.Popen[bytes]], log: Path) -> None:
