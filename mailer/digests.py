@@ -10,10 +10,9 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import select_for_issue
 from mailer.config import Digest, Settings
 from mailer.delivery import Deliverer, Totals
-from mailer.issues import IssueCreated, create_issue
+from mailer.issues import IssueCreated, articles_for, create_issue
 from mailer.ledger import Holding
 from mailer.messages import DigestComposer
 from mailer.models import IssueContent
@@ -43,14 +42,7 @@ def preview_next(
     yet, within its lookback, oldest arrival first up to max_articles.
     """
     with engine.connect() as conn:
-        selection = select_for_issue(
-            conn,
-            digest_key=digest.key,
-            topics=digest.topics,
-            lookback=digest.lookback,
-            limit=digest.max_articles,
-            now=now,
-        )
+        selection = articles_for(conn, digest, now=now)
     chosen = selection.articles
     date = now.astimezone(ZoneInfo(digest.timezone))
     subject = render_subject(digest, date)

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.articles import ARTICLE_COLUMNS, lookback_start, select_for_issue
+from mailer.articles import ARTICLE_COLUMNS, Selection, lookback_start, select_for_issue
 from mailer.config import Digest, Settings
 from mailer.db import refresh_statistics, upsert_insert
 from mailer.errors import DigestError
@@ -75,6 +75,22 @@ def message_id_prefix(digest_key: str, scheduled_for: datetime, issue_id: int) -
     return f"{digest_key}.{scheduled_for:%Y%m%d%H%M}.{issue_id}."
 
 
+def articles_for(
+    conn: sa.Connection, digest: Digest, *, now: datetime, since: datetime | None = None
+) -> Selection:
+    """What an issue of ``digest`` made at ``now`` takes: ``create_issue`` makes it so and the
+    preview of the next issue shows it, by the one call."""
+    return select_for_issue(
+        conn,
+        digest_key=digest.key,
+        topics=digest.topics,
+        lookback=digest.lookback,
+        limit=digest.max_articles,
+        now=now,
+        since=since,
+    )
+
+
 def create_issue(
     engine: sa.Engine,
     settings: Settings,
@@ -116,15 +132,7 @@ def create_issue(
             ).scalar_one()
             return IssueCreated(existing, False, 0, 0)
         _one_issue_at_a_time(conn, digest.key)
-        selection = select_for_issue(
-            conn,
-            digest_key=digest.key,
-            topics=digest.topics,
-            lookback=digest.lookback,
-            limit=digest.max_articles,
-            now=now,
-            since=since,
-        )
+        selection = articles_for(conn, digest, now=now, since=since)
         chosen = selection.articles
         if chosen:
             conn.execute(
