@@ -564,25 +564,11 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
         )
 
 
-# While the holders stay the same, a drain says how far they got at most this often (their
-# counts change with every batch they send, several times a second).
-WAITING_EVERY = timedelta(seconds=5)
-
-
-def _waiting() -> Callable[[Sequence[Holding], datetime], None]:
-    """What a drain prints while other workers hold the deliveries it waits for."""
-    told: tuple[frozenset[str], datetime] | None = None
-
-    def show(holdings: Sequence[Holding], at: datetime) -> None:
-        nonlocal told
-        owners = frozenset(h.owner for h in holdings)
-        if told is not None and told[0] == owners and at - told[1] < WAITING_EVERY:
-            return
-        told = (owners, at)
-        for holding in holdings:
-            err.print(f"waiting for {holding.describe(at)}", markup=False)
-
-    return show
+def _waiting(holdings: Sequence[Holding], at: datetime) -> None:
+    """What a drain prints while other workers hold the deliveries it waits for (the drain
+    tells it when the holders change, else once per heartbeat interval)."""
+    for holding in holdings:
+        err.print(f"waiting for {holding.describe(at)}", markup=False)
 
 
 def _send_issue(
@@ -617,7 +603,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting())
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting)
         )
         if stopped:
             helpers.stop()
@@ -851,7 +837,7 @@ def _serve(
         parts=parts,
         sign=signer(settings),
         web_socket=web_socket,
-        on_wait=_waiting(),
+        on_wait=_waiting,
     )
     helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
@@ -888,7 +874,6 @@ def bounces_process(
     ctx: Context, path: Path, soft_limit: int | None, soft_window_days: int | None
 ) -> None:
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
-    from datetime import timedelta
 
     from mailer.bounces import process_path
     from mailer.delivery import envelope_sender

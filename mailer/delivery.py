@@ -226,7 +226,7 @@ class Deliverer:
         # When the latest claim chose its rows: what another worker held then is waited for
         # (or taken) even if its lease ended since, before this worker could claim it.
         self._claimed_at: datetime | None = None
-        self._told = 0.0
+        self._told: tuple[frozenset[str], datetime] | None = None  # holders told, and when
         self._wait_step = WAIT_FIRST
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
         # of what sending one took (bench/README.md).
@@ -466,8 +466,8 @@ class Deliverer:
         ``issue_id``). Claims of dead processes of this host are taken over at once; for live
         ones this waits until the earliest of their leases could end, or less while their
         holders make progress (``WAIT_FIRST``, doubling up to a heartbeat interval while
-        nothing changes), then the caller claims again. ``on_wait`` is told when what is held
-        changes, and once per heartbeat interval otherwise."""
+        nothing changes), then the caller claims again. ``on_wait`` is told when the holders
+        change, and once per heartbeat interval otherwise."""
         now = self.clock()
         then = min(now, self._claimed_at or now)
         holdings = await self.db(
@@ -475,19 +475,25 @@ class Deliverer:
         )
         if not holdings:
             self._seen_held = None
+            self._told = None
             return False
         if await self._take_over(holdings, now):
             return True
         held = tuple((h.owner, h.count) for h in holdings)
+        # Progress (their counts fall with every batch they send) makes the next look sooner;
+        # what is told changes only with the holders, else once per heartbeat interval.
         changed = held != self._seen_held
-        if changed or time.monotonic() - self._told >= self.heartbeat_seconds:
+        owners = frozenset(h.owner for h in holdings)
+        told = self._told
+        every = timedelta(seconds=self.heartbeat_seconds)
+        if told is None or told[0] != owners or now - told[1] >= every:
             log.info(
                 "waiting for deliveries held by other workers",
                 extra={"holders": dict(held)},
             )
             if on_wait is not None:
                 on_wait(holdings, now)
-            self._told = time.monotonic()
+            self._told = (owners, now)
         self._wait_step = (
             WAIT_FIRST if changed else min(2 * self._wait_step, self.heartbeat_seconds)
         )

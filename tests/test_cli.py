@@ -174,28 +174,3 @@ def test_log_lines_name_the_zone_of_their_time() -> None:
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} E[SD]T WARNING mailer\.x: relay down\n", done.stderr
     )
-
-
-def test_a_drain_waiting_on_a_sending_worker_says_so_every_few_seconds_not_every_batch(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from mailer.cli import _waiting
-    from mailer.ledger import Holding
-
-    show = _waiting()
-    start = datetime(2026, 12, 5, 20, 0, tzinfo=UTC)
-
-    def held(owner: str, count: int, after: float) -> None:
-        at = start + timedelta(seconds=after)
-        show([Holding(owner, count, at + timedelta(seconds=15), at)], at)
-
-    # The holder sends a batch every quarter second for six seconds, then another one starts.
-    for step in range(24):
-        held("vm:100", 300 - 8 * step, step / 4)
-    held("vm:200", 50, 6.1)
-    lines = capsys.readouterr().err.splitlines()
-    assert [line.split(" (")[0] for line in lines] == [
-        "waiting for 300 deliveries held by vm:100",
-        "waiting for 140 deliveries held by vm:100",
-        "waiting for 50 deliveries held by vm:200",
-    ]

@@ -558,3 +558,65 @@ async def test_a_lease_that_ends_between_the_claim_and_the_wait_is_not_left_behi
     assert told and told[0].startswith("3 deliveries held by elsewhere.example:1")
     assert totals.counts == {"sent": 3}
     assert Counter(r.recipients[0] for r in smtp_server.received) == Counter(emails)
+
+
+async def test_a_drain_tells_what_it_waits_for_when_the_holders_change_not_every_batch(
+    engine: sa.Engine,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    settings = make_settings(
+        str(engine.url), smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5}
+    )
+    emails = [f"r{n}@example.org" for n in range(30)]
+    issue_id = new_issue(engine, settings, emails)
+    # Another host's worker holds the whole issue (15 s leases: a heartbeat every 5 s).
+    held = [
+        d.id
+        for d in ledger.claim(
+            engine,
+            owner="elsewhere.example:1",
+            limit=30,
+            lease=timedelta(minutes=5),
+            now=NOW,
+            issue_id=issue_id,
+        )
+    ]
+    clock = Clock(NOW)
+    told: list[tuple[str, int]] = []
+    at_once = asyncio.Event()
+    at_once.set()  # no pause between looks: the test moves the clock itself
+
+    async def look(worker: Deliverer) -> None:
+        def tell(holdings: Sequence[ledger.Holding], at: datetime) -> None:
+            told.extend((h.owner, h.count) for h in holdings)
+
+        assert await worker.wait_for_others(issue_id, on_wait=tell, stop=at_once)
+
+    async with SmtpPool(settings.smtp) as pool:
+        worker = Deliverer(engine, settings, pool, clock=clock)
+        # The holder sends one message every quarter second for six seconds.
+        for step in range(24):
+            set_sent(engine, held[step])
+            await look(worker)
+            clock.value += timedelta(milliseconds=250)
+        with engine.begin() as conn:  # then another worker holds what is left
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.lease_owner == "elsewhere.example:1")
+                .values(lease_owner="other.example:2")
+            )
+        await look(worker)
+    assert told == [
+        ("elsewhere.example:1", 29),  # the first look
+        ("elsewhere.example:1", 9),  # a heartbeat interval (5 s) later
+        ("other.example:2", 6),  # the holders changed
+    ]
+
+
+def set_sent(engine: sa.Engine, delivery_id: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id == delivery_id)
+            .values(status="sent", lease_owner=None, lease_expires_at=None)
+        )
