@@ -524,24 +524,30 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     engine.dispose()
 
 
+def settings_for(engine: sa.Engine, server: FaultServer) -> Settings:
+    return make_settings(
+        str(engine.url), smtp={"host": "127.0.0.1", "port": server.port, "timeout": 5}
+    )
+
+
+def held_elsewhere(engine: sa.Engine, issue_id: int, *, lease: timedelta) -> list[int]:
+    """Every delivery of the issue claimed at NOW by a worker on another host (never judged
+    gone from here); their ids."""
+    claimed = ledger.claim(
+        engine, owner="elsewhere.example:1", limit=100, lease=lease, now=NOW, issue_id=issue_id
+    )
+    return [d.id for d in claimed]
+
+
 async def test_a_lease_that_ends_between_the_claim_and_the_wait_is_not_left_behind(
     engine: sa.Engine,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    settings = make_settings(
-        str(engine.url), smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5}
-    )
+    settings = settings_for(engine, smtp_server)
     emails = [f"r{n}@example.org" for n in range(3)]
     issue_id = new_issue(engine, settings, emails)
     # Held by a worker on another host (never judged gone from here) until NOW + 1.5 s.
-    ledger.claim(
-        engine,
-        owner="elsewhere.example:1",
-        limit=10,
-        lease=timedelta(seconds=1.5),
-        now=NOW,
-        issue_id=issue_id,
-    )
+    held_elsewhere(engine, issue_id, lease=timedelta(seconds=1.5))
     ticks = iter(range(10_000))
 
     def clock() -> datetime:  # two seconds pass between any two readings
@@ -564,23 +570,10 @@ async def test_a_drain_tells_what_it_waits_for_when_the_holders_change_not_every
     engine: sa.Engine,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    settings = make_settings(
-        str(engine.url), smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5}
-    )
-    emails = [f"r{n}@example.org" for n in range(30)]
-    issue_id = new_issue(engine, settings, emails)
+    settings = settings_for(engine, smtp_server)
+    issue_id = new_issue(engine, settings, [f"r{n}@example.org" for n in range(30)])
     # Another host's worker holds the whole issue (15 s leases: a heartbeat every 5 s).
-    held = [
-        d.id
-        for d in ledger.claim(
-            engine,
-            owner="elsewhere.example:1",
-            limit=30,
-            lease=timedelta(minutes=5),
-            now=NOW,
-            issue_id=issue_id,
-        )
-    ]
+    held = held_elsewhere(engine, issue_id, lease=timedelta(minutes=5))
     clock = Clock(NOW)
     told: list[tuple[str, int]] = []
     at_once = asyncio.Event()
