@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import importlib.metadata
 import io
+import logging
 import re
 import xml.sax
 from collections.abc import Collection, Mapping
@@ -39,6 +40,8 @@ from mailer.config import category_key
 from mailer.db import upsert_insert
 from mailer.errors import ConfigError, MailerError
 from mailer.schema import feed_state
+
+log = logging.getLogger(__name__)
 
 MAX_FEED_BYTES = 5 * 1024 * 1024
 MAX_REDIRECTS = 5
@@ -518,7 +521,7 @@ def _entry_article(entry: Any, ctx: _FeedContext) -> ParsedArticle:
         raise _Skip(f"{label} has no title and no text")
 
     published = _entry_date(entry)
-    ends = _event_end(entry)
+    ends = _event_end(entry, ctx, guid)
     return ParsedArticle(
         guid=guid,
         topic=_entry_topic(entry, ctx),
@@ -585,15 +588,20 @@ def _entry_date(entry: Any) -> datetime | None:
     return None
 
 
-def _event_end(entry: Any) -> datetime | None:
+def _event_end(entry: Any, ctx: _FeedContext, guid: str) -> datetime | None:
     """The end of the event an entry announces (RSS 1.0 event module, ``<ev:enddate>``): the
-    entry's life ends with it. A date without a time is the end of that day, UTC."""
+    entry's life ends with it. A date without a time is the end of that day, UTC. One that
+    cannot be read is logged (the article is kept, without an end)."""
     value = _string(entry.get("ev_enddate")).strip()
     if not value:
         return None
     try:
         ends = datetime.fromisoformat(value)
     except ValueError:
+        log.warning(
+            "event end date not understood; the article is kept without one",
+            extra={"feed": ctx.url, "guid": guid, "value": value[:80]},
+        )
         return None
     if len(value) <= 10:  # a bare date: the event lasts the whole day
         ends = ends.replace(hour=23, minute=59, second=59)

@@ -5,6 +5,7 @@ Every case of issue 12 "What was seen" 1–2 with a fixed clock, on SQLite and P
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -213,7 +214,7 @@ def test_expired_articles_and_events_that_are_over_never_go_out(
     )
 
 
-def test_event_end_is_read_from_front_matter_and_feeds() -> None:
+def test_event_end_is_read_from_front_matter_and_feeds(caplog: pytest.LogCaptureFixture) -> None:
     def front(extra: str) -> ParsedArticle:
         text = f'+++\ntitle = "T"\npublished = 2026-11-18T12:00:00Z\n{extra}+++\nBody.\n'
         return parse_article(
@@ -235,13 +236,20 @@ def test_event_end_is_read_from_front_matter_and_feeds() -> None:
         b"<pubDate>Wed, 18 Nov 2026 12:00:00 GMT</pubDate>"
         b"<ev:enddate>2026-11-21T17:00:00-05:00</ev:enddate></item>"
         b"<item><title>Turkey trot</title><link>https://news.example.org/e/2</link>"
-        b"<ev:enddate>2026-11-26</ev:enddate></item></channel></rss>"
+        b"<ev:enddate>2026-11-26</ev:enddate></item>"
+        b"<item><title>Parade</title><link>https://news.example.org/e/3</link>"
+        b"<ev:enddate>next Tuesday</ev:enddate></item></channel></rss>"
     )
+    caplog.set_level(logging.WARNING)
     parsed = parse_feed(feed, url="https://news.example.org/f", topic="local-events", now=at(12, 0))
     assert [a.expires_at for a in parsed.articles] == [
         at(22, 0, day=21),
         datetime(2026, 11, 26, 23, 59, 59, tzinfo=UTC),
+        None,  # kept, and said
     ]
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.getMessage().startswith("event end date not understood")
+    assert getattr(warning, "value", None) == "next Tuesday"
 
 
 # ------------------------------------------------------------------ across digests, leftovers
