@@ -19,8 +19,8 @@ demo: $(STAMP)
 	$(BIN)/mailer demo --out $(DEMO_DIR)
 
 lint: $(STAMP)
-	$(BIN)/ruff check mailer tests db bench
-	$(BIN)/ruff format --check mailer tests db bench
+	$(BIN)/ruff check mailer tests bench
+	$(BIN)/ruff format --check mailer tests bench
 	$(BIN)/mypy
 
 # Debian's chromium for the browser tests (a test tool cannot download a browser here).

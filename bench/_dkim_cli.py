@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 from mailer.clock import now
+from mailer.compose.dkim import DkimSigner
 from mailer.config import load_settings
-from mailer.db import check_schema, create_engine
-from mailer.delivery import Deliverer
-from mailer.digests import open_issue
-from mailer.dkim import DkimSigner
+from mailer.db.engine import check_schema, create_engine
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer
+from mailer.issues.staff import open_issue
 from mailer.service import Parts, Service
-from mailer.smtp import SmtpPool
 
 
 async def _deliver(engine, settings, issue_id, sign):  # type: ignore[no-untyped-def]

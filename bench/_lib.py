@@ -444,17 +444,17 @@ def load_bench_settings(path: Path) -> Any:
 
 
 def example_articles(now: datetime) -> list[Any]:
-    """The articles shipped in examples/articles, parsed (one is the site's own article)."""
-    from mailer.articles import load_article_file
+    """The articles shipped in the package's example articles, parsed (one is the site's own)."""
+    from mailer.content.articles import load_article_file
 
     return [
         load_article_file(p, default_topic="military-news", known_topics=TOPICS, now=now)
-        for p in sorted((ROOT / "examples" / "articles").iterdir())
+        for p in sorted((ROOT / "mailer" / "devtools" / "examples" / "articles").iterdir())
         if p.is_file()
     ]
 
 
-# The issue's articles: examples/articles holds six, a week of the site brings about three times
+# The issue's articles: the examples hold six, a week of the site brings about three times
 # as many. Each example appears WEEK_COPIES times (its own GUID, link and date), which makes the
 # rendered digest 20–40 KB, the size of a real weekly issue, instead of 10–19 KB.
 WEEK_COPIES = int(os.environ.get("MAILER_BENCH_COPIES", "3"))
@@ -514,8 +514,8 @@ def issue_content(now: datetime) -> Any:
 
 
 def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
-    """One real digest message per topic variant, rendered from examples/articles."""
-    from mailer.messages import DigestComposer
+    """One real digest message per topic variant, rendered from the example articles."""
+    from mailer.compose.messages import DigestComposer
     from mailer.models import Recipient
 
     now = datetime.now(UTC)
@@ -575,8 +575,8 @@ def _fill(engine: Any, n: int) -> None:
     Bulk inserts through the driver (executemany / COPY): generating a million subscribers is
     set-up, not what is measured.
     """
-    from mailer import articles
-    from mailer.db import migrate
+    from mailer.content import articles
+    from mailer.db.engine import migrate
 
     migrate(engine)
     now = datetime.now(UTC)
@@ -648,7 +648,7 @@ def schema_head() -> str:
     from alembic.script import ScriptDirectory
 
     config = Config()
-    config.set_main_option("script_location", str(ROOT / "db"))
+    config.set_main_option("script_location", str(ROOT / "mailer" / "db" / "migrations"))
     return ScriptDirectory.from_config(config).get_current_head() or "base"
 
 
@@ -656,7 +656,7 @@ def _sqlite_template(n: int) -> Path:
     path = WORK / f"template-sqlite-{n}-{schema_head()}-a{WEEK_COPIES}.db"
     if path.exists():
         return path
-    from mailer.db import create_engine
+    from mailer.db.engine import create_engine
 
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -678,7 +678,7 @@ def _pg_template(n: int) -> str:
         if exists:
             return name
         admin.execute(f'CREATE DATABASE "{name}"')
-    from mailer.db import create_engine
+    from mailer.db.engine import create_engine
 
     engine = create_engine(_pg_url(name))
     try:
@@ -739,7 +739,7 @@ def drop_templates() -> None:
 
 
 def delivery_counts(url: str) -> dict[str, int]:
-    from mailer.db import create_engine
+    from mailer.db.engine import create_engine
 
     engine = create_engine(url)
     try:

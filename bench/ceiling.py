@@ -1,7 +1,7 @@
 """The ceiling alone: Postfix's smtp-source into smtp-sink, at our message size.
 
 The message is a real rendered digest (the topic variant whose size is nearest the mean of
-the seven variants, rendered from examples/articles); smtp-source sends it over ``--connections``
+the seven variants, rendered from the example articles); smtp-source sends it over ``--connections``
 persistent sessions (``-d``; smtp-source does not pipeline). bench/send.py measures the same
 ceiling in every run, side by side with us; this script is for looking at it alone.
 

@@ -42,11 +42,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer import articles
-from mailer.db import create_engine, migrate
-from mailer.issues import create_issue
-from mailer.rendering import render_subject
-from mailer.schema import deliveries, subscribers
+from mailer.compose.rendering import render_subject
+from mailer.content import articles
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import deliveries, subscribers
+from mailer.issues.store import create_issue
 from tests.factories import SECRET, TOPICS, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer
 

@@ -77,7 +77,7 @@ def check_rejected(url: str, n: int, m: _lib.Measured, stderr: Path) -> None:
 
 
 def empty_database(kind: str, tag: str) -> str:
-    from mailer.db import create_engine, migrate
+    from mailer.db.engine import create_engine, migrate
 
     _lib.WORK.mkdir(parents=True, exist_ok=True)
     if kind == "sqlite":
@@ -100,7 +100,7 @@ def empty_database(kind: str, tag: str) -> str:
 
 
 def count(url: str, table: str) -> int:
-    from mailer.db import create_engine
+    from mailer.db.engine import create_engine
 
     engine = create_engine(url)
     try:

@@ -29,11 +29,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.articles import select_for_issue, taken_by
-from mailer.db import create_engine, migrate, refresh_statistics
-from mailer.issues import create_issue
-from mailer.rendering import render_subject
-from mailer.schema import articles, issue_articles, issues, subscriber_topics, subscribers
+from mailer.compose.rendering import render_subject
+from mailer.content.articles import select_for_issue, taken_by
+from mailer.db.engine import create_engine, migrate, refresh_statistics
+from mailer.db.schema import articles, issue_articles, issues, subscriber_topics, subscribers
+from mailer.issues.store import create_issue
 from tests.factories import TOPICS, make_settings
 
 PG_URL = os.environ.get("MAILER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")

@@ -37,7 +37,7 @@ def row(part: str, value: str, note: str) -> None:
 
 
 def composer_and_recipients(n: int) -> tuple[object, list[object], datetime]:
-    from mailer.messages import DigestComposer
+    from mailer.compose.messages import DigestComposer
     from mailer.models import Recipient
 
     settings = _lib.load_bench_settings(_lib.WORK / "sample.toml")
@@ -81,7 +81,7 @@ def measure_render_build(runs: int, n: int) -> None:
 def measure_dkim(runs: int, n: int) -> None:
     import send
 
-    from mailer.dkim import DkimSigner, load_private_key
+    from mailer.compose.dkim import DkimSigner, load_private_key
 
     composer, recipients, now = composer_and_recipients(n)
     messages = [composer.message(r, _lib.VARIANTS[-1], now) for r in recipients]  # type: ignore[attr-defined]
@@ -103,7 +103,7 @@ async def _smtp_run(port: int, message: bytes, n: int, connections: int, own: bo
     """CPU seconds per message for n sends over `connections` lanes."""
     import aiosmtplib
 
-    from mailer.smtp import SmtpPool
+    from mailer.delivery.smtp import SmtpPool
 
     settings = _lib.load_bench_settings(_lib.WORK / "sample.toml")
     smtp = replace(settings.smtp, port=port, connections=connections)
@@ -160,11 +160,11 @@ def measure_smtp(runs: int, n: int, connections: int) -> None:
 
 
 def measure_db(kind: str, runs: int, n: int, group: int) -> None:
-    from mailer import ledger
     from mailer.clock import now
-    from mailer.db import create_engine
-    from mailer.digests import open_issue
-    from mailer.smtp import Outcome, SendResult, Stage
+    from mailer.db.engine import create_engine
+    from mailer.delivery import ledger
+    from mailer.delivery.smtp import Outcome, SendResult, Stage
+    from mailer.issues.staff import open_issue
 
     claims, commits = [], []
     ok = SendResult(Outcome.SENT, 250, "2.0.0 Ok: queued as 4F2C91234", Stage.DATA)

@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))  # tests.smtp_server, the recording server
 
 import sqlalchemy as sa
 
-from mailer.db import create_engine
-from mailer.schema import deliveries, issues
+from mailer.db.engine import create_engine
+from mailer.db.schema import deliveries, issues
 from tests.smtp_server import FaultServer
 
 

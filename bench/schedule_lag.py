@@ -46,9 +46,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer import articles
-from mailer.db import create_engine, migrate
-from mailer.schema import deliveries, issues
+from mailer.content import articles
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import deliveries, issues
 from tests.factories import SECRET, TOPICS, make_subscriber, write_config
 from tests.smtp_server import FaultServer
 

@@ -26,19 +26,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mailer import articles, issues, logs, subscribers
+from mailer import logs
 from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
-from mailer.db import check_schema, create_engine, migrate, safe_url
+from mailer.content import articles
+from mailer.db.engine import check_schema, create_engine, migrate, safe_url
+from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import ConfigError, MailerError
+from mailer.issues import store as issues
 from mailer.logs import describe_error, operational_errors
 from mailer.preflight import preflight
-from mailer.schema import SUBSCRIBER_STATUSES
+from mailer.subscribers import store as subscribers
 
 if TYPE_CHECKING:
-    from mailer.delivery import Totals
-    from mailer.ledger import Holding
-    from mailer.senders import HelperExit, Helpers
+    from mailer.delivery.ledger import Holding
+    from mailer.delivery.processes import HelperExit, Helpers
+    from mailer.delivery.worker import Totals
     from mailer.service import Parts
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,7 +85,7 @@ pass_ctx = click.make_pass_decorator(Context)
 
 def signer(settings: Settings) -> Callable[[bytes], bytes] | None:
     """The DKIM signing function for ``[dkim]``, or None; a bad key fails here, at start-up."""
-    from mailer.dkim import signer_for
+    from mailer.compose.dkim import signer_for
 
     return signer_for(settings)
 
@@ -331,7 +334,7 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
 @pass_ctx
 def articles_fetch(ctx: Context) -> None:
     """Fetch every [[sources]] feed and folder once; store new and changed articles."""
-    from mailer.sources import fetch_sources_sync
+    from mailer.content.sources import fetch_sources_sync
 
     feeds = ctx.settings.feeds
     results = fetch_sources_sync(
@@ -395,7 +398,7 @@ def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
 @pass_ctx
 def articles_show(ctx: Context, article_id: int) -> None:
     """Every field of one article, when it arrived, and the issues that took it."""
-    from mailer.article_admin import show
+    from mailer.content.admin import show
 
     detail = show(ctx.engine(), article_id)
     a = detail.article
@@ -441,7 +444,7 @@ def articles_show(ctx: Context, article_id: int) -> None:
 @pass_ctx
 def articles_remove(ctx: Context, article_id: int, by: str) -> None:
     """Take an article out of every issue not yet sent in full, and out of every later one."""
-    from mailer.article_admin import remove
+    from mailer.content.admin import remove
 
     removal = remove(ctx.engine(), article_id, by=by, now=now())
     issues_text = ", ".join(str(i) for i in removal.issues) or "none"
@@ -474,7 +477,7 @@ def digest_group() -> None:
 @pass_ctx
 def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     """Render the next issue of a digest without sending it."""
-    from mailer.digests import preview_next
+    from mailer.issues.staff import preview_next
 
     preview = preview_next(ctx.engine(), ctx.settings, ctx.settings.digest(key), now=now())
     if out_dir is None:
@@ -515,8 +518,8 @@ def with_processes(settings: Settings, processes: int | None) -> Settings:
 def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
     # Imported before the helpers are forked, so they start with them.
-    from mailer.digests import deliver_issue, open_issue  # noqa: F401
-    from mailer.senders import Helpers
+    from mailer.delivery.processes import Helpers
+    from mailer.issues.staff import deliver_issue, open_issue  # noqa: F401
     from mailer.signals import stop_on_signals  # noqa: F401
 
     settings = with_processes(ctx.settings, processes)
@@ -579,7 +582,7 @@ def _send_issue(
     sign: Callable[[bytes], bytes] | None,
 ) -> Totals:
     """Deliver an issue here and in the helpers, with a progress bar; this process's totals."""
-    from mailer.senders import Job
+    from mailer.delivery.processes import Job
 
     summary = issues.summarize(engine, issue_id)
     due = (
@@ -619,7 +622,7 @@ async def _deliver_issue(
     on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
 ) -> tuple[Totals, bool]:
     """This process's share of an issue; SIGTERM/SIGINT stop it after the current messages."""
-    from mailer.digests import deliver_issue
+    from mailer.issues.staff import deliver_issue
     from mailer.signals import stop_on_signals
 
     stop = asyncio.Event()
@@ -761,7 +764,7 @@ def issues_retry(ctx: Context, issue_id: int) -> None:
 def run(ctx: Context, no_web: bool) -> None:
     """Scheduler, delivery worker and web app, until SIGTERM or Ctrl-C (with [smtp].processes
     > 1, more processes deliver beside it)."""
-    from mailer.schedule import local_time, upcoming
+    from mailer.issues.schedule import local_time, upcoming
     from mailer.service import Parts
 
     settings = ctx.settings
@@ -828,7 +831,7 @@ def _serve(
     on_started: Callable[[], None] | None = None,
 ) -> Totals:
     """Run the service here and its helper processes beside it; the totals of all of them."""
-    from mailer.senders import Helpers, Job
+    from mailer.delivery.processes import Helpers, Job
     from mailer.service import Service
 
     service = Service(
@@ -875,8 +878,8 @@ def bounces_process(
 ) -> None:
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
 
-    from mailer.bounces import process_path
-    from mailer.delivery import envelope_sender
+    from mailer.bounces.reports import process_path
+    from mailer.delivery.worker import envelope_sender
 
     policy = ctx.settings.bounces
     soft_limit = policy.soft_limit if soft_limit is None else soft_limit
@@ -905,7 +908,7 @@ def dkim_group() -> None:
 @pass_ctx
 def dkim_keygen(ctx: Context, bits: int, force: bool) -> None:
     """Write [dkim].private_key_file (RSA, mode 0600) and print the DNS TXT record."""
-    from mailer.dkim import dns_record_name, generate_keypair, zone_file_line
+    from mailer.compose.dkim import dns_record_name, generate_keypair, zone_file_line
 
     settings = ctx.settings.dkim
     if settings is None:
@@ -926,7 +929,7 @@ def dkim_keygen(ctx: Context, bits: int, force: bool) -> None:
 @pass_ctx
 def dkim_record(ctx: Context) -> None:
     """Print the DNS TXT record for the configured key (checks that the key is usable)."""
-    from mailer.dkim import DkimSigner, dns_record_name
+    from mailer.compose.dkim import DkimSigner, dns_record_name
 
     settings = ctx.settings.dkim
     if settings is None:
@@ -950,7 +953,7 @@ def dkim_record(ctx: Context) -> None:
 )
 def sink(host: str, port: int, out_dir: Path) -> None:
     """A local capture SMTP server: one .eml file per message received."""
-    from mailer.sink import run_sink
+    from mailer.devtools.sink import run_sink
 
     run_sink(
         host,
@@ -978,7 +981,7 @@ def sink(host: str, port: int, out_dir: Path) -> None:
 )
 def demo(out_dir: Path, serve: bool) -> None:
     """Run the whole path on embedded defaults: subscribers, articles, one digest delivered."""
-    from mailer.demo import run_demo
+    from mailer.devtools.demo import run_demo
 
     run_demo(out_dir, console=out, serve=serve)
 

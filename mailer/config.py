@@ -20,8 +20,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from mailer.cron import CronError, first_fire, parse_cron
 from mailer.errors import ConfigError
+from mailer.issues.cron import CronError, first_fire, parse_cron
 
 DEFAULT_CONFIG_NAME = "mailer.toml"
 KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -98,7 +98,7 @@ class SmtpSettings:
     batch_size: int
     lease_seconds: float
     in_doubt: Literal["resend", "hold"]
-    # Processes sending at once (mailer.senders), each with `connections` connections.
+    # Processes sending at once (mailer.delivery.processes), each with `connections` connections.
     processes: int = 1
 
 
@@ -327,7 +327,7 @@ def _check_url(table: _Table, key: str, value: str, *, https_only: bool = False)
 
 
 LOOPBACK_HOSTS = frozenset({"localhost"})
-# What mailer.messages splices into headers and quoted-printable HTML unescaped (it checks
+# What mailer.compose.messages splices into headers and quoted-printable HTML unescaped (it checks
 # again there); ? and # are allowed by it, refused here with their own message.
 _INERT_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
 
@@ -582,7 +582,7 @@ def _check_subject(t: _Table, digest: Digest, sample_slot: datetime) -> None:
     firing builds the issue, long after the config was accepted.
     """
     # Here, not at the top: rendering reads this module's dataclasses.
-    from mailer.rendering import RenderError, default_renderer
+    from mailer.compose.rendering import RenderError, default_renderer
 
     try:
         default_renderer().render_subject(digest, sample_slot)
@@ -610,7 +610,7 @@ def _quiet_hours(t: _Table) -> tuple[time, time] | None:
 
 
 def category_key(name: str) -> str:
-    """A feed category as it is matched (mailer.feeds): case and runs of blanks ignored."""
+    """A feed category as it is matched (mailer.content.feeds): case and runs of blanks ignored."""
     return " ".join(name.split()).casefold()
 
 

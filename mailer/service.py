@@ -22,17 +22,17 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mailer.clock import now as clock_now
+from mailer.compose.rendering import render_subject
 from mailer.config import Digest, Settings
-from mailer.delivery import Deliverer, Totals
+from mailer.content.sources import fetch_sources, log_results
+from mailer.delivery.ledger import Holding
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
-from mailer.issues import IssueCreated, create_issue, last_scheduled
-from mailer.ledger import Holding
+from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
+from mailer.issues.store import IssueCreated, create_issue, last_scheduled
 from mailer.logs import describe_error
-from mailer.rendering import render_subject
-from mailer.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.signals import stop_on_signals, stopped_within
-from mailer.smtp import SmtpPool
-from mailer.sources import fetch_sources, log_results
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.db import create_engine, migrate
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import metadata
 from mailer.errors import DatabaseUnavailable
-from mailer.schema import metadata
 
 PG_ADMIN_URL = os.environ.get(
     "MAILER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"

@@ -11,9 +11,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer import articles, subscribers
 from mailer.config import Settings, parse_settings
-from mailer.db import create_engine
+from mailer.content import articles
+from mailer.db.engine import create_engine
+from mailer.subscribers import store as subscribers
 from tests.smtp_server import Delay, FaultServer
 
 SECRET = "test-secret-0123456789abcdef0123"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mailer.db import create_engine, migrate
+from mailer.db.engine import create_engine, migrate
 
 REQUIRE_PG = os.environ.get("MAILER_REQUIRE_POSTGRES") == "1"
 

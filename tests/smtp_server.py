@@ -1,9 +1,10 @@
 """A scriptable, fault-injecting SMTP server for tests: real aiosmtpd, real sockets, port 0.
 
-The server runs in a background thread on its own event loop (``mailer.sink.ServerThread``),
-so it serves async tests in the pytest-asyncio loop and synchronous code alike, and a reply
-delayed on the server never stalls the client under test. Load the fixtures (``smtp_server``,
-``make_smtp_server``, ``test_certificates``) as a plugin, or import them by name::
+The server runs in a background thread on its own event loop
+(``mailer.devtools.sink.ServerThread``), so it serves async tests in the pytest-asyncio loop
+and synchronous code alike, and a reply delayed on the server never stalls the client under
+test. Load the fixtures (``smtp_server``, ``make_smtp_server``, ``test_certificates``) as a
+plugin, or import them by name::
 
     pytest_plugins = ["tests.smtp_server"]  # or: from tests.smtp_server import smtp_server
 
@@ -47,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mailer.sink import ServerThread
+from mailer.devtools.sink import ServerThread
 
 Stage = Literal["mail", "rcpt", "data"]
 

@@ -17,15 +17,16 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles, issues
-from mailer.articles import ParsedArticle, parse_article, upsert_articles
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.db import create_engine, migrate
-from mailer.digests import preview_next
+from mailer.content import articles
+from mailer.content.articles import ParsedArticle, parse_article, upsert_articles
+from mailer.content.feeds import parse_feed
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import issue_articles, metadata
 from mailer.errors import ArticleError
-from mailer.feeds import parse_feed
-from mailer.rendering import render_subject
-from mailer.schema import issue_articles, metadata
+from mailer.issues import store as issues
+from mailer.issues.staff import preview_next
 from tests.factories import ALERTS, TOPICS, config_dict, make_settings, make_subscriber
 
 NEW_YORK = ZoneInfo("America/New_York")

@@ -10,14 +10,14 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from mailer import issues
 from mailer.cli import cli, main
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings, load_settings
-from mailer.db import create_engine
-from mailer.delivery import Deliverer
-from mailer.rendering import render_subject
-from mailer.schema import events, issue_articles
-from mailer.smtp import SmtpPool
+from mailer.db.engine import create_engine
+from mailer.db.schema import events, issue_articles
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer
+from mailer.issues import store as issues
 from tests.factories import ALERTS, NOW, SECRET, config_dict, write_config
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 

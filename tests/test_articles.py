@@ -14,8 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer import articles, subscribers
-from mailer.articles import (
+from mailer.content import articles
+from mailer.content.articles import (
     MAX_TEXT,
     ParsedArticle,
     list_articles,
@@ -24,11 +24,12 @@ from mailer.articles import (
     select_for_issue,
     upsert_articles,
 )
+from mailer.db.schema import articles as articles_table
 from mailer.errors import ArticleError
-from mailer.schema import articles as articles_table
+from mailer.subscribers import store as subscribers
 from tests.factories import NOW, TOPICS
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "mailer" / "devtools" / "examples"
 SEED = EXAMPLES / "articles" / "000-putin-visits-india.txt"
 SIGNUP_BOX = (
     "Get Camp Lejeune",

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.bounces import (
+from mailer.bounces.reports import (
     BounceSummary,
     MailboxError,
     Outcome,
@@ -34,9 +34,9 @@ from mailer.bounces import (
     uid_from_verp,
     verp_address,
 )
+from mailer.db.schema import deliveries, events, issues, subscribers, suppressions
 from mailer.errors import AddressError, MailerError
-from mailer.schema import deliveries, events, issues, subscribers, suppressions
-from mailer.subscribers import suppression_reason
+from mailer.subscribers.store import suppression_reason
 from tests.factories import NOW, make_subscriber
 
 SAMPLES = Path(__file__).parent / "data" / "bounces"
@@ -726,7 +726,7 @@ def test_hostile_reports_apply_cleanly_to_the_database(
 def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sa.Engine]:
     """One SQLite database with a subscriber whom hostile reports could match (Hypothesis
     reuses it across examples)."""
-    from mailer.db import create_engine, migrate
+    from mailer.db.engine import create_engine, migrate
 
     engine = create_engine(f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'm.db'}")
     migrate(engine)

@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles, ledger
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.delivery import Deliverer
-from mailer.issues import create_issue
-from mailer.rendering import render_subject
-from mailer.schedule import quiet_until
-from mailer.smtp import SmtpPool
+from mailer.content import articles
+from mailer.delivery import ledger
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer
+from mailer.issues.schedule import quiet_until
+from mailer.issues.store import create_issue
 from tests.factories import NOW, config_dict, make_settings, make_subscriber
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 

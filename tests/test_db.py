@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.db import (
+from mailer.db.engine import (
     SCHEMA_HEAD,
     check_schema,
     create_engine,
@@ -22,8 +22,8 @@ from mailer.db import (
     reading,
     writing,
 )
+from mailer.db.writelock import WriteLock
 from mailer.errors import MailerError
-from mailer.writelock import WriteLock
 
 
 def test_schema_head_is_the_newest_migration(engine: sa.Engine) -> None:
@@ -174,7 +174,7 @@ def test_migrations_build_the_schema_the_code_declares(engine: sa.Engine) -> Non
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from mailer.schema import metadata
+    from mailer.db.schema import metadata
 
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
@@ -184,11 +184,11 @@ def test_migrations_build_the_schema_the_code_declares(engine: sa.Engine) -> Non
 def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from mailer import ledger
+    from mailer.delivery import ledger
 
     engine = create_engine(f"sqlite:///{tmp_path / 'plan.db'}")
     try:
-        from mailer.db import migrate
+        from mailer.db.engine import migrate
 
         migrate(engine)
         seen: list[tuple[str, object]] = []

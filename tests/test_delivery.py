@@ -10,14 +10,15 @@ from email.message import EmailMessage
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles, subscribers
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.delivery import Backpressure, Deliverer
-from mailer.digests import open_issue
-from mailer.issues import IssueCreated, create_issue, summarize
-from mailer.rendering import render_subject
-from mailer.schema import deliveries
-from mailer.smtp import Outcome, SendResult, SmtpPool
+from mailer.content import articles
+from mailer.db.schema import deliveries
+from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
+from mailer.delivery.worker import Backpressure, Deliverer
+from mailer.issues.staff import open_issue
+from mailer.issues.store import IssueCreated, create_issue, summarize
+from mailer.subscribers import store as subscribers
 from tests.factories import NOW, make_settings, make_subscriber
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
 

@@ -23,8 +23,7 @@ from dkim.util import parse_tag_value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailer.config import DkimSettings, parse_settings
-from mailer.dkim import (
+from mailer.compose.dkim import (
     SIGNED_FIELDS,
     DkimError,
     DkimKeyError,
@@ -36,11 +35,12 @@ from mailer.dkim import (
     relaxed_body,
     zone_file_line,
 )
+from mailer.compose.messages import DigestComposer, build_confirmation
+from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
+from mailer.config import DkimSettings, parse_settings
+from mailer.delivery.smtp import Outcome, SmtpPool
 from mailer.errors import ConfigError, MailerError
-from mailer.messages import DigestComposer, build_confirmation
 from mailer.models import Article, IssueContent, Recipient
-from mailer.smtp import Outcome, SmtpPool
-from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from tests.factories import NOW, TOPICS, config_dict, make_settings
 from tests.smtp_server import FaultServer
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer.articles import (
+from mailer.content.articles import (
     ParsedArticle,
     UpsertReport,
     _upsert_chunk,
@@ -24,9 +24,9 @@ from mailer.articles import (
     load_article_file,
     upsert_articles,
 )
-from mailer.db import create_engine
-from mailer.schema import UtcDateTime, articles
-from mailer.sources import fetch_sources_sync
+from mailer.content.sources import fetch_sources_sync
+from mailer.db.engine import create_engine
+from mailer.db.schema import UtcDateTime, articles
 from tests.factories import NOW, SECRET, TOPICS, make_settings, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ def test_migration_0007_keys_stored_articles_first_come_first_and_keeps_issues(
 ) -> None:
     from alembic import command
 
-    from mailer.db import _alembic_config
+    from mailer.db.engine import _alembic_config
 
     engine = create_engine(empty_url)
     try:

@@ -12,12 +12,12 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles
-from mailer.delivery import Deliverer
-from mailer.issues import create_issue, summarize
-from mailer.rendering import render_subject
-from mailer.schema import deliveries, subscribers
-from mailer.smtp import SmtpPool
+from mailer.compose.rendering import render_subject
+from mailer.content import articles
+from mailer.db.schema import deliveries, subscribers
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer
+from mailer.issues.store import create_issue, summarize
 from tests.factories import NOW, make_settings
 from tests.smtp_server import DROP, Delay, FaultServer, smtp_server  # noqa: F401
 

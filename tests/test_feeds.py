@@ -26,8 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailer.config import Settings, Source
-from mailer.errors import ConfigError
-from mailer.feeds import (
+from mailer.content.feeds import (
     MAX_FEED_BYTES,
     FeedError,
     FeedTimeoutError,
@@ -39,8 +38,9 @@ from mailer.feeds import (
     parse_feed,
     sanitize_html,
 )
-from mailer.schema import articles
-from mailer.sources import SourceResult, fetch_sources, fetch_sources_sync
+from mailer.content.sources import SourceResult, fetch_sources, fetch_sources_sync
+from mailer.db.schema import articles
+from mailer.errors import ConfigError
 from tests.factories import NOW, TOPICS, make_settings
 
 DATA = Path(__file__).parent / "data" / "feeds"

@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
+from mailer.compose.rendering import RenderError, render_subject
 from mailer.config import Digest
-from mailer.rendering import RenderError, render_subject
-from mailer.schema import issues
+from mailer.db.schema import issues
 from mailer.service import Parts, Service
 from tests.factories import NOW, make_settings, make_subscriber
 

@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer import subscribers
-from mailer.addresses import normalize_address
-from mailer.articles import parse_article
+from mailer.compose.rendering import render_subject
 from mailer.config import parse_settings
+from mailer.content.articles import parse_article
 from mailer.errors import (
     AddressError,
     ArticleError,
@@ -28,8 +27,9 @@ from mailer.errors import (
     TemplateError,
     TokenError,
 )
-from mailer.rendering import render_subject
-from mailer.tokens import Purpose, make_token, read_token
+from mailer.subscribers import store as subscribers
+from mailer.subscribers.addresses import normalize_address
+from mailer.subscribers.tokens import Purpose, make_token, read_token
 from tests.factories import NOW, SECRET, TOPICS, config_dict, make_settings
 
 SETTINGS = make_settings()

@@ -24,21 +24,22 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer import events as event_log
-from mailer import importer, subscribers
-from mailer.addresses import address_hash, normalize_address
-from mailer.db import upsert_insert
-from mailer.errors import AddressError, SubscriberError
-from mailer.schema import (
+from mailer.db import events as event_log
+from mailer.db.engine import upsert_insert
+from mailer.db.schema import (
     SUBSCRIBER_STATUSES,
     events,
     metadata,
     subscriber_topics,
     suppressions,
 )
-from mailer.schema import subscribers as subscriber_table
-from mailer.subscribers import ImportReport, RowError, clean_name, parse_topics
-from mailer.tokens import UID_RE, new_uid
+from mailer.db.schema import subscribers as subscriber_table
+from mailer.errors import AddressError, SubscriberError
+from mailer.subscribers import importer
+from mailer.subscribers import store as subscribers
+from mailer.subscribers.addresses import address_hash, normalize_address
+from mailer.subscribers.store import ImportReport, RowError, clean_name, parse_topics
+from mailer.subscribers.tokens import UID_RE, new_uid
 from tests.factories import NOW, TOPICS, make_subscriber
 
 # ------------------------------------------------------------------ the oracle

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mailer.addresses import normalize_address
 from mailer.errors import AddressError
-from mailer.subscribers import _ImportNormalizer
+from mailer.subscribers.addresses import normalize_address
+from mailer.subscribers.store import _ImportNormalizer
 
 _ATOM = st.text(alphabet="abcXYZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=30)
 _LOCAL = st.lists(_ATOM, min_size=1, max_size=4).map(".".join)

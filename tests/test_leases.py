@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles, ledger
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.db import create_engine
-from mailer.delivery import Deliverer
-from mailer.issues import create_issue, reasons, summarize
-from mailer.owners import owner_gone, process_started
-from mailer.rendering import render_subject
-from mailer.schema import deliveries, issues, subscribers
-from mailer.smtp import SmtpPool
+from mailer.content import articles
+from mailer.db.engine import create_engine
+from mailer.db.schema import deliveries, issues, subscribers
+from mailer.delivery import ledger
+from mailer.delivery.owners import owner_gone, process_started
+from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.worker import Deliverer
+from mailer.issues.store import create_issue, reasons, summarize
 from tests.factories import (
     NOW,
     article,
@@ -353,7 +354,7 @@ def settings_zone(settings: Settings) -> object:
 
 
 def test_resume_requeues_what_a_relay_outage_left(engine: sa.Engine) -> None:
-    from mailer.issues import resume
+    from mailer.issues.store import resume
 
     settings = make_settings(str(engine.url))
     emails = [f"r{n}@example.org" for n in range(5)]

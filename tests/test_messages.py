@@ -26,10 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.config import Settings
-from mailer.errors import AddressError, DeliveryError, TemplateError
-from mailer.links import links_for
-from mailer.messages import (
+from mailer.compose.messages import (
     DigestComposer,
     SplicedMessage,
     _Markers,
@@ -37,9 +34,12 @@ from mailer.messages import (
     list_id_value,
     reference_message,
 )
+from mailer.compose.rendering import TEMPLATE_DIR, Renderer, one_line
+from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
+from mailer.config import Settings
+from mailer.errors import AddressError, DeliveryError, TemplateError
 from mailer.models import Article, IssueContent, Recipient
-from mailer.rendering import TEMPLATE_DIR, Renderer, one_line
-from mailer.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
+from mailer.subscribers.links import links_for
 from tests.compliance import assert_compliant, header_block, parse, raw_field
 from tests.factories import BASE_CONFIG, NOW, TOPICS, make_settings
 
@@ -47,7 +47,12 @@ SETTINGS = make_settings()
 SUBJECT = "Camp Lejeune & New River Updates — week of 20 November"
 UID = "AAAAAAAAAAAAAAAAAAAAAA"
 SEED = (
-    Path(__file__).resolve().parent.parent / "examples" / "articles" / "000-putin-visits-india.txt"
+    Path(__file__).resolve().parent.parent
+    / "mailer"
+    / "devtools"
+    / "examples"
+    / "articles"
+    / "000-putin-visits-india.txt"
 )
 
 

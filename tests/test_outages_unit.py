@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from mailer.config import SmtpSettings
-from mailer.db import create_engine, probe
+from mailer.db.engine import create_engine, probe
+from mailer.db.outages import DatabaseOutages
+from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.devtools.sink import Sink
 from mailer.errors import DatabaseUnavailable
-from mailer.outages import DatabaseOutages
-from mailer.sink import Sink
-from mailer.smtp import Outcome, SmtpPool
 from tests.factories import make_settings
 from tests.pg_cluster import free_port
 
@@ -47,7 +47,7 @@ async def until(condition: Callable[[], bool]) -> None:
 async def test_an_outage_is_logged_once_and_its_end_with_its_duration(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="mailer.outages")
+    caplog.set_level(logging.DEBUG, logger="mailer.db.outages")
     url = f"sqlite:///{tmp_path}/later/mailer.db"
     engine = create_engine(url)
     outages = DatabaseOutages(engine, backoff=FAST)

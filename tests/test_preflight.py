@@ -20,10 +20,10 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.config import load_settings
-from mailer.db import SCHEMA_HEAD, _alembic_config, create_engine
+from mailer.db.engine import SCHEMA_HEAD, _alembic_config, create_engine
+from mailer.db.schema import issues
+from mailer.issues.schedule import local_time, upcoming
 from mailer.preflight import PreflightError, check_relay
-from mailer.schedule import local_time, upcoming
-from mailer.schema import issues
 from tests.factories import SECRET, make_settings, make_subscriber, write_config
 from tests.pg_cluster import free_port
 from tests.smtp_server import FaultServer, make_smtp_server, smtp_server  # noqa: F401

@@ -10,10 +10,8 @@ from typing import Any
 
 import pytest
 
-from mailer.errors import TemplateError
-from mailer.messages import DigestComposer, render_digest
-from mailer.models import Article, IssueContent
-from mailer.rendering import (
+from mailer.compose.messages import DigestComposer, render_digest
+from mailer.compose.rendering import (
     TEMPLATE_DIR,
     LinkView,
     Renderer,
@@ -25,6 +23,8 @@ from mailer.rendering import (
     safe_link,
     sections,
 )
+from mailer.errors import TemplateError
+from mailer.models import Article, IssueContent
 from tests.factories import NOW, make_settings
 
 SETTINGS = make_settings()

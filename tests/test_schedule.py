@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailer.schedule import latest_slot, missed_slots, next_slot, slots_between
+from mailer.issues.schedule import latest_slot, missed_slots, next_slot, slots_between
 from tests.factories import make_settings
 
 DIGEST = make_settings().digests[0]  # "0 7 * * fri", America/New_York

@@ -15,13 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.clock import now as clock_now
-from mailer.db import create_engine, migrate
+from mailer.compose.rendering import render_subject
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import deliveries
+from mailer.delivery.processes import HelperExit
+from mailer.delivery.smtp import RateLimiter, share_schedule
 from mailer.errors import ConfigError
-from mailer.issues import create_issue
-from mailer.rendering import render_subject
-from mailer.schema import deliveries
-from mailer.senders import HelperExit
-from mailer.smtp import RateLimiter, share_schedule
+from mailer.issues.store import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import process_log, spawn, wait_for  # noqa: F401

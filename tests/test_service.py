@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer import articles
-from mailer.db import create_engine
-from mailer.issues import create_issue
-from mailer.rendering import render_subject
-from mailer.schema import deliveries, issues
+from mailer.compose.rendering import render_subject
+from mailer.content import articles
+from mailer.db.engine import create_engine
+from mailer.db.schema import deliveries, issues
+from mailer.issues.store import create_issue
 from mailer.service import Service
 from tests.factories import NOW, SECRET, article, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401

@@ -13,8 +13,8 @@ import aiosmtplib
 import pytest
 
 from mailer.config import parse_settings
-from mailer.sink import Captured, Sink, SinkError, serve_forever
-from mailer.smtp import Outcome, SmtpPool
+from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.devtools.sink import Captured, Sink, SinkError, serve_forever
 from tests.factories import config_dict
 
 SENDER = "bounces@news.example.org"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mailer.config import SmtpSettings, parse_settings
-from mailer.smtp import (
+from mailer.delivery.smtp import (
     Outcome,
     PoolClosedError,
     RateLimiter,

@@ -21,8 +21,9 @@ from aiosmtplib.protocol import PERIOD_REGEX, SMTPProtocol, normalize_message_li
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailer.compose.wire import CrlfOnly, SmtpReady
 from mailer.config import parse_settings
-from mailer.smtp import (
+from mailer.delivery.smtp import (
     _PLAIN_ADDRESS,
     Outcome,
     SendResult,
@@ -31,7 +32,6 @@ from mailer.smtp import (
     _Replies,
     data_payload,
 )
-from mailer.wire import CrlfOnly, SmtpReady
 from tests.factories import config_dict
 
 SENDER = "bounces@news.example.org"

@@ -7,9 +7,9 @@ import io
 import pytest
 import sqlalchemy as sa
 
-from mailer import subscribers
+from mailer.db.schema import events
 from mailer.errors import AddressError, SubscriberError, SuppressedError
-from mailer.schema import events
+from mailer.subscribers import store as subscribers
 from tests.factories import NOW, TOPICS, make_subscriber
 
 

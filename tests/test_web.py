@@ -21,12 +21,12 @@ import pytest
 import sqlalchemy as sa
 from starlette.exceptions import StarletteDeprecationWarning
 
-from mailer import subscribers
-from mailer.db import create_engine
+from mailer.db.engine import create_engine
+from mailer.db.schema import articles, events, issue_articles, issues, suppressions
+from mailer.db.schema import subscribers as subscriber_table
 from mailer.errors import ConfigError
-from mailer.schema import articles, events, issue_articles, issues, suppressions
-from mailer.schema import subscribers as subscriber_table
-from mailer.tokens import Purpose, make_token
+from mailer.subscribers import store as subscribers
+from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import Limits, SmtpConfirmationSender, create_app, purge_unconfirmed
 from mailer.web.ratelimit import RateLimiter
 from mailer.web.security import ARCHIVE_CSP, PAGE_CSP

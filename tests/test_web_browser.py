@@ -25,13 +25,13 @@ from typing import Any, cast
 import pytest
 import sqlalchemy as sa
 
-from mailer.db import create_engine
-from mailer.issues import load_content
-from mailer.messages import DigestComposer
+from mailer.compose.messages import DigestComposer
+from mailer.db.engine import create_engine
+from mailer.db.schema import subscribers as subscriber_table
+from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.issues.store import load_content
 from mailer.models import Recipient
-from mailer.schema import subscribers as subscriber_table
-from mailer.smtp import Outcome, SmtpPool
-from mailer.tokens import Purpose, make_token
+from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.server import ServerThread, bind_ephemeral
 from tests.factories import NOW, SECRET, make_settings, make_subscriber

@@ -19,9 +19,9 @@ import pytest
 import sqlalchemy as sa
 from starlette.exceptions import StarletteDeprecationWarning
 
-from mailer.db import create_engine, migrate
-from mailer.schema import subscribers as subscriber_table
-from mailer.tokens import Purpose, make_token
+from mailer.db.engine import create_engine, migrate
+from mailer.db.schema import subscribers as subscriber_table
+from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.server import ServerThread
 from tests.factories import SECRET, make_settings, make_subscriber

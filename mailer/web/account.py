@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mailer.tokens import Purpose, make_token
+from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import store
 from mailer.web.context import NO_STORE, WebContext, read_form
 from mailer.web.forms import FieldError, Invalid, parse_delete, parse_preferences

@@ -37,9 +37,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
 from mailer.config import Settings
-from mailer.db import safe_url
+from mailer.db.engine import safe_url
+from mailer.db.outages import OutageLog
 from mailer.errors import DatabaseUnavailable
-from mailer.outages import OutageLog
 from mailer.web.account import AccountViews
 from mailer.web.context import WebContext
 from mailer.web.pages import Pages

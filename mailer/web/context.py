@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from mailer.config import Settings
 from mailer.errors import TokenError
-from mailer.tokens import Purpose, read_token
+from mailer.subscribers.tokens import Purpose, read_token
 from mailer.web.pages import Pages
 from mailer.web.ratelimit import Limits, RateLimiter
 from mailer.web.sender import ConfirmationSender

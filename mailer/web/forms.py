@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from mailer.addresses import normalize_address
 from mailer.errors import AddressError, MailerError
+from mailer.subscribers.addresses import normalize_address
 
 MAX_FIELD = 500  # characters in any one text field we accept
 HONEYPOT = "website"  # a field people never see; bots that fill every input fill it

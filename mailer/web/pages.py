@@ -24,13 +24,12 @@ from markdown_it import MarkdownIt
 from starlette.background import BackgroundTask
 from starlette.responses import HTMLResponse
 
-import mailer
+from mailer.compose.rendering import TEMPLATE_DIR, site_view
 from mailer.config import Settings
 from mailer.errors import ConfigError
-from mailer.rendering import site_view
 from mailer.web.store import UNCONFIRMED_TTL
 
-WEB_TEMPLATES = Path(mailer.__file__).resolve().parent.parent / "templates" / "web"
+WEB_TEMPLATES = TEMPLATE_DIR / "web"
 DEFAULT_PRIVACY_POLICY = WEB_TEMPLATES / "privacy.md"
 
 ERROR_TITLES = {

@@ -10,9 +10,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from mailer.compose.messages import DigestComposer
 from mailer.errors import DatabaseUnavailable, DigestError
-from mailer.issues import load_content
-from mailer.messages import DigestComposer
+from mailer.issues.store import load_content
 from mailer.web import store
 from mailer.web.context import WebContext
 from mailer.web.security import ARCHIVE_CSP

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mailer.config import Settings
-from mailer.delivery import envelope_sender
+from mailer.delivery.smtp import SendResult, SmtpPool
+from mailer.delivery.worker import envelope_sender
 from mailer.models import Recipient
-from mailer.smtp import SendResult, SmtpPool
 
 log = logging.getLogger(__name__)
 

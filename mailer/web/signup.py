@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mailer.compose.messages import build_confirmation
+from mailer.delivery.smtp import Outcome
 from mailer.errors import MailerError
-from mailer.messages import build_confirmation
 from mailer.models import Recipient
-from mailer.smtp import Outcome
-from mailer.tokens import Purpose, make_token
+from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import store
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
 from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup

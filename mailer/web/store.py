@@ -17,12 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer import events as audit
-from mailer import subscribers as store
-from mailer.db import upsert_insert
+from mailer.db import events as audit
+from mailer.db.engine import upsert_insert
+from mailer.db.schema import deliveries, events, issues, subscriber_topics, subscribers
 from mailer.models import Recipient
-from mailer.schema import deliveries, events, issues, subscriber_topics, subscribers
-from mailer.tokens import new_uid
+from mailer.subscribers import store
+from mailer.subscribers.tokens import new_uid
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Bounces and complaints: VERP, delivery and feedback reports, mailboxes, applying them."""

@@ -1,0 +1,1 @@
+"""Composing: templates rendered per topic set, message bytes, DKIM."""

@@ -1,0 +1,346 @@
+"""Rendering: staff-edited Jinja2 templates to HTML and text, safely and once per topic set.
+
+Templates are edited by staff, so they run in Jinja's ``SandboxedEnvironment`` (no access to
+``__class__`` and friends) with ``StrictUndefined`` (a misspelt variable is an error, not an empty
+string in 50,000 emails). HTML templates are autoescaped; text templates are not. Every Jinja
+failure, and anything a template's own code raises, comes out as a ``RenderError`` (a
+``TemplateError``) naming the template and line.
+
+The view objects below are all a template ever sees: plain, frozen, and free of secrets (the
+settings object holds the site secret, so it is never passed in).
+
+HTML goes through ``css_inline`` (email clients ignore most ``<style>`` blocks) and then
+``isolate_links`` puts every ``href`` attribute on a line of its own. Both happen once per
+rendered body. The second is what lets ``mailer.compose.messages`` splice per-recipient URLs into
+quoted-printable bytes encoded once: see that module.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import css_inline
+import jinja2
+from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
+
+from mailer.config import Digest, Settings
+from mailer.errors import TemplateError
+from mailer.models import Article, IssueContent
+
+# Package data: a wheel installs it as plain files, and Jinja's FileSystemLoader reads a path.
+TEMPLATE_DIR = Path(str(resources.files("mailer") / "templates"))
+
+_WS_RE = re.compile(r"\s+")
+# C0/C1 controls, and the bidirectional overrides and isolates that can make a subject or
+# title display as something other than what it says (Trojan Source, CVE-2021-42574).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
+_PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
+# A start tag as html5ever (css_inline) serializes it: attributes always as name="value", with
+# '"' escaped as &quot; inside values and '<' never bare outside tags, so this is exact.
+_START_TAG_RE = re.compile(r'<[A-Za-z][^\s/>]*(?:\s+[^\s"\'>/=]+(?:="[^"]*")?)*\s*/?>')
+_HREF_RE = re.compile(r'\s+(href="[^"]*")\s*')
+
+
+class RenderError(TemplateError):
+    """A template failed to load or render; ``template`` and ``line`` locate the fault."""
+
+    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
+        self.template = template
+        self.line = line
+        self.reason = message
+        where = template if line is None else f"{template}, line {line}"
+        super().__init__(f"{where}: {message}")
+
+
+# --- the view objects templates see -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteView:
+    """The site as templates see it (no secret, nothing per subscriber)."""
+
+    name: str
+    tagline: str
+    base_url: str
+    publisher: str
+    disclaimer: str
+    postal_address: str
+    postal_lines: tuple[str, ...]
+    privacy_url: str
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """The footer links. ``personal`` is False in the public web copy (no per-person URLs)."""
+
+    unsubscribe: str
+    preferences: str
+    privacy: str
+    archive: str
+    home: str
+    personal: bool
+
+
+@dataclass(frozen=True)
+class ArticleView:
+    """One article in a digest: one-line title, safe https link or None."""
+
+    title: str
+    summary: str
+    why_it_matters: str
+    link: str | None
+
+
+@dataclass(frozen=True)
+class SectionView:
+    """One topic's articles, in the configured topic order."""
+
+    key: str
+    name: str
+    articles: tuple[ArticleView, ...]
+
+
+@dataclass(frozen=True)
+class DigestView:
+    """The digest an issue belongs to."""
+
+    key: str
+    name: str
+
+
+@dataclass(frozen=True)
+class IssueView:
+    """The issue being rendered: its id, one-line subject and date (digest time zone)."""
+
+    id: int
+    subject: str
+    date: datetime
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: whitespace runs (CR and LF included) become one space, and other
+    control characters (NUL, ESC, ...) are dropped. Safe for a header or a title."""
+    return _CONTROL_RE.sub("", _WS_RE.sub(" ", text)).strip()
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line-separated paragraphs of ``text``, each on one line (a Jinja filter)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [p for p in (one_line(chunk) for chunk in _PARAGRAPH_RE.split(text)) if p]
+
+
+def long_date(value: datetime) -> str:
+    """``Friday, 20 November 2026``, without the platform-specific ``%-d``."""
+    return f"{value:%A}, {value.day} {value:%B %Y}"
+
+
+def safe_link(url: str | None) -> str | None:
+    """An article link fit for an email: https only, or None.
+
+    ``javascript:``, ``data:`` and the like are dropped (autoescaping does not stop them).
+    Plain ``http`` is upgraded: mail filters and clients flag http links, and news sites
+    serve https. URLs with whitespace or control characters are dropped as malformed.
+    """
+    if not url:
+        return None
+    url = url.strip()
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    return urlunsplit(parts._replace(scheme="https"))
+
+
+def site_view(settings: Settings) -> SiteView:
+    """The template-safe view of ``settings.site``."""
+    site = settings.site
+    lines = tuple(line.strip() for line in site.postal_address.splitlines() if line.strip())
+    return SiteView(
+        name=site.name,
+        tagline=site.tagline,
+        base_url=site.base_url,
+        publisher=site.publisher,
+        disclaimer=site.disclaimer,
+        postal_address=", ".join(lines),
+        postal_lines=lines,
+        privacy_url=site.privacy_policy_url,
+    )
+
+
+def sections(settings: Settings, articles: Sequence[Article]) -> tuple[SectionView, ...]:
+    """``articles`` grouped per topic: configured topic order, then unknown topics by key.
+
+    Within a section the articles keep the order they were given in (newest first).
+    """
+    names = {topic.key: topic.name for topic in settings.topics}
+    order = {key: index for index, key in enumerate(names)}
+    grouped: dict[str, list[ArticleView]] = {}
+    for article in articles:
+        grouped.setdefault(article.topic, []).append(article_view(article))
+    keys = sorted(grouped, key=lambda key: (order.get(key, len(order)), key))
+    return tuple(SectionView(key, names.get(key, key), tuple(grouped[key])) for key in keys)
+
+
+def article_view(article: Article) -> ArticleView:
+    """The template view of one article; the title is forced onto one line.
+
+    An article without a summary (a short alert is often a body alone) is shown by its body:
+    all of it when there is no link to read it at, else its first paragraph. Without this
+    fallback such an article reached readers as a bare title.
+    """
+    link = safe_link(article.link)
+    summary = article.summary.strip()
+    if not summary:
+        body = article.body.strip()
+        summary = body if link is None else (paragraphs(body) or [""])[0]
+    return ArticleView(
+        title=one_line(article.title),
+        summary=summary,
+        why_it_matters=article.why_it_matters.strip(),
+        link=link,
+    )
+
+
+def digest_context(
+    settings: Settings, content: IssueContent, articles: Sequence[Article], links: LinkView
+) -> dict[str, Any]:
+    """Everything ``email/<template>.html`` and ``.txt`` see, for ``articles`` of an issue."""
+    return {
+        "site": site_view(settings),
+        "digest": DigestView(content.digest_key, content.digest_name),
+        "issue": IssueView(content.issue_id, one_line(content.subject), content.date),
+        "sections": sections(settings, articles),
+        "links": links,
+    }
+
+
+# --- the environment ------------------------------------------------------------------------
+
+
+class Renderer:
+    """Loads and renders the email templates under ``template_dir`` (default ``templates/``).
+
+    Template names are relative to that directory (``email/digest.html``). One instance can
+    be shared: Jinja caches compiled templates, and rendering has no other state.
+    """
+
+    def __init__(self, template_dir: Path | None = None) -> None:
+        self.template_dir = (template_dir or TEMPLATE_DIR).resolve()
+        self.env = SandboxedEnvironment(
+            loader=FileSystemLoader(self.template_dir),
+            autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        self.env.filters["paragraphs"] = paragraphs
+        self.env.filters["one_line"] = one_line
+        self.env.filters["long_date"] = long_date
+        # keep_at_rules keeps @media queries (they cannot be inlined) in a <style> block.
+        # Remote stylesheets are never fetched: a staff template must not make us do I/O.
+        self._inliner = css_inline.CSSInliner(keep_at_rules=True, load_remote_stylesheets=False)
+
+    def render(self, name: str, context: Mapping[str, Any]) -> str:
+        """Render template ``name`` as is (no CSS inlining)."""
+        try:
+            return self.env.get_template(name).render(context)
+        except Exception as exc:
+            # Deliberately broad: staff-written template code can raise anything (1/0,
+            # a bad strftime argument, ...), and all of it is "this template is broken".
+            raise self._error(exc, name) from exc
+
+    def render_html(self, name: str, context: Mapping[str, Any]) -> str:
+        """Render an HTML email template, inline its CSS, and put each href on its own line."""
+        html = self.render(name, context)
+        try:
+            inlined: str = self._inliner.inline(html)
+        except (css_inline.InlineError, ValueError) as exc:
+            raise RenderError(f"CSS cannot be inlined: {exc}", template=name) from exc
+        return isolate_links(inlined)
+
+    def render_subject(self, digest: Digest, date: datetime) -> str:
+        """The subject line of an issue of ``digest`` dated ``date``, on one line.
+
+        ``digest.subject`` is a Jinja template seeing ``digest`` and ``date``. CR, LF and
+        other whitespace runs become single spaces, so the result is safe for a header.
+        """
+        where = f"[[digests]] {digest.key!r} subject"
+        try:
+            text = self.env.from_string(digest.subject).render(digest=digest, date=date)
+        except Exception as exc:
+            # Broad for the same reason as in render(): the subject is staff-written code.
+            raise self._error(exc, where) from exc
+        subject = one_line(text)
+        if not subject:
+            raise RenderError("renders to an empty subject", template=where)
+        if _FAKE_REPLY_RE.match(subject):
+            # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
+            # (15 USC 7704(a)(2); COMPLIANCE 4.8).
+            raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
+        return subject
+
+    def _error(self, exc: Exception, name: str) -> RenderError:
+        """A RenderError naming the template file and line where ``exc`` happened."""
+        if isinstance(exc, RenderError):
+            return exc
+        if isinstance(exc, jinja2.TemplateNotFound):
+            return RenderError(f"template not found in {self.template_dir}", template=str(exc))
+        if isinstance(exc, jinja2.TemplateSyntaxError):
+            template = self._relative(exc.filename) if exc.filename else (exc.name or name)
+            return RenderError(f"syntax error: {exc.message}", template=template, line=exc.lineno)
+        template, line = name, None
+        # Jinja rewrites tracebacks so template frames carry the template's file and line.
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename == "<template>" or frame.filename.startswith(str(self.template_dir)):
+                template = name if frame.filename == "<template>" else frame.filename
+                line = frame.lineno
+        message = str(exc) if isinstance(exc, jinja2.TemplateError) else f"{exc!r}"
+        return RenderError(message, template=self._relative(template), line=line)
+
+    def _relative(self, filename: str) -> str:
+        path = Path(filename)
+        if path.is_absolute() and path.is_relative_to(self.template_dir):
+            return path.relative_to(self.template_dir).as_posix()
+        return filename
+
+
+def isolate_links(html: str) -> str:
+    """Put each ``href="…"`` attribute on a line of its own.
+
+    A line break between attributes is ordinary whitespace inside a tag (HTML Living
+    Standard, "before attribute name state"), so the page is unchanged. What changes is the
+    quoted-printable encoding: QP is line-local (RFC 2045 §6.7), so a URL alone on its line is
+    encoded alone, and ``mailer.compose.messages`` can re-encode just that line per recipient.
+    """
+    return _START_TAG_RE.sub(_isolate_in_tag, html)
+
+
+def _isolate_in_tag(match: re.Match[str]) -> str:
+    return _HREF_RE.sub(r"\n\1\n", match.group(0))
+
+
+@functools.cache
+def default_renderer() -> Renderer:
+    """A shared Renderer for the project's own ``templates/`` directory."""
+    return Renderer()
+
+
+def render_subject(digest: Digest, date: datetime) -> str:
+    """The subject line for an issue of ``digest`` dated ``date`` (see Renderer.render_subject)."""
+    return default_renderer().render_subject(digest, date)

@@ -1,0 +1,1 @@
+"""Content: article files, feeds, sources and the article store."""

@@ -1,0 +1,369 @@
+"""Sources: run every configured ``[[sources]]`` once and store what they hold.
+
+Feeds are fetched concurrently (bounded) with conditional GET, parsed off the event loop and
+upserted; ``directory`` sources are read file by file. One broken source (or file, or entry) is a
+``SourceResult`` with an error, never an exception that stops the others: partial failure is data.
+The ``mailer articles fetch`` command and the scheduler's fetch job both call ``fetch_sources``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from mailer.config import Settings, Source
+from mailer.content.articles import (
+    UPSERT_CHUNK,
+    Duplicate,
+    ParsedArticle,
+    UpsertReport,
+    load_article_file,
+    upsert_articles,
+)
+from mailer.content.feeds import (
+    FETCH_DEADLINE,
+    MAX_FEED_BYTES,
+    READ_TIMEOUT,
+    FeedError,
+    FeedState,
+    category_topics,
+    create_client,
+    fetch_feed,
+    load_feed_states,
+    parse_feed,
+    record_failure,
+    record_success,
+    user_agent,
+)
+from mailer.db.schema import articles
+from mailer.errors import ArticleError
+
+log = logging.getLogger(__name__)
+
+FEED_CONCURRENCY = 4
+# Files a directory source reads; others (images, notes, editor backups) sit there unread.
+ARTICLE_SUFFIXES = (".md", ".markdown", ".txt")
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    """What one source gave in one run.
+
+    ``error`` is set when the whole source failed (feed unreachable, HTTP error, not a feed,
+    directory missing); ``status`` is the feed's HTTP status when the server answered.
+    ``skipped`` names the files or entries left out, each with its reason, while the rest went
+    in. ``not_modified`` is a feed that answered 304: nothing was read or stored.
+    """
+
+    source: Source
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    not_modified: bool = False
+    error: str | None = None
+    status: int | None = None
+    skipped: tuple[str, ...] = ()
+    # Not stored: another article (another guid, maybe another source) holds the same content.
+    duplicates: tuple[Duplicate, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The feed URL or the directory path."""
+        return self.source.url or str(self.source.path)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed and nothing was skipped."""
+        return self.error is None and not self.skipped
+
+
+@dataclass
+class _Run:
+    engine: sa.Engine
+    client: httpx.AsyncClient
+    known_topics: tuple[str, ...]
+    states: dict[str, FeedState]
+    now: datetime
+    max_bytes: int
+    deadline: float
+    limit: asyncio.Semaphore
+    # SQLite has one writer: feeds that finish together would queue on its busy timeout in
+    # threads; queuing them here keeps the writes short and in one place.
+    db_lock: asyncio.Lock
+
+
+async def fetch_sources(
+    engine: sa.Engine,
+    settings: Settings,
+    *,
+    now: datetime,
+    client: httpx.AsyncClient | None = None,
+    concurrency: int = FEED_CONCURRENCY,
+    read_timeout: float = READ_TIMEOUT,
+    max_bytes: int = MAX_FEED_BYTES,
+    deadline: float = FETCH_DEADLINE,
+) -> list[SourceResult]:
+    """Fetch every source in ``settings.sources``; one result per source, in config order.
+
+    Feeds run at most ``concurrency`` at a time on ``client`` (default: ``create_client()`` with
+    ``read_timeout`` to connect and per read, naming the site in its User-Agent, closed on
+    return); each fetch reads at most ``max_bytes`` and ends within ``deadline`` seconds. A
+    feed's ETag / Last-Modified from its last good fetch are sent back, so an unchanged feed
+    costs one 304. Its ``feed_state`` row records each outcome. Raises only for what stops every
+    source alike (the database, a category map naming an unknown topic).
+    """
+    for source in settings.sources:
+        category_topics(_categories(source), settings.topic_keys)  # fail before any fetch
+    async with contextlib.AsyncExitStack() as stack:
+        if client is None:
+            agent = user_agent(settings.site.base_url)
+            client = await stack.enter_async_context(
+                create_client(connect_timeout=read_timeout, read_timeout=read_timeout, agent=agent)
+            )
+        run = _Run(
+            engine=engine,
+            client=client,
+            known_topics=settings.topic_keys,
+            states=await asyncio.to_thread(load_feed_states, engine),
+            now=now,
+            max_bytes=max_bytes,
+            deadline=deadline,
+            limit=asyncio.Semaphore(concurrency),
+            db_lock=asyncio.Lock(),
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(_run_source(run, source), name=f"source {_name(source)}")
+                    for source in settings.sources
+                ]
+        except* Exception as failures:
+            # Sources turn their own failures into results; what gets here stops every source
+            # alike (the database is down). Raise it as itself, as callers catch it by type.
+            raise failures.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+def fetch_sources_sync(
+    engine: sa.Engine,
+    settings: Settings,
+    *,
+    now: datetime,
+    concurrency: int = FEED_CONCURRENCY,
+    read_timeout: float = READ_TIMEOUT,
+    max_bytes: int = MAX_FEED_BYTES,
+    deadline: float = FETCH_DEADLINE,
+) -> list[SourceResult]:
+    """``fetch_sources`` on a new event loop with its own client, for the CLI."""
+    return asyncio.run(
+        fetch_sources(
+            engine,
+            settings,
+            now=now,
+            concurrency=concurrency,
+            read_timeout=read_timeout,
+            max_bytes=max_bytes,
+            deadline=deadline,
+        )
+    )
+
+
+def _name(source: Source) -> str:
+    return source.url or str(source.path)
+
+
+def _categories(source: Source) -> Mapping[str, str]:
+    return source.categories
+
+
+async def _run_source(run: _Run, source: Source) -> SourceResult:
+    if source.type == "feed":
+        return await _run_feed(run, source)
+    return await _run_directory(run, source)
+
+
+async def _run_feed(run: _Run, source: Source) -> SourceResult:
+    url = source.url
+    if url is None:  # the config refuses this; kept so the type checker knows
+        return SourceResult(source, error="a feed source needs a url")
+    state = run.states.get(url)
+    try:
+        async with run.limit:
+            fetched = await fetch_feed(
+                run.client,
+                url,
+                etag=state.etag if state else None,
+                last_modified=state.last_modified if state else None,
+                max_bytes=run.max_bytes,
+                deadline=run.deadline,
+            )
+            if fetched.not_modified:
+                feed = None
+            else:
+                # Parsing a few MB of XML takes a while; off the loop the other fetches go on.
+                feed = await asyncio.to_thread(
+                    parse_feed,
+                    fetched.content,
+                    url=url,
+                    topic=source.topic,
+                    now=run.now,
+                    categories=_categories(source),
+                    known_topics=run.known_topics,
+                    content_type=fetched.content_type,
+                    base_url=fetched.final_url,
+                )
+    except FeedError as exc:
+        async with run.db_lock:
+            await asyncio.to_thread(record_failure, run.engine, url, exc, now=run.now)
+        return SourceResult(source, error=str(exc), status=exc.status)
+
+    report = UpsertReport()
+    async with run.db_lock:
+        if feed is not None:
+            report = await asyncio.to_thread(
+                _store_feed_articles, run.engine, feed.articles, run.now
+            )
+        # A 304 may carry fresher validators (RFC 9110 §15.4.5); otherwise keep the stored ones.
+        etag = fetched.etag or (state.etag if state and fetched.not_modified else None)
+        modified = fetched.last_modified or (
+            state.last_modified if state and fetched.not_modified else None
+        )
+        await asyncio.to_thread(
+            record_success,
+            run.engine,
+            url,
+            status=fetched.status,
+            etag=etag,
+            last_modified=modified,
+            now=run.now,
+        )
+    if feed is not None and feed.warning:
+        log.info("feed parsed despite an error", extra={"url": url, "warning": feed.warning})
+    return SourceResult(
+        source,
+        added=report.added,
+        updated=report.updated,
+        unchanged=report.unchanged,
+        not_modified=fetched.not_modified,
+        status=fetched.status,
+        skipped=feed.skipped if feed is not None else (),
+        duplicates=tuple(report.duplicates),
+    )
+
+
+def _store_feed_articles(
+    engine: sa.Engine, items: Sequence[ParsedArticle], now: datetime
+) -> UpsertReport:
+    """Upsert feed articles, keeping the topic each was first stored with.
+
+    The same story often sits in two category feeds (one source per topic), and a category map
+    can change: letting the last fetch win would flip its topic back and forth, and every flip
+    is an "update" that could send the article again.
+    """
+    stored: dict[str, str] = {}
+    guids = [item.guid for item in items]
+    with engine.connect() as conn:
+        for start in range(0, len(guids), UPSERT_CHUNK):
+            chunk = guids[start : start + UPSERT_CHUNK]
+            query = sa.select(articles.c.guid, articles.c.topic).where(articles.c.guid.in_(chunk))
+            stored.update((guid, topic) for guid, topic in conn.execute(query))
+    kept = [
+        dataclasses.replace(item, topic=stored[item.guid])
+        if item.guid in stored and stored[item.guid] != item.topic
+        else item
+        for item in items
+    ]
+    return upsert_articles(engine, kept, now=now)
+
+
+async def _run_directory(run: _Run, source: Source) -> SourceResult:
+    try:
+        parsed, skipped = await asyncio.to_thread(
+            read_directory,
+            source.path,
+            topic=source.topic,
+            known_topics=run.known_topics,
+            now=run.now,
+        )
+    except ArticleError as exc:
+        return SourceResult(source, error=str(exc))
+    async with run.db_lock:
+        report = await asyncio.to_thread(upsert_articles, run.engine, parsed, now=run.now)
+    return SourceResult(
+        source,
+        added=report.added,
+        updated=report.updated,
+        unchanged=report.unchanged,
+        skipped=tuple(skipped),
+        duplicates=tuple(report.duplicates),
+    )
+
+
+def read_directory(
+    path: Path | None, *, topic: str, known_topics: Sequence[str], now: datetime
+) -> tuple[list[ParsedArticle], list[str]]:
+    """Parse every article file (``ARTICLE_SUFFIXES``, not hidden) in ``path``, by name.
+
+    Returns the articles and one error message per file that could not be read; files are
+    not searched for in subfolders. Raises ArticleError when ``path`` is not a readable folder.
+    """
+    if path is None:
+        raise ArticleError("a directory source needs a path")
+    try:
+        files = sorted(
+            entry
+            for entry in path.iterdir()
+            if entry.suffix.lower() in ARTICLE_SUFFIXES
+            and not entry.name.startswith(".")
+            and entry.is_file()
+        )
+    except OSError as exc:
+        raise ArticleError(
+            f"cannot read the folder: {exc.strerror or exc}", path=str(path)
+        ) from exc
+    parsed: list[ParsedArticle] = []
+    errors: list[str] = []
+    for file in files:
+        try:
+            parsed.append(
+                load_article_file(file, default_topic=topic, known_topics=known_topics, now=now)
+            )
+        except ArticleError as exc:
+            errors.append(str(exc))
+    return parsed, errors
+
+
+def log_results(results: Sequence[SourceResult]) -> None:
+    """One log line per source (failures and skipped items as warnings), for the service.
+
+    ``fetch_sources`` returns results and leaves reporting to its caller: the CLI prints them,
+    the scheduler's job logs them.
+    """
+    for result in results:
+        fields = {
+            "source": result.name,
+            "added": result.added,
+            "updated": result.updated,
+            "unchanged": result.unchanged,
+            "not_modified": result.not_modified,
+        }
+        if result.error:
+            log.warning("source failed", extra=fields | {"error": result.error})
+            continue
+        for problem in result.skipped:
+            log.warning("source item skipped", extra={"source": result.name, "problem": problem})
+        for duplicate in result.duplicates:
+            log.info(
+                "duplicate skipped",
+                extra={"source": result.name, "guid": duplicate.guid, "article": duplicate.of},
+            )
+        log.info("source fetched", extra=fields)

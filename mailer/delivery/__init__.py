@@ -1,0 +1,1 @@
+"""Delivery: the ledger, the worker, the SMTP pool and its fast path, helper processes."""

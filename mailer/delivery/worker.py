@@ -1,0 +1,723 @@
+"""The delivery loop: claim a batch, send it over the pool's connections, commit in groups.
+
+One *lane* per SMTP connection takes the batch's deliveries one at a time. Before a lane sends
+a message it hands the previous message's outcome and the new message's id to the committer,
+and waits: the committer writes what every waiting lane handed it in one transaction (a group
+commit), which both records the outcomes and marks the new messages in flight. That ordering
+is what bounds a crash to at most one in-doubt message per connection (see mailer.delivery.ledger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from typing import ParamSpec, TypeVar
+
+import sqlalchemy as sa
+
+from mailer.bounces.reports import verp_address
+from mailer.clock import now as clock_now
+from mailer.compose.messages import DigestComposer
+from mailer.config import Settings
+from mailer.db.engine import reading, writing
+from mailer.db.outages import DatabaseOutages
+from mailer.db.schema import issue_articles
+from mailer.delivery import ledger
+from mailer.delivery.owners import owner_gone
+from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
+from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
+from mailer.issues.schedule import quiet_until
+from mailer.issues.store import NOT_BUILT, finish_if_done, load_content
+from mailer.models import IssueContent, Recipient
+from mailer.signals import stopped_within
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# A relay that says it is overloaded or rate-limiting us: a 421 (closing), or a 4xx whose text
+# says so (Gmail 421 4.7.28 / 451 4.7.0, Yahoo 421 4.7.0 [TSS04], Outlook 451 4.7.500, 454).
+THROTTLE_TEXT = re.compile(
+    r"too many|rate|throttl|try again later|slow down|temporarily deferred", re.I
+)
+BACKOFF_START = 1.0
+BACKOFF_MAX = 60.0
+# A drain waiting for another worker's deliveries looks again after this long while their
+# holder makes progress, doubling (up to a heartbeat) while it does not.
+WAIT_FIRST = 0.2
+
+
+def is_throttle(result: SendResult) -> bool:
+    """Whether a deferral is the provider pushing back (slow everyone) rather than one mailbox."""
+    if result.outcome is not Outcome.DEFERRED or result.code is None:
+        return False
+    return result.code == 421 or bool(THROTTLE_TEXT.search(result.reply))
+
+
+class Backpressure:
+    """One pause shared by every lane: doubles per throttle reply, resets after a success."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.delay = 0.0
+        self.until = 0.0
+
+    def observe(self, result: SendResult) -> None:
+        if is_throttle(result):
+            self.delay = min(BACKOFF_MAX, max(BACKOFF_START, self.delay * 2))
+            self.until = max(self.until, self.clock() + self.delay)
+            log.warning(
+                "relay throttling: pausing sends",
+                extra={"seconds": self.delay, "reply": result.reply},
+            )
+        elif result.outcome is Outcome.SENT:
+            self.delay = 0.0
+
+    def paused(self) -> bool:
+        return self.until > self.clock()
+
+    async def wait(self) -> None:
+        pause = self.until - self.clock()
+        if pause > 0:
+            await asyncio.sleep(pause)
+
+
+@dataclass
+class Totals:
+    """What a delivery run did, for the summary line and the progress bar."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def add(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            self.counts[status] = self.counts.get(status, 0) + n
+
+    @property
+    def handled(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.counts.get("sent", 0) / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def worker_name() -> str:
+    """A lease owner name unique to this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:64]
+
+
+def envelope_sender(settings: Settings, uid: str | None = None) -> str:
+    """The envelope sender (Return-Path): configured, else the From: address.
+
+    With ``[smtp].verp`` and a subscriber ``uid`` it carries the uid as a ``+`` tag
+    (``bounces+UID@domain``), so that a bounce names its subscriber (``mailer.bounces.reports``).
+    """
+    base = settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
+    if settings.smtp.verp and uid is not None:
+        return verp_address(base, uid)
+    return base
+
+
+@dataclass
+class _Handoff:
+    result: ledger.Result | None
+    start: int | None
+    done: asyncio.Future[bool]
+
+
+class _Committer:
+    """Collects lanes' handoffs and writes each collection in one transaction."""
+
+    def __init__(self, deliverer: Deliverer, totals: Totals) -> None:
+        self.deliverer = deliverer
+        self.totals = totals
+        self.pending: list[_Handoff] = []
+        self.wake = asyncio.Event()
+        self.closed = False
+
+    async def handoff(self, result: ledger.Result | None, start: int | None) -> bool:
+        """Record ``result``, mark ``start`` in flight; True once ``start`` may be sent."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.pending.append(_Handoff(result, start, done))
+        self.wake.set()
+        return await done
+
+    async def run(self) -> None:
+        while not (self.closed and not self.pending):
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = self.pending, []
+            if not batch:
+                continue
+            try:
+                counts, started = await self.deliverer.db(self.deliverer.commit, batch)
+            except BaseException as exc:
+                for handoff in batch:
+                    if not handoff.done.done():
+                        handoff.done.set_exception(exc)
+                raise
+            self.totals.add(counts)
+            for handoff in batch:
+                handoff.done.set_result(handoff.start in started)
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
+class Deliverer:
+    """Drains due deliveries over one pool; composers are cached per issue."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        settings: Settings,
+        pool: SmtpPool,
+        *,
+        owner: str | None = None,
+        clock: Callable[[], datetime] = clock_now,
+        sign: Callable[[bytes], bytes] | None = None,
+        outages: DatabaseOutages | None = None,
+    ) -> None:
+        self.engine = engine
+        # A database outage is waited out (for ever by default) where a call fails, and the
+        # call made again: see db().
+        self.outages = outages or DatabaseOutages(engine)
+        self._stop: asyncio.Event | None = None
+        self.settings = settings
+        self.pool = pool
+        self.owner = owner or worker_name()
+        self.clock = clock
+        self.sign = sign
+        self.lease = timedelta(seconds=settings.smtp.lease_seconds)
+        # Leases are renewed three times per lease: two renewals can fail (a slow commit, a
+        # database hiccup) before another worker may take the rows.
+        self.heartbeat_seconds = settings.smtp.lease_seconds / 3
+        # The ids this worker holds a lease on (claimed, not yet recorded or released); changed
+        # from the loop and from the threads that claim and commit.
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
+        # Taken by every write to held rows (group commits, renewals, releases): two of them
+        # at once, from two threads, could lock the same rows in opposite orders (PostgreSQL
+        # would abort one as a deadlock).
+        self._writes = threading.Lock()
+        self._renew_due = time.monotonic() + self.heartbeat_seconds
+        # While waiting for other workers: what they held at the last look, when it was last
+        # told, and how long the next wait is.
+        self._seen_held: tuple[tuple[str, int], ...] | None = None
+        # When the latest claim chose its rows: what another worker held then is waited for
+        # (or taken) even if its lease ended since, before this worker could claim it.
+        self._claimed_at: datetime | None = None
+        self._told: tuple[frozenset[str], datetime] | None = None  # holders told, and when
+        self._wait_step = WAIT_FIRST
+        # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
+        # of what sending one took (bench/README.md).
+        self._sender = envelope_sender(settings)
+        self._contents: dict[int, IssueContent] = {}
+        # Keyed by the articles left out; dropped with the issue's content when its articles
+        # change (`articles remove`, see refresh_contents).
+        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        self._digests = {d.key: d for d in settings.digests}
+        self.backpressure = Backpressure()
+        # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
+        self._ahead: tuple[int | None, asyncio.Task[list[ledger.Claimed]]] | None = None
+
+    def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
+        """The composer for an issue without the ``hidden`` articles.
+
+        Subscribers who hide the same articles (none, usually) share one composer, and so one
+        render per topic set.
+        """
+        content = self._contents[issue_id]  # read as its batch started (refresh_contents)
+        now = self.clock()
+        # An article that expired since the issue was made is dropped from what is not sent yet.
+        expired = {
+            a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
+        }
+        key = (issue_id, hidden | expired)
+        composer = self._composers.get(key)
+        if composer is None:
+            shown = tuple(a for a in content.articles if a.id not in key[1])
+            composer = DigestComposer(self.settings, replace(content, articles=shown))
+            self._composers[key] = composer
+        return composer
+
+    async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``call`` in a thread; through a database outage, waited out and made again.
+
+        Every call made this way is safe to make twice: a claim whose commit was lost leases
+        rows that return to the queue when the lease ends; a group commit made again writes
+        the same outcomes, and starts only rows whose lease this worker still holds. A message
+        whose start was written is never sent again here: its lane waits for the commit.
+        """
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args, **kwargs)
+            except DatabaseUnavailable as exc:
+                await self.outages.wait(exc, self._stop)
+
+    def refresh_contents(self, issue_ids: set[int]) -> None:
+        """Read the content of the batch's issues: those not cached yet, and cached ones whose
+        articles changed since (an article removed by staff). One small query per batch, so
+        that only the batch being sent when the article was removed (at most
+        ``[smtp].batch_size`` messages) may still carry it."""
+        cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
+        missing = issue_ids - cached.keys()
+        current: dict[int, set[int]] = {i: set() for i in cached}
+        with reading(self.engine) as conn:
+            for issue_id in missing:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            if not cached:
+                return
+            for issue_id, article_id in conn.execute(
+                sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
+                    issue_articles.c.issue_id.in_(sorted(cached))
+                )
+            ):
+                current[issue_id].add(article_id)
+            changed = [
+                issue_id
+                for issue_id, content in cached.items()
+                if current[issue_id] != {a.id for a in content.articles}
+            ]
+            for issue_id in changed:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+        if changed:
+            # Composers render the articles they were made with: the changed issues' go too.
+            self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
+
+    def hidden(self, d: ledger.Claimed) -> frozenset[int]:
+        """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
+        digest = self._digests.get(d.digest)
+        resend_updates = digest is not None and digest.include_updates
+        return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
+
+    def quiet(self, claimed: list[ledger.Claimed]) -> list[ledger.Claimed]:
+        """Hand back bulk deliveries that fall in their digest's quiet hours; returns the rest."""
+        now = self.clock()
+        waiting: dict[datetime, list[int]] = {}
+        ready = []
+        for d in claimed:
+            digest = self._digests.get(d.digest)
+            until = None
+            if digest is not None and digest.priority != "alert":
+                until = quiet_until(digest.quiet_hours, digest.timezone, now)
+            if until is None:
+                ready.append(d)
+            else:
+                waiting.setdefault(until, []).append(d.id)
+        for until, ids in waiting.items():
+            ledger.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
+        return ready
+
+    def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
+        results = [h.result for h in batch if h.result is not None]
+        starts = [h.start for h in batch if h.start is not None]
+        with self._writes:
+            counts, started = ledger.commit_progress(
+                self.engine,
+                results=results,
+                starts=starts,
+                owner=self.owner,
+                settings=self.settings.smtp,
+                now=self.clock(),
+                lease=self.lease,
+                # The heartbeat rides on a group commit when one falls due: no extra
+                # transaction.
+                renew=self._renewal(),
+            )
+        self._let_go([r.delivery.id for r in results] + [i for i in starts if i not in started])
+        return counts, started
+
+    # ------------------------------------------------------------ leases
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The deliveries this worker holds a lease on."""
+        with self._held_lock:
+            return frozenset(self._held)
+
+    def _hold(self, ids: Iterable[int]) -> None:
+        with self._held_lock:
+            self._held.update(ids)
+
+    def _let_go(self, ids: Iterable[int]) -> None:
+        with self._held_lock:
+            self._held.difference_update(ids)
+
+    def _renewal(self) -> list[int]:
+        """The held ids if a renewal is due (and mark it done), else []."""
+        if time.monotonic() < self._renew_due:
+            return []
+        self._renew_due = time.monotonic() + self.heartbeat_seconds
+        return sorted(self.held)
+
+    def renew_leases(self, ids: Sequence[int] | None = None) -> int:
+        """Extend every lease this worker holds (or those of ``ids``) to now + lease, in one
+        UPDATE; returns how many rows it still held."""
+        ids = sorted(self.held) if ids is None else ids
+        with self._writes:
+            held = ledger.renew(
+                self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock()
+            )
+        # Rows recorded by a group commit meanwhile are no longer held, and not lost.
+        lost = len(self.held.intersection(ids)) - held
+        if lost > 0:
+            log.warning(
+                "leases lost: another worker took over rows this one held",
+                extra={"owner": self.owner, "lost": lost},
+            )
+        return held
+
+    async def _heartbeat(self) -> None:
+        """Renew the held leases every ``heartbeat_seconds`` that no group commit did it."""
+        while True:
+            delay = self._renew_due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            ids = self._renewal()
+            if not ids:
+                continue
+            try:
+                await asyncio.to_thread(self.renew_leases, ids)
+            except DatabaseUnavailable:
+                # An outage: the lanes' own calls wait it out and log it once (self.outages);
+                # while it lasts nothing new goes in flight. Renew again soon.
+                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+            except sa.exc.SQLAlchemyError as exc:
+                # Any other database error: the next group commit fails the same way, and
+                # while it lasts nothing new goes in flight. Try again soon.
+                log.warning("lease renewal failed", extra={"owner": self.owner, "error": str(exc)})
+                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+
+    @contextlib.asynccontextmanager
+    async def leases_kept(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Keep this worker's leases alive for the block (a named background task).
+
+        If the heartbeat dies (a bug, not an outage), ``stop`` is set so the lanes finish
+        their messages and the rest is released, and the error is raised at the block's end.
+        """
+
+        def watch(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("lease heartbeat failed", exc_info=task.exception())
+                if stop is not None:
+                    stop.set()
+
+        task = asyncio.create_task(self._heartbeat(), name=f"lease-heartbeat:{self.owner}")
+        task.add_done_callback(watch)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    async def take_over_dead(self, issue_id: int | None = None) -> bool:
+        """End now the leases held by dead processes of this host on due deliveries (of
+        ``issue_id``); True if there were any."""
+        now = self.clock()
+        holdings = await self.db(
+            ledger.held_elsewhere, self.engine, owner=self.owner, now=now, issue_id=issue_id
+        )
+        return await self._take_over(holdings, now)
+
+    async def _take_over(self, holdings: Sequence[ledger.Holding], now: datetime) -> bool:
+        dead = [h for h in holdings if owner_gone(h.owner, alive_at=h.seen)]
+        if not dead:
+            return False
+        owners = [h.owner for h in dead]
+        count = await self.db(ledger.end_leases, self.engine, owners, now=now)
+        log.warning(
+            "took over the claims of workers that are gone",
+            extra={"owners": owners, "deliveries": count},
+        )
+        return True
+
+    async def wait_for_others(
+        self,
+        issue_id: int | None = None,
+        *,
+        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> bool:
+        """Once nothing is claimable: whether other workers hold due deliveries (of
+        ``issue_id``). Claims of dead processes of this host are taken over at once; for live
+        ones this waits until the earliest of their leases could end, or less while their
+        holders make progress (``WAIT_FIRST``, doubling up to a heartbeat interval while
+        nothing changes), then the caller claims again. ``on_wait`` is told when the holders
+        change, and once per heartbeat interval otherwise."""
+        now = self.clock()
+        then = min(now, self._claimed_at or now)
+        holdings = await self.db(
+            ledger.held_elsewhere, self.engine, owner=self.owner, now=then, issue_id=issue_id
+        )
+        if not holdings:
+            self._seen_held = None
+            self._told = None
+            return False
+        if await self._take_over(holdings, now):
+            return True
+        held = tuple((h.owner, h.count) for h in holdings)
+        # Progress (their counts fall with every batch they send) makes the next look sooner;
+        # what is told changes only with the holders, else once per heartbeat interval.
+        changed = held != self._seen_held
+        owners = frozenset(h.owner for h in holdings)
+        told = self._told
+        every = timedelta(seconds=self.heartbeat_seconds)
+        if told is None or told[0] != owners or now - told[1] >= every:
+            log.info(
+                "waiting for deliveries held by other workers",
+                extra={"holders": dict(held)},
+            )
+            if on_wait is not None:
+                on_wait(holdings, now)
+            self._told = (owners, now)
+        self._wait_step = (
+            WAIT_FIRST if changed else min(2 * self._wait_step, self.heartbeat_seconds)
+        )
+        self._seen_held = held
+        earliest = min(h.expires for h in holdings)
+        # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
+        delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
+        await stopped_within(stop, delay)
+        return True
+
+    def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
+        now = self._claimed_at = self.clock()
+        resend = self.settings.smtp.in_doubt == "resend"
+        if not resend:
+            ledger.hold_in_doubt(self.engine, now=now)
+        while True:
+            claimed = ledger.claim(
+                self.engine,
+                owner=self.owner,
+                limit=self.settings.smtp.batch_size,
+                lease=self.lease,
+                now=now,
+                issue_id=issue_id,
+                resend_in_doubt=resend,
+            )
+            if not claimed:
+                return []
+            # Postponed rows are due later, so this loop ends.
+            ready = self.quiet(claimed)
+            if ready:
+                self._hold(d.id for d in ready)
+                return ready
+
+    async def run_batch(
+        self, *, issue_id: int | None = None, stop: asyncio.Event | None = None
+    ) -> dict[str, int] | None:
+        """Claim, send and record one batch; None when nothing was due.
+
+        When ``stop`` is set, lanes finish the message they are on and the rest of the batch
+        is released to the queue. A database outage is waited out (``self.outages``); when
+        that wait ends, ``DatabaseUnavailable`` is raised, and what this worker held returns
+        to the queue by the ledger's rules (leases, in-doubt).
+        """
+        self._stop = stop
+        try:
+            return await self._run_batch(issue_id, stop)
+        except DatabaseUnavailable:
+            self._forget_prefetched()
+            raise
+
+    def _forget_prefetched(self) -> None:
+        """Drop the claim ahead after an outage ended the batch (its rows' leases run out)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+            # Retrieved, so that its failure is not reported again when it is collected.
+            ahead[1].add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _run_batch(
+        self, issue_id: int | None, stop: asyncio.Event | None
+    ) -> dict[str, int] | None:
+        claimed = await self._claimed(issue_id)
+        if not claimed:
+            return None
+        # Checked as each batch starts sending, not when it was claimed: a batch claimed ahead
+        # was claimed before the previous one finished, maybe before an article was removed.
+        await self.db(self.refresh_contents, {d.issue_id for d in claimed})
+        queue = deque(claimed)
+        totals = Totals()
+        committer = _Committer(self, totals)
+        commit_task = asyncio.create_task(committer.run(), name="delivery-committer")
+        lanes_count = min(self.settings.smtp.connections, len(claimed))
+        # Claim the next batch while this one's last messages go out, so that no lane waits
+        # for a claim (tens of milliseconds, and a bigger share of a small batch).
+        low_water = max(2 * lanes_count, self.settings.smtp.batch_size // 4)
+        lanes = [
+            asyncio.create_task(
+                self._lane(
+                    queue, committer, stop, lambda: self._prefetch(queue, issue_id, low_water, stop)
+                ),
+                name=f"delivery-lane-{i}",
+            )
+            for i in range(lanes_count)
+        ]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            committer.close()
+            await commit_task
+        if queue:
+            await self._release(list(queue))
+        # An issue with rows in the next claim is not done: counting what is left of it
+        # (a scan of the issue's rows) can wait for the batch that sends its last message.
+        ahead = {d.issue_id for d in await self._peek_prefetched(issue_id)}
+        done = {d.issue_id for d in claimed} - ahead
+        if done:
+            await self.db(self._finish, done)
+        if stop is not None and stop.is_set():
+            # Checked last: if it is not set here, the caller cannot see it set before its
+            # next run_batch, which takes the claim ahead; if it is, those rows go back.
+            await self._release_prefetched()
+        log.info("batch delivered", extra={"owner": self.owner, "counts": totals.counts})
+        return totals.counts
+
+    async def _claimed(self, issue_id: int | None) -> list[ledger.Claimed]:
+        """The next batch: the one claimed ahead if it was for the same issue, else a claim."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            claimed = await ahead[1]
+            if ahead[0] == issue_id:
+                return claimed
+            await self._release(claimed)
+        return await self.db(self.claim, issue_id)
+
+    def _prefetch(
+        self,
+        queue: deque[ledger.Claimed],
+        issue_id: int | None,
+        low_water: int,
+        stop: asyncio.Event | None,
+    ) -> None:
+        """Start claiming the next batch once ``queue`` runs low (once per batch)."""
+        if self._ahead is None and len(queue) <= low_water and not (stop and stop.is_set()):
+            task = asyncio.create_task(self.db(self.claim, issue_id), name="claim-ahead")
+            self._ahead = (issue_id, task)
+
+    async def _peek_prefetched(self, issue_id: int | None) -> list[ledger.Claimed]:
+        """The batch claimed ahead (kept for the next ``run_batch``), or [] if there is none."""
+        if self._ahead is None or self._ahead[0] != issue_id:
+            return []
+        return await self._ahead[1]
+
+    async def _release_prefetched(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await self._release(await ahead[1])
+
+    async def _release(self, claimed: list[ledger.Claimed]) -> None:
+        if claimed:
+            ids = [d.id for d in claimed]
+            await self.db(self._release_now, ids)
+
+    def _release_now(self, ids: list[int]) -> None:
+        with self._writes:
+            ledger.release(self.engine, ids, owner=self.owner, now=self.clock())
+        self._let_go(ids)
+
+    async def _lane(
+        self,
+        queue: deque[ledger.Claimed],
+        committer: _Committer,
+        stop: asyncio.Event | None,
+        popped: Callable[[], None] = lambda: None,
+    ) -> None:
+        previous: ledger.Result | None = None
+        while True:
+            if queue and self.backpressure.paused():
+                # Record what we have, then pause with nothing marked in flight: a pause (up to
+                # a minute) may outlast the lease, and a row still "sending" would then be
+                # taken over and sent twice.
+                if previous is not None:
+                    await committer.handoff(previous, None)
+                    previous = None
+                await self.backpressure.wait()
+            nxt = queue.popleft() if queue and not (stop and stop.is_set()) else None
+            popped()
+            started = await committer.handoff(previous, nxt.id if nxt else None)
+            if nxt is None:
+                return
+            if not started:
+                previous = None
+                continue
+            previous = await self._deliver(nxt)
+            if previous.outcome is not None:
+                self.backpressure.observe(previous.outcome)
+
+    def _finish(self, issue_ids: set[int]) -> None:
+        now = self.clock()
+        with writing(self.engine) as conn:
+            for issue_id in issue_ids:
+                if finish_if_done(conn, issue_id, now):
+                    log.info("issue sent", extra={"issue": issue_id})
+
+    async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
+        recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
+        try:
+            composer = self.composer(d.issue_id, self.hidden(d))
+            data = composer.message(recipient, d.topics, self.clock())
+        except (AddressError, DeliveryError, TokenError) as exc:
+            # One recipient's data is unusable: fail that delivery, not the batch. A template
+            # error is the issue's, not the recipient's, and stops the run instead.
+            log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
+            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}")
+        if data is None:
+            return ledger.Result(d, None)
+        if self.sign is not None:
+            data = self.sign(data)
+        sender = verp_address(self._sender, d.uid) if self.settings.smtp.verp else self._sender
+        return ledger.Result(d, await self.pool.send(sender, d.email, data))
+
+    async def drain(
+        self,
+        *,
+        issue_id: int | None = None,
+        on_batch: Callable[[dict[str, int]], None] | None = None,
+        stop: asyncio.Event | None = None,
+        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
+    ) -> Totals:
+        """Deliver until nothing is due (or ``stop`` is set); deferred mail waits for later.
+
+        Due deliveries another live worker holds are waited for (``on_wait`` is told who holds
+        what) and sent here if their lease ends unfinished; a dead worker's are taken at once.
+        """
+        totals = Totals()
+        stop = stop or asyncio.Event()
+        async with self.leases_kept(stop):
+            while not stop.is_set():
+                counts = await self.run_batch(issue_id=issue_id, stop=stop)
+                if counts is None:
+                    if await self.wait_for_others(issue_id, on_wait=on_wait, stop=stop):
+                        continue
+                    break
+                totals.add(counts)
+                if on_batch is not None:
+                    on_batch(counts)
+        totals.finished = time.monotonic()
+        return totals

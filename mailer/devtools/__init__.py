@@ -1,0 +1,1 @@
+"""Development tools: the capture SMTP server and the demo."""

@@ -1,0 +1,243 @@
+"""``mailer demo``: the whole path on embedded defaults, with nothing but the package.
+
+A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
+subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
+so that they can be edited and fetched again; one digest rendered and delivered; every
+message written to ``DIR/mail/*.eml``; an HTML preview; and the config it used written to
+``DIR/mailer.toml`` so that any command can be pointed at the demo's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+from email import message_from_bytes, policy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from mailer.clock import now
+from mailer.config import Settings, load_settings
+from mailer.content import articles
+from mailer.db.engine import create_engine, migrate
+from mailer.devtools.sink import Sink
+from mailer.issues import store as issues
+from mailer.issues.staff import deliver_issue, open_issue, preview_next
+from mailer.subscribers import store as subscribers
+
+# Package data: a wheel installs it as plain files.
+EXAMPLES = Path(str(resources.files("mailer.devtools") / "examples"))
+
+SITE = {
+    "name": "Camp Lejeune & New River Updates",
+    "tagline": "Essential base alerts, local events, and military news delivered to your inbox.",
+    "base_url": "https://news.example.org",
+    "from": "Camp Lejeune & New River Updates <digest@news.example.org>",
+    "reply_to": "editor@news.example.org",
+    "privacy_policy_url": "https://news.example.org/privacy",
+    "privacy_policy_version": "2026-11-01",
+    "postal_address": "Example Media, 100 Main Street, Jacksonville, NC 28540, USA",
+    "publisher": "Example Media",
+    "disclaimer": (
+        "An independent local newsletter; not an official U.S. Marine Corps "
+        "or Department of Defense publication."
+    ),
+    "timezone": "America/New_York",
+    "secret_key_env": "MAILER_SECRET_KEY",
+    "secret_key_file": "secret.key",
+    "list_id": "updates.news.example.org",
+    "unsubscribe_mailto": "unsubscribe@news.example.org",
+}
+
+TOPICS = [
+    ("base-alerts", "Base alerts", "Gate closures, weather and safety notices."),
+    ("local-events", "Local events", "Things to do in Jacksonville and Onslow County."),
+    (
+        "military-news",
+        "Military news",
+        "News about the Marines and sailors of Camp Lejeune and New River.",
+    ),
+]
+
+
+def _toml_value(value: Any) -> str:
+    # JSON strings, numbers, booleans and arrays of them are valid TOML values.
+    return json.dumps(value, ensure_ascii=False)
+
+
+LOCAL_WEB = "http://127.0.0.1:8000"
+SUBJECT = "Camp Lejeune & New River Updates \u2014 week of {{ date.strftime('%-d %B %Y') }}"
+
+
+def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
+    """The demo's config file text.
+
+    Links point at https://news.example.org, as in production (RFC 8058 wants an HTTPS
+    unsubscribe URI); with ``--serve`` they point at the local web app instead, plain HTTP on
+    loopback, so that a person can click through the captured mail.
+    """
+    site = dict(SITE)
+    if serve:
+        site["base_url"] = LOCAL_WEB
+        site["privacy_policy_url"] = f"{LOCAL_WEB}/privacy"
+    lines = ["# Written by `mailer demo`: point any command at it with --config.", "", "[site]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in site.items()]
+    lines += [
+        "",
+        "[database]",
+        'url = "sqlite:///mailer.db"',
+        "",
+        "[web]",
+        'host = "127.0.0.1"',
+        "port = 8000",
+    ]
+    lines += [
+        "",
+        "[smtp]",
+        'host = "127.0.0.1"',
+        f"port = {smtp_port}",
+        'security = "none"',
+        "connections = 4",
+        "timeout = 10",
+    ]
+    for key, name, description in TOPICS:
+        lines += [
+            "",
+            "[[topics]]",
+            f"key = {_toml_value(key)}",
+            f"name = {_toml_value(name)}",
+            f"description = {_toml_value(description)}",
+        ]
+    lines += [
+        "",
+        "[[sources]]",
+        'type = "directory"',
+        f"path = {_toml_value(str(out_dir / 'articles'))}",
+        'topic = "military-news"',
+        "",
+        "[[digests]]",
+        'key = "weekly"',
+        'name = "Weekly digest"',
+        "subject = " + _toml_value(SUBJECT),
+        'schedule = "0 7 * * fri"',
+        'timezone = "America/New_York"',
+        'topics = ["base-alerts", "local-events", "military-news"]',
+        "max_articles = 20",
+        # The sample articles carry fixed dates: the demo must find them whenever it runs.
+        "lookback_days = 3650",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _prepare(out_dir: Path) -> None:
+    """Start from a clean demo state; never touch anything but the demo's own files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("mailer.db", "mailer.db-wal", "mailer.db-shm", "preview.html", "preview.txt"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "mail", ignore_errors=True)
+    (out_dir / "mail").mkdir()
+    shutil.rmtree(out_dir / "articles", ignore_errors=True)
+    shutil.copytree(EXAMPLES / "articles", out_dir / "articles")
+    shutil.copyfile(EXAMPLES / "subscribers.csv", out_dir / "subscribers.csv")
+    secret = out_dir / "secret.key"
+    if not secret.exists():
+        secret.write_text(secrets.token_urlsafe(32) + "\n", encoding="ascii")
+        secret.chmod(0o600)
+
+
+def run_demo(out_dir: Path, *, console: Console, serve: bool = False) -> dict[str, Any]:
+    """Run the demo into ``out_dir`` and print what happened; returns the figures.
+
+    With ``serve`` the web app then stays on http://127.0.0.1:8000 and the capture server keeps
+    running (mail the web app sends, such as confirmations, lands in ``DIR/mail`` too) until
+    Ctrl-C.
+    """
+    out_dir = out_dir.resolve()
+    _prepare(out_dir)
+    sink = Sink("127.0.0.1", 0, out_dir / "mail")
+    sink.start()
+    try:
+        config_path = out_dir / "mailer.toml"
+        config_path.write_text(demo_config(out_dir, sink.port, serve=serve), encoding="utf-8")
+        settings = load_settings(config_path, env={})
+        figures = _run(settings, out_dir, console)
+        if serve:
+            _serve(settings, console)
+        return figures
+    finally:
+        sink.stop()
+
+
+def _serve(settings: Settings, console: Console) -> None:
+    from mailer.web.server import serve as serve_web
+
+    console.print(f"  web app               {LOCAL_WEB}/  (Ctrl-C stops it and the capture server)")
+    engine = create_engine(settings.database.url)
+    try:
+        serve_web(settings, engine)
+    finally:
+        engine.dispose()
+
+
+def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
+    engine = create_engine(settings.database.url)
+    migrate(engine)
+    moment = now()
+    with (out_dir / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
+        imported = subscribers.import_csv(
+            engine, stream, known_topics=settings.topic_keys, now=moment, source="demo"
+        )
+    source = settings.sources[0]
+    assert source.path is not None
+    parsed = [
+        articles.load_article_file(
+            p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
+        )
+        for p in sorted(source.path.iterdir())
+        if p.is_file()
+    ]
+    added = articles.upsert_articles(engine, parsed, now=moment)
+    digest = settings.digests[0]
+    preview = preview_next(engine, settings, digest, now=moment)
+    (out_dir / "preview.html").write_text(preview.html, encoding="utf-8")
+    (out_dir / "preview.txt").write_text(preview.text, encoding="utf-8")
+    issue = open_issue(engine, settings, digest, now=moment)
+    totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id))
+    summary = issues.summarize(engine, issue.issue_id)
+    mail = sorted((out_dir / "mail").glob("*.eml"))
+    first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None
+    engine.dispose()
+    figures = {
+        "subscribers_imported": imported.added,
+        "articles_added": added.added,
+        "issue": issue.issue_id,
+        "recipients": issue.recipients,
+        "sent": totals.counts.get("sent", 0),
+        "messages_captured": len(mail),
+    }
+    console.print(f"[bold]{settings.site.name}[/bold]: demo complete")
+    console.print(
+        f"  subscribers imported  {imported.added} ({len(imported.errors)} rows rejected)"
+    )
+    console.print(f"  articles added        {added.added}")
+    console.print(
+        f"  issue {issue.issue_id} ({summary.status})   "
+        f"{issue.articles} articles, {issue.recipients} recipients"
+    )
+    console.print(
+        f"  delivered             {totals.counts.get('sent', 0)} sent, "
+        f"{totals.counts.get('deferred', 0)} deferred in {totals.elapsed:.2f}s"
+    )
+    if first is not None:
+        console.print(f"  subject               {first['Subject']}", markup=False)
+    console.print(f"  captured mail         {out_dir / 'mail'} ({len(mail)} .eml files)")
+    console.print(f"  HTML preview          {out_dir / 'preview.html'}")
+    console.print(f"  config                {out_dir / 'mailer.toml'}")
+    console.print(
+        f"  try                   mailer --config {out_dir / 'mailer.toml'} subscribers list"
+    )
+    return figures

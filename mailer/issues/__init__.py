@@ -1,0 +1,1 @@
+"""Issues: the schedule, making an issue, and the staff operations on issues."""

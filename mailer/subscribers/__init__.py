@@ -1,0 +1,1 @@
+"""Subscribers: addresses, tokens and links, the one subscriber store, the importer."""
