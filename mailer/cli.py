@@ -29,7 +29,8 @@ from rich.table import Table
 from mailer import logs
 from mailer.clock import now
 from mailer.config import DEFAULT_CONFIG_NAME, Settings, load_settings
-from mailer.content import articles
+from mailer.content import store as articles
+from mailer.content.files import load_article_file
 from mailer.db.engine import check_schema, create_engine, migrate, safe_url
 from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import ConfigError, MailerError
@@ -313,7 +314,7 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
     for path in files:
         try:
             parsed.append(
-                articles.load_article_file(
+                load_article_file(
                     path, default_topic=topic, known_topics=ctx.settings.topic_keys, now=moment
                 )
             )
@@ -398,7 +399,7 @@ def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
 @pass_ctx
 def articles_show(ctx: Context, article_id: int) -> None:
     """Every field of one article, when it arrived, and the issues that took it."""
-    from mailer.content.admin import show
+    from mailer.content.store import show
 
     detail = show(ctx.engine(), article_id)
     a = detail.article
@@ -444,7 +445,7 @@ def articles_show(ctx: Context, article_id: int) -> None:
 @pass_ctx
 def articles_remove(ctx: Context, article_id: int, by: str) -> None:
     """Take an article out of every issue not yet sent in full, and out of every later one."""
-    from mailer.content.admin import remove
+    from mailer.content.store import remove
 
     removal = remove(ctx.engine(), article_id, by=by, now=now())
     issues_text = ", ".join(str(i) for i in removal.issues) or "none"

@@ -29,8 +29,8 @@ from mailer.delivery.ledger import Holding
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
+from mailer.issues.create import IssueCreated, create_issue, last_scheduled
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
-from mailer.issues.store import IssueCreated, create_issue, last_scheduled
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
 

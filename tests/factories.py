@@ -12,7 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.config import Settings, parse_settings
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.subscribers import store as subscribers
 from tests.smtp_server import Delay, FaultServer
@@ -125,9 +126,9 @@ def write_config(path: Path, db_url: str, **sections: Any) -> Path:
     return path
 
 
-def article(n: int, published: datetime) -> articles.ParsedArticle:
+def article(n: int, published: datetime) -> ParsedArticle:
     """A base alert published at ``published``."""
-    return articles.ParsedArticle(
+    return ParsedArticle(
         guid=f"urn:test:{n}",
         topic="base-alerts",
         title=f"Alert {n}",
@@ -160,7 +161,7 @@ def ready_to_send(
     )
     engine = create_engine(db_url)
     now = datetime.now(UTC)
-    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
+    upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
     for email in emails:
         make_subscriber(engine, email=email)
         if hold is not None:

@@ -19,13 +19,16 @@ import sqlalchemy as sa
 
 from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.content import articles
-from mailer.content.articles import ParsedArticle, parse_article, upsert_articles
-from mailer.content.feeds import parse_feed
+from mailer.content.article import ParsedArticle
+from mailer.content.feeds.parse import parse_feed
+from mailer.content.files import parse_article
+from mailer.content.selection import taken_by
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
-from mailer.db.schema import issue_articles, metadata
+from mailer.db.schema import articles, issue_articles, metadata
 from mailer.errors import ArticleError
 from mailer.issues import store as issues
+from mailer.issues.create import IssueCreated, create_issue
 from mailer.issues.staff import preview_next
 from tests.factories import ALERTS, TOPICS, config_dict, make_settings, make_subscriber
 
@@ -60,8 +63,8 @@ def store(
 
 def make_issue(
     engine: sa.Engine, settings: Settings, key: str, slot: datetime, made: datetime | None = None
-) -> issues.IssueCreated:
-    return issues.create_issue(
+) -> IssueCreated:
+    return create_issue(
         engine,
         settings,
         settings.digest(key),
@@ -75,8 +78,8 @@ def taken(engine: sa.Engine, issue_id: int) -> list[str]:
     with engine.connect() as conn:
         return list(
             conn.scalars(
-                sa.select(articles.articles.c.guid)
-                .join(issue_articles, issue_articles.c.article_id == articles.articles.c.id)
+                sa.select(articles.c.guid)
+                .join(issue_articles, issue_articles.c.article_id == articles.c.id)
                 .where(issue_articles.c.issue_id == issue_id)
                 .order_by(issue_articles.c.position)
             )
@@ -356,7 +359,7 @@ def test_two_issues_of_one_digest_made_at_once_never_share_an_article(pg_url: st
                 selected.set()
                 release.wait(timeout=30)
 
-        results: dict[str, issues.IssueCreated] = {}
+        results: dict[str, IssueCreated] = {}
 
         def make(name: str, engine: sa.Engine, slot: datetime) -> None:
             results[name] = make_issue(engine, settings, "alerts", slot)
@@ -397,8 +400,8 @@ def test_sqlite_probes_whether_a_digest_took_an_article_through_its_index(
     try:
         migrate(engine)
         query = (
-            sa.select(articles.articles.c.id)
-            .where(articles.taken_by("alerts"))
+            sa.select(articles.c.id)
+            .where(taken_by("alerts"))
             .compile(engine, compile_kwargs={"literal_binds": True})
         )
         with engine.connect() as conn:

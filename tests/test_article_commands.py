@@ -17,7 +17,7 @@ from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer
-from mailer.issues import store as issues
+from mailer.issues.create import create_issue
 from tests.factories import ALERTS, NOW, SECRET, config_dict, write_config
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
@@ -56,7 +56,7 @@ def run(config: Path, *args: str) -> Result:
 
 
 def make_issue(settings: Settings, engine: sa.Engine, key: str, at: datetime) -> int:
-    return issues.create_issue(
+    return create_issue(
         engine,
         settings,
         settings.digest(key),

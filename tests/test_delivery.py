@@ -12,12 +12,14 @@ import sqlalchemy as sa
 
 from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries
 from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
 from mailer.delivery.worker import Backpressure, Deliverer
+from mailer.issues.create import IssueCreated, create_issue
 from mailer.issues.staff import open_issue
-from mailer.issues.store import IssueCreated, create_issue, summarize
+from mailer.issues.store import summarize
 from mailer.subscribers import store as subscribers
 from tests.factories import NOW, make_settings, make_subscriber
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
@@ -36,7 +38,7 @@ class Clock:
 
 
 def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> None:
-    item = articles.ParsedArticle(
+    item = ParsedArticle(
         guid=f"urn:test:{title}",
         topic=topic,
         title=title,
@@ -46,7 +48,7 @@ def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> 
         link=f"https://news.example.org/{topic}",
         published_at=NOW - timedelta(hours=hours_ago),
     )
-    articles.upsert_articles(engine, [item], now=NOW)
+    upsert_articles(engine, [item], now=NOW)
 
 
 @pytest.fixture

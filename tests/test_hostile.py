@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from mailer.compose.rendering import render_subject
 from mailer.config import parse_settings
-from mailer.content.articles import parse_article
+from mailer.content.files import parse_article
 from mailer.errors import (
     AddressError,
     ArticleError,

@@ -21,14 +21,15 @@ import sqlalchemy as sa
 
 from mailer.compose.rendering import render_subject
 from mailer.config import Settings
-from mailer.content import articles
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery import ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer
-from mailer.issues.store import create_issue, reasons, summarize
+from mailer.issues.create import create_issue
+from mailer.issues.store import reasons, summarize
 from tests.factories import (
     NOW,
     article,
@@ -54,7 +55,7 @@ class Clock:
 
 
 def new_issue(engine: sa.Engine, settings: Settings, emails: Sequence[str]) -> int:
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
     for email in emails:
         make_subscriber(engine, email=email)
     return make_issue(engine, settings, len(emails))

@@ -18,7 +18,7 @@ import pytest
 
 from mailer.compose.rendering import render_subject
 from mailer.db.engine import create_engine
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401

@@ -21,7 +21,7 @@ from mailer.db.schema import deliveries
 from mailer.delivery.processes import HelperExit
 from mailer.delivery.smtp import RateLimiter, share_schedule
 from mailer.errors import ConfigError
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import process_log, spawn, wait_for  # noqa: F401

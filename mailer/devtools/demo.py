@@ -22,7 +22,8 @@ from rich.console import Console
 
 from mailer.clock import now
 from mailer.config import Settings, load_settings
-from mailer.content import articles
+from mailer.content.files import load_article_file
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.devtools.sink import Sink
 from mailer.issues import store as issues
@@ -194,13 +195,13 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     source = settings.sources[0]
     assert source.path is not None
     parsed = [
-        articles.load_article_file(
+        load_article_file(
             p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
         )
         for p in sorted(source.path.iterdir())
         if p.is_file()
     ]
-    added = articles.upsert_articles(engine, parsed, now=moment)
+    added = upsert_articles(engine, parsed, now=moment)
     digest = settings.digests[0]
     preview = preview_next(engine, settings, digest, now=moment)
     (out_dir / "preview.html").write_text(preview.html, encoding="utf-8")

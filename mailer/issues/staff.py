@@ -1,4 +1,9 @@
-"""Digest operations staff run: preview the next issue, send one now (or resume it)."""
+"""What staff run on a digest's next issue (``digest preview`` and ``digest send``): preview it
+as it would go out now, open it (resume the unfinished one, else make one for now), deliver it.
+
+Not the scheduler's path: that one makes issues at their slots (``mailer.service``) and leaves
+them to the running workers.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from mailer.db.schema import issues
 from mailer.delivery.ledger import Holding
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
-from mailer.issues.store import IssueCreated, articles_for, create_issue
+from mailer.issues.create import IssueCreated, articles_for, create_issue
 from mailer.models import IssueContent
 
 
