@@ -516,11 +516,12 @@ def issue_content(now: datetime) -> Any:
 def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
     """One real digest message per topic variant, rendered from the example articles."""
     from mailer.compose.messages import DigestComposer
+    from mailer.compose.rendering import Renderer
     from mailer.models import Recipient
 
     now = datetime.now(UTC)
     content = issue_content(now)
-    composer = DigestComposer(settings, content)
+    composer = DigestComposer(settings, content, renderer=Renderer())
     recipient = Recipient(
         email="reader1@example.org",
         name="Reader 1",

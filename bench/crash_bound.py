@@ -42,7 +42,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
@@ -197,7 +197,7 @@ def run_trial(
             settings.digests[0],
             scheduled_for=now,
             now=now,
-            render_subject=render_subject,
+            render_subject=Renderer().render_subject,
         )
         if issue.recipients != n:
             trial.problems.append(f"issue has {issue.recipients} recipients, not {n}")

@@ -29,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.content.selection import select_for_issue, taken_by
 from mailer.db.engine import create_engine, migrate, refresh_statistics
 from mailer.db.schema import articles, issue_articles, issues, subscriber_topics, subscribers
@@ -209,7 +209,7 @@ def measure(name: str, url: str) -> None:
             settings.digest("alerts"),
             scheduled_for=NOW,
             now=NOW,
-            render_subject=render_subject,
+            render_subject=Renderer().render_subject,
         )
         print(
             f"create_issue: {made.articles} articles, {made.recipients} recipients "

@@ -478,9 +478,11 @@ def digest_group() -> None:
 @pass_ctx
 def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     """Render the next issue of a digest without sending it."""
+    from mailer.compose.rendering import Renderer
     from mailer.issues.staff import preview_next
 
-    preview = preview_next(ctx.engine(), ctx.settings, ctx.settings.digest(key), now=now())
+    digest = ctx.settings.digest(key)
+    preview = preview_next(ctx.engine(), ctx.settings, digest, now=now(), renderer=Renderer())
     if out_dir is None:
         out.print(preview.text, markup=False)
         return
@@ -519,6 +521,7 @@ def with_processes(settings: Settings, processes: int | None) -> Settings:
 def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
     # Imported before the helpers are forked, so they start with them.
+    from mailer.compose.rendering import Renderer
     from mailer.delivery.processes import Helpers
     from mailer.issues.staff import deliver_issue, open_issue  # noqa: F401
     from mailer.signals import stop_on_signals  # noqa: F401
@@ -532,7 +535,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     helpers = Helpers(settings, fork=True)
     with helpers:
         engine = ctx.engine()
-        issue = open_issue(engine, settings, digest, now=now())
+        issue = open_issue(engine, settings, digest, now=now(), renderer=Renderer())
         verb = "created" if issue.created else "resuming"
         out.print(
             f"issue {issue.issue_id} {verb}"

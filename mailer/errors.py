@@ -107,6 +107,18 @@ class TemplateError(MailerError, ValueError):
     """A template cannot be loaded or rendered (syntax, undefined name, unsafe access)."""
 
 
+class RenderError(TemplateError):
+    """A template failed to load or render; ``template`` and ``line`` locate the fault,
+    ``reason`` is what went wrong without them."""
+
+    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
+        self.template = template
+        self.line = line
+        self.reason = message
+        where = template if line is None else f"{template}, line {line}"
+        super().__init__(f"{where}: {message}")
+
+
 class DigestError(MailerError, LookupError):
     """A digest, issue or delivery cannot be found or acted on."""
 

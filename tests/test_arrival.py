@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.feeds.parse import parse_feed
@@ -70,7 +70,7 @@ def make_issue(
         settings.digest(key),
         scheduled_for=slot,
         now=made or slot,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
 
 
@@ -279,7 +279,9 @@ def test_what_max_articles_leaves_goes_in_the_next_issue_oldest_arrival_first(
         store(engine, published=at(16, 50) - timedelta(minutes=n), arrived=at(17, 0 + n))
         for n in range(7)
     ]
-    preview = preview_next(engine, settings, settings.digest("alerts"), now=at(17, 10))
+    preview = preview_next(
+        engine, settings, settings.digest("alerts"), now=at(17, 10), renderer=Renderer()
+    )
     first = make_issue(engine, settings, "alerts", at(17, 10))
     assert (first.articles, first.left_over) == (5, 2)
     # Shown newest published first; taken by arrival.
@@ -316,7 +318,7 @@ def test_preview_shows_exactly_what_the_next_issue_takes(engine: sa.Engine, db_u
         store(engine, published=at(9, 13 + n), arrived=at(9, 14 + n))
     store(engine, published=at(9, 20), arrived=at(9, 21), expires_at=at(9, 25))
     when = at(9, 30)
-    preview = preview_next(engine, settings, digest, now=when)
+    preview = preview_next(engine, settings, digest, now=when, renderer=Renderer())
     created = make_issue(engine, settings, "alerts", when)
     with engine.connect() as conn:
         ids = list(

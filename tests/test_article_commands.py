@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings, load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
@@ -62,7 +62,7 @@ def make_issue(settings: Settings, engine: sa.Engine, key: str, at: datetime) ->
         settings.digest(key),
         scheduled_for=at,
         now=at,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     ).issue_id
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
@@ -72,7 +72,7 @@ def issue(engine: sa.Engine, settings: Settings, key: str, slot: datetime) -> in
         settings.digest(key),
         scheduled_for=slot,
         now=slot,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     ).issue_id
 
 

@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
@@ -70,7 +70,12 @@ def new_issue(engine: sa.Engine, settings: Settings) -> IssueCreated:
     """The weekly digest's issue for the slot NOW."""
     digest = settings.digests[0]
     return create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=Renderer().render_subject,
     )
 
 
@@ -139,10 +144,20 @@ async def test_the_same_slot_makes_one_issue(engine: sa.Engine, settings: Settin
     make_subscriber(engine)
     digest = settings.digests[0]
     first = create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=Renderer().render_subject,
     )
     second = create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=Renderer().render_subject,
     )
     assert first.created and not second.created
     assert second.issue_id == first.issue_id
@@ -221,11 +236,11 @@ async def test_sending_again_sends_nothing_twice(
 ) -> None:
     make_subscriber(engine, email="ann@example.org")
     digest = settings.digests[0]
-    first = open_issue(engine, settings, digest, now=NOW)
+    first = open_issue(engine, settings, digest, now=NOW, renderer=Renderer())
     await deliver(engine, settings, Clock(NOW), first.issue_id)
     # A second send finds the first issue complete and no article published since.
     later = NOW + timedelta(minutes=5)
-    second = open_issue(engine, settings, digest, now=later)
+    second = open_issue(engine, settings, digest, now=later, renderer=Renderer())
     assert second.created and second.articles == 0 and second.recipients == 0
     assert await deliver(engine, settings, Clock(later), second.issue_id) == {}
     assert len(smtp_server.received) == 1
@@ -240,8 +255,10 @@ async def test_an_interrupted_send_resumes_instead_of_starting_over(
     for n in range(3):
         make_subscriber(engine, email=f"r{n}@example.org")
     digest = settings.digests[0]
-    first = open_issue(engine, settings, digest, now=NOW)
-    resumed = open_issue(engine, settings, digest, now=NOW + timedelta(minutes=1))
+    first = open_issue(engine, settings, digest, now=NOW, renderer=Renderer())
+    resumed = open_issue(
+        engine, settings, digest, now=NOW + timedelta(minutes=1), renderer=Renderer()
+    )
     assert not resumed.created and resumed.issue_id == first.issue_id
     await deliver(engine, settings, Clock(NOW), first.issue_id)
     assert sorted(r.recipients[0] for r in smtp_server.received) == [

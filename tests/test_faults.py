@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries, subscribers
@@ -132,7 +132,7 @@ def test_every_subscriber_ends_exactly_as_scripted(
         settings.digests[0],
         scheduled_for=NOW,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     assert issue.recipients == N
 

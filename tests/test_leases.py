@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
@@ -70,7 +70,7 @@ def make_issue(
         settings.digests[0],
         scheduled_for=at,
         now=at,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     assert made.recipients == recipients
     return made.issue_id

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.clock import now as clock_now
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries
 from mailer.delivery.processes import HelperExit
@@ -91,7 +91,12 @@ def test_worker_processes_from_the_config_drain_every_due_delivery_once(
     digest = settings.digests[0]
     moment = clock_now()
     create_issue(
-        engine, settings, digest, scheduled_for=moment, now=moment, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=moment,
+        now=moment,
+        render_subject=Renderer().render_subject,
     )
     engine.dispose()
     worker = spawn(config, process_log, "worker", "--drain")

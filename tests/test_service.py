@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues
@@ -213,7 +213,7 @@ def test_a_worker_killed_mid_issue_loses_nothing_and_duplicates_at_most_one_per_
         settings.digests[0],
         scheduled_for=NOW,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     worker = spawn(config, process_log, "worker", "--drain")
     try:
@@ -270,7 +270,7 @@ def test_catch_up_creates_missed_slots_at_start(
         settings.digests[0],
         scheduled_for=last,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     service = Service(engine, settings, clock=lambda: datetime(2026, 11, 28, tzinfo=UTC))
     made = service.catch_up()
