@@ -11,8 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from mailer.compose.rendering import render_subject
-from mailer.config import Settings, load_settings
+from mailer.config import load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
 from mailer.delivery.smtp import SmtpPool
@@ -41,7 +40,9 @@ def config(
     smtp_server: FaultServer,  # noqa: F811
 ) -> Path:
     monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
-    monkeypatch.setattr("mailer.cli.now", lambda: NOW)  # 07:00 EST on 20 November 2026
+    for commands in ("articles", "issues", "service", "subscribers", "bounces"):
+        # 07:00 EST on 20 November 2026
+        monkeypatch.setattr(f"mailer.cli.{commands}.now", lambda: NOW)
     weekly = config_dict()["digests"][0]
     return write_config(
         tmp_path / "mailer.toml",
