@@ -464,8 +464,12 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     command: tuple[str, ...],
 ) -> None:
     emails = [f"r{n}@example.org" for n in range(6)]
-    config, engine = prepare(db_url, tmp_path, smtp_server, emails, lease_seconds=5)
-    issue_id = make_issue(engine, make_settings(db_url), len(emails), at=datetime.now(UTC))
+    # Short leases: the drain looks again every heartbeat (0.2 s), so the test waits on what it
+    # prints, not on the clock.
+    config, engine = prepare(db_url, tmp_path, smtp_server, emails, lease_seconds=0.6)
+    issue = make_issue(engine, make_settings(db_url), at=datetime.now(UTC))
+    assert issue.recipients == len(emails)
+    issue_id = issue.issue_id
     # Another worker, alive (this test's process), holds three of the issue's deliveries.
     holder = f"{HOST}:{os.getpid()}"
     with engine.connect() as conn:
@@ -484,7 +488,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
                 )
             )
 
-    hold(30)  # outlasts the command's start; it waits a heartbeat (5 s / 3) at a time
+    hold(30)  # outlasts the command's start; it waits a heartbeat (0.6 s / 3) at a time
     waiting = f"waiting for 3 deliveries held by {holder} (lease renewed"
     with running(config, process_log, *command) as drain:
         wait_for(lambda: waiting in process_log.read_text(), process_log, "the drain to wait")
