@@ -28,9 +28,16 @@ from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import articles, issue_articles, metadata
 from mailer.errors import ArticleError
 from mailer.issues import store as issues
-from mailer.issues.create import IssueCreated, create_issue
+from mailer.issues.create import IssueCreated
 from mailer.issues.staff import preview_next
-from tests.factories import ALERTS, TOPICS, config_dict, make_settings, make_subscriber
+from tests.factories import (
+    ALERTS,
+    TOPICS,
+    config_dict,
+    make_issue,
+    make_settings,
+    make_subscriber,
+)
 
 NEW_YORK = ZoneInfo("America/New_York")
 WEEKLY = config_dict()["digests"][0] | {"timezone": "America/New_York"}
@@ -59,19 +66,6 @@ def store(
     item = ParsedArticle(**values)
     assert upsert_articles(engine, [item], now=arrived).added == 1
     return item
-
-
-def make_issue(
-    engine: sa.Engine, settings: Settings, key: str, slot: datetime, made: datetime | None = None
-) -> IssueCreated:
-    return create_issue(
-        engine,
-        settings,
-        settings.digest(key),
-        scheduled_for=slot,
-        now=made or slot,
-        render_subject=Renderer().render_subject,
-    )
 
 
 def taken(engine: sa.Engine, issue_id: int) -> list[str]:
