@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mailer.clock import now
 from mailer.compose.dkim import DkimSigner
+from mailer.compose.rendering import Renderer
 from mailer.config import load_settings
 from mailer.db.engine import check_schema, create_engine
 from mailer.delivery.smtp import SmtpPool
@@ -41,7 +42,9 @@ def main() -> None:
     check_schema(engine)
     try:
         if command == "send":
-            issue = open_issue(engine, settings, settings.digest(rest[0]), now=now())
+            issue = open_issue(
+                engine, settings, settings.digest(rest[0]), now=now(), renderer=Renderer()
+            )
             print(f"issue {issue.issue_id} created: {issue.recipients} recipients", flush=True)
             totals = asyncio.run(_deliver(engine, settings, issue.issue_id, sign))
         else:

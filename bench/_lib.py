@@ -445,7 +445,7 @@ def load_bench_settings(path: Path) -> Any:
 
 def example_articles(now: datetime) -> list[Any]:
     """The articles shipped in the package's example articles, parsed (one is the site's own)."""
-    from mailer.content.articles import load_article_file
+    from mailer.content.files import load_article_file
 
     return [
         load_article_file(p, default_topic="military-news", known_topics=TOPICS, now=now)
@@ -516,11 +516,12 @@ def issue_content(now: datetime) -> Any:
 def sample_messages(settings: Any) -> dict[tuple[str, ...], bytes]:
     """One real digest message per topic variant, rendered from the example articles."""
     from mailer.compose.messages import DigestComposer
+    from mailer.compose.rendering import Renderer
     from mailer.models import Recipient
 
     now = datetime.now(UTC)
     content = issue_content(now)
-    composer = DigestComposer(settings, content)
+    composer = DigestComposer(settings, content, renderer=Renderer())
     recipient = Recipient(
         email="reader1@example.org",
         name="Reader 1",
@@ -575,12 +576,12 @@ def _fill(engine: Any, n: int) -> None:
     Bulk inserts through the driver (executemany / COPY): generating a million subscribers is
     set-up, not what is measured.
     """
-    from mailer.content import articles
+    from mailer.content.store import upsert_articles
     from mailer.db.engine import migrate
 
     migrate(engine)
     now = datetime.now(UTC)
-    articles.upsert_articles(engine, issue_articles(now), now=now)
+    upsert_articles(engine, issue_articles(now), now=now)
     rng = random.Random(5)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     stamp = now.isoformat(sep=" ")

@@ -42,11 +42,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
-from mailer.content import articles
+from mailer.compose.rendering import Renderer
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries, subscribers
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import SECRET, TOPICS, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer
 
@@ -113,7 +114,7 @@ class Databases:
         now = datetime.now(UTC)
         for email in self.emails:
             make_subscriber(engine, email=email, topics=TOPICS, now=now)
-        article = articles.ParsedArticle(
+        article = ParsedArticle(
             guid="urn:bench:crash:1",
             topic="base-alerts",
             title="Gate 3 closed for maintenance",
@@ -123,7 +124,7 @@ class Databases:
             link="https://news.example.org/a",
             published_at=now - timedelta(hours=1),
         )
-        articles.upsert_articles(engine, [article], now=now)
+        upsert_articles(engine, [article], now=now)
         engine.dispose()
 
     @contextlib.contextmanager
@@ -196,7 +197,7 @@ def run_trial(
             settings.digests[0],
             scheduled_for=now,
             now=now,
-            render_subject=render_subject,
+            render_subject=Renderer().render_subject,
         )
         if issue.recipients != n:
             trial.problems.append(f"issue has {issue.recipients} recipients, not {n}")

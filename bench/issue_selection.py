@@ -1,6 +1,6 @@
 """Making an issue when the store is old: the by-arrival selection over 100,000 issue_articles rows.
 
-An issue takes the articles its digest has not taken yet (``articles.select_for_issue``): for
+An issue takes the articles its digest has not taken yet (``selection.select_for_issue``): for
 each candidate article in the lookback, a probe into ``issue_articles`` joined to ``issues``.
 This fills a database with a year of history (50,000 articles, 2,500 alert and 2,500 weekly
 issues of 20 articles each: 100,000 issue_articles rows, every article taken twice, and the
@@ -29,11 +29,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
-from mailer.content.articles import select_for_issue, taken_by
+from mailer.compose.rendering import Renderer
+from mailer.content.selection import select_for_issue, taken_by
 from mailer.db.engine import create_engine, migrate, refresh_statistics
 from mailer.db.schema import articles, issue_articles, issues, subscriber_topics, subscribers
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import TOPICS, make_settings
 
 PG_URL = os.environ.get("MAILER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -209,7 +209,7 @@ def measure(name: str, url: str) -> None:
             settings.digest("alerts"),
             scheduled_for=NOW,
             now=NOW,
-            render_subject=render_subject,
+            render_subject=Renderer().render_subject,
         )
         print(
             f"create_issue: {made.articles} articles, {made.recipients} recipients "

@@ -38,12 +38,13 @@ def row(part: str, value: str, note: str) -> None:
 
 def composer_and_recipients(n: int) -> tuple[object, list[object], datetime]:
     from mailer.compose.messages import DigestComposer
+    from mailer.compose.rendering import Renderer
     from mailer.models import Recipient
 
     settings = _lib.load_bench_settings(_lib.WORK / "sample.toml")
     now = datetime.now(UTC)
     content = _lib.issue_content(now)
-    composer = DigestComposer(settings, content)
+    composer = DigestComposer(settings, content, renderer=Renderer())
     recipients = [
         Recipient(
             email=f"reader{i}@example.org",
@@ -161,6 +162,7 @@ def measure_smtp(runs: int, n: int, connections: int) -> None:
 
 def measure_db(kind: str, runs: int, n: int, group: int) -> None:
     from mailer.clock import now
+    from mailer.compose.rendering import Renderer
     from mailer.db.engine import create_engine
     from mailer.delivery import ledger
     from mailer.delivery.smtp import Outcome, SendResult, Stage
@@ -177,7 +179,9 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
                 _lib.WORK / "parts-db.toml", db_url=url, smtp_port=25, connections=group
             )
             settings = _lib.load_bench_settings(config)
-            issue = open_issue(engine, settings, settings.digest("weekly"), now=now())
+            issue = open_issue(
+                engine, settings, settings.digest("weekly"), now=now(), renderer=Renderer()
+            )
             batches = []
             t = time.process_time()
             for _ in range(min(10, n // 500)):

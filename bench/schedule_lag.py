@@ -46,7 +46,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries, issues
 from tests.factories import SECRET, TOPICS, make_subscriber, write_config
@@ -115,7 +116,7 @@ class Feeder(threading.Thread):
             if self.halt.wait(0.5):
                 return
             now = datetime.now(UTC)
-            article = articles.ParsedArticle(
+            article = ParsedArticle(
                 guid=f"urn:bench:lag:{n}",
                 topic="base-alerts",
                 title=f"Alert {n}",
@@ -125,7 +126,7 @@ class Feeder(threading.Thread):
                 link="https://news.example.org/a",
                 published_at=now,
             )
-            articles.upsert_articles(self.engine, [article], now=now)
+            upsert_articles(self.engine, [article], now=now)
 
 
 class Watcher(threading.Thread):

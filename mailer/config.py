@@ -20,8 +20,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from mailer.errors import ConfigError
+from mailer.errors import ConfigError, RenderError
 from mailer.issues.cron import CronError, first_fire, parse_cron
+from mailer.sandbox import environment, render_subject
 
 DEFAULT_CONFIG_NAME = "mailer.toml"
 KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
@@ -583,11 +584,8 @@ def _check_subject(t: _Table, digest: Digest, sample_slot: datetime) -> None:
     A misspelt variable or a filter that fails would otherwise surface only when a scheduled
     firing builds the issue, long after the config was accepted.
     """
-    # Here, not at the top: rendering reads this module's dataclasses.
-    from mailer.compose.rendering import RenderError, default_renderer
-
     try:
-        default_renderer().render_subject(digest, sample_slot)
+        render_subject(environment(), digest, sample_slot)
     except RenderError as exc:
         raise t.error(
             "subject",

@@ -73,12 +73,50 @@ class UnknownArticleError(MailerError, LookupError):
         super().__init__(f"no article {article_id}: `mailer articles list` shows their ids")
 
 
+class FeedError(MailerError):
+    """A feed cannot be fetched or is not a feed; ``url`` is the feed, ``status`` the HTTP status
+    when the server answered, ``reason`` the cause without the URL."""
+
+    def __init__(self, url: str, reason: str, *, status: int | None = None) -> None:
+        self.url = url
+        self.reason = reason
+        self.status = status
+        super().__init__(f"feed {url}: {reason}")
+
+
+class FeedTimeoutError(FeedError, TimeoutError):
+    """The server did not answer in time (connect, read, or the whole-fetch deadline)."""
+
+
+class FeedTooLargeError(FeedError, ValueError):
+    """The response is over the byte limit; ``limit`` is that limit, ``size`` the declared
+    ``Content-Length`` when the server gave one (None when the stream ran over)."""
+
+    def __init__(self, url: str, *, limit: int, size: int | None = None) -> None:
+        self.limit = limit
+        self.size = size
+        what = f"is {size:,} bytes," if size is not None else "is"
+        super().__init__(url, f"the response {what} over the feed size limit of {limit:,} bytes")
+
+
 class TokenError(MailerError, ValueError):
     """A signed link token is malformed, forged, or for another purpose."""
 
 
 class TemplateError(MailerError, ValueError):
     """A template cannot be loaded or rendered (syntax, undefined name, unsafe access)."""
+
+
+class RenderError(TemplateError):
+    """A template failed to load or render; ``template`` and ``line`` locate the fault,
+    ``reason`` is what went wrong without them."""
+
+    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
+        self.template = template
+        self.line = line
+        self.reason = message
+        where = template if line is None else f"{template}, line {line}"
+        super().__init__(f"{where}: {message}")
 
 
 class DigestError(MailerError, LookupError):

@@ -1,4 +1,11 @@
-"""Plain data passed between the layers (the store fills them, the pure core reads them)."""
+"""Plain data passed between the rooms (the stores fill them, the pure core reads them).
+
+They live here, at the top, because each crosses rooms: ``Article`` is filled by the article
+store and read by issues and compose; ``Recipient`` is made by subscribers, delivery and the
+web app and read by compose; ``IssueContent`` is loaded by issues and rendered by compose. In
+any one room they would make the others import it sideways (compose from content and issues,
+the web app from compose).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,13 @@ from datetime import datetime
 
 @dataclass(frozen=True)
 class Article:
-    """An article as stored: the digest shows title, summary, why it matters and a link."""
+    """An article as stored (``mailer.content.store``): the digest shows title, summary, why
+    it matters and a link.
+
+    Before it is stored it is a ``mailer.content.article.ParsedArticle``: the same content,
+    without the ``id`` the store gives it and the staff removal, with what only ingest needs
+    (whether the file gave a date, the keys that find the same story again).
+    """
 
     id: int
     guid: str

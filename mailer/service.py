@@ -22,15 +22,15 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mailer.clock import now as clock_now
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Digest, Settings
 from mailer.content.sources import fetch_sources, log_results
 from mailer.delivery.ledger import Holding
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
+from mailer.issues.create import IssueCreated, create_issue, last_scheduled
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
-from mailer.issues.store import IssueCreated, create_issue, last_scheduled
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
 
@@ -61,7 +61,8 @@ class Service:
         parts: Parts = Parts(),
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
-        render_subject: Callable[[Digest, datetime], str] = render_subject,
+        renderer: Renderer | None = None,
+        render_subject: Callable[[Digest, datetime], str] | None = None,
         retry_seconds: float = RETRY_FIRST_SECONDS,
         web_socket: socket.socket | None = None,
         on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
@@ -72,7 +73,10 @@ class Service:
         self.parts = parts
         self.clock = clock
         self.sign = sign
-        self.render_subject = render_subject
+        # One Renderer for all the service composes (issues, messages, web mails); the subject
+        # may be given apart (tests give one that fails).
+        self.renderer = renderer or Renderer()
+        self.render_subject = render_subject or self.renderer.render_subject
         self.retry_seconds = retry_seconds  # the first wait before a failed firing is retried
         self.web_socket = web_socket  # bound by the caller (mailer.preflight.claim_port)
         self.stop = asyncio.Event()
@@ -256,7 +260,12 @@ class Service:
         totals = Totals()
         async with SmtpPool(self.settings.smtp) as pool:
             deliverer = Deliverer(
-                self.engine, self.settings, pool, clock=self.clock, sign=self.sign
+                self.engine,
+                self.settings,
+                pool,
+                clock=self.clock,
+                sign=self.sign,
+                renderer=self.renderer,
             )
             async with deliverer.leases_kept(self.stop):
                 while not self.stop.is_set():
@@ -336,7 +345,10 @@ class Service:
         from mailer.web.server import server_config
 
         app = create_app(
-            self.settings, self.engine, SmtpConfirmationSender(self.settings, sign=self.sign)
+            self.settings,
+            self.engine,
+            SmtpConfirmationSender(self.settings, sign=self.sign),
+            renderer=self.renderer,
         )
         config = server_config(app, host=self.settings.web.host, port=self.settings.web.port)
         return _QuietServer(config)

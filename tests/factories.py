@@ -11,11 +11,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings, parse_settings
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
-from mailer.issues.store import IssueCreated, create_issue
+from mailer.issues.create import IssueCreated, create_issue
 from mailer.subscribers import store as subscribers
 from tests.smtp_server import Delay, FaultServer
 
@@ -144,7 +145,7 @@ def write_config(path: Path, db_url: str, **sections: Any) -> Path:
     return path
 
 
-def article(n: int, published: datetime) -> articles.ParsedArticle:
+def article(n: int, published: datetime) -> ParsedArticle:
     """Base alert ``n``, published at ``published``."""
     return make_article(
         guid=f"urn:test:{n}",
@@ -157,7 +158,7 @@ def article(n: int, published: datetime) -> articles.ParsedArticle:
     )
 
 
-def make_article(**overrides: Any) -> articles.ParsedArticle:
+def make_article(**overrides: Any) -> ParsedArticle:
     """A valid article (a base alert published a day before NOW), fields overridden."""
     n = next(_counter)
     values: dict[str, Any] = {
@@ -172,7 +173,7 @@ def make_article(**overrides: Any) -> articles.ParsedArticle:
         "expires_at": None,
     }
     values.update(overrides)
-    return articles.ParsedArticle(**values)
+    return ParsedArticle(**values)
 
 
 def make_issue(
@@ -191,7 +192,7 @@ def make_issue(
         digest,
         scheduled_for=at,
         now=made or at,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
 
 
@@ -216,7 +217,7 @@ def ready_to_send(
     )
     engine = create_engine(db_url)
     now = datetime.now(UTC)
-    articles.upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
+    upsert_articles(engine, [article(1, now - timedelta(hours=1))], now=now)
     for email in emails:
         make_subscriber(engine, email=email)
         if hold is not None:

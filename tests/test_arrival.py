@@ -17,14 +17,18 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
-from mailer.content import articles
-from mailer.content.articles import ParsedArticle, parse_article, upsert_articles
-from mailer.content.feeds import parse_feed
+from mailer.content.article import ParsedArticle
+from mailer.content.feeds.parse import parse_feed
+from mailer.content.files import parse_article
+from mailer.content.selection import taken_by
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
-from mailer.db.schema import issue_articles, metadata
+from mailer.db.schema import articles, issue_articles, metadata
 from mailer.errors import ArticleError
 from mailer.issues import store as issues
+from mailer.issues.create import IssueCreated
 from mailer.issues.staff import preview_next
 from tests.factories import (
     ALERTS,
@@ -68,8 +72,8 @@ def taken(engine: sa.Engine, issue_id: int) -> list[str]:
     with engine.connect() as conn:
         return list(
             conn.scalars(
-                sa.select(articles.articles.c.guid)
-                .join(issue_articles, issue_articles.c.article_id == articles.articles.c.id)
+                sa.select(articles.c.guid)
+                .join(issue_articles, issue_articles.c.article_id == articles.c.id)
                 .where(issue_articles.c.issue_id == issue_id)
                 .order_by(issue_articles.c.position)
             )
@@ -269,7 +273,9 @@ def test_what_max_articles_leaves_goes_in_the_next_issue_oldest_arrival_first(
         store(engine, published=at(16, 50) - timedelta(minutes=n), arrived=at(17, 0 + n))
         for n in range(7)
     ]
-    preview = preview_next(engine, settings, settings.digest("alerts"), now=at(17, 10))
+    preview = preview_next(
+        engine, settings, settings.digest("alerts"), now=at(17, 10), renderer=Renderer()
+    )
     first = make_issue(engine, settings, "alerts", at(17, 10))
     assert (first.articles, first.left_over) == (5, 2)
     # Shown newest published first; taken by arrival.
@@ -306,7 +312,7 @@ def test_preview_shows_exactly_what_the_next_issue_takes(engine: sa.Engine, db_u
         store(engine, published=at(9, 13 + n), arrived=at(9, 14 + n))
     store(engine, published=at(9, 20), arrived=at(9, 21), expires_at=at(9, 25))
     when = at(9, 30)
-    preview = preview_next(engine, settings, digest, now=when)
+    preview = preview_next(engine, settings, digest, now=when, renderer=Renderer())
     created = make_issue(engine, settings, "alerts", when)
     with engine.connect() as conn:
         ids = list(
@@ -349,7 +355,7 @@ def test_two_issues_of_one_digest_made_at_once_never_share_an_article(pg_url: st
                 selected.set()
                 release.wait(timeout=30)
 
-        results: dict[str, issues.IssueCreated] = {}
+        results: dict[str, IssueCreated] = {}
 
         def make(name: str, engine: sa.Engine, slot: datetime) -> None:
             results[name] = make_issue(engine, settings, "alerts", slot)
@@ -390,8 +396,8 @@ def test_sqlite_probes_whether_a_digest_took_an_article_through_its_index(
     try:
         migrate(engine)
         query = (
-            sa.select(articles.articles.c.id)
-            .where(articles.taken_by("alerts"))
+            sa.select(articles.c.id)
+            .where(taken_by("alerts"))
             .compile(engine, compile_kwargs={"literal_binds": True})
         )
         with engine.connect() as conn:

@@ -14,18 +14,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.content import articles
-from mailer.content.articles import (
-    MAX_TEXT,
-    ParsedArticle,
-    list_articles,
-    load_article_file,
-    parse_article,
-    select_for_issue,
-    upsert_articles,
-)
+from mailer.content import site_text
+from mailer.content.article import ParsedArticle
+from mailer.content.files import MAX_TEXT, load_article_file, parse_article
+from mailer.content.selection import select_for_issue
+from mailer.content.store import UPSERT_CHUNK, list_articles, upsert_articles
 from mailer.db.schema import articles as articles_table
 from mailer.errors import ArticleError
+from mailer.models import Article
 from mailer.subscribers import store as subscribers
 from tests.factories import NOW, TOPICS, make_article
 
@@ -484,8 +480,8 @@ _CHAR = st.characters(codec="utf-8", exclude_categories=("Cc", "Cs"))
 def _is_plain(line: str) -> bool:
     """A generated line the parsers must keep as text: no heading, no sign-up box line."""
     return (
-        articles._SITE_HEADING.match(line) is None
-        and articles._chrome_key(line) not in articles._SIGNUP_BOX
+        site_text._SITE_HEADING.match(line) is None
+        and site_text._chrome_key(line) not in site_text._SIGNUP_BOX
     )
 
 
@@ -724,7 +720,7 @@ def test_upsert_dedupes_a_guid_given_twice_keeping_the_last(engine: sa.Engine) -
 
 
 def test_upsert_works_across_chunks(engine: sa.Engine) -> None:
-    items = [make_article() for _ in range(articles.UPSERT_CHUNK * 2 + 7)]
+    items = [make_article() for _ in range(UPSERT_CHUNK * 2 + 7)]
     assert upsert_articles(engine, items, now=NOW).added == len(items)
     mixed = [replace(item, body="Changed.") for item in items[::2]] + items[1::2]
     report = upsert_articles(engine, mixed, now=NOW)
@@ -755,7 +751,7 @@ def test_list_articles_is_newest_first_and_filters_by_topic(engine: sa.Engine) -
 START = NOW - timedelta(days=7)
 
 
-def _select(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[articles.Article]:
+def _select(engine: sa.Engine | sa.Connection, **overrides: Any) -> list[Article]:
     values: dict[str, Any] = {
         "digest_key": "weekly",
         "topics": TOPICS,

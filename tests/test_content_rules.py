@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.delivery import ledger
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer
+from mailer.issues.create import create_issue
 from mailer.issues.schedule import quiet_until
-from mailer.issues.store import create_issue
 from tests.factories import NOW, config_dict, make_settings, make_subscriber, server_settings
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
@@ -30,7 +31,7 @@ def digest(**overrides: Any) -> dict[str, Any]:
 
 def publish(engine: sa.Engine, guid: str, topic: str, at: datetime, **extra: Any) -> None:
     stored_at = extra.pop("now", at)
-    item = articles.ParsedArticle(
+    item = ParsedArticle(
         guid=f"urn:test:{guid}",
         topic=topic,
         title=extra.pop("title", guid),
@@ -41,7 +42,7 @@ def publish(engine: sa.Engine, guid: str, topic: str, at: datetime, **extra: Any
         published_at=at,
         **extra,
     )
-    articles.upsert_articles(engine, [item], now=stored_at)
+    upsert_articles(engine, [item], now=stored_at)
 
 
 def settings_for(db_url: str, server: FaultServer, *digests: dict[str, Any]) -> Settings:
@@ -69,7 +70,7 @@ def issue(engine: sa.Engine, settings: Settings, key: str, slot: datetime) -> in
         settings.digest(key),
         scheduled_for=slot,
         now=slot,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     ).issue_id
 
 

@@ -10,14 +10,16 @@ from email.message import EmailMessage
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
-from mailer.content import articles
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries
 from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
 from mailer.delivery.worker import Backpressure, Deliverer
+from mailer.issues.create import create_issue
 from mailer.issues.staff import open_issue
-from mailer.issues.store import create_issue, summarize
+from mailer.issues.store import summarize
 from mailer.subscribers import store as subscribers
 from tests.factories import NOW, Clock, make_issue, make_settings, make_subscriber, server_settings
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> None:
-    item = articles.ParsedArticle(
+    item = ParsedArticle(
         guid=f"urn:test:{title}",
         topic=topic,
         title=title,
@@ -36,7 +38,7 @@ def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> 
         link=f"https://news.example.org/{topic}",
         published_at=NOW - timedelta(hours=hours_ago),
     )
-    articles.upsert_articles(engine, [item], now=NOW)
+    upsert_articles(engine, [item], now=NOW)
 
 
 @pytest.fixture
@@ -117,10 +119,20 @@ async def test_the_same_slot_makes_one_issue(engine: sa.Engine, settings: Settin
     make_subscriber(engine)
     digest = settings.digests[0]
     first = create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=Renderer().render_subject,
     )
     second = create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=NOW,
+        now=NOW,
+        render_subject=Renderer().render_subject,
     )
     assert first.created and not second.created
     assert second.issue_id == first.issue_id
@@ -199,11 +211,11 @@ async def test_sending_again_sends_nothing_twice(
 ) -> None:
     make_subscriber(engine, email="ann@example.org")
     digest = settings.digests[0]
-    first = open_issue(engine, settings, digest, now=NOW)
+    first = open_issue(engine, settings, digest, now=NOW, renderer=Renderer())
     await deliver(engine, settings, Clock(NOW), first.issue_id)
     # A second send finds the first issue complete and no article published since.
     later = NOW + timedelta(minutes=5)
-    second = open_issue(engine, settings, digest, now=later)
+    second = open_issue(engine, settings, digest, now=later, renderer=Renderer())
     assert second.created and second.articles == 0 and second.recipients == 0
     assert await deliver(engine, settings, Clock(later), second.issue_id) == {}
     assert len(smtp_server.received) == 1
@@ -218,8 +230,10 @@ async def test_an_interrupted_send_resumes_instead_of_starting_over(
     for n in range(3):
         make_subscriber(engine, email=f"r{n}@example.org")
     digest = settings.digests[0]
-    first = open_issue(engine, settings, digest, now=NOW)
-    resumed = open_issue(engine, settings, digest, now=NOW + timedelta(minutes=1))
+    first = open_issue(engine, settings, digest, now=NOW, renderer=Renderer())
+    resumed = open_issue(
+        engine, settings, digest, now=NOW + timedelta(minutes=1), renderer=Renderer()
+    )
     assert not resumed.created and resumed.issue_id == first.issue_id
     await deliver(engine, settings, Clock(NOW), first.issue_id)
     assert sorted(r.recipients[0] for r in smtp_server.received) == [

@@ -36,6 +36,7 @@ from mailer.compose.dkim import (
     zone_file_line,
 )
 from mailer.compose.messages import DigestComposer, build_confirmation
+from mailer.compose.rendering import Renderer
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from mailer.config import DkimSettings, parse_settings
 from mailer.delivery.smtp import Outcome, SmtpPool
@@ -97,7 +98,7 @@ RECIPIENT = Recipient(
 
 
 def digest_message() -> bytes:
-    raw = DigestComposer(SETTINGS, CONTENT).message(RECIPIENT, TOPICS, NOW)
+    raw = DigestComposer(SETTINGS, CONTENT, renderer=Renderer()).message(RECIPIENT, TOPICS, NOW)
     assert raw is not None
     return raw
 
@@ -176,7 +177,7 @@ async def test_signed_digest_and_confirmation_received_over_smtp_verify_with_dki
     signer = DkimSigner.from_settings(settings.dkim)
     assert signer.dns_record() == record
     digest = signer.sign(digest_message())
-    confirmation = signer.sign(build_confirmation(SETTINGS, RECIPIENT, NOW))
+    confirmation = signer.sign(build_confirmation(SETTINGS, RECIPIENT, NOW, renderer=Renderer()))
     async with SmtpPool(settings.smtp, local_hostname="client.test") as pool:
         for data in (digest, confirmation):
             result = await pool.send("bounces@news.example.org", RECIPIENT.email, data)
@@ -229,7 +230,7 @@ def test_signature_tags_relaxed_no_length_timestamp_and_oversigned_headers(
 def test_absent_list_headers_are_signed_once_so_adding_them_breaks_the_signature(
     signer: DkimSigner,
 ) -> None:
-    signed = signer.sign(build_confirmation(SETTINGS, RECIPIENT, NOW))
+    signed = signer.sign(build_confirmation(SETTINGS, RECIPIENT, NOW, renderer=Renderer()))
     names = h_list(signed)
     assert names.count(b"list-unsubscribe") == 1
     assert names.count(b"from") == 2
@@ -308,7 +309,7 @@ def _header_value(message: bytes, name: bytes) -> bytes:
 
 MESSAGES: dict[str, Callable[[], bytes]] = {
     "digest": digest_message,
-    "confirmation": lambda: build_confirmation(SETTINGS, RECIPIENT, NOW),
+    "confirmation": lambda: build_confirmation(SETTINGS, RECIPIENT, NOW, renderer=Renderer()),
     "whitespace and tabs": lambda: PLAIN,
     "no body": lambda: b"From: a@news.example.org\r\nSubject: x\r\n\r\n",
     "headers only": lambda: b"From: a@news.example.org\r\nSubject: x\r\n",

@@ -16,15 +16,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer.content.articles import (
-    ParsedArticle,
-    UpsertReport,
-    _upsert_chunk,
-    canonical_link,
-    load_article_file,
-    upsert_articles,
-)
+from mailer.content.article import ParsedArticle, canonical_link
+from mailer.content.files import load_article_file
 from mailer.content.sources import fetch_sources_sync
+from mailer.content.store import UpsertReport, _upsert_chunk, upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import UtcDateTime, articles
 from tests.factories import NOW, SECRET, TOPICS, make_settings, write_config

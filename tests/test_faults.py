@@ -12,12 +12,14 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
-from mailer.content import articles
+from mailer.compose.rendering import Renderer
+from mailer.content.article import ParsedArticle
+from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries, subscribers
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer
-from mailer.issues.store import create_issue, summarize
+from mailer.issues.create import create_issue
+from mailer.issues.store import summarize
 from tests.factories import NOW, make_settings
 from tests.smtp_server import DROP, Delay, FaultServer, smtp_server  # noqa: F401
 
@@ -108,10 +110,10 @@ def test_every_subscriber_ends_exactly_as_scripted(
             ),
             [{"s": ids[e]} for e in rows],
         )
-    articles.upsert_articles(
+    upsert_articles(
         engine,
         [
-            articles.ParsedArticle(
+            ParsedArticle(
                 guid="urn:test:1",
                 topic="base-alerts",
                 title="Gate closed",
@@ -130,7 +132,7 @@ def test_every_subscriber_ends_exactly_as_scripted(
         settings.digests[0],
         scheduled_for=NOW,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     assert issue.recipients == N
 

@@ -26,21 +26,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailer.config import Settings, Source
-from mailer.content.feeds import (
-    MAX_FEED_BYTES,
-    FeedError,
-    FeedTimeoutError,
-    FeedTooLargeError,
-    create_client,
-    fetch_feed,
-    html_to_text,
-    load_feed_states,
-    parse_feed,
-    sanitize_html,
-)
+from mailer.content.feeds.fetch import MAX_FEED_BYTES, create_client, fetch_feed
+from mailer.content.feeds.html import html_to_text, sanitize_html
+from mailer.content.feeds.parse import parse_feed
+from mailer.content.feeds.state import load_feed_states
 from mailer.content.sources import SourceResult, fetch_sources, fetch_sources_sync
 from mailer.db.schema import articles
-from mailer.errors import ConfigError
+from mailer.errors import ConfigError, FeedError, FeedTimeoutError, FeedTooLargeError
 from tests.factories import NOW, TOPICS, make_settings
 
 DATA = Path(__file__).parent / "data" / "feeds"

@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import RenderError, render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Digest
 from mailer.db.schema import issues
+from mailer.errors import RenderError
 from mailer.service import Parts, Service
 from tests.factories import NOW, make_settings, make_subscriber
 
@@ -34,7 +35,7 @@ class BrokenSubject:
             self.on_call()
         if self.calls <= self.failures:
             raise RenderError("'edition' is undefined", template=f"[[digests]] {digest.key!r}")
-        return render_subject(digest, date)
+        return Renderer().render_subject(digest, date)
 
 
 def made_slots(engine: sa.Engine) -> list[datetime]:

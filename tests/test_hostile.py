@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import parse_settings
-from mailer.content.articles import parse_article
+from mailer.content.files import parse_article
 from mailer.errors import (
     AddressError,
     ArticleError,
@@ -44,7 +44,7 @@ def address(raw: str) -> Callable[[], object]:
 
 
 def subject(template: str) -> Callable[[], object]:
-    return lambda: render_subject(replace(DIGEST, subject=template), DATE)
+    return lambda: Renderer().render_subject(replace(DIGEST, subject=template), DATE)
 
 
 def token(raw: str, purpose: Purpose = Purpose.UNSUBSCRIBE) -> Callable[[], object]:

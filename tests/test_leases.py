@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.config import Settings
-from mailer.content import articles
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery import ledger
@@ -46,7 +46,7 @@ HOST = socket.gethostname()
 
 
 def new_issue(engine: sa.Engine, settings: Settings, emails: Sequence[str]) -> int:
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
     for email in emails:
         make_subscriber(engine, email=email)
     issue = make_issue(engine, settings)

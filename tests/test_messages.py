@@ -34,16 +34,18 @@ from mailer.compose.messages import (
     list_id_value,
     reference_message,
 )
-from mailer.compose.rendering import TEMPLATE_DIR, Renderer, one_line
+from mailer.compose.rendering import TEMPLATE_DIR, Renderer
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from mailer.config import Settings
 from mailer.errors import AddressError, DeliveryError, TemplateError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import links_for
+from mailer.text import one_line
 from tests.compliance import assert_compliant, header_block, parse, raw_field
 from tests.factories import BASE_CONFIG, NOW, TOPICS, make_settings
 
 SETTINGS = make_settings()
+RENDERER = Renderer()
 SUBJECT = "Camp Lejeune & New River Updates — week of 20 November"
 UID = "AAAAAAAAAAAAAAAAAAAAAA"
 SEED = (
@@ -100,7 +102,7 @@ def recipient(**overrides: Any) -> Recipient:
 
 @functools.cache
 def composer(settings: Settings = SETTINGS, content: IssueContent = CONTENT) -> DigestComposer:
-    return DigestComposer(settings, content)
+    return DigestComposer(settings, content, renderer=RENDERER)
 
 
 def headers(msg: EmailMessage) -> list[tuple[str, str]]:
@@ -186,7 +188,7 @@ def test_spliced_message_equals_the_reference(
     recipient: Recipient, topics: list[str], now: datetime
 ) -> None:
     fast = composer().message(recipient, topics, now)
-    slow = reference_message(SETTINGS, CONTENT, recipient, topics, now)
+    slow = reference_message(SETTINGS, CONTENT, recipient, topics, now, renderer=RENDERER)
     if not set(topics) & set(TOPICS):
         assert fast is None and slow is None
         return
@@ -241,8 +243,8 @@ def test_splice_holds_for_any_site_settings_and_subject(
 ) -> None:
     data = varied(tuple(sorted(site.items())))
     content = issue(*CONTENT.articles[:3], subject=subject.strip() or "x")
-    fast = DigestComposer(data, content).message(recipient, TOPICS, NOW)
-    slow = reference_message(data, content, recipient, TOPICS, NOW)
+    fast = DigestComposer(data, content, renderer=RENDERER).message(recipient, TOPICS, NOW)
+    slow = reference_message(data, content, recipient, TOPICS, NOW, renderer=RENDERER)
     assert fast is not None and slow is not None
     assert_same_message(fast, slow)
     msg = assert_compliant(fast, data)
@@ -256,9 +258,22 @@ def test_splice_holds_for_any_site_settings_and_subject(
 
 def test_no_article_in_the_recipients_topics_means_no_mail() -> None:
     only_alerts = issue(article(1, "base-alerts"))
-    assert DigestComposer(SETTINGS, only_alerts).message(recipient(), ["local-events"], NOW) is None
-    assert reference_message(SETTINGS, only_alerts, recipient(), ["local-events"], NOW) is None
-    assert DigestComposer(SETTINGS, only_alerts).message(recipient(), [], NOW) is None
+    assert (
+        DigestComposer(SETTINGS, only_alerts, renderer=RENDERER).message(
+            recipient(), ["local-events"], NOW
+        )
+        is None
+    )
+    assert (
+        reference_message(
+            SETTINGS, only_alerts, recipient(), ["local-events"], NOW, renderer=RENDERER
+        )
+        is None
+    )
+    assert (
+        DigestComposer(SETTINGS, only_alerts, renderer=RENDERER).message(recipient(), [], NOW)
+        is None
+    )
 
 
 def test_recipient_sees_only_their_topics_in_configured_order() -> None:
@@ -342,8 +357,8 @@ def test_hostile_article_text_is_escaped_and_never_breaks_the_message(text: str)
         article(1, title=text, summary=text, why_it_matters=text, link="https://e.org/" + text),
         subject=SUBJECT + " " + text,
     )
-    raw = DigestComposer(SETTINGS, content).message(recipient(), TOPICS, NOW)
-    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW)
+    raw = DigestComposer(SETTINGS, content, renderer=RENDERER).message(recipient(), TOPICS, NOW)
+    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW, renderer=RENDERER)
     assert raw is not None and slow is not None
     assert_same_message(raw, slow)
     msg = assert_compliant(raw, SETTINGS)
@@ -368,8 +383,8 @@ def test_any_article_text_gives_an_exact_compliant_message(
     title: str, summary: str, why: str, link: str | None
 ) -> None:
     content = issue(article(1, title=title, summary=summary, why_it_matters=why, link=link))
-    fast = DigestComposer(SETTINGS, content).message(recipient(), TOPICS, NOW)
-    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW)
+    fast = DigestComposer(SETTINGS, content, renderer=RENDERER).message(recipient(), TOPICS, NOW)
+    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW, renderer=RENDERER)
     assert fast is not None and slow is not None
     assert_same_message(fast, slow)
     assert_compliant(fast, SETTINGS)
@@ -377,7 +392,7 @@ def test_any_article_text_gives_an_exact_compliant_message(
 
 def test_hostile_subject_cannot_inject_headers() -> None:
     content = issue(article(1), subject="Hello\r\nBcc: victim@example.org\x00\x1b")
-    raw = DigestComposer(SETTINGS, content).message(recipient(), TOPICS, NOW)
+    raw = DigestComposer(SETTINGS, content, renderer=RENDERER).message(recipient(), TOPICS, NOW)
     assert raw is not None
     msg = parse(raw)
     assert msg["Bcc"] is None
@@ -421,7 +436,7 @@ def test_list_id_phrase_is_quoted_or_encoded() -> None:
     accented = make_settings(site__name="Café Lejeune — Nouvelles")
     value = list_id_value(accented.site)
     assert value.startswith("=?utf-8?")
-    raw = DigestComposer(accented, CONTENT).message(recipient(), TOPICS, NOW)
+    raw = DigestComposer(accented, CONTENT, renderer=RENDERER).message(recipient(), TOPICS, NOW)
     assert raw is not None
     assert parse(raw)["List-Id"] == "Café Lejeune — Nouvelles <updates.news.example.org>"
 
@@ -438,7 +453,7 @@ def test_composer_refuses_a_base_url_it_cannot_splice_safely() -> None:
     # Refused when the config loads; the composer checks again whatever settings it is given.
     odd = replace(SETTINGS, site=replace(SETTINGS.site, base_url="https://news.example.org/a'b"))
     with pytest.raises(ValueError, match="base_url"):
-        DigestComposer(odd, CONTENT)
+        DigestComposer(odd, CONTENT, renderer=RENDERER)
 
 
 def test_broken_staff_template_surfaces_as_template_error(tmp_path: Path) -> None:
@@ -492,7 +507,7 @@ def test_message_can_be_dkim_signed_and_verified_as_is() -> None:
 
 
 def test_confirmation_email() -> None:
-    raw = build_confirmation(SETTINGS, recipient(), NOW)
+    raw = build_confirmation(SETTINGS, recipient(), NOW, renderer=RENDERER)
     msg = assert_compliant(raw, SETTINGS, list_mail=False)
     assert msg["Subject"] == "Confirm your subscription to Camp Lejeune & New River Updates"
     assert msg["To"] == "a.b+c@example.org"
@@ -512,8 +527,8 @@ def test_seed_article_digest_round_trips() -> None:
     content = issue(
         article(1, title=title, summary=summary, why_it_matters=why, body="\n\n".join(body))
     )
-    fast = DigestComposer(SETTINGS, content).message(recipient(), TOPICS, NOW)
-    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW)
+    fast = DigestComposer(SETTINGS, content, renderer=RENDERER).message(recipient(), TOPICS, NOW)
+    slow = reference_message(SETTINGS, content, recipient(), TOPICS, NOW, renderer=RENDERER)
     assert fast is not None and slow is not None
     assert without_boundary(fast) == without_boundary(slow)
 

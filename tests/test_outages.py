@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
@@ -82,7 +82,7 @@ def test_a_worker_waits_out_a_database_outage_and_carries_on_by_itself(
         settings.digests[0],
         scheduled_for=datetime.now(UTC),
         now=datetime.now(UTC),
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     engine.dispose()
     log = tmp_path / "worker.log"

@@ -15,19 +15,17 @@ from mailer.compose.rendering import (
     TEMPLATE_DIR,
     LinkView,
     Renderer,
-    RenderError,
-    default_renderer,
     isolate_links,
-    paragraphs,
-    render_subject,
     safe_link,
     sections,
 )
-from mailer.errors import TemplateError
+from mailer.errors import RenderError, TemplateError
 from mailer.models import Article, IssueContent
+from mailer.sandbox import paragraphs
 from tests.factories import NOW, make_settings
 
 SETTINGS = make_settings()
+RENDERER = Renderer()
 LINKS = LinkView(
     unsubscribe="https://news.example.org/unsubscribe/TOKEN-U",
     preferences="https://news.example.org/preferences/TOKEN-P",
@@ -68,7 +66,7 @@ def issue(*articles: Article) -> IssueContent:
 
 def render(*articles: Article, links: LinkView = LINKS) -> tuple[str, str]:
     topics = tuple({a.topic for a in articles})
-    return render_digest(SETTINGS, issue(*articles), topics, links, default_renderer())
+    return render_digest(SETTINGS, issue(*articles), topics, links, RENDERER)
 
 
 def template_dir(tmp_path: Path, **files: str) -> Path:
@@ -110,14 +108,14 @@ def tags(html: str) -> Tags:
 
 
 def test_subject_renders_digest_and_date() -> None:
-    subject = render_subject(SETTINGS.digest("weekly"), NOW)
+    subject = RENDERER.render_subject(SETTINGS.digest("weekly"), NOW)
     assert subject == "Camp Lejeune & New River Updates — week of 20 November"
 
 
 def test_subject_is_one_line_whatever_the_template_emits() -> None:
     digest = SETTINGS.digest("weekly")
     staff = type(digest)(**{**digest.__dict__, "subject": "{{ digest.name }}\r\nBcc: x\n\t{{ 1 }}"})
-    assert render_subject(staff, NOW) == "Weekly digest Bcc: x 1"
+    assert RENDERER.render_subject(staff, NOW) == "Weekly digest Bcc: x 1"
 
 
 @pytest.mark.parametrize(
@@ -136,7 +134,7 @@ def test_subject_failures_are_template_errors(source: str, expected: str) -> Non
     digest = SETTINGS.digest("weekly")
     staff = type(digest)(**{**digest.__dict__, "subject": source})
     with pytest.raises(TemplateError, match=expected) as caught:
-        render_subject(staff, NOW)
+        RENDERER.render_subject(staff, NOW)
     assert "'weekly' subject" in str(caught.value)
 
 
@@ -321,7 +319,9 @@ def test_template_without_the_unsubscribe_link_is_refused(tmp_path: Path) -> Non
 
 
 def test_preview_web_copy_has_no_personal_links() -> None:
-    html, text = DigestComposer(SETTINGS, issue(article())).preview(["base-alerts"])
+    html, text = DigestComposer(SETTINGS, issue(article()), renderer=RENDERER).preview(
+        ["base-alerts"]
+    )
     for part in (html, text):
         assert "/unsubscribe/" not in part and "/preferences/" not in part
         assert "web copy" in part
@@ -330,13 +330,17 @@ def test_preview_web_copy_has_no_personal_links() -> None:
 
 
 def test_preview_sample_shows_subscriber_style_links() -> None:
-    html, text = DigestComposer(SETTINGS, issue(article())).preview(["base-alerts"], sample=True)
+    html, text = DigestComposer(SETTINGS, issue(article()), renderer=RENDERER).preview(
+        ["base-alerts"], sample=True
+    )
     for part in (html, text):
         assert "https://news.example.org/unsubscribe/sample-subscriber-0000." in part
 
 
 def test_empty_digest_says_so() -> None:
-    html, text = DigestComposer(SETTINGS, issue(article())).preview(["local-events"])
+    html, text = DigestComposer(SETTINGS, issue(article()), renderer=RENDERER).preview(
+        ["local-events"]
+    )
     assert "No new articles" in html and "No new articles" in text
 
 

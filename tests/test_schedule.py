@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailer.issues.schedule import latest_slot, missed_slots, next_slot, slots_between
+from mailer.issues.schedule import latest_slot, missed_slots, slots_between, upcoming
 from tests.factories import make_settings
 
 DIGEST = make_settings().digests[0]  # "0 7 * * fri", America/New_York
@@ -19,7 +19,7 @@ def utc(*args: int) -> datetime:
 
 def test_day_names_mean_what_they_say() -> None:
     # 2026-11-27 is a Friday; 07:00 in New York (EST) is 12:00 UTC.
-    assert next_slot(DIGEST, utc(2026, 11, 25)) == utc(2026, 11, 27, 12)
+    assert upcoming([DIGEST], utc(2026, 11, 25)) == [(DIGEST, utc(2026, 11, 27, 12))]
 
 
 def test_slots_follow_local_time_across_the_dst_change() -> None:

@@ -15,13 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.clock import now as clock_now
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries
 from mailer.delivery.processes import HelperExit
 from mailer.delivery.smtp import RateLimiter, share_schedule
 from mailer.errors import ConfigError
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_service import process_log, spawn, wait_for  # noqa: F401
@@ -91,7 +91,12 @@ def test_worker_processes_from_the_config_drain_every_due_delivery_once(
     digest = settings.digests[0]
     moment = clock_now()
     create_issue(
-        engine, settings, digest, scheduled_for=moment, now=moment, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=moment,
+        now=moment,
+        render_subject=Renderer().render_subject,
     )
     engine.dispose()
     worker = spawn(config, process_log, "worker", "--drain")

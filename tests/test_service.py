@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
-from mailer.content import articles
+from mailer.compose.rendering import Renderer
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues
-from mailer.issues.store import create_issue
+from mailer.issues.create import create_issue
 from mailer.service import Service
 from tests.factories import NOW, SECRET, article, make_settings, make_subscriber, write_config
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
@@ -106,7 +106,7 @@ class Feeder(threading.Thread):
         while not self.halt.wait(0.5):
             n += 1
             now = datetime.now(UTC)
-            articles.upsert_articles(self.engine, [article(n, now)], now=now)
+            upsert_articles(self.engine, [article(n, now)], now=now)
 
 
 def received_ids(server: FaultServer) -> Counter[tuple[str, str]]:
@@ -209,7 +209,7 @@ def test_a_worker_killed_mid_issue_loses_nothing_and_duplicates_at_most_one_per_
     )
     settings = make_settings(db_url)
     engine = create_engine(db_url)
-    articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
+    upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
     emails = [f"r{n}@example.org" for n in range(150)]
     for email in emails:
         make_subscriber(engine, email=email)
@@ -220,7 +220,7 @@ def test_a_worker_killed_mid_issue_loses_nothing_and_duplicates_at_most_one_per_
         settings.digests[0],
         scheduled_for=NOW,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     worker = spawn(config, process_log, "worker", "--drain")
     try:
@@ -277,7 +277,7 @@ def test_catch_up_creates_missed_slots_at_start(
         settings.digests[0],
         scheduled_for=last,
         now=NOW,
-        render_subject=render_subject,
+        render_subject=Renderer().render_subject,
     )
     service = Service(engine, settings, clock=lambda: datetime(2026, 11, 28, tzinfo=UTC))
     made = service.catch_up()

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.messages import DigestComposer
+from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.delivery.smtp import Outcome, SmtpPool
@@ -139,7 +140,9 @@ def send_digest(settings: Any, engine: sa.Engine, email: str) -> None:
             sa.select(subscriber_table.c.uid).where(subscriber_table.c.email == email)
         )
     recipient = Recipient(email, "", uid, f"<weekly.{issue_id}.{uid}@news.example.org>")
-    data = DigestComposer(settings, content).message(recipient, settings.topic_keys, NOW)
+    data = DigestComposer(settings, content, renderer=Renderer()).message(
+        recipient, settings.topic_keys, NOW
+    )
     assert data is not None
 
     async def send() -> Outcome:

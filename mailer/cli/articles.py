@@ -12,7 +12,8 @@ from rich.table import Table
 
 from mailer.cli.context import Context, err, out, pass_ctx, site_time
 from mailer.clock import now
-from mailer.content.articles import Duplicate, list_articles, load_article_file, upsert_articles
+from mailer.content.files import load_article_file
+from mailer.content.store import Duplicate, list_articles, upsert_articles
 from mailer.errors import MailerError
 
 
@@ -113,7 +114,7 @@ def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
 @pass_ctx
 def articles_show(ctx: Context, article_id: int) -> None:
     """Every field of one article, when it arrived, and the issues that took it."""
-    from mailer.content.admin import show
+    from mailer.content.store import show
 
     detail = show(ctx.engine(), article_id)
     a = detail.article
@@ -159,7 +160,7 @@ def articles_show(ctx: Context, article_id: int) -> None:
 @pass_ctx
 def articles_remove(ctx: Context, article_id: int, by: str) -> None:
     """Take an article out of every issue not yet sent in full, and out of every later one."""
-    from mailer.content.admin import remove
+    from mailer.content.store import remove
 
     removal = remove(ctx.engine(), article_id, by=by, now=now())
     issues_text = ", ".join(str(i) for i in removal.issues) or "none"

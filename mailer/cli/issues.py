@@ -40,9 +40,11 @@ def digest_group() -> None:
 @pass_ctx
 def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
     """Render the next issue of a digest without sending it."""
+    from mailer.compose.rendering import Renderer
     from mailer.issues.staff import preview_next
 
-    preview = preview_next(ctx.engine(), ctx.settings, ctx.settings.digest(key), now=now())
+    digest = ctx.settings.digest(key)
+    preview = preview_next(ctx.engine(), ctx.settings, digest, now=now(), renderer=Renderer())
     if out_dir is None:
         out.print(preview.text, markup=False)
         return
@@ -63,6 +65,7 @@ def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
 def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
     # Imported before the helpers are forked, so they start with every module they need.
+    from mailer.compose.rendering import Renderer
     from mailer.delivery.processes import Helpers
     from mailer.delivery.sending import check_issue, issue_report, send_issue
     from mailer.issues.staff import open_issue
@@ -76,7 +79,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     helpers = Helpers(settings, fork=True)
     with helpers:
         engine = ctx.engine()
-        issue = open_issue(engine, settings, digest, now=now())
+        issue = open_issue(engine, settings, digest, now=now(), renderer=Renderer())
         verb = "created" if issue.created else "resuming"
         out.print(
             f"issue {issue.issue_id} {verb}"

@@ -49,20 +49,13 @@ from html import unescape
 from typing import Final
 from urllib.parse import quote
 
-from mailer.compose.rendering import (
-    LinkView,
-    Renderer,
-    RenderError,
-    default_renderer,
-    digest_context,
-    one_line,
-    site_view,
-)
+from mailer.compose.rendering import LinkView, Renderer, digest_context, site_view
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from mailer.config import Settings, SiteSettings
-from mailer.errors import AddressError, ConfigError, DeliveryError
+from mailer.errors import AddressError, ConfigError, DeliveryError, RenderError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import archive_url, links_for
+from mailer.text import ATEXT, DOT_ATOM, one_line
 
 # RFC 2045 §6.7: encoded lines of at most 76 characters (policy.SMTP's 78 would break it);
 # refold_source="none" keeps set_raw values exactly as given (see COMPLIANCE pitfalls 1-2).
@@ -71,9 +64,11 @@ POLICY: Final = email.policy.SMTP.clone(max_line_length=76, refold_source="none"
 HEADER_WIDTH = 78  # RFC 5322 §2.1.1: SHOULD be no more than 78 characters, MUST be ≤ 998
 SAMPLE_UID = "sample-subscriber-0000"  # a well-formed uid no subscriber has (for previews)
 
-_ATEXT = r"-A-Za-z0-9!#$%&'*+/=?^_`{|}~"
-_ADDRESS_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_MESSAGE_ID_RE = re.compile(rf"<[{_ATEXT}.]+@[{_ATEXT}.]+>")
+# text.is_plain_address, with one more rule for a To header: the domain has a dot in it
+# ("+" where that has "*"), as every address a subscriber can give has.
+_ADDRESS_RE = re.compile(rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# "." first: ATEXT ends with "-", which before "." would read as a range.
+_MESSAGE_ID_RE = re.compile(rf"<[.{ATEXT}]+@[.{ATEXT}]+>")
 # Characters a per-recipient URL may hold: none of them is special in HTML or in a header.
 _INERT_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
 
@@ -406,11 +401,10 @@ class DigestComposer:
     """Builds the per-recipient messages of one issue, rendering once per topic set.
 
     The delivery worker keeps one per issue and calls ``message`` for every recipient.
+    ``renderer`` is its owner's (the worker's, the web app's), shared by the composers it makes.
     """
 
-    def __init__(
-        self, settings: Settings, content: IssueContent, *, renderer: Renderer | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, content: IssueContent, *, renderer: Renderer) -> None:
         site = settings.site
         if not _INERT_URL_RE.fullmatch(site.base_url) or len(site.base_url) > 800:
             raise ConfigError(
@@ -420,7 +414,7 @@ class DigestComposer:
             )
         self.settings = settings
         self.content = content
-        self.renderer = renderer or default_renderer()
+        self.renderer = renderer
         self._markers = _Markers()
         self._spliced: dict[tuple[str, ...], SplicedMessage] = {}
         self._shown: dict[frozenset[str], tuple[str, ...]] = {}
@@ -525,7 +519,7 @@ def reference_message(
     topics: Iterable[str],
     now: datetime,
     *,
-    renderer: Renderer | None = None,
+    renderer: Renderer,
 ) -> bytes | None:
     """The same message as ``DigestComposer.message``, built the slow, obviously-correct way.
 
@@ -545,7 +539,7 @@ def reference_message(
         home=site.base_url + "/",
         personal=True,
     )
-    html, text = render_digest(settings, content, shown, view, renderer or default_renderer())
+    html, text = render_digest(settings, content, shown, view, renderer)
     msg = EmailMessage(policy=POLICY)
     personal = _PersonalHeaders(
         to=check_address(recipient.email),
@@ -572,14 +566,13 @@ def build_confirmation(
     recipient: Recipient,
     now: datetime,
     *,
-    renderer: Renderer | None = None,
+    renderer: Renderer,
 ) -> bytes:
     """The double opt-in email: "Confirm your subscription to …" with the signed confirm link.
 
     Transactional, to one person who is not on the list yet: no List-* headers. The
     Message-ID (``recipient.message_id``) is what the consent record keeps (GDPR Art. 7(1)).
     """
-    renderer = renderer or default_renderer()
     site = settings.site
     links = ConfirmLinkView(
         confirm=links_for(site, recipient.uid).confirm,

@@ -1,10 +1,9 @@
 """Rendering: staff-edited Jinja2 templates to HTML and text, safely and once per topic set.
 
-Templates are edited by staff, so they run in Jinja's ``SandboxedEnvironment`` (no access to
-``__class__`` and friends) with ``StrictUndefined`` (a misspelt variable is an error, not an empty
-string in 50,000 emails). HTML templates are autoescaped; text templates are not. Every Jinja
-failure, and anything a template's own code raises, comes out as a ``RenderError`` (a
-``TemplateError``) naming the template and line.
+Templates run in the sandbox of ``mailer.sandbox`` (sandboxed, strict about undefined names,
+HTML autoescaped); every failure comes out as a ``RenderError`` naming the template and line.
+A ``Renderer`` is made by whoever composes (the service, a command, the web app, a worker) and
+passed to what renders: nothing here is shared through a module global.
 
 The view objects below are all a template ever sees: plain, frozen, and free of secrets (the
 settings object holds the site secret, so it is never passed in).
@@ -17,9 +16,7 @@ quoted-printable bytes encoded once: see that module.
 
 from __future__ import annotations
 
-import functools
 import re
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,38 +26,22 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import css_inline
-import jinja2
-from jinja2 import FileSystemLoader, StrictUndefined, select_autoescape
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import FileSystemLoader
 
+from mailer import sandbox
 from mailer.config import Digest, Settings
-from mailer.errors import TemplateError
+from mailer.errors import RenderError
 from mailer.models import Article, IssueContent
+from mailer.sandbox import paragraphs
+from mailer.text import one_line
 
 # Package data: a wheel installs it as plain files, and Jinja's FileSystemLoader reads a path.
 TEMPLATE_DIR = Path(str(resources.files("mailer") / "templates"))
 
-_WS_RE = re.compile(r"\s+")
-# C0/C1 controls, and the bidirectional overrides and isolates that can make a subject or
-# title display as something other than what it says (Trojan Source, CVE-2021-42574).
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
-_PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 # A start tag as html5ever (css_inline) serializes it: attributes always as name="value", with
 # '"' escaped as &quot; inside values and '<' never bare outside tags, so this is exact.
 _START_TAG_RE = re.compile(r'<[A-Za-z][^\s/>]*(?:\s+[^\s"\'>/=]+(?:="[^"]*")?)*\s*/?>')
 _HREF_RE = re.compile(r'\s+(href="[^"]*")\s*')
-
-
-class RenderError(TemplateError):
-    """A template failed to load or render; ``template`` and ``line`` locate the fault."""
-
-    def __init__(self, message: str, *, template: str, line: int | None = None) -> None:
-        self.template = template
-        self.line = line
-        self.reason = message
-        where = template if line is None else f"{template}, line {line}"
-        super().__init__(f"{where}: {message}")
 
 
 # --- the view objects templates see -------------------------------------------------------
@@ -126,23 +107,6 @@ class IssueView:
     id: int
     subject: str
     date: datetime
-
-
-def one_line(text: str) -> str:
-    """``text`` on one line: whitespace runs (CR and LF included) become one space, and other
-    control characters (NUL, ESC, ...) are dropped. Safe for a header or a title."""
-    return _CONTROL_RE.sub("", _WS_RE.sub(" ", text)).strip()
-
-
-def paragraphs(text: str) -> list[str]:
-    """Blank-line-separated paragraphs of ``text``, each on one line (a Jinja filter)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return [p for p in (one_line(chunk) for chunk in _PARAGRAPH_RE.split(text)) if p]
-
-
-def long_date(value: datetime) -> str:
-    """``Friday, 20 November 2026``, without the platform-specific ``%-d``."""
-    return f"{value:%A}, {value.day} {value:%B %Y}"
 
 
 def safe_link(url: str | None) -> str | None:
@@ -236,22 +200,13 @@ class Renderer:
     """Loads and renders the email templates under ``template_dir`` (default ``templates/``).
 
     Template names are relative to that directory (``email/digest.html``). One instance can
-    be shared: Jinja caches compiled templates, and rendering has no other state.
+    be shared by everything its owner composes: Jinja caches compiled templates, and rendering
+    has no other state.
     """
 
     def __init__(self, template_dir: Path | None = None) -> None:
         self.template_dir = (template_dir or TEMPLATE_DIR).resolve()
-        self.env = SandboxedEnvironment(
-            loader=FileSystemLoader(self.template_dir),
-            autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
-            undefined=StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-        )
-        self.env.filters["paragraphs"] = paragraphs
-        self.env.filters["one_line"] = one_line
-        self.env.filters["long_date"] = long_date
+        self.env = sandbox.environment(FileSystemLoader(self.template_dir))
         # keep_at_rules keeps @media queries (they cannot be inlined) in a <style> block.
         # Remote stylesheets are never fetched: a staff template must not make us do I/O.
         self._inliner = css_inline.CSSInliner(keep_at_rules=True, load_remote_stylesheets=False)
@@ -263,7 +218,7 @@ class Renderer:
         except Exception as exc:
             # Deliberately broad: staff-written template code can raise anything (1/0,
             # a bad strftime argument, ...), and all of it is "this template is broken".
-            raise self._error(exc, name) from exc
+            raise sandbox.render_error(exc, name, self.template_dir) from exc
 
     def render_html(self, name: str, context: Mapping[str, Any]) -> str:
         """Render an HTML email template, inline its CSS, and put each href on its own line."""
@@ -275,49 +230,9 @@ class Renderer:
         return isolate_links(inlined)
 
     def render_subject(self, digest: Digest, date: datetime) -> str:
-        """The subject line of an issue of ``digest`` dated ``date``, on one line.
-
-        ``digest.subject`` is a Jinja template seeing ``digest`` and ``date``. CR, LF and
-        other whitespace runs become single spaces, so the result is safe for a header.
-        """
-        where = f"[[digests]] {digest.key!r} subject"
-        try:
-            text = self.env.from_string(digest.subject).render(digest=digest, date=date)
-        except Exception as exc:
-            # Broad for the same reason as in render(): the subject is staff-written code.
-            raise self._error(exc, where) from exc
-        subject = one_line(text)
-        if not subject:
-            raise RenderError("renders to an empty subject", template=where)
-        if _FAKE_REPLY_RE.match(subject):
-            # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
-            # (15 USC 7704(a)(2); COMPLIANCE 4.8).
-            raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
-        return subject
-
-    def _error(self, exc: Exception, name: str) -> RenderError:
-        """A RenderError naming the template file and line where ``exc`` happened."""
-        if isinstance(exc, RenderError):
-            return exc
-        if isinstance(exc, jinja2.TemplateNotFound):
-            return RenderError(f"template not found in {self.template_dir}", template=str(exc))
-        if isinstance(exc, jinja2.TemplateSyntaxError):
-            template = self._relative(exc.filename) if exc.filename else (exc.name or name)
-            return RenderError(f"syntax error: {exc.message}", template=template, line=exc.lineno)
-        template, line = name, None
-        # Jinja rewrites tracebacks so template frames carry the template's file and line.
-        for frame in traceback.extract_tb(exc.__traceback__):
-            if frame.filename == "<template>" or frame.filename.startswith(str(self.template_dir)):
-                template = name if frame.filename == "<template>" else frame.filename
-                line = frame.lineno
-        message = str(exc) if isinstance(exc, jinja2.TemplateError) else f"{exc!r}"
-        return RenderError(message, template=self._relative(template), line=line)
-
-    def _relative(self, filename: str) -> str:
-        path = Path(filename)
-        if path.is_absolute() and path.is_relative_to(self.template_dir):
-            return path.relative_to(self.template_dir).as_posix()
-        return filename
+        """The subject line of an issue of ``digest`` dated ``date``, on one line (see
+        ``mailer.sandbox.render_subject``)."""
+        return sandbox.render_subject(self.env, digest, date)
 
 
 def isolate_links(html: str) -> str:
@@ -333,14 +248,3 @@ def isolate_links(html: str) -> str:
 
 def _isolate_in_tag(match: re.Match[str]) -> str:
     return _HREF_RE.sub(r"\n\1\n", match.group(0))
-
-
-@functools.cache
-def default_renderer() -> Renderer:
-    """A shared Renderer for the project's own ``templates/`` directory."""
-    return Renderer()
-
-
-def render_subject(digest: Digest, date: datetime) -> str:
-    """The subject line for an issue of ``digest`` dated ``date`` (see Renderer.render_subject)."""
-    return default_renderer().render_subject(digest, date)

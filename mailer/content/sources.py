@@ -21,31 +21,20 @@ import httpx
 import sqlalchemy as sa
 
 from mailer.config import Settings, Source
-from mailer.content.articles import (
-    UPSERT_CHUNK,
-    Duplicate,
-    ParsedArticle,
-    UpsertReport,
-    load_article_file,
-    upsert_articles,
-)
-from mailer.content.feeds import (
+from mailer.content.article import ParsedArticle
+from mailer.content.feeds.fetch import (
     FETCH_DEADLINE,
     MAX_FEED_BYTES,
     READ_TIMEOUT,
-    FeedError,
-    FeedState,
-    category_topics,
     create_client,
     fetch_feed,
-    load_feed_states,
-    parse_feed,
-    record_failure,
-    record_success,
     user_agent,
 )
-from mailer.db.schema import articles
-from mailer.errors import ArticleError
+from mailer.content.feeds.parse import category_topics, parse_feed
+from mailer.content.feeds.state import FeedState, load_feed_states, record_failure, record_success
+from mailer.content.files import load_article_file
+from mailer.content.store import Duplicate, UpsertReport, stored_topics, upsert_articles
+from mailer.errors import ArticleError, FeedError
 
 log = logging.getLogger(__name__)
 
@@ -269,13 +258,7 @@ def _store_feed_articles(
     can change: letting the last fetch win would flip its topic back and forth, and every flip
     is an "update" that could send the article again.
     """
-    stored: dict[str, str] = {}
-    guids = [item.guid for item in items]
-    with engine.connect() as conn:
-        for start in range(0, len(guids), UPSERT_CHUNK):
-            chunk = guids[start : start + UPSERT_CHUNK]
-            query = sa.select(articles.c.guid, articles.c.topic).where(articles.c.guid.in_(chunk))
-            stored.update((guid, topic) for guid, topic in conn.execute(query))
+    stored = stored_topics(engine, (item.guid for item in items))
     kept = [
         dataclasses.replace(item, topic=stored[item.guid])
         if item.guid in stored and stored[item.guid] != item.topic

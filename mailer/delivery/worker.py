@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from mailer.bounces.reports import verp_address
 from mailer.clock import now as clock_now
 from mailer.compose.messages import DigestComposer
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.db.engine import reading, writing
 from mailer.db.outages import DatabaseOutages
@@ -184,7 +185,11 @@ class _Committer:
 
 
 class Deliverer:
-    """Drains due deliveries over one pool; composers are cached per issue."""
+    """Drains due deliveries over one pool; composers are cached per issue.
+
+    ``renderer`` renders every issue's templates (default: a Renderer of the package's own
+    templates, this Deliverer's).
+    """
 
     def __init__(
         self,
@@ -196,8 +201,10 @@ class Deliverer:
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
         outages: DatabaseOutages | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         self.engine = engine
+        self.renderer = renderer or Renderer()
         # A database outage is waited out (for ever by default) where a call fails, and the
         # call made again: see db().
         self.outages = outages or DatabaseOutages(engine)
@@ -256,7 +263,9 @@ class Deliverer:
         composer = self._composers.get(key)
         if composer is None:
             shown = tuple(a for a in content.articles if a.id not in key[1])
-            composer = DigestComposer(self.settings, replace(content, articles=shown))
+            composer = DigestComposer(
+                self.settings, replace(content, articles=shown), renderer=self.renderer
+            )
             self._composers[key] = composer
         return composer
 

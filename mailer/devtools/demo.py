@@ -21,8 +21,10 @@ from typing import Any
 from rich.console import Console
 
 from mailer.clock import now
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings, load_settings
-from mailer.content import articles
+from mailer.content.files import load_article_file
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.devtools.sink import Sink
 from mailer.issues import store as issues
@@ -194,19 +196,20 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     source = settings.sources[0]
     assert source.path is not None
     parsed = [
-        articles.load_article_file(
+        load_article_file(
             p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
         )
         for p in sorted(source.path.iterdir())
         if p.is_file()
     ]
-    added = articles.upsert_articles(engine, parsed, now=moment)
+    added = upsert_articles(engine, parsed, now=moment)
     digest = settings.digests[0]
-    preview = preview_next(engine, settings, digest, now=moment)
+    renderer = Renderer()
+    preview = preview_next(engine, settings, digest, now=moment, renderer=renderer)
     (out_dir / "preview.html").write_text(preview.html, encoding="utf-8")
     (out_dir / "preview.txt").write_text(preview.text, encoding="utf-8")
-    issue = open_issue(engine, settings, digest, now=moment)
-    totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id))
+    issue = open_issue(engine, settings, digest, now=moment, renderer=renderer)
+    totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id, renderer=renderer))
     summary = issues.summarize(engine, issue.issue_id)
     mail = sorted((out_dir / "mail").glob("*.eml"))
     first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None

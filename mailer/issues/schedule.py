@@ -56,12 +56,6 @@ def latest_slot(digest: Digest, now: datetime, *, within: timedelta) -> datetime
         span = min(span * 8, within)
 
 
-def next_slot(digest: Digest, now: datetime) -> datetime | None:
-    """The first fire time after ``now``, in UTC."""
-    fire = trigger_for(digest).get_next_fire_time(None, now + timedelta(microseconds=1))
-    return fire.astimezone(UTC) if fire else None
-
-
 def missed_slots(
     digest: Digest,
     *,
@@ -117,7 +111,9 @@ def local_time(moment: datetime, zone: str, *, year: bool = True) -> str:
 
 def upcoming(digests: Sequence[Digest], now: datetime) -> list[tuple[Digest, datetime]]:
     """Each digest with its next slot after ``now`` (UTC), soonest first."""
-    pairs = [(digest, next_slot(digest, now)) for digest in digests]
-    return sorted(
-        ((digest, slot) for digest, slot in pairs if slot is not None), key=lambda pair: pair[1]
-    )
+    pairs: list[tuple[Digest, datetime]] = []
+    for digest in digests:
+        fire = trigger_for(digest).get_next_fire_time(None, now + timedelta(microseconds=1))
+        if fire is not None:
+            pairs.append((digest, fire.astimezone(UTC)))
+    return sorted(pairs, key=lambda pair: pair[1])

@@ -1,4 +1,9 @@
-"""Digest operations staff run: preview the next issue, send one now (or resume it)."""
+"""What staff run on a digest's next issue (``digest preview`` and ``digest send``): preview it
+as it would go out now, open it (resume the unfinished one, else make one for now), deliver it.
+
+Not the scheduler's path: that one makes issues at their slots (``mailer.service``) and leaves
+them to the running workers.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,14 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 
 from mailer.compose.messages import DigestComposer
-from mailer.compose.rendering import render_subject
+from mailer.compose.rendering import Renderer
 from mailer.config import Digest, Settings
 from mailer.db.outages import DatabaseOutages
 from mailer.db.schema import issues
 from mailer.delivery.ledger import Holding
 from mailer.delivery.smtp import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
-from mailer.issues.store import IssueCreated, articles_for, create_issue
+from mailer.issues.create import IssueCreated, articles_for, create_issue
 from mailer.models import IssueContent
 
 
@@ -34,7 +39,7 @@ class Preview:
 
 
 def preview_next(
-    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime
+    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime, renderer: Renderer
 ) -> Preview:
     """The next issue as it would go out now, with neutral links, without creating it.
 
@@ -45,7 +50,7 @@ def preview_next(
         selection = articles_for(conn, digest, now=now)
     chosen = selection.articles
     date = now.astimezone(ZoneInfo(digest.timezone))
-    subject = render_subject(digest, date)
+    subject = renderer.render_subject(digest, date)
     content = IssueContent(
         issue_id=0,
         digest_key=digest.key,
@@ -54,13 +59,13 @@ def preview_next(
         date=date,
         articles=tuple(chosen),
     )
-    html, text = DigestComposer(settings, content).preview(digest.topics)
+    html, text = DigestComposer(settings, content, renderer=renderer).preview(digest.topics)
     ids = tuple(a.id for a in chosen)
     return Preview(subject, html, text, len(chosen), selection.left_over, ids)
 
 
 def open_issue(
-    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime
+    engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime, renderer: Renderer
 ) -> IssueCreated:
     """The digest's unfinished issue if there is one (resume it), else a new issue for now.
 
@@ -77,7 +82,12 @@ def open_issue(
     if unfinished is not None:
         return IssueCreated(unfinished, False, 0, 0)
     return create_issue(
-        engine, settings, digest, scheduled_for=now, now=now, render_subject=render_subject
+        engine,
+        settings,
+        digest,
+        scheduled_for=now,
+        now=now,
+        render_subject=renderer.render_subject,
     )
 
 
@@ -91,6 +101,7 @@ async def deliver_issue(
     sign: Callable[[bytes], bytes] | None = None,
     stop: asyncio.Event | None = None,
     on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
+    renderer: Renderer | None = None,
 ) -> Totals:
     """Send every due delivery of one issue over a fresh pool (or the one given).
 
@@ -98,6 +109,7 @@ async def deliver_issue(
     Deliveries of the issue that another live worker holds are waited for (``on_wait`` says
     which) and finished here if that worker's lease ends first. A database outage is waited
     out for ``[database].outage_wait_seconds``, then raises ``DatabaseUnavailable``.
+    ``renderer`` renders the messages (default: the Deliverer's own).
     """
     wait = settings.database.outage_wait_seconds
     outages = DatabaseOutages(
@@ -107,12 +119,12 @@ async def deliver_issue(
         f"`mailer digest send` resumes the issue, or a running worker sends it",
     )
     if pool is not None:
-        deliverer = Deliverer(engine, settings, pool, sign=sign, outages=outages)
+        deliverer = Deliverer(engine, settings, pool, sign=sign, outages=outages, renderer=renderer)
         return await deliverer.drain(
             issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait
         )
     async with SmtpPool(settings.smtp) as own:
-        deliverer = Deliverer(engine, settings, own, sign=sign, outages=outages)
+        deliverer = Deliverer(engine, settings, own, sign=sign, outages=outages, renderer=renderer)
         return await deliverer.drain(
             issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait
         )

@@ -1,32 +1,24 @@
-"""Issues: one per (digest, nominal time), created once, with a snapshot of its recipients.
+"""Issues once made: what they hold and how they stand, and what staff do to them.
 
-``create_issue`` is idempotent: the INSERT … ON CONFLICT DO NOTHING on UNIQUE(digest,
-scheduled_for) picks one winner, and only the winner selects the articles and snapshots the
-recipients, in the same transaction. Two processes firing the same slot create one issue.
-
-An issue takes the articles its digest has not taken yet (``articles.select_for_issue``): by
-arrival in the store, not by publication date, so an article fetched after its slot's issue
-was made goes in the next one. Issues of one digest are made one at a time (SQLite's write
-lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of them never take
-the same article.
+``load_content`` is what a composer renders; ``summarize``, ``list_issues``, ``reasons`` and
+``unfinished`` are what ``issues show`` / ``issues list`` and a drain's last line say;
+``cancel``, ``resume`` and ``retry`` are the staff commands; ``finish_if_done`` is how a worker
+marks an issue sent. Making an issue is ``mailer.issues.create``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.config import Digest, Settings
-from mailer.content.articles import ARTICLE_COLUMNS, Selection, lookback_start, select_for_issue
-from mailer.db.engine import refresh_statistics, upsert_insert
+from mailer.config import Settings
+from mailer.content.store import ARTICLE_COLUMNS
 from mailer.db.schema import (
     SENDING_ROW,
     WAITING_ROW,
@@ -34,28 +26,15 @@ from mailer.db.schema import (
     deliveries,
     issue_articles,
     issues,
-    subscriber_topics,
-    subscribers,
 )
 from mailer.errors import DigestError
-from mailer.issues.schedule import quiet_until
 from mailer.models import Article, IssueContent
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class IssueCreated:
-    issue_id: int
-    created: bool  # False: the issue already existed (another firing or process won)
-    articles: int
-    recipients: int
-    # Articles this issue could have taken beyond max_articles: the next issue takes them.
-    left_over: int = 0
 
 
 @dataclass(frozen=True)
 class IssueSummary:
+    """One issue and its deliveries counted by status."""
+
     id: int
     digest: str
     scheduled_for: datetime
@@ -68,186 +47,6 @@ class IssueSummary:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
-
-
-def message_id_prefix(digest_key: str, scheduled_for: datetime, issue_id: int) -> str:
-    """The fixed left part of every Message-ID in an issue; the subscriber uid completes it."""
-    return f"{digest_key}.{scheduled_for:%Y%m%d%H%M}.{issue_id}."
-
-
-def articles_for(
-    conn: sa.Connection, digest: Digest, *, now: datetime, since: datetime | None = None
-) -> Selection:
-    """What an issue of ``digest`` made at ``now`` takes: ``create_issue`` makes it so and the
-    preview of the next issue shows it, by the one call."""
-    return select_for_issue(
-        conn,
-        digest_key=digest.key,
-        topics=digest.topics,
-        lookback=digest.lookback,
-        limit=digest.max_articles,
-        now=now,
-        since=since,
-    )
-
-
-def create_issue(
-    engine: sa.Engine,
-    settings: Settings,
-    digest: Digest,
-    *,
-    scheduled_for: datetime,
-    now: datetime,
-    render_subject: Callable[[Digest, datetime], str],
-) -> IssueCreated:
-    """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
-
-    The issue takes what ``articles.select_for_issue`` gives at ``now`` (the moment it is
-    made); its window records the publication dates that could go in, (window_start, now].
-    """
-    local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
-    subject = render_subject(digest, local_date)
-    with engine.begin() as conn:
-        since = lookback_start(conn, digest.key, digest.lookback, now)
-        insert = upsert_insert(conn, issues)
-        issue_id = conn.execute(
-            insert.values(
-                digest=digest.key,
-                scheduled_for=scheduled_for,
-                window_start=since,
-                window_end=now,
-                subject=subject,
-                topics=";".join(digest.topics),
-                status="sending",
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["digest", "scheduled_for"])
-            .returning(issues.c.id)
-        ).scalar_one_or_none()
-        if issue_id is None:
-            existing = conn.execute(
-                sa.select(issues.c.id).where(
-                    issues.c.digest == digest.key, issues.c.scheduled_for == scheduled_for
-                )
-            ).scalar_one()
-            return IssueCreated(existing, False, 0, 0)
-        _one_issue_at_a_time(conn, digest.key)
-        selection = articles_for(conn, digest, now=now, since=since)
-        chosen = selection.articles
-        if chosen:
-            conn.execute(
-                issue_articles.insert(),
-                [
-                    {"issue_id": issue_id, "article_id": a.id, "position": i}
-                    for i, a in enumerate(chosen)
-                ],
-            )
-        recipients = _snapshot(
-            conn, settings, digest, issue_id, scheduled_for, {a.topic for a in chosen}, now
-        )
-        if recipients == 0:
-            conn.execute(
-                issues.update()
-                .where(issues.c.id == issue_id)
-                .values(status="empty", completed_at=now)
-            )
-    if recipients:
-        refresh_statistics(engine, deliveries)
-    log.info(
-        "issue created",
-        extra={
-            "issue": issue_id,
-            "digest": digest.key,
-            "articles": len(chosen),
-            "left_over": selection.left_over,
-            "recipients": recipients,
-        },
-    )
-    return IssueCreated(issue_id, True, len(chosen), recipients, selection.left_over)
-
-
-def _one_issue_at_a_time(conn: sa.Connection, digest_key: str) -> None:
-    """Hold the digest's issue lock until this transaction ends.
-
-    Two issues of one digest made at once (a scheduled slot and a ``digest send``, or two
-    slots caught up by two processes) would each see the other's articles as not taken yet.
-    SQLite already runs one writing transaction at a time (BEGIN IMMEDIATE); PostgreSQL gets a
-    transaction-scoped advisory lock keyed on the digest, after which this transaction's next
-    statements see what the other one committed (READ COMMITTED).
-    """
-    if conn.dialect.name != "postgresql":
-        return
-    digest_hash = hashlib.sha256(f"mailer.issue:{digest_key}".encode()).digest()
-    key = int.from_bytes(digest_hash[:8], "big", signed=True)
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-
-
-def _snapshot(
-    conn: sa.Connection,
-    settings: Settings,
-    digest: Digest,
-    issue_id: int,
-    scheduled_for: datetime,
-    topics: set[str],
-    now: datetime,
-) -> int:
-    """Queue one delivery per active subscriber who chose a topic this issue has articles in."""
-    if not topics:
-        return 0
-    prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
-    alert = digest.priority == "alert"
-    # A bulk issue made in quiet hours waits for their end; an alert never waits.
-    due = (None if alert else quiet_until(digest.quiet_hours, digest.timezone, now)) or now
-    suffix = f"@{settings.site.domain}>"
-    wanted = sa.select(subscriber_topics.c.subscriber_id).where(
-        subscriber_topics.c.topic.in_(sorted(topics))
-    )
-    select = sa.select(
-        sa.literal(issue_id),
-        subscribers.c.id,
-        sa.literal("queued"),
-        sa.literal(due, type_=deliveries.c.next_attempt_at.type),
-        (sa.literal(prefix) + subscribers.c.uid + sa.literal(suffix)),
-        sa.literal(now, type_=deliveries.c.created_at.type),
-        sa.literal(now, type_=deliveries.c.updated_at.type),
-        sa.literal(1 if alert else 0),
-    ).where(
-        subscribers.c.status == "active",
-        subscribers.c.id.in_(wanted),
-        # Paused from the preferences page: no issue while the pause lasts.
-        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
-    )
-    conn.execute(
-        deliveries.insert().from_select(
-            [
-                "issue_id",
-                "subscriber_id",
-                "status",
-                "next_attempt_at",
-                "message_id",
-                "created_at",
-                "updated_at",
-                "priority",
-            ],
-            select,
-        )
-    )
-    # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
-    return int(
-        conn.execute(
-            sa.select(sa.func.count())
-            .select_from(deliveries)
-            .where(deliveries.c.issue_id == issue_id)
-        ).scalar_one()
-    )
-
-
-def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
-    """The slot of the digest's newest issue, if any."""
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
-        ).scalar_one_or_none()
 
 
 def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> IssueContent:
@@ -275,6 +74,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
 
 
 def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
+    """Issue ``issue_id`` with its deliveries counted by status; DigestError if there is none."""
     with engine.connect() as conn:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
@@ -302,6 +102,7 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
 def list_issues(
     engine: sa.Engine, *, digest: str | None = None, limit: int = 20
 ) -> list[IssueSummary]:
+    """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
     with engine.connect() as conn:
         query = sa.select(issues.c.id).order_by(issues.c.scheduled_for.desc()).limit(limit)
         if digest is not None:
@@ -336,7 +137,7 @@ CANCELLED_BY_STAFF = "cancelled by staff"
 def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
     """Stop an issue: its waiting deliveries are cancelled; returns how many.
 
-    Its articles count as not taken again (``articles.GIVES_BACK``): the digest's next
+    Its articles count as not taken again (``selection.GIVES_BACK``): the digest's next
     issue takes them, and the never-twice rule spares whoever received them from this one.
     """
     with engine.begin() as conn:
@@ -468,7 +269,11 @@ def short_reason(reply: str | None) -> str:
 
 
 def local_time(moment: datetime, zone: str) -> str:
-    """A time for staff: in the site's zone, with the zone's name (``2026-12-05 09:03:12 EST``)."""
+    """A time for staff: in the site's zone, with the zone's name (``2026-12-05 09:03:12 EST``).
+
+    The tables of ``issues show`` and ``articles list`` use this sortable form; the schedule's
+    sentences use ``schedule.local_time`` (``Fri 11 Dec 2026 07:00 EST``).
+    """
     return moment.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 

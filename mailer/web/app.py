@@ -36,6 +36,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.db.engine import safe_url
 from mailer.db.outages import OutageLog
@@ -70,9 +71,11 @@ def create_app(
     limits: Limits | None = None,
     clock: Callable[[], datetime] = clock_now,
     pages: Pages | None = None,
+    renderer: Renderer | None = None,
 ) -> Starlette:
     """The web app. ``mailer`` sends the confirmation mails (``SmtpConfirmationSender`` in
-    production); ``clock`` is the one clock; ``limits`` the abuse limits.
+    production); ``clock`` is the one clock; ``limits`` the abuse limits; ``renderer`` renders
+    the confirmation mails and the archive (default: the app's own).
 
     Raises ``ConfigError`` now, not at the first request, if the site secret is missing or the
     privacy policy file cannot be read or rendered.
@@ -85,6 +88,7 @@ def create_app(
         engine=engine,
         sender=mailer,
         pages=pages,
+        renderer=renderer or Renderer(),
         limits=limits,
         clock=clock,
         per_ip=RateLimiter(limits.per_ip, limits.per_ip_window),

@@ -11,6 +11,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.errors import TokenError
 from mailer.subscribers.tokens import Purpose, read_token
@@ -28,6 +29,7 @@ class WebContext:
     engine: sa.Engine
     sender: ConfirmationSender
     pages: Pages
+    renderer: Renderer
     limits: Limits
     clock: Callable[[], datetime]
     per_ip: RateLimiter

@@ -108,5 +108,7 @@ class PublicViews:
                 content = load_content(conn, issue_id, settings)
             except DigestError:
                 return None
-        html, _text = DigestComposer(settings, content).preview(settings.topic_keys)
+        html, _text = DigestComposer(settings, content, renderer=self.web.renderer).preview(
+            settings.topic_keys
+        )
         return html

@@ -88,7 +88,9 @@ class SignupViews:
         (the response has gone; the person can submit the form again)."""
         web = self.web
         try:
-            message = build_confirmation(web.settings, recipient, web.clock())
+            message = build_confirmation(
+                web.settings, recipient, web.clock(), renderer=web.renderer
+            )
             result = await web.sender.send(recipient, message)
         except (MailerError, OSError) as exc:
             log.error("cannot send a confirmation mail: %s", exc)

@@ -35,8 +35,8 @@ def upgrade() -> None:
 
 
 def _key_existing() -> None:
-    # The keys are computed as new articles compute them (one definition, in mailer.content.articles).
-    from mailer.content.articles import ParsedArticle
+    # The keys are computed as new articles compute them (one definition, in mailer.content.article).
+    from mailer.content.article import ParsedArticle
 
     conn = op.get_bind()
     table = sa.table(

@@ -1,0 +1,227 @@
+"""Making an issue: one per (digest, nominal time), created once, with a snapshot of its
+recipients.
+
+``create_issue`` is idempotent: the INSERT … ON CONFLICT DO NOTHING on UNIQUE(digest,
+scheduled_for) picks one winner, and only the winner selects the articles and snapshots the
+recipients, in the same transaction. Two processes firing the same slot create one issue.
+
+An issue takes the articles its digest has not taken yet (``selection.select_for_issue``): by
+arrival in the store, not by publication date, so an article fetched after its slot's issue
+was made goes in the next one. Issues of one digest are made one at a time (SQLite's write
+lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of them never take
+the same article.
+
+What happens to an issue once made (cancel, resume, retry, its counts) is
+``mailer.issues.store``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from mailer.config import Digest, Settings
+from mailer.content.selection import Selection, lookback_start, select_for_issue
+from mailer.db.engine import refresh_statistics, upsert_insert
+from mailer.db.schema import deliveries, issue_articles, issues, subscriber_topics, subscribers
+from mailer.issues.schedule import quiet_until
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IssueCreated:
+    """What ``create_issue`` did for one slot."""
+
+    issue_id: int
+    created: bool  # False: the issue already existed (another firing or process won)
+    articles: int
+    recipients: int
+    # Articles this issue could have taken beyond max_articles: the next issue takes them.
+    left_over: int = 0
+
+
+def message_id_prefix(digest_key: str, scheduled_for: datetime, issue_id: int) -> str:
+    """The fixed left part of every Message-ID in an issue; the subscriber uid completes it."""
+    return f"{digest_key}.{scheduled_for:%Y%m%d%H%M}.{issue_id}."
+
+
+def articles_for(
+    conn: sa.Connection, digest: Digest, *, now: datetime, since: datetime | None = None
+) -> Selection:
+    """What an issue of ``digest`` made at ``now`` takes: ``create_issue`` makes it so and the
+    preview of the next issue shows it, by the one call."""
+    return select_for_issue(
+        conn,
+        digest_key=digest.key,
+        topics=digest.topics,
+        lookback=digest.lookback,
+        limit=digest.max_articles,
+        now=now,
+        since=since,
+    )
+
+
+def create_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    digest: Digest,
+    *,
+    scheduled_for: datetime,
+    now: datetime,
+    render_subject: Callable[[Digest, datetime], str],
+) -> IssueCreated:
+    """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
+
+    The issue takes what ``selection.select_for_issue`` gives at ``now`` (the moment it is
+    made); its window records the publication dates that could go in, (window_start, now].
+    """
+    local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
+    subject = render_subject(digest, local_date)
+    with engine.begin() as conn:
+        since = lookback_start(conn, digest.key, digest.lookback, now)
+        insert = upsert_insert(conn, issues)
+        issue_id = conn.execute(
+            insert.values(
+                digest=digest.key,
+                scheduled_for=scheduled_for,
+                window_start=since,
+                window_end=now,
+                subject=subject,
+                topics=";".join(digest.topics),
+                status="sending",
+                created_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["digest", "scheduled_for"])
+            .returning(issues.c.id)
+        ).scalar_one_or_none()
+        if issue_id is None:
+            existing = conn.execute(
+                sa.select(issues.c.id).where(
+                    issues.c.digest == digest.key, issues.c.scheduled_for == scheduled_for
+                )
+            ).scalar_one()
+            return IssueCreated(existing, False, 0, 0)
+        _one_issue_at_a_time(conn, digest.key)
+        selection = articles_for(conn, digest, now=now, since=since)
+        chosen = selection.articles
+        if chosen:
+            conn.execute(
+                issue_articles.insert(),
+                [
+                    {"issue_id": issue_id, "article_id": a.id, "position": i}
+                    for i, a in enumerate(chosen)
+                ],
+            )
+        recipients = _snapshot(
+            conn, settings, digest, issue_id, scheduled_for, {a.topic for a in chosen}, now
+        )
+        if recipients == 0:
+            conn.execute(
+                issues.update()
+                .where(issues.c.id == issue_id)
+                .values(status="empty", completed_at=now)
+            )
+    if recipients:
+        refresh_statistics(engine, deliveries)
+    log.info(
+        "issue created",
+        extra={
+            "issue": issue_id,
+            "digest": digest.key,
+            "articles": len(chosen),
+            "left_over": selection.left_over,
+            "recipients": recipients,
+        },
+    )
+    return IssueCreated(issue_id, True, len(chosen), recipients, selection.left_over)
+
+
+def _one_issue_at_a_time(conn: sa.Connection, digest_key: str) -> None:
+    """Hold the digest's issue lock until this transaction ends.
+
+    Two issues of one digest made at once (a scheduled slot and a ``digest send``, or two
+    slots caught up by two processes) would each see the other's articles as not taken yet.
+    SQLite already runs one writing transaction at a time (BEGIN IMMEDIATE); PostgreSQL gets a
+    transaction-scoped advisory lock keyed on the digest, after which this transaction's next
+    statements see what the other one committed (READ COMMITTED).
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    digest_hash = hashlib.sha256(f"mailer.issue:{digest_key}".encode()).digest()
+    key = int.from_bytes(digest_hash[:8], "big", signed=True)
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+def _snapshot(
+    conn: sa.Connection,
+    settings: Settings,
+    digest: Digest,
+    issue_id: int,
+    scheduled_for: datetime,
+    topics: set[str],
+    now: datetime,
+) -> int:
+    """Queue one delivery per active subscriber who chose a topic this issue has articles in."""
+    if not topics:
+        return 0
+    prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
+    alert = digest.priority == "alert"
+    # A bulk issue made in quiet hours waits for their end; an alert never waits.
+    due = (None if alert else quiet_until(digest.quiet_hours, digest.timezone, now)) or now
+    suffix = f"@{settings.site.domain}>"
+    wanted = sa.select(subscriber_topics.c.subscriber_id).where(
+        subscriber_topics.c.topic.in_(sorted(topics))
+    )
+    select = sa.select(
+        sa.literal(issue_id),
+        subscribers.c.id,
+        sa.literal("queued"),
+        sa.literal(due, type_=deliveries.c.next_attempt_at.type),
+        (sa.literal(prefix) + subscribers.c.uid + sa.literal(suffix)),
+        sa.literal(now, type_=deliveries.c.created_at.type),
+        sa.literal(now, type_=deliveries.c.updated_at.type),
+        sa.literal(1 if alert else 0),
+    ).where(
+        subscribers.c.status == "active",
+        subscribers.c.id.in_(wanted),
+        # Paused from the preferences page: no issue while the pause lasts.
+        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
+    )
+    conn.execute(
+        deliveries.insert().from_select(
+            [
+                "issue_id",
+                "subscriber_id",
+                "status",
+                "next_attempt_at",
+                "message_id",
+                "created_at",
+                "updated_at",
+                "priority",
+            ],
+            select,
+        )
+    )
+    # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
+    return int(
+        conn.execute(
+            sa.select(sa.func.count())
+            .select_from(deliveries)
+            .where(deliveries.c.issue_id == issue_id)
+        ).scalar_one()
+    )
+
+
+def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
+    """The slot of the digest's newest issue, if any."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
+        ).scalar_one_or_none()

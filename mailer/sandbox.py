@@ -1,0 +1,120 @@
+"""The Jinja sandbox staff-written templates run in, and what a subject line must be.
+
+Templates are edited by staff, so they run in Jinja's ``SandboxedEnvironment`` (no access to
+``__class__`` and friends) with ``StrictUndefined`` (a misspelt variable is an error, not an
+empty string in 50,000 emails). HTML templates are autoescaped; text templates are not. Every
+Jinja failure, and anything a template's own code raises, comes out as a ``RenderError``
+naming the template and line.
+
+The email templates (``mailer.compose.rendering.Renderer``) and a digest's ``subject`` run in
+the same kind of environment, with the same filters. Nothing here reads the configuration or
+the composer, so ``mailer.config`` checks a subject with it as it loads.
+"""
+
+from __future__ import annotations
+
+import re
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import jinja2
+from jinja2 import StrictUndefined, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
+
+from mailer.errors import RenderError
+from mailer.text import one_line
+
+_FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
+_PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
+
+
+class SubjectOf(Protocol):
+    """What a subject template is read from: a digest's key (for errors) and its subject."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line-separated paragraphs of ``text``, each on one line (a Jinja filter)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [p for p in (one_line(chunk) for chunk in _PARAGRAPH_RE.split(text)) if p]
+
+
+def long_date(value: datetime) -> str:
+    """``Friday, 20 November 2026``, without the platform-specific ``%-d``."""
+    return f"{value:%A}, {value.day} {value:%B %Y}"
+
+
+def environment(loader: jinja2.BaseLoader | None = None) -> SandboxedEnvironment:
+    """A sandboxed environment with the project's filters (``paragraphs``, ``one_line``,
+    ``long_date``); ``loader`` finds the template files, if any."""
+    env = SandboxedEnvironment(
+        loader=loader,
+        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["paragraphs"] = paragraphs
+    env.filters["one_line"] = one_line
+    env.filters["long_date"] = long_date
+    return env
+
+
+def render_subject(env: SandboxedEnvironment, digest: SubjectOf, date: datetime) -> str:
+    """The subject line of an issue of ``digest`` dated ``date``, on one line.
+
+    ``digest.subject`` is a Jinja template seeing ``digest`` and ``date``. CR, LF and other
+    whitespace runs become single spaces, so the result is safe for a header. RenderError for
+    a template that fails, renders to nothing, or reads like a reply.
+    """
+    where = f"[[digests]] {digest.key!r} subject"
+    try:
+        text = env.from_string(digest.subject).render(digest=digest, date=date)
+    except Exception as exc:
+        # Deliberately broad: the subject is staff-written template code, which can raise
+        # anything (1/0, a bad strftime argument, ...), and all of it is "this subject is broken".
+        raise render_error(exc, where) from exc
+    subject = one_line(text)
+    if not subject:
+        raise RenderError("renders to an empty subject", template=where)
+    if _FAKE_REPLY_RE.match(subject):
+        # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
+        # (15 USC 7704(a)(2); COMPLIANCE 4.8).
+        raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
+    return subject
+
+
+def render_error(exc: Exception, name: str, template_dir: Path | None = None) -> RenderError:
+    """A RenderError naming the template (file under ``template_dir``, or ``name`` for a
+    template given as a string) and the line where ``exc`` happened."""
+    if isinstance(exc, RenderError):
+        return exc
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return RenderError(f"template not found in {template_dir}", template=str(exc))
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        template = _relative(exc.filename, template_dir) if exc.filename else (exc.name or name)
+        return RenderError(f"syntax error: {exc.message}", template=template, line=exc.lineno)
+    template, line = name, None
+    # Jinja rewrites tracebacks so template frames carry the template's file and line.
+    for frame in traceback.extract_tb(exc.__traceback__):
+        in_dir = template_dir is not None and frame.filename.startswith(str(template_dir))
+        if frame.filename == "<template>" or in_dir:
+            template = name if frame.filename == "<template>" else frame.filename
+            line = frame.lineno
+    message = str(exc) if isinstance(exc, jinja2.TemplateError) else f"{exc!r}"
+    return RenderError(message, template=_relative(template, template_dir), line=line)
+
+
+def _relative(filename: str, template_dir: Path | None) -> str:
+    path = Path(filename)
+    if template_dir is not None and path.is_absolute() and path.is_relative_to(template_dir):
+        return path.relative_to(template_dir).as_posix()
+    return filename
