@@ -259,6 +259,7 @@ def unsubscribe(engine: sa.Engine, uid: str, *, now: datetime, via: str) -> Subs
 def set_topics(
     engine: sa.Engine, uid: str, topics: Sequence[str], *, now: datetime
 ) -> Subscriber | None:
+    """Make ``topics`` the link holder's topics (recorded only if they change)."""
     with engine.begin() as conn:
         current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
