@@ -22,7 +22,7 @@ from mailer.content.store import UPSERT_CHUNK, list_articles, upsert_articles
 from mailer.db.schema import articles as articles_table
 from mailer.errors import ArticleError
 from mailer.models import Article
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import csvfile, store
 from tests.factories import NOW, TOPICS, make_article
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "mailer" / "devtools" / "examples"
@@ -647,10 +647,10 @@ def test_every_example_file_is_an_article() -> None:
 
 def test_example_subscribers_import_cleanly(engine: sa.Engine) -> None:
     with (EXAMPLES / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
-        report = subscribers.import_csv(engine, stream, known_topics=TOPICS, now=NOW)
+        report = csvfile.import_csv(engine, stream, known_topics=TOPICS, now=NOW)
     assert report.errors == []
     assert report.added >= 10
-    counts = subscribers.counts_by_status(engine)
+    counts = store.counts_by_status(engine)
     assert counts.get("unsubscribed") == 1 and counts.get("pending") == 1
 
 

@@ -19,21 +19,16 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailer.bounces.apply import BounceSummary, apply_reports, apply_send_bounce, process_path
+from mailer.bounces.mailbox import MailboxError, read_mailbox
 from mailer.bounces.reports import (
-    BounceSummary,
-    MailboxError,
-    Outcome,
+    BounceKind,
     Report,
-    apply_reports,
-    apply_send_bounce,
     classify,
     parse_report,
-    process_path,
-    read_mailbox,
     status_from_reply,
-    uid_from_verp,
-    verp_address,
 )
+from mailer.bounces.verp import uid_from_verp, verp_address
 from mailer.db.schema import deliveries, events, issues, subscribers, suppressions
 from mailer.errors import AddressError, MailerError
 from mailer.subscribers.store import suppression_reason
@@ -509,16 +504,16 @@ def test_a_lower_cased_verp_address_still_finds_the_subscriber(engine: sa.Engine
 @pytest.mark.parametrize(
     "code, reply, stage, outcome, status",
     [
-        (550, "5.1.1 <a@example.org>: user unknown", "rcpt", Outcome.HARD, "bounced"),
-        (550, "5.7.1 Message rejected as spam", "data", Outcome.BLOCKED, "active"),
-        (553, "5.1.8 sender domain does not exist", "mail", Outcome.BLOCKED, "active"),
-        (552, "5.2.2 mailbox full", "rcpt", Outcome.SOFT, "active"),
-        (550, "no such user", "rcpt", Outcome.HARD, "bounced"),
+        (550, "5.1.1 <a@example.org>: user unknown", "rcpt", BounceKind.HARD, "bounced"),
+        (550, "5.7.1 Message rejected as spam", "data", BounceKind.BLOCKED, "active"),
+        (553, "5.1.8 sender domain does not exist", "mail", BounceKind.BLOCKED, "active"),
+        (552, "5.2.2 mailbox full", "rcpt", BounceKind.SOFT, "active"),
+        (550, "no such user", "rcpt", BounceKind.HARD, "bounced"),
     ],
     ids=["user unknown", "spam filter", "sender refused", "mailbox full", "no enhanced code"],
 )
 def test_send_time_refusals_follow_the_same_table(
-    engine: sa.Engine, code: int, reply: str, stage: str, outcome: Outcome, status: str
+    engine: sa.Engine, code: int, reply: str, stage: str, outcome: BounceKind, status: str
 ) -> None:
     sub = make_subscriber(engine, email="a@example.org")
     for _ in range(2):  # the second call for the same message changes nothing
@@ -535,7 +530,7 @@ def test_send_time_refusals_follow_the_same_table(
         assert got is outcome
     after = row(engine, sub.id)
     assert after.status == status
-    assert after.bounce_count == (1 if outcome in (Outcome.HARD, Outcome.SOFT) else 0)
+    assert after.bounce_count == (1 if outcome in (BounceKind.HARD, BounceKind.SOFT) else 0)
     assert len([e for e in events_of(engine, sub.id) if e.kind == "bounce"]) == 1
 
 
@@ -551,33 +546,33 @@ def parsed(raw: bytes) -> Report:
 @pytest.mark.parametrize(
     "action, status, outcome",
     [
-        ("failed", "5.1.1", Outcome.HARD),
-        ("failed", "5.1.10", Outcome.HARD),
-        ("failed", "5.0.0", Outcome.HARD),
-        ("failed", "5.2.1", Outcome.HARD),
-        ("failed", "5.4.4", Outcome.HARD),
-        ("failed", "5.7.13", Outcome.HARD),
-        ("Failed", "5.1.1 (bad destination mailbox address)", Outcome.HARD),
-        ("failed", "5.2.2", Outcome.SOFT),
-        ("failed", "5.4.7", Outcome.SOFT),
-        ("failed", "4.2.2", Outcome.SOFT),
-        ("failed", "", Outcome.SOFT),
-        ("failed", "5.7.1", Outcome.BLOCKED),
-        ("failed", "5.7.26", Outcome.BLOCKED),
-        ("failed", "5.6.0", Outcome.BLOCKED),
-        ("failed", "5.3.4", Outcome.BLOCKED),
-        ("failed", "5.1.8", Outcome.BLOCKED),
-        ("delayed", "4.4.1", Outcome.DELAYED),
-        ("delayed", "5.1.1", Outcome.DELAYED),
-        ("delivered", "2.0.0", Outcome.DELIVERED),
-        ("relayed", "2.0.0", Outcome.DELIVERED),
-        ("expanded", "2.0.0", Outcome.DELIVERED),
-        ("", "5.1.1", Outcome.HARD),
-        ("", "", Outcome.IGNORED),
-        ("bogus", "5.1.1", Outcome.IGNORED),
+        ("failed", "5.1.1", BounceKind.HARD),
+        ("failed", "5.1.10", BounceKind.HARD),
+        ("failed", "5.0.0", BounceKind.HARD),
+        ("failed", "5.2.1", BounceKind.HARD),
+        ("failed", "5.4.4", BounceKind.HARD),
+        ("failed", "5.7.13", BounceKind.HARD),
+        ("Failed", "5.1.1 (bad destination mailbox address)", BounceKind.HARD),
+        ("failed", "5.2.2", BounceKind.SOFT),
+        ("failed", "5.4.7", BounceKind.SOFT),
+        ("failed", "4.2.2", BounceKind.SOFT),
+        ("failed", "", BounceKind.SOFT),
+        ("failed", "5.7.1", BounceKind.BLOCKED),
+        ("failed", "5.7.26", BounceKind.BLOCKED),
+        ("failed", "5.6.0", BounceKind.BLOCKED),
+        ("failed", "5.3.4", BounceKind.BLOCKED),
+        ("failed", "5.1.8", BounceKind.BLOCKED),
+        ("delayed", "4.4.1", BounceKind.DELAYED),
+        ("delayed", "5.1.1", BounceKind.DELAYED),
+        ("delivered", "2.0.0", BounceKind.DELIVERED),
+        ("relayed", "2.0.0", BounceKind.DELIVERED),
+        ("expanded", "2.0.0", BounceKind.DELIVERED),
+        ("", "5.1.1", BounceKind.HARD),
+        ("", "", BounceKind.IGNORED),
+        ("bogus", "5.1.1", BounceKind.IGNORED),
     ],
 )
-def test_classification_table(action: str, status: str, outcome: Outcome) -> None:
+def test_classification_table(action: str, status: str, outcome: BounceKind) -> None:
     assert classify(action, status) is outcome
 
 
@@ -638,7 +633,7 @@ def test_dsn_with_several_recipients_is_decided_by_the_worst() -> None:
     )
     report = parsed(raw)
     assert [r.action for r in report.recipients] == ["delivered", "failed"]
-    assert report.outcome is Outcome.HARD
+    assert report.outcome is BounceKind.HARD
     assert report.addresses == ("full@example.com",)
 
 
@@ -655,7 +650,7 @@ def test_base64_encoded_report_parts_are_read() -> None:
         + b"--b--\r\n"
     )
     report = parsed(raw)
-    assert report.outcome is Outcome.HARD
+    assert report.outcome is BounceKind.HARD
     assert report.addresses == ("a@example.com",)
 
 
@@ -709,7 +704,7 @@ _ORIGINALS = ["message/rfc822", "text/rfc822-headers", "message/rfc822-headers",
 @given(raw=st.one_of(st.binary(max_size=600), reports()))
 def test_parse_report_never_raises(raw: bytes) -> None:
     report = parse_report(raw, envelope_from=SENDER)
-    assert report is None or isinstance(report.outcome, Outcome)
+    assert report is None or isinstance(report.outcome, BounceKind)
 
 
 @settings(max_examples=40, deadline=None)

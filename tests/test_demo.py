@@ -11,7 +11,7 @@ from rich.console import Console
 from mailer.config import load_settings
 from mailer.db.engine import create_engine
 from mailer.devtools.demo import run_demo
-from mailer.subscribers.store import export_text
+from mailer.subscribers.csvfile import export_text
 from tests.compliance import assert_compliant
 
 pytestmark = pytest.mark.slow

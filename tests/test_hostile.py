@@ -27,7 +27,7 @@ from mailer.errors import (
     TemplateError,
     TokenError,
 )
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import csvfile, store
 from mailer.subscribers.addresses import normalize_address
 from mailer.subscribers.tokens import Purpose, make_token, read_token
 from tests.factories import NOW, SECRET, TOPICS, config_dict, make_settings
@@ -230,13 +230,13 @@ CSV_CASES = [
 def test_hostile_csv_rows_are_reported_and_valid_rows_kept(
     engine: sa.Engine, text: str, added: int, rejected: int, reason: str | None
 ) -> None:
-    report = subscribers.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
+    report = csvfile.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
     assert (report.added, len(report.errors)) == (added, rejected)
     if reason:
         assert reason in report.errors[0].reason
-    for sub in subscribers.iter_subscribers(engine):
+    for sub in store.iter_subscribers(engine):
         assert sub.name.isprintable()
-    exported = subscribers.export_text(engine)
+    exported = csvfile.export_text(engine)
     assert "\n=" not in exported and ",=" not in exported  # no spreadsheet formula survives
 
 
@@ -255,7 +255,7 @@ def test_unreadable_csv_files_are_refused_with_the_reason(
 ) -> None:
     stream = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", newline="")
     with pytest.raises(SubscriberError, match=words):
-        subscribers.import_csv(engine, stream, known_topics=TOPICS, now=NOW)
+        csvfile.import_csv(engine, stream, known_topics=TOPICS, now=NOW)
 
 
 def test_count_of_hostile_inputs() -> None:

@@ -35,10 +35,11 @@ from mailer.db.schema import (
 )
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.errors import AddressError, SubscriberError
-from mailer.subscribers import importer
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import csvfile, importer, personal
 from mailer.subscribers.addresses import address_hash, normalize_address
-from mailer.subscribers.store import ImportReport, RowError, clean_name, parse_topics
+from mailer.subscribers.csvfile import ImportReport
+from mailer.subscribers.importer import RowError
+from mailer.subscribers.store import clean_name, parse_topics
 from mailer.subscribers.tokens import UID_RE, new_uid
 from tests.factories import NOW, TOPICS, make_subscriber
 
@@ -78,9 +79,9 @@ def _reference_rows(
     except StopIteration:
         return
     columns = [h.strip().lower().lstrip("\ufeff") for h in header]
-    if "email" not in columns or any(c not in subscribers.CSV_COLUMNS for c in columns):
+    if "email" not in columns or any(c not in csvfile.CSV_COLUMNS for c in columns):
         raise SubscriberError("bad header")
-    index = {c: columns.index(c) for c in subscribers.CSV_COLUMNS if c in columns}
+    index = {c: columns.index(c) for c in csvfile.CSV_COLUMNS if c in columns}
     seen: dict[str, int] = {}
     while True:
         line = reader.line_num + 1
@@ -234,7 +235,7 @@ def seed(engine: sa.Engine) -> None:
             conn.execute(table.delete())
     make_subscriber(engine, email="old@example.org", name="Old", topics=["base-alerts"])
     make_subscriber(engine, email="gone@example.org", name="Gone")
-    subscribers.erase(engine, "gone@example.org", now=NOW)
+    personal.erase(engine, "gone@example.org", now=NOW)
 
 
 def contents(engine: sa.Engine) -> dict[str, list[Any]]:
@@ -287,7 +288,7 @@ def both_ways(
     )
     before = contents(engine)
     seed(engine)
-    actual = subscribers.import_csv(
+    actual = csvfile.import_csv(
         engine,
         io.StringIO(text),
         known_topics=TOPICS,
@@ -337,7 +338,7 @@ def test_rejected_rows_are_handed_on_in_row_order_after_their_chunk_commits(
     engine: sa.Engine,
 ) -> None:
     seed(engine)
-    everything = subscribers.import_csv(
+    everything = csvfile.import_csv(
         engine, io.StringIO(EVERY_CASE), known_topics=TOPICS, now=NOW, chunk_size=3
     )
     seed(engine)
@@ -381,7 +382,7 @@ def _handing_on(
     chunk_size: int,
     on_rejected: Callable[[list[RowError]], None],
 ) -> ImportReport:
-    return subscribers.import_csv(
+    return csvfile.import_csv(
         engine,
         io.StringIO(text),
         known_topics=TOPICS,
@@ -503,7 +504,7 @@ def test_fresh_uids_look_like_new_uid_and_differ() -> None:
 
 def test_duplicates_name_the_first_row_across_chunks(engine: sa.Engine) -> None:
     text = "email\n" + "".join(f"r{i}@example.org\n" for i in range(9)) + "R1@example.org\n"
-    report = subscribers.import_csv(
+    report = csvfile.import_csv(
         engine, io.StringIO(text), known_topics=TOPICS, now=NOW, chunk_size=2
     )
     assert report.added == 9
@@ -515,7 +516,7 @@ def test_rows_before_an_undecodable_byte_are_kept(engine: sa.Engine) -> None:
     raw = ("email\n" + good).encode() + b"b\xe9@example.org\n"
     stream = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", newline="")
     with pytest.raises(SubscriberError, match=r"not UTF-8 .*nothing was imported from this point"):
-        subscribers.import_csv(engine, stream, known_topics=TOPICS, now=NOW, chunk_size=100)
+        csvfile.import_csv(engine, stream, known_topics=TOPICS, now=NOW, chunk_size=100)
     with engine.connect() as conn:
         emails = conn.scalars(
             sa.select(subscriber_table.c.email).order_by(subscriber_table.c.id)
@@ -526,9 +527,9 @@ def test_rows_before_an_undecodable_byte_are_kept(engine: sa.Engine) -> None:
 
 
 def test_no_staging_table_outlives_an_import(engine: sa.Engine) -> None:
-    subscribers.import_csv(engine, io.StringIO(EVERY_CASE), known_topics=TOPICS, now=NOW)
+    csvfile.import_csv(engine, io.StringIO(EVERY_CASE), known_topics=TOPICS, now=NOW)
     with pytest.raises(SubscriberError):
-        subscribers.import_csv(
+        csvfile.import_csv(
             engine, io.StringIO("email,shoe_size\na@example.org,9\n"), known_topics=TOPICS, now=NOW
         )
     with engine.connect() as conn:
@@ -552,10 +553,8 @@ def test_an_update_of_more_rows_than_one_in_list_takes(engine: sa.Engine) -> Non
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _default_sqlite_variable_limit)
     text = "email,name\n" + "".join(f"r{i}@example.org,R {i}\n" for i in range(33_000))
-    first = subscribers.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
-    again = subscribers.import_csv(
-        engine, io.StringIO(text), known_topics=TOPICS, now=NOW, update=True
-    )
+    first = csvfile.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
+    again = csvfile.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW, update=True)
     assert (first.added, again.added, again.updated, again.unchanged) == (33_000, 0, 0, 33_000)
 
 
@@ -588,7 +587,7 @@ def test_an_address_inserted_meanwhile_is_skipped(engine: sa.Engine) -> None:
         reports: list[ImportReport] = []
         importing = threading.Thread(
             target=lambda: reports.append(
-                subscribers.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
+                csvfile.import_csv(engine, io.StringIO(text), known_topics=TOPICS, now=NOW)
             )
         )
         importing.start()
@@ -658,7 +657,7 @@ def test_a_reading_error_ends_the_import_after_the_chunks_before_it(engine: sa.E
     data = ("email\n" + "".join(f"r{i}@example.org\n" for i in range(250))).encode()
     stream = io.TextIOWrapper(io.BufferedReader(_FailingFile(data)), encoding="utf-8", newline="")
     with pytest.raises(OSError, match="the disk went away"):
-        subscribers.import_csv(engine, stream, known_topics=TOPICS, now=NOW, chunk_size=100)
+        csvfile.import_csv(engine, stream, known_topics=TOPICS, now=NOW, chunk_size=100)
     with engine.connect() as conn:
         count = conn.scalar(sa.select(sa.func.count()).select_from(subscriber_table))
     assert count == 200  # two whole chunks; the third was rolled back
@@ -681,7 +680,7 @@ def test_a_database_error_stops_the_reading_thread(
     monkeypatch.setattr(importer.Staging, "import_chunk", failing)
     text = "email\n" + "".join(f"r{i}@example.org\n" for i in range(50_000))
     with pytest.raises(sa.exc.OperationalError, match="connection lost"):
-        subscribers.import_csv(
+        csvfile.import_csv(
             engine, io.StringIO(text), known_topics=TOPICS, now=NOW, chunk_size=1_000
         )
     assert not _reading_threads()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from mailer.errors import AddressError
 from mailer.subscribers.addresses import normalize_address
-from mailer.subscribers.store import _ImportNormalizer
+from mailer.subscribers.csvfile import _ImportNormalizer
 
 _ATOM = st.text(alphabet="abcXYZ09!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=30)
 _LOCAL = st.lists(_ATOM, min_size=1, max_size=4).map(".".join)

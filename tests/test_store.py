@@ -9,13 +9,13 @@ import sqlalchemy as sa
 
 from mailer.db.schema import events
 from mailer.errors import AddressError, SubscriberError, SuppressedError
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import csvfile, personal, store
 from tests.factories import NOW, TOPICS, make_subscriber
 
 
 def test_add_normalizes_and_shows(engine: sa.Engine) -> None:
     sub = make_subscriber(engine, email="  Ann.Smith@Example.ORG ", topics=["base-alerts"])
-    shown = subscribers.get(engine, "ann.smith@example.org")
+    shown = store.get(engine, "ann.smith@example.org")
     assert shown.email == "ann.smith@example.org"
     assert shown.topics == ("base-alerts",)
     assert shown.status == "active" and shown.id == sub.id
@@ -34,14 +34,14 @@ def test_add_rejects_invalid_address(engine: sa.Engine) -> None:
 
 def test_erase_deletes_everything_and_suppresses(engine: sa.Engine) -> None:
     sub = make_subscriber(engine, email="gone@example.org")
-    subscribers.erase(engine, "gone@example.org", now=NOW)
+    personal.erase(engine, "gone@example.org", now=NOW)
     with pytest.raises(SubscriberError):
-        subscribers.get(engine, "gone@example.org")
+        store.get(engine, "gone@example.org")
     with engine.connect() as conn:
         assert (
             conn.execute(sa.select(events).where(events.c.subscriber_id == sub.id)).first() is None
         )
-        assert subscribers.suppression_reason(conn, "gone@example.org") == "erased"
+        assert store.suppression_reason(conn, "gone@example.org") == "erased"
     with pytest.raises(SuppressedError, match="suppressed"):
         make_subscriber(engine, email="gone@example.org")
 
@@ -59,7 +59,7 @@ CSV = (
 
 
 def test_import_reports_bad_rows_by_number_and_keeps_good_ones(engine: sa.Engine) -> None:
-    report = subscribers.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
+    report = csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
     assert report.added == 2
     assert [(e.row, e.email) for e in report.errors] == [
         (3, "not-an-address"),
@@ -70,35 +70,33 @@ def test_import_reports_bad_rows_by_number_and_keeps_good_ones(engine: sa.Engine
     ]
     assert "astrology" in report.errors[1].reason
     assert "duplicate of row 2" in report.errors[2].reason
-    assert subscribers.get(engine, "ann@example.org").topics == ("base-alerts", "local-events")
-    assert subscribers.get(engine, "dee@example.org").topics == TOPICS
-    assert subscribers.get(engine, "dee@example.org").status == "unsubscribed"
+    assert store.get(engine, "ann@example.org").topics == ("base-alerts", "local-events")
+    assert store.get(engine, "dee@example.org").topics == TOPICS
+    assert store.get(engine, "dee@example.org").status == "unsubscribed"
 
 
 def test_reimporting_the_same_file_changes_nothing(engine: sa.Engine) -> None:
-    subscribers.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
-    before = subscribers.export_text(engine)
-    report = subscribers.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
+    csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
+    before = csvfile.export_text(engine)
+    report = csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
     assert report.added == 0 and report.unchanged == 2
-    assert subscribers.export_text(engine) == before
+    assert csvfile.export_text(engine) == before
 
 
 def test_import_skips_suppressed_addresses(engine: sa.Engine) -> None:
     make_subscriber(engine, email="ann@example.org")
-    subscribers.erase(engine, "ann@example.org", now=NOW)
-    report = subscribers.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
+    personal.erase(engine, "ann@example.org", now=NOW)
+    report = csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
     assert report.suppressed == 1 and report.added == 1
 
 
 def test_import_rejects_a_file_without_email_column(engine: sa.Engine) -> None:
     with pytest.raises(SubscriberError, match="'email' column"):
-        subscribers.import_csv(
-            engine, io.StringIO("name,topics\nAnn,\n"), known_topics=TOPICS, now=NOW
-        )
+        csvfile.import_csv(engine, io.StringIO("name,topics\nAnn,\n"), known_topics=TOPICS, now=NOW)
 
 
 def test_export_round_trips_through_import(engine: sa.Engine) -> None:
-    subscribers.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
-    exported = subscribers.export_text(engine)
+    csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
+    exported = csvfile.export_text(engine)
     assert exported.splitlines()[0] == "email,name,topics,status"
     assert "ann@example.org,Ann,base-alerts;local-events,active" in exported

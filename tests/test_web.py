@@ -25,9 +25,10 @@ from mailer.db.engine import create_engine
 from mailer.db.schema import articles, events, issue_articles, issues, suppressions
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.errors import ConfigError
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import personal, store
+from mailer.subscribers.lifecycle import purge_unconfirmed
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import Limits, SmtpConfirmationSender, create_app, purge_unconfirmed
+from mailer.web import Limits, SmtpConfirmationSender, create_app
 from mailer.web.ratelimit import RateLimiter
 from mailer.web.security import ARCHIVE_CSP, PAGE_CSP
 from tests.factories import NOW, SECRET, TOPICS, make_settings, make_subscriber
@@ -198,7 +199,7 @@ def test_signup_stores_pending_with_consent_evidence_and_mails_a_link_that_confi
     assert row.consent_user_agent == "TestBrowser/1.0"
     assert row.consent_source == "web:form"
     assert row.consent_policy_version == "1"
-    assert subscribers.get(web.engine, "reader@example.org").topics == (
+    assert store.get(web.engine, "reader@example.org").topics == (
         "base-alerts",
         "military-news",
     )
@@ -274,7 +275,7 @@ def test_signup_answers_the_same_page_whatever_the_address_state(
     email = "known@example.org"
     if state == "suppressed":
         make_subscriber(web.engine, email=email)
-        subscribers.erase(web.engine, email, now=NOW)
+        personal.erase(web.engine, email, now=NOW)
     elif state != "new":
         make_subscriber(web.engine, email=email, status=state)
     before = len(web.smtp.received)
@@ -295,7 +296,7 @@ def test_signup_again_while_pending_takes_the_latest_topics(web: Web) -> None:
     web.subscribe("ann@example.org", topics=("base-alerts",))
     web.clock.now = NOW + timedelta(hours=1)
     web.subscribe("ann@example.org", topics=("local-events",))
-    assert subscribers.get(web.engine, "ann@example.org").topics == ("local-events",)
+    assert store.get(web.engine, "ann@example.org").topics == ("local-events",)
     assert web.row("ann@example.org").consent_at == NOW + timedelta(hours=1)
     assert len(web.mails_to("ann@example.org")) == 2
 
@@ -554,7 +555,7 @@ def test_one_click_post_with_an_empty_or_odd_body_still_unsubscribes(web: Web, r
 def test_unsubscribe_of_an_erased_subscriber_answers_200_and_changes_nothing(
     web: Web, reader: Any
 ) -> None:
-    subscribers.erase(web.engine, "reader@example.org", now=NOW)
+    personal.erase(web.engine, "reader@example.org", now=NOW)
     before = web.snapshot()
     path = f"/unsubscribe/{token(Purpose.UNSUBSCRIBE, reader.uid)}"
     assert "You are not subscribed" in web.client.get(path).text
@@ -653,7 +654,7 @@ def test_preferences_change_topics(web: Web, reader: Any) -> None:
     response = web.client.post(prefs(reader), data={"action": "topics", "topic": ["local-events"]})
     assert response.status_code == 200
     assert "Saved. You will get: Local events." in response.text
-    assert subscribers.get(web.engine, "reader@example.org").topics == ("local-events",)
+    assert store.get(web.engine, "reader@example.org").topics == ("local-events",)
     assert web.kinds("reader@example.org")[-1] == "preferences"
 
 
@@ -680,7 +681,7 @@ def test_preferences_unsubscribe_from_one_topic_only(web: Web, reader: Any) -> N
     )
     assert response.status_code == 200
     assert "You will get no more Local events." in response.text
-    assert subscribers.get(web.engine, "reader@example.org").topics == (
+    assert store.get(web.engine, "reader@example.org").topics == (
         "base-alerts",
         "military-news",
     )
@@ -744,7 +745,7 @@ def test_bad_preferences_input_is_a_400_page_and_changes_nothing(
 
 
 def test_preferences_of_an_erased_subscriber_is_404(web: Web, reader: Any) -> None:
-    subscribers.erase(web.engine, "reader@example.org", now=NOW)
+    personal.erase(web.engine, "reader@example.org", now=NOW)
     assert web.client.get(prefs(reader)).status_code == 404
     assert web.client.post(prefs(reader), data={"action": "leave"}).status_code == 404
     assert web.client.post(prefs(reader) + "/export").status_code == 404
@@ -799,7 +800,7 @@ def test_delete_my_data_asks_first_then_erases(web: Web, reader: Any) -> None:
     assert "Your data has been deleted" in done.text
     assert web.row("reader@example.org") is None
     with web.engine.connect() as conn:
-        assert subscribers.suppression_reason(conn, "reader@example.org") == "erased"
+        assert store.suppression_reason(conn, "reader@example.org") == "erased"
     assert CHECK_INBOX in web.subscribe("reader@example.org").text
     assert web.smtp.received_for("reader@example.org") == []
 

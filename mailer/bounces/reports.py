@@ -1,14 +1,15 @@
-"""Bounces and complaints: VERP addresses, DSN and ARF parsing, and what each does to a subscriber.
+"""Bounce and complaint reports: DSN and ARF parsing, and what each means for a subscriber.
 
 A bounce (a DSN, RFC 3464, inside a multipart/report of RFC 6522) goes to the envelope sender.
-With VERP that is ``bounces+<uid>@domain``, so the address a bounce is delivered to names the
-subscriber even when the report itself is vague. A complaint (an ARF report, RFC 5965) comes
-from a mailbox provider's feedback loop and carries the headers of the message complained of.
+With VERP that is ``bounces+<uid>@domain`` (``mailer.bounces.verp``), so the address a bounce
+is delivered to names the subscriber even when the report itself is vague. A complaint (an ARF
+report, RFC 5965) comes from a mailbox provider's feedback loop and carries the headers of the
+message complained of.
 
 What each report does (``classify``; RFC 3463 names the status codes):
 
 ================================  ============  ===========================================
-Action / Status / Feedback-Type   Outcome       Effect on the subscriber
+Action / Status / Feedback-Type   BounceKind    Effect on the subscriber
 ================================  ============  ===========================================
 failed, 5.x.x (default)           hard          status "bounced", suppressed, at once
 failed, 5.2.2 (mailbox full),     soft          bounce_count + 1; "bounced" and suppressed
@@ -28,8 +29,7 @@ virus, anything else
 not a report at all               (None)        nothing, counted as ignored
 ================================  ============  ===========================================
 
-Every applied report leaves an event keyed by the report's Message-ID, so processing the same
-mailbox twice changes nothing the second time.
+Applying them is ``mailer.bounces.apply``; reading a mailbox, ``mailer.bounces.mailbox``.
 """
 
 from __future__ import annotations
@@ -39,43 +39,30 @@ import email
 import email.policy
 import hashlib
 import logging
-import mailbox
 import quopri
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses, parsedate_to_datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Literal
 
-import sqlalchemy as sa
-
-from mailer.db import events
-from mailer.db.schema import deliveries, subscribers
-from mailer.db.schema import events as events_table
-from mailer.errors import AddressError, MailerError
+from mailer.bounces.verp import uid_from_verp
+from mailer.errors import AddressError
 from mailer.subscribers.addresses import normalize_address
-from mailer.subscribers.store import change_status, suppress, suppression_reason
-from mailer.subscribers.tokens import UID_RE
+from mailer.text import one_line
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOFT_LIMIT = 3
-DEFAULT_SOFT_WINDOW = timedelta(days=30)
-MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
 DIAGNOSTIC_LIMIT = 300
-EVENT_KINDS = ("bounce", "complaint")
 
 # RFC 3463 §3.1: class.subject.detail. A Status field may carry a comment after the code.
 _STATUS_RE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _BASIC_CODE_RE = re.compile(r"\b([245])\d\d\b")
 # The signed token we put in List-Unsubscribe: /unsubscribe/<uid>.<mac> (subscribers.links)
-# and
-# mailto:...?subject=unsubscribe-<uid>.<mac> (mailer.compose.messages).
+# and mailto:...?subject=unsubscribe-<uid>.<mac> (mailer.compose.messages).
 _UNSUB_TOKEN_RE = re.compile(r"unsubscribe[/-]([A-Za-z0-9_-]{22})\.[A-Za-z0-9_-]{22}")
 _MSGID_RE = re.compile(r"<[^<>\s]{1,250}>")
 # The headers a bounce arrives under: To is the envelope sender we used, the others are added
@@ -93,16 +80,7 @@ _HARD_POLICY_CODES = frozenset({("7", "13"), ("7", "17"), ("7", "18")})
 _SOFT_CODES = frozenset({("2", "2"), ("4", "7")})
 
 
-class MailboxError(MailerError, OSError):
-    """A mailbox path cannot be read; ``path`` names it."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path = path
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
-
-
-class Outcome(StrEnum):
+class BounceKind(StrEnum):
     """What a report means for the subscriber it is about (see the module's table)."""
 
     HARD = "hard"
@@ -114,7 +92,7 @@ class Outcome(StrEnum):
     IGNORED = "ignored"
 
 
-COUNTED = frozenset({Outcome.HARD, Outcome.SOFT, Outcome.BLOCKED, Outcome.COMPLAINT})
+COUNTED = frozenset({BounceKind.HARD, BounceKind.SOFT, BounceKind.BLOCKED, BounceKind.COMPLAINT})
 
 
 @dataclass(frozen=True)
@@ -141,7 +119,7 @@ class Report:
 
     report_id: str
     kind: Literal["dsn", "arf"]
-    outcome: Outcome
+    outcome: BounceKind
     date: datetime | None = None
     status: str = ""
     action: str = ""
@@ -154,121 +132,31 @@ class Report:
     message_id: str | None = None
 
 
-@dataclass
-class BounceSummary:
-    """What a run did: one count per report read (``total``), plus ``suppressed``."""
-
-    hard: int = 0
-    soft: int = 0
-    complaints: int = 0
-    blocked: int = 0
-    unmatched: int = 0  # a bounce or complaint about nobody we know
-    ignored: int = 0  # not a report, or delayed / delivered / a feedback type we ignore
-    duplicates: int = 0  # already applied in an earlier run
-    suppressed: int = 0  # subscribers newly put on the suppression list by this run
-
-    @property
-    def total(self) -> int:
-        return (
-            self.hard
-            + self.soft
-            + self.complaints
-            + self.blocked
-            + self.unmatched
-            + self.ignored
-            + self.duplicates
-        )
-
-    def __str__(self) -> str:
-        return (
-            f"{_n(self.total, 'message')}: {_n(self.hard, 'hard bounce')}, "
-            f"{_n(self.soft, 'soft bounce')}, {_n(self.complaints, 'complaint')}, "
-            f"{self.blocked} blocked, {self.unmatched} unmatched, {self.ignored} ignored, "
-            f"{self.duplicates} already processed; "
-            f"{_n(self.suppressed, 'subscriber')} suppressed"
-        )
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-# --- VERP ------------------------------------------------------------------------------------
-
-
-def verp_address(envelope_from: str, uid: str) -> str:
-    """The per-subscriber envelope sender: ``bounces@d`` and uid ``U`` give ``bounces+U@d``.
-
-    The uid is a tag after ``+``, the sub-address delimiter most MTAs deliver to the base
-    mailbox (Postfix ``recipient_delimiter = +``). A local part already holding a ``+`` tag
-    keeps it (``bounces+news@d`` gives ``bounces+news+U@d``).
-    """
-    local, at, domain = envelope_from.strip().rpartition("@")
-    if not at or not local or not domain:
-        raise AddressError(envelope_from, "an envelope sender must be a plain local@domain")
-    if not UID_RE.match(uid):
-        raise AddressError(envelope_from, f"{uid!r} is not a subscriber uid")
-    tagged = f"{local}+{uid}"
-    if len(tagged) > MAX_LOCAL_PART:
-        raise AddressError(
-            envelope_from,
-            f"the local part with a VERP tag ({tagged!r}) passes {MAX_LOCAL_PART} characters "
-            "(RFC 5321 §4.5.3.1.1): use a shorter local part such as 'bounces'",
-        )
-    return f"{tagged}@{domain}"
-
-
-def uid_from_verp(address: str, *, envelope_from: str | None = None) -> str | None:
-    """The uid tagged in a VERP address, or None if ``address`` is not one.
-
-    With ``envelope_from``, the address must also have its local part and domain (compared
-    without case), so a tagged address of someone else's is never read as ours.
-    """
-    _name, addr = _parse_one(address)
-    local, at, domain = addr.rpartition("@")
-    base, plus, tag = local.rpartition("+")
-    if not at or not plus or not UID_RE.match(tag):
-        return None
-    if envelope_from is not None:
-        own_local, _, own_domain = envelope_from.strip().rpartition("@")
-        if base.lower() != own_local.lower() or domain.lower() != own_domain.lower():
-            return None
-    return tag
-
-
-def _parse_one(value: str) -> tuple[str, str]:
-    pairs = getaddresses([value])
-    return pairs[0] if pairs else ("", "")
-
-
-# --- classification --------------------------------------------------------------------------
-
-
-def classify(action: str, status: str) -> Outcome:
+def classify(action: str, status: str) -> BounceKind:
     """The outcome of one DSN recipient block (the module docstring has the table)."""
     action = action.strip().lower()
     if action in ("delivered", "relayed", "expanded"):
-        return Outcome.DELIVERED
+        return BounceKind.DELIVERED
     if action == "delayed":
-        return Outcome.DELAYED  # RFC 3464 §2.3.3: still trying; must never count
+        return BounceKind.DELAYED  # RFC 3464 §2.3.3: still trying; must never count
     match = _STATUS_RE.search(status)
     if action not in ("failed", ""):
-        return Outcome.IGNORED
+        return BounceKind.IGNORED
     if match is None:
         # RFC 3464 makes Status mandatory; a failure without one is counted, cautiously.
-        return Outcome.SOFT if action == "failed" else Outcome.IGNORED
+        return BounceKind.SOFT if action == "failed" else BounceKind.IGNORED
     klass, subject, detail = match.groups()
     if klass == "2":
-        return Outcome.DELIVERED
+        return BounceKind.DELIVERED
     if klass == "4":
-        return Outcome.SOFT
+        return BounceKind.SOFT
     if (subject, detail) in _HARD_POLICY_CODES:
-        return Outcome.HARD
+        return BounceKind.HARD
     if subject in _BLOCKED_SUBJECTS or (subject, detail) in _BLOCKED_CODES:
-        return Outcome.BLOCKED
+        return BounceKind.BLOCKED
     if (subject, detail) in _SOFT_CODES:
-        return Outcome.SOFT
-    return Outcome.HARD
+        return BounceKind.SOFT
+    return BounceKind.HARD
 
 
 def status_from_reply(code: int | None, reply: str) -> str:
@@ -283,16 +171,13 @@ def status_from_reply(code: int | None, reply: str) -> str:
 
 
 _SEVERITY = {
-    Outcome.HARD: 0,
-    Outcome.BLOCKED: 1,
-    Outcome.SOFT: 2,
-    Outcome.DELAYED: 3,
-    Outcome.DELIVERED: 4,
-    Outcome.IGNORED: 5,
+    BounceKind.HARD: 0,
+    BounceKind.BLOCKED: 1,
+    BounceKind.SOFT: 2,
+    BounceKind.DELAYED: 3,
+    BounceKind.DELIVERED: 4,
+    BounceKind.IGNORED: 5,
 }
-
-
-# --- parsing ---------------------------------------------------------------------------------
 
 
 def parse_report(raw: bytes, *, envelope_from: str | None = None) -> Report | None:
@@ -386,7 +271,7 @@ def _arf(blocks: list[Message], common: dict[str, Any]) -> Report | None:
     addresses = [_address(v) for v in fields.get_all("Original-Rcpt-To", [])]
     return Report(
         kind="arf",
-        outcome=Outcome.COMPLAINT if feedback_type in _COMPLAINT_TYPES else Outcome.IGNORED,
+        outcome=BounceKind.COMPLAINT if feedback_type in _COMPLAINT_TYPES else BounceKind.IGNORED,
         feedback_type=feedback_type[:40],
         addresses=tuple(dict.fromkeys(a for a in addresses if a)),
         **common,
@@ -419,7 +304,7 @@ def _blocks(part: Message) -> list[Message]:
 
 
 def _recipient(block: Message) -> RecipientStatus:
-    diagnostic = _one_line(_header(block, "Diagnostic-Code") or "")
+    diagnostic = _header(block, "Diagnostic-Code") or ""
     diagnostic = re.sub(r"^\s*smtp\s*;\s*", "", diagnostic, flags=re.IGNORECASE)
     status_field = _header(block, "Status") or ""
     match = _STATUS_RE.search(status_field) or _STATUS_RE.search(diagnostic)
@@ -452,15 +337,11 @@ def _original_headers(parts: list[Message]) -> Message | None:
 
 
 def _header(msg: Message, name: str) -> str | None:
+    # Header text of hostile mail lands in a JSON column: one_line drops the control characters
+    # and the lone surrogates that undecodable bytes become, and PostgreSQL refuses both
+    # \u0000 and unpaired surrogates in JSON.
     value = msg.get(name)
-    return None if value is None else _one_line(str(value))
-
-
-def _one_line(value: str) -> str:
-    # Header text of hostile mail lands in a JSON column: control characters and the lone
-    # surrogates that undecodable bytes become (category Cs) are not printable, and PostgreSQL
-    # refuses both \u0000 and unpaired surrogates in JSON.
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in value).split())
+    return None if value is None else one_line(str(value))
 
 
 def _address(value: str | None) -> str | None:
@@ -527,353 +408,3 @@ def _unsubscribe_uid(original: Message | None) -> str | None:
         return None
     match = _UNSUB_TOKEN_RE.search(_header(original, "List-Unsubscribe") or "")
     return match.group(1) if match else None
-
-
-# --- reading mailboxes -----------------------------------------------------------------------
-
-
-def read_mailbox(path: Path) -> Iterator[bytes]:
-    """Every message in a Maildir (``cur/`` and ``new/``), an mbox file, or one message file.
-
-    A file that does not start with an mbox ``From `` line is read as a single message. The
-    mailbox is only read: nothing is moved, flagged or deleted (reprocessing is harmless).
-    Raises ``MailboxError`` naming the path when it cannot be read.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if not ((path / "cur").is_dir() or (path / "new").is_dir()):
-            raise MailboxError(path, "is a directory but not a Maildir (no cur/ or new/)")
-        yield from _read_maildir(path)
-        return
-    try:
-        with path.open("rb") as file:
-            head = file.read(5)
-    except OSError as exc:
-        raise MailboxError(path, f"cannot be read: {exc.strerror}") from exc
-    if head == b"From ":
-        yield from _read_mbox(path)
-        return
-    try:
-        yield path.read_bytes()
-    except OSError as exc:
-        raise MailboxError(path, f"cannot be read: {exc.strerror}") from exc
-
-
-def _read_maildir(path: Path) -> Iterator[bytes]:
-    box = mailbox.Maildir(path, factory=None, create=False)
-    try:
-        keys = sorted(box.iterkeys())
-    except OSError as exc:
-        raise MailboxError(path, f"cannot be listed: {exc.strerror}") from exc
-    for key in keys:
-        if key.startswith("."):
-            continue  # not a message: the Maildir convention for editors' and tools' files
-        try:
-            yield box.get_bytes(key)
-        except KeyError:
-            # Moved or deleted by a mail client since the listing: not ours to process now.
-            log.info("message %s left %s while it was read", key, path)
-        except OSError as exc:
-            raise MailboxError(path, f"message {key} cannot be read: {exc.strerror}") from exc
-
-
-def _read_mbox(path: Path) -> Iterator[bytes]:
-    box = mailbox.mbox(path, factory=None, create=False)
-    try:
-        keys = list(box.iterkeys())
-        for key in keys:
-            yield box.get_bytes(key)
-    except OSError as exc:
-        raise MailboxError(path, f"cannot be read: {exc.strerror}") from exc
-    finally:
-        box.close()
-
-
-# --- applying reports ------------------------------------------------------------------------
-
-
-def apply_reports(
-    engine: sa.Engine,
-    reports: Iterable[Report],
-    *,
-    now: datetime,
-    soft_limit: int = DEFAULT_SOFT_LIMIT,
-    soft_window: timedelta = DEFAULT_SOFT_WINDOW,
-) -> BounceSummary:
-    """Apply reports to the subscribers they are about, one transaction per report.
-
-    The subscriber is found by, in order: a VERP uid, the uid in the original's
-    List-Unsubscribe token, a recipient address the report names, the original Message-ID (a
-    delivery's, or a confirmation email's). A report already applied (same report Message-ID,
-    or the same outcome for the same original message) is counted as a duplicate and changes
-    nothing.
-    """
-    if soft_limit < 1:
-        raise ValueError(f"soft_limit must be at least 1, got {soft_limit}")
-    summary = BounceSummary()
-    for report in reports:
-        if report.outcome not in COUNTED:
-            summary.ignored += 1
-            continue
-        with engine.begin() as conn:
-            result = _apply(conn, report, now, soft_limit, soft_window)
-        if result is None:
-            summary.unmatched += 1
-        elif result.duplicate:
-            summary.duplicates += 1
-        else:
-            _count(summary, report.outcome)
-            summary.suppressed += result.suppressed
-    return summary
-
-
-def process_path(
-    engine: sa.Engine,
-    path: Path,
-    *,
-    now: datetime,
-    soft_limit: int = DEFAULT_SOFT_LIMIT,
-    soft_window: timedelta = DEFAULT_SOFT_WINDOW,
-    envelope_from: str | None = None,
-) -> BounceSummary:
-    """Read a Maildir, mbox or message file and apply every report in it (``mailer bounces
-    process PATH``). Mail that is not a report is counted as ignored."""
-    not_reports = 0
-
-    def reports() -> Iterator[Report]:
-        nonlocal not_reports
-        for raw in read_mailbox(path):
-            report = parse_report(raw, envelope_from=envelope_from)
-            if report is None:
-                not_reports += 1
-            else:
-                yield report
-
-    summary = apply_reports(
-        engine, reports(), now=now, soft_limit=soft_limit, soft_window=soft_window
-    )
-    summary.ignored += not_reports
-    return summary
-
-
-def apply_send_bounce(
-    conn: sa.Connection,
-    subscriber_id: int,
-    *,
-    code: int | None,
-    reply: str,
-    stage: str,
-    message_id: str,
-    now: datetime,
-    soft_limit: int = DEFAULT_SOFT_LIMIT,
-    soft_window: timedelta = DEFAULT_SOFT_WINDOW,
-) -> Outcome:
-    """Apply a 5xx answer our own SMTP server gave at send time, inside the caller's
-    transaction, with the same rules as a DSN.
-
-    A refusal at MAIL FROM or before (``stage`` "connect" or "mail") is about our sender, not
-    the recipient, and counts as blocked; so does a 5.7.x policy refusal at any stage.
-    """
-    status = status_from_reply(code, reply)
-    outcome = Outcome.BLOCKED if stage in ("connect", "mail") else classify("failed", status)
-    report = Report(
-        report_id=f"smtp:{message_id}",
-        kind="dsn",
-        outcome=outcome,
-        date=now,
-        status=status,
-        action="failed",
-        diagnostic=_one_line(f"{code or ''} {reply}")[:DIAGNOSTIC_LIMIT],
-        message_id=message_id,
-    )
-    _apply_to(conn, subscriber_id, "smtp", report, now, soft_limit, soft_window)
-    return outcome
-
-
-@dataclass(frozen=True)
-class _Applied:
-    duplicate: bool
-    suppressed: int = 0
-
-
-def _count(summary: BounceSummary, outcome: Outcome) -> None:
-    if outcome is Outcome.HARD:
-        summary.hard += 1
-    elif outcome is Outcome.SOFT:
-        summary.soft += 1
-    elif outcome is Outcome.COMPLAINT:
-        summary.complaints += 1
-    else:
-        summary.blocked += 1
-
-
-def _apply(
-    conn: sa.Connection, report: Report, now: datetime, soft_limit: int, soft_window: timedelta
-) -> _Applied | None:
-    found = _find_subscriber(conn, report)
-    if found is None:
-        return None
-    sid, matched_by = found
-    return _apply_to(conn, sid, matched_by, report, now, soft_limit, soft_window)
-
-
-def _apply_to(
-    conn: sa.Connection,
-    sid: int,
-    matched_by: str,
-    report: Report,
-    now: datetime,
-    soft_limit: int,
-    soft_window: timedelta,
-) -> _Applied:
-    # Lock the row (PostgreSQL; SQLite serializes writers anyway) so that two concurrent runs
-    # over the same mailbox cannot both decide a report is new.
-    row = conn.execute(
-        sa.select(subscribers.c.email, subscribers.c.status)
-        .where(subscribers.c.id == sid)
-        .with_for_update()
-    ).one()
-    past = conn.execute(
-        sa.select(events_table.c.at, events_table.c.detail).where(
-            events_table.c.subscriber_id == sid, events_table.c.kind.in_(EVENT_KINDS)
-        )
-    ).all()
-    outcome = report.outcome
-    for _at, detail in past:
-        if not isinstance(detail, dict):
-            continue
-        if detail.get("report") == report.report_id or (
-            report.message_id is not None
-            and detail.get("message_id") == report.message_id
-            and detail.get("type") == outcome.value
-        ):
-            return _Applied(duplicate=True)
-    at = min(report.date or now, now)  # when it happened; a report dated in the future is not
-    kind = "complaint" if outcome is Outcome.COMPLAINT else "bounce"
-    events.record(conn, sid, kind, at, **_detail(report, matched_by))
-    if outcome in (Outcome.HARD, Outcome.SOFT):
-        conn.execute(
-            subscribers.update()
-            .where(subscribers.c.id == sid)
-            .values(bounce_count=subscribers.c.bounce_count + 1, updated_at=now)
-        )
-    if outcome is not Outcome.COMPLAINT and report.message_id is not None:
-        # The message was accepted by our relay ("sent") and bounced later: say so.
-        conn.execute(
-            deliveries.update()
-            .where(
-                deliveries.c.message_id == report.message_id,
-                deliveries.c.subscriber_id == sid,
-                deliveries.c.status == "sent",
-            )
-            .values(
-                status="bounced",
-                last_reply=f"{report.status} {report.diagnostic}".strip()[:500] or None,
-                updated_at=now,
-            )
-        )
-    source = {"report": report.report_id}
-    status, email_address = row.status, row.email
-    if outcome is Outcome.COMPLAINT:
-        if status != "complained":
-            change_status(conn, sid, "complained", now=now, source="complaint", **source)
-        return _Applied(False, _suppress(conn, email_address, "complained", now))
-    since = now - soft_window
-    if outcome is Outcome.HARD or (
-        outcome is Outcome.SOFT
-        and _recent_soft(past, since) + (1 if at >= since else 0) >= soft_limit
-    ):
-        if status in ("active", "pending"):
-            change_status(conn, sid, "bounced", now=now, source="bounce", **source)
-        return _Applied(False, _suppress(conn, email_address, "bounced", now))
-    return _Applied(False)
-
-
-def _recent_soft(past: Iterable[Any], since: datetime) -> int:
-    return sum(
-        1
-        for at, detail in past
-        if isinstance(detail, dict) and detail.get("type") == Outcome.SOFT.value and at >= since
-    )
-
-
-def _suppress(conn: sa.Connection, email_address: str, reason: str, now: datetime) -> int:
-    if suppression_reason(conn, email_address) is not None:
-        return 0
-    suppress(conn, email_address, reason, now)
-    return 1
-
-
-def _detail(report: Report, matched_by: str) -> dict[str, str]:
-    detail = {
-        "report": report.report_id,
-        "type": report.outcome.value,
-        "source": report.kind,
-        "matched_by": matched_by,
-        "status": report.status,
-        "action": report.action,
-        "diagnostic": report.diagnostic,
-        "feedback_type": report.feedback_type or "",
-        "message_id": report.message_id or "",
-    }
-    return {k: v for k, v in detail.items() if v}
-
-
-def _find_subscriber(conn: sa.Connection, report: Report) -> tuple[int, str] | None:
-    for uid in report.verp_uids:
-        sid = _by_uid(conn, uid)
-        if sid is not None:
-            return sid, "verp"
-    if report.unsubscribe_uid is not None:
-        sid = _by_uid(conn, report.unsubscribe_uid)
-        if sid is not None:
-            return sid, "list-unsubscribe"
-    for address in report.addresses:
-        sid = conn.scalar(sa.select(subscribers.c.id).where(subscribers.c.email == address))
-        if sid is not None:
-            return sid, "recipient"
-    if report.message_id is not None:
-        sid = conn.scalar(
-            sa.select(deliveries.c.subscriber_id)
-            .where(deliveries.c.message_id == report.message_id)
-            .limit(1)
-        )
-        if sid is None:
-            sid = conn.scalar(
-                sa.select(subscribers.c.id)
-                .where(subscribers.c.confirmation_message_id == report.message_id)
-                .limit(1)
-            )
-        if sid is not None:
-            return sid, "message-id"
-    return None
-
-
-def _by_uid(conn: sa.Connection, uid: str) -> int | None:
-    sid: int | None = conn.scalar(sa.select(subscribers.c.id).where(subscribers.c.uid == uid))
-    if sid is None and uid == uid.lower():
-        # Some MTAs lower-case the address they deliver a bounce to; uids are base64url, so
-        # look again without case (≈ 115 bits are left: a clash is not a real risk).
-        rows = conn.scalars(
-            sa.select(subscribers.c.id).where(sa.func.lower(subscribers.c.uid) == uid).limit(2)
-        ).all()
-        sid = rows[0] if len(rows) == 1 else None
-    return sid
-
-
-__all__ = [
-    "BounceSummary",
-    "MailboxError",
-    "Outcome",
-    "RecipientStatus",
-    "Report",
-    "apply_reports",
-    "apply_send_bounce",
-    "classify",
-    "parse_report",
-    "process_path",
-    "read_mailbox",
-    "status_from_reply",
-    "uid_from_verp",
-    "verp_address",
-]

@@ -37,7 +37,7 @@ def bounces_process(
 ) -> None:
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
 
-    from mailer.bounces.reports import process_path
+    from mailer.bounces.apply import process_path
     from mailer.delivery.worker import envelope_sender
 
     policy = ctx.settings.bounces

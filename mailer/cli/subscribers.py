@@ -13,7 +13,8 @@ from mailer.cli.context import Context, out, pass_ctx
 from mailer.clock import now
 from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import MailerError
-from mailer.subscribers import store
+from mailer.subscribers import csvfile, personal, store
+from mailer.subscribers.importer import RowError
 
 
 @click.group("subscribers")
@@ -58,14 +59,14 @@ def subscribers_add(
 def subscribers_import(ctx: Context, csv_file: Path, update: bool) -> None:
     """Import a CSV file with columns email,name,topics,status (topics separated by ;)."""
 
-    def show(rejected: list[store.RowError]) -> None:
+    def show(rejected: list[RowError]) -> None:
         # As each chunk is committed, so a file of bad rows is never held whole in memory; as
         # plain text (rich's console took about 0.1 ms a line: 100 s for a million). A
         # RowError shows the file's control characters escaped.
         click.echo("\n".join(f"{csv_file}: {error}" for error in rejected), err=True)
 
     with csv_file.open(encoding="utf-8", newline="") as stream:
-        report = store.import_csv(
+        report = csvfile.import_csv(
             ctx.engine(),
             stream,
             known_topics=ctx.settings.topic_keys,
@@ -99,9 +100,7 @@ def subscribers_export(
 ) -> None:
     """Export subscribers as CSV (to a file, or standard output), or one person as JSON."""
     if person is not None:
-        from mailer.web.store import export
-
-        data = export(ctx.engine(), store.get(ctx.engine(), person).uid)
+        data = personal.export(ctx.engine(), store.get(ctx.engine(), person).uid)
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         if csv_file is None:
             sys.stdout.write(text)
@@ -110,10 +109,10 @@ def subscribers_export(
             out.print(f"wrote everything held about {person} to {csv_file}", markup=False)
         return
     if csv_file is None:
-        store.export_csv(ctx.engine(), sys.stdout, status=status)
+        csvfile.export_csv(ctx.engine(), sys.stdout, status=status)
         return
     with csv_file.open("w", encoding="utf-8", newline="") as stream:
-        count = store.export_csv(ctx.engine(), stream, status=status)
+        count = csvfile.export_csv(ctx.engine(), stream, status=status)
     out.print(f"exported {count} subscribers to {csv_file}")
 
 
@@ -174,7 +173,7 @@ def subscribers_erase(ctx: Context, email: str, yes: bool) -> None:
     """Delete all data about a person (GDPR Art. 17); a hash stays so they are never mailed."""
     if not yes:
         click.confirm(f"Erase everything held about {email}?", abort=True)
-    store.erase(ctx.engine(), email, now=now())
+    personal.erase(ctx.engine(), email, now=now())
     out.print(f"erased {email}; its hash is on the suppression list")
 
 
@@ -182,7 +181,7 @@ def subscribers_erase(ctx: Context, email: str, yes: bool) -> None:
 @pass_ctx
 def subscribers_purge(ctx: Context) -> None:
     """Delete sign-ups not confirmed in time (GDPR storage limitation)."""
-    from mailer.web import UNCONFIRMED_TTL, purge_unconfirmed
+    from mailer.subscribers.lifecycle import UNCONFIRMED_TTL, purge_unconfirmed
 
     count = purge_unconfirmed(ctx.engine(), UNCONFIRMED_TTL, now=now())
     out.print(f"{count} unconfirmed sign-ups older than {UNCONFIRMED_TTL.days} days deleted")

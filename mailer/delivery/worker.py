@@ -26,7 +26,7 @@ from typing import ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from mailer.bounces.reports import verp_address
+from mailer.bounces.verp import verp_address
 from mailer.clock import now as clock_now
 from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer

@@ -29,7 +29,7 @@ from mailer.db.engine import create_engine, migrate
 from mailer.devtools.sink import Sink
 from mailer.issues import store as issues
 from mailer.issues.staff import deliver_issue, open_issue, preview_next
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import csvfile
 
 # Package data: a wheel installs it as plain files.
 EXAMPLES = Path(str(resources.files("mailer.devtools") / "examples"))
@@ -190,7 +190,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     migrate(engine)
     moment = now()
     with (out_dir / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
-        imported = subscribers.import_csv(
+        imported = csvfile.import_csv(
             engine, stream, known_topics=settings.topic_keys, now=moment, source="demo"
         )
     source = settings.sources[0]

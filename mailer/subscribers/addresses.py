@@ -9,6 +9,7 @@ from email_validator import EmailNotValidError, validate_email
 from mailer.errors import AddressError
 
 MAX_ADDRESS_LENGTH = 254
+MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1, as email-validator enforces it
 
 
 def normalize_address(raw: str, *, check_deliverability: bool = False) -> str:

@@ -1,19 +1,20 @@
-"""The subscriber store: add, import, export, list, show, unsubscribe and erase.
+"""The subscriber store: the one record of a subscriber, and the statements over its tables.
+
+This package owns the ``subscribers``, ``subscriber_topics`` and ``suppressions`` tables; the
+web app, the CLI, the importer and bounce handling change them through it. Here: the record and
+its loader, add, status, topics, suppression, listing and counts. Sign-up and a link holder's
+changes are in ``lifecycle``, a person's data (export, erase) in ``personal``, CSV files in
+``csvfile`` (over the COPY fast path in ``importer``).
 
 Bulk paths use Core statements in chunks: one ORM object per row is fifty times slower here.
-The CSV import reads and validates rows here and leaves the database work to mailer/importer.py.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -25,21 +26,20 @@ from mailer.db.schema import (
     subscribers,
     suppressions,
 )
-from mailer.errors import AddressError, SubscriberError, SuppressedError
-from mailer.subscribers import importer
-from mailer.subscribers.addresses import MAX_ADDRESS_LENGTH, address_hash, normalize_address
-from mailer.subscribers.importer import ImportRow, ReadRow
-from mailer.subscribers.importer import RowError as RowError
+from mailer.errors import SubscriberError, SuppressedError
+from mailer.subscribers.addresses import address_hash, normalize_address
+from mailer.subscribers.importer import Present
 from mailer.subscribers.tokens import new_uid
 
-CSV_COLUMNS = ("email", "name", "topics", "status")
-IMPORT_CHUNK = 50_000
-_REFRESH_BATCH = 5_000
 MAX_NAME_LENGTH = 200
+# A chunk can hold more present rows than SQLite takes bound values in one IN list.
+_REFRESH_BATCH = 5_000
 
 
 @dataclass(frozen=True)
 class Subscriber:
+    """A subscriber as stored: for the CLI, the web pages and bounce handling alike."""
+
     id: int
     uid: str
     email: str
@@ -49,26 +49,16 @@ class Subscriber:
     created_at: datetime
     confirmed_at: datetime | None
     unsubscribed_at: datetime | None
+    paused_until: datetime | None
     consent_source: str
     consent_at: datetime | None
     consent_ip: str | None
     consent_user_agent: str | None
     consent_policy_version: str | None
 
-
-@dataclass
-class ImportReport:
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    suppressed: int = 0
-    rejected: int = 0
-    # The rejected rows, in row order; empty when they were handed to ``on_rejected``.
-    errors: list[RowError] = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return self.added + self.updated + self.unchanged + self.suppressed + self.rejected
+    def paused(self, now: datetime) -> bool:
+        """Whether digests are paused at ``now``."""
+        return self.paused_until is not None and self.paused_until > now
 
 
 def clean_name(raw: str) -> str:
@@ -96,12 +86,11 @@ def parse_topics(raw: str | Iterable[str], known: Sequence[str]) -> tuple[str, .
     return tuple(t for t in known if t in chosen)
 
 
-def _pairs(conn: sa.Connection, query: sa.Select[Any]) -> dict[Any, Any]:
-    """A two-column query as a dict of first column to second."""
-    return {key: value for key, value in conn.execute(query)}
+# --- the record and its loader --------------------------------------------------------------
 
 
-def _topics_of(conn: sa.Connection, ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+def topics_of(conn: sa.Connection, ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """The topics of each subscriber id, each in key order."""
     result: dict[int, list[str]] = {i: [] for i in ids}
     if ids:
         rows = conn.execute(
@@ -126,12 +115,97 @@ def _to_subscriber(row: Any, topics: tuple[str, ...]) -> Subscriber:
         created_at=m["created_at"],
         confirmed_at=m["confirmed_at"],
         unsubscribed_at=m["unsubscribed_at"],
+        paused_until=m["paused_until"],
         consent_source=m["consent_source"],
         consent_at=m["consent_at"],
         consent_ip=m["consent_ip"],
         consent_user_agent=m["consent_user_agent"],
         consent_policy_version=m["consent_policy_version"],
     )
+
+
+def _load(
+    conn: sa.Connection, where: sa.ColumnElement[bool], *, lock: bool = False
+) -> Subscriber | None:
+    query = sa.select(subscribers).where(where)
+    if lock:
+        # Serializes concurrent changes of one subscriber on PostgreSQL (a sign-up's daily
+        # cap is a count-then-insert, a bounce's duplicate check a read-then-write); SQLite's
+        # BEGIN IMMEDIATE already serializes every writer.
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    return _to_subscriber(row, topics_of(conn, [row.id])[row.id])
+
+
+def load_by_uid(conn: sa.Connection, uid: str, *, lock: bool = False) -> Subscriber | None:
+    """The subscriber a link token names, or None (purged or erased)."""
+    return _load(conn, subscribers.c.uid == uid, lock=lock)
+
+
+def load_by_id(conn: sa.Connection, sid: int, *, lock: bool = False) -> Subscriber | None:
+    """The subscriber with this id, or None."""
+    return _load(conn, subscribers.c.id == sid, lock=lock)
+
+
+def load_by_email(conn: sa.Connection, address: str, *, lock: bool = False) -> Subscriber | None:
+    """The subscriber with this normalized address, or None."""
+    return _load(conn, subscribers.c.email == address, lock=lock)
+
+
+def find(engine: sa.Engine, uid: str) -> Subscriber | None:
+    """The subscriber a link token names, or None if there is none (purged or erased)."""
+    with engine.connect() as conn:
+        return load_by_uid(conn, uid)
+
+
+def get(engine: sa.Engine, email: str) -> Subscriber:
+    """The subscriber with this address; SubscriberError if there is none."""
+    address = normalize_address(email)
+    with engine.connect() as conn:
+        found = load_by_email(conn, address)
+    if found is None:
+        raise SubscriberError(f"no subscriber {address}", email=address)
+    return found
+
+
+# --- lookups by what a bounce names ---------------------------------------------------------
+
+
+def id_by_uid(conn: sa.Connection, uid: str) -> int | None:
+    """The id of the subscriber with this uid (a VERP tag, an unsubscribe token), or None.
+
+    Some MTAs lower-case the address they deliver a bounce to; uids are base64url, so an
+    all-lower-case uid with no exact match is looked up again without case, and counts only if
+    it names one subscriber (≈ 115 bits are left: a clash is not a real risk).
+    """
+    sid: int | None = conn.scalar(sa.select(subscribers.c.id).where(subscribers.c.uid == uid))
+    if sid is None and uid == uid.lower():
+        rows = conn.scalars(
+            sa.select(subscribers.c.id).where(sa.func.lower(subscribers.c.uid) == uid).limit(2)
+        ).all()
+        sid = rows[0] if len(rows) == 1 else None
+    return sid
+
+
+def id_by_email(conn: sa.Connection, address: str) -> int | None:
+    """The id of the subscriber with this normalized address, or None."""
+    sid: int | None = conn.scalar(sa.select(subscribers.c.id).where(subscribers.c.email == address))
+    return sid
+
+
+def id_by_confirmation(conn: sa.Connection, message_id: str) -> int | None:
+    """The id of the subscriber whose confirmation mail had this Message-ID, or None."""
+    sid: int | None = conn.scalar(
+        sa.select(subscribers.c.id)
+        .where(subscribers.c.confirmation_message_id == message_id)
+        .limit(1)
+    )
+    return sid
+
+
+# --- add, status, topics, suppression -------------------------------------------------------
 
 
 def suppression_reason(conn: sa.Connection, email: str) -> str | None:
@@ -147,23 +221,6 @@ def suppress(conn: sa.Connection, email: str, reason: str, now: datetime) -> Non
         email_hash=address_hash(email), reason=reason, created_at=now
     )
     conn.execute(stmt.on_conflict_do_nothing(index_elements=["email_hash"]))
-
-
-def get(engine: sa.Engine, email: str) -> Subscriber:
-    """The subscriber with this address; SubscriberError if there is none."""
-    address = normalize_address(email)
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(subscribers).where(subscribers.c.email == address)).first()
-        if row is None:
-            raise SubscriberError(f"no subscriber {address}", email=address)
-        return _to_subscriber(row, _topics_of(conn, [row.id])[row.id])
-
-
-def get_by_uid(conn: sa.Connection, uid: str) -> Subscriber | None:
-    row = conn.execute(sa.select(subscribers).where(subscribers.c.uid == uid)).first()
-    if row is None:
-        return None
-    return _to_subscriber(row, _topics_of(conn, [row.id])[row.id])
 
 
 def add(
@@ -195,10 +252,7 @@ def add(
         reason = suppression_reason(conn, address)
         if reason is not None:
             raise SuppressedError(address, reason)
-        exists = conn.execute(
-            sa.select(subscribers.c.id).where(subscribers.c.email == address)
-        ).first()
-        if exists is not None:
+        if id_by_email(conn, address) is not None:
             raise SubscriberError(f"{address} is already subscribed", email=address)
         sid: int = conn.execute(
             subscribers.insert()
@@ -225,326 +279,6 @@ def add(
             conn, sid, "subscribed", now, source=source, status=status, topics=list(chosen)
         )
     return get(engine, address)
-
-
-# A dot-atom local part in ASCII (RFC 5322 §3.4.1): the only kind the fast path below takes.
-_DOT_ATOM_LOCAL = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-)
-_LOCAL_PART_LIMIT = 64  # RFC 5321 §4.5.3.1.1, as email-validator enforces it
-
-
-class _ImportNormalizer:
-    """``normalize_address`` for a whole import, with each domain validated once.
-
-    email-validator spends most of its ≈60 µs per address on the domain (IDNA, special-use
-    names), and a list has few distinct domains. For an ASCII dot-atom local part of at most
-    64 characters, the address is valid exactly when its domain is and the whole stays within
-    254 characters, and normalizes to the local part with the normalized domain, lower-cased
-    (tests/test_import_fast.py holds this to ``normalize_address``). Everything else, and
-    every address whose domain is refused, goes through ``normalize_address`` itself, so the
-    errors are its own.
-    """
-
-    def __init__(self) -> None:
-        self._domains: dict[str, str | None] = {}  # domain as written -> normalized, or None
-
-    def __call__(self, raw: str) -> str:
-        candidate = raw.strip()
-        local, at, domain = candidate.rpartition("@")
-        if (
-            at
-            and candidate.isascii()
-            and len(candidate) <= MAX_ADDRESS_LENGTH
-            and len(local) <= _LOCAL_PART_LIMIT
-            and _DOT_ATOM_LOCAL.fullmatch(local)
-        ):
-            normalized = self._domains.get(domain, "")
-            if normalized == "":
-                try:
-                    normalized = normalize_address("x@" + domain).partition("@")[2]
-                except AddressError:
-                    normalized = None
-                self._domains[domain] = normalized
-            if normalized is not None:
-                address = f"{local}@{normalized}".lower()
-                if len(address) <= MAX_ADDRESS_LENGTH:
-                    return address
-        return normalize_address(raw)
-
-
-def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
-    """The rows of the file in order: valid ones, and a RowError for each rejected one.
-
-    Duplicates are not looked for here: the staging tables find them (see mailer/importer.py).
-    """
-    reader = csv.reader(stream)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except UnicodeDecodeError as exc:
-        raise SubscriberError(_not_utf8(exc)) from exc
-    except csv.Error as exc:
-        raise SubscriberError(f"cannot read the CSV header: {exc}") from exc
-    parse = _RowParser(header, known_topics)
-    while True:
-        line = reader.line_num + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as exc:
-            raise SubscriberError(f"row {line}: " + _not_utf8(exc)) from exc
-        except csv.Error as exc:
-            yield RowError(line, "", f"malformed CSV: {exc}")
-            continue
-        line = reader.line_num
-        if parse.blank(cells):
-            continue
-        if len(cells) != parse.width:
-            yield RowError(
-                line, cells[0] if cells else "", f"expected {parse.width} fields, got {len(cells)}"
-            )
-            continue
-        try:
-            row = parse(line, cells)
-        except AddressError as exc:
-            yield RowError(line, parse.email(cells), exc.reason)
-            continue
-        except ValueError as exc:
-            yield RowError(line, parse.email(cells), str(exc))
-            continue
-        yield row
-
-
-class _RowParser:
-    """The cells of one row as an ImportRow; AddressError or ValueError says what is wrong."""
-
-    def __init__(self, header: list[str], known_topics: Sequence[str]) -> None:
-        columns = [h.strip().lower().lstrip("\ufeff") for h in header]
-        if "email" not in columns:
-            raise SubscriberError(
-                f"the CSV header must name an 'email' column, got {','.join(header)!r}"
-            )
-        unknown = [c for c in columns if c not in CSV_COLUMNS]
-        if unknown:
-            raise SubscriberError(
-                f"unknown CSV column {unknown[0]!r} (expected {','.join(CSV_COLUMNS)})"
-            )
-        self.width = len(columns)
-        self._email = columns.index("email")
-        self._name = columns.index("name") if "name" in columns else None
-        self._topics = columns.index("topics") if "topics" in columns else None
-        self._status = columns.index("status") if "status" in columns else None
-        self._every_topic = tuple(known_topics)
-        self._normalize = _ImportNormalizer()
-        # A file repeats a few topic cells: each is parsed once (a bounded cache, since a
-        # hostile file can make every cell different).
-        self._parse_topics = functools.lru_cache(maxsize=1024)(
-            functools.partial(parse_topics, known=self._every_topic)
-        )
-
-    def blank(self, cells: list[str]) -> bool:
-        """A row with nothing but whitespace (skipped, as a blank line)."""
-        if len(cells) > self._email and cells[self._email].strip():
-            return False  # the common case, decided without looking at every cell
-        return not any(c.strip() for c in cells)
-
-    def email(self, cells: list[str]) -> str:
-        return cells[self._email]
-
-    def __call__(self, line: int, cells: list[str]) -> ImportRow:
-        raw_email = cells[self._email]
-        email = self._normalize(raw_email)
-        name = "" if self._name is None else clean_name(cells[self._name])
-        topics = (
-            self._every_topic if self._topics is None else self._parse_topics(cells[self._topics])
-        )
-        status = "active" if self._status is None else cells[self._status].strip().lower()
-        status = status or "active"
-        if status not in SUBSCRIBER_STATUSES:
-            raise ValueError(f"unknown status {status!r} (known: {', '.join(SUBSCRIBER_STATUSES)})")
-        return ImportRow(line, raw_email, email, name, topics, status)
-
-
-def _not_utf8(exc: UnicodeDecodeError) -> str:
-    return (
-        f"the file is not UTF-8 text ({exc.reason} near byte {exc.start}); "
-        "save it as UTF-8 CSV and import it again (nothing was imported from this point)"
-    )
-
-
-class _Readable:
-    """The rows of a reader, stopping at a file that cannot be read any further.
-
-    The rows read before that point still go in, as the error says; the error is raised once
-    they have.
-    """
-
-    def __init__(self, rows: Iterator[ReadRow]) -> None:
-        self._rows = rows
-        self.error: SubscriberError | None = None
-
-    def __iter__(self) -> Iterator[ReadRow]:
-        try:
-            yield from self._rows
-        except SubscriberError as exc:
-            self.error = exc
-
-
-def import_csv(
-    engine: sa.Engine,
-    stream: TextIO,
-    *,
-    known_topics: Sequence[str],
-    now: datetime,
-    source: str = "import",
-    update: bool = False,
-    chunk_size: int = IMPORT_CHUNK,
-    on_rejected: Callable[[list[RowError]], None] | None = None,
-) -> ImportReport:
-    """Import ``email,name,topics,status`` rows; bad rows are reported, valid rows all go in.
-
-    New addresses are inserted. Present ones are left alone (``update=True`` refreshes their name
-    and topics, never their status: an import must not resubscribe someone who left).
-    Suppressed addresses are skipped. Running the same file twice changes nothing.
-    ``report.errors`` is in row order. With ``on_rejected``, the rejected rows are handed to it
-    instead, in row order, after the chunk that holds them has been committed (so memory does
-    not grow with a file of bad rows), and ``report.errors`` stays empty. A file that stops
-    decoding raises SubscriberError after the rows before that point have gone in (and their
-    rejected rows have been handed over).
-
-    Each ``chunk_size`` rows are one transaction: on SQLite it holds the write lock for about a
-    second at 50,000 rows (other writers wait, up to their busy timeout); fewer, larger
-    transactions are what makes a big import fast there (every commit rewrites the index pages
-    it touched, and a random uid touches most of them).
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    report = ImportReport()
-    readable = _Readable(_read_csv(stream, known_topics))
-    with (
-        engine.connect() as conn,
-        importer.staging(conn, now=now, source=source) as stage,
-        # The file is read, validated and prepared in a thread, a chunk ahead of the
-        # database.
-        stage.read_ahead(readable, chunk_size) as chunks,
-    ):
-        for chunk in chunks:
-            with conn.begin():
-                result = stage.import_chunk(chunk, present=update)
-                _count(report, result)
-                if update:
-                    _refresh(conn, result.present, report, now=now, source=source)
-            # The chunk is committed: its rejected rows are handed on, in row order.
-            if on_rejected is None:
-                report.errors += result.rejected
-            elif result.rejected:
-                on_rejected(result.rejected)
-    if readable.error is not None:
-        raise readable.error
-    return report
-
-
-def _count(report: ImportReport, result: importer.ChunkResult) -> None:
-    report.added += result.added
-    report.suppressed += result.suppressed
-    report.unchanged += result.unchanged
-    report.rejected += len(result.rejected)
-
-
-def _refresh(
-    conn: sa.Connection,
-    present: list[importer.Present],
-    report: ImportReport,
-    *,
-    now: datetime,
-    source: str,
-) -> None:
-    """``update=True``: give present subscribers the name and topics of their row."""
-    # A chunk can hold more present rows than SQLite takes bound values in one IN list.
-    for start in range(0, len(present), _REFRESH_BATCH):
-        _refresh_batch(conn, present[start : start + _REFRESH_BATCH], report, now, source)
-
-
-def _refresh_batch(
-    conn: sa.Connection,
-    present: list[importer.Present],
-    report: ImportReport,
-    now: datetime,
-    source: str,
-) -> None:
-    current = _topics_of(conn, [p.subscriber_id for p in present])
-    names = _pairs(
-        conn,
-        sa.select(subscribers.c.id, subscribers.c.name).where(subscribers.c.id.in_(current)),
-    )
-    for sid, name, topics in present:
-        if names[sid] == name and current[sid] == topics:
-            report.unchanged += 1
-            continue
-        conn.execute(
-            subscribers.update().where(subscribers.c.id == sid).values(name=name, updated_at=now)
-        )
-        _set_topics(conn, sid, topics)
-        events.record(conn, sid, "preferences", now, source=source, topics=list(topics))
-        report.updated += 1
-
-
-def _set_topics(conn: sa.Connection, sid: int, topics: Iterable[str]) -> None:
-    conn.execute(subscriber_topics.delete().where(subscriber_topics.c.subscriber_id == sid))
-    rows = [{"subscriber_id": sid, "topic": t} for t in topics]
-    if rows:
-        conn.execute(subscriber_topics.insert(), rows)
-
-
-def iter_subscribers(
-    engine: sa.Engine, *, status: str | None = None, topic: str | None = None, batch: int = 5_000
-) -> Iterator[Subscriber]:
-    """Every subscriber in address order, streamed in batches (keyset pagination)."""
-    after = ""
-    while True:
-        query = (
-            sa.select(subscribers)
-            .where(subscribers.c.email > after)
-            .order_by(subscribers.c.email)
-            .limit(batch)
-        )
-        if status is not None:
-            query = query.where(subscribers.c.status == status)
-        if topic is not None:
-            query = query.where(
-                subscribers.c.id.in_(
-                    sa.select(subscriber_topics.c.subscriber_id).where(
-                        subscriber_topics.c.topic == topic
-                    )
-                )
-            )
-        with engine.connect() as conn:
-            rows = conn.execute(query).all()
-            topics = _topics_of(conn, [r.id for r in rows])
-        if not rows:
-            return
-        for row in rows:
-            yield _to_subscriber(row, topics[row.id])
-        after = rows[-1].email
-
-
-def export_csv(engine: sa.Engine, out: TextIO, *, status: str | None = None) -> int:
-    """Write every subscriber as ``email,name,topics,status``; returns the row count."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    count = 0
-    for sub in iter_subscribers(engine, status=status):
-        writer.writerow([sub.email, _csv_safe(sub.name), ";".join(sub.topics), sub.status])
-        count += 1
-    return count
-
-
-def _csv_safe(value: str) -> str:
-    # A cell starting with = + - @ runs as a formula when staff open the export in a spreadsheet.
-    return "'" + value if value[:1] in ("=", "+", "-", "@") else value
 
 
 def set_status(
@@ -576,34 +310,96 @@ def change_status(
     return bool(changed)
 
 
-def erase(engine: sa.Engine, email: str, *, now: datetime, reason: str = "erased") -> None:
-    """Delete everything held about a person; keep only the address hash on the suppression list.
+def count_bounce(conn: sa.Connection, sid: int, *, now: datetime) -> None:
+    """Add one to a subscriber's bounce count (a hard or soft bounce was applied)."""
+    conn.execute(
+        subscribers.update()
+        .where(subscribers.c.id == sid)
+        .values(bounce_count=subscribers.c.bounce_count + 1, updated_at=now)
+    )
 
-    Their deliveries and events go too (cascade); issue totals keep counting them nowhere.
+
+def replace_topics(conn: sa.Connection, sid: int, topics: Iterable[str]) -> None:
+    """Make ``topics`` the subscriber's topics, inside the caller's transaction.
+
+    Nothing is recorded: the caller records the change it made (a form, an import).
     """
-    address = normalize_address(email)
-    with engine.begin() as conn:
-        row = conn.execute(
-            sa.select(subscribers.c.id).where(subscribers.c.email == address)
-        ).first()
-        if row is None and suppression_reason(conn, address) is None:
-            raise SubscriberError(f"no subscriber {address}", email=address)
-        if row is not None:
-            conn.execute(subscribers.delete().where(subscribers.c.id == row.id))
-        suppress(conn, address, reason, now)
-        events.record(conn, None, "erased", now, email_hash=address_hash(address))
+    conn.execute(subscriber_topics.delete().where(subscriber_topics.c.subscriber_id == sid))
+    rows = [{"subscriber_id": sid, "topic": t} for t in topics]
+    if rows:
+        conn.execute(subscriber_topics.insert(), rows)
+
+
+def touch(conn: sa.Connection, sid: int, *, now: datetime, **values: Any) -> None:
+    """Set ``updated_at`` (and the given columns) of one subscriber."""
+    conn.execute(
+        subscribers.update().where(subscribers.c.id == sid).values(updated_at=now, **values)
+    )
+
+
+def refresh(
+    conn: sa.Connection, present: Sequence[Present], *, now: datetime, source: str
+) -> tuple[int, int]:
+    """Give present subscribers the name and topics of their import row.
+
+    Returns (updated, unchanged); each update records a ``preferences`` event.
+    """
+    updated = unchanged = 0
+    for start in range(0, len(present), _REFRESH_BATCH):
+        batch = present[start : start + _REFRESH_BATCH]
+        current = topics_of(conn, [p.subscriber_id for p in batch])
+        query = sa.select(subscribers.c.id, subscribers.c.name).where(subscribers.c.id.in_(current))
+        names = {sid: name for sid, name in conn.execute(query)}
+        for sid, name, topics in batch:
+            if names[sid] == name and current[sid] == topics:
+                unchanged += 1
+                continue
+            touch(conn, sid, now=now, name=name)
+            replace_topics(conn, sid, topics)
+            events.record(conn, sid, "preferences", now, source=source, topics=list(topics))
+            updated += 1
+    return updated, unchanged
+
+
+# --- listing --------------------------------------------------------------------------------
+
+
+def iter_subscribers(
+    engine: sa.Engine, *, status: str | None = None, topic: str | None = None, batch: int = 5_000
+) -> Iterator[Subscriber]:
+    """Every subscriber in address order, streamed in batches (keyset pagination)."""
+    after = ""
+    while True:
+        query = (
+            sa.select(subscribers)
+            .where(subscribers.c.email > after)
+            .order_by(subscribers.c.email)
+            .limit(batch)
+        )
+        if status is not None:
+            query = query.where(subscribers.c.status == status)
+        if topic is not None:
+            query = query.where(
+                subscribers.c.id.in_(
+                    sa.select(subscriber_topics.c.subscriber_id).where(
+                        subscriber_topics.c.topic == topic
+                    )
+                )
+            )
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+            topics = topics_of(conn, [r.id for r in rows])
+        if not rows:
+            return
+        for row in rows:
+            yield _to_subscriber(row, topics[row.id])
+        after = rows[-1].email
 
 
 def counts_by_status(engine: sa.Engine) -> dict[str, int]:
+    """How many subscribers hold each status (statuses nobody holds are absent)."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(subscribers.c.status, sa.func.count()).group_by(subscribers.c.status)
         )
         return {status: n for status, n in rows}
-
-
-def export_text(engine: sa.Engine) -> str:
-    """The CSV export as a string (small lists and tests)."""
-    buffer = io.StringIO()
-    export_csv(engine, buffer)
-    return buffer.getvalue()

@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mailer.subscribers import lifecycle, personal, store
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import store
 from mailer.web.context import NO_STORE, WebContext, read_form
 from mailer.web.forms import FieldError, Invalid, parse_delete, parse_preferences
 from mailer.web.pages import mask_address
@@ -57,7 +57,7 @@ class AccountViews:
         web = self.web
         token = request.path_params["token"]
         uid = web.uid(token, Purpose.UNSUBSCRIBE)
-        account = await run_in_threadpool(store.account, web.engine, uid)
+        account = await run_in_threadpool(store.find, web.engine, uid)
         return web.pages.render(
             "unsubscribe.html",
             headers=NO_STORE,
@@ -82,7 +82,7 @@ class AccountViews:
             if form.get("via") == "page":
                 via = "page"
         account = await run_in_threadpool(
-            store.unsubscribe, web.engine, uid, now=web.clock(), via=via
+            lifecycle.unsubscribe, web.engine, uid, now=web.clock(), via=via
         )
         return web.pages.render(
             "unsubscribed.html",
@@ -95,7 +95,7 @@ class AccountViews:
 
     def _preferences(
         self,
-        account: store.Account,
+        account: store.Subscriber,
         *,
         status: int = 200,
         saved: str = "",
@@ -116,7 +116,7 @@ class AccountViews:
     async def preferences_page(self, request: Request) -> Response:
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
-        account = await run_in_threadpool(store.account, web.engine, uid)
+        account = await run_in_threadpool(store.find, web.engine, uid)
         if account is None:
             return self._not_found()
         return self._preferences(account)
@@ -125,7 +125,7 @@ class AccountViews:
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
         form = await read_form(request)
-        account = await run_in_threadpool(store.account, web.engine, uid)
+        account = await run_in_threadpool(store.find, web.engine, uid)
         if account is None:
             return self._not_found()
         try:
@@ -136,10 +136,10 @@ class AccountViews:
         names = dict(web.topic_choices)
         if change.action == "leave":
             updated = await run_in_threadpool(
-                store.unsubscribe, web.engine, uid, now=now, via="preferences"
+                lifecycle.unsubscribe, web.engine, uid, now=now, via="preferences"
             )
             return self._preferences(updated or account, saved="You are unsubscribed.")
-        if account.status not in store.LEAVABLE:
+        if account.status not in lifecycle.LEAVABLE:
             return self._preferences(
                 account,
                 status=409,
@@ -153,13 +153,13 @@ class AccountViews:
             )
         if change.action == "topics":
             updated = await run_in_threadpool(
-                store.set_topics, web.engine, uid, change.topics, now=now
+                lifecycle.set_topics, web.engine, uid, change.topics, now=now
             )
             saved = "Saved. You will get: " + ", ".join(names[t] for t in change.topics) + "."
         elif change.action == "drop-topic":
             topic = change.topics[0]
             updated, left = await run_in_threadpool(
-                store.drop_topic, web.engine, uid, topic, now=now
+                lifecycle.drop_topic, web.engine, uid, topic, now=now
             )
             saved = (
                 "That was your last topic, so you are now unsubscribed from "
@@ -169,11 +169,11 @@ class AccountViews:
             )
         elif change.action == "pause":
             until = now + timedelta(days=change.days)
-            updated = await run_in_threadpool(store.pause, web.engine, uid, until, now=now)
+            updated = await run_in_threadpool(lifecycle.pause, web.engine, uid, until, now=now)
             local = until.astimezone(ZoneInfo(web.settings.site.timezone))
             saved = f"Paused for {change.days} days, until {local.day} {local:%B %Y}."
         else:  # resume
-            updated = await run_in_threadpool(store.pause, web.engine, uid, None, now=now)
+            updated = await run_in_threadpool(lifecycle.pause, web.engine, uid, None, now=now)
             saved = "Resumed: you will get the next digest."
         return self._preferences(updated or account, saved=saved)
 
@@ -183,7 +183,7 @@ class AccountViews:
         """POST: everything we hold about the subscriber, as a JSON download (GDPR Art. 15, 20)."""
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
-        data = await run_in_threadpool(store.export, web.engine, uid)
+        data = await run_in_threadpool(personal.export, web.engine, uid)
         if data is None:
             return self._not_found()
         body = json.dumps(
@@ -209,7 +209,7 @@ class AccountViews:
         web = self.web
         token = request.path_params["token"]
         uid = web.uid(token, Purpose.PREFERENCES)
-        account = await run_in_threadpool(store.account, web.engine, uid)
+        account = await run_in_threadpool(store.find, web.engine, uid)
         if account is None:
             return self._not_found()
         return web.pages.render(
@@ -221,7 +221,7 @@ class AccountViews:
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
         form = await read_form(request)
-        account = await run_in_threadpool(store.account, web.engine, uid)
+        account = await run_in_threadpool(store.find, web.engine, uid)
         if account is None:
             return self._not_found()
         try:
@@ -235,7 +235,7 @@ class AccountViews:
                 links=self._links(uid),
                 account=account,
             )
-        await run_in_threadpool(store.erase, web.engine, uid, now=web.clock())
+        await run_in_threadpool(personal.erase_by_uid, web.engine, uid, now=web.clock())
         return web.pages.message(
             "Your data has been deleted",
             "We deleted your subscription, your choices and their history. We keep only a "

@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse
 from mailer.compose.rendering import TEMPLATE_DIR, site_view
 from mailer.config import Settings
 from mailer.errors import ConfigError
-from mailer.web.store import UNCONFIRMED_TTL
+from mailer.subscribers.lifecycle import UNCONFIRMED_TTL
 
 WEB_TEMPLATES = TEMPLATE_DIR / "web"
 DEFAULT_PRIVACY_POLICY = WEB_TEMPLATES / "privacy.md"

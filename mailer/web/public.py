@@ -11,9 +11,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mailer.compose.messages import DigestComposer
+from mailer.db.engine import probe
 from mailer.errors import DatabaseUnavailable, DigestError
+from mailer.issues import archive
 from mailer.issues.store import load_content
-from mailer.web import store
 from mailer.web.context import WebContext
 from mailer.web.security import ARCHIVE_CSP
 
@@ -54,7 +55,7 @@ class PublicViews:
     async def healthz(self, request: Request) -> Response:
         """200 if the database answers SELECT 1, else 503; JSON either way."""
         try:
-            await run_in_threadpool(store.ping, self.web.engine)
+            await run_in_threadpool(probe, self.web.engine)
         except (sa.exc.SQLAlchemyError, DatabaseUnavailable) as exc:
             log.warning("health check: database unavailable: %s", exc)
             return JSONResponse(
@@ -71,7 +72,7 @@ class PublicViews:
         if page is None or not 1 <= page <= MAX_PAGE:
             raise HTTPException(400, f"The page number must be a whole number 1–{MAX_PAGE}.")
         found = await run_in_threadpool(
-            store.sent_issues,
+            archive.sent_issues,
             self.web.engine,
             limit=ARCHIVE_PAGE + 1,
             offset=(page - 1) * ARCHIVE_PAGE,
@@ -102,7 +103,7 @@ class PublicViews:
     def _render_issue(self, issue_id: int) -> str | None:
         settings = self.web.settings
         with self.web.engine.connect() as conn:
-            if not store.is_sent(conn, issue_id):
+            if not archive.is_sent(conn, issue_id):
                 return None
             try:
                 content = load_content(conn, issue_id, settings)

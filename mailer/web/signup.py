@@ -18,8 +18,8 @@ from mailer.compose.messages import build_confirmation
 from mailer.delivery.smtp import Outcome
 from mailer.errors import MailerError
 from mailer.models import Recipient
+from mailer.subscribers import lifecycle
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import store
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
 from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
 
@@ -64,14 +64,14 @@ class SignupViews:
         if not web.per_address.hit(signup.email):
             log.info("sign-up rate limit (address)")
             return self._too_many(web.per_address.retry_after(signup.email))
-        consent = store.Consent(
+        consent = lifecycle.Consent(
             source=consent_source(signup.source, request.headers.get("referer")),
             ip=client_ip(request),
             user_agent=user_agent(request),
             policy_version=web.settings.site.privacy_policy_version,
         )
         recipient = await run_in_threadpool(
-            store.record_signup,
+            lifecycle.record_signup,
             web.engine,
             signup.email,
             signup.topics,
@@ -104,7 +104,7 @@ class SignupViews:
             )
             reply = f"{result.outcome.value}: {result.code or ''} {result.reply}"
         await run_in_threadpool(
-            store.record_send_failure,
+            lifecycle.record_send_failure,
             web.engine,
             recipient.uid,
             recipient.message_id,
@@ -116,7 +116,7 @@ class SignupViews:
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.CONFIRM)
         outcome, account = await run_in_threadpool(
-            store.confirm,
+            lifecycle.confirm,
             web.engine,
             uid,
             ip=client_ip(request),
@@ -124,7 +124,7 @@ class SignupViews:
             now=web.clock(),
         )
         url = web.pages.url
-        if outcome is store.Confirmed.UNKNOWN or account is None:
+        if outcome is lifecycle.Confirmed.UNKNOWN or account is None:
             return web.pages.message(
                 "This link has expired",
                 "We keep unconfirmed sign-ups for a few days only. Please sign up again: "
@@ -133,7 +133,7 @@ class SignupViews:
                 links=(("Sign up again", url("/")),),
                 headers=NO_STORE,
             )
-        if outcome is store.Confirmed.INACTIVE:
+        if outcome is lifecycle.Confirmed.INACTIVE:
             return web.pages.message(
                 "This subscription has ended",
                 "You unsubscribed (or your address stopped accepting mail), so this old "
@@ -149,7 +149,7 @@ class SignupViews:
         return web.pages.render(
             "welcome.html",
             headers=NO_STORE,
-            already=outcome is store.Confirmed.ALREADY,
+            already=outcome is lifecycle.Confirmed.ALREADY,
             preferences=preferences,
             chosen=[t for t in web.settings.topics if t.key in account.topics],
         )

@@ -1,8 +1,10 @@
-"""What the web app does to the database: sign-up, confirmation, and a link holder's changes.
+"""A subscriber's lifecycle: sign-up, confirmation, and a link holder's changes.
 
-Synchronous Core statements, each operation one transaction; the views call them in a thread
-(``starlette.concurrency.run_in_threadpool``) so the event loop never waits on the database.
-Every state change records an event (the audit trail, GDPR Art. 7(1) and 30).
+Sign-up and confirmation (double opt-in), the purge of sign-ups never confirmed, and what the
+holder of a subscriber's link may do: unsubscribe, choose topics, pause. Each operation is one
+transaction and records an event (the audit trail, GDPR Art. 7(1) and 30). The web app calls
+them in a thread (``starlette.concurrency.run_in_threadpool``) so the event loop never waits on
+the database; the CLI calls the purge.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 import sqlalchemy as sa
 
 from mailer.db import events as audit
 from mailer.db.engine import upsert_insert
-from mailer.db.schema import deliveries, events, issues, subscriber_topics, subscribers
+from mailer.db.schema import events, subscriber_topics, subscribers
 from mailer.models import Recipient
 from mailer.subscribers import store
+from mailer.subscribers.store import Subscriber
 from mailer.subscribers.tokens import new_uid
 
 log = logging.getLogger(__name__)
@@ -44,22 +46,6 @@ class Consent:
     policy_version: str
 
 
-@dataclass(frozen=True)
-class Account:
-    """A subscriber as the token pages see them."""
-
-    id: int
-    uid: str
-    email: str
-    name: str
-    status: str
-    topics: tuple[str, ...]
-    paused_until: datetime | None
-
-    def paused(self, now: datetime) -> bool:
-        return self.paused_until is not None and self.paused_until > now
-
-
 class Confirmed(StrEnum):
     """What following a confirmation link did."""
 
@@ -70,43 +56,12 @@ class Confirmed(StrEnum):
 
 
 def _clip(value: str | None, limit: int) -> str | None:
+    # Consent evidence is kept as the browser sent it (spaces and all), less what cannot be
+    # shown; text.one_line would fold its whitespace and mark a cut with an ellipsis.
     if value is None:
         return None
     value = "".join(ch for ch in value if ch.isprintable())
     return value[:limit]
-
-
-def _load(
-    conn: sa.Connection, where: sa.ColumnElement[bool], *, lock: bool = False
-) -> Account | None:
-    query = sa.select(subscribers).where(where)
-    if lock:
-        # Serializes concurrent sign-ups of one address on PostgreSQL (the daily cap is a
-        # count-then-insert); SQLite's BEGIN IMMEDIATE already serializes every writer.
-        query = query.with_for_update()
-    row = conn.execute(query).first()
-    if row is None:
-        return None
-    topics = conn.scalars(
-        sa.select(subscriber_topics.c.topic)
-        .where(subscriber_topics.c.subscriber_id == row.id)
-        .order_by(subscriber_topics.c.topic)
-    ).all()
-    return Account(
-        id=row.id,
-        uid=row.uid,
-        email=row.email,
-        name=row.name,
-        status=row.status,
-        topics=tuple(topics),
-        paused_until=row.paused_until,
-    )
-
-
-def account(engine: sa.Engine, uid: str) -> Account | None:
-    """The subscriber a link token names, or None if there is none (purged or erased)."""
-    with engine.connect() as conn:
-        return _load(conn, subscribers.c.uid == uid)
 
 
 # --- sign-up and confirmation ---------------------------------------------------------------
@@ -170,7 +125,7 @@ def record_signup(
                 policy_version=consent.policy_version,
             )
         else:
-            current = _load(conn, subscribers.c.email == email, lock=True)
+            current = store.load_by_email(conn, email, lock=True)
             assert current is not None  # the insert conflicted on this address
             if current.status not in ("pending", "unsubscribed"):
                 return None
@@ -180,7 +135,7 @@ def record_signup(
                 .where(subscribers.c.id == sid)
                 .values(status="pending", **evidence)
             )
-            store._set_topics(conn, sid, topics)
+            store.replace_topics(conn, sid, topics)
             audit.record(
                 conn,
                 sid,
@@ -231,10 +186,10 @@ def record_send_failure(
 
 def confirm(
     engine: sa.Engine, uid: str, *, ip: str | None, user_agent: str | None, now: datetime
-) -> tuple[Confirmed, Account | None]:
+) -> tuple[Confirmed, Subscriber | None]:
     """Activate a pending subscriber from their confirmation link, recording the evidence."""
     with engine.begin() as conn:
-        current = _load(conn, subscribers.c.uid == uid, lock=True)
+        current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return Confirmed.UNKNOWN, None
         if current.status == "active":
@@ -254,7 +209,7 @@ def confirm(
             )
         )
         audit.record(conn, current.id, "confirmed", now, source="web")
-        return Confirmed.ACTIVATED, _load(conn, subscribers.c.id == current.id)
+        return Confirmed.ACTIVATED, store.load_by_id(conn, current.id)
 
 
 def purge_unconfirmed(
@@ -290,39 +245,38 @@ def purge_unconfirmed(
 # --- a link holder's changes ----------------------------------------------------------------
 
 
-def unsubscribe(engine: sa.Engine, uid: str, *, now: datetime, via: str) -> Account | None:
+def unsubscribe(engine: sa.Engine, uid: str, *, now: datetime, via: str) -> Subscriber | None:
     """Unsubscribe at once (RFC 8058 asks for it; COMPLIANCE.md 1.15). Idempotent."""
     with engine.begin() as conn:
-        current = _load(conn, subscribers.c.uid == uid, lock=True)
+        current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return None
         if current.status in LEAVABLE:
             store.change_status(conn, current.id, "unsubscribed", now=now, source="web", via=via)
-        return _load(conn, subscribers.c.id == current.id)
+        return store.load_by_id(conn, current.id)
 
 
 def set_topics(
     engine: sa.Engine, uid: str, topics: Sequence[str], *, now: datetime
-) -> Account | None:
+) -> Subscriber | None:
+    """Make ``topics`` the link holder's topics (recorded only if they change)."""
     with engine.begin() as conn:
-        current = _load(conn, subscribers.c.uid == uid, lock=True)
+        current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return None
         if tuple(topics) != current.topics:
-            store._set_topics(conn, current.id, topics)
-            conn.execute(
-                subscribers.update().where(subscribers.c.id == current.id).values(updated_at=now)
-            )
+            store.replace_topics(conn, current.id, topics)
+            store.touch(conn, current.id, now=now)
             audit.record(conn, current.id, "preferences", now, source="web", topics=list(topics))
-        return _load(conn, subscribers.c.id == current.id)
+        return store.load_by_id(conn, current.id)
 
 
 def drop_topic(
     engine: sa.Engine, uid: str, topic: str, *, now: datetime
-) -> tuple[Account | None, bool]:
-    """Stop one topic; dropping the last one unsubscribes. Returns (account, unsubscribed)."""
+) -> tuple[Subscriber | None, bool]:
+    """Stop one topic; dropping the last one unsubscribes. Returns (subscriber, unsubscribed)."""
     with engine.begin() as conn:
-        current = _load(conn, subscribers.c.uid == uid, lock=True)
+        current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return None, False
         left = tuple(t for t in current.topics if t != topic)
@@ -337,152 +291,27 @@ def drop_topic(
                     via="last-topic",
                     topic=topic,
                 )
-            return _load(conn, subscribers.c.id == current.id), True
+            return store.load_by_id(conn, current.id), True
         if left != current.topics:
-            store._set_topics(conn, current.id, left)
-            conn.execute(
-                subscribers.update().where(subscribers.c.id == current.id).values(updated_at=now)
-            )
+            store.replace_topics(conn, current.id, left)
+            store.touch(conn, current.id, now=now)
             audit.record(
                 conn, current.id, "preferences", now, source="web", topics=list(left), dropped=topic
             )
-        return _load(conn, subscribers.c.id == current.id), False
+        return store.load_by_id(conn, current.id), False
 
 
-def pause(engine: sa.Engine, uid: str, until: datetime | None, *, now: datetime) -> Account | None:
+def pause(
+    engine: sa.Engine, uid: str, until: datetime | None, *, now: datetime
+) -> Subscriber | None:
     """Pause digests until ``until`` (None resumes them now)."""
     with engine.begin() as conn:
-        current = _load(conn, subscribers.c.uid == uid, lock=True)
+        current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return None
-        conn.execute(
-            subscribers.update()
-            .where(subscribers.c.id == current.id)
-            .values(paused_until=until, updated_at=now)
-        )
+        store.touch(conn, current.id, now=now, paused_until=until)
         if until is None:
             audit.record(conn, current.id, "resumed", now, source="web")
         else:
             audit.record(conn, current.id, "paused", now, source="web", until=until.isoformat())
-        return _load(conn, subscribers.c.id == current.id)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
-
-
-def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
-    """Everything held about one subscriber, as JSON-ready data (GDPR Art. 15 and 20)."""
-    with engine.connect() as conn:
-        row = conn.execute(sa.select(subscribers).where(subscribers.c.uid == uid)).first()
-        if row is None:
-            return None
-        m = row._mapping
-        topics = conn.scalars(
-            sa.select(subscriber_topics.c.topic)
-            .where(subscriber_topics.c.subscriber_id == m["id"])
-            .order_by(subscriber_topics.c.topic)
-        ).all()
-        trail = conn.execute(
-            sa.select(events.c.kind, events.c.at, events.c.detail)
-            .where(events.c.subscriber_id == m["id"])
-            .order_by(events.c.at, events.c.id)
-        ).all()
-        sent = conn.execute(
-            sa.select(
-                deliveries.c.issue_id,
-                issues.c.subject,
-                deliveries.c.status,
-                deliveries.c.message_id,
-                deliveries.c.sent_at,
-            )
-            .join(issues, issues.c.id == deliveries.c.issue_id)
-            .where(deliveries.c.subscriber_id == m["id"])
-            .order_by(deliveries.c.id)
-        ).all()
-    return {
-        "subscriber": {
-            key: _plain(m[key])
-            for key in (
-                "email",
-                "name",
-                "status",
-                "created_at",
-                "updated_at",
-                "confirmed_at",
-                "unsubscribed_at",
-                "paused_until",
-                "bounce_count",
-            )
-        },
-        "topics": list(topics),
-        "consent": {
-            "source": m["consent_source"],
-            "given_at": _plain(m["consent_at"]),
-            "ip": m["consent_ip"],
-            "user_agent": m["consent_user_agent"],
-            "privacy_policy_version": m["consent_policy_version"],
-            "confirmation_message_id": m["confirmation_message_id"],
-            "confirmation_sent_at": _plain(m["confirmation_sent_at"]),
-            "confirmed_at": _plain(m["confirmed_at"]),
-            "confirm_ip": m["confirm_ip"],
-            "confirm_user_agent": m["confirm_user_agent"],
-        },
-        "events": [{"kind": e.kind, "at": _plain(e.at), "detail": e.detail} for e in trail],
-        "deliveries": [
-            {
-                "issue": d.issue_id,
-                "subject": d.subject,
-                "status": d.status,
-                "message_id": d.message_id,
-                "sent_at": _plain(d.sent_at),
-            }
-            for d in sent
-        ],
-    }
-
-
-def erase(engine: sa.Engine, uid: str, *, now: datetime) -> bool:
-    """Erase everything about the subscriber (as ``mailer subscribers erase``); False if gone."""
-    found = account(engine, uid)
-    if found is None:
-        return False
-    store.erase(engine, found.email, now=now, reason="erased")
-    return True
-
-
-# --- the public archive ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchivedIssue:
-    id: int
-    digest: str
-    subject: str
-    scheduled_for: datetime
-
-
-def sent_issues(engine: sa.Engine, *, limit: int, offset: int) -> list[ArchivedIssue]:
-    """Sent issues, newest first."""
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(issues.c.id, issues.c.digest, issues.c.subject, issues.c.scheduled_for)
-            .where(issues.c.status == "sent")
-            .order_by(issues.c.scheduled_for.desc(), issues.c.id.desc())
-            .limit(limit)
-            .offset(offset)
-        ).all()
-    return [ArchivedIssue(r.id, r.digest, r.subject, r.scheduled_for) for r in rows]
-
-
-def is_sent(conn: sa.Connection, issue_id: int) -> bool:
-    status = conn.scalar(sa.select(issues.c.status).where(issues.c.id == issue_id))
-    return status == "sent"
-
-
-def ping(engine: sa.Engine) -> None:
-    """SELECT 1: raises if the database cannot be reached."""
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
+        return store.load_by_id(conn, current.id)
