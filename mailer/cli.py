@@ -40,6 +40,7 @@ from mailer.subscribers import store as subscribers
 
 if TYPE_CHECKING:
     from mailer.delivery.ledger import Holding
+    from mailer.delivery.pacing import SharedSchedule
     from mailer.delivery.processes import HelperExit, Helpers
     from mailer.delivery.worker import Totals
     from mailer.service import Parts
@@ -606,7 +607,7 @@ def _send_issue(
 
         helpers.assign(Job(issue_id, drain=True), on_batch=advance)
         totals, stopped = asyncio.run(
-            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting)
+            _deliver_issue(engine, settings, issue_id, advance, sign, _waiting, helpers.schedule)
         )
         if stopped:
             helpers.stop()
@@ -620,6 +621,7 @@ async def _deliver_issue(
     advance: Callable[[dict[str, int]], None],
     sign: Callable[[bytes], bytes] | None,
     on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
+    schedule: SharedSchedule | None = None,
 ) -> tuple[Totals, bool]:
     """This process's share of an issue; SIGTERM/SIGINT stop it after the current messages."""
     from mailer.issues.staff import deliver_issue
@@ -628,7 +630,14 @@ async def _deliver_issue(
     stop = asyncio.Event()
     with stop_on_signals(stop):
         totals = await deliver_issue(
-            engine, settings, issue_id, on_batch=advance, sign=sign, stop=stop, on_wait=on_wait
+            engine,
+            settings,
+            issue_id,
+            on_batch=advance,
+            sign=sign,
+            stop=stop,
+            on_wait=on_wait,
+            schedule=schedule,
         )
     return totals, stop.is_set()
 
@@ -834,6 +843,7 @@ def _serve(
     from mailer.delivery.processes import Helpers, Job
     from mailer.service import Service
 
+    helpers = Helpers(settings, Job(None, drain=drain))
     service = Service(
         ctx.engine(),
         settings,
@@ -841,8 +851,8 @@ def _serve(
         sign=signer(settings),
         web_socket=web_socket,
         on_wait=_waiting,
+        schedule=helpers.schedule,
     )
-    helpers = Helpers(settings, Job(None, drain=drain))
     with helpers:
         totals = asyncio.run(service.run(drain=drain, on_started=on_started))
         if service.stop.is_set():
@@ -879,7 +889,6 @@ def bounces_process(
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
 
     from mailer.bounces.reports import process_path
-    from mailer.delivery.worker import envelope_sender
 
     policy = ctx.settings.bounces
     soft_limit = policy.soft_limit if soft_limit is None else soft_limit
@@ -890,7 +899,7 @@ def bounces_process(
         now=now(),
         soft_limit=soft_limit,
         soft_window=timedelta(days=soft_window_days),
-        envelope_from=envelope_sender(ctx.settings),
+        envelope_from=ctx.settings.envelope_from,
     )
     out.print(str(summary), markup=False)
 

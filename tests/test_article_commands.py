@@ -15,7 +15,7 @@ from mailer.compose.rendering import render_subject
 from mailer.config import Settings, load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues import store as issues
 from tests.factories import ALERTS, NOW, SECRET, config_dict, write_config

@@ -12,7 +12,7 @@ from mailer.compose.rendering import render_subject
 from mailer.config import Settings
 from mailer.content import articles
 from mailer.delivery import ledger
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.schedule import quiet_until
 from mailer.issues.store import create_issue

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from mailer.compose.rendering import render_subject
 from mailer.content import articles
 from mailer.db.schema import deliveries, subscribers
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.store import create_issue, summarize
 from tests.factories import NOW, make_settings

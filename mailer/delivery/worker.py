@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -21,12 +20,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
-from mailer.bounces.reports import verp_address
+from mailer.bounces.reports import apply_send_bounce, verp_address
 from mailer.clock import now as clock_now
 from mailer.compose.messages import DigestComposer
 from mailer.config import Settings
@@ -35,7 +33,9 @@ from mailer.db.outages import DatabaseOutages
 from mailer.db.schema import issue_articles
 from mailer.delivery import ledger
 from mailer.delivery.owners import owner_gone
-from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
+from mailer.delivery.pacing import Backpressure
+from mailer.delivery.policy import SendResult
+from mailer.delivery.pool import SmtpPool
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
 from mailer.issues.schedule import quiet_until
 from mailer.issues.store import NOT_BUILT, finish_if_done, load_content
@@ -47,51 +47,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# A relay that says it is overloaded or rate-limiting us: a 421 (closing), or a 4xx whose text
-# says so (Gmail 421 4.7.28 / 451 4.7.0, Yahoo 421 4.7.0 [TSS04], Outlook 451 4.7.500, 454).
-THROTTLE_TEXT = re.compile(
-    r"too many|rate|throttl|try again later|slow down|temporarily deferred", re.I
-)
-BACKOFF_START = 1.0
-BACKOFF_MAX = 60.0
 # A drain waiting for another worker's deliveries looks again after this long while their
 # holder makes progress, doubling (up to a heartbeat) while it does not.
 WAIT_FIRST = 0.2
-
-
-def is_throttle(result: SendResult) -> bool:
-    """Whether a deferral is the provider pushing back (slow everyone) rather than one mailbox."""
-    if result.outcome is not Outcome.DEFERRED or result.code is None:
-        return False
-    return result.code == 421 or bool(THROTTLE_TEXT.search(result.reply))
-
-
-class Backpressure:
-    """One pause shared by every lane: doubles per throttle reply, resets after a success."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.delay = 0.0
-        self.until = 0.0
-
-    def observe(self, result: SendResult) -> None:
-        if is_throttle(result):
-            self.delay = min(BACKOFF_MAX, max(BACKOFF_START, self.delay * 2))
-            self.until = max(self.until, self.clock() + self.delay)
-            log.warning(
-                "relay throttling: pausing sends",
-                extra={"seconds": self.delay, "reply": result.reply},
-            )
-        elif result.outcome is Outcome.SENT:
-            self.delay = 0.0
-
-    def paused(self) -> bool:
-        return self.until > self.clock()
-
-    async def wait(self) -> None:
-        pause = self.until - self.clock()
-        if pause > 0:
-            await asyncio.sleep(pause)
 
 
 @dataclass
@@ -107,10 +65,6 @@ class Totals:
             self.counts[status] = self.counts.get(status, 0) + n
 
     @property
-    def handled(self) -> int:
-        return sum(self.counts.values())
-
-    @property
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
@@ -124,16 +78,21 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:64]
 
 
-def envelope_sender(settings: Settings, uid: str | None = None) -> str:
-    """The envelope sender (Return-Path): configured, else the From: address.
-
-    With ``[smtp].verp`` and a subscriber ``uid`` it carries the uid as a ``+`` tag
-    (``bounces+UID@domain``), so that a bounce names its subscriber (``mailer.bounces.reports``).
-    """
-    base = settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
-    if settings.smtp.verp and uid is not None:
-        return verp_address(base, uid)
-    return base
+def apply_bounce(
+    conn: sa.Connection, delivery: ledger.Claimed, result: SendResult, now: datetime
+) -> None:
+    """A 5xx at send time is a bounce like a DSN's: same events, same suppression rules;
+    5.7.x (policy) and MAIL-stage refusals never suppress the subscriber. Run inside the
+    group commit that records the delivery bounced (``ledger.BounceHook``)."""
+    apply_send_bounce(
+        conn,
+        delivery.subscriber_id,
+        code=result.code,
+        reply=result.reply,
+        stage=result.stage.value,
+        message_id=delivery.message_id,
+        now=now,
+    )
 
 
 @dataclass
@@ -230,7 +189,7 @@ class Deliverer:
         self._wait_step = WAIT_FIRST
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
         # of what sending one took (bench/README.md).
-        self._sender = envelope_sender(settings)
+        self._sender = settings.envelope_from
         self._contents: dict[int, IssueContent] = {}
         # Keyed by the articles left out; dropped with the issue's content when its articles
         # change (`articles remove`, see refresh_contents).
@@ -340,6 +299,7 @@ class Deliverer:
                 settings=self.settings.smtp,
                 now=self.clock(),
                 lease=self.lease,
+                on_bounce=apply_bounce,
                 # The heartbeat rides on a group commit when one falls due: no extra
                 # transaction.
                 renew=self._renewal(),
