@@ -4,10 +4,11 @@ django-newsletter (PyPI) is the closest existing Python newsletter. This script 
 throwaway virtualenv for it under $MAILER_BENCH_DIR (default /tmp/mailer-bench; never part of
 the repository), a minimal Django project around it (SQLite, Django's SMTP email backend
 pointed at the same Postfix ``smtp-sink``), one newsletter message holding the same articles
-as examples/articles (title, summary and "why this matters", link), N subscriptions and one
-prepared submission; then it times ``manage.py submit_newsletter`` as a subprocess (CPU and
-peak RSS from wait4). In the same run, on the same sink, it times our ``mailer digest send``
-of the same articles to the same N (bench/send.py's measurement, SQLite).
+as mailer/devtools/examples/articles (title, summary and "why this matters", link), N
+subscriptions and one prepared submission; then it times ``manage.py submit_newsletter`` as a
+subprocess (CPU and peak RSS from wait4). In the same run, on the same sink, it times our
+``mailer digest send`` of the same articles to the same N (bench/send.py's measurement,
+SQLite).
 
 django-newsletter renders each message with Django templates, builds an
 ``EmailMultiAlternatives`` per subscriber and sends each over a new SMTP connection

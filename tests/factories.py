@@ -11,9 +11,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from mailer.compose.rendering import render_subject
 from mailer.config import Settings, parse_settings
 from mailer.content import articles
 from mailer.db.engine import create_engine
+from mailer.issues.store import IssueCreated, create_issue
 from mailer.subscribers import store as subscribers
 from tests.smtp_server import Delay, FaultServer
 
@@ -90,6 +92,23 @@ def make_settings(
     return parse_settings(data, path=path, env={"MAILER_SECRET_KEY": SECRET})
 
 
+def server_settings(db_url: str, server: FaultServer, **sections: Any) -> Settings:
+    """Settings that send to ``server`` (5 s timeouts), otherwise like make_settings; ``smtp``
+    values given are added to the server's."""
+    smtp = {"host": "127.0.0.1", "port": server.port, "timeout": 5, **sections.pop("smtp", {})}
+    return make_settings(db_url, smtp=smtp, **sections)
+
+
+class Clock:
+    """A clock the test moves by hand (``clock.value += timedelta(...)``)."""
+
+    def __init__(self, start: datetime = NOW) -> None:
+        self.value = start
+
+    def __call__(self) -> datetime:
+        return self.value
+
+
 _counter = iter(range(1, 10**9))
 
 
@@ -126,16 +145,53 @@ def write_config(path: Path, db_url: str, **sections: Any) -> Path:
 
 
 def article(n: int, published: datetime) -> articles.ParsedArticle:
-    """A base alert published at ``published``."""
-    return articles.ParsedArticle(
+    """Base alert ``n``, published at ``published``."""
+    return make_article(
         guid=f"urn:test:{n}",
-        topic="base-alerts",
         title=f"Alert {n}",
         summary="Summary.",
         why_it_matters="Why.",
         body="Body.",
         link="https://news.example.org/a",
         published_at=published,
+    )
+
+
+def make_article(**overrides: Any) -> articles.ParsedArticle:
+    """A valid article (a base alert published a day before NOW), fields overridden."""
+    n = next(_counter)
+    values: dict[str, Any] = {
+        "guid": f"https://news.example.org/a/{n}",
+        "topic": "base-alerts",
+        "title": f"Article {n}",
+        "summary": "A summary.",
+        "why_it_matters": "A reason.",
+        "body": "The body.",
+        "link": f"https://news.example.org/a/{n}",
+        "published_at": NOW - timedelta(days=1),
+        "expires_at": None,
+    }
+    values.update(overrides)
+    return articles.ParsedArticle(**values)
+
+
+def make_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    key: str | None = None,
+    at: datetime = NOW,
+    made: datetime | None = None,
+) -> IssueCreated:
+    """The issue of digest ``key`` (default: the config's first) for the slot ``at``, created
+    at ``made`` (default: the slot's instant)."""
+    digest = settings.digests[0] if key is None else settings.digest(key)
+    return create_issue(
+        engine,
+        settings,
+        digest,
+        scheduled_for=at,
+        now=made or at,
+        render_subject=render_subject,
     )
 
 

@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
 from mailer.config import Settings
 from mailer.content import articles
 from mailer.content.articles import ParsedArticle, parse_article, upsert_articles
@@ -27,7 +26,14 @@ from mailer.db.schema import issue_articles, metadata
 from mailer.errors import ArticleError
 from mailer.issues import store as issues
 from mailer.issues.staff import preview_next
-from tests.factories import ALERTS, TOPICS, config_dict, make_settings, make_subscriber
+from tests.factories import (
+    ALERTS,
+    TOPICS,
+    config_dict,
+    make_issue,
+    make_settings,
+    make_subscriber,
+)
 
 NEW_YORK = ZoneInfo("America/New_York")
 WEEKLY = config_dict()["digests"][0] | {"timezone": "America/New_York"}
@@ -56,19 +62,6 @@ def store(
     item = ParsedArticle(**values)
     assert upsert_articles(engine, [item], now=arrived).added == 1
     return item
-
-
-def make_issue(
-    engine: sa.Engine, settings: Settings, key: str, slot: datetime, made: datetime | None = None
-) -> issues.IssueCreated:
-    return issues.create_issue(
-        engine,
-        settings,
-        settings.digest(key),
-        scheduled_for=slot,
-        now=made or slot,
-        render_subject=render_subject,
-    )
 
 
 def taken(engine: sa.Engine, issue_id: int) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -11,14 +11,12 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from mailer.compose.rendering import render_subject
-from mailer.config import Settings, load_settings
+from mailer.config import load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
-from mailer.issues import store as issues
-from tests.factories import ALERTS, NOW, SECRET, config_dict, write_config
+from tests.factories import ALERTS, NOW, SECRET, config_dict, make_issue, write_config
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 
@@ -41,7 +39,9 @@ def config(
     smtp_server: FaultServer,  # noqa: F811
 ) -> Path:
     monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
-    monkeypatch.setattr("mailer.cli.now", lambda: NOW)  # 07:00 EST on 20 November 2026
+    for commands in ("articles", "issues", "service", "subscribers", "bounces"):
+        # 07:00 EST on 20 November 2026
+        monkeypatch.setattr(f"mailer.cli.{commands}.now", lambda: NOW)
     weekly = config_dict()["digests"][0]
     return write_config(
         tmp_path / "mailer.toml",
@@ -53,17 +53,6 @@ def config(
 
 def run(config: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["--config", str(config), *args], catch_exceptions=False)
-
-
-def make_issue(settings: Settings, engine: sa.Engine, key: str, at: datetime) -> int:
-    return issues.create_issue(
-        engine,
-        settings,
-        settings.digest(key),
-        scheduled_for=at,
-        now=at,
-        render_subject=render_subject,
-    ).issue_id
 
 
 def issue_article_ids(engine: sa.Engine, issue_id: int) -> list[int]:
@@ -87,8 +76,8 @@ async def test_show_gives_every_field_arrival_and_issues_in_the_site_zone(
     settings = load_settings(config)
     engine = create_engine(settings.database.url)
     try:
-        alert = make_issue(settings, engine, "alerts", NOW + timedelta(minutes=10))
-        weekly = make_issue(settings, engine, "weekly", NOW + timedelta(hours=1))
+        alert = make_issue(engine, settings, "alerts", NOW + timedelta(minutes=10)).issue_id
+        weekly = make_issue(engine, settings, "weekly", NOW + timedelta(hours=1)).issue_id
         async with SmtpPool(settings.smtp) as pool:
             await Deliverer(
                 engine, settings, pool, clock=lambda: NOW + timedelta(minutes=10)
@@ -125,13 +114,13 @@ async def test_remove_takes_an_article_out_of_unsent_issues_and_records_it(
     settings = load_settings(config)
     engine = create_engine(settings.database.url)
     try:
-        alerts = make_issue(settings, engine, "alerts", NOW + timedelta(minutes=10))
+        alerts = make_issue(engine, settings, "alerts", NOW + timedelta(minutes=10)).issue_id
         async with SmtpPool(settings.smtp) as pool:
             await Deliverer(
                 engine, settings, pool, clock=lambda: NOW + timedelta(minutes=10)
             ).drain(issue_id=alerts)
         run(config, "articles", "add", str(article_file(tmp_path, "drill", "Drill tonight")))
-        weekly = make_issue(settings, engine, "weekly", NOW + timedelta(hours=1))
+        weekly = make_issue(engine, settings, "weekly", NOW + timedelta(hours=1)).issue_id
         assert sorted(issue_article_ids(engine, weekly)) == [1, 2, 3]
         # A worker that has rendered the weekly issue once (batch_size = 1: one message).
         async with SmtpPool(settings.smtp) as pool:
@@ -145,7 +134,7 @@ async def test_remove_takes_an_article_out_of_unsent_issues_and_records_it(
             )
             await worker.drain(issue_id=weekly)
         assert sorted(issue_article_ids(engine, weekly)) == [1, 2]
-        assert issue_article_ids(engine, make_issue(settings, engine, "alerts", NOW)) == []
+        assert issue_article_ids(engine, make_issue(engine, settings, "alerts", NOW).issue_id) == []
         with engine.connect() as conn:
             audit = [tuple(row) for row in conn.execute(sa.select(events.c.kind, events.c.detail))]
         assert ("article_removed", {"article": 3, "by": "editor", "issues": [weekly]}) in audit
@@ -192,7 +181,7 @@ def test_issues_list_shows_when_each_issue_was_scheduled_in_the_sites_zone(confi
     run(config, "init")
     settings = load_settings(config)
     engine = create_engine(settings.database.url)
-    make_issue(settings, engine, "weekly", NOW)  # 12:00 UTC, 07:00 in New York
+    make_issue(engine, settings, "weekly", NOW)  # 12:00 UTC, 07:00 in New York
     listed = run(config, "issues", "list").output
     cells = [line.split("│")[3].strip() for line in listed.splitlines() if line.startswith("│")]
     assert cells[:2] == ["2026-11-20 07:00", "EST"]

@@ -27,7 +27,7 @@ from mailer.content.articles import (
 from mailer.db.schema import articles as articles_table
 from mailer.errors import ArticleError
 from mailer.subscribers import store as subscribers
-from tests.factories import NOW, TOPICS
+from tests.factories import NOW, TOPICS, make_article
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "mailer" / "devtools" / "examples"
 SEED = EXAMPLES / "articles" / "000-putin-visits-india.txt"
@@ -50,26 +50,6 @@ def parse(text: str, **overrides: Any) -> ParsedArticle:
     }
     values.update(overrides)
     return parse_article(text, **values)
-
-
-_counter = iter(range(1, 10**9))
-
-
-def make_article(**overrides: Any) -> ParsedArticle:
-    n = next(_counter)
-    values: dict[str, Any] = {
-        "guid": f"https://news.example.org/a/{n}",
-        "topic": "base-alerts",
-        "title": f"Article {n}",
-        "summary": "A summary.",
-        "why_it_matters": "A reason.",
-        "body": "The body.",
-        "link": f"https://news.example.org/a/{n}",
-        "published_at": NOW - timedelta(days=1),
-        "expires_at": None,
-    }
-    values.update(overrides)
-    return ParsedArticle(**values)
 
 
 # ------------------------------------------------------------------ the site's format: the seed

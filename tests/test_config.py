@@ -87,6 +87,7 @@ BAD = [
         "maps 'A' to unknown topic 'gossip'",
     ),
     ({"feeds": {"interval_minutes": -1}}, "[feeds].interval_minutes must be 0–1440"),
+    ({"smtp": {"lease_seconds": 0.1}}, "[smtp].lease_seconds must be 0.2–86400"),
 ]
 
 
@@ -309,3 +310,8 @@ def test_bounce_policy_defaults_and_values() -> None:
     assert tight.bounces == BounceSettings(soft_limit=1, soft_window_days=7)
     settings = load_settings(ROOT / "config.example.toml", env={"MAILER_SECRET_KEY": SECRET})
     assert settings.bounces == BounceSettings(soft_limit=3, soft_window_days=30)
+
+
+def test_a_lease_of_a_fraction_of_a_second_is_accepted() -> None:
+    settings = make_settings("sqlite://", smtp__lease_seconds=0.3)
+    assert settings.smtp.lease_seconds == 0.3

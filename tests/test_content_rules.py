@@ -16,7 +16,7 @@ from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.schedule import quiet_until
 from mailer.issues.store import create_issue
-from tests.factories import NOW, config_dict, make_settings, make_subscriber
+from tests.factories import NOW, config_dict, make_settings, make_subscriber, server_settings
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -45,9 +45,7 @@ def publish(engine: sa.Engine, guid: str, topic: str, at: datetime, **extra: Any
 
 
 def settings_for(db_url: str, server: FaultServer, *digests: dict[str, Any]) -> Settings:
-    return make_settings(
-        db_url, smtp={"host": "127.0.0.1", "port": server.port, "timeout": 5}, digests=list(digests)
-    )
+    return server_settings(db_url, server, digests=list(digests))
 
 
 async def send(engine: sa.Engine, settings: Settings, at: datetime) -> dict[str, int]:

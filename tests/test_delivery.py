@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 
@@ -17,22 +17,12 @@ from mailer.db.schema import deliveries
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.staff import open_issue
-from mailer.issues.store import IssueCreated, create_issue, summarize
+from mailer.issues.store import create_issue, summarize
 from mailer.subscribers import store as subscribers
-from tests.factories import NOW, make_settings, make_subscriber
+from tests.factories import NOW, Clock, make_issue, make_settings, make_subscriber, server_settings
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, start: datetime) -> None:
-        self.value = start
-
-    def __call__(self) -> datetime:
-        return self.value
 
 
 def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> None:
@@ -51,9 +41,7 @@ def add_article(engine: sa.Engine, topic: str, title: str, hours_ago: float) -> 
 
 @pytest.fixture
 def settings(db_url: str, smtp_server: FaultServer) -> Settings:  # noqa: F811
-    return make_settings(
-        db_url, smtp={"host": "127.0.0.1", "port": smtp_server.port, "connections": 2, "timeout": 2}
-    )
+    return server_settings(db_url, smtp_server, smtp={"connections": 2, "timeout": 2})
 
 
 @pytest.fixture
@@ -62,14 +50,6 @@ def content(engine: sa.Engine) -> Iterator[None]:
     add_article(engine, "local-events", "Market on the Riverwalk", 2)
     add_article(engine, "military-news", "Units return", 1)
     yield
-
-
-def new_issue(engine: sa.Engine, settings: Settings) -> IssueCreated:
-    """The weekly digest's issue for the slot NOW."""
-    digest = settings.digests[0]
-    return create_issue(
-        engine, settings, digest, scheduled_for=NOW, now=NOW, render_subject=render_subject
-    )
 
 
 def parsed(data: bytes) -> EmailMessage:
@@ -112,7 +92,7 @@ async def test_each_active_subscriber_gets_one_message_with_their_topics(
     make_subscriber(engine, email="events@example.org", topics=["local-events"])
     make_subscriber(engine, email="pending@example.org", status="pending")
     make_subscriber(engine, email="left@example.org", status="unsubscribed")
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
     assert (issue.created, issue.articles, issue.recipients) == (True, 3, 2)
 
     counts = await deliver(engine, settings, Clock(NOW), issue.issue_id)
@@ -159,7 +139,7 @@ async def test_4xx_and_drops_defer_then_resend_with_the_same_message_id(
     smtp_server.script("drop@example.org", [DROP], stage="data")
     smtp_server.script("gone@example.org", ["550 5.1.1 no such user"])
     clock = Clock(NOW)
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
 
     assert await deliver(engine, settings, clock, issue.issue_id) == {
         "sent": 1,
@@ -205,7 +185,7 @@ async def test_deferred_mail_fails_after_the_give_up_age(
     make_subscriber(engine, email="later@example.org")
     smtp_server.script("later@example.org", ["451 4.7.1 later", "452 4.2.2 full"])
     clock = Clock(NOW)
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
     assert await deliver(engine, settings, clock, issue.issue_id) == {"deferred": 1}
     clock.value = NOW + timedelta(hours=2)
     assert await deliver(engine, settings, clock, issue.issue_id) == {"failed": 1}
@@ -255,7 +235,7 @@ async def test_who_unsubscribes_after_the_snapshot_gets_nothing(
 ) -> None:
     make_subscriber(engine, email="stays@example.org")
     make_subscriber(engine, email="leaves@example.org")
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
     subscribers.set_status(engine, "leaves@example.org", "unsubscribed", now=NOW, source="test")
     await deliver(engine, settings, Clock(NOW), issue.issue_id)
     assert [r.recipients[0] for r in smtp_server.received] == ["stays@example.org"]
@@ -266,7 +246,7 @@ async def test_an_issue_without_articles_is_empty_and_sends_nothing(
     engine: sa.Engine, settings: Settings
 ) -> None:
     make_subscriber(engine)
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
     assert issue.recipients == 0
     assert summarize(engine, issue.issue_id).status == "empty"
 
@@ -280,7 +260,7 @@ async def test_a_throttling_relay_slows_the_whole_pool(
     for n in range(4):
         make_subscriber(engine, email=f"r{n}@example.org")
     smtp_server.script("r0@example.org", ["451 4.7.0 Rate limited, try again later"])
-    issue = new_issue(engine, settings)
+    issue = make_issue(engine, settings)
     async with SmtpPool(settings.smtp) as pool:
         deliverer = Deliverer(engine, settings, pool, clock=Clock(NOW))
         counts = (await deliverer.drain(issue_id=issue.issue_id)).counts

@@ -173,9 +173,9 @@ def _reference_chunk(
             upsert_insert(conn, subscriber_topics).on_conflict_do_nothing(),
             [{"subscriber_id": ids[r[1]], "topic": t} for r in new for t in r[3]],
         )
-        event_log.record_many(
-            conn,
-            (
+        conn.execute(
+            events.insert(),
+            [
                 {
                     "subscriber_id": ids[email],
                     "kind": "subscribed",
@@ -183,7 +183,7 @@ def _reference_chunk(
                     "detail": {"source": source, "status": status, "row": line},
                 }
                 for line, email, _, _, status, _ in new
-            ),
+            ],
         )
         report.added += len(new)
     present = [r for r in rows if r[1] in existing]

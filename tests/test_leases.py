@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.compose.rendering import render_subject
 from mailer.config import Settings
 from mailer.content import articles
 from mailer.db.engine import create_engine
@@ -28,13 +27,16 @@ from mailer.delivery import ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, apply_bounce
-from mailer.issues.store import create_issue, reasons, summarize
+from mailer.issues.store import reasons, summarize
 from tests.factories import (
     NOW,
+    Clock,
     article,
+    make_issue,
     make_settings,
     make_subscriber,
     ready_to_send,
+    server_settings,
     write_config,
 )
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
@@ -43,36 +45,13 @@ from tests.test_service import process_log, running, spawn, wait_for  # noqa: F4
 HOST = socket.gethostname()
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, start: datetime) -> None:
-        self.value = start
-
-    def __call__(self) -> datetime:
-        return self.value
-
-
 def new_issue(engine: sa.Engine, settings: Settings, emails: Sequence[str]) -> int:
     articles.upsert_articles(engine, [article(1, NOW - timedelta(hours=1))], now=NOW)
     for email in emails:
         make_subscriber(engine, email=email)
-    return make_issue(engine, settings, len(emails))
-
-
-def make_issue(
-    engine: sa.Engine, settings: Settings, recipients: int, *, at: datetime = NOW
-) -> int:
-    made = create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=at,
-        now=at,
-        render_subject=render_subject,
-    )
-    assert made.recipients == recipients
-    return made.issue_id
+    issue = make_issue(engine, settings)
+    assert issue.recipients == len(emails)
+    return issue.issue_id
 
 
 def leases(engine: sa.Engine) -> dict[int, tuple[str | None, datetime | None]]:
@@ -185,10 +164,7 @@ async def test_a_dead_processs_claims_are_taken_over_at_once(
     smtp_server: FaultServer,  # noqa: F811
     in_doubt: str,
 ) -> None:
-    settings = make_settings(
-        str(engine.url),
-        smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5, "in_doubt": in_doubt},
-    )
+    settings = server_settings(str(engine.url), smtp_server, smtp={"in_doubt": in_doubt})
     emails = [f"r{n}@example.org" for n in range(5)]
     issue_id = new_issue(engine, settings, emails)
     gone = f"{HOST}:{dead_pid()}"
@@ -490,8 +466,12 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     command: tuple[str, ...],
 ) -> None:
     emails = [f"r{n}@example.org" for n in range(6)]
-    config, engine = prepare(db_url, tmp_path, smtp_server, emails, lease_seconds=5)
-    issue_id = make_issue(engine, make_settings(db_url), len(emails), at=datetime.now(UTC))
+    # Short leases: the drain looks again every heartbeat (0.2 s), so the test waits on what it
+    # prints, not on the clock.
+    config, engine = prepare(db_url, tmp_path, smtp_server, emails, lease_seconds=0.6)
+    issue = make_issue(engine, make_settings(db_url), at=datetime.now(UTC))
+    assert issue.recipients == len(emails)
+    issue_id = issue.issue_id
     # Another worker, alive (this test's process), holds three of the issue's deliveries.
     holder = f"{HOST}:{os.getpid()}"
     with engine.connect() as conn:
@@ -510,7 +490,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
                 )
             )
 
-    hold(30)  # outlasts the command's start; it waits a heartbeat (5 s / 3) at a time
+    hold(30)  # outlasts the command's start; it waits a heartbeat (0.6 s / 3) at a time
     waiting = f"waiting for 3 deliveries held by {holder} (lease renewed"
     with running(config, process_log, *command) as drain:
         wait_for(lambda: waiting in process_log.read_text(), process_log, "the drain to wait")
@@ -527,12 +507,6 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
     engine.dispose()
 
 
-def settings_for(engine: sa.Engine, server: FaultServer) -> Settings:
-    return make_settings(
-        str(engine.url), smtp={"host": "127.0.0.1", "port": server.port, "timeout": 5}
-    )
-
-
 def held_elsewhere(engine: sa.Engine, issue_id: int, *, lease: timedelta) -> list[int]:
     """Every delivery of the issue claimed at NOW by a worker on another host (never judged
     gone from here); their ids."""
@@ -546,7 +520,7 @@ async def test_a_lease_that_ends_between_the_claim_and_the_wait_is_not_left_behi
     engine: sa.Engine,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    settings = settings_for(engine, smtp_server)
+    settings = server_settings(str(engine.url), smtp_server)
     emails = [f"r{n}@example.org" for n in range(3)]
     issue_id = new_issue(engine, settings, emails)
     # Held by a worker on another host (never judged gone from here) until NOW + 1.5 s.
@@ -573,7 +547,7 @@ async def test_a_drain_tells_what_it_waits_for_when_the_holders_change_not_every
     engine: sa.Engine,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    settings = settings_for(engine, smtp_server)
+    settings = server_settings(str(engine.url), smtp_server)
     issue_id = new_issue(engine, settings, [f"r{n}@example.org" for n in range(30)])
     # Another host's worker holds the whole issue (15 s leases: a heartbeat every 5 s).
     held = held_elsewhere(engine, issue_id, lease=timedelta(minutes=5))

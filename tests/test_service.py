@@ -78,6 +78,12 @@ def stop_all(processes: list[subprocess.Popen[bytes]], log: Path) -> None:
     assert codes == [0] * len(processes), log.read_text()
 
 
+def issue_count(engine: sa.Engine) -> int:
+    """How many issues the database holds."""
+    with engine.connect() as conn:
+        return conn.scalar(sa.select(sa.func.count()).select_from(issues)) or 0
+
+
 def wait_for(condition: Callable[[], bool], log: Path, what: str, timeout: float = 90) -> None:
     """Poll until ``condition`` holds; a slow machine only makes this slower, not fail."""
     deadline = time.monotonic() + timeout
@@ -153,7 +159,8 @@ def test_processes_on_one_database_make_each_issue_once_and_mail_each_subscriber
             process_log,
             "the services to start",
         )
-        time.sleep(8)
+        # Long enough for three slots after the first, whatever the machine's speed.
+        wait_for(lambda: issue_count(engine) >= 4, process_log, "four issues")
     finally:
         feeder.halt.set()
         feeder.join()

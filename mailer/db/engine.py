@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # Package data: a wheel installs it as plain files, and Alembic wants a directory path.
 MIGRATIONS_DIR = Path(str(resources.files("mailer.db") / "migrations"))
 SQLITE_BUSY_TIMEOUT_MS = 10_000
-# The newest migration in migrations/versions (tests/test_store.py checks it against
+# The newest migration in migrations/versions (tests/test_db.py checks it against
 # Alembic's head).
 SCHEMA_HEAD = "0007"
 # A Connection execution option: the transaction only reads (see _sqlite_begin).
@@ -234,13 +234,6 @@ def migrate(engine: sa.Engine) -> str:
         raise MailerError(f"cannot migrate {safe_url(engine.url)}: {exc.orig}") from exc
     head = ScriptDirectory.from_config(config).get_current_head()
     return head or ""
-
-
-def migrations_head(engine: sa.Engine) -> str | None:
-    """The newest revision in migrations/versions, as Alembic reads it."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
 
 
 def current_revision(engine: sa.Engine) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -18,10 +17,3 @@ def record(
     conn.execute(
         events.insert().values(subscriber_id=subscriber_id, kind=kind, at=at, detail=detail)
     )
-
-
-def record_many(conn: sa.Connection, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Append many events in one statement; each row has subscriber_id, kind, at, detail."""
-    batch = list(rows)
-    if batch:
-        conn.execute(events.insert(), batch)

@@ -1,0 +1,178 @@
+"""``mailer articles``: add, fetch, list, show and remove articles."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from mailer.cli.context import Context, err, out, pass_ctx, site_time
+from mailer.clock import now
+from mailer.content.articles import Duplicate, list_articles, load_article_file, upsert_articles
+from mailer.errors import MailerError
+
+
+@click.group("articles")
+def group() -> None:
+    """Add and list articles."""
+
+
+@group.command("add")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--topic", help="Topic for files that do not name one.")
+@pass_ctx
+def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> None:
+    """Add article files (the site's text format, or Markdown with front matter)."""
+    moment = now()
+    parsed = []
+    failed = 0
+    for path in files:
+        try:
+            parsed.append(
+                load_article_file(
+                    path, default_topic=topic, known_topics=ctx.settings.topic_keys, now=moment
+                )
+            )
+        except MailerError as exc:
+            err.print(str(exc), markup=False)
+            failed += 1
+    report = upsert_articles(ctx.engine(), parsed, now=moment)
+    line = f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged"
+    if report.duplicates:
+        line += f", {len(report.duplicates)} skipped as duplicates"
+    out.print(line)
+    _print_duplicates("", report.duplicates)
+    if failed:
+        raise MailerError(f"{failed} of {len(files)} files could not be read (listed above)")
+
+
+@group.command("fetch")
+@pass_ctx
+def articles_fetch(ctx: Context) -> None:
+    """Fetch every [[sources]] feed and folder once; store new and changed articles."""
+    from mailer.content.sources import fetch_sources_sync
+
+    feeds = ctx.settings.feeds
+    results = fetch_sources_sync(
+        ctx.engine(),
+        ctx.settings,
+        now=now(),
+        concurrency=feeds.concurrency,
+        read_timeout=feeds.timeout,
+        max_bytes=feeds.max_bytes,
+    )
+    for result in results:
+        if result.error:
+            err.print(result.error, markup=False)
+            continue
+        if result.not_modified:
+            what = "not modified (304)"
+        else:
+            what = f"{result.added} added, {result.updated} updated, {result.unchanged} unchanged"
+        if result.duplicates:
+            what += f", {len(result.duplicates)} skipped as duplicates"
+        out.print(f"{result.name}: {what}", markup=False)
+        _print_duplicates(f"{result.name}: ", result.duplicates)
+        for problem in result.skipped:
+            err.print(f"{result.name}: skipped {problem}", markup=False)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise MailerError(
+            f"{len(failed)} of {len(results)} sources failed or skipped items (listed above)"
+        )
+
+
+def _print_duplicates(prefix: str, duplicates: Sequence[Duplicate]) -> None:
+    for d in duplicates:
+        out.print(
+            f"{prefix}skipped {d.guid} ({d.title}): a duplicate of article {d.of}", markup=False
+        )
+
+
+@group.command("list")
+@click.option("--topic", help="Only this topic.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@pass_ctx
+def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
+    """List articles, newest first (times in the site's time zone)."""
+    table = Table("id", "published", "topic", "title", "removed")
+    for a in list_articles(ctx.engine(), topic=topic, limit=limit):
+        removed = site_time(ctx.settings, a.removed_at) if a.removed_at else ""
+        table.add_row(str(a.id), site_time(ctx.settings, a.published_at), a.topic, a.title, removed)
+    out.print(table)
+
+
+@group.command("show")
+@click.argument("article_id", type=int)
+@pass_ctx
+def articles_show(ctx: Context, article_id: int) -> None:
+    """Every field of one article, when it arrived, and the issues that took it."""
+    from mailer.content.admin import show
+
+    detail = show(ctx.engine(), article_id)
+    a = detail.article
+    at = functools.partial(site_time, ctx.settings)
+    fields = [
+        ("id", str(a.id)),
+        ("guid", a.guid),
+        ("topic", a.topic),
+        ("title", a.title),
+        ("link", a.link or "-"),
+        ("published", at(a.published_at)),
+        ("expires", at(a.expires_at)),
+        ("arrived", at(detail.created_at)),
+        ("updated", at(detail.updated_at)),
+    ]
+    if a.removed_at is not None:
+        where = ", ".join(str(i) for i in detail.removed_from) or "none"
+        fields.append(
+            ("removed", f"{at(a.removed_at)} by {detail.removed_by} (from issues: {where})")
+        )
+    for name, value in fields:
+        out.print(f"{name + ':':<11}{value}", markup=False)
+    out.print("issues:" if detail.issues else "issues:    none")
+    for t in detail.issues:
+        out.print(f"  {t.issue_id}  {t.digest}  {at(t.scheduled_for)}  {t.status}", markup=False)
+    for name, text in (
+        ("summary", a.summary),
+        ("why it matters", a.why_it_matters),
+        ("body", a.body),
+    ):
+        out.print(f"\n{name}:", markup=False)
+        out.print(text or "-", markup=False)
+
+
+@group.command("remove")
+@click.argument("article_id", type=int)
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "staff",
+    show_default="$USER",
+    help="Who removes it (recorded).",
+)
+@pass_ctx
+def articles_remove(ctx: Context, article_id: int, by: str) -> None:
+    """Take an article out of every issue not yet sent in full, and out of every later one."""
+    from mailer.content.admin import remove
+
+    removal = remove(ctx.engine(), article_id, by=by, now=now())
+    issues_text = ", ".join(str(i) for i in removal.issues) or "none"
+    if removal.already:
+        when = site_time(ctx.settings, removal.removed_at)
+        out.print(
+            f"article {article_id} was already removed {when} by {removal.removed_by}"
+            f" (from issues: {issues_text})",
+            markup=False,
+        )
+        return
+    out.print(
+        f"article {article_id} removed ({removal.title}); taken out of unsent issues: "
+        f"{issues_text}; no later issue will take it",
+        markup=False,
+    )

@@ -1,0 +1,220 @@
+"""``mailer digest`` (preview, send) and ``mailer issues`` (list, show, cancel, resume, retry)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import click
+import sqlalchemy as sa
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mailer.cli.context import (
+    PROCESSES,
+    Context,
+    err,
+    left_over,
+    out,
+    pass_ctx,
+    signer,
+    waiting,
+    with_processes,
+)
+from mailer.clock import now
+from mailer.issues import store
+from mailer.preflight import preflight
+
+
+@click.group("digest")
+def digest_group() -> None:
+    """Preview or send a digest."""
+
+
+@digest_group.command("preview")
+@click.argument("key")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path))
+@pass_ctx
+def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
+    """Render the next issue of a digest without sending it."""
+    from mailer.issues.staff import preview_next
+
+    preview = preview_next(ctx.engine(), ctx.settings, ctx.settings.digest(key), now=now())
+    if out_dir is None:
+        out.print(preview.text, markup=False)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{key}.html").write_text(preview.html, encoding="utf-8")
+    (out_dir / f"{key}.txt").write_text(preview.text, encoding="utf-8")
+    out.print(
+        f"{preview.subject!r}: {preview.articles} articles{left_over(preview.left_over)}"
+        f" → {out_dir / f'{key}.html'}",
+        markup=False,
+    )
+
+
+@digest_group.command("send")
+@click.argument("key")
+@PROCESSES
+@pass_ctx
+def digest_send(ctx: Context, key: str, processes: int | None) -> None:
+    """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
+    # Imported before the helpers are forked, so they start with every module they need.
+    from mailer.delivery.processes import Helpers
+    from mailer.delivery.sending import check_issue, issue_report, send_issue
+    from mailer.issues.staff import open_issue
+
+    settings = with_processes(ctx.settings, processes)
+    digest = settings.digest(key)
+    sign = signer(settings)  # a bad [dkim] key is reported before anything starts
+    preflight(settings, ("secret", "database", "smtp"))  # before the issue, before the helpers
+    # The helper processes start before this command opens anything, so they are forked with
+    # every module already imported, and get ready while the issue is made.
+    helpers = Helpers(settings, fork=True)
+    with helpers:
+        engine = ctx.engine()
+        issue = open_issue(engine, settings, digest, now=now())
+        verb = "created" if issue.created else "resuming"
+        out.print(
+            f"issue {issue.issue_id} {verb}"
+            + (
+                f": {issue.articles} articles{left_over(issue.left_over)},"
+                f" {issue.recipients} recipients"
+                if issue.created
+                else ""
+            )
+        )
+        started = time.monotonic()
+        with _progress(engine, issue.issue_id) as advance:
+            totals = send_issue(
+                engine,
+                settings,
+                issue.issue_id,
+                helpers,
+                sign,
+                on_batch=advance,
+                on_wait=waiting,
+            )
+    report = issue_report(totals, helpers, time.monotonic() - started)
+    out.print(report.summary())
+    check_issue(ctx.engine(), settings, issue.issue_id, report, at=now())
+
+
+@contextmanager
+def _progress(engine: sa.Engine, issue_id: int) -> Iterator[Callable[[dict[str, int]], None]]:
+    """A progress bar on a terminal's standard error over the issue's due deliveries; gives
+    the function that advances it by a batch's counts."""
+    summary = store.summarize(engine, issue_id)
+    due = (
+        summary.counts.get("queued", 0)
+        + summary.counts.get("deferred", 0)
+        + summary.counts.get("sending", 0)
+    )
+    with Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task("send", total=due)
+
+        def advance(counts: dict[str, int]) -> None:
+            progress.advance(task, sum(counts.values()))
+
+        yield advance
+
+
+@click.group("issues")
+def issues_group() -> None:
+    """List and inspect issues."""
+
+
+@issues_group.command("list")
+@click.option("--digest", help="Only this digest.")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@pass_ctx
+def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
+    """Recent issues with their delivery counts."""
+    zone = ctx.settings.site.timezone
+    table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
+    for s in store.list_issues(ctx.engine(), digest=digest, limit=limit):
+        pending = (
+            s.counts.get("queued", 0) + s.counts.get("deferred", 0) + s.counts.get("sending", 0)
+        )
+        table.add_row(
+            str(s.id),
+            s.digest,
+            f"{s.scheduled_for.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M %Z}",
+            s.status,
+            str(s.counts.get("sent", 0)),
+            str(pending),
+            s.subject,
+        )
+    out.print(table)
+
+
+@issues_group.command("show")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_show(ctx: Context, issue_id: int) -> None:
+    """One issue: its status, deliveries by status (and by reason for those not sent), and
+    when the next retry is due."""
+    zone = ctx.settings.site.timezone
+    s = store.summarize(ctx.engine(), issue_id)
+    why = store.reasons(ctx.engine(), issue_id)
+    out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
+    out.print(f"  digest {s.digest}, scheduled {store.local_time(s.scheduled_for, zone)}")
+    for status, n in sorted(s.counts.items()):
+        out.print(f"  {status:10} {n}")
+        for reason, count in why.by_status.get(status, []):
+            out.print(f"  {'':10} {count:>{len(str(n))}}  {reason}", markup=False)
+    out.print(f"  {'total':10} {s.total}")
+    if why.next_retry is not None:
+        # Rows waiting with a due time already past are sent as soon as a worker claims them.
+        when = why.next_retry
+        shown = "due now" if when <= now() else store.local_time(when, zone)
+        out.print(f"  next {'attempt' if shown == 'due now' else 'retry'} {shown}")
+
+
+@issues_group.command("cancel")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_cancel(ctx: Context, issue_id: int) -> None:
+    """Stop an issue that is sending: what has not gone out yet is cancelled.
+
+    Its articles go back to the digest: the next issue takes them (a subscriber who already
+    received one from this issue does not get it again).
+    """
+    count = store.cancel(ctx.engine(), issue_id, now=now())
+    out.print(
+        f"issue {issue_id} cancelled; {count} deliveries will not be sent;"
+        " its articles go in the digest's next issue"
+    )
+
+
+@issues_group.command("resume")
+@click.argument("issue_id", type=int)
+@click.option("--resend-unknown", is_flag=True, help="Also re-send deliveries held as unknown.")
+@pass_ctx
+def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
+    """Queue again, due now, what an issue still owes: deliveries cancelled by staff, deferred
+    ones, and those that failed because the relay kept refusing; a worker or `mailer digest
+    send` sends them."""
+    count = store.resume(ctx.engine(), issue_id, now=now(), resend_unknown=resend_unknown)
+    out.print(f"issue {issue_id}: {count} deliveries queued again")
+
+
+@issues_group.command("retry")
+@click.argument("issue_id", type=int)
+@pass_ctx
+def issues_retry(ctx: Context, issue_id: int) -> None:
+    """Make the deferred and unknown deliveries of an issue due now (same Message-ID; who was
+    sent the issue is not sent it again); a worker or `mailer digest send` sends them."""
+    count = store.retry(ctx.engine(), issue_id, now=now())
+    out.print(f"issue {issue_id}: {count} deliveries due now")
