@@ -21,7 +21,7 @@ from mailer.compose.dkim import DkimSigner
 from mailer.compose.rendering import Renderer
 from mailer.config import load_settings
 from mailer.db.engine import check_schema, create_engine
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.staff import open_issue
 from mailer.service import Parts, Service

@@ -104,7 +104,7 @@ async def _smtp_run(port: int, message: bytes, n: int, connections: int, own: bo
     """CPU seconds per message for n sends over `connections` lanes."""
     import aiosmtplib
 
-    from mailer.delivery.smtp import SmtpPool
+    from mailer.delivery.pool import SmtpPool
 
     settings = _lib.load_bench_settings(_lib.WORK / "sample.toml")
     smtp = replace(settings.smtp, port=port, connections=connections)
@@ -165,7 +165,8 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
     from mailer.compose.rendering import Renderer
     from mailer.db.engine import create_engine
     from mailer.delivery import ledger
-    from mailer.delivery.smtp import Outcome, SendResult, Stage
+    from mailer.delivery.policy import Outcome, SendResult, Stage
+    from mailer.delivery.worker import apply_bounce
     from mailer.issues.staff import open_issue
 
     claims, commits = [], []
@@ -206,6 +207,7 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
                     settings=settings.smtp,
                     now=now(),
                     lease=lease,
+                    on_bounce=apply_bounce,
                 )
                 previous = chunk
             commits.append((time.process_time() - t) / len(batches))

@@ -209,6 +209,13 @@ class Settings:
         return tuple(t.key for t in self.topics)
 
     @property
+    def envelope_from(self) -> str:
+        """The envelope sender (Return-Path): ``[smtp].envelope_from``, else the address of
+        ``[site].from_address``. With ``[smtp].verp`` each message tags it with its
+        subscriber's uid (``mailer.bounces.verp.verp_address``)."""
+        return self.smtp.envelope_from or parseaddr(self.site.from_address)[1]
+
+    @property
     def _where(self) -> str | None:
         return str(self.path) if self.path else None
 

@@ -127,15 +127,6 @@ class DeliveryError(MailerError):
     """Sending failed in a way that is not a per-recipient SMTP answer."""
 
 
-class SmtpReplyError(DeliveryError):
-    """An SMTP server answered with an error; ``code`` and ``reply`` carry its words."""
-
-    def __init__(self, code: int, reply: str) -> None:
-        self.code = code
-        self.reply = reply
-        super().__init__(f"{code} {reply}")
-
-
 class DatabaseUnavailable(MailerError, ConnectionError):
     """The database cannot be reached: refused, reset, or shutting down.
 

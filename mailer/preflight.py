@@ -24,7 +24,7 @@ from mailer.db.engine import SCHEMA_HEAD, create_engine, current_revision, safe_
 from mailer.errors import ConfigError, DatabaseUnavailable, MailerError
 
 if TYPE_CHECKING:
-    from mailer.delivery.smtp import SendResult
+    from mailer.delivery.policy import SendResult
 
 Check = Literal["secret", "database", "smtp", "web"]
 DATABASE_TIMEOUT = 10.0  # seconds to connect and read the schema revision
@@ -120,7 +120,7 @@ def check_database(url: str, *, timeout: float = DATABASE_TIMEOUT) -> str:
 
 def check_relay(smtp: SmtpSettings) -> None:
     """Connect to the relay as delivery will (TLS, EHLO, AUTH where set), then QUIT."""
-    from mailer.delivery.smtp import SmtpAuthError  # aiosmtplib: only for the commands that send
+    from mailer.delivery.pool import SmtpAuthError  # aiosmtplib: only for the commands that send
 
     where = f"{smtp.host}:{smtp.port}"
     try:
@@ -144,7 +144,7 @@ def check_relay(smtp: SmtpSettings) -> None:
 
 
 async def _probe(smtp: SmtpSettings) -> SendResult | None:
-    from mailer.delivery.smtp import SmtpPool
+    from mailer.delivery.pool import SmtpPool
 
     # Each step (connect, TLS, EHLO, AUTH, QUIT) has its own [smtp].timeout; this bounds all.
     async with asyncio.timeout(smtp.timeout * 4):

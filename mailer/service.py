@@ -26,7 +26,8 @@ from mailer.compose.rendering import Renderer
 from mailer.config import Digest, Settings
 from mailer.content.sources import fetch_sources, log_results
 from mailer.delivery.ledger import Holding
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pacing import SharedSchedule
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues.create import IssueCreated, create_issue, last_scheduled
@@ -66,8 +67,10 @@ class Service:
         retry_seconds: float = RETRY_FIRST_SECONDS,
         web_socket: socket.socket | None = None,
         on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
+        schedule: SharedSchedule | None = None,
     ) -> None:
         self.engine = engine
+        self.schedule = schedule  # the rate schedule shared with other sending processes
         self.on_wait = on_wait  # told what a draining worker waits for (other workers' leases)
         self.settings = settings
         self.parts = parts
@@ -258,7 +261,7 @@ class Service:
     async def deliver_forever(self, *, drain: bool = False) -> Totals:
         """Deliver due mail until stopped (or, with ``drain``, until nothing is due)."""
         totals = Totals()
-        async with SmtpPool(self.settings.smtp) as pool:
+        async with SmtpPool(self.settings.smtp, schedule=self.schedule) as pool:
             deliverer = Deliverer(
                 self.engine,
                 self.settings,

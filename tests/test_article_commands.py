@@ -14,7 +14,7 @@ from mailer.cli import cli, main
 from mailer.config import load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from tests.factories import ALERTS, NOW, SECRET, config_dict, make_issue, write_config
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401

@@ -13,7 +13,7 @@ from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.delivery import ledger
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
 from mailer.issues.schedule import quiet_until

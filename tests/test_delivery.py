@@ -15,8 +15,8 @@ from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries
-from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
-from mailer.delivery.worker import Backpressure, Deliverer
+from mailer.delivery.pool import SmtpPool
+from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
 from mailer.issues.staff import open_issue
 from mailer.issues.store import summarize
@@ -263,19 +263,6 @@ async def test_an_issue_without_articles_is_empty_and_sends_nothing(
     issue = make_issue(engine, settings)
     assert issue.recipients == 0
     assert summarize(engine, issue.issue_id).status == "empty"
-
-
-def test_backpressure_doubles_on_throttle_and_resets_on_success() -> None:
-    pressure = Backpressure(clock=lambda: 0.0)
-    throttle = SendResult(Outcome.DEFERRED, 421, "4.7.0 Too many connections, slow down")
-    mailbox_full = SendResult(Outcome.DEFERRED, 452, "4.2.2 Mailbox full")
-    pressure.observe(mailbox_full)
-    assert pressure.until == 0.0  # one mailbox's trouble does not slow everyone
-    pressure.observe(throttle)
-    pressure.observe(throttle)
-    assert (pressure.delay, pressure.until) == (2.0, 2.0)
-    pressure.observe(SendResult(Outcome.SENT, 250, "ok"))
-    assert pressure.delay == 0.0
 
 
 @pytest.mark.usefixtures("content")

@@ -39,7 +39,8 @@ from mailer.compose.messages import DigestComposer, build_confirmation
 from mailer.compose.rendering import Renderer
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from mailer.config import DkimSettings, parse_settings
-from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.delivery.policy import Outcome
+from mailer.delivery.pool import SmtpPool
 from mailer.errors import ConfigError, MailerError
 from mailer.models import Article, IssueContent, Recipient
 from tests.factories import NOW, TOPICS, config_dict, make_settings

@@ -16,7 +16,7 @@ from mailer.compose.rendering import Renderer
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries, subscribers
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
 from mailer.issues.store import summarize

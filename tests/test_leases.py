@@ -25,8 +25,8 @@ from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery import ledger
 from mailer.delivery.owners import owner_gone, process_started
-from mailer.delivery.smtp import SmtpPool
-from mailer.delivery.worker import Deliverer
+from mailer.delivery.pool import SmtpPool
+from mailer.delivery.worker import Deliverer, apply_bounce
 from mailer.issues.store import reasons, summarize
 from tests.factories import (
     NOW,
@@ -127,6 +127,7 @@ def test_a_group_commit_renews_the_other_held_leases_in_its_transaction(
         settings=settings.smtp,
         now=later,
         lease=lease,
+        on_bounce=apply_bounce,
         renew=[d.id for d in claimed[1:]],
     )
     assert started == {claimed[0].id}
@@ -179,6 +180,7 @@ async def test_a_dead_processs_claims_are_taken_over_at_once(
         settings=settings.smtp,
         now=NOW,
         lease=timedelta(hours=1),
+        on_bounce=apply_bounce,
     )
     async with SmtpPool(settings.smtp) as pool:
         worker = Deliverer(engine, settings, pool, clock=lambda: NOW + timedelta(seconds=1))

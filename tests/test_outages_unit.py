@@ -16,7 +16,8 @@ import pytest
 from mailer.config import SmtpSettings
 from mailer.db.engine import create_engine, probe
 from mailer.db.outages import DatabaseOutages
-from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.delivery.policy import Outcome
+from mailer.delivery.pool import SmtpPool
 from mailer.devtools.sink import Sink
 from mailer.errors import DatabaseUnavailable
 from tests.factories import make_settings

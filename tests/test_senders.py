@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import multiprocessing
 import os
 import signal
 import sqlite3
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +16,6 @@ from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries
 from mailer.delivery.processes import HelperExit
-from mailer.delivery.smtp import RateLimiter, share_schedule
 from mailer.errors import ConfigError
 from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
@@ -162,24 +158,6 @@ def test_processes_need_a_shared_database() -> None:
         make_settings("sqlite:///:memory:", smtp__processes=2)
     with pytest.raises(ConfigError, match=r"\[smtp\]\.processes"):
         make_settings("sqlite:////tmp/x.db", smtp__processes=0)
-
-
-async def test_rate_limiters_on_a_shared_schedule_pace_together() -> None:
-    schedule = multiprocessing.get_context("spawn").Value("d", 0.0)
-    share_schedule(schedule)
-    try:
-        limiters = [RateLimiter(100), RateLimiter(100)]  # as if in two processes
-    finally:
-        share_schedule(None)
-
-    async def take(limiter: RateLimiter) -> None:
-        for _ in range(20):
-            await limiter.acquire()
-
-    started = time.monotonic()
-    await asyncio.gather(*(take(limiter) for limiter in limiters))
-    # 40 slots at 100 per second between them: 0.39 s, not the 0.19 s of two own schedules.
-    assert time.monotonic() - started >= 0.37
 
 
 def test_the_rate_holds_for_all_processes_together(

@@ -13,7 +13,8 @@ import aiosmtplib
 import pytest
 
 from mailer.config import parse_settings
-from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.delivery.policy import Outcome
+from mailer.delivery.pool import SmtpPool
 from mailer.devtools.sink import Captured, Sink, SinkError, serve_forever
 from tests.factories import config_dict
 

@@ -12,16 +12,8 @@ from typing import Any
 import pytest
 
 from mailer.config import SmtpSettings, parse_settings
-from mailer.delivery.smtp import (
-    Outcome,
-    PoolClosedError,
-    RateLimiter,
-    SendResult,
-    SmtpAuthError,
-    SmtpPool,
-    SmtpUsageError,
-    Stage,
-)
+from mailer.delivery.policy import Outcome, SendResult, Stage
+from mailer.delivery.pool import PoolClosedError, SmtpAuthError, SmtpPool, SmtpUsageError
 from tests.factories import config_dict
 from tests.smtp_server import DROP, Action, Delay, FaultServer, TestCertificates
 
@@ -262,28 +254,6 @@ async def test_rate_limit_paces_the_whole_pool(smtp_server: FaultServer) -> None
     # Never above the limit (+5% for timer jitter). How close to it a loaded machine gets is a
     # benchmark figure (bench/), not something a test can promise.
     assert rate <= 105
-
-
-async def test_rate_limiter_spaces_callers_evenly() -> None:
-    limiter = RateLimiter(200)
-    loop = asyncio.get_running_loop()
-    stamps: list[float] = []
-
-    async def one() -> None:
-        await limiter.acquire()
-        stamps.append(loop.time())
-
-    await asyncio.gather(*(one() for _ in range(21)))
-    # 20 intervals of 5 ms: never sooner; later only by the event loop's own delays.
-    assert 0.099 <= stamps[-1] - stamps[0] <= 0.2
-
-
-async def test_zero_rate_is_unlimited() -> None:
-    limiter = RateLimiter(0)
-    started = time.monotonic()
-    for _ in range(1000):
-        await limiter.acquire()
-    assert time.monotonic() - started < 0.5
 
 
 # -- TLS (COMPLIANCE.md 3.6: certificates are verified)

@@ -29,7 +29,8 @@ from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine
 from mailer.db.schema import subscribers as subscriber_table
-from mailer.delivery.smtp import Outcome, SmtpPool
+from mailer.delivery.policy import Outcome
+from mailer.delivery.pool import SmtpPool
 from mailer.issues.store import load_content
 from mailer.models import Recipient
 from mailer.subscribers.tokens import Purpose, make_token

@@ -38,7 +38,6 @@ def bounces_process(
     """Apply the DSNs (RFC 3464) and ARF complaints (RFC 5965) in a Maildir, mbox or file."""
 
     from mailer.bounces.apply import process_path
-    from mailer.delivery.worker import envelope_sender
 
     policy = ctx.settings.bounces
     soft_limit = policy.soft_limit if soft_limit is None else soft_limit
@@ -49,6 +48,6 @@ def bounces_process(
         now=now(),
         soft_limit=soft_limit,
         soft_window=timedelta(days=soft_window_days),
-        envelope_from=envelope_sender(ctx.settings),
+        envelope_from=ctx.settings.envelope_from,
     )
     out.print(str(summary), markup=False)

@@ -20,7 +20,7 @@ about 200 messages per second.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +28,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from mailer.bounces.apply import apply_send_bounce
 from mailer.config import SmtpSettings
 from mailer.db.engine import reading, writing
 from mailer.db.schema import (
@@ -41,7 +40,7 @@ from mailer.db.schema import (
     subscriber_topics,
     subscribers,
 )
-from mailer.delivery.smtp import Outcome, SendResult
+from mailer.delivery.policy import SendResult, settle
 
 WAITING = ("queued", "deferred")
 
@@ -83,6 +82,8 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Result:
+    """What became of one claimed delivery, for ``commit_progress`` to record."""
+
     delivery: Claimed
     outcome: SendResult | None  # None: nothing to send (no article in the subscriber's topics)
     error: str | None = None  # the message could not be built for this recipient: failed
@@ -353,36 +354,33 @@ def _receiving(status: str, paused_until: datetime | None, now: datetime) -> boo
     return status == "active" and (paused_until is None or paused_until <= now)
 
 
-def retry_delay(settings: SmtpSettings, attempts: int, rng: random.Random) -> timedelta:
-    """Exponential backoff with ±25% jitter, so deferred mail does not return in one wave."""
-    base = settings.retry_base_seconds * (2 ** max(attempts - 1, 0))
-    return timedelta(seconds=min(base, 6 * 3600) * rng.uniform(0.75, 1.25))
-
-
 def _outcome_row(
     result: Result, settings: SmtpSettings, now: datetime, rng: random.Random
 ) -> dict[str, Any]:
     d = result.delivery
-    attempts = d.attempts + 1  # counted when it was started
-    row: dict[str, Any] = {"_id": d.id, "_status": "sent", "_reply": None, "_sent_at": None}
-    row["_next"] = now
-    outcome = result.outcome
-    if result.error is not None:
-        row.update(_status="failed", _reply=result.error[:500])
-        return row
-    if outcome is None:
-        row.update(_status="cancelled", _reply="nothing new in the subscriber's topics")
-        return row
-    row["_reply"] = ((f"{outcome.code} " if outcome.code else "") + outcome.reply)[:500] or None
-    if outcome.outcome is Outcome.SENT:
-        row["_sent_at"] = now
-    elif outcome.outcome is Outcome.BOUNCED:
-        row["_status"] = "bounced"
-    elif now - d.created_at >= timedelta(hours=settings.retry_max_age_hours):
-        row["_status"] = "failed"
-    else:
-        row.update(_status="deferred", _next=now + retry_delay(settings, attempts, rng))
-    return row
+    verdict = settle(
+        result.outcome,
+        error=result.error,
+        attempts=d.attempts + 1,  # counted when it was started
+        created_at=d.created_at,
+        now=now,
+        settings=settings,
+        rng=rng,
+    )
+    sent_at = now if verdict.status == "sent" else None
+    return {
+        "_id": d.id,
+        "_status": verdict.status,
+        "_reply": verdict.reply,
+        "_sent_at": sent_at,
+        "_next": verdict.next_attempt,
+    }
+
+
+# What a bounce at send time does beyond the delivery's row (mailer.bounces suppresses the
+# subscriber): called with the group commit's connection, the delivery, the server's answer and
+# the time, so that it commits with the outcome. The ledger only records deliveries.
+BounceHook = Callable[[sa.Connection, Claimed, SendResult, datetime], object]
 
 
 # The two statements of every group commit, built once: building them per call (and an IN
@@ -464,11 +462,15 @@ def commit_progress(
     settings: SmtpSettings,
     now: datetime,
     lease: timedelta,
+    on_bounce: BounceHook,
     rng: random.Random | None = None,
     renew: Sequence[int] = (),
 ) -> tuple[dict[str, int], set[int]]:
     """One group commit: record outcomes, mark the next messages in flight, and (``renew``)
     extend the lease of the other rows this worker holds.
+
+    ``on_bounce`` is called for each delivery that bounced, inside the same transaction: what
+    a bounce does to its subscriber commits, or fails, with the delivery's status.
 
     Returns the counts by new status and the ids actually started: a start is refused when
     this worker no longer holds the row's lease (another worker took it over).
@@ -498,18 +500,8 @@ def commit_progress(
                 row["_now"] = now
             conn.execute(_RECORD, rows)
         for result, row in zip(results, rows, strict=True):
-            # A 5xx at send time is a bounce like a DSN's: same events, same suppression
-            # rules; 5.7.x (policy) and MAIL-stage refusals never suppress the subscriber.
             if row["_status"] == "bounced" and result.outcome is not None:
-                apply_send_bounce(
-                    conn,
-                    result.delivery.subscriber_id,
-                    code=result.outcome.code,
-                    reply=result.outcome.reply,
-                    stage=result.outcome.stage.value,
-                    message_id=result.delivery.message_id,
-                    now=now,
-                )
+                on_bounce(conn, result.delivery, result.outcome, now)
         if starts:
             started = set(
                 conn.scalars(

@@ -7,7 +7,8 @@ processes beside the command that runs the delivery loop (``digest send``, ``wor
 and DKIM signer, and runs the same loop on the same database: claims lease disjoint rows, so
 each message still goes out once, and a crash still leaves at most one in-doubt message per
 open connection. ``[smtp].rate_per_second`` holds for all of them together: their rate
-limiters reserve slots from one schedule in shared memory (``mailer.delivery.smtp.share_schedule``).
+pacers reserve slots from one schedule in shared memory (``Helpers.schedule``, handed to each
+process's pool: ``mailer.delivery.pacing.Pacer``).
 
 Helpers are spawned: a new interpreter that imports what it needs (about 0.4 s). ``digest
 send`` starts them first thing, before it opens a connection, a thread or an event loop, and
@@ -35,7 +36,7 @@ from types import TracebackType
 from typing import Any
 
 from mailer.config import Settings
-from mailer.delivery.smtp import share_schedule
+from mailer.delivery.pacing import SharedSchedule
 from mailer.errors import MailerError
 
 log = logging.getLogger(__name__)
@@ -120,11 +121,15 @@ class Helpers:
     def count(self) -> int:
         return self.settings.smtp.processes - 1
 
+    @property
+    def schedule(self) -> SharedSchedule | None:
+        """The rate schedule this process's pool shares with the helpers; None without any."""
+        return self._schedule if self.count >= 1 else None
+
     def __enter__(self) -> Helpers:
         if self.count < 1:
             return self
         level = logging.getLogger().getEffectiveLevel()
-        share_schedule(self._schedule)
         for _ in range(self.count):
             receive, send = self._ctx.Pipe(duplex=False)
             process = self._ctx.Process(
@@ -181,7 +186,6 @@ class Helpers:
     ) -> None:
         if not self._processes:
             return
-        share_schedule(None)
         if not self._assigned:
             self._hand_out(None)  # no job: each helper ends as soon as it reads this
         elif exc_type is not None or self.job is None or not self.job.drain:
@@ -231,7 +235,6 @@ def _helper_main(
     from mailer.issues.staff import deliver_issue  # noqa: F401  (imported while nothing is due yet)
 
     logs.configure(level)
-    share_schedule(schedule)
     # A stop signal before the delivery loop listens (or after it is done) is noted, not
     # fatal: nothing is claimed then, and the loop starts already stopped.
     requested = threading.Event()
@@ -244,7 +247,7 @@ def _helper_main(
         return
     engine = create_engine(settings.database.url)
     try:
-        counts = asyncio.run(_deliver(engine, settings, job, events, requested, sign))
+        counts = asyncio.run(_deliver(engine, settings, job, events, requested, sign, schedule))
     except MailerError as exc:
         # A database outage that outlasted its wait, or a stop during one: one line in the
         # log, not a traceback; the command that started this process reports the exit.
@@ -276,13 +279,15 @@ async def _deliver(
     events: Any,
     requested: threading.Event,
     sign: Callable[[bytes], bytes] | None,
+    schedule: SharedSchedule,
 ) -> dict[str, int]:
     from mailer.issues.staff import deliver_issue
 
     if job.issue_id is None:
         from mailer.service import Parts, Service
 
-        service = Service(engine, settings, parts=Parts(scheduler=False, web=False), sign=sign)
+        parts = Parts(scheduler=False, web=False)
+        service = Service(engine, settings, parts=parts, sign=sign, schedule=schedule)
         if requested.is_set():
             service.stop.set()
         return (await service.run(drain=job.drain)).counts
@@ -299,5 +304,6 @@ async def _deliver(
             on_batch=lambda counts: events.put(("batch", os.getpid(), counts)),
             sign=sign,
             stop=stop,
+            schedule=schedule,
         )
     return totals.counts

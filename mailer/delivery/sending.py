@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from mailer.config import Settings
 from mailer.delivery.ledger import Holding
+from mailer.delivery.pacing import SharedSchedule
 from mailer.delivery.processes import HelperExit, Helpers, Job
 from mailer.delivery.worker import Totals
 from mailer.errors import MailerError
@@ -72,10 +73,16 @@ def serve(
 ) -> SendReport:
     """Run the service here and its helper processes beside it, until stopped (or, with
     ``drain``, until nothing is due); raises when a helper ended badly."""
-    service = Service(
-        engine, settings, parts=parts, sign=sign, web_socket=web_socket, on_wait=on_wait
-    )
     helpers = Helpers(settings, Job(None, drain=drain))
+    service = Service(
+        engine,
+        settings,
+        parts=parts,
+        sign=sign,
+        web_socket=web_socket,
+        on_wait=on_wait,
+        schedule=helpers.schedule,
+    )
     with helpers:
         totals = asyncio.run(service.run(drain=drain, on_started=on_started))
         if service.stop.is_set():
@@ -99,7 +106,7 @@ def send_issue(
     SIGTERM/SIGINT stop this process after its current messages, and the helpers with it."""
     helpers.assign(Job(issue_id, drain=True), on_batch=on_batch)
     totals, stopped = asyncio.run(
-        _deliver_here(engine, settings, issue_id, on_batch, sign, on_wait)
+        _deliver_here(engine, settings, issue_id, on_batch, sign, on_wait, helpers.schedule)
     )
     if stopped:
         helpers.stop()
@@ -113,11 +120,19 @@ async def _deliver_here(
     on_batch: Callable[[dict[str, int]], None],
     sign: Sign,
     on_wait: OnWait | None,
+    schedule: SharedSchedule | None,
 ) -> tuple[Totals, bool]:
     stop = asyncio.Event()
     with stop_on_signals(stop):
         totals = await deliver_issue(
-            engine, settings, issue_id, on_batch=on_batch, sign=sign, stop=stop, on_wait=on_wait
+            engine,
+            settings,
+            issue_id,
+            on_batch=on_batch,
+            sign=sign,
+            stop=stop,
+            on_wait=on_wait,
+            schedule=schedule,
         )
     return totals, stop.is_set()
 

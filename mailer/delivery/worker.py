@@ -13,86 +13,39 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import socket
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import ParamSpec, TypeVar
 
 import sqlalchemy as sa
 
+from mailer.bounces.apply import apply_send_bounce
 from mailer.bounces.verp import verp_address
 from mailer.clock import now as clock_now
-from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
 from mailer.config import Settings
-from mailer.db.engine import reading, writing
+from mailer.db.engine import writing
 from mailer.db.outages import DatabaseOutages
-from mailer.db.schema import issue_articles
 from mailer.delivery import ledger
-from mailer.delivery.owners import owner_gone
-from mailer.delivery.smtp import Outcome, SendResult, SmtpPool
+from mailer.delivery.composers import Composers
+from mailer.delivery.holders import Holders, OnWait
+from mailer.delivery.pacing import Backpressure
+from mailer.delivery.policy import SendResult
+from mailer.delivery.pool import SmtpPool
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
 from mailer.issues.schedule import quiet_until
-from mailer.issues.store import NOT_BUILT, finish_if_done, load_content
-from mailer.models import IssueContent, Recipient
-from mailer.signals import stopped_within
+from mailer.issues.store import NOT_BUILT, finish_if_done
+from mailer.models import Recipient
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# A relay that says it is overloaded or rate-limiting us: a 421 (closing), or a 4xx whose text
-# says so (Gmail 421 4.7.28 / 451 4.7.0, Yahoo 421 4.7.0 [TSS04], Outlook 451 4.7.500, 454).
-THROTTLE_TEXT = re.compile(
-    r"too many|rate|throttl|try again later|slow down|temporarily deferred", re.I
-)
-BACKOFF_START = 1.0
-BACKOFF_MAX = 60.0
-# A drain waiting for another worker's deliveries looks again after this long while their
-# holder makes progress, doubling (up to a heartbeat) while it does not.
-WAIT_FIRST = 0.2
-
-
-def is_throttle(result: SendResult) -> bool:
-    """Whether a deferral is the provider pushing back (slow everyone) rather than one mailbox."""
-    if result.outcome is not Outcome.DEFERRED or result.code is None:
-        return False
-    return result.code == 421 or bool(THROTTLE_TEXT.search(result.reply))
-
-
-class Backpressure:
-    """One pause shared by every lane: doubles per throttle reply, resets after a success."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.delay = 0.0
-        self.until = 0.0
-
-    def observe(self, result: SendResult) -> None:
-        if is_throttle(result):
-            self.delay = min(BACKOFF_MAX, max(BACKOFF_START, self.delay * 2))
-            self.until = max(self.until, self.clock() + self.delay)
-            log.warning(
-                "relay throttling: pausing sends",
-                extra={"seconds": self.delay, "reply": result.reply},
-            )
-        elif result.outcome is Outcome.SENT:
-            self.delay = 0.0
-
-    def paused(self) -> bool:
-        return self.until > self.clock()
-
-    async def wait(self) -> None:
-        pause = self.until - self.clock()
-        if pause > 0:
-            await asyncio.sleep(pause)
 
 
 @dataclass
@@ -108,10 +61,6 @@ class Totals:
             self.counts[status] = self.counts.get(status, 0) + n
 
     @property
-    def handled(self) -> int:
-        return sum(self.counts.values())
-
-    @property
     def elapsed(self) -> float:
         return (self.finished or time.monotonic()) - self.started
 
@@ -125,16 +74,21 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"[:64]
 
 
-def envelope_sender(settings: Settings, uid: str | None = None) -> str:
-    """The envelope sender (Return-Path): configured, else the From: address.
-
-    With ``[smtp].verp`` and a subscriber ``uid`` it carries the uid as a ``+`` tag
-    (``bounces+UID@domain``), so that a bounce names its subscriber (``mailer.bounces.reports``).
-    """
-    base = settings.smtp.envelope_from or parseaddr(settings.site.from_address)[1]
-    if settings.smtp.verp and uid is not None:
-        return verp_address(base, uid)
-    return base
+def apply_bounce(
+    conn: sa.Connection, delivery: ledger.Claimed, result: SendResult, now: datetime
+) -> None:
+    """A 5xx at send time is a bounce like a DSN's: same events, same suppression rules;
+    5.7.x (policy) and MAIL-stage refusals never suppress the subscriber. Run inside the
+    group commit that records the delivery bounced (``ledger.BounceHook``)."""
+    apply_send_bounce(
+        conn,
+        delivery.subscriber_id,
+        code=result.code,
+        reply=result.reply,
+        stage=result.stage.value,
+        message_id=delivery.message_id,
+        now=now,
+    )
 
 
 @dataclass
@@ -185,7 +139,7 @@ class _Committer:
 
 
 class Deliverer:
-    """Drains due deliveries over one pool; composers are cached per issue.
+    """Drains due deliveries over one pool, composing each message (``Composers``).
 
     ``renderer`` renders every issue's templates (default: a Renderer of the package's own
     templates, this Deliverer's).
@@ -227,47 +181,18 @@ class Deliverer:
         # would abort one as a deadlock).
         self._writes = threading.Lock()
         self._renew_due = time.monotonic() + self.heartbeat_seconds
-        # While waiting for other workers: what they held at the last look, when it was last
-        # told, and how long the next wait is.
-        self._seen_held: tuple[tuple[str, int], ...] | None = None
-        # When the latest claim chose its rows: what another worker held then is waited for
-        # (or taken) even if its lease ended since, before this worker could claim it.
-        self._claimed_at: datetime | None = None
-        self._told: tuple[frozenset[str], datetime] | None = None  # holders told, and when
-        self._wait_step = WAIT_FIRST
+        self.holders = Holders(
+            engine, self.owner, db=self.db, heartbeat_seconds=self.heartbeat_seconds
+        )
+        self._claimed_at: datetime | None = None  # when the latest claim chose its rows
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
         # of what sending one took (bench/README.md).
-        self._sender = envelope_sender(settings)
-        self._contents: dict[int, IssueContent] = {}
-        # Keyed by the articles left out; dropped with the issue's content when its articles
-        # change (`articles remove`, see refresh_contents).
-        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        self._sender = settings.envelope_from
+        self.composers = Composers(engine, settings, clock, self.renderer)
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
         self._ahead: tuple[int | None, asyncio.Task[list[ledger.Claimed]]] | None = None
-
-    def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
-        """The composer for an issue without the ``hidden`` articles.
-
-        Subscribers who hide the same articles (none, usually) share one composer, and so one
-        render per topic set.
-        """
-        content = self._contents[issue_id]  # read as its batch started (refresh_contents)
-        now = self.clock()
-        # An article that expired since the issue was made is dropped from what is not sent yet.
-        expired = {
-            a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
-        }
-        key = (issue_id, hidden | expired)
-        composer = self._composers.get(key)
-        if composer is None:
-            shown = tuple(a for a in content.articles if a.id not in key[1])
-            composer = DigestComposer(
-                self.settings, replace(content, articles=shown), renderer=self.renderer
-            )
-            self._composers[key] = composer
-        return composer
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call`` in a thread; through a database outage, waited out and made again.
@@ -282,42 +207,6 @@ class Deliverer:
                 return await asyncio.to_thread(call, *args, **kwargs)
             except DatabaseUnavailable as exc:
                 await self.outages.wait(exc, self._stop)
-
-    def refresh_contents(self, issue_ids: set[int]) -> None:
-        """Read the content of the batch's issues: those not cached yet, and cached ones whose
-        articles changed since (an article removed by staff). One small query per batch, so
-        that only the batch being sent when the article was removed (at most
-        ``[smtp].batch_size`` messages) may still carry it."""
-        cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
-        missing = issue_ids - cached.keys()
-        current: dict[int, set[int]] = {i: set() for i in cached}
-        with reading(self.engine) as conn:
-            for issue_id in missing:
-                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
-            if not cached:
-                return
-            for issue_id, article_id in conn.execute(
-                sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
-                    issue_articles.c.issue_id.in_(sorted(cached))
-                )
-            ):
-                current[issue_id].add(article_id)
-            changed = [
-                issue_id
-                for issue_id, content in cached.items()
-                if current[issue_id] != {a.id for a in content.articles}
-            ]
-            for issue_id in changed:
-                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
-        if changed:
-            # Composers render the articles they were made with: the changed issues' go too.
-            self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
-
-    def hidden(self, d: ledger.Claimed) -> frozenset[int]:
-        """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
-        digest = self._digests.get(d.digest)
-        resend_updates = digest is not None and digest.include_updates
-        return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
 
     def quiet(self, claimed: list[ledger.Claimed]) -> list[ledger.Claimed]:
         """Hand back bulk deliveries that fall in their digest's quiet hours; returns the rest."""
@@ -349,6 +238,7 @@ class Deliverer:
                 settings=self.settings.smtp,
                 now=self.clock(),
                 lease=self.lease,
+                on_bounce=apply_bounce,
                 # The heartbeat rides on a group commit when one falls due: no extra
                 # transaction.
                 renew=self._renewal(),
@@ -446,72 +336,23 @@ class Deliverer:
     async def take_over_dead(self, issue_id: int | None = None) -> bool:
         """End now the leases held by dead processes of this host on due deliveries (of
         ``issue_id``); True if there were any."""
-        now = self.clock()
-        holdings = await self.db(
-            ledger.held_elsewhere, self.engine, owner=self.owner, now=now, issue_id=issue_id
-        )
-        return await self._take_over(holdings, now)
-
-    async def _take_over(self, holdings: Sequence[ledger.Holding], now: datetime) -> bool:
-        dead = [h for h in holdings if owner_gone(h.owner, alive_at=h.seen)]
-        if not dead:
-            return False
-        owners = [h.owner for h in dead]
-        count = await self.db(ledger.end_leases, self.engine, owners, now=now)
-        log.warning(
-            "took over the claims of workers that are gone",
-            extra={"owners": owners, "deliveries": count},
-        )
-        return True
+        return await self.holders.take_over_dead(issue_id, now=self.clock())
 
     async def wait_for_others(
         self,
         issue_id: int | None = None,
         *,
-        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
+        on_wait: OnWait | None = None,
         stop: asyncio.Event | None = None,
     ) -> bool:
         """Once nothing is claimable: whether other workers hold due deliveries (of
-        ``issue_id``). Claims of dead processes of this host are taken over at once; for live
-        ones this waits until the earliest of their leases could end, or less while their
-        holders make progress (``WAIT_FIRST``, doubling up to a heartbeat interval while
-        nothing changes), then the caller claims again. ``on_wait`` is told when the holders
-        change, and once per heartbeat interval otherwise."""
+        ``issue_id``), after taking over the dead's or waiting a while for the living's
+        (``Holders.wait``); the caller then claims again."""
         now = self.clock()
-        then = min(now, self._claimed_at or now)
-        holdings = await self.db(
-            ledger.held_elsewhere, self.engine, owner=self.owner, now=then, issue_id=issue_id
-        )
-        if not holdings:
-            self._seen_held = None
-            self._told = None
-            return False
-        if await self._take_over(holdings, now):
-            return True
-        held = tuple((h.owner, h.count) for h in holdings)
-        # Progress (their counts fall with every batch they send) makes the next look sooner;
-        # what is told changes only with the holders, else once per heartbeat interval.
-        changed = held != self._seen_held
-        owners = frozenset(h.owner for h in holdings)
-        told = self._told
-        every = timedelta(seconds=self.heartbeat_seconds)
-        if told is None or told[0] != owners or now - told[1] >= every:
-            log.info(
-                "waiting for deliveries held by other workers",
-                extra={"holders": dict(held)},
-            )
-            if on_wait is not None:
-                on_wait(holdings, now)
-            self._told = (owners, now)
-        self._wait_step = (
-            WAIT_FIRST if changed else min(2 * self._wait_step, self.heartbeat_seconds)
-        )
-        self._seen_held = held
-        earliest = min(h.expires for h in holdings)
-        # Just past the earliest lease end: if its owner stopped renewing, the rows are ours.
-        delay = min(max(0.0, (earliest - now).total_seconds()) + 0.05, self._wait_step)
-        await stopped_within(stop, delay)
-        return True
+        # What another worker held when the latest claim chose its rows is waited for (or
+        # taken) even if its lease ended since, before this worker could claim it.
+        since = min(now, self._claimed_at or now)
+        return await self.holders.wait(issue_id, now=now, since=since, on_wait=on_wait, stop=stop)
 
     def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
         now = self._claimed_at = self.clock()
@@ -569,7 +410,7 @@ class Deliverer:
             return None
         # Checked as each batch starts sending, not when it was claimed: a batch claimed ahead
         # was claimed before the previous one finished, maybe before an article was removed.
-        await self.db(self.refresh_contents, {d.issue_id for d in claimed})
+        await self.db(self.composers.refresh, {d.issue_id for d in claimed})
         queue = deque(claimed)
         totals = Totals()
         committer = _Committer(self, totals)
@@ -689,7 +530,7 @@ class Deliverer:
     async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
-            composer = self.composer(d.issue_id, self.hidden(d))
+            composer = self.composers.composer(d.issue_id, self.composers.hidden(d))
             data = composer.message(recipient, d.topics, self.clock())
         except (AddressError, DeliveryError, TokenError) as exc:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
@@ -709,7 +550,7 @@ class Deliverer:
         issue_id: int | None = None,
         on_batch: Callable[[dict[str, int]], None] | None = None,
         stop: asyncio.Event | None = None,
-        on_wait: Callable[[Sequence[ledger.Holding], datetime], None] | None = None,
+        on_wait: OnWait | None = None,
     ) -> Totals:
         """Deliver until nothing is due (or ``stop`` is set); deferred mail waits for later.
 

@@ -21,7 +21,8 @@ from mailer.config import Digest, Settings
 from mailer.db.outages import DatabaseOutages
 from mailer.db.schema import issues
 from mailer.delivery.ledger import Holding
-from mailer.delivery.smtp import SmtpPool
+from mailer.delivery.pacing import SharedSchedule
+from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.issues.create import IssueCreated, articles_for, create_issue
 from mailer.models import IssueContent
@@ -102,8 +103,10 @@ async def deliver_issue(
     stop: asyncio.Event | None = None,
     on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,
     renderer: Renderer | None = None,
+    schedule: SharedSchedule | None = None,
 ) -> Totals:
-    """Send every due delivery of one issue over a fresh pool (or the one given).
+    """Send every due delivery of one issue over a fresh pool (or the one given), paced on
+    ``schedule`` when other processes send with this one.
 
     When ``stop`` is set, lanes finish the message they are on and the rest is released.
     Deliveries of the issue that another live worker holds are waited for (``on_wait`` says
@@ -123,7 +126,7 @@ async def deliver_issue(
         return await deliverer.drain(
             issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait
         )
-    async with SmtpPool(settings.smtp) as own:
+    async with SmtpPool(settings.smtp, schedule=schedule) as own:
         deliverer = Deliverer(engine, settings, own, sign=sign, outages=outages, renderer=renderer)
         return await deliverer.drain(
             issue_id=issue_id, on_batch=on_batch, stop=stop, on_wait=on_wait

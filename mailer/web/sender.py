@@ -8,9 +8,10 @@ import ssl
 from collections.abc import Callable
 from typing import Protocol
 
+from mailer.bounces.verp import verp_address
 from mailer.config import Settings
-from mailer.delivery.smtp import SendResult, SmtpPool
-from mailer.delivery.worker import envelope_sender
+from mailer.delivery.policy import SendResult
+from mailer.delivery.pool import SmtpPool
 from mailer.models import Recipient
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,9 @@ class SmtpConfirmationSender:
         ) as pool:
             if self._sign is not None:
                 message = self._sign(message)  # DKIM: the signed bytes are the sent bytes
-            sender = envelope_sender(self._settings, recipient.uid)
+            sender = self._settings.envelope_from
+            if self._settings.smtp.verp:
+                sender = verp_address(sender, recipient.uid)
             result = await pool.send(sender, recipient.email, message)
         log.info(
             "confirmation mail handed to SMTP",

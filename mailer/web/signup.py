@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mailer.compose.messages import build_confirmation
-from mailer.delivery.smtp import Outcome
+from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
 from mailer.models import Recipient
 from mailer.subscribers import lifecycle

@@ -1,0 +1,103 @@
+"""What a worker composes: each issue's content, and a composer per set of articles left out.
+
+An issue's content is read once, as its first batch starts, and read again when its articles
+change (an article removed by staff); a subscriber's message leaves out the articles another
+issue already brought them (``ledger.Claimed.seen``) and those that expired since the issue was
+made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from mailer.compose.messages import DigestComposer
+from mailer.compose.rendering import Renderer
+from mailer.config import Settings
+from mailer.db.engine import reading
+from mailer.db.schema import issue_articles
+from mailer.delivery.ledger import Claimed
+from mailer.issues.store import load_content
+from mailer.models import IssueContent
+
+
+class Composers:
+    """The composers of the issues a worker sends, cached per issue and articles left out."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        settings: Settings,
+        clock: Callable[[], datetime],
+        renderer: Renderer,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.clock = clock
+        self.renderer = renderer
+        self._contents: dict[int, IssueContent] = {}
+        # Keyed by the articles left out; dropped with the issue's content when its articles
+        # change (`articles remove`, see refresh).
+        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        self._digests = {d.key: d for d in settings.digests}
+
+    def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
+        """The composer for an issue without the ``hidden`` articles.
+
+        Subscribers who hide the same articles (none, usually) share one composer, and so one
+        render per topic set.
+        """
+        content = self._contents[issue_id]  # read as its batch started (refresh)
+        now = self.clock()
+        # An article that expired since the issue was made is dropped from what is not sent yet.
+        expired = {
+            a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
+        }
+        key = (issue_id, hidden | expired)
+        composer = self._composers.get(key)
+        if composer is None:
+            shown = tuple(a for a in content.articles if a.id not in key[1])
+            composer = DigestComposer(
+                self.settings, replace(content, articles=shown), renderer=self.renderer
+            )
+            self._composers[key] = composer
+        return composer
+
+    def refresh(self, issue_ids: set[int]) -> None:
+        """Read the content of the batch's issues: those not cached yet, and cached ones whose
+        articles changed since (an article removed by staff). One small query per batch, so
+        that only the batch being sent when the article was removed (at most
+        ``[smtp].batch_size`` messages) may still carry it."""
+        cached = {i: self._contents[i] for i in issue_ids if i in self._contents}
+        missing = issue_ids - cached.keys()
+        current: dict[int, set[int]] = {i: set() for i in cached}
+        with reading(self.engine) as conn:
+            for issue_id in missing:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+            if not cached:
+                return
+            for issue_id, article_id in conn.execute(
+                sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
+                    issue_articles.c.issue_id.in_(sorted(cached))
+                )
+            ):
+                current[issue_id].add(article_id)
+            changed = [
+                issue_id
+                for issue_id, content in cached.items()
+                if current[issue_id] != {a.id for a in content.articles}
+            ]
+            for issue_id in changed:
+                self._contents[issue_id] = load_content(conn, issue_id, self.settings)
+        if changed:
+            # Composers render the articles they were made with: the changed issues' go too.
+            self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
+
+    def hidden(self, d: Claimed) -> frozenset[int]:
+        """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
+        digest = self._digests.get(d.digest)
+        resend_updates = digest is not None and digest.include_updates
+        return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
