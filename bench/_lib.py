@@ -460,11 +460,31 @@ def example_articles(now: datetime) -> list[Any]:
 WEEK_COPIES = int(os.environ.get("MAILER_BENCH_COPIES", "3"))
 
 
+def this_week(articles: list[Any], now: datetime) -> list[Any]:
+    """``articles`` moved in time so that the newest dated one was published an hour before
+    ``now`` (an undated one is dated ``now`` already).
+
+    The examples carry fixed dates, and their events end on fixed dates: moved as one, the
+    week keeps its shape, and no event is over, whatever day the benchmark runs.
+    """
+    shift = now - timedelta(hours=1) - max(a.published_at for a in articles if a.date_given)
+    return [
+        replace(
+            a,
+            published_at=a.published_at + shift,
+            expires_at=a.expires_at + shift if a.expires_at is not None else None,
+        )
+        if a.date_given
+        else a
+        for a in articles
+    ]
+
+
 def issue_articles(now: datetime) -> list[Any]:
     """The benchmark issue's articles: the examples, WEEK_COPIES times, newest first."""
     week = []
     for copy in range(WEEK_COPIES):
-        for a in example_articles(now):
+        for a in this_week(example_articles(now), now):
             if copy == 0:
                 week.append(a)
                 continue
@@ -653,8 +673,13 @@ def schema_head() -> str:
     return ScriptDirectory.from_config(config).get_current_head() or "base"
 
 
+def _built_on() -> str:
+    """The day in a template's name: its articles are dated relative to it (``this_week``)."""
+    return f"{datetime.now(UTC):%Y%m%d}"
+
+
 def _sqlite_template(n: int) -> Path:
-    path = WORK / f"template-sqlite-{n}-{schema_head()}-a{WEEK_COPIES}.db"
+    path = WORK / f"template-sqlite-{n}-{schema_head()}-a{WEEK_COPIES}-{_built_on()}.db"
     if path.exists():
         return path
     from mailer.db.engine import create_engine
@@ -673,7 +698,7 @@ def _sqlite_template(n: int) -> Path:
 
 
 def _pg_template(n: int) -> str:
-    name = f"mailer_bench_tpl_{n}_{schema_head()}_a{WEEK_COPIES}"
+    name = f"mailer_bench_tpl_{n}_{schema_head()}_a{WEEK_COPIES}_{_built_on()}"
     with _pg_admin() as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if exists:
