@@ -23,7 +23,7 @@ from mailer.config import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
-from mailer.delivery import ledger
+from mailer.delivery import claims, ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, apply_bounce
@@ -117,7 +117,7 @@ def test_a_group_commit_renews_the_other_held_leases_in_its_transaction(
     settings = make_settings(str(engine.url))
     issue_id = new_issue(engine, settings, ["a@example.org", "b@example.org", "c@example.org"])
     lease = timedelta(seconds=15)
-    claimed = ledger.claim(engine, owner="w", limit=10, lease=lease, now=NOW, issue_id=issue_id)
+    claimed = claims.claim(engine, owner="w", limit=10, lease=lease, now=NOW, issue_id=issue_id)
     later = NOW + timedelta(seconds=9)
     _, started = ledger.commit_progress(
         engine,
@@ -169,7 +169,7 @@ async def test_a_dead_processs_claims_are_taken_over_at_once(
     issue_id = new_issue(engine, settings, emails)
     gone = f"{HOST}:{dead_pid()}"
     # Its lease would hold for an hour; one row was in flight when it died.
-    claimed = ledger.claim(
+    claimed = claims.claim(
         engine, owner=gone, limit=10, lease=timedelta(hours=1), now=NOW, issue_id=issue_id
     )
     ledger.commit_progress(
@@ -510,7 +510,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
 def held_elsewhere(engine: sa.Engine, issue_id: int, *, lease: timedelta) -> list[int]:
     """Every delivery of the issue claimed at NOW by a worker on another host (never judged
     gone from here); their ids."""
-    claimed = ledger.claim(
+    claimed = claims.claim(
         engine, owner="elsewhere.example:1", limit=100, lease=lease, now=NOW, issue_id=issue_id
     )
     return [d.id for d in claimed]

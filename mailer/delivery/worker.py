@@ -31,7 +31,7 @@ from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.db.engine import writing
 from mailer.db.outages import DatabaseOutages
-from mailer.delivery import ledger
+from mailer.delivery import claims, ledger
 from mailer.delivery.composers import Composers
 from mailer.delivery.holders import Holders, OnWait
 from mailer.delivery.pacing import Backpressure
@@ -75,7 +75,7 @@ def worker_name() -> str:
 
 
 def apply_bounce(
-    conn: sa.Connection, delivery: ledger.Claimed, result: SendResult, now: datetime
+    conn: sa.Connection, delivery: claims.Claimed, result: SendResult, now: datetime
 ) -> None:
     """A 5xx at send time is a bounce like a DSN's: same events, same suppression rules;
     5.7.x (policy) and MAIL-stage refusals never suppress the subscriber. Run inside the
@@ -192,7 +192,7 @@ class Deliverer:
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
-        self._ahead: tuple[int | None, asyncio.Task[list[ledger.Claimed]]] | None = None
+        self._ahead: tuple[int | None, asyncio.Task[list[claims.Claimed]]] | None = None
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call`` in a thread; through a database outage, waited out and made again.
@@ -208,7 +208,7 @@ class Deliverer:
             except DatabaseUnavailable as exc:
                 await self.outages.wait(exc, self._stop)
 
-    def quiet(self, claimed: list[ledger.Claimed]) -> list[ledger.Claimed]:
+    def quiet(self, claimed: list[claims.Claimed]) -> list[claims.Claimed]:
         """Hand back bulk deliveries that fall in their digest's quiet hours; returns the rest."""
         now = self.clock()
         waiting: dict[datetime, list[int]] = {}
@@ -223,7 +223,7 @@ class Deliverer:
             else:
                 waiting.setdefault(until, []).append(d.id)
         for until, ids in waiting.items():
-            ledger.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
+            claims.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
         return ready
 
     def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
@@ -354,13 +354,13 @@ class Deliverer:
         since = min(now, self._claimed_at or now)
         return await self.holders.wait(issue_id, now=now, since=since, on_wait=on_wait, stop=stop)
 
-    def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
+    def claim(self, issue_id: int | None) -> list[claims.Claimed]:
         now = self._claimed_at = self.clock()
         resend = self.settings.smtp.in_doubt == "resend"
         if not resend:
-            ledger.hold_in_doubt(self.engine, now=now)
+            claims.hold_in_doubt(self.engine, now=now)
         while True:
-            claimed = ledger.claim(
+            claimed = claims.claim(
                 self.engine,
                 owner=self.owner,
                 limit=self.settings.smtp.batch_size,
@@ -448,7 +448,7 @@ class Deliverer:
         log.info("batch delivered", extra={"owner": self.owner, "counts": totals.counts})
         return totals.counts
 
-    async def _claimed(self, issue_id: int | None) -> list[ledger.Claimed]:
+    async def _claimed(self, issue_id: int | None) -> list[claims.Claimed]:
         """The next batch: the one claimed ahead if it was for the same issue, else a claim."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -460,7 +460,7 @@ class Deliverer:
 
     def _prefetch(
         self,
-        queue: deque[ledger.Claimed],
+        queue: deque[claims.Claimed],
         issue_id: int | None,
         low_water: int,
         stop: asyncio.Event | None,
@@ -470,7 +470,7 @@ class Deliverer:
             task = asyncio.create_task(self.db(self.claim, issue_id), name="claim-ahead")
             self._ahead = (issue_id, task)
 
-    async def _peek_prefetched(self, issue_id: int | None) -> list[ledger.Claimed]:
+    async def _peek_prefetched(self, issue_id: int | None) -> list[claims.Claimed]:
         """The batch claimed ahead (kept for the next ``run_batch``), or [] if there is none."""
         if self._ahead is None or self._ahead[0] != issue_id:
             return []
@@ -481,7 +481,7 @@ class Deliverer:
         if ahead is not None:
             await self._release(await ahead[1])
 
-    async def _release(self, claimed: list[ledger.Claimed]) -> None:
+    async def _release(self, claimed: list[claims.Claimed]) -> None:
         if claimed:
             ids = [d.id for d in claimed]
             await self.db(self._release_now, ids)
@@ -493,7 +493,7 @@ class Deliverer:
 
     async def _lane(
         self,
-        queue: deque[ledger.Claimed],
+        queue: deque[claims.Claimed],
         committer: _Committer,
         stop: asyncio.Event | None,
         popped: Callable[[], None] = lambda: None,
@@ -527,7 +527,7 @@ class Deliverer:
                 if finish_if_done(conn, issue_id, now):
                     log.info("issue sent", extra={"issue": issue_id})
 
-    async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
+    async def _deliver(self, d: claims.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
             composer = self.composers.composer(d.issue_id, self.composers.hidden(d))
