@@ -79,8 +79,8 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
     async with SmtpPool(settings.smtp) as pool:  # opens nothing until a message is sent
         worker = Deliverer(engine, settings, pool, owner="worker-a", clock=clock)
         claimed = worker.claim(issue_id)
-        assert len(claimed) == 6 and worker.held == {d.id for d in claimed}
-        assert worker.heartbeat_seconds == 5
+        assert len(claimed) == 6 and worker.leases.held == {d.id for d in claimed}
+        assert worker.leases.heartbeat_seconds == 5
         # One row given back, one taken by another worker behind this one's back.
         await worker._release([claimed[0]])
         with engine.begin() as conn:
@@ -90,7 +90,7 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
                 .values(lease_owner="worker-b", lease_expires_at=NOW + timedelta(hours=1))
             )
         clock.value = NOW + timedelta(seconds=10)
-        assert worker.renew_leases() == 4  # one UPDATE; the row taken over is not renewed
+        assert worker.leases.renew() == 4  # one UPDATE; the row taken over is not renewed
         got = leases(engine)
         renewed = NOW + timedelta(seconds=25)
         assert [got[d.id] for d in claimed[2:]] == [("worker-a", renewed)] * 4
@@ -101,10 +101,10 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
         other = Deliverer(engine, settings, pool, owner="worker-c", clock=lambda: renewed)
         assert [d.id for d in other.claim(issue_id)] == [claimed[0].id]  # the one given back
         # The background task renews by itself.
-        worker.heartbeat_seconds = 0.01
-        worker._renew_due = 0.0
+        worker.leases.heartbeat_seconds = 0.01
+        worker.leases._renew_due = 0.0
         clock.value = NOW + timedelta(seconds=20)
-        async with worker.leases_kept():
+        async with worker.leases.kept():
             deadline = time.monotonic() + 10
             while leases(engine)[claimed[2].id][1] != NOW + timedelta(seconds=35):
                 assert time.monotonic() < deadline, "the heartbeat never renewed"
