@@ -6,7 +6,7 @@
 * DKIM: ``DkimSigner.sign`` with an RSA-2048 key (OpenSSL);
 * SMTP: ``SmtpPool.send`` into Postfix's smtp-sink over C connections, CPU per message, next to
   aiosmtplib's own ``sendmail`` on the same connections (what the pool used before);
-* DB: ``ledger.claim`` (batches of 500) and ``ledger.commit_progress`` (group commits of G
+* DB: ``claims.claim`` (batches of 500) and ``ledger.commit_progress`` (group commits of G
   outcomes and G in-flight marks) per message, on SQLite and PostgreSQL;
 * ``--profile``: py-spy (installed into .venv if missing) samples ``mailer digest send``
   (one process, SQLite) and the samples are summed per part of the hot path.
@@ -164,12 +164,12 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
     from mailer.clock import now
     from mailer.compose.rendering import Renderer
     from mailer.db.engine import create_engine
-    from mailer.delivery import ledger
+    from mailer.delivery import claims, ledger
     from mailer.delivery.policy import Outcome, SendResult, Stage
     from mailer.delivery.worker import apply_bounce
     from mailer.issues.staff import open_issue
 
-    claims, commits = [], []
+    claim_cpu, commits = [], []
     ok = SendResult(Outcome.SENT, 250, "2.0.0 Ok: queued as 4F2C91234", Stage.DATA)
     lease = timedelta(minutes=5)
     for run in range(runs):
@@ -186,7 +186,7 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
             batches = []
             t = time.process_time()
             for _ in range(min(10, n // 500)):
-                batches += ledger.claim(
+                batches += claims.claim(
                     engine,
                     owner="parts",
                     limit=500,
@@ -194,8 +194,8 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
                     now=now(),
                     issue_id=issue.issue_id,
                 )
-            claims.append((time.process_time() - t) / len(batches))
-            previous: list[ledger.Claimed] = []
+            claim_cpu.append((time.process_time() - t) / len(batches))
+            previous: list[claims.Claimed] = []
             t = time.process_time()
             for i in range(0, len(batches), group):
                 chunk = batches[i : i + group]
@@ -216,7 +216,7 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
             _lib.discard_database(url)
     row(
         f"DB {kind}: claim per message",
-        _lib.median_range([x * 1e6 for x in claims]) + " µs",
+        _lib.median_range([x * 1e6 for x in claim_cpu]) + " µs",
         f"batches of 500, N={n:,}",
     )
     row(

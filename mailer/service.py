@@ -270,7 +270,7 @@ class Service:
                 sign=self.sign,
                 renderer=self.renderer,
             )
-            async with deliverer.leases_kept(self.stop):
+            async with deliverer.leases.kept(self.stop):
                 while not self.stop.is_set():
                     self.work.clear()
                     counts = await deliverer.run_batch(stop=self.stop)

@@ -12,7 +12,8 @@ from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
-from mailer.delivery import ledger
+from mailer.db.schema import deliveries
+from mailer.delivery import claims
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
@@ -131,7 +132,7 @@ async def test_nothing_new_for_a_subscriber_means_no_mail(
     assert len(smtp_server.received) == 1
     with engine.connect() as conn:
         reply = conn.scalar(
-            sa.select(ledger.deliveries.c.last_reply).where(ledger.deliveries.c.issue_id == weekly)
+            sa.select(deliveries.c.last_reply).where(deliveries.c.issue_id == weekly)
         )
     assert reply == "nothing new in the subscriber's topics"
 
@@ -150,12 +151,12 @@ def test_alert_deliveries_are_claimed_ahead_of_a_bulk_issue_in_flight(
         make_subscriber(engine, email=f"r{n}@example.org")
     publish(engine, "alpha", "base-alerts", NOW - timedelta(hours=1))
     bulk = issue(engine, settings, "weekly", NOW)
-    first = ledger.claim(engine, owner="w", limit=2, lease=timedelta(minutes=5), now=NOW)
+    first = claims.claim(engine, owner="w", limit=2, lease=timedelta(minutes=5), now=NOW)
     assert {d.issue_id for d in first} == {bulk}
     publish(engine, "bravo", "base-alerts", NOW + timedelta(minutes=1))
     alert = issue(engine, settings, "alerts", NOW + timedelta(minutes=2))
     later = NOW + timedelta(minutes=3)
-    nxt = ledger.claim(engine, owner="w", limit=6, lease=timedelta(minutes=5), now=later)
+    nxt = claims.claim(engine, owner="w", limit=6, lease=timedelta(minutes=5), now=later)
     assert [d.issue_id for d in nxt] == [alert] * 6
 
 

@@ -185,7 +185,7 @@ def test_migrations_build_the_schema_the_code_declares(engine: sa.Engine) -> Non
 def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from mailer.delivery import ledger
+    from mailer.delivery import claims
 
     engine = create_engine(f"sqlite:///{tmp_path / 'plan.db'}")
     try:
@@ -203,7 +203,7 @@ def test_sqlite_claims_read_their_batch_off_the_claim_indexes(tmp_path: Path) ->
 
         now = datetime.now(UTC)
         for issue_id in (None, 1):
-            ledger.claim(
+            claims.claim(
                 engine,
                 owner="w",
                 limit=10,

@@ -23,7 +23,7 @@ from mailer.config import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
-from mailer.delivery import ledger
+from mailer.delivery import claims, ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, apply_bounce
@@ -79,8 +79,8 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
     async with SmtpPool(settings.smtp) as pool:  # opens nothing until a message is sent
         worker = Deliverer(engine, settings, pool, owner="worker-a", clock=clock)
         claimed = worker.claim(issue_id)
-        assert len(claimed) == 6 and worker.held == {d.id for d in claimed}
-        assert worker.heartbeat_seconds == 5
+        assert len(claimed) == 6 and worker.leases.held == {d.id for d in claimed}
+        assert worker.leases.heartbeat_seconds == 5
         # One row given back, one taken by another worker behind this one's back.
         await worker._release([claimed[0]])
         with engine.begin() as conn:
@@ -90,7 +90,7 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
                 .values(lease_owner="worker-b", lease_expires_at=NOW + timedelta(hours=1))
             )
         clock.value = NOW + timedelta(seconds=10)
-        assert worker.renew_leases() == 4  # one UPDATE; the row taken over is not renewed
+        assert worker.leases.renew() == 4  # one UPDATE; the row taken over is not renewed
         got = leases(engine)
         renewed = NOW + timedelta(seconds=25)
         assert [got[d.id] for d in claimed[2:]] == [("worker-a", renewed)] * 4
@@ -101,10 +101,10 @@ async def test_the_heartbeat_renews_every_lease_held_and_only_those(engine: sa.E
         other = Deliverer(engine, settings, pool, owner="worker-c", clock=lambda: renewed)
         assert [d.id for d in other.claim(issue_id)] == [claimed[0].id]  # the one given back
         # The background task renews by itself.
-        worker.heartbeat_seconds = 0.01
-        worker._renew_due = 0.0
+        worker.leases.heartbeat_seconds = 0.01
+        worker.leases._renew_due = 0.0
         clock.value = NOW + timedelta(seconds=20)
-        async with worker.leases_kept():
+        async with worker.leases.kept():
             deadline = time.monotonic() + 10
             while leases(engine)[claimed[2].id][1] != NOW + timedelta(seconds=35):
                 assert time.monotonic() < deadline, "the heartbeat never renewed"
@@ -117,7 +117,7 @@ def test_a_group_commit_renews_the_other_held_leases_in_its_transaction(
     settings = make_settings(str(engine.url))
     issue_id = new_issue(engine, settings, ["a@example.org", "b@example.org", "c@example.org"])
     lease = timedelta(seconds=15)
-    claimed = ledger.claim(engine, owner="w", limit=10, lease=lease, now=NOW, issue_id=issue_id)
+    claimed = claims.claim(engine, owner="w", limit=10, lease=lease, now=NOW, issue_id=issue_id)
     later = NOW + timedelta(seconds=9)
     _, started = ledger.commit_progress(
         engine,
@@ -169,7 +169,7 @@ async def test_a_dead_processs_claims_are_taken_over_at_once(
     issue_id = new_issue(engine, settings, emails)
     gone = f"{HOST}:{dead_pid()}"
     # Its lease would hold for an hour; one row was in flight when it died.
-    claimed = ledger.claim(
+    claimed = claims.claim(
         engine, owner=gone, limit=10, lease=timedelta(hours=1), now=NOW, issue_id=issue_id
     )
     ledger.commit_progress(
@@ -510,7 +510,7 @@ def test_a_drain_waits_for_a_live_workers_lease_says_so_then_finishes(
 def held_elsewhere(engine: sa.Engine, issue_id: int, *, lease: timedelta) -> list[int]:
     """Every delivery of the issue claimed at NOW by a worker on another host (never judged
     gone from here); their ids."""
-    claimed = ledger.claim(
+    claimed = claims.claim(
         engine, owner="elsewhere.example:1", limit=100, lease=lease, now=NOW, issue_id=issue_id
     )
     return [d.id for d in claimed]

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.db.schema import deliveries, subscribers
-from mailer.delivery import ledger
+from mailer.delivery import claims, ledger
 from mailer.delivery.policy import Outcome, SendResult, Stage
 from mailer.delivery.worker import apply_bounce
 from tests.factories import NOW, make_settings
@@ -22,11 +22,11 @@ class HookFailed(Exception):
     pass
 
 
-def in_flight(engine: sa.Engine, email: str) -> ledger.Claimed:
+def in_flight(engine: sa.Engine, email: str) -> claims.Claimed:
     """A claimed delivery to ``email``, marked in flight as a lane would before sending it."""
     settings = make_settings(str(engine.url))
     issue_id = new_issue(engine, settings, [email])
-    (claimed,) = ledger.claim(engine, owner="w", limit=10, lease=LEASE, now=NOW, issue_id=issue_id)
+    (claimed,) = claims.claim(engine, owner="w", limit=10, lease=LEASE, now=NOW, issue_id=issue_id)
     ledger.commit_progress(
         engine,
         results=[],
@@ -40,7 +40,7 @@ def in_flight(engine: sa.Engine, email: str) -> ledger.Claimed:
     return claimed
 
 
-def record(engine: sa.Engine, claimed: ledger.Claimed, hook: ledger.BounceHook) -> None:
+def record(engine: sa.Engine, claimed: claims.Claimed, hook: ledger.BounceHook) -> None:
     ledger.commit_progress(
         engine,
         results=[ledger.Result(claimed, REFUSED)],
@@ -53,7 +53,7 @@ def record(engine: sa.Engine, claimed: ledger.Claimed, hook: ledger.BounceHook) 
     )
 
 
-def state(engine: sa.Engine, claimed: ledger.Claimed) -> tuple[str, str]:
+def state(engine: sa.Engine, claimed: claims.Claimed) -> tuple[str, str]:
     with engine.connect() as conn:
         delivery = conn.scalar(sa.select(deliveries.c.status).where(deliveries.c.id == claimed.id))
         subscriber = conn.scalar(
@@ -68,7 +68,7 @@ def test_a_hard_bounce_marks_the_subscriber_in_the_commit_that_records_it(
     claimed = in_flight(engine, "gone@example.org")
     seen: list[tuple[int, SendResult, datetime]] = []
 
-    def hook(conn: sa.Connection, d: ledger.Claimed, result: SendResult, now: datetime) -> None:
+    def hook(conn: sa.Connection, d: claims.Claimed, result: SendResult, now: datetime) -> None:
         seen.append((d.id, result, now))
         apply_bounce(conn, d, result, now)
 
@@ -80,7 +80,7 @@ def test_a_hard_bounce_marks_the_subscriber_in_the_commit_that_records_it(
 def test_a_failing_bounce_hook_leaves_the_delivery_unrecorded(engine: sa.Engine) -> None:
     claimed = in_flight(engine, "gone@example.org")
 
-    def hook(conn: sa.Connection, d: ledger.Claimed, result: SendResult, now: datetime) -> None:
+    def hook(conn: sa.Connection, d: claims.Claimed, result: SendResult, now: datetime) -> None:
         apply_bounce(conn, d, result, now)
         raise HookFailed
 

@@ -1,1 +1,1 @@
-"""Delivery: the ledger, the worker, the SMTP pool and its fast path, helper processes."""
+"""Delivery: claims, the ledger, the worker, the SMTP pool and its fast path, helper processes."""

@@ -2,7 +2,7 @@
 
 An issue's content is read once, as its first batch starts, and read again when its articles
 change (an article removed by staff); a subscriber's message leaves out the articles another
-issue already brought them (``ledger.Claimed.seen``) and those that expired since the issue was
+issue already brought them (``claims.Claimed.seen``) and those that expired since the issue was
 made.
 """
 
@@ -19,7 +19,7 @@ from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.db.engine import reading
 from mailer.db.schema import issue_articles
-from mailer.delivery.ledger import Claimed
+from mailer.delivery.claims import Claimed
 from mailer.issues.store import load_content
 from mailer.models import IssueContent
 

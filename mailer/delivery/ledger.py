@@ -1,8 +1,9 @@
-"""The delivery ledger: claims, in-flight marks and outcomes, in group commits.
+"""The delivery ledger: in-flight marks, outcomes and leases, written in group commits.
 
 A delivery's life: ``queued`` → claimed (a lease: ``lease_owner`` and ``lease_expires_at``
-set, status unchanged) → ``sending`` (in flight: its bytes may be on the wire) → ``sent`` |
-``deferred`` (queued again later) | ``bounced`` | ``failed`` | ``cancelled``.
+set, status unchanged; mailer.delivery.claims) → ``sending`` (in flight: its bytes may be on
+the wire) → ``sent`` | ``deferred`` (queued again later) | ``bounced`` | ``failed`` |
+``cancelled``.
 
 Crash bound. A worker marks a delivery ``sending`` in the same transaction that records the
 outcome of the previous message on that SMTP connection, and starts DATA only after that
@@ -11,10 +12,10 @@ those are the only rows whose fate a crash can leave unknown. Claimed rows not y
 keep their old status and simply return to the queue when the lease expires. In-doubt rows
 are re-sent with the same Message-ID, or held as ``unknown``, by ``[smtp].in_doubt``.
 
-Claims take a batch at once (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; the ``BEGIN
-IMMEDIATE`` write lock on SQLite), so concurrent workers never share a row. Outcomes are
-written for many connections in one transaction: a transaction per message was measured at
-about 200 messages per second.
+Outcomes are written for many connections in one transaction: a transaction per message was
+measured at about 200 messages per second. The leases live here too: a renewal rides on a
+group commit when one falls due, and the rest (who holds what, ending a dead owner's leases,
+handing rows back) are the same few columns of the same rows.
 """
 
 from __future__ import annotations
@@ -30,54 +31,11 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from mailer.config import SmtpSettings
 from mailer.db.engine import reading, writing
-from mailer.db.schema import (
-    SENDING_ROW,
-    WAITING_ROW,
-    articles,
-    deliveries,
-    issue_articles,
-    issues,
-    subscriber_topics,
-    subscribers,
-)
+from mailer.db.schema import SENDING_ROW, WAITING_ROW, deliveries
+from mailer.delivery.claims import Claimed, one_of
 from mailer.delivery.policy import SendResult, settle
 
 WAITING = ("queued", "deferred")
-
-
-def _one_of(column: sa.ColumnElement[Any], name: str, *, arrays: bool) -> sa.ColumnElement[bool]:
-    """``column`` is one of the ids bound as ``name``: one array parameter on PostgreSQL
-    (``arrays``), an expanding IN list on SQLite.
-
-    As an IN list, a claim's 500 ids were 500 parameters: psycopg caches its conversion of a
-    statement's placeholders only up to 50 parameters, so it parsed the 500 again on every
-    execution (8 % of the samples of a PostgreSQL send), and the server planned a statement
-    with 500 parameters. As an array the statement text is the same for any number of ids, so
-    psycopg prepares it once.
-    """
-    if arrays:
-        return column == sa.any_(sa.bindparam(name, type_=ARRAY(sa.BigInteger)))
-    return column.in_(sa.bindparam(name, expanding=True))
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A delivery this worker holds the lease on, with what it needs to build the message."""
-
-    id: int
-    issue_id: int
-    subscriber_id: int
-    email: str
-    name: str
-    uid: str
-    topics: tuple[str, ...]
-    message_id: str
-    attempts: int
-    created_at: datetime
-    digest: str = ""
-    # This issue's articles the subscriber already received in another issue, each with
-    # whether the article was updated since (a digest may send updated ones again).
-    seen: tuple[tuple[int, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,271 +45,6 @@ class Result:
     delivery: Claimed
     outcome: SendResult | None  # None: nothing to send (no article in the subscriber's topics)
     error: str | None = None  # the message could not be built for this recipient: failed
-
-
-def _free(now: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at < now)
-
-
-def hold_in_doubt(engine: sa.Engine, *, now: datetime) -> int:
-    """Mark deliveries whose worker died mid-send ``unknown`` (the "hold" policy)."""
-    with writing(engine) as conn:
-        return conn.execute(
-            deliveries.update()
-            .where(SENDING_ROW, deliveries.c.lease_expires_at < now)
-            .values(
-                status="unknown",
-                last_reply="worker stopped while sending; may have been delivered",
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        ).rowcount
-
-
-def claim(
-    engine: sa.Engine,
-    *,
-    owner: str,
-    limit: int,
-    lease: timedelta,
-    now: datetime,
-    issue_id: int | None = None,
-    resend_in_doubt: bool = True,
-) -> list[Claimed]:
-    """Lease up to ``limit`` due deliveries to ``owner``, in claim order (priority first, then
-    the oldest due, then the lowest id).
-
-    Due: queued or deferred with ``next_attempt_at`` passed and no live lease; with
-    ``resend_in_doubt``, also rows left ``sending`` under an expired lease (their worker died).
-
-    Only choosing and leasing the rows happens in the write transaction (on SQLite it holds the
-    database's one write lock, which every group commit of every worker waits for); what the
-    messages need is read afterwards, from rows that are ours by then.
-    """
-    with writing(engine) as conn:
-        ids = _due(conn, limit=limit, now=now, issue_id=issue_id, resend_in_doubt=resend_in_doubt)
-        if not ids:
-            return []
-        statements = _CLAIM[conn.dialect.name == "postgresql"]
-        conn.execute(
-            statements.lease,
-            {"ids": ids, "_owner": owner, "_expires": now + lease, "_now": now},
-        )
-    with reading(engine) as conn:
-        rows = conn.execute(statements.rows, {"ids": ids}).all()
-        # Someone who unsubscribed or paused after the snapshot gets nothing more.
-        live = [r for r in rows if _receiving(r.status, r.paused_until, now)]
-        topics: dict[int, list[str]] = {r.subscriber_id: [] for r in live}
-        if topics:
-            for sid, topic in conn.execute(statements.topics, {"ids": list(topics)}):
-                topics[sid].append(topic)
-        seen = _seen(conn, live, statements.arrays)
-    if len(live) < len(rows):
-        gone = [r.id for r in rows if not _receiving(r.status, r.paused_until, now)]
-        with writing(engine) as conn:
-            conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id.in_(gone))
-                .values(
-                    status="cancelled",
-                    last_reply="subscriber no longer receiving",
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
-                )
-            )
-    # Unpacked by position: a named attribute of a Row costs more than the rest of the loop.
-    return [
-        Claimed(
-            id=id_,
-            issue_id=issue,
-            subscriber_id=sid,
-            email=email,
-            name=name,
-            uid=uid,
-            topics=tuple(topics[sid]),
-            message_id=message_id,
-            attempts=attempts,
-            created_at=created_at,
-            digest=digest,
-            seen=tuple(sorted(seen[sid].items())) if sid in seen else (),
-        )
-        for (
-            id_,
-            issue,
-            sid,
-            message_id,
-            attempts,
-            created_at,
-            email,
-            name,
-            uid,
-            _status,
-            _paused_until,
-            digest,
-        ) in live
-    ]
-
-
-def _due(
-    conn: sa.Connection,
-    *,
-    limit: int,
-    now: datetime,
-    issue_id: int | None,
-    resend_in_doubt: bool,
-) -> list[int]:
-    """The ids of the first ``limit`` due rows in claim order, locked (SKIP LOCKED) until the
-    transaction ends.
-
-    One query per kind of due row instead of one with an OR (waiting rows; rows in doubt),
-    merged here: each reads its own partial index (``ix_deliveries_issue_waiting`` or
-    ``ix_deliveries_waiting``, in claim order, so the batch is the index's first rows;
-    ``ix_deliveries_sending``), where the OR made both databases sort every row of the issue on
-    every claim. Within one issue every row has the same priority (``issues._snapshot`` sets it
-    from the digest, and nothing changes it), so an issue's rows are read in
-    (next_attempt_at, id) order.
-    """
-    free = _free(now)
-    waiting = sa.and_(WAITING_ROW, deliveries.c.next_attempt_at <= now)
-    branches = [waiting]
-    if resend_in_doubt:
-        branches.append(SENDING_ROW)
-    order: tuple[sa.ColumnElement[Any], ...] = (deliveries.c.next_attempt_at, deliveries.c.id)
-    if issue_id is None:
-        order = (deliveries.c.priority.desc(), *order)
-    candidates: list[Any] = []
-    for due in branches:
-        query = sa.select(deliveries.c.id, deliveries.c.priority, deliveries.c.next_attempt_at)
-        query = query.where(due, free)
-        if issue_id is not None:
-            query = query.where(deliveries.c.issue_id == issue_id)
-        query = query.order_by(*order).limit(limit).with_for_update(skip_locked=True)
-        candidates.extend(conn.execute(query).all())
-    if len(branches) > 1:
-        candidates.sort(key=lambda r: (-r.priority, r.next_attempt_at, r.id))
-    return [r.id for r in candidates[:limit]]
-
-
-@dataclass(frozen=True)
-class _ClaimStatements:
-    """A claim's statements for one kind of id list (``_one_of``), built once: building them
-    per claim (and a list of literal ids, a bound parameter object each) cost more CPU than
-    the database spent running them."""
-
-    arrays: bool
-    lease: sa.Update
-    rows: sa.Select[Any]
-    topics: sa.Select[Any]
-
-    @classmethod
-    def build(cls, *, arrays: bool) -> _ClaimStatements:
-        lease = (
-            deliveries.update()
-            .where(_one_of(deliveries.c.id, "ids", arrays=arrays))
-            .values(
-                lease_owner=sa.bindparam("_owner"),
-                lease_expires_at=sa.bindparam("_expires"),
-                updated_at=sa.bindparam("_now"),
-            )
-        )
-        rows = (
-            sa.select(
-                deliveries.c.id,
-                deliveries.c.issue_id,
-                deliveries.c.subscriber_id,
-                deliveries.c.message_id,
-                deliveries.c.attempts,
-                deliveries.c.created_at,
-                subscribers.c.email,
-                subscribers.c.name,
-                subscribers.c.uid,
-                subscribers.c.status,
-                subscribers.c.paused_until,
-                issues.c.digest,
-            )
-            .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
-            .join(issues, issues.c.id == deliveries.c.issue_id)
-            .where(_one_of(deliveries.c.id, "ids", arrays=arrays))
-            .order_by(deliveries.c.id)
-        )
-        topics = (
-            sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic)
-            .where(_one_of(subscriber_topics.c.subscriber_id, "ids", arrays=arrays))
-            .order_by(subscriber_topics.c.topic)
-        )
-        return cls(arrays, lease, rows, topics)
-
-
-# By ``arrays``: PostgreSQL (True), SQLite (False).
-_CLAIM = {arrays: _ClaimStatements.build(arrays=arrays) for arrays in (False, True)}
-
-
-def _seen(conn: sa.Connection, rows: Sequence[Any], arrays: bool) -> dict[int, dict[int, bool]]:
-    """Per subscriber: which of these issues' articles another issue already brought them.
-
-    First the other issues that share an article with these (``issue_articles`` is small),
-    then only those issues' deliveries to these subscribers, through the
-    (issue_id, subscriber_id) index. Asked in one join instead, PostgreSQL planned it over
-    every sent delivery while the table's statistics lagged behind a fresh issue: its CPU per
-    message grew with the list (≈ 720 µs at 100,000).
-    """
-    if not rows:
-        return {}
-    batch_issues = sorted({r.issue_id for r in rows})
-    shared = sa.select(issue_articles.c.article_id).where(
-        issue_articles.c.issue_id.in_(batch_issues)
-    )
-    earlier = conn.scalars(
-        sa.select(issue_articles.c.issue_id)
-        .where(issue_articles.c.article_id.in_(shared))
-        .where(issue_articles.c.issue_id.not_in(batch_issues))
-        .distinct()
-    ).all()
-    if not earlier:
-        return {}
-    previous = deliveries.alias("previous")
-    query = (
-        sa.select(
-            previous.c.subscriber_id,
-            issue_articles.c.article_id,
-            (articles.c.updated_at > previous.c.sent_at).label("updated"),
-        )
-        .join(issue_articles, issue_articles.c.issue_id == previous.c.issue_id)
-        .join(articles, articles.c.id == issue_articles.c.article_id)
-        .where(
-            previous.c.issue_id.in_(earlier),
-            _one_of(previous.c.subscriber_id, "ids", arrays=arrays),
-            previous.c.status == "sent",
-            issue_articles.c.article_id.in_(shared),
-        )
-    )
-    seen: dict[int, dict[int, bool]] = {}
-    for sid, article_id, updated in conn.execute(
-        query, {"ids": sorted({r.subscriber_id for r in rows})}
-    ):
-        mine = seen.setdefault(sid, {})
-        mine[article_id] = bool(updated) and mine.get(article_id, True)
-    return seen
-
-
-def postpone(
-    engine: sa.Engine, ids: Sequence[int], *, owner: str, until: datetime, now: datetime
-) -> None:
-    """Hand claimed rows back with a later due time (quiet hours)."""
-    if not ids:
-        return
-    with writing(engine) as conn:
-        conn.execute(
-            deliveries.update()
-            .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
-            .values(next_attempt_at=until, lease_owner=None, lease_expires_at=None, updated_at=now)
-        )
-
-
-def _receiving(status: str, paused_until: datetime | None, now: datetime) -> bool:
-    return status == "active" and (paused_until is None or paused_until <= now)
 
 
 def _outcome_row(
@@ -417,9 +110,10 @@ def _start(chosen: sa.ColumnElement[bool]) -> sa.UpdateBase:
     )
 
 
-# By ``arrays``, as _CLAIM: on PostgreSQL the ids to start go as one array.
+# By ``arrays``, as a claim's statements (claims._CLAIM): on PostgreSQL the ids to start go as
+# one array.
 _START = {
-    arrays: _start(_one_of(deliveries.c.id, "_ids", arrays=arrays)) for arrays in (False, True)
+    arrays: _start(one_of(deliveries.c.id, "_ids", arrays=arrays)) for arrays in (False, True)
 }
 
 
@@ -514,14 +208,14 @@ def commit_progress(
     return counts, started
 
 
-# The heartbeat's one statement, by ``arrays`` as _CLAIM. Keyed by id (the worker knows what it
-# holds) rather than by owner: lease_owner has no index, and a renewal every few seconds must
-# not read the whole table. ``updated_at`` is the owner's latest sign of life
+# The heartbeat's one statement, by ``arrays`` as claims._CLAIM. Keyed by id (the worker knows
+# what it holds) rather than by owner: lease_owner has no index, and a renewal every few seconds
+# must not read the whole table. ``updated_at`` is the owner's latest sign of life
 # (mailer.delivery.owners).
 _RENEW = {
     arrays: deliveries.update()
     .where(
-        _one_of(deliveries.c.id, "_ids", arrays=arrays),
+        one_of(deliveries.c.id, "_ids", arrays=arrays),
         deliveries.c.lease_owner == sa.bindparam("_owner"),
     )
     .values(lease_expires_at=sa.bindparam("_expires"), updated_at=sa.bindparam("_now"))

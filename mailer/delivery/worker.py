@@ -1,23 +1,23 @@
 """The delivery loop: claim a batch, send it over the pool's connections, commit in groups.
 
 One *lane* per SMTP connection takes the batch's deliveries one at a time. Before a lane sends
-a message it hands the previous message's outcome and the new message's id to the committer,
-and waits: the committer writes what every waiting lane handed it in one transaction (a group
-commit), which both records the outcomes and marks the new messages in flight. That ordering
-is what bounds a crash to at most one in-doubt message per connection (see mailer.delivery.ledger).
+a message it hands the previous message's outcome and the new message's id to the committer
+(mailer.delivery.commits), and waits: the committer writes what every waiting lane handed it
+in one transaction (a group commit), which both records the outcomes and marks the new
+messages in flight. That ordering is what bounds a crash to at most one in-doubt message per
+connection (see mailer.delivery.ledger). Claims are mailer.delivery.claims', the leases this
+worker holds mailer.delivery.leases'.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ParamSpec, TypeVar
@@ -31,9 +31,11 @@ from mailer.compose.rendering import Renderer
 from mailer.config import Settings
 from mailer.db.engine import writing
 from mailer.db.outages import DatabaseOutages
-from mailer.delivery import ledger
+from mailer.delivery import claims, ledger
+from mailer.delivery.commits import Committer, Handoff
 from mailer.delivery.composers import Composers
 from mailer.delivery.holders import Holders, OnWait
+from mailer.delivery.leases import Leases
 from mailer.delivery.pacing import Backpressure
 from mailer.delivery.policy import SendResult
 from mailer.delivery.pool import SmtpPool
@@ -75,7 +77,7 @@ def worker_name() -> str:
 
 
 def apply_bounce(
-    conn: sa.Connection, delivery: ledger.Claimed, result: SendResult, now: datetime
+    conn: sa.Connection, delivery: claims.Claimed, result: SendResult, now: datetime
 ) -> None:
     """A 5xx at send time is a bounce like a DSN's: same events, same suppression rules;
     5.7.x (policy) and MAIL-stage refusals never suppress the subscriber. Run inside the
@@ -89,53 +91,6 @@ def apply_bounce(
         message_id=delivery.message_id,
         now=now,
     )
-
-
-@dataclass
-class _Handoff:
-    result: ledger.Result | None
-    start: int | None
-    done: asyncio.Future[bool]
-
-
-class _Committer:
-    """Collects lanes' handoffs and writes each collection in one transaction."""
-
-    def __init__(self, deliverer: Deliverer, totals: Totals) -> None:
-        self.deliverer = deliverer
-        self.totals = totals
-        self.pending: list[_Handoff] = []
-        self.wake = asyncio.Event()
-        self.closed = False
-
-    async def handoff(self, result: ledger.Result | None, start: int | None) -> bool:
-        """Record ``result``, mark ``start`` in flight; True once ``start`` may be sent."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Handoff(result, start, done))
-        self.wake.set()
-        return await done
-
-    async def run(self) -> None:
-        while not (self.closed and not self.pending):
-            await self.wake.wait()
-            self.wake.clear()
-            batch, self.pending = self.pending, []
-            if not batch:
-                continue
-            try:
-                counts, started = await self.deliverer.db(self.deliverer.commit, batch)
-            except BaseException as exc:
-                for handoff in batch:
-                    if not handoff.done.done():
-                        handoff.done.set_exception(exc)
-                raise
-            self.totals.add(counts)
-            for handoff in batch:
-                handoff.done.set_result(handoff.start in started)
-
-    def close(self) -> None:
-        self.closed = True
-        self.wake.set()
 
 
 class Deliverer:
@@ -169,20 +124,9 @@ class Deliverer:
         self.clock = clock
         self.sign = sign
         self.lease = timedelta(seconds=settings.smtp.lease_seconds)
-        # Leases are renewed three times per lease: two renewals can fail (a slow commit, a
-        # database hiccup) before another worker may take the rows.
-        self.heartbeat_seconds = settings.smtp.lease_seconds / 3
-        # The ids this worker holds a lease on (claimed, not yet recorded or released); changed
-        # from the loop and from the threads that claim and commit.
-        self._held: set[int] = set()
-        self._held_lock = threading.Lock()
-        # Taken by every write to held rows (group commits, renewals, releases): two of them
-        # at once, from two threads, could lock the same rows in opposite orders (PostgreSQL
-        # would abort one as a deadlock).
-        self._writes = threading.Lock()
-        self._renew_due = time.monotonic() + self.heartbeat_seconds
+        self.leases = Leases(engine, self.owner, lease=self.lease, clock=clock)
         self.holders = Holders(
-            engine, self.owner, db=self.db, heartbeat_seconds=self.heartbeat_seconds
+            engine, self.owner, db=self.db, heartbeat_seconds=self.leases.heartbeat_seconds
         )
         self._claimed_at: datetime | None = None  # when the latest claim chose its rows
         # Parsed once: parseaddr of the From: address costs about 100 µs, per message a sixth
@@ -192,7 +136,7 @@ class Deliverer:
         self._digests = {d.key: d for d in settings.digests}
         self.backpressure = Backpressure()
         # The next batch, claimed ahead while the current one drains: (issue_id, its claim).
-        self._ahead: tuple[int | None, asyncio.Task[list[ledger.Claimed]]] | None = None
+        self._ahead: tuple[int | None, asyncio.Task[list[claims.Claimed]]] | None = None
 
     async def db(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``call`` in a thread; through a database outage, waited out and made again.
@@ -208,7 +152,7 @@ class Deliverer:
             except DatabaseUnavailable as exc:
                 await self.outages.wait(exc, self._stop)
 
-    def quiet(self, claimed: list[ledger.Claimed]) -> list[ledger.Claimed]:
+    def quiet(self, claimed: list[claims.Claimed]) -> list[claims.Claimed]:
         """Hand back bulk deliveries that fall in their digest's quiet hours; returns the rest."""
         now = self.clock()
         waiting: dict[datetime, list[int]] = {}
@@ -223,13 +167,15 @@ class Deliverer:
             else:
                 waiting.setdefault(until, []).append(d.id)
         for until, ids in waiting.items():
-            ledger.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
+            claims.postpone(self.engine, ids, owner=self.owner, until=until, now=now)
         return ready
 
-    def commit(self, batch: list[_Handoff]) -> tuple[dict[str, int], set[int]]:
+    def commit(self, batch: list[Handoff]) -> tuple[dict[str, int], set[int]]:
+        """Write one group commit of the lanes' handoffs (``Committer``); the counts by new
+        status and the ids started."""
         results = [h.result for h in batch if h.result is not None]
         starts = [h.start for h in batch if h.start is not None]
-        with self._writes:
+        with self.leases.writes:
             counts, started = ledger.commit_progress(
                 self.engine,
                 results=results,
@@ -241,97 +187,12 @@ class Deliverer:
                 on_bounce=apply_bounce,
                 # The heartbeat rides on a group commit when one falls due: no extra
                 # transaction.
-                renew=self._renewal(),
+                renew=self.leases.renewal(),
             )
-        self._let_go([r.delivery.id for r in results] + [i for i in starts if i not in started])
+        self.leases.let_go(
+            [r.delivery.id for r in results] + [i for i in starts if i not in started]
+        )
         return counts, started
-
-    # ------------------------------------------------------------ leases
-
-    @property
-    def held(self) -> frozenset[int]:
-        """The deliveries this worker holds a lease on."""
-        with self._held_lock:
-            return frozenset(self._held)
-
-    def _hold(self, ids: Iterable[int]) -> None:
-        with self._held_lock:
-            self._held.update(ids)
-
-    def _let_go(self, ids: Iterable[int]) -> None:
-        with self._held_lock:
-            self._held.difference_update(ids)
-
-    def _renewal(self) -> list[int]:
-        """The held ids if a renewal is due (and mark it done), else []."""
-        if time.monotonic() < self._renew_due:
-            return []
-        self._renew_due = time.monotonic() + self.heartbeat_seconds
-        return sorted(self.held)
-
-    def renew_leases(self, ids: Sequence[int] | None = None) -> int:
-        """Extend every lease this worker holds (or those of ``ids``) to now + lease, in one
-        UPDATE; returns how many rows it still held."""
-        ids = sorted(self.held) if ids is None else ids
-        with self._writes:
-            held = ledger.renew(
-                self.engine, ids, owner=self.owner, lease=self.lease, now=self.clock()
-            )
-        # Rows recorded by a group commit meanwhile are no longer held, and not lost.
-        lost = len(self.held.intersection(ids)) - held
-        if lost > 0:
-            log.warning(
-                "leases lost: another worker took over rows this one held",
-                extra={"owner": self.owner, "lost": lost},
-            )
-        return held
-
-    async def _heartbeat(self) -> None:
-        """Renew the held leases every ``heartbeat_seconds`` that no group commit did it."""
-        while True:
-            delay = self._renew_due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            ids = self._renewal()
-            if not ids:
-                continue
-            try:
-                await asyncio.to_thread(self.renew_leases, ids)
-            except DatabaseUnavailable:
-                # An outage: the lanes' own calls wait it out and log it once (self.outages);
-                # while it lasts nothing new goes in flight. Renew again soon.
-                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
-            except sa.exc.SQLAlchemyError as exc:
-                # Any other database error: the next group commit fails the same way, and
-                # while it lasts nothing new goes in flight. Try again soon.
-                log.warning("lease renewal failed", extra={"owner": self.owner, "error": str(exc)})
-                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
-
-    @contextlib.asynccontextmanager
-    async def leases_kept(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:
-        """Keep this worker's leases alive for the block (a named background task).
-
-        If the heartbeat dies (a bug, not an outage), ``stop`` is set so the lanes finish
-        their messages and the rest is released, and the error is raised at the block's end.
-        """
-
-        def watch(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("lease heartbeat failed", exc_info=task.exception())
-                if stop is not None:
-                    stop.set()
-
-        task = asyncio.create_task(self._heartbeat(), name=f"lease-heartbeat:{self.owner}")
-        task.add_done_callback(watch)
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
 
     async def take_over_dead(self, issue_id: int | None = None) -> bool:
         """End now the leases held by dead processes of this host on due deliveries (of
@@ -354,13 +215,13 @@ class Deliverer:
         since = min(now, self._claimed_at or now)
         return await self.holders.wait(issue_id, now=now, since=since, on_wait=on_wait, stop=stop)
 
-    def claim(self, issue_id: int | None) -> list[ledger.Claimed]:
+    def claim(self, issue_id: int | None) -> list[claims.Claimed]:
         now = self._claimed_at = self.clock()
         resend = self.settings.smtp.in_doubt == "resend"
         if not resend:
-            ledger.hold_in_doubt(self.engine, now=now)
+            claims.hold_in_doubt(self.engine, now=now)
         while True:
-            claimed = ledger.claim(
+            claimed = claims.claim(
                 self.engine,
                 owner=self.owner,
                 limit=self.settings.smtp.batch_size,
@@ -374,7 +235,7 @@ class Deliverer:
             # Postponed rows are due later, so this loop ends.
             ready = self.quiet(claimed)
             if ready:
-                self._hold(d.id for d in ready)
+                self.leases.hold(d.id for d in ready)
                 return ready
 
     async def run_batch(
@@ -413,7 +274,7 @@ class Deliverer:
         await self.db(self.composers.refresh, {d.issue_id for d in claimed})
         queue = deque(claimed)
         totals = Totals()
-        committer = _Committer(self, totals)
+        committer = Committer(lambda batch: self.db(self.commit, batch), totals.add)
         commit_task = asyncio.create_task(committer.run(), name="delivery-committer")
         lanes_count = min(self.settings.smtp.connections, len(claimed))
         # Claim the next batch while this one's last messages go out, so that no lane waits
@@ -448,7 +309,7 @@ class Deliverer:
         log.info("batch delivered", extra={"owner": self.owner, "counts": totals.counts})
         return totals.counts
 
-    async def _claimed(self, issue_id: int | None) -> list[ledger.Claimed]:
+    async def _claimed(self, issue_id: int | None) -> list[claims.Claimed]:
         """The next batch: the one claimed ahead if it was for the same issue, else a claim."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
@@ -460,7 +321,7 @@ class Deliverer:
 
     def _prefetch(
         self,
-        queue: deque[ledger.Claimed],
+        queue: deque[claims.Claimed],
         issue_id: int | None,
         low_water: int,
         stop: asyncio.Event | None,
@@ -470,7 +331,7 @@ class Deliverer:
             task = asyncio.create_task(self.db(self.claim, issue_id), name="claim-ahead")
             self._ahead = (issue_id, task)
 
-    async def _peek_prefetched(self, issue_id: int | None) -> list[ledger.Claimed]:
+    async def _peek_prefetched(self, issue_id: int | None) -> list[claims.Claimed]:
         """The batch claimed ahead (kept for the next ``run_batch``), or [] if there is none."""
         if self._ahead is None or self._ahead[0] != issue_id:
             return []
@@ -481,20 +342,20 @@ class Deliverer:
         if ahead is not None:
             await self._release(await ahead[1])
 
-    async def _release(self, claimed: list[ledger.Claimed]) -> None:
+    async def _release(self, claimed: list[claims.Claimed]) -> None:
         if claimed:
             ids = [d.id for d in claimed]
             await self.db(self._release_now, ids)
 
     def _release_now(self, ids: list[int]) -> None:
-        with self._writes:
+        with self.leases.writes:
             ledger.release(self.engine, ids, owner=self.owner, now=self.clock())
-        self._let_go(ids)
+        self.leases.let_go(ids)
 
     async def _lane(
         self,
-        queue: deque[ledger.Claimed],
-        committer: _Committer,
+        queue: deque[claims.Claimed],
+        committer: Committer,
         stop: asyncio.Event | None,
         popped: Callable[[], None] = lambda: None,
     ) -> None:
@@ -527,7 +388,7 @@ class Deliverer:
                 if finish_if_done(conn, issue_id, now):
                     log.info("issue sent", extra={"issue": issue_id})
 
-    async def _deliver(self, d: ledger.Claimed) -> ledger.Result:
+    async def _deliver(self, d: claims.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
             composer = self.composers.composer(d.issue_id, self.composers.hidden(d))
@@ -559,7 +420,7 @@ class Deliverer:
         """
         totals = Totals()
         stop = stop or asyncio.Event()
-        async with self.leases_kept(stop):
+        async with self.leases.kept(stop):
             while not stop.is_set():
                 counts = await self.run_batch(issue_id=issue_id, stop=stop)
                 if counts is None:
