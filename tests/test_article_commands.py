@@ -39,7 +39,7 @@ def config(
     smtp_server: FaultServer,  # noqa: F811
 ) -> Path:
     monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
-    for commands in ("articles", "issues", "service", "subscribers", "bounces"):
+    for commands in ("articles", "issues", "running", "subscribers", "bounces"):
         # 07:00 EST on 20 November 2026
         monkeypatch.setattr(f"mailer.cli.{commands}.now", lambda: NOW)
     weekly = config_dict()["digests"][0]

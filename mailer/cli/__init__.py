@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mailer import logs
-from mailer.cli import articles, bounces, devtools, dkim, issues, service, subscribers
+from mailer.cli import articles, bounces, devtools, dkim, issues, running, subscribers
 from mailer.cli.context import Context, err, out, pass_ctx
 from mailer.config import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
@@ -55,9 +55,9 @@ for command in (
     articles.group,
     issues.digest_group,
     issues.issues_group,
-    service.run,
-    service.worker,
-    service.web,
+    running.run,
+    running.worker,
+    running.web,
     bounces.group,
     dkim.group,
     devtools.sink,

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from mailer.config import Settings, load_settings
 from mailer.db.engine import check_schema, create_engine
-from mailer.issues.store import local_time
+from mailer.issues.progress import local_time
 
 if TYPE_CHECKING:
     from mailer.delivery.ledger import Holding

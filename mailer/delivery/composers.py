@@ -20,7 +20,7 @@ from mailer.config import Settings
 from mailer.db.engine import reading
 from mailer.db.schema import issue_articles
 from mailer.delivery.ledger import Claimed
-from mailer.issues.store import load_content
+from mailer.issues.progress import load_content
 from mailer.models import IssueContent
 
 

@@ -38,8 +38,8 @@ from mailer.delivery.pacing import Backpressure
 from mailer.delivery.policy import SendResult
 from mailer.delivery.pool import SmtpPool
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
+from mailer.issues.progress import NOT_BUILT, finish_if_done
 from mailer.issues.schedule import quiet_until
-from mailer.issues.store import NOT_BUILT, finish_if_done
 from mailer.models import Recipient
 
 log = logging.getLogger(__name__)

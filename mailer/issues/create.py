@@ -12,7 +12,7 @@ lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of th
 the same article.
 
 What happens to an issue once made (cancel, resume, retry, its counts) is
-``mailer.issues.store``.
+``mailer.issues.progress``.
 """
 
 from __future__ import annotations
