@@ -12,7 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings, parse_settings
+from mailer.config.load import parse_settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.feeds.parse import parse_feed
 from mailer.content.files import parse_article

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from mailer.config import load_settings
+from mailer.config.load import load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
 from mailer.delivery.pool import SmtpPool

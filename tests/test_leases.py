@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers

@@ -16,7 +16,7 @@ import click
 from mailer import logs
 from mailer.cli import articles, bounces, devtools, dkim, issues, running, subscribers
 from mailer.cli.context import Context, err, out, pass_ctx
-from mailer.config import DEFAULT_CONFIG_NAME
+from mailer.config.load import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors

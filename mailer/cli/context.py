@@ -15,7 +15,8 @@ import click
 import sqlalchemy as sa
 from rich.console import Console
 
-from mailer.config import Settings, load_settings
+from mailer.config.load import load_settings
+from mailer.config.settings import Settings
 from mailer.db.engine import check_schema, create_engine
 from mailer.issues.progress import local_time
 
@@ -76,7 +77,7 @@ PROCESSES = click.option(
 
 def with_processes(settings: Settings, processes: int | None) -> Settings:
     """The settings with ``--processes`` in place of ``[smtp].processes``, when given."""
-    from mailer.config import with_processes as set_processes
+    from mailer.config.load import with_processes as set_processes
 
     return settings if processes is None else set_processes(settings, processes)
 

@@ -29,7 +29,7 @@ import css_inline
 from jinja2 import FileSystemLoader
 
 from mailer import sandbox
-from mailer.config import Digest, Settings
+from mailer.config.settings import Digest, Settings
 from mailer.errors import RenderError
 from mailer.models import Article, IssueContent
 from mailer.sandbox import paragraphs

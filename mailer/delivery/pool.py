@@ -21,7 +21,7 @@ from typing import Literal, Self
 
 import aiosmtplib
 
-from mailer.config import SmtpSettings
+from mailer.config.settings import SmtpSettings
 from mailer.db.outages import OutageLog
 from mailer.delivery.pacing import Pacer, SharedSchedule
 from mailer.delivery.pipeline import _Connection

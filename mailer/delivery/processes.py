@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.delivery.pacing import SharedSchedule
 from mailer.errors import MailerError
 

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.delivery.ledger import Holding
 from mailer.delivery.pacing import SharedSchedule
 from mailer.delivery.processes import HelperExit, Helpers, Job

@@ -28,7 +28,7 @@ from mailer.bounces.apply import apply_send_bounce
 from mailer.bounces.verp import verp_address
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.db.engine import writing
 from mailer.db.outages import DatabaseOutages
 from mailer.delivery import ledger

@@ -22,7 +22,8 @@ from rich.console import Console
 
 from mailer.clock import now
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings, load_settings
+from mailer.config.load import load_settings
+from mailer.config.settings import Settings
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS
 from mailer.db.schema import (
     SENDING_ROW,

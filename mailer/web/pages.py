@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import HTMLResponse
 
 from mailer.compose.rendering import TEMPLATE_DIR, site_view
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.errors import ConfigError
 from mailer.subscribers.lifecycle import UNCONFIRMED_TTL
 
