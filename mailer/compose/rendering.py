@@ -197,7 +197,7 @@ def digest_context(
 
 
 class Renderer:
-    """Loads and renders the email templates under ``template_dir`` (default ``templates/``).
+    """Loads and renders the email templates under ``template_dir`` (``mailer/templates``).
 
     Template names are relative to that directory (``email/digest.html``). One instance can
     be shared by everything its owner composes: Jinja caches compiled templates, and rendering

@@ -1,1 +1,2 @@
-"""Delivery: the ledger, the worker, the SMTP pool and its fast path, helper processes."""
+"""Delivery: the pure policy, the ledger's SQL, the worker and what it composes, the SMTP pool
+and its pipelined fast path, pacing, leases held by others, helper processes."""
