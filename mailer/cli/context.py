@@ -75,13 +75,6 @@ PROCESSES = click.option(
 )
 
 
-def with_processes(settings: Settings, processes: int | None) -> Settings:
-    """The settings with ``--processes`` in place of ``[smtp].processes``, when given."""
-    from mailer.config.load import with_processes as set_processes
-
-    return settings if processes is None else set_processes(settings, processes)
-
-
 def site_time(settings: Settings, moment: datetime | None) -> str:
     """A time as staff read it: in the site's time zone, with the zone's name."""
     return "-" if moment is None else local_time(moment, settings.site.timezone)

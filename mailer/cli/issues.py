@@ -22,9 +22,9 @@ from mailer.cli.context import (
     pass_ctx,
     signer,
     waiting,
-    with_processes,
 )
 from mailer.clock import now
+from mailer.config.load import with_processes
 from mailer.issues import progress
 from mailer.preflight import preflight
 

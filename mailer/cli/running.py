@@ -16,9 +16,9 @@ from mailer.cli.context import (
     started,
     waiting,
     web_line,
-    with_processes,
 )
 from mailer.clock import now
+from mailer.config.load import with_processes
 from mailer.errors import MailerError
 from mailer.issues import progress
 from mailer.preflight import preflight

@@ -48,9 +48,10 @@ def check_processes(db_url: str, processes: int, *, path: str | None = None) -> 
         )
 
 
-def with_processes(settings: Settings, processes: int) -> Settings:
-    """``settings`` with ``[smtp].processes`` set (``--processes``), checked as at load."""
-    if processes == settings.smtp.processes:
+def with_processes(settings: Settings, processes: int | None) -> Settings:
+    """``settings`` with ``--processes`` in place of ``[smtp].processes`` when given, checked as
+    at load."""
+    if processes is None or processes == settings.smtp.processes:
         return settings
     check_processes(settings.database.url, processes)
     return replace(settings, smtp=replace(settings.smtp, processes=processes))
