@@ -19,7 +19,7 @@ from pathlib import Path
 from mailer.clock import now
 from mailer.compose.dkim import DkimSigner
 from mailer.compose.rendering import Renderer
-from mailer.config import load_settings
+from mailer.config.load import load_settings
 from mailer.db.engine import check_schema, create_engine
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer

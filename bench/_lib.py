@@ -438,7 +438,7 @@ def write_config(path: Path, **kwargs: Any) -> Path:
 
 
 def load_bench_settings(path: Path) -> Any:
-    from mailer.config import load_settings
+    from mailer.config.load import load_settings
 
     return load_settings(path, env={"MAILER_SECRET_KEY": SECRET})
 

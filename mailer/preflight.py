@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from mailer.config import Settings, SmtpSettings
+from mailer.config.settings import Settings, SmtpSettings
 from mailer.db.engine import SCHEMA_HEAD, create_engine, current_revision, safe_url
 from mailer.errors import ConfigError, DatabaseUnavailable, MailerError
 

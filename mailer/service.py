@@ -23,7 +23,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
-from mailer.config import Digest, Settings
+from mailer.config.settings import Digest, Settings
 from mailer.content.sources import fetch_sources, log_results
 from mailer.delivery.ledger import Holding
 from mailer.delivery.pacing import SharedSchedule

@@ -7,7 +7,7 @@ import email.policy
 import re
 from email.message import EmailMessage
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 
 ONE_EACH = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
 LIST_HEADERS = ("List-Id", "List-Unsubscribe", "List-Unsubscribe-Post")

@@ -12,12 +12,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings, parse_settings
+from mailer.config.load import parse_settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.issues.create import IssueCreated, create_issue
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import store
 from tests.smtp_server import Delay, FaultServer
 
 SECRET = "test-secret-0123456789abcdef0123"
@@ -113,7 +114,7 @@ class Clock:
 _counter = iter(range(1, 10**9))
 
 
-def make_subscriber(engine: sa.Engine, **overrides: Any) -> subscribers.Subscriber:
+def make_subscriber(engine: sa.Engine, **overrides: Any) -> store.Subscriber:
     n = next(_counter)
     values: dict[str, Any] = {
         "email": f"reader{n}@example.org",
@@ -125,7 +126,7 @@ def make_subscriber(engine: sa.Engine, **overrides: Any) -> subscribers.Subscrib
     }
     values.update(overrides)
     email = values.pop("email")
-    return subscribers.add(engine, email, **values)
+    return store.add(engine, email, **values)
 
 
 def write_config(path: Path, db_url: str, **sections: Any) -> Path:

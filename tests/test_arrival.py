@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.feeds.parse import parse_feed
 from mailer.content.files import parse_article
@@ -27,8 +27,8 @@ from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import articles, issue_articles, metadata
 from mailer.errors import ArticleError
-from mailer.issues import store as issues
 from mailer.issues.create import IssueCreated
+from mailer.issues.progress import cancel, summarize
 from mailer.issues.staff import preview_next
 from tests.factories import (
     ALERTS,
@@ -104,7 +104,7 @@ def test_an_alert_fetched_after_its_slot_goes_in_the_next_alert_issue_once(
     assert taken(engine, made_1740.issue_id) == [late.guid]
     assert taken(engine, made_1750.issue_id) == []
     assert made_1740.recipients == 1
-    assert issues.summarize(engine, made_1730.issue_id).status == "empty"
+    assert summarize(engine, made_1730.issue_id).status == "empty"
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_a_cancelled_issue_gives_its_articles_to_the_next_one(
     make_subscriber(engine, email="ann@example.org", topics=["base-alerts"])
     item = store(engine, published=at(9, 0), arrived=at(9, 1))
     first = make_issue(engine, settings, "alerts", at(9, 10))
-    issues.cancel(engine, first.issue_id, now=at(9, 11))
+    cancel(engine, first.issue_id, now=at(9, 11))
     second = make_issue(engine, settings, "alerts", at(9, 20))
     third = make_issue(engine, settings, "alerts", at(9, 30))
     assert taken(engine, first.issue_id) == [item.guid]

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
-from mailer.config import load_settings
+from mailer.config.load import load_settings
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, issue_articles
 from mailer.delivery.pool import SmtpPool
@@ -39,7 +39,7 @@ def config(
     smtp_server: FaultServer,  # noqa: F811
 ) -> Path:
     monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
-    for commands in ("articles", "issues", "service", "subscribers", "bounces"):
+    for commands in ("articles", "issues", "running", "subscribers", "bounces"):
         # 07:00 EST on 20 November 2026
         monkeypatch.setattr(f"mailer.cli.{commands}.now", lambda: NOW)
     weekly = config_dict()["digests"][0]

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from mailer.config import BounceSettings, load_settings, parse_settings
+from mailer.config.load import load_settings, parse_settings
+from mailer.config.settings import BounceSettings
 from mailer.errors import ConfigError
 from tests.factories import SECRET, config_dict, make_settings, write_config
 
@@ -185,8 +186,8 @@ REFUSED_AT_LOAD = {
     ),
     "subject-misspelt-attribute": (
         {"digests": _digest(subject="{{ digest.nme }}")},
-        "[digests[0]].subject cannot be rendered: 'mailer.config.Digest object' has no attribute"
-        " 'nme' (tried with digest 'weekly' and date 2026-01-02 07:00 EST; a subject sees"
+        "[digests[0]].subject cannot be rendered: 'mailer.config.settings.Digest object' has no"
+        " attribute 'nme' (tried with digest 'weekly' and date 2026-01-02 07:00 EST; a subject sees"
         " digest.name, digest.key and date)",
     ),
     "subject-syntax": (

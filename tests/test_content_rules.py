@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries

@@ -11,16 +11,17 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries
+from mailer.db.schema import subscribers as subscriber_table
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
+from mailer.issues.progress import summarize
 from mailer.issues.staff import open_issue
-from mailer.issues.store import summarize
-from mailer.subscribers import store as subscribers
+from mailer.subscribers import store
 from tests.factories import NOW, Clock, make_issue, make_settings, make_subscriber, server_settings
 from tests.smtp_server import DROP, FaultServer, smtp_server  # noqa: F401
 
@@ -76,8 +77,8 @@ async def deliver(
 
 def statuses(engine: sa.Engine, issue_id: int) -> dict[str, str]:
     query = (
-        sa.select(subscribers.subscribers.c.email, deliveries.c.status)
-        .join(subscribers.subscribers)
+        sa.select(subscriber_table.c.email, deliveries.c.status)
+        .join(subscriber_table)
         .where(deliveries.c.issue_id == issue_id)
     )
     with engine.connect() as conn:
@@ -165,7 +166,7 @@ async def test_4xx_and_drops_defer_then_resend_with_the_same_message_id(
         "gone@example.org": "bounced",
     }
     # A 5.1.1 at send time is a hard bounce: the subscriber is suppressed at once.
-    assert subscribers.get(engine, "gone@example.org").status == "bounced"
+    assert store.get(engine, "gone@example.org").status == "bounced"
 
     # Nothing is due until the backoff has passed.
     assert await deliver(engine, settings, clock, issue.issue_id) == {}
@@ -250,7 +251,7 @@ async def test_who_unsubscribes_after_the_snapshot_gets_nothing(
     make_subscriber(engine, email="stays@example.org")
     make_subscriber(engine, email="leaves@example.org")
     issue = make_issue(engine, settings)
-    subscribers.set_status(engine, "leaves@example.org", "unsubscribed", now=NOW, source="test")
+    store.set_status(engine, "leaves@example.org", "unsubscribed", now=NOW, source="test")
     await deliver(engine, settings, Clock(NOW), issue.issue_id)
     assert [r.recipients[0] for r in smtp_server.received] == ["stays@example.org"]
     assert statuses(engine, issue.issue_id)["leaves@example.org"] == "cancelled"

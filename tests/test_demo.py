@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mailer.config import load_settings
+from mailer.config.load import load_settings
 from mailer.db.engine import create_engine
 from mailer.devtools.demo import run_demo
 from mailer.subscribers.csvfile import export_text

@@ -38,7 +38,8 @@ from mailer.compose.dkim import (
 from mailer.compose.messages import DigestComposer, build_confirmation
 from mailer.compose.rendering import Renderer
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
-from mailer.config import DkimSettings, parse_settings
+from mailer.config.load import parse_settings
+from mailer.config.settings import DkimSettings
 from mailer.delivery.policy import Outcome
 from mailer.delivery.pool import SmtpPool
 from mailer.errors import ConfigError, MailerError

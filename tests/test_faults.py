@@ -19,7 +19,7 @@ from mailer.db.schema import deliveries, subscribers
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.issues.create import create_issue
-from mailer.issues.store import summarize
+from mailer.issues.progress import summarize
 from tests.factories import NOW, make_settings
 from tests.smtp_server import DROP, Delay, FaultServer, smtp_server  # noqa: F401
 

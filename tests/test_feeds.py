@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.config import Settings, Source
+from mailer.config.settings import Settings, Source
 from mailer.content.feeds.fetch import MAX_FEED_BYTES, create_client, fetch_feed
 from mailer.content.feeds.html import html_to_text, sanitize_html
 from mailer.content.feeds.parse import parse_feed

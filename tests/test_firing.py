@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Digest
+from mailer.config.settings import Digest
 from mailer.db.schema import issues
 from mailer.errors import RenderError
 from mailer.service import Parts, Service

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from mailer.compose.rendering import Renderer
-from mailer.config import parse_settings
+from mailer.config.load import parse_settings
 from mailer.content.files import parse_article
 from mailer.errors import (
     AddressError,

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailer.db import events as event_log
+from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import (
     SUBSCRIBER_STATUSES,
@@ -214,7 +214,7 @@ def _reference_chunk(
             conn.execute(
                 subscriber_topics.insert(), [{"subscriber_id": sid, "topic": t} for t in topics]
             )
-        event_log.record(conn, sid, "preferences", now, source=source, topics=list(topics))
+        audit.record(conn, sid, "preferences", now, source=source, topics=list(topics))
         report.updated += 1
 
 

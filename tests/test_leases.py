@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, subscribers
@@ -27,7 +27,7 @@ from mailer.delivery import claims, ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer, apply_bounce
-from mailer.issues.store import reasons, summarize
+from mailer.issues.progress import reasons, summarize
 from tests.factories import (
     NOW,
     Clock,
@@ -332,7 +332,7 @@ def settings_zone(settings: Settings) -> object:
 
 
 def test_resume_requeues_what_a_relay_outage_left(engine: sa.Engine) -> None:
-    from mailer.issues.store import resume
+    from mailer.issues.progress import resume
 
     settings = make_settings(str(engine.url))
     emails = [f"r{n}@example.org" for n in range(5)]

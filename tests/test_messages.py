@@ -36,7 +36,7 @@ from mailer.compose.messages import (
 )
 from mailer.compose.rendering import TEMPLATE_DIR, Renderer
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.errors import AddressError, DeliveryError, TemplateError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import links_for

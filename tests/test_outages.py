@@ -22,7 +22,7 @@ from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
-from tests.test_senders import statuses
+from tests.test_processes import statuses
 from tests.test_service import running, spawn, wait_for
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mailer.config import SmtpSettings
+from mailer.config.settings import SmtpSettings
 from mailer.db.engine import create_engine, probe
 from mailer.db.outages import DatabaseOutages
 from mailer.delivery.policy import Outcome

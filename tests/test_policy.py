@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.config import SmtpSettings, parse_settings
+from mailer.config.load import parse_settings
+from mailer.config.settings import SmtpSettings
 from mailer.delivery.policy import (
     LAST_REPLY_LIMIT,
     REPLY_LIMIT,

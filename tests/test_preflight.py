@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from mailer.config import load_settings
+from mailer.config.load import load_settings
 from mailer.db.engine import SCHEMA_HEAD, _alembic_config, create_engine
 from mailer.db.schema import issues
 from mailer.issues.schedule import local_time, upcoming

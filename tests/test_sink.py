@@ -12,7 +12,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from mailer.config import parse_settings
+from mailer.config.load import parse_settings
 from mailer.delivery.policy import Outcome
 from mailer.delivery.pool import SmtpPool
 from mailer.devtools.sink import Captured, Sink, SinkError, serve_forever

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from mailer.config import SmtpSettings, parse_settings
+from mailer.config.load import parse_settings
+from mailer.config.settings import SmtpSettings
 from mailer.delivery.policy import Outcome, SendResult, Stage
 from mailer.delivery.pool import PoolClosedError, SmtpAuthError, SmtpPool, SmtpUsageError
 from tests.factories import config_dict

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailer.compose.wire import CrlfOnly, SmtpReady
-from mailer.config import parse_settings
+from mailer.config.load import parse_settings
 from mailer.delivery.pipeline import _Replies, data_payload
 from mailer.delivery.policy import Outcome, SendResult, Stage
 from mailer.delivery.pool import SmtpPool

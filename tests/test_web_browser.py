@@ -31,7 +31,7 @@ from mailer.db.engine import create_engine
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.delivery.policy import Outcome
 from mailer.delivery.pool import SmtpPool
-from mailer.issues.store import load_content
+from mailer.issues.progress import load_content
 from mailer.models import Recipient
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app

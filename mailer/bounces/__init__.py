@@ -1,1 +1,2 @@
-"""Bounces and complaints: VERP, delivery and feedback reports, mailboxes, applying them."""
+"""Bounces and complaints: VERP addresses, delivery and feedback reports, the mailbox they
+arrive in, and applying them to subscribers."""

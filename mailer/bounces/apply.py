@@ -27,9 +27,8 @@ from mailer.bounces.reports import (
     parse_report,
     status_from_reply,
 )
-from mailer.db import events
-from mailer.db.schema import deliveries
-from mailer.db.schema import events as events_table
+from mailer.db import audit
+from mailer.db.schema import deliveries, events
 from mailer.errors import SubscriberError
 from mailer.subscribers import store
 from mailer.text import one_line
@@ -218,8 +217,8 @@ def _apply_to(
     if subscriber is None:  # found in this transaction, or the ledger's own row: not expected
         raise SubscriberError(f"no subscriber with id {sid}")
     past = conn.execute(
-        sa.select(events_table.c.at, events_table.c.detail).where(
-            events_table.c.subscriber_id == sid, events_table.c.kind.in_(EVENT_KINDS)
+        sa.select(events.c.at, events.c.detail).where(
+            events.c.subscriber_id == sid, events.c.kind.in_(EVENT_KINDS)
         )
     ).all()
     outcome = report.outcome
@@ -234,7 +233,7 @@ def _apply_to(
             return _Applied(duplicate=True)
     at = min(report.date or now, now)  # when it happened; a report dated in the future is not
     kind = "complaint" if outcome is BounceKind.COMPLAINT else "bounce"
-    events.record(conn, sid, kind, at, **_detail(report, matched_by))
+    audit.record(conn, sid, kind, at, **_detail(report, matched_by))
     if outcome in (BounceKind.HARD, BounceKind.SOFT):
         store.count_bounce(conn, sid, now=now)
     if outcome is not BounceKind.COMPLAINT and report.message_id is not None:

@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from mailer import logs
-from mailer.cli import articles, bounces, devtools, dkim, issues, service, subscribers
+from mailer.cli import articles, bounces, devtools, dkim, issues, running, subscribers
 from mailer.cli.context import Context, err, out, pass_ctx
-from mailer.config import DEFAULT_CONFIG_NAME
+from mailer.config.load import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors
@@ -55,9 +55,9 @@ for command in (
     articles.group,
     issues.digest_group,
     issues.issues_group,
-    service.run,
-    service.worker,
-    service.web,
+    running.run,
+    running.worker,
+    running.web,
     bounces.group,
     dkim.group,
     devtools.sink,

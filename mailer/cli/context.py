@@ -15,9 +15,10 @@ import click
 import sqlalchemy as sa
 from rich.console import Console
 
-from mailer.config import Settings, load_settings
+from mailer.config.load import load_settings
+from mailer.config.settings import Settings
 from mailer.db.engine import check_schema, create_engine
-from mailer.issues.store import local_time
+from mailer.issues.progress import local_time
 
 if TYPE_CHECKING:
     from mailer.delivery.ledger import Holding
@@ -72,13 +73,6 @@ PROCESSES = click.option(
     type=click.IntRange(1, 64),
     help="Sending processes, each with [smtp].connections connections (default: [smtp].processes).",
 )
-
-
-def with_processes(settings: Settings, processes: int | None) -> Settings:
-    """The settings with ``--processes`` in place of ``[smtp].processes``, when given."""
-    from mailer.config import with_processes as set_processes
-
-    return settings if processes is None else set_processes(settings, processes)
 
 
 def site_time(settings: Settings, moment: datetime | None) -> str:

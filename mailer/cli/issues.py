@@ -22,10 +22,10 @@ from mailer.cli.context import (
     pass_ctx,
     signer,
     waiting,
-    with_processes,
 )
 from mailer.clock import now
-from mailer.issues import store
+from mailer.config.load import with_processes
+from mailer.issues import progress
 from mailer.preflight import preflight
 
 
@@ -91,7 +91,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
             )
         )
         started = time.monotonic()
-        with _progress(engine, issue.issue_id) as advance:
+        with _progress_bar(engine, issue.issue_id) as advance:
             totals = send_issue(
                 engine,
                 settings,
@@ -107,10 +107,10 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
 
 
 @contextmanager
-def _progress(engine: sa.Engine, issue_id: int) -> Iterator[Callable[[dict[str, int]], None]]:
+def _progress_bar(engine: sa.Engine, issue_id: int) -> Iterator[Callable[[dict[str, int]], None]]:
     """A progress bar on a terminal's standard error over the issue's due deliveries; gives
     the function that advances it by a batch's counts."""
-    summary = store.summarize(engine, issue_id)
+    summary = progress.summarize(engine, issue_id)
     due = (
         summary.counts.get("queued", 0)
         + summary.counts.get("deferred", 0)
@@ -124,11 +124,11 @@ def _progress(engine: sa.Engine, issue_id: int) -> Iterator[Callable[[dict[str, 
         console=err,
         transient=True,
         disable=not err.is_terminal,
-    ) as progress:
-        task = progress.add_task("send", total=due)
+    ) as bar:
+        task = bar.add_task("send", total=due)
 
         def advance(counts: dict[str, int]) -> None:
-            progress.advance(task, sum(counts.values()))
+            bar.advance(task, sum(counts.values()))
 
         yield advance
 
@@ -146,7 +146,7 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
     """Recent issues with their delivery counts."""
     zone = ctx.settings.site.timezone
     table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
-    for s in store.list_issues(ctx.engine(), digest=digest, limit=limit):
+    for s in progress.list_issues(ctx.engine(), digest=digest, limit=limit):
         pending = (
             s.counts.get("queued", 0) + s.counts.get("deferred", 0) + s.counts.get("sending", 0)
         )
@@ -169,10 +169,10 @@ def issues_show(ctx: Context, issue_id: int) -> None:
     """One issue: its status, deliveries by status (and by reason for those not sent), and
     when the next retry is due."""
     zone = ctx.settings.site.timezone
-    s = store.summarize(ctx.engine(), issue_id)
-    why = store.reasons(ctx.engine(), issue_id)
+    s = progress.summarize(ctx.engine(), issue_id)
+    why = progress.reasons(ctx.engine(), issue_id)
     out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
-    out.print(f"  digest {s.digest}, scheduled {store.local_time(s.scheduled_for, zone)}")
+    out.print(f"  digest {s.digest}, scheduled {progress.local_time(s.scheduled_for, zone)}")
     for status, n in sorted(s.counts.items()):
         out.print(f"  {status:10} {n}")
         for reason, count in why.by_status.get(status, []):
@@ -181,7 +181,7 @@ def issues_show(ctx: Context, issue_id: int) -> None:
     if why.next_retry is not None:
         # Rows waiting with a due time already past are sent as soon as a worker claims them.
         when = why.next_retry
-        shown = "due now" if when <= now() else store.local_time(when, zone)
+        shown = "due now" if when <= now() else progress.local_time(when, zone)
         out.print(f"  next {'attempt' if shown == 'due now' else 'retry'} {shown}")
 
 
@@ -194,7 +194,7 @@ def issues_cancel(ctx: Context, issue_id: int) -> None:
     Its articles go back to the digest: the next issue takes them (a subscriber who already
     received one from this issue does not get it again).
     """
-    count = store.cancel(ctx.engine(), issue_id, now=now())
+    count = progress.cancel(ctx.engine(), issue_id, now=now())
     out.print(
         f"issue {issue_id} cancelled; {count} deliveries will not be sent;"
         " its articles go in the digest's next issue"
@@ -209,7 +209,7 @@ def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
     """Queue again, due now, what an issue still owes: deliveries cancelled by staff, deferred
     ones, and those that failed because the relay kept refusing; a worker or `mailer digest
     send` sends them."""
-    count = store.resume(ctx.engine(), issue_id, now=now(), resend_unknown=resend_unknown)
+    count = progress.resume(ctx.engine(), issue_id, now=now(), resend_unknown=resend_unknown)
     out.print(f"issue {issue_id}: {count} deliveries queued again")
 
 
@@ -219,5 +219,5 @@ def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
 def issues_retry(ctx: Context, issue_id: int) -> None:
     """Make the deferred and unknown deliveries of an issue due now (same Message-ID; who was
     sent the issue is not sent it again); a worker or `mailer digest send` sends them."""
-    count = store.retry(ctx.engine(), issue_id, now=now())
+    count = progress.retry(ctx.engine(), issue_id, now=now())
     out.print(f"issue {issue_id}: {count} deliveries due now")

@@ -1,1 +1,2 @@
-"""Composing: templates rendered per topic set, message bytes, DKIM."""
+"""Composing: templates rendered per topic set (rendering), per-recipient message bytes
+(messages, wire) and DKIM signing (dkim)."""

@@ -56,7 +56,7 @@ from dkim.canonicalization import (
 
 from mailer.clock import now as clock_now
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
-from mailer.config import DkimSettings, Settings
+from mailer.config.settings import DkimSettings, Settings
 from mailer.errors import ConfigError, MailerError
 
 log = logging.getLogger(__name__)

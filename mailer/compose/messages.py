@@ -51,7 +51,7 @@ from urllib.parse import quote
 
 from mailer.compose.rendering import LinkView, Renderer, digest_context, site_view
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
-from mailer.config import Settings, SiteSettings
+from mailer.config.settings import Settings, SiteSettings
 from mailer.errors import AddressError, ConfigError, DeliveryError, RenderError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import archive_url, links_for

@@ -29,7 +29,7 @@ import css_inline
 from jinja2 import FileSystemLoader
 
 from mailer import sandbox
-from mailer.config import Digest, Settings
+from mailer.config.settings import Digest, Settings
 from mailer.errors import RenderError
 from mailer.models import Article, IssueContent
 from mailer.sandbox import paragraphs
@@ -197,7 +197,7 @@ def digest_context(
 
 
 class Renderer:
-    """Loads and renders the email templates under ``template_dir`` (default ``templates/``).
+    """Loads and renders the email templates under ``template_dir`` (``mailer/templates``).
 
     Template names are relative to that directory (``email/digest.html``). One instance can
     be shared by everything its owner composes: Jinja caches compiled templates, and rendering

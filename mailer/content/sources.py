@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from mailer.config import Settings, Source
+from mailer.config.settings import Settings, Source
 from mailer.content.article import ParsedArticle
 from mailer.content.feeds.fetch import (
     FETCH_DEADLINE,

@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.content.article import MAX_GUID, MAX_LINK, MAX_TITLE, ParsedArticle
-from mailer.db import events
+from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import articles, issue_articles, issues
 from mailer.errors import ArticleError, UnknownArticleError
@@ -395,6 +395,6 @@ def remove(engine: sa.Engine, article_id: int, *, by: str, now: datetime) -> Rem
                 removed_from=";".join(str(i) for i in unsent),
             )
         )
-        events.record(conn, None, "article_removed", now, article=article_id, by=by, issues=unsent)
+        audit.record(conn, None, "article_removed", now, article=article_id, by=by, issues=unsent)
     log.info("article removed", extra={"article": article_id, "by": by, "issues": unsent})
     return Removal(article_id, row.title, tuple(unsent), False, now, by)

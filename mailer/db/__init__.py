@@ -1,1 +1,1 @@
-"""The database: engine, schema, write lock, audit events, outages, migrations."""
+"""The database: engine, schema, write lock, the audit trail, outages, Alembic migrations."""

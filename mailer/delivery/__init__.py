@@ -1,1 +1,2 @@
-"""Delivery: claims, the ledger, the worker, the SMTP pool and its fast path, helper processes."""
+"""Delivery: the pure policy, claims and the ledger's SQL, the worker with its leases, commits
+and composers, the SMTP pool and its pipelined fast path, pacing, helper processes."""

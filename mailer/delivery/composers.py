@@ -16,11 +16,11 @@ import sqlalchemy as sa
 
 from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.db.engine import reading
 from mailer.db.schema import issue_articles
 from mailer.delivery.claims import Claimed
-from mailer.issues.store import load_content
+from mailer.issues.progress import load_content
 from mailer.models import IssueContent
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY
 
-from mailer.config import SmtpSettings
+from mailer.config.settings import SmtpSettings
 from mailer.db.engine import reading, writing
 from mailer.db.schema import SENDING_ROW, WAITING_ROW, deliveries
 from mailer.delivery.claims import Claimed, one_of

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import NamedTuple
 
-from mailer.config import SmtpSettings
+from mailer.config.settings import SmtpSettings
 from mailer.text import one_line
 
 # The longest server reply kept in a SendResult (one line, see mailer.text.one_line).

@@ -1,4 +1,4 @@
-"""The SMTP pool: persistent aiosmtplib connections shared by concurrent senders.
+"""The SMTP pool: persistent aiosmtplib connections shared by concurrent sending tasks.
 
 One recipient per message; the message bytes go out unchanged, through ``_Connection.send_one``
 (mailer.delivery.pipeline: aiosmtplib's ``sendmail``, the same bytes on the wire for far less
@@ -21,7 +21,7 @@ from typing import Literal, Self
 
 import aiosmtplib
 
-from mailer.config import SmtpSettings
+from mailer.config.settings import SmtpSettings
 from mailer.db.outages import OutageLog
 from mailer.delivery.pacing import Pacer, SharedSchedule
 from mailer.delivery.pipeline import _Connection
@@ -70,12 +70,12 @@ class _Slot:
 
 
 class SmtpPool:
-    """Up to ``settings.connections`` persistent SMTP connections, shared by concurrent senders.
+    """Up to ``settings.connections`` persistent SMTP connections, shared by sending tasks.
 
     Use as ``async with SmtpPool(settings) as pool: await pool.send(...)``. Connections open on
     first use, are reused message after message, are replaced when the server drops them or
     answers 421, and are closed with QUIT when the block ends. Each in-flight ``send`` uses one
-    connection exclusively; senders beyond ``connections`` wait for a free one.
+    connection exclusively; tasks beyond ``connections`` wait for a free one.
 
     ``security``: ``tls`` is implicit TLS, ``starttls`` requires STARTTLS (a server that does not
     offer it is a failure, never a fallback to plain text), both verify the server's certificate

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.delivery.pacing import SharedSchedule
 from mailer.errors import MailerError
 
@@ -112,7 +112,7 @@ class Helpers:
         self._jobs: list[Any] = []  # the sending end of each helper's job pipe
         self._assigned = False
         self._processes: list[multiprocessing.process.BaseProcess] = []
-        # The rate limiters' next free slot (monotonic seconds), for every process.
+        # The pacers' next free slot (monotonic seconds), for every process.
         self._schedule: Any = self._ctx.Value("d", 0.0)
         self._reader: threading.Thread | None = None
         self._stopping = False

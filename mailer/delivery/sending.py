@@ -15,14 +15,14 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.delivery.ledger import Holding
 from mailer.delivery.pacing import SharedSchedule
 from mailer.delivery.processes import HelperExit, Helpers, Job
 from mailer.delivery.worker import Totals
 from mailer.errors import MailerError
+from mailer.issues.progress import unfinished
 from mailer.issues.staff import deliver_issue
-from mailer.issues.store import unfinished
 from mailer.service import Parts, Service
 from mailer.signals import stop_on_signals
 

@@ -28,7 +28,7 @@ from mailer.bounces.apply import apply_send_bounce
 from mailer.bounces.verp import verp_address
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.db.engine import writing
 from mailer.db.outages import DatabaseOutages
 from mailer.delivery import claims, ledger
@@ -40,8 +40,8 @@ from mailer.delivery.pacing import Backpressure
 from mailer.delivery.policy import SendResult
 from mailer.delivery.pool import SmtpPool
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
+from mailer.issues.progress import NOT_BUILT, finish_if_done
 from mailer.issues.schedule import quiet_until
-from mailer.issues.store import NOT_BUILT, finish_if_done
 from mailer.models import Recipient
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,2 @@
-"""Development tools: the capture SMTP server and the demo."""
+"""Development tools: the capture SMTP server (sink) and the demo with its example articles
+and subscribers."""

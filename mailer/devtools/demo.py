@@ -22,12 +22,13 @@ from rich.console import Console
 
 from mailer.clock import now
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings, load_settings
+from mailer.config.load import load_settings
+from mailer.config.settings import Settings
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
 from mailer.devtools.sink import Sink
-from mailer.issues import store as issues
+from mailer.issues.progress import summarize
 from mailer.issues.staff import deliver_issue, open_issue, preview_next
 from mailer.subscribers import csvfile
 
@@ -210,7 +211,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     (out_dir / "preview.txt").write_text(preview.text, encoding="utf-8")
     issue = open_issue(engine, settings, digest, now=moment, renderer=renderer)
     totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id, renderer=renderer))
-    summary = issues.summarize(engine, issue.issue_id)
+    summary = summarize(engine, issue.issue_id)
     mail = sorted((out_dir / "mail").glob("*.eml"))
     first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None
     engine.dispose()

@@ -12,7 +12,7 @@ lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of th
 the same article.
 
 What happens to an issue once made (cancel, resume, retry, its counts) is
-``mailer.issues.store``.
+``mailer.issues.progress``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.config import Digest, Settings
+from mailer.config.settings import Digest, Settings
 from mailer.content.selection import Selection, lookback_start, select_for_issue
 from mailer.db.engine import refresh_statistics, upsert_insert
 from mailer.db.schema import deliveries, issue_articles, issues, subscriber_topics, subscribers

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 
-from mailer.config import Digest
+from mailer.config.settings import Digest
 from mailer.errors import ConfigError
 from mailer.issues.cron import CronError, parse_cron
 

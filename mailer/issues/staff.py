@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
-from mailer.config import Digest, Settings
+from mailer.config.settings import Digest, Settings
 from mailer.db.outages import DatabaseOutages
 from mailer.db.schema import issues
 from mailer.delivery.ledger import Holding

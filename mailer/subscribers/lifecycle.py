@@ -18,7 +18,7 @@ from enum import StrEnum
 
 import sqlalchemy as sa
 
-from mailer.db import events as audit
+from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import events, subscriber_topics, subscribers
 from mailer.models import Recipient

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from mailer.config import SiteSettings
+from mailer.config.settings import SiteSettings
 from mailer.subscribers.tokens import Purpose, make_token
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.db import events as audit
+from mailer.db import audit
 from mailer.db.schema import deliveries, events, issues, subscriber_topics, subscribers
 from mailer.errors import SubscriberError
 from mailer.subscribers import store

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.db import events
+from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import (
     SUBSCRIBER_STATUSES,
@@ -275,7 +275,7 @@ def add(
         conn.execute(
             subscriber_topics.insert(), [{"subscriber_id": sid, "topic": t} for t in chosen]
         )
-        events.record(
+        audit.record(
             conn, sid, "subscribed", now, source=source, status=status, topics=list(chosen)
         )
     return get(engine, address)
@@ -306,7 +306,7 @@ def change_status(
         .values(**values)
     ).rowcount
     if changed:
-        events.record(conn, sid, status, now, source=source, **detail)
+        audit.record(conn, sid, status, now, source=source, **detail)
     return bool(changed)
 
 
@@ -356,7 +356,7 @@ def refresh(
                 continue
             touch(conn, sid, now=now, name=name)
             replace_topics(conn, sid, topics)
-            events.record(conn, sid, "preferences", now, source=source, topics=list(topics))
+            audit.record(conn, sid, "preferences", now, source=source, topics=list(topics))
             updated += 1
     return updated, unchanged
 

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.db.engine import safe_url
 from mailer.db.outages import OutageLog
 from mailer.errors import DatabaseUnavailable

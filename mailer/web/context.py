@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from mailer.compose.rendering import Renderer
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.errors import TokenError
 from mailer.subscribers.tokens import Purpose, read_token
 from mailer.web.pages import Pages

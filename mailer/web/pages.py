@@ -1,4 +1,4 @@
-"""The HTML pages: autoescaped Jinja2 templates under ``templates/web``, and the privacy policy.
+"""The HTML pages: autoescaped Jinja2 templates (``mailer/templates/web``) and the privacy policy.
 
 Everything that depends only on the settings (the privacy policy, the embeddable snippet, the
 stylesheet) is rendered once here, when the app is built, so that a broken policy file stops
@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import HTMLResponse
 
 from mailer.compose.rendering import TEMPLATE_DIR, site_view
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.errors import ConfigError
 from mailer.subscribers.lifecycle import UNCONFIRMED_TTL
 
@@ -75,7 +75,7 @@ def mask_address(email: str) -> str:
 def render_privacy_policy(settings: Settings) -> str:
     """The privacy policy as HTML: the Markdown file, with the site's details filled in.
 
-    The file (``[site].privacy_policy_file``, else ``templates/web/privacy.md``) may use
+    The file (``[site].privacy_policy_file``, else ``mailer/templates/web/privacy.md``) may use
     ``{{ site.name }}``, ``{{ site.publisher }}``, ``{{ site.postal_address }}``,
     ``{{ contact }}``, ``{{ version }}`` and ``{{ unconfirmed_days }}``; it runs in Jinja's
     sandbox. Raw HTML in the

@@ -14,7 +14,7 @@ from mailer.compose.messages import DigestComposer
 from mailer.db.engine import probe
 from mailer.errors import DatabaseUnavailable, DigestError
 from mailer.issues import archive
-from mailer.issues.store import load_content
+from mailer.issues.progress import load_content
 from mailer.web.context import WebContext
 from mailer.web.security import ARCHIVE_CSP
 

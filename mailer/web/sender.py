@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from mailer.bounces.verp import verp_address
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.delivery.policy import SendResult
 from mailer.delivery.pool import SmtpPool
 from mailer.models import Recipient

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import uvicorn
 from starlette.types import ASGIApp
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.web.app import create_app
 from mailer.web.sender import ConfirmationSender, SmtpConfirmationSender
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import feedparser
 
-from mailer.config import category_key
+from mailer.config.checks import category_key
 from mailer.content.article import (
     MAX_BODY,
     MAX_GUID,

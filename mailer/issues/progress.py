@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.config import Settings
+from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS
 from mailer.db.schema import (
     SENDING_ROW,
@@ -141,14 +141,10 @@ def cancel(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
     issue takes them, and the never-twice rule spares whoever received them from this one.
     """
     with engine.begin() as conn:
-        summary_row = conn.execute(
-            sa.select(issues.c.status).where(issues.c.id == issue_id)
-        ).first()
-        if summary_row is None:
-            raise DigestError(f"no issue {issue_id}")
-        if summary_row.status not in ("sending",):
+        status = _status(conn, issue_id)
+        if status != "sending":
             raise DigestError(
-                f"issue {issue_id} is {summary_row.status}; only a sending issue can be cancelled"
+                f"issue {issue_id} is {status}; only a sending issue can be cancelled"
             )
         conn.execute(
             issues.update()
@@ -183,9 +179,7 @@ def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: b
     ``[smtp].retry_max_age_hours``; with ``resend_unknown`` also those held as ``unknown``.
     Sent, bounced and unbuildable deliveries stay as they are."""
     with engine.begin() as conn:
-        row = conn.execute(sa.select(issues.c.status).where(issues.c.id == issue_id)).first()
-        if row is None:
-            raise DigestError(f"no issue {issue_id}")
+        status = _status(conn, issue_id)
         requeue = sa.or_(
             sa.and_(
                 deliveries.c.status == "cancelled", deliveries.c.last_reply == CANCELLED_BY_STAFF
@@ -205,7 +199,7 @@ def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: b
             .where(deliveries.c.issue_id == issue_id, requeue)
             .values(status="queued", next_attempt_at=now, last_reply=None, updated_at=now)
         ).rowcount
-        if count or row.status == "cancelled":
+        if count or status == "cancelled":
             _reopen(conn, issue_id)
         return count
 
@@ -219,10 +213,7 @@ def retry(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
     issue marked sent goes back to sending.
     """
     with engine.begin() as conn:
-        row = conn.execute(sa.select(issues.c.status).where(issues.c.id == issue_id)).first()
-        if row is None:
-            raise DigestError(f"no issue {issue_id}")
-        if row.status == "cancelled":
+        if _status(conn, issue_id) == "cancelled":
             raise DigestError(
                 f"issue {issue_id} is cancelled: `mailer issues resume {issue_id}` sends it"
                 " after all"
@@ -240,6 +231,16 @@ def retry(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
         if deferred + unknown:
             _reopen(conn, issue_id)
         return deferred + unknown
+
+
+def _status(conn: sa.Connection, issue_id: int) -> str:
+    """The status of issue ``issue_id``; DigestError when there is none."""
+    status: str | None = conn.execute(
+        sa.select(issues.c.status).where(issues.c.id == issue_id)
+    ).scalar_one_or_none()
+    if status is None:
+        raise DigestError(f"no issue {issue_id}")
+    return status
 
 
 def _reopen(conn: sa.Connection, issue_id: int) -> None:

@@ -16,11 +16,11 @@ from mailer.cli.context import (
     started,
     waiting,
     web_line,
-    with_processes,
 )
 from mailer.clock import now
+from mailer.config.load import with_processes
 from mailer.errors import MailerError
-from mailer.issues import store
+from mailer.issues import progress
 from mailer.preflight import preflight
 
 
@@ -106,6 +106,6 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
     )
     out.print(report.summary())
     if drain:
-        left = store.unfinished(ctx.engine(), since=since)
+        left = progress.unfinished(ctx.engine(), since=since)
         if left is not None:
             raise MailerError(left.describe(settings.site.timezone, now()))

@@ -1,0 +1,237 @@
+"""Each table of the config file read into its settings: ``[site]``, ``[smtp]``,
+``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[dkim]`` and one ``[[digests]]`` entry."""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from mailer.config.checks import (
+    check_base_url,
+    check_mailbox,
+    check_subject,
+    check_url,
+    check_zone,
+)
+from mailer.config.settings import (
+    BounceSettings,
+    Digest,
+    DkimSettings,
+    FeedSettings,
+    SchedulerSettings,
+    SiteSettings,
+    SmtpSettings,
+)
+from mailer.config.table import KEY_RE, REQUIRED, Table
+from mailer.issues.cron import CronError, first_fire, parse_cron
+
+
+def resolve_path(base: Path | None, value: str) -> Path:
+    """A path from the config, relative to the config file's folder unless absolute."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base is None else base / path
+
+
+def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
+    """``[site]``; the site secret read from the environment or its file."""
+    name = t.text("name", REQUIRED)
+    base_url = check_base_url(t, "base_url", t.text("base_url", REQUIRED))
+    from_address = check_mailbox(t, "from", t.text("from", REQUIRED))
+    reply_to = t.text("reply_to")
+    if reply_to is not None:
+        check_mailbox(t, "reply_to", reply_to)
+    privacy_url = check_url(
+        t, "privacy_policy_url", t.text("privacy_policy_url", f"{base_url}/privacy")
+    )
+    privacy_file = t.text("privacy_policy_file")
+    postal = t.text("postal_address", REQUIRED)
+    if not postal.strip():
+        raise t.error("postal_address", "must be a valid physical postal address (CAN-SPAM)")
+    secret_env = t.text(
+        "secret_key_env", "MAILER_SECRET_KEY", pattern=re.compile(r"^[A-Z_][A-Z0-9_]*$")
+    )
+    secret_file = t.text("secret_key_file")
+    secret: bytes | None = None
+    if env.get(secret_env):
+        secret = env[secret_env].encode()
+    elif secret_file is not None:
+        secret_path = resolve_path(base, secret_file)
+        try:
+            secret = secret_path.read_bytes().strip()
+        except OSError as exc:
+            raise t.error(
+                "secret_key_file", f"cannot be read: {exc.strerror} ({secret_path})"
+            ) from exc
+    if secret is not None and len(secret) < 16:
+        raise t.error("secret_key_env", "the site secret must be at least 16 characters long")
+    domain = Address(addr_spec=parseaddr(from_address)[1]).domain
+    list_id = t.text("list_id", f"updates.{domain}", pattern=re.compile(r"^[A-Za-z0-9.-]{1,200}$"))
+    mailto = t.text("unsubscribe_mailto")
+    if mailto is not None and ("@" not in mailto or not mailto.isascii() or " " in mailto):
+        raise t.error("unsubscribe_mailto", f"must be a plain address, got {mailto!r}")
+    feedback_id = t.text(
+        "feedback_id", pattern=re.compile(r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+){1,3}$")
+    )
+    site = SiteSettings(
+        name=name,
+        tagline=t.text("tagline", ""),
+        base_url=base_url,
+        from_address=from_address,
+        reply_to=reply_to,
+        privacy_policy_url=privacy_url,
+        privacy_policy_file=resolve_path(base, privacy_file) if privacy_file else None,
+        privacy_policy_version=t.text("privacy_policy_version", "1"),
+        postal_address=postal.strip(),
+        publisher=t.text("publisher", name),
+        disclaimer=t.text("disclaimer", ""),
+        timezone=check_zone(t, "timezone", t.text("timezone", "UTC")),
+        secret_key_env=secret_env,
+        secret_key=secret,
+        list_id=list_id,
+        unsubscribe_mailto=mailto,
+        feedback_id=feedback_id,
+    )
+    t.finish()
+    return site
+
+
+def read_smtp(t: Table | None, env: dict[str, str]) -> SmtpSettings:
+    """``[smtp]`` (defaults when absent); the password read from the environment."""
+    t = t or Table({}, "smtp", None)
+    security = t.choice("security", "none", ("none", "starttls", "tls"))
+    username = t.text("username")
+    password_env = t.text("password_env", pattern=re.compile(r"^[A-Z_][A-Z0-9_]*$"))
+    if username and not password_env:
+        raise t.error("password_env", "is required when [smtp].username is set")
+    password = env.get(password_env) if password_env else None
+    envelope_from = t.text("envelope_from")
+    if envelope_from is not None and ("@" not in envelope_from or not envelope_from.isascii()):
+        raise t.error("envelope_from", f"must be a plain address, got {envelope_from!r}")
+    smtp = SmtpSettings(
+        host=t.text("host", "127.0.0.1"),
+        port=t.integer("port", 25, low=1, high=65535),
+        security=security,
+        username=username,
+        password_env=password_env,
+        password=password,
+        connections=t.integer("connections", 8, low=1, high=256),
+        rate_per_second=t.number("rate_per_second", 0, low=0, high=1_000_000),
+        timeout=t.number("timeout", 30, low=0.1, high=600),
+        envelope_from=envelope_from,
+        verp=t.flag("verp", False),
+        retry_base_seconds=t.number("retry_base_seconds", 60, low=0, high=86_400),
+        retry_max_age_hours=t.number("retry_max_age_hours", 72, low=0, high=24 * 30),
+        batch_size=t.integer("batch_size", 500, low=1, high=100_000),
+        # Fractions of a second are allowed so that tests need not wait seconds for a lease; in
+        # service, a lease must outlast a slow commit or two (it is renewed every third of it).
+        lease_seconds=t.number("lease_seconds", 15, low=0.2, high=86_400),
+        in_doubt=t.choice("in_doubt", "resend", ("resend", "hold")),
+        processes=t.integer("processes", 1, low=1, high=64),
+    )
+    t.finish()
+    return smtp
+
+
+def read_scheduler(t: Table | None) -> SchedulerSettings:
+    """``[scheduler]`` (defaults when absent)."""
+    t = t or Table({}, "scheduler", None)
+    scheduler = SchedulerSettings(
+        catch_up=t.choice("catch_up", "latest", ("latest", "all", "none")),
+        catch_up_hours=t.number("catch_up_hours", 24, low=0, high=24 * 366),
+        misfire_grace_seconds=t.integer("misfire_grace_seconds", 3600, low=1, high=7 * 86_400),
+        poll_seconds=t.number("poll_seconds", 5, low=0.05, high=3600),
+    )
+    t.finish()
+    return scheduler
+
+
+def read_feeds(t: Table | None) -> FeedSettings:
+    """``[feeds]`` (defaults when absent)."""
+    t = t or Table({}, "feeds", None)
+    feeds = FeedSettings(
+        interval_minutes=t.number("interval_minutes", 15, low=0, high=24 * 60),
+        timeout=t.number("timeout", 10, low=0.5, high=300),
+        max_bytes=t.integer("max_bytes", 5 * 1024 * 1024, low=1024, high=100 * 1024 * 1024),
+        concurrency=t.integer("concurrency", 4, low=1, high=64),
+    )
+    t.finish()
+    return feeds
+
+
+def read_bounces(t: Table | None) -> BounceSettings:
+    """``[bounces]`` (defaults when absent)."""
+    t = t or Table({}, "bounces", None)
+    defaults = BounceSettings()
+    bounces = BounceSettings(
+        soft_limit=t.integer("soft_limit", defaults.soft_limit, low=1, high=1000),
+        soft_window_days=t.integer("soft_window_days", defaults.soft_window_days, low=1, high=3660),
+    )
+    t.finish()
+    return bounces
+
+
+def read_dkim(t: Table | None, base: Path | None) -> DkimSettings | None:
+    """``[dkim]``, or None when messages are not signed."""
+    if t is None:
+        return None
+    dkim = DkimSettings(
+        domain=t.text("domain", REQUIRED, pattern=re.compile(r"^[A-Za-z0-9.-]+$")),
+        selector=t.text("selector", REQUIRED, pattern=re.compile(r"^[A-Za-z0-9._-]+$")),
+        private_key_file=resolve_path(base, t.text("private_key_file", REQUIRED)),
+    )
+    t.finish()
+    return dkim
+
+
+def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
+    """One ``[[digests]]`` entry: its schedule parsed and its subject rendered once."""
+    key = t.text("key", REQUIRED, pattern=KEY_RE)
+    schedule = t.text("schedule", REQUIRED)
+    zone = check_zone(t, "timezone", t.text("timezone", site_zone))
+    try:
+        sample_slot = first_fire(parse_cron(schedule, zone), schedule)
+    except CronError as exc:
+        raise t.error("schedule", str(exc)) from exc
+    digest_topics = t.text_list("topics", REQUIRED)
+    for topic in digest_topics:
+        if topic not in topics:
+            raise t.error(
+                "topics", f"names unknown topic {topic!r} (known: {', '.join(sorted(topics))})"
+            )
+    if not digest_topics:
+        raise t.error("topics", "must name at least one topic")
+    digest = Digest(
+        key=key,
+        name=t.text("name", REQUIRED),
+        subject=t.text("subject", "{{ digest.name }} — {{ date.strftime('%-d %B %Y') }}"),
+        schedule=schedule,
+        timezone=zone,
+        topics=tuple(digest_topics),
+        max_articles=t.integer("max_articles", 20, low=1, high=500),
+        template=t.text("template", "digest", pattern=KEY_RE),
+        priority=t.choice("priority", "bulk", ("bulk", "alert")),
+        quiet_hours=_quiet_hours(t),
+        include_updates=t.flag("include_updates", False),
+        lookback_days=t.number("lookback_days", 7, low=0.01, high=3650),
+    )
+    t.finish()
+    check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))
+    return digest
+
+
+QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _quiet_hours(t: Table) -> tuple[time, time] | None:
+    value = t.text("quiet_hours")
+    if value is None:
+        return None
+    match = QUIET_RE.match(value.replace(" ", ""))
+    if match is None or match.group(1, 2) == match.group(3, 4):
+        raise t.error("quiet_hours", f'must be "HH:MM-HH:MM" (24-hour, local time), got {value!r}')
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    return time(h1, m1), time(h2, m2)

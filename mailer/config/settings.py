@@ -1,0 +1,204 @@
+"""The settings: frozen, typed values read once from the config file (``mailer.config.load``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+from typing import Literal
+
+from mailer.errors import ConfigError
+
+Security = Literal["none", "starttls", "tls"]
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    tagline: str
+    base_url: str
+    from_address: str
+    reply_to: str | None
+    privacy_policy_url: str
+    privacy_policy_file: Path | None
+    privacy_policy_version: str
+    postal_address: str
+    publisher: str
+    disclaimer: str
+    timezone: str
+    secret_key_env: str
+    secret_key: bytes | None = field(repr=False)
+    list_id: str
+    unsubscribe_mailto: str | None
+    feedback_id: str | None
+
+    @property
+    def domain(self) -> str:
+        """The site's domain: the right-hand side of Message-IDs and tokens."""
+        return Address(addr_spec=parseaddr(self.from_address)[1]).domain
+
+    def require_secret(self) -> bytes:
+        """The site secret, or a ConfigError naming the environment variable to set."""
+        if not self.secret_key:
+            raise ConfigError(
+                f"the site secret is not set: export {self.secret_key_env} "
+                "(named by [site].secret_key_env) or set [site].secret_key_file; make one with"
+                ' python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return self.secret_key
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str
+    # How long a foreground `digest send` waits for the database to come back before it gives
+    # up; `run` and `worker` wait for as long as it takes.
+    outage_wait_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    security: Security
+    username: str | None
+    password_env: str | None
+    password: str | None = field(repr=False)
+    connections: int
+    rate_per_second: float
+    timeout: float
+    envelope_from: str | None
+    verp: bool
+    retry_base_seconds: float
+    retry_max_age_hours: float
+    batch_size: int
+    lease_seconds: float
+    in_doubt: Literal["resend", "hold"]
+    # Processes sending at once (mailer.delivery.processes), each with `connections` connections.
+    processes: int = 1
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    catch_up: Literal["latest", "all", "none"]
+    catch_up_hours: float
+    misfire_grace_seconds: int
+    poll_seconds: float
+
+
+@dataclass(frozen=True)
+class BounceSettings:
+    """When soft bounces make a subscriber bounced (``mailer bounces process``)."""
+
+    soft_limit: int = 3
+    soft_window_days: int = 30
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    domain: str
+    selector: str
+    private_key_file: Path
+
+
+@dataclass(frozen=True)
+class Topic:
+    key: str
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Source:
+    type: Literal["feed", "directory"]
+    topic: str
+    url: str | None
+    path: Path | None
+    # Feed entry category -> topic (matched ignoring case); unmatched entries take ``topic``.
+    categories: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    interval_minutes: float  # 0: feeds are fetched only by `mailer articles fetch`
+    timeout: float
+    max_bytes: int
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Digest:
+    key: str
+    name: str
+    subject: str
+    schedule: str
+    timezone: str
+    topics: tuple[str, ...]
+    max_articles: int
+    template: str
+    # "alert": its deliveries go ahead of queued bulk mail and ignore quiet hours.
+    priority: Literal["bulk", "alert"] = "bulk"
+    # Local (start, end) during which bulk deliveries wait, e.g. 21:00-06:00.
+    quiet_hours: tuple[time, time] | None = None
+    # Send an article a subscriber already received again when it was updated since.
+    include_updates: bool = False
+    # An issue takes the articles its digest has not taken yet, published at most this many
+    # days before it is made: a first issue takes only these, never the whole store.
+    lookback_days: float = 7.0
+
+    @property
+    def lookback(self) -> timedelta:
+        return timedelta(days=self.lookback_days)
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: Path | None
+    site: SiteSettings
+    database: DatabaseSettings
+    web: WebSettings
+    smtp: SmtpSettings
+    scheduler: SchedulerSettings
+    feeds: FeedSettings
+    dkim: DkimSettings | None
+    topics: tuple[Topic, ...]
+    sources: tuple[Source, ...]
+    digests: tuple[Digest, ...]
+    bounces: BounceSettings = BounceSettings()
+
+    def digest(self, key: str) -> Digest:
+        for digest in self.digests:
+            if digest.key == key:
+                return digest
+        known = ", ".join(d.key for d in self.digests) or "none"
+        raise ConfigError(f"no digest {key!r} in [[digests]] (known: {known})", path=self._where)
+
+    def topic(self, key: str) -> Topic:
+        for topic in self.topics:
+            if topic.key == key:
+                return topic
+        raise ConfigError(f"no topic {key!r} in [[topics]]", path=self._where)
+
+    @property
+    def topic_keys(self) -> tuple[str, ...]:
+        return tuple(t.key for t in self.topics)
+
+    @property
+    def envelope_from(self) -> str:
+        """The envelope sender (Return-Path): ``[smtp].envelope_from``, else the address of
+        ``[site].from_address``. With ``[smtp].verp`` each message tags it with its
+        subscriber's uid (``mailer.bounces.verp.verp_address``)."""
+        return self.smtp.envelope_from or parseaddr(self.site.from_address)[1]
+
+    @property
+    def _where(self) -> str | None:
+        return str(self.path) if self.path else None
