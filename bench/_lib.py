@@ -460,28 +460,11 @@ def example_articles(now: datetime) -> list[Any]:
 WEEK_COPIES = int(os.environ.get("MAILER_BENCH_COPIES", "3"))
 
 
-def this_week(articles: list[Any], now: datetime) -> list[Any]:
-    """``articles`` moved in time so that the newest dated one was published an hour before
-    ``now`` (an undated one is dated ``now`` already).
-
-    The examples carry fixed dates, and their events end on fixed dates: moved as one, the
-    week keeps its shape, and no event is over, whatever day the benchmark runs.
-    """
-    shift = now - timedelta(hours=1) - max(a.published_at for a in articles if a.date_given)
-    return [
-        replace(
-            a,
-            published_at=a.published_at + shift,
-            expires_at=a.expires_at + shift if a.expires_at is not None else None,
-        )
-        if a.date_given
-        else a
-        for a in articles
-    ]
-
-
 def issue_articles(now: datetime) -> list[Any]:
-    """The benchmark issue's articles: the examples, WEEK_COPIES times, newest first."""
+    """The benchmark issue's articles: the examples, dated this week as the demo dates them
+    (``this_week``: no event in them is over), WEEK_COPIES times, newest first."""
+    from mailer.devtools.demo import this_week
+
     week = []
     for copy in range(WEEK_COPIES):
         for a in this_week(example_articles(now), now):
@@ -674,7 +657,7 @@ def schema_head() -> str:
 
 
 def _built_on() -> str:
-    """The day in a template's name: its articles are dated relative to it (``this_week``)."""
+    """The day in a template's name: its articles are dated relative to it (``issue_articles``)."""
     return f"{datetime.now(UTC):%Y%m%d}"
 
 

@@ -23,6 +23,8 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
 
     mail = sorted((tmp_path / "mail").glob("*.eml"))
     assert figures["sent"] == figures["recipients"] == len(mail) > 0
+    # Every sample article goes out, whatever the day: the sample week is dated this week.
+    assert figures["issue_articles"] == figures["articles_added"] == 6
     settings = load_settings(tmp_path / "mailer.toml", env={})
     assert settings.site.base_url.startswith("https://")
     for path in mail:

@@ -2,9 +2,10 @@
 
 A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
 subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
-so that they can be edited and fetched again; one digest rendered and delivered; every
-message written to ``DIR/mail/*.eml``; an HTML preview; and the config it used written to
-``DIR/mailer.toml`` so that any command can be pointed at the demo's state.
+so that they can be edited and fetched again, and stored dated this week (``this_week``); one
+digest rendered and delivered; every message written to ``DIR/mail/*.eml``; an HTML preview;
+and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
+the demo's state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import json
 import secrets
 import shutil
+from dataclasses import replace
+from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from importlib import resources
 from pathlib import Path
@@ -24,6 +27,7 @@ from mailer.clock import now
 from mailer.compose.rendering import Renderer
 from mailer.config.load import load_settings
 from mailer.config.settings import Settings
+from mailer.content.article import ParsedArticle
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
@@ -130,10 +134,31 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         'timezone = "America/New_York"',
         'topics = ["base-alerts", "local-events", "military-news"]',
         "max_articles = 20",
-        # The sample articles carry fixed dates: the demo must find them whenever it runs.
-        "lookback_days = 3650",
     ]
     return "\n".join(lines) + "\n"
+
+
+def this_week(articles: list[ParsedArticle], now: datetime) -> list[ParsedArticle]:
+    """``articles`` moved in time so that the newest dated one was published an hour before
+    ``now`` (an undated one is dated ``now`` already).
+
+    The sample articles carry fixed dates, and their events end on fixed dates: moved as one,
+    the sample week keeps its shape and no event in it is over, whatever day the demo runs.
+    """
+    dated = [a.published_at for a in articles if a.date_given]
+    if not dated:
+        return articles
+    shift = now - timedelta(hours=1) - max(dated)
+    return [
+        replace(
+            a,
+            published_at=a.published_at + shift,
+            expires_at=a.expires_at + shift if a.expires_at is not None else None,
+        )
+        if a.date_given
+        else a
+        for a in articles
+    ]
 
 
 def _prepare(out_dir: Path) -> None:
@@ -196,13 +221,16 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         )
     source = settings.sources[0]
     assert source.path is not None
-    parsed = [
-        load_article_file(
-            p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
-        )
-        for p in sorted(source.path.iterdir())
-        if p.is_file()
-    ]
+    parsed = this_week(
+        [
+            load_article_file(
+                p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
+            )
+            for p in sorted(source.path.iterdir())
+            if p.is_file()
+        ],
+        moment,
+    )
     added = upsert_articles(engine, parsed, now=moment)
     digest = settings.digests[0]
     renderer = Renderer()
@@ -219,6 +247,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         "subscribers_imported": imported.added,
         "articles_added": added.added,
         "issue": issue.issue_id,
+        "issue_articles": issue.articles,
         "recipients": issue.recipients,
         "sent": totals.counts.get("sent", 0),
         "messages_captured": len(mail),
