@@ -1,2 +1,2 @@
 """Configuration: one TOML file (``load``) read table by table (``table``, ``sections``,
-``checks``) into frozen typed settings (``settings``)."""
+``checks``, ``cron`` for schedules) into frozen typed settings (``settings``)."""

@@ -17,6 +17,7 @@ from mailer.config.checks import (
     check_url,
     check_zone,
 )
+from mailer.config.cron import CronError, first_fire, parse_cron
 from mailer.config.settings import (
     BounceSettings,
     Digest,
@@ -27,7 +28,6 @@ from mailer.config.settings import (
     SmtpSettings,
 )
 from mailer.config.table import KEY_RE, REQUIRED, Table
-from mailer.issues.cron import CronError, first_fire, parse_cron
 
 
 def resolve_path(base: Path | None, value: str) -> Path:

@@ -232,7 +232,7 @@ def _helper_main(
     from mailer import logs
     from mailer.compose.dkim import signer_for
     from mailer.db.engine import create_engine
-    from mailer.issues.staff import deliver_issue  # noqa: F401  (imported while nothing is due yet)
+    from mailer.delivery.foreground import deliver_issue  # noqa: F401  (imported while nothing is due yet)
 
     logs.configure(level)
     # A stop signal before the delivery loop listens (or after it is done) is noted, not
@@ -281,7 +281,7 @@ async def _deliver(
     sign: Callable[[bytes], bytes] | None,
     schedule: SharedSchedule,
 ) -> dict[str, int]:
-    from mailer.issues.staff import deliver_issue
+    from mailer.delivery.foreground import deliver_issue
 
     if job.issue_id is None:
         from mailer.service import Parts, Service

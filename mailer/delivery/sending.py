@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from mailer.config.settings import Settings
+from mailer.delivery.foreground import deliver_issue
 from mailer.delivery.ledger import Holding
 from mailer.delivery.pacing import SharedSchedule
 from mailer.delivery.processes import HelperExit, Helpers, Job
 from mailer.delivery.worker import Totals
 from mailer.errors import MailerError
 from mailer.issues.progress import unfinished
-from mailer.issues.staff import deliver_issue
 from mailer.signals import stop_on_signals
 
 if TYPE_CHECKING:

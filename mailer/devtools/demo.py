@@ -31,9 +31,10 @@ from mailer.content.article import ParsedArticle
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
+from mailer.delivery.foreground import deliver_issue
 from mailer.devtools.sink import Sink
 from mailer.issues.progress import summarize
-from mailer.issues.staff import deliver_issue, open_issue, preview_next
+from mailer.issues.staff import open_issue, preview_next
 from mailer.subscribers import csvfile
 
 # Package data: a wheel installs it as plain files.

@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.cron import CronTrigger
 
+from mailer.config.cron import CronError, parse_cron
 from mailer.config.settings import Digest
 from mailer.errors import ConfigError
-from mailer.issues.cron import CronError, parse_cron
 
 MAX_SLOTS = 10_000  # a bound on any walk over slots, whatever the schedule
 
