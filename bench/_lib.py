@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -444,14 +445,17 @@ def load_bench_settings(path: Path) -> Any:
 
 
 def example_articles(now: datetime) -> list[Any]:
-    """The articles shipped in the package's example articles, parsed (one is the site's own)."""
+    """The package's example articles, parsed from the copies the demo makes (dated this week,
+    so that no event in them is over; one is the site's own article)."""
     from mailer.content.files import load_article_file
+    from mailer.devtools.demo import copy_examples
 
-    return [
-        load_article_file(p, default_topic="military-news", known_topics=TOPICS, now=now)
-        for p in sorted((ROOT / "mailer" / "devtools" / "examples" / "articles").iterdir())
-        if p.is_file()
-    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_examples(Path(tmp), now.date())
+        return [
+            load_article_file(p, default_topic="military-news", known_topics=TOPICS, now=now)
+            for p in sorted((Path(tmp) / "articles").iterdir())
+        ]
 
 
 # The issue's articles: the examples hold six, a week of the site brings about three times
@@ -461,13 +465,10 @@ WEEK_COPIES = int(os.environ.get("MAILER_BENCH_COPIES", "3"))
 
 
 def issue_articles(now: datetime) -> list[Any]:
-    """The benchmark issue's articles: the examples, dated this week as the demo dates them
-    (``this_week``: no event in them is over), WEEK_COPIES times, newest first."""
-    from mailer.devtools.demo import this_week
-
+    """The benchmark issue's articles: the examples, WEEK_COPIES times, newest first."""
     week = []
     for copy in range(WEEK_COPIES):
-        for a in this_week(example_articles(now), now):
+        for a in example_articles(now):
             if copy == 0:
                 week.append(a)
                 continue

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from mailer.config.load import load_settings
+from mailer.content.files import load_article_file
 from mailer.db.engine import create_engine
-from mailer.devtools.demo import run_demo
+from mailer.devtools.demo import copy_examples, run_demo
 from mailer.subscribers.csvfile import export_text
 from tests.compliance import assert_compliant
 
@@ -44,3 +46,19 @@ def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
     second = run_demo(tmp_path, console=console)
     assert first["sent"] == second["sent"]
     assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"]
+
+
+def test_the_sample_week_is_copied_dated_the_week_before_any_day(tmp_path: Path) -> None:
+    today = date(2031, 3, 4)
+    copy_examples(tmp_path, today)
+    moment = datetime(2031, 3, 4, tzinfo=UTC)
+    topics = ("base-alerts", "local-events", "military-news")
+    parsed = [
+        load_article_file(p, default_topic="military-news", known_topics=topics, now=moment)
+        for p in sorted((tmp_path / "articles").iterdir())
+    ]
+    dated = [a for a in parsed if a.date_given]
+    assert len(parsed) == 6 and len(dated) == 5
+    assert max(a.published_at.date() for a in dated) == date(2031, 3, 3)
+    assert all(a.expires_at > moment for a in dated if a.expires_at is not None)
+    assert (tmp_path / "subscribers.csv").read_bytes().startswith(b"email")

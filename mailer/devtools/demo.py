@@ -2,7 +2,7 @@
 
 A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
 subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
-so that they can be edited and fetched again, and stored dated this week (``this_week``); one
+dated this week (``copy_examples``) so that they can be edited and fetched again; one
 digest rendered and delivered; every message written to ``DIR/mail/*.eml``; an HTML preview;
 and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
 the demo's state.
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import shutil
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import date, timedelta
 from email import message_from_bytes, policy
 from importlib import resources
 from pathlib import Path
@@ -27,7 +27,6 @@ from mailer.clock import now
 from mailer.compose.rendering import Renderer
 from mailer.config.load import load_settings
 from mailer.config.settings import Settings
-from mailer.content.article import ParsedArticle
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine, migrate
@@ -139,27 +138,40 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def this_week(articles: list[ParsedArticle], now: datetime) -> list[ParsedArticle]:
-    """``articles`` moved in time so that the newest dated one was published an hour before
-    ``now`` (an undated one is dated ``now`` already).
+# A date in the front matter of a sample article (TOML `key = 2026-11-19T12:00:00Z` or YAML
+# `key: 2026-11-20`): the day is what the copies move.
+_FRONT_MATTER_DATE = re.compile(
+    r"^(?P<key>published|expires|event_end|ends)(?P<sep>\s*[:=]\s*)(?P<day>\d{4}-\d{2}-\d{2})",
+    re.MULTILINE,
+)
 
-    The sample articles carry fixed dates, and their events end on fixed dates: moved as one,
-    the sample week keeps its shape and no event in it is over, whatever day the demo runs.
+
+def copy_examples(dest: Path, today: date) -> None:
+    """The sample articles (``dest/articles``) and subscribers (``dest/subscribers.csv``),
+    the articles dated by whole days later so that the newest was published the day before
+    ``today``.
+
+    The samples carry fixed dates, and their events end on fixed dates: moved as one, the
+    sample week keeps its shape, and no event in it is over whatever day the copy is made.
+    The copies say the same dates as the store, so fetching them again changes nothing.
     """
-    dated = [a.published_at for a in articles if a.date_given]
-    if not dated:
-        return articles
-    shift = now - timedelta(hours=1) - max(dated)
-    return [
-        replace(
-            a,
-            published_at=a.published_at + shift,
-            expires_at=a.expires_at + shift if a.expires_at is not None else None,
-        )
-        if a.date_given
-        else a
-        for a in articles
+    texts = {p.name: p.read_text(encoding="utf-8") for p in (EXAMPLES / "articles").iterdir()}
+    published = [
+        date.fromisoformat(m["day"])
+        for text in texts.values()
+        for m in _FRONT_MATTER_DATE.finditer(text)
+        if m["key"] == "published"
     ]
+    shift = today - timedelta(days=1) - max(published)
+
+    def moved(m: re.Match[str]) -> str:
+        return f"{m['key']}{m['sep']}{date.fromisoformat(m['day']) + shift}"
+
+    shutil.rmtree(dest / "articles", ignore_errors=True)
+    (dest / "articles").mkdir(parents=True)
+    for name, text in texts.items():
+        (dest / "articles" / name).write_text(_FRONT_MATTER_DATE.sub(moved, text), encoding="utf-8")
+    shutil.copyfile(EXAMPLES / "subscribers.csv", dest / "subscribers.csv")
 
 
 def _prepare(out_dir: Path) -> None:
@@ -169,9 +181,7 @@ def _prepare(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "mail", ignore_errors=True)
     (out_dir / "mail").mkdir()
-    shutil.rmtree(out_dir / "articles", ignore_errors=True)
-    shutil.copytree(EXAMPLES / "articles", out_dir / "articles")
-    shutil.copyfile(EXAMPLES / "subscribers.csv", out_dir / "subscribers.csv")
+    copy_examples(out_dir, now().date())
     secret = out_dir / "secret.key"
     if not secret.exists():
         secret.write_text(secrets.token_urlsafe(32) + "\n", encoding="ascii")
@@ -222,16 +232,13 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         )
     source = settings.sources[0]
     assert source.path is not None
-    parsed = this_week(
-        [
-            load_article_file(
-                p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
-            )
-            for p in sorted(source.path.iterdir())
-            if p.is_file()
-        ],
-        moment,
-    )
+    parsed = [
+        load_article_file(
+            p, default_topic=source.topic, known_topics=settings.topic_keys, now=moment
+        )
+        for p in sorted(source.path.iterdir())
+        if p.is_file()
+    ]
     added = upsert_articles(engine, parsed, now=moment)
     digest = settings.digests[0]
     renderer = Renderer()
