@@ -74,11 +74,15 @@ class HelperExit:
 
 @dataclass
 class HelperReport:
+    """What the helper processes did together: their summed delivery counts, and how each
+    one ended."""
+
     counts: dict[str, int] = field(default_factory=dict)
     exits: list[HelperExit] = field(default_factory=list)
 
     @property
     def failed(self) -> list[HelperExit]:
+        """The helpers that did not end well (killed, crashed, or gave up)."""
         return [e for e in self.exits if not e.ok]
 
 
