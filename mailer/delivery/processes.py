@@ -57,6 +57,8 @@ class Job:
 
 @dataclass(frozen=True)
 class HelperExit:
+    """How one helper process ended."""
+
     pid: int
     exitcode: int | None  # None: still running when given up on; negative: killed by a signal
 
@@ -82,7 +84,7 @@ class HelperReport:
 
     @property
     def failed(self) -> list[HelperExit]:
-        """The helpers that did not end well (killed, crashed, or gave up)."""
+        """The helpers that did not exit with status 0 (killed, failed, or not stopped)."""
         return [e for e in self.exits if not e.ok]
 
 
