@@ -15,6 +15,8 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class KeyValueFormatter(logging.Formatter):
+    """Log lines as text followed by the record's extra fields as sorted ``key=value`` pairs."""
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """The machine's local time with its zone's name, so that a log line's time is not
         taken for the site's (every other time shown to staff names its zone)."""
@@ -30,6 +32,7 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def configure(level: int) -> None:
+    """Send every log record at ``level`` and above to standard error, one line each."""
     handler = logging.StreamHandler()
     handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -46,6 +46,9 @@ RETRY_MAX_SECONDS = 600.0
 
 @dataclass(frozen=True)
 class Parts:
+    """Which parts of the service this process runs: the scheduler, the delivery worker, the
+    web app."""
+
     scheduler: bool = True
     worker: bool = True
     web: bool = True

@@ -17,6 +17,8 @@ Security = Literal["none", "starttls", "tls"]
 
 @dataclass(frozen=True)
 class SiteSettings:
+    """``[site]``: the newsletter's name, addresses, links and legal lines every message carries."""
+
     name: str
     tagline: str
     base_url: str
@@ -53,6 +55,8 @@ class SiteSettings:
 
 @dataclass(frozen=True)
 class DatabaseSettings:
+    """``[database]``: where the store lives and how long a foreground send waits out an outage."""
+
     url: str
     # How long a foreground `digest send` waits for the database to come back before it gives
     # up; `run` and `worker` wait for as long as it takes.
@@ -61,12 +65,16 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class WebSettings:
+    """``[web]``: where the subscriber web app listens."""
+
     host: str
     port: int
 
 
 @dataclass(frozen=True)
 class SmtpSettings:
+    """``[smtp]``: the relay, its connections and pacing, leases, retries and sending processes."""
+
     host: str
     port: int
     security: Security
@@ -89,6 +97,9 @@ class SmtpSettings:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
+    """``[scheduler]``: which missed slots a restart catches up, how late a slot may still fire,
+    and how often an idle worker looks for due deliveries."""
+
     catch_up: Literal["latest", "all", "none"]
     catch_up_hours: float
     misfire_grace_seconds: int
@@ -105,6 +116,8 @@ class BounceSettings:
 
 @dataclass(frozen=True)
 class DkimSettings:
+    """``[dkim]``: the signing domain, selector and private key."""
+
     domain: str
     selector: str
     private_key_file: Path
@@ -112,6 +125,8 @@ class DkimSettings:
 
 @dataclass(frozen=True)
 class Topic:
+    """One ``[[topics]]`` entry: what readers choose on the sign-up form."""
+
     key: str
     name: str
     description: str
@@ -119,6 +134,8 @@ class Topic:
 
 @dataclass(frozen=True)
 class Source:
+    """One ``[[sources]]`` entry: a directory of article files or a feed, and its topic."""
+
     type: Literal["feed", "directory"]
     topic: str
     url: str | None
@@ -129,6 +146,9 @@ class Source:
 
 @dataclass(frozen=True)
 class FeedSettings:
+    """``[feeds]``: how often feeds are fetched, how long and how large a fetch may be, and how
+    many run at once."""
+
     interval_minutes: float  # 0: feeds are fetched only by `mailer articles fetch`
     timeout: float
     max_bytes: int
@@ -137,6 +157,8 @@ class FeedSettings:
 
 @dataclass(frozen=True)
 class Digest:
+    """One ``[[digests]]`` entry: its schedule, time zone, topics, subject and limits."""
+
     key: str
     name: str
     subject: str
@@ -162,6 +184,8 @@ class Digest:
 
 @dataclass(frozen=True)
 class Settings:
+    """The whole configuration, checked and frozen when it loads."""
+
     path: Path | None
     site: SiteSettings
     database: DatabaseSettings

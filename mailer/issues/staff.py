@@ -24,6 +24,8 @@ from mailer.models import IssueContent
 
 @dataclass(frozen=True)
 class Preview:
+    """The next issue as it would go out now: its subject and the HTML and text of one variant."""
+
     subject: str
     html: str
     text: str

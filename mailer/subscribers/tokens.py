@@ -24,6 +24,9 @@ TOKEN_LEN = UID_LEN + 1 + MAC_LEN  # <uid>.<mac>
 
 
 class Purpose(StrEnum):
+    """What a signed link may do: the purpose is signed into the token, so one cannot stand in
+    for another."""
+
     CONFIRM = "confirm"
     UNSUBSCRIBE = "unsubscribe"
     PREFERENCES = "preferences"

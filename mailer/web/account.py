@@ -24,6 +24,9 @@ from mailer.web.pages import mask_address
 
 
 class AccountViews:
+    """The pages a link holder uses: unsubscribe (one-click included), preferences and pause,
+    export of their data, deletion."""
+
     def __init__(self, web: WebContext) -> None:
         self.web = web
 

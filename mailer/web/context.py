@@ -25,6 +25,9 @@ NO_STORE = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex"}
 
 @dataclass(frozen=True)
 class WebContext:
+    """What every view needs: settings, engine, the confirmation sender, pages, renderer and
+    request limits."""
+
     settings: Settings
     engine: sa.Engine
     sender: ConfirmationSender
@@ -57,6 +60,7 @@ def client_ip(request: Request) -> str | None:
 
 
 def user_agent(request: Request) -> str | None:
+    """The request's User-Agent header, if it sent one (recorded as consent evidence)."""
     return request.headers.get("user-agent")
 
 

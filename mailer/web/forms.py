@@ -48,6 +48,8 @@ class Invalid(MailerError, ValueError):
 
 @dataclass(frozen=True)
 class Signup:
+    """A valid sign-up form: the address, the chosen topics and which form it came from."""
+
     email: str  # normalized
     topics: tuple[str, ...]  # in the configured order
     source: str  # the form's own name for itself: "signup", "embed", …
@@ -55,6 +57,9 @@ class Signup:
 
 @dataclass(frozen=True)
 class PreferenceChange:
+    """A valid preferences form: what to do (``action``), with the topics kept or the days of
+    a pause."""
+
     action: str
     topics: tuple[str, ...] = ()
     days: int = 0

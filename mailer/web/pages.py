@@ -55,6 +55,8 @@ ERROR_TEXTS = {
 
 @dataclass(frozen=True)
 class TopicOption:
+    """A topic as a form shows it: its key, name and description."""
+
     key: str
     name: str
     description: str

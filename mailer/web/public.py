@@ -39,6 +39,9 @@ def bounded_int(raw: str, max_digits: int) -> int | None:
 
 
 class PublicViews:
+    """The pages anyone may open: the privacy policy, the stylesheet, the health check and the
+    archive of sent issues."""
+
     def __init__(self, web: WebContext) -> None:
         self.web = web
 

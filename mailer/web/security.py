@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def security_headers(*, hsts: bool) -> dict[str, str]:
+    """The headers every page carries (``hsts`` when served over HTTPS)."""
     headers = {
         "Content-Security-Policy": PAGE_CSP,
         # Links carry capability tokens: never send them on to another site (or our own logs).
@@ -87,6 +88,8 @@ class SecurityHeadersMiddleware:
 
 
 class BodyTooLarge(HTTPException):
+    """A request body over the app's limit: answered 413, never read further."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"A request body may hold at most {limit} bytes.")
 

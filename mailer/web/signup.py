@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class SignupViews:
+    """The sign-up form (its page, and the snippet that embeds it in the site), what follows it (the
+    confirmation mail) and the confirmation link."""
+
     def __init__(self, web: WebContext) -> None:
         self.web = web
 
