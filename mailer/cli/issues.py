@@ -1,4 +1,5 @@
-"""``mailer digest`` (preview, send) and ``mailer issues`` (list, show, cancel, resume, retry)."""
+"""``mailer digest`` (preview, send, upcoming) and ``mailer issues`` (list, show, cancel,
+resume, retry)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,27 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     report = issue_report(totals, helpers, time.monotonic() - started)
     out.print(report.summary())
     check_issue(ctx.engine(), settings, issue.issue_id, report, at=now())
+
+
+@digest_group.command("upcoming")
+@click.argument("key", required=False)
+@click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@pass_ctx
+def digest_upcoming(ctx: Context, key: str | None, count: int, fmt: str) -> None:
+    """Each digest's next slots, and what the next one would take if it were made now."""
+    from mailer.cli.upcoming_output import print_csv, print_json, print_tables
+    from mailer.issues.upcoming import upcoming
+
+    found = upcoming(ctx.engine(), ctx.settings, now=now(), key=key, count=count)
+    zone = ctx.settings.site.timezone
+    {"table": print_tables, "csv": print_csv, "json": print_json}[fmt](found, zone)
 
 
 @contextmanager

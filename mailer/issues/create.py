@@ -159,6 +159,31 @@ def _one_issue_at_a_time(conn: sa.Connection, digest_key: str) -> None:
     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
 
 
+def goes_out(digest: Digest, made: datetime) -> datetime:
+    """When the deliveries of an issue of ``digest`` made at ``made`` are first due."""
+    # A bulk issue made in quiet hours waits for their end; an alert never waits.
+    if digest.priority == "alert":
+        return made
+    return quiet_until(digest.quiet_hours, digest.timezone, made) or made
+
+
+def recipients_where(topics: set[str], now: datetime) -> sa.ColumnElement[bool]:
+    """Which subscribers an issue with articles in ``topics`` made at ``now`` goes to.
+
+    The snapshot and ``mailer.issues.upcoming`` both select by this one clause, so what staff
+    are shown is who the issue takes.
+    """
+    wanted = sa.select(subscriber_topics.c.subscriber_id).where(
+        subscriber_topics.c.topic.in_(sorted(topics))
+    )
+    return sa.and_(
+        subscribers.c.status == "active",
+        subscribers.c.id.in_(wanted),
+        # Paused from the preferences page: no issue while the pause lasts.
+        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
+    )
+
+
 def _snapshot(
     conn: sa.Connection,
     settings: Settings,
@@ -173,12 +198,8 @@ def _snapshot(
         return 0
     prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
     alert = digest.priority == "alert"
-    # A bulk issue made in quiet hours waits for their end; an alert never waits.
-    due = (None if alert else quiet_until(digest.quiet_hours, digest.timezone, now)) or now
+    due = goes_out(digest, now)
     suffix = f"@{settings.site.domain}>"
-    wanted = sa.select(subscriber_topics.c.subscriber_id).where(
-        subscriber_topics.c.topic.in_(sorted(topics))
-    )
     select = sa.select(
         sa.literal(issue_id),
         subscribers.c.id,
@@ -188,12 +209,7 @@ def _snapshot(
         sa.literal(now, type_=deliveries.c.created_at.type),
         sa.literal(now, type_=deliveries.c.updated_at.type),
         sa.literal(1 if alert else 0),
-    ).where(
-        subscribers.c.status == "active",
-        subscribers.c.id.in_(wanted),
-        # Paused from the preferences page: no issue while the pause lasts.
-        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
-    )
+    ).where(recipients_where(topics, now))
     conn.execute(
         deliveries.insert().from_select(
             [
