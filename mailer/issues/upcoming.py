@@ -16,6 +16,7 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import lookback_start
+from mailer.db.engine import reading
 from mailer.db.schema import articles, subscriber_topics, subscribers
 from mailer.issues import schedule
 from mailer.issues.create import articles_for, goes_out, recipients_where
@@ -81,7 +82,7 @@ def upcoming(
     An unknown ``key`` raises ``ConfigError`` naming the known ones.
     """
     digests = settings.digests if key is None else (settings.digest(key),)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [_one(conn, digest, now=now, count=count) for digest in digests]
 
 
