@@ -174,3 +174,10 @@ def test_log_lines_name_the_zone_of_their_time() -> None:
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} E[SD]T WARNING mailer\.x: relay down\n", done.stderr
     )
+
+
+def test_list_refuses_an_unknown_status_as_bad_usage(config: Path) -> None:
+    run(config, "init")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "list", "--status", "bogus"])
+    assert exit_info.value.code == 2

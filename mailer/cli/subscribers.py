@@ -117,7 +117,7 @@ def subscribers_export(
 
 
 @group.command("list")
-@click.option("--status", help="Only this status.")
+@click.option("--status", type=click.Choice(SUBSCRIBER_STATUSES), help="Only this status.")
 @click.option("--topic", help="Only subscribers of this topic.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
 @pass_ctx
