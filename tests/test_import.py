@@ -718,3 +718,10 @@ def test_an_update_of_many_changed_rows_leaves_what_the_row_by_row_import_left(
     assert outcomes[0] == outcomes[1]
     assert outcomes[1][0] == (6, 1)
     assert [e[0] for e in outcomes[1][1]["events"]].count("preferences") == 6
+
+
+def test_an_empty_file_is_refused_as_having_no_header(engine: sa.Engine) -> None:
+    with pytest.raises(SubscriberError, match=r"the file is empty: .*'email' column"):
+        csvfile.import_csv(engine, io.StringIO(""), known_topics=TOPICS, now=NOW)
+    header_only = csvfile.import_csv(engine, io.StringIO("email\n"), known_topics=TOPICS, now=NOW)
+    assert header_only.rows == 0
