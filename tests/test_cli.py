@@ -174,3 +174,21 @@ def test_log_lines_name_the_zone_of_their_time() -> None:
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} E[SD]T WARNING mailer\.x: relay down\n", done.stderr
     )
+
+
+def test_list_refuses_an_unknown_status_as_bad_usage(config: Path) -> None:
+    run(config, "init")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "list", "--status", "bogus"])
+    assert exit_info.value.code == 2
+
+
+def test_list_shows_the_first_subscribers_up_to_the_limit_and_counts_all(config: Path) -> None:
+    run(config, "init")
+    for who in ("cy", "ann", "bob"):
+        assert run(config, "subscribers", "add", f"{who}@example.org").exit_code == 0
+    result = run(config, "subscribers", "list", "--limit", "2")
+    assert result.exit_code == 0
+    assert "ann@example.org" in result.output and "bob@example.org" in result.output
+    assert "cy@example.org" not in result.output
+    assert result.output.splitlines()[-1] == "3 active"

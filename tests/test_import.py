@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TextIO
 
 import pytest
@@ -684,3 +684,44 @@ def test_a_database_error_stops_the_reading_thread(
             engine, io.StringIO(text), known_topics=TOPICS, now=NOW, chunk_size=1_000
         )
     assert not _reading_threads()
+
+
+def test_an_update_of_many_changed_rows_leaves_what_the_row_by_row_import_left(
+    engine: sa.Engine,
+) -> None:
+    first = "email,name,topics\n" + "".join(
+        f"p{i}@example.org,P {i},base-alerts\n" for i in range(7)
+    )
+    # Renamed, topics changed and both, in turn; the last row is left alone.
+    second = (
+        "email,name,topics\n"
+        + "".join(
+            f"p{i}@example.org,{f'Q {i}' if i % 3 != 1 else f'P {i}'},"
+            f"{'base-alerts' if i % 3 == 0 else 'local-events;military-news'}\n"
+            for i in range(6)
+        )
+        + "p6@example.org,P 6,base-alerts\n"
+    )
+    outcomes = []
+    for run_import in (reference_import, csvfile.import_csv):
+        seed(engine)
+        csvfile.import_csv(engine, io.StringIO(first), known_topics=TOPICS, now=NOW)
+        report = run_import(
+            engine,
+            io.StringIO(second),
+            known_topics=TOPICS,
+            now=NOW + timedelta(days=1),
+            source="import:f.csv",
+            update=True,
+        )
+        outcomes.append(((report.updated, report.unchanged), contents(engine)))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][0] == (6, 1)
+    assert [e[0] for e in outcomes[1][1]["events"]].count("preferences") == 6
+
+
+def test_an_empty_file_is_refused_as_having_no_header(engine: sa.Engine) -> None:
+    with pytest.raises(SubscriberError, match=r"the file is empty: .*'email' column"):
+        csvfile.import_csv(engine, io.StringIO(""), known_topics=TOPICS, now=NOW)
+    header_only = csvfile.import_csv(engine, io.StringIO("email\n"), known_topics=TOPICS, now=NOW)
+    assert header_only.rows == 0

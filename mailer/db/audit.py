@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -17,3 +18,18 @@ def record(
     conn.execute(
         events.insert().values(subscriber_id=subscriber_id, kind=kind, at=at, detail=detail)
     )
+
+
+def record_each(
+    conn: sa.Connection,
+    kind: str,
+    at: datetime,
+    details: Iterable[tuple[int | None, dict[str, Any]]],
+) -> None:
+    """Append one event per (subscriber id, detail), in order, in one statement."""
+    rows = [
+        {"subscriber_id": subscriber_id, "kind": kind, "at": at, "detail": detail}
+        for subscriber_id, detail in details
+    ]
+    if rows:
+        conn.execute(events.insert(), rows)

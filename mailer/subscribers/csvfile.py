@@ -98,7 +98,10 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
     try:
         header = next(reader)
     except StopIteration:
-        return
+        # Not even a header: a wrong or truncated file, not an empty list.
+        raise SubscriberError(
+            "the file is empty: the CSV header must name an 'email' column"
+        ) from None
     except UnicodeDecodeError as exc:
         raise SubscriberError(_not_utf8(exc)) from exc
     except csv.Error as exc:

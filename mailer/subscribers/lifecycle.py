@@ -177,7 +177,7 @@ def record_send_failure(
 ) -> None:
     """Note that a confirmation mail was not accepted (the person can ask again)."""
     with engine.begin() as conn:
-        sid = conn.scalar(sa.select(subscribers.c.id).where(subscribers.c.uid == uid))
+        sid = store.id_by_uid(conn, uid)
         if sid is not None:
             audit.record(
                 conn, sid, "confirmation_failed", now, message_id=message_id, reply=reply[:300]

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.db import audit
-from mailer.db.schema import deliveries, events, issues, subscriber_topics, subscribers
+from mailer.db.schema import deliveries, events, issues, subscribers
 from mailer.errors import SubscriberError
 from mailer.subscribers import store
 from mailer.subscribers.addresses import address_hash, normalize_address
@@ -27,11 +27,7 @@ def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
         if row is None:
             return None
         m = row._mapping
-        topics = conn.scalars(
-            sa.select(subscriber_topics.c.topic)
-            .where(subscriber_topics.c.subscriber_id == m["id"])
-            .order_by(subscriber_topics.c.topic)
-        ).all()
+        topics = store.topics_of(conn, [m["id"]])[m["id"]]
         trail = conn.execute(
             sa.select(events.c.kind, events.c.at, events.c.detail)
             .where(events.c.subscriber_id == m["id"])
