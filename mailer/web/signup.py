@@ -17,6 +17,7 @@ from starlette.responses import Response
 from mailer.compose.messages import build_confirmation
 from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
+from mailer.logs import describe_error, operational_errors
 from mailer.models import Recipient
 from mailer.subscribers import lifecycle
 from mailer.subscribers.tokens import Purpose, make_token
@@ -106,14 +107,23 @@ class SignupViews:
                 extra={"outcome": result.outcome.value, "code": result.code, "reply": result.reply},
             )
             reply = f"{result.outcome.value}: {result.code or ''} {result.reply}"
-        await run_in_threadpool(
-            lifecycle.record_send_failure,
-            web.engine,
-            recipient.uid,
-            recipient.message_id,
-            reply,
-            now=web.clock(),
-        )
+        expected: tuple[type[Exception], ...] = (MailerError, *operational_errors())
+        try:
+            await run_in_threadpool(
+                lifecycle.record_send_failure,
+                web.engine,
+                recipient.uid,
+                recipient.message_id,
+                reply,
+                now=web.clock(),
+            )
+        except expected as exc:
+            # The database went too (DatabaseUnavailable is a MailerError): one line, as above.
+            log.error(
+                "cannot record the failed confirmation mail to %s: %s",
+                recipient.email,
+                describe_error(exc),
+            )
 
     async def confirm(self, request: Request) -> Response:
         web = self.web
