@@ -168,6 +168,10 @@ def test_canonical_links_drop_what_does_not_change_the_page() -> None:
     assert canonical_link("https://news.example.org/a?page=1&id=2") != canonical_link(
         "https://news.example.org/a?id=3&page=1"
     )
+    # The order of the parameters does not change the page either.
+    assert canonical_link("https://news.example.org/a?page=1&id=2&utm_source=rss") == (
+        "https://news.example.org/a?id=2&page=1"
+    )
 
 
 def test_an_edit_that_copies_another_article_is_refused_and_reported(engine: sa.Engine) -> None:

@@ -366,6 +366,14 @@ def test_resume_requeues_what_a_relay_outage_left(engine: sa.Engine) -> None:
         "r3@example.org": "failed",
         "r4@example.org": "queued",
     }
+    # Due now, without the deferred one's backoff, and its old reply cleared.
+    with engine.connect() as conn:
+        due = conn.execute(
+            sa.select(deliveries.c.next_attempt_at, deliveries.c.last_reply).where(
+                deliveries.c.status == "queued"
+            )
+        ).all()
+    assert [tuple(row) for row in due] == [(later, None)] * 3
 
 
 # ---------------------------------------------------------------- real processes

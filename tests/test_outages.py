@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine
-from mailer.issues.create import create_issue
-from tests.factories import make_settings, ready_to_send, write_config
+from tests.factories import make_issue, make_settings, ready_to_send, write_config
 from tests.pg_cluster import PgCluster, free_port, pg_cluster  # noqa: F401
 from tests.smtp_server import Delay, FaultServer, smtp_server  # noqa: F401
 from tests.test_processes import statuses
@@ -74,16 +72,8 @@ def test_a_worker_waits_out_a_database_outage_and_carries_on_by_itself(
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
     config = prepare(pg_cluster.url, tmp_path, smtp_server)
-    settings = make_settings(pg_cluster.url)
     engine = create_engine(pg_cluster.url)
-    create_issue(
-        engine,
-        settings,
-        settings.digests[0],
-        scheduled_for=datetime.now(UTC),
-        now=datetime.now(UTC),
-        render_subject=Renderer().render_subject,
-    )
+    make_issue(engine, make_settings(pg_cluster.url), at=datetime.now(UTC))
     engine.dispose()
     log = tmp_path / "worker.log"
     with running(config, log, "worker", "--processes", str(PROCESSES)) as worker:

@@ -44,8 +44,18 @@ def test_strip_controls_keeps_lines_and_nothing_unsafe(text: str) -> None:
     kept = strip_controls(text)
     assert not set(kept) & CONTROLS
     assert not any("\ud800" <= ch <= "\udfff" for ch in kept)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").count("\n")
-    assert kept.count("\n") == lines
+    lines = text.replace("\r\n", "\n").replace("\r", "\n")
+    assert kept.count("\n") == lines.count("\n")
+    # Nothing else is dropped: every character that is neither a control nor a surrogate stays.
+    assert kept == "".join(
+        ch for ch in lines if ch not in CONTROLS and not "\ud800" <= ch <= "\udfff"
+    )
+
+
+def test_strip_controls_keeps_text_and_lines() -> None:
+    assert strip_controls("Gate\u00a02\r\nopens\x00 early\rFriday\t!") == (
+        "Gate\u00a02\nopens early\nFriday\t!"
+    )
 
 
 def test_plain_addresses() -> None:

@@ -4,6 +4,8 @@ what the issue then takes (fixed clock, SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,7 @@ import sqlalchemy as sa
 
 from mailer.cli import main
 from mailer.content.store import upsert_articles
+from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issue_articles, subscriber_topics, subscribers
 from mailer.errors import ConfigError
 from mailer.issues.schedule import local_time
@@ -151,6 +154,25 @@ def test_only_the_key_asked_for(engine: sa.Engine, db_url: str) -> None:
     assert alerts.key == "alerts" and len(alerts.slots) == 5
     with pytest.raises(ConfigError, match="known: weekly, alerts"):
         upcoming(engine, settings, now=BEFORE_DST_END, key="nope")
+
+
+def test_upcoming_does_not_wait_for_a_writer_on_sqlite(
+    tmp_path: Path, sqlite_template: Path
+) -> None:
+    path = tmp_path / "mailer.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    engine = create_engine(f"sqlite:///{path}")
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # a send or an ingest, its write transaction open
+        started = time.monotonic()
+        (weekly,) = upcoming(engine, make_settings(f"sqlite:///{path}"), now=BEFORE_DST_END)
+        assert time.monotonic() - started < 1.0  # a listing reads beside the writer
+        assert weekly.key == "weekly"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        engine.dispose()
 
 
 @pytest.fixture
