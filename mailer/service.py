@@ -273,6 +273,8 @@ class Service:
                 sign=self.sign,
                 renderer=self.renderer,
             )
+            if drain:
+                return await deliverer.drain(stop=self.stop, on_wait=self.on_wait)
             async with deliverer.leases.kept(self.stop):
                 while not self.stop.is_set():
                     self.work.clear()
@@ -280,10 +282,6 @@ class Service:
                     if counts is not None:
                         totals.add(counts)
                         continue
-                    if drain:
-                        if await deliverer.wait_for_others(on_wait=self.on_wait, stop=self.stop):
-                            continue
-                        break
                     if await deliverer.take_over_dead():
                         continue
                     with contextlib.suppress(TimeoutError):
