@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 from mailer.config.settings import Settings, SmtpSettings
 from mailer.db.engine import SCHEMA_HEAD, create_engine, current_revision, safe_url
 from mailer.errors import ConfigError, DatabaseUnavailable, MailerError
+from mailer.text import one_line
 
 if TYPE_CHECKING:
     from mailer.delivery.policy import SendResult
@@ -100,7 +101,7 @@ def check_database(url: str, *, timeout: float = DATABASE_TIMEOUT) -> str:
     except (sa.exc.DBAPIError, DatabaseUnavailable) as exc:
         # The engine reports a refused or lost connection as DatabaseUnavailable; anything else
         # the driver raises (authentication, a missing database) is a DBAPIError.
-        reason = _one_line(exc.reason if isinstance(exc, DatabaseUnavailable) else str(exc.orig))
+        reason = one_line(exc.reason if isinstance(exc, DatabaseUnavailable) else str(exc.orig))
         raise PreflightError(
             "database",
             f"cannot reach the database {shown}: {reason} (check [database].url)",
@@ -177,7 +178,3 @@ def claim_port(host: str, port: int) -> socket.socket:
             target=where,
         ) from exc
     return sock
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

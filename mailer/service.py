@@ -34,6 +34,7 @@ from mailer.issues.create import IssueCreated, create_issue, last_scheduled
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
+from mailer.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class Service:
             # never dropped. The traceback only with -v: the message says what failed.
             log.error(
                 "creating the issue failed: %s",
-                " ".join(describe_error(exc).split()) or type(exc).__name__,
+                one_line(describe_error(exc)) or type(exc).__name__,
                 extra={"digest": digest.key, "slot": self._shown(slot), "attempt": attempt},
                 exc_info=log.isEnabledFor(logging.INFO),
             )
@@ -273,6 +274,8 @@ class Service:
                 sign=self.sign,
                 renderer=self.renderer,
             )
+            if drain:
+                return await deliverer.drain(stop=self.stop, on_wait=self.on_wait)
             async with deliverer.leases.kept(self.stop):
                 while not self.stop.is_set():
                     self.work.clear()
@@ -280,10 +283,6 @@ class Service:
                     if counts is not None:
                         totals.add(counts)
                         continue
-                    if drain:
-                        if await deliverer.wait_for_others(on_wait=self.on_wait, stop=self.stop):
-                            continue
-                        break
                     if await deliverer.take_over_dead():
                         continue
                     with contextlib.suppress(TimeoutError):

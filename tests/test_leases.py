@@ -134,6 +134,27 @@ def test_a_group_commit_renews_the_other_held_leases_in_its_transaction(
     assert {expires for _, expires in leases(engine).values()} == {later + lease}
 
 
+async def test_a_group_commit_that_fails_leaves_its_renewal_due_soon(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(str(engine.url), smtp__lease_seconds=15)
+    issue_id = new_issue(engine, settings, ["a@example.org", "b@example.org"])
+    async with SmtpPool(settings.smtp) as pool:
+        worker = Deliverer(engine, settings, pool, owner="worker-a", clock=Clock(NOW))
+        claimed = worker.claim(issue_id)
+        worker.leases._renew_due = 0.0  # a renewal is due: the next group commit carries it
+
+        def rolled_back(*args: object, **kwargs: object) -> None:
+            assert kwargs["renew"] == sorted(d.id for d in claimed)
+            raise sa.exc.OperationalError("UPDATE", {}, Exception("connection reset"))
+
+        monkeypatch.setattr(ledger, "commit_progress", rolled_back)
+        with pytest.raises(sa.exc.OperationalError):
+            worker.commit([])
+        # Owed within a second (heartbeat: 5 s), not a whole heartbeat later.
+        assert worker.leases._renew_due <= time.monotonic() + 1.0
+
+
 def test_owner_gone_knows_dead_pids_reused_pids_and_live_owners() -> None:
     now = datetime.now(UTC)
     assert owner_gone(f"{HOST}:{dead_pid()}", alive_at=now)

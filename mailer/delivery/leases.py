@@ -78,6 +78,11 @@ class Leases:
         self._renew_due = time.monotonic() + self.heartbeat_seconds
         return sorted(self.held)
 
+    def renew_soon(self) -> None:
+        """A renewal failed (its transaction did not commit): due again within a second, not
+        a whole heartbeat later."""
+        self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+
     def renew(self, ids: Sequence[int] | None = None) -> int:
         """Extend every lease this worker holds (or those of ``ids``) to now + lease, in one
         UPDATE; returns how many rows it still held."""
@@ -110,12 +115,12 @@ class Leases:
             except DatabaseUnavailable:
                 # An outage: the lanes' own calls wait it out and log it once (Deliverer.db);
                 # while it lasts nothing new goes in flight. Renew again soon.
-                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+                self.renew_soon()
             except sa.exc.SQLAlchemyError as exc:
                 # Any other database error: the next group commit fails the same way, and
                 # while it lasts nothing new goes in flight. Try again soon.
                 log.warning("lease renewal failed", extra={"owner": self.owner, "error": str(exc)})
-                self._renew_due = time.monotonic() + min(1.0, self.heartbeat_seconds)
+                self.renew_soon()
 
     @contextlib.asynccontextmanager
     async def kept(self, stop: asyncio.Event | None = None) -> AsyncIterator[None]:

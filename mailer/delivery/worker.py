@@ -176,19 +176,25 @@ class Deliverer:
         results = [h.result for h in batch if h.result is not None]
         starts = [h.start for h in batch if h.start is not None]
         with self.leases.writes:
-            counts, started = ledger.commit_progress(
-                self.engine,
-                results=results,
-                starts=starts,
-                owner=self.owner,
-                settings=self.settings.smtp,
-                now=self.clock(),
-                lease=self.lease,
-                on_bounce=apply_bounce,
-                # The heartbeat rides on a group commit when one falls due: no extra
-                # transaction.
-                renew=self.leases.renewal(),
-            )
+            # The heartbeat rides on a group commit when one falls due: no extra transaction.
+            renew = self.leases.renewal()
+            try:
+                counts, started = ledger.commit_progress(
+                    self.engine,
+                    results=results,
+                    starts=starts,
+                    owner=self.owner,
+                    settings=self.settings.smtp,
+                    now=self.clock(),
+                    lease=self.lease,
+                    on_bounce=apply_bounce,
+                    renew=renew,
+                )
+            except BaseException:
+                # Rolled back with the commit: the renewal is still owed, not a heartbeat away.
+                if renew:
+                    self.leases.renew_soon()
+                raise
         self.leases.let_go(
             [r.delivery.id for r in results] + [i for i in starts if i not in started]
         )
