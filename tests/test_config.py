@@ -99,6 +99,14 @@ def test_bad_values_name_file_key_and_expectation(sections: dict[str, Any], expe
     assert expected in message
 
 
+def test_a_top_level_key_is_named_without_an_empty_table() -> None:
+    assert _error(sitee={}).startswith("/etc/mailer.toml: sitee is not a known key (known: ")
+    data = config_dict()
+    del data["site"]
+    with pytest.raises(ConfigError, match=r"^/etc/mailer\.toml: site is required$"):
+        parse_settings(data, path=Path("/etc/mailer.toml"), env={})
+
+
 def _digest(**overrides: Any) -> list[dict[str, Any]]:
     digest = dict(config_dict()["digests"][0])
     digest.update(overrides)
