@@ -67,11 +67,9 @@ def parse_settings(
     root = Table(data, "", where)
     site_table = root.table("site")
     assert site_table is not None
-    site_table.name = "site"
     site = read_site(site_table, base, env)
 
     db_table = root.table("database", required=False) or Table({}, "database", where)
-    db_table.name = "database"
     db_url = db_table.text("url", "sqlite:///mailer.db")
     if not db_url.startswith(("sqlite", "postgresql")):
         raise db_table.error("url", f"must be a sqlite:/// or postgresql:// URL, got {db_url!r}")
@@ -87,7 +85,6 @@ def parse_settings(
     db_table.finish()
 
     web_table = root.table("web", required=False) or Table({}, "web", where)
-    web_table.name = "web"
     web = WebSettings(
         host=web_table.text("host", "127.0.0.1"),
         port=web_table.integer("port", 8000, low=1, high=65535),
