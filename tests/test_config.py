@@ -147,6 +147,23 @@ def test_missing_file_and_bad_toml_are_named(tmp_path: Path) -> None:
         load_settings(bad)
 
 
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ({"env": {"MAILER_SECRET_KEY": "short"}}, "secret_key_env"),
+        ({"file": b"short"}, "secret_key_file"),
+    ],
+    ids=["environment", "file"],
+)
+def test_a_short_secret_names_the_key_it_came_from(
+    tmp_path: Path, source: dict[str, Any], key: str
+) -> None:
+    (tmp_path / "secret.key").write_bytes(source.get("file", b"s" * 40))
+    data = config_dict(site__secret_key_file="secret.key")
+    with pytest.raises(ConfigError, match=rf"\[site\]\.{key} the site secret must be at least 16"):
+        parse_settings(data, path=tmp_path / "mailer.toml", env=source.get("env", {}))
+
+
 def test_relative_paths_resolve_beside_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "secret.key").write_text("s" * 40, encoding="ascii")
     data = config_dict(site__secret_key_file="secret.key")
