@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -79,24 +80,7 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
             raise DigestError(f"no issue {issue_id}")
-        counts = {
-            status: n
-            for status, n in conn.execute(
-                sa.select(deliveries.c.status, sa.func.count())
-                .where(deliveries.c.issue_id == issue_id)
-                .group_by(deliveries.c.status)
-            )
-        }
-    return IssueSummary(
-        id=row.id,
-        digest=row.digest,
-        scheduled_for=row.scheduled_for,
-        subject=row.subject,
-        status=row.status,
-        created_at=row.created_at,
-        completed_at=row.completed_at,
-        counts=counts,
-    )
+        return _summaries(conn, [row])[0]
 
 
 def list_issues(
@@ -104,11 +88,35 @@ def list_issues(
 ) -> list[IssueSummary]:
     """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
     with engine.connect() as conn:
-        query = sa.select(issues.c.id).order_by(issues.c.scheduled_for.desc()).limit(limit)
+        query = sa.select(issues).order_by(issues.c.scheduled_for.desc()).limit(limit)
         if digest is not None:
             query = query.where(issues.c.digest == digest)
-        ids: Sequence[int] = conn.scalars(query).all()
-    return [summarize(engine, i) for i in ids]
+        return _summaries(conn, conn.execute(query).all())
+
+
+def _summaries(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[IssueSummary]:
+    """The issues of ``rows`` with their deliveries counted by status, by one query."""
+    counts: dict[int, dict[str, int]] = {row.id: {} for row in rows}
+    if counts:
+        for issue_id, status, n in conn.execute(
+            sa.select(deliveries.c.issue_id, deliveries.c.status, sa.func.count())
+            .where(deliveries.c.issue_id.in_(list(counts)))
+            .group_by(deliveries.c.issue_id, deliveries.c.status)
+        ):
+            counts[issue_id][status] = n
+    return [
+        IssueSummary(
+            id=row.id,
+            digest=row.digest,
+            scheduled_for=row.scheduled_for,
+            subject=row.subject,
+            status=row.status,
+            created_at=row.created_at,
+            completed_at=row.completed_at,
+            counts=counts[row.id],
+        )
+        for row in rows
+    ]
 
 
 def finish_if_done(conn: sa.Connection, issue_id: int, now: datetime) -> bool:
