@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from mailer.content.feeds.fetch import (
 from mailer.content.feeds.parse import category_topics, parse_feed
 from mailer.content.feeds.state import FeedState, load_feed_states, record_failure, record_success
 from mailer.content.files import load_article_file
-from mailer.content.store import Duplicate, UpsertReport, stored_topics, upsert_articles
+from mailer.content.store import Duplicate, UpsertReport, upsert_articles
 from mailer.errors import ArticleError, FeedError
 
 log = logging.getLogger(__name__)
@@ -219,7 +218,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
     async with run.db_lock:
         if feed is not None:
             report = await asyncio.to_thread(
-                _store_feed_articles, run.engine, feed.articles, run.now
+                upsert_articles, run.engine, feed.articles, now=run.now, keep_topic=True
             )
         # A 304 may carry fresher validators (RFC 9110 §15.4.5); otherwise keep the stored ones.
         etag = fetched.etag or (state.etag if state and fetched.not_modified else None)
@@ -247,25 +246,6 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
         skipped=feed.skipped if feed is not None else (),
         duplicates=tuple(report.duplicates),
     )
-
-
-def _store_feed_articles(
-    engine: sa.Engine, items: Sequence[ParsedArticle], now: datetime
-) -> UpsertReport:
-    """Upsert feed articles, keeping the topic each was first stored with.
-
-    The same story often sits in two category feeds (one source per topic), and a category map
-    can change: letting the last fetch win would flip its topic back and forth, and every flip
-    is an "update" that could send the article again.
-    """
-    stored = stored_topics(engine, (item.guid for item in items))
-    kept = [
-        dataclasses.replace(item, topic=stored[item.guid])
-        if item.guid in stored and stored[item.guid] != item.topic
-        else item
-        for item in items
-    ]
-    return upsert_articles(engine, kept, now=now)
 
 
 async def _run_directory(run: _Run, source: Source) -> SourceResult:

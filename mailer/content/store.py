@@ -15,8 +15,9 @@ Which articles an issue takes is a query of its own: ``mailer.content.selection`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -89,13 +90,16 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
 
 
 def upsert_articles(
-    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime
+    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime, keep_topic: bool = False
 ) -> UpsertReport:
     """Store articles by guid: new ones are added, changed ones updated, the rest left alone.
 
     A guid given twice keeps its last version. "Changed" means a different ``content_hash``; an
     article whose file gave no date keeps the publication date it was first stored with.
-    Runs in one transaction, with a few bulk statements per chunk of guids.
+    With ``keep_topic``, a stored article keeps the topic it was first stored with (feeds: the
+    same story often sits in two category feeds, and a category map can change; letting the
+    last fetch win would flip its topic back and forth, each flip an update that could send it
+    again). Runs in one transaction, with a few bulk statements per chunk of guids.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -104,22 +108,33 @@ def upsert_articles(
     report = UpsertReport()
     with engine.begin() as conn:
         for start in range(0, len(unique), UPSERT_CHUNK):
-            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now)
+            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now, keep_topic)
     return report
 
 
 def _upsert_chunk(
-    conn: sa.Connection, chunk: list[ParsedArticle], report: UpsertReport, now: datetime
+    conn: sa.Connection,
+    chunk: list[ParsedArticle],
+    report: UpsertReport,
+    now: datetime,
+    keep_topic: bool = False,
 ) -> None:
-    rows = {item.guid: _values(item) for item in chunk}
-    stored: dict[str, tuple[int, str]] = {
-        guid: (id_, content_hash)
-        for id_, guid, content_hash in conn.execute(
-            sa.select(articles.c.id, articles.c.guid, articles.c.content_hash).where(
-                articles.c.guid.in_(list(rows))
-            )
+    stored: dict[str, tuple[int, str, str]] = {
+        guid: (id_, content_hash, topic)
+        for id_, guid, content_hash, topic in conn.execute(
+            sa.select(
+                articles.c.id, articles.c.guid, articles.c.content_hash, articles.c.topic
+            ).where(articles.c.guid.in_([item.guid for item in chunk]))
         )
     }
+    if keep_topic:
+        chunk = [
+            dataclasses.replace(item, topic=stored[item.guid][2])
+            if item.guid in stored and stored[item.guid][2] != item.topic
+            else item
+            for item in chunk
+        ]
+    rows = {item.guid: _values(item) for item in chunk}
     duplicates_before = len(report.duplicates)
     owners = _key_owners(conn, rows.values())
     new: list[dict[str, Any]] = []
@@ -255,18 +270,6 @@ def list_articles(
     if topic is not None:
         query = query.where(articles.c.topic == topic)
     return fetch(engine, _newest_first(query, limit))
-
-
-def stored_topics(engine: sa.Engine, guids: Iterable[str]) -> dict[str, str]:
-    """The topic each of ``guids`` is stored with, for those already stored."""
-    wanted = list(guids)
-    stored: dict[str, str] = {}
-    with engine.connect() as conn:
-        for start in range(0, len(wanted), UPSERT_CHUNK):
-            chunk = wanted[start : start + UPSERT_CHUNK]
-            query = sa.select(articles.c.guid, articles.c.topic).where(articles.c.guid.in_(chunk))
-            stored.update((guid, topic) for guid, topic in conn.execute(query))
-    return stored
 
 
 # ---------------------------------------------------------------------------------------------
