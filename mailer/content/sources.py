@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,7 +110,7 @@ async def fetch_sources(
     source alike (the database, a category map naming an unknown topic).
     """
     for source in settings.sources:
-        category_topics(_categories(source), settings.topic_keys)  # fail before any fetch
+        category_topics(source.categories, settings.topic_keys)  # fail before any fetch
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             agent = user_agent(settings.site.base_url)
@@ -169,10 +169,6 @@ def _name(source: Source) -> str:
     return source.url or str(source.path)
 
 
-def _categories(source: Source) -> Mapping[str, str]:
-    return source.categories
-
-
 async def _run_source(run: _Run, source: Source) -> SourceResult:
     if source.type == "feed":
         return await _run_feed(run, source)
@@ -204,7 +200,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
                     url=url,
                     topic=source.topic,
                     now=run.now,
-                    categories=_categories(source),
+                    categories=source.categories,
                     known_topics=run.known_topics,
                     content_type=fetched.content_type,
                     base_url=fetched.final_url,
