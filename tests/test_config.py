@@ -60,6 +60,10 @@ BAD = [
         {"database": {"url": "mysql://x"}},
         "[database].url must be a sqlite:/// or postgresql:// URL",
     ),
+    (
+        {"database": {"url": "sqlitex:///mailer.db"}},
+        "[database].url must be a sqlite:/// or postgresql:// URL, got 'sqlitex:///mailer.db'",
+    ),
     ({"topics": []}, "at least one [[topics]] table is required"),
     (
         {
