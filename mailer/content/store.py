@@ -151,13 +151,18 @@ def _upsert_chunk(
         # No conflict target: a guid, or content (the unique text_key and link_key indexes),
         # stored meanwhile by a concurrent ingest or by an earlier row of this chunk makes the
         # row a no-op; the article that holds it is named below.
-        inserted = set(
-            conn.scalars(
-                upsert_insert(conn, articles).on_conflict_do_nothing().returning(articles.c.guid),
+        inserted: dict[str, int] = {
+            guid: id_
+            for guid, id_ in conn.execute(
+                upsert_insert(conn, articles)
+                .on_conflict_do_nothing()
+                .returning(articles.c.guid, articles.c.id),
                 [row | {"created_at": now, "updated_at": now} for row in new],
             )
-        )
+        }
         _lost_races(conn, [row for row in new if row["guid"] not in inserted], report)
+        for guid, id_ in inserted.items():
+            _claim(owners, rows[guid], id_, guid)
         added = len(inserted)
     changed: list[ParsedArticle] = []
     for item in chunk:
@@ -168,6 +173,9 @@ def _upsert_chunk(
             # The edit made it the copy of another article: keep the stored version.
             report.duplicates.append(Duplicate(item.guid, item.title, holder))
             continue
+        # Its new content is now held: a later row of this chunk that edits into the same
+        # content is a duplicate, not an UPDATE the unique indexes refuse.
+        _claim(owners, rows[item.guid], stored[item.guid][0], item.guid)
         changed.append(item)
     for with_date in (True, False):
         group = [item for item in changed if item.date_given is with_date]
@@ -216,6 +224,13 @@ def _holder(owners: _Owners, row: dict[str, Any], guid: str) -> int | None:
         if owner is not None and owner[1] != guid:
             return owner[0]
     return None
+
+
+def _claim(owners: _Owners, row: dict[str, Any], id_: int, guid: str) -> None:
+    """Record that article ``id_`` now holds this row's content keys."""
+    for name in ("text_key", "link_key"):
+        if row[name] is not None:
+            owners[name, row[name]] = (id_, guid)
 
 
 def _lost_races(conn: sa.Connection, rows: list[dict[str, Any]], report: UpsertReport) -> None:
