@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from mailer.content.article import MAX_GUID, MAX_LINK, MAX_TITLE, ParsedArticle
 from mailer.db import audit
-from mailer.db.engine import upsert_insert
+from mailer.db.engine import reading, upsert_insert
 from mailer.db.schema import articles, issue_articles, issues
 from mailer.errors import ArticleError, UnknownArticleError
 from mailer.models import Article
@@ -270,7 +270,7 @@ def fetch(bind: sa.Engine | sa.Connection, query: sa.Select[Any]) -> list[Articl
     """The Articles a query of ``ARTICLE_COLUMNS`` selects, on an Engine or in a Connection."""
     if isinstance(bind, sa.Connection):
         return [Article(**row._mapping) for row in bind.execute(query)]
-    with bind.connect() as conn:
+    with reading(bind) as conn:
         return [Article(**row._mapping) for row in conn.execute(query)]
 
 
@@ -335,7 +335,7 @@ def _issue_ids(text: str | None) -> tuple[int, ...]:
 
 def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
     """The article ``article_id`` with the issues that took it; UnknownArticleError if none."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(
                 *ARTICLE_COLUMNS,

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS
+from mailer.db.engine import reading
 from mailer.db.schema import (
     SENDING_ROW,
     WAITING_ROW,
@@ -76,7 +77,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
 
 def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
     """Issue ``issue_id`` with its deliveries counted by status; DigestError if there is none."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
             raise DigestError(f"no issue {issue_id}")
@@ -87,7 +88,7 @@ def list_issues(
     engine: sa.Engine, *, digest: str | None = None, limit: int = 20
 ) -> list[IssueSummary]:
     """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         query = sa.select(issues).order_by(issues.c.scheduled_for.desc()).limit(limit)
         if digest is not None:
             query = query.where(issues.c.digest == digest)
@@ -298,7 +299,7 @@ def reasons(engine: sa.Engine, issue_id: int) -> Reasons:
     """Counts by reason for the deferred, unknown, failed and bounced deliveries of an
     issue, and when the next waiting one is due."""
     of_issue = deliveries.c.issue_id == issue_id
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(
             sa.select(deliveries.c.status, deliveries.c.last_reply, sa.func.count())
             .where(of_issue, deliveries.c.status.in_(WITH_REASONS))
@@ -361,7 +362,7 @@ def unfinished(
         where = [deliveries.c.status.in_(("deferred", "unknown"))]
         if since is not None:
             where.append(deliveries.c.updated_at >= since)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(
             sa.select(
                 deliveries.c.issue_id,
