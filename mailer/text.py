@@ -23,6 +23,10 @@ ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 DOT_ATOM = rf"[{ATEXT}]+(?:\.[{ATEXT}]+)*"
 _PLAIN_ADDRESS = re.compile(rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
+# Characters a per-recipient URL may hold: none of them is special in HTML or in a header.
+_INERT_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
+MAX_INERT_URL = 800
+
 
 def one_line(text: str, *, limit: int | None = None) -> str:
     """``text`` on one line: whitespace runs (CR, LF and tabs too) become one space, the
@@ -47,3 +51,9 @@ def is_plain_address(address: str) -> bool:
     It says nothing of whether the address is valid (that is ``subscribers.addresses``): only
     that it can be written as it is, with no quoting or encoding."""
     return _PLAIN_ADDRESS.fullmatch(address) is not None
+
+
+def is_inert_url(url: str) -> bool:
+    """True if ``url`` is an http(s) URL of at most ``MAX_INERT_URL`` characters, none of them
+    special in HTML or in a header (no space, & ' " < >): safe to splice into either unescaped."""
+    return len(url) <= MAX_INERT_URL and _INERT_URL.fullmatch(url) is not None

@@ -28,7 +28,7 @@ from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import articles, issue_articles, metadata
 from mailer.errors import ArticleError
 from mailer.issues.create import IssueCreated
-from mailer.issues.progress import cancel, summarize
+from mailer.issues.progress import cancel, list_issues, summarize
 from mailer.issues.staff import preview_next
 from tests.factories import (
     ALERTS,
@@ -105,6 +105,23 @@ def test_an_alert_fetched_after_its_slot_goes_in_the_next_alert_issue_once(
     assert taken(engine, made_1750.issue_id) == []
     assert made_1740.recipients == 1
     assert summarize(engine, made_1730.issue_id).status == "empty"
+
+
+def test_issues_are_listed_newest_slot_first_each_with_its_own_counts(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = settings_for(db_url)
+    make_subscriber(engine, email="ann@example.org", topics=["base-alerts"])
+    make_subscriber(engine, email="bob@example.org", topics=["base-alerts"])
+    empty = make_issue(engine, settings, "alerts", at(17, 30))
+    store(engine, published=at(17, 31), arrived=at(17, 32))
+    full = make_issue(engine, settings, "alerts", at(17, 40))
+    listed = list_issues(engine, digest="alerts")
+    assert [s.id for s in listed] == [full.issue_id, empty.issue_id]
+    assert listed == [summarize(engine, full.issue_id), summarize(engine, empty.issue_id)]
+    assert [s.counts for s in listed] == [{"queued": 2}, {}]
+    assert list_issues(engine, digest="alerts", limit=1) == listed[:1]
+    assert list_issues(engine, digest="weekly") == []
 
 
 @pytest.mark.parametrize(

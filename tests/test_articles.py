@@ -684,6 +684,22 @@ def test_upsert_adds_then_reports_unchanged(engine: sa.Engine) -> None:
     assert _stored(engine, items[0].guid).updated_at == NOW
 
 
+def test_keep_topic_keeps_the_first_topic_and_still_updates_the_content(
+    engine: sa.Engine,
+) -> None:
+    item = make_article(topic="base-alerts", summary="Old.")
+    upsert_articles(engine, [item], now=NOW)
+    moved = replace(item, topic="local-events")
+    kept = upsert_articles(engine, [moved], now=NOW, keep_topic=True)
+    assert (kept.added, kept.updated, kept.unchanged) == (0, 0, 1)
+    edited = replace(moved, summary="New.")
+    report = upsert_articles(engine, [edited], now=NOW, keep_topic=True)
+    assert (report.updated, _stored(engine, item.guid).topic) == (1, "base-alerts")
+    assert _stored(engine, item.guid).summary == "New."
+    upsert_articles(engine, [moved], now=NOW)
+    assert _stored(engine, item.guid).topic == "local-events"
+
+
 def test_upsert_updates_changed_content_keeping_id_and_created_at(engine: sa.Engine) -> None:
     item = make_article(summary="Old.")
     upsert_articles(engine, [item], now=NOW)

@@ -60,6 +60,10 @@ BAD = [
         {"database": {"url": "mysql://x"}},
         "[database].url must be a sqlite:/// or postgresql:// URL",
     ),
+    (
+        {"database": {"url": "sqlitex:///mailer.db"}},
+        "[database].url must be a sqlite:/// or postgresql:// URL, got 'sqlitex:///mailer.db'",
+    ),
     ({"topics": []}, "at least one [[topics]] table is required"),
     (
         {
@@ -97,6 +101,14 @@ def test_bad_values_name_file_key_and_expectation(sections: dict[str, Any], expe
     message = _error(**sections)
     assert message.startswith("/etc/mailer.toml: ")
     assert expected in message
+
+
+def test_a_top_level_key_is_named_without_an_empty_table() -> None:
+    assert _error(sitee={}).startswith("/etc/mailer.toml: sitee is not a known key (known: ")
+    data = config_dict()
+    del data["site"]
+    with pytest.raises(ConfigError, match=r"^/etc/mailer\.toml: site is required$"):
+        parse_settings(data, path=Path("/etc/mailer.toml"), env={})
 
 
 def _digest(**overrides: Any) -> list[dict[str, Any]]:
@@ -137,6 +149,23 @@ def test_missing_file_and_bad_toml_are_named(tmp_path: Path) -> None:
     bad.write_text("[site\nname = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"bad\.toml: is not valid TOML"):
         load_settings(bad)
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ({"env": {"MAILER_SECRET_KEY": "short"}}, "secret_key_env"),
+        ({"file": b"short"}, "secret_key_file"),
+    ],
+    ids=["environment", "file"],
+)
+def test_a_short_secret_names_the_key_it_came_from(
+    tmp_path: Path, source: dict[str, Any], key: str
+) -> None:
+    (tmp_path / "secret.key").write_bytes(source.get("file", b"s" * 40))
+    data = config_dict(site__secret_key_file="secret.key")
+    with pytest.raises(ConfigError, match=rf"\[site\]\.{key} the site secret must be at least 16"):
+        parse_settings(data, path=tmp_path / "mailer.toml", env=source.get("env", {}))
 
 
 def test_relative_paths_resolve_beside_the_config_file(tmp_path: Path) -> None:

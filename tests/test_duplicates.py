@@ -184,6 +184,32 @@ def test_an_edit_that_copies_another_article_is_refused_and_reported(engine: sa.
     assert title == "Story 2"
 
 
+def test_an_edit_that_copies_an_article_of_the_same_batch_is_reported_not_a_crash(
+    engine: sa.Engine,
+) -> None:
+    upsert_articles(engine, [item(1), item(2)], now=NOW)
+    # A new article, and a stored one edited into its copy, in one batch.
+    copy = replace(item(1), title="Story 3", summary="Summary 3.", body="Body 3.")
+    report = upsert_articles(engine, [item(3), copy], now=NOW)
+    assert (report.added, report.updated, report.unchanged) == (1, 0, 0)
+    ids = {guid: id_ for id_, guid in rows(engine)}
+    assert [(d.guid, d.of) for d in report.duplicates] == [(copy.guid, ids[item(3).guid])]
+    # Two stored articles edited into the same new content: the first edit holds it.
+    one = replace(item(1), title="Story 4", summary="Summary 4.", body="Body 4.")
+    two = replace(item(2), title="Story 4", summary="Summary 4.", body="Body 4.")
+    report = upsert_articles(engine, [one, two], now=NOW)
+    assert (report.updated, [(d.guid, d.of) for d in report.duplicates]) == (
+        1,
+        [(two.guid, ids[one.guid])],
+    )
+    with engine.connect() as conn:
+        titles = {
+            guid: title
+            for guid, title in conn.execute(sa.select(articles.c.guid, articles.c.title))
+        }
+    assert titles == {one.guid: "Story 4", two.guid: "Story 2", item(3).guid: "Story 3"}
+
+
 def test_the_database_refuses_a_second_copy_whatever_the_code_checked(engine: sa.Engine) -> None:
     upsert_articles(engine, [item(1)], now=NOW)
     twin = item(1, guid="urn:test:dup:twin")

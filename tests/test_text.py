@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailer.text import is_plain_address, one_line, strip_controls
+from mailer.text import MAX_INERT_URL, is_inert_url, is_plain_address, one_line, strip_controls
 
 UNSAFE = {chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]} | {
     *map(chr, range(0x202A, 0x202F)),
@@ -82,3 +82,21 @@ def test_plain_addresses() -> None:
 )
 def test_every_dot_atom_is_plain(address: str) -> None:
     assert is_plain_address(address)
+
+
+def test_an_inert_url_has_nothing_special_in_html_or_a_header() -> None:
+    assert is_inert_url("https://news.example.org/a_b~c/(d)?e=1#f")
+    assert is_inert_url("http://127.0.0.1:8000")
+    for url in (
+        "https://news.example.org/a b",
+        "https://news.example.org/?a=1&b=2",
+        'https://news.example.org/"><script>',
+        "https://news.example.org/'",
+        "https://bücher.de",
+        "ftp://news.example.org",
+        "https://news.example.org/\r\nBcc: x@y",
+    ):
+        assert not is_inert_url(url), url
+    longest = "https://news.example.org/" + "a" * (MAX_INERT_URL - 25)
+    assert len(longest) == MAX_INERT_URL and is_inert_url(longest)
+    assert not is_inert_url(longest + "a")

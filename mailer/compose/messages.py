@@ -55,7 +55,7 @@ from mailer.config.settings import Settings, SiteSettings
 from mailer.errors import AddressError, ConfigError, DeliveryError, RenderError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import archive_url, links_for
-from mailer.text import ATEXT, DOT_ATOM, one_line
+from mailer.text import ATEXT, DOT_ATOM, is_inert_url, one_line
 
 # RFC 2045 §6.7: encoded lines of at most 76 characters (policy.SMTP's 78 would break it);
 # refold_source="none" keeps set_raw values exactly as given (see COMPLIANCE pitfalls 1-2).
@@ -69,8 +69,6 @@ SAMPLE_UID = "sample-subscriber-0000"  # a well-formed uid no subscriber has (fo
 _ADDRESS_RE = re.compile(rf"{DOT_ATOM}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 # "." first: ATEXT ends with "-", which before "." would read as a range.
 _MESSAGE_ID_RE = re.compile(rf"<[.{ATEXT}]+@[.{ATEXT}]+>")
-# Characters a per-recipient URL may hold: none of them is special in HTML or in a header.
-_INERT_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
 
 
 # --- headers --------------------------------------------------------------------------------
@@ -406,7 +404,7 @@ class DigestComposer:
 
     def __init__(self, settings: Settings, content: IssueContent, *, renderer: Renderer) -> None:
         site = settings.site
-        if not _INERT_URL_RE.fullmatch(site.base_url) or len(site.base_url) > 800:
+        if not is_inert_url(site.base_url):
             raise ConfigError(
                 "[site].base_url must be an ASCII URL (punycode host) of at most 800 characters "
                 "without spaces or any of & ' \" < >: it is spliced into headers and HTML",

@@ -4,7 +4,6 @@ zone, a mailbox, feed category names, a digest's subject line."""
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping
 from datetime import datetime
 from email.utils import parseaddr
@@ -15,6 +14,7 @@ from mailer.config.settings import Digest
 from mailer.config.table import Table
 from mailer.errors import RenderError
 from mailer.sandbox import environment, render_subject
+from mailer.text import is_inert_url
 
 
 def check_url(table: Table, key: str, value: str, *, https_only: bool = False) -> str:
@@ -27,9 +27,6 @@ def check_url(table: Table, key: str, value: str, *, https_only: bool = False) -
 
 
 LOOPBACK_HOSTS = frozenset({"localhost"})
-# What mailer.compose.messages splices into headers and quoted-printable HTML unescaped (it checks
-# again there); ? and # are allowed by it, refused here with their own message.
-_INERT_URL_RE = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$()*+,;=%\[\]-]+")
 
 
 def _is_loopback(host: str) -> bool:
@@ -48,7 +45,9 @@ def check_base_url(table: Table, key: str, value: str) -> str:
     carry the subscriber's signed token, and RFC 8058 one-click unsubscribe needs an HTTPS URI.
     """
     url = check_url(table, key, value)
-    if not _INERT_URL_RE.fullmatch(url) or len(url) > 800:
+    # mailer.compose.messages splices it into headers and quoted-printable HTML unescaped (and
+    # checks again there); ? and # pass is_inert_url, refused below with their own message.
+    if not is_inert_url(url):
         raise table.error(
             key,
             "must be an ASCII URL (punycode host) of at most 800 characters without spaces "

@@ -7,6 +7,7 @@ key silently ignored is a setting that silently does not apply.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,9 @@ from mailer.config.table import KEY_RE, REQUIRED, Table
 from mailer.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "mailer.toml"
+# The scheme, with a driver if named (postgresql+psycopg://): another is refused here, not by
+# the database library when the first command opens the engine.
+DB_URL_RE = re.compile(r"^(sqlite|postgresql)(\+[a-z0-9_]+)?://")
 
 
 def check_processes(db_url: str, processes: int, *, path: str | None = None) -> None:
@@ -67,13 +71,11 @@ def parse_settings(
     root = Table(data, "", where)
     site_table = root.table("site")
     assert site_table is not None
-    site_table.name = "site"
     site = read_site(site_table, base, env)
 
     db_table = root.table("database", required=False) or Table({}, "database", where)
-    db_table.name = "database"
     db_url = db_table.text("url", "sqlite:///mailer.db")
-    if not db_url.startswith(("sqlite", "postgresql")):
+    if not DB_URL_RE.match(db_url):
         raise db_table.error("url", f"must be a sqlite:/// or postgresql:// URL, got {db_url!r}")
     if (
         db_url.startswith("sqlite:///")
@@ -87,7 +89,6 @@ def parse_settings(
     db_table.finish()
 
     web_table = root.table("web", required=False) or Table({}, "web", where)
-    web_table.name = "web"
     web = WebSettings(
         host=web_table.text("host", "127.0.0.1"),
         port=web_table.integer("port", 8000, low=1, high=65535),

@@ -67,7 +67,10 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
                 "secret_key_file", f"cannot be read: {exc.strerror} ({secret_path})"
             ) from exc
     if secret is not None and len(secret) < 16:
-        raise t.error("secret_key_env", "the site secret must be at least 16 characters long")
+        raise t.error(
+            "secret_key_env" if env.get(secret_env) else "secret_key_file",
+            "the site secret must be at least 16 characters long",
+        )
     domain = Address(addr_spec=parseaddr(from_address)[1]).domain
     list_id = t.text("list_id", f"updates.{domain}", pattern=re.compile(r"^[A-Za-z0-9.-]{1,200}$"))
     mailto = t.text("unsubscribe_mailto")

@@ -206,12 +206,6 @@ class Settings:
         known = ", ".join(d.key for d in self.digests) or "none"
         raise ConfigError(f"no digest {key!r} in [[digests]] (known: {known})", path=self._where)
 
-    def topic(self, key: str) -> Topic:
-        for topic in self.topics:
-            if topic.key == key:
-                return topic
-        raise ConfigError(f"no topic {key!r} in [[topics]]", path=self._where)
-
     @property
     def topic_keys(self) -> tuple[str, ...]:
         return tuple(t.key for t in self.topics)

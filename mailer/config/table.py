@@ -28,8 +28,8 @@ class Table:
         self.used: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
-        """A ConfigError naming the file and ``table.key``."""
-        return ConfigError(message, path=self.path, key=f"{self.name}.{key}")
+        """A ConfigError naming the file and ``table.key`` (``key`` alone at the top level)."""
+        return ConfigError(message, path=self.path, key=f"{self.name}.{key}" if self.name else key)
 
     def _get(self, key: str, default: Any) -> Any:
         self.used.add(key)

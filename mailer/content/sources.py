@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from mailer.content.feeds.fetch import (
 from mailer.content.feeds.parse import category_topics, parse_feed
 from mailer.content.feeds.state import FeedState, load_feed_states, record_failure, record_success
 from mailer.content.files import load_article_file
-from mailer.content.store import Duplicate, UpsertReport, stored_topics, upsert_articles
+from mailer.content.store import Duplicate, UpsertReport, upsert_articles
 from mailer.errors import ArticleError, FeedError
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ async def fetch_sources(
     source alike (the database, a category map naming an unknown topic).
     """
     for source in settings.sources:
-        category_topics(_categories(source), settings.topic_keys)  # fail before any fetch
+        category_topics(source.categories, settings.topic_keys)  # fail before any fetch
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             agent = user_agent(settings.site.base_url)
@@ -170,10 +169,6 @@ def _name(source: Source) -> str:
     return source.url or str(source.path)
 
 
-def _categories(source: Source) -> Mapping[str, str]:
-    return source.categories
-
-
 async def _run_source(run: _Run, source: Source) -> SourceResult:
     if source.type == "feed":
         return await _run_feed(run, source)
@@ -205,7 +200,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
                     url=url,
                     topic=source.topic,
                     now=run.now,
-                    categories=_categories(source),
+                    categories=source.categories,
                     known_topics=run.known_topics,
                     content_type=fetched.content_type,
                     base_url=fetched.final_url,
@@ -219,7 +214,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
     async with run.db_lock:
         if feed is not None:
             report = await asyncio.to_thread(
-                _store_feed_articles, run.engine, feed.articles, run.now
+                upsert_articles, run.engine, feed.articles, now=run.now, keep_topic=True
             )
         # A 304 may carry fresher validators (RFC 9110 §15.4.5); otherwise keep the stored ones.
         etag = fetched.etag or (state.etag if state and fetched.not_modified else None)
@@ -247,25 +242,6 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
         skipped=feed.skipped if feed is not None else (),
         duplicates=tuple(report.duplicates),
     )
-
-
-def _store_feed_articles(
-    engine: sa.Engine, items: Sequence[ParsedArticle], now: datetime
-) -> UpsertReport:
-    """Upsert feed articles, keeping the topic each was first stored with.
-
-    The same story often sits in two category feeds (one source per topic), and a category map
-    can change: letting the last fetch win would flip its topic back and forth, and every flip
-    is an "update" that could send the article again.
-    """
-    stored = stored_topics(engine, (item.guid for item in items))
-    kept = [
-        dataclasses.replace(item, topic=stored[item.guid])
-        if item.guid in stored and stored[item.guid] != item.topic
-        else item
-        for item in items
-    ]
-    return upsert_articles(engine, kept, now=now)
 
 
 async def _run_directory(run: _Run, source: Source) -> SourceResult:

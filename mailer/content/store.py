@@ -15,8 +15,9 @@ Which articles an issue takes is a query of its own: ``mailer.content.selection`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 
 from mailer.content.article import MAX_GUID, MAX_LINK, MAX_TITLE, ParsedArticle
 from mailer.db import audit
-from mailer.db.engine import upsert_insert
+from mailer.db.engine import reading, upsert_insert
 from mailer.db.schema import articles, issue_articles, issues
 from mailer.errors import ArticleError, UnknownArticleError
 from mailer.models import Article
@@ -89,13 +90,16 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
 
 
 def upsert_articles(
-    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime
+    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime, keep_topic: bool = False
 ) -> UpsertReport:
     """Store articles by guid: new ones are added, changed ones updated, the rest left alone.
 
     A guid given twice keeps its last version. "Changed" means a different ``content_hash``; an
     article whose file gave no date keeps the publication date it was first stored with.
-    Runs in one transaction, with a few bulk statements per chunk of guids.
+    With ``keep_topic``, a stored article keeps the topic it was first stored with (feeds: the
+    same story often sits in two category feeds, and a category map can change; letting the
+    last fetch win would flip its topic back and forth, each flip an update that could send it
+    again). Runs in one transaction, with a few bulk statements per chunk of guids.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -104,22 +108,33 @@ def upsert_articles(
     report = UpsertReport()
     with engine.begin() as conn:
         for start in range(0, len(unique), UPSERT_CHUNK):
-            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now)
+            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now, keep_topic)
     return report
 
 
 def _upsert_chunk(
-    conn: sa.Connection, chunk: list[ParsedArticle], report: UpsertReport, now: datetime
+    conn: sa.Connection,
+    chunk: list[ParsedArticle],
+    report: UpsertReport,
+    now: datetime,
+    keep_topic: bool = False,
 ) -> None:
-    rows = {item.guid: _values(item) for item in chunk}
-    stored: dict[str, tuple[int, str]] = {
-        guid: (id_, content_hash)
-        for id_, guid, content_hash in conn.execute(
-            sa.select(articles.c.id, articles.c.guid, articles.c.content_hash).where(
-                articles.c.guid.in_(list(rows))
-            )
+    stored: dict[str, tuple[int, str, str]] = {
+        guid: (id_, content_hash, topic)
+        for id_, guid, content_hash, topic in conn.execute(
+            sa.select(
+                articles.c.id, articles.c.guid, articles.c.content_hash, articles.c.topic
+            ).where(articles.c.guid.in_([item.guid for item in chunk]))
         )
     }
+    if keep_topic:
+        chunk = [
+            dataclasses.replace(item, topic=stored[item.guid][2])
+            if item.guid in stored and stored[item.guid][2] != item.topic
+            else item
+            for item in chunk
+        ]
+    rows = {item.guid: _values(item) for item in chunk}
     duplicates_before = len(report.duplicates)
     owners = _key_owners(conn, rows.values())
     new: list[dict[str, Any]] = []
@@ -136,13 +151,18 @@ def _upsert_chunk(
         # No conflict target: a guid, or content (the unique text_key and link_key indexes),
         # stored meanwhile by a concurrent ingest or by an earlier row of this chunk makes the
         # row a no-op; the article that holds it is named below.
-        inserted = set(
-            conn.scalars(
-                upsert_insert(conn, articles).on_conflict_do_nothing().returning(articles.c.guid),
+        inserted: dict[str, int] = {
+            guid: id_
+            for guid, id_ in conn.execute(
+                upsert_insert(conn, articles)
+                .on_conflict_do_nothing()
+                .returning(articles.c.guid, articles.c.id),
                 [row | {"created_at": now, "updated_at": now} for row in new],
             )
-        )
+        }
         _lost_races(conn, [row for row in new if row["guid"] not in inserted], report)
+        for guid, id_ in inserted.items():
+            _claim(owners, rows[guid], id_, guid)
         added = len(inserted)
     changed: list[ParsedArticle] = []
     for item in chunk:
@@ -153,6 +173,9 @@ def _upsert_chunk(
             # The edit made it the copy of another article: keep the stored version.
             report.duplicates.append(Duplicate(item.guid, item.title, holder))
             continue
+        # Its new content is now held: a later row of this chunk that edits into the same
+        # content is a duplicate, not an UPDATE the unique indexes refuse.
+        _claim(owners, rows[item.guid], stored[item.guid][0], item.guid)
         changed.append(item)
     for with_date in (True, False):
         group = [item for item in changed if item.date_given is with_date]
@@ -203,6 +226,13 @@ def _holder(owners: _Owners, row: dict[str, Any], guid: str) -> int | None:
     return None
 
 
+def _claim(owners: _Owners, row: dict[str, Any], id_: int, guid: str) -> None:
+    """Record that article ``id_`` now holds this row's content keys."""
+    for name in ("text_key", "link_key"):
+        if row[name] is not None:
+            owners[name, row[name]] = (id_, guid)
+
+
 def _lost_races(conn: sa.Connection, rows: list[dict[str, Any]], report: UpsertReport) -> None:
     """Name the article that holds each row the INSERT skipped: a duplicate of this chunk, or
     content a concurrent ingest stored first (a guid stored meanwhile is simply unchanged)."""
@@ -240,7 +270,7 @@ def fetch(bind: sa.Engine | sa.Connection, query: sa.Select[Any]) -> list[Articl
     """The Articles a query of ``ARTICLE_COLUMNS`` selects, on an Engine or in a Connection."""
     if isinstance(bind, sa.Connection):
         return [Article(**row._mapping) for row in bind.execute(query)]
-    with bind.connect() as conn:
+    with reading(bind) as conn:
         return [Article(**row._mapping) for row in conn.execute(query)]
 
 
@@ -255,18 +285,6 @@ def list_articles(
     if topic is not None:
         query = query.where(articles.c.topic == topic)
     return fetch(engine, _newest_first(query, limit))
-
-
-def stored_topics(engine: sa.Engine, guids: Iterable[str]) -> dict[str, str]:
-    """The topic each of ``guids`` is stored with, for those already stored."""
-    wanted = list(guids)
-    stored: dict[str, str] = {}
-    with engine.connect() as conn:
-        for start in range(0, len(wanted), UPSERT_CHUNK):
-            chunk = wanted[start : start + UPSERT_CHUNK]
-            query = sa.select(articles.c.guid, articles.c.topic).where(articles.c.guid.in_(chunk))
-            stored.update((guid, topic) for guid, topic in conn.execute(query))
-    return stored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +335,7 @@ def _issue_ids(text: str | None) -> tuple[int, ...]:
 
 def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
     """The article ``article_id`` with the issues that took it; UnknownArticleError if none."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(
                 *ARTICLE_COLUMNS,

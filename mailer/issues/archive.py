@@ -7,6 +7,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
+from mailer.db.engine import reading
 from mailer.db.schema import issues
 
 
@@ -22,7 +23,7 @@ class ArchivedIssue:
 
 def sent_issues(engine: sa.Engine, *, limit: int, offset: int) -> list[ArchivedIssue]:
     """Sent issues, newest first."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(
             sa.select(issues.c.id, issues.c.digest, issues.c.subject, issues.c.scheduled_for)
             .where(issues.c.status == "sent")

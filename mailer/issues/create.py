@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import Selection, lookback_start, select_for_issue
-from mailer.db.engine import refresh_statistics, upsert_insert
+from mailer.db.engine import reading, refresh_statistics, upsert_insert
 from mailer.db.schema import deliveries, issue_articles, issues, subscriber_topics, subscribers
 from mailer.issues.schedule import quiet_until
 
@@ -237,7 +237,7 @@ def _snapshot(
 
 def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
     """The slot of the digest's newest issue, if any."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return conn.execute(
             sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
         ).scalar_one_or_none()

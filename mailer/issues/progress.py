@@ -13,12 +13,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
 from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS
+from mailer.db.engine import reading
 from mailer.db.schema import (
     SENDING_ROW,
     WAITING_ROW,
@@ -75,40 +77,47 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
 
 def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
     """Issue ``issue_id`` with its deliveries counted by status; DigestError if there is none."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
             raise DigestError(f"no issue {issue_id}")
-        counts = {
-            status: n
-            for status, n in conn.execute(
-                sa.select(deliveries.c.status, sa.func.count())
-                .where(deliveries.c.issue_id == issue_id)
-                .group_by(deliveries.c.status)
-            )
-        }
-    return IssueSummary(
-        id=row.id,
-        digest=row.digest,
-        scheduled_for=row.scheduled_for,
-        subject=row.subject,
-        status=row.status,
-        created_at=row.created_at,
-        completed_at=row.completed_at,
-        counts=counts,
-    )
+        return _summaries(conn, [row])[0]
 
 
 def list_issues(
     engine: sa.Engine, *, digest: str | None = None, limit: int = 20
 ) -> list[IssueSummary]:
     """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
-    with engine.connect() as conn:
-        query = sa.select(issues.c.id).order_by(issues.c.scheduled_for.desc()).limit(limit)
+    with reading(engine) as conn:
+        query = sa.select(issues).order_by(issues.c.scheduled_for.desc()).limit(limit)
         if digest is not None:
             query = query.where(issues.c.digest == digest)
-        ids: Sequence[int] = conn.scalars(query).all()
-    return [summarize(engine, i) for i in ids]
+        return _summaries(conn, conn.execute(query).all())
+
+
+def _summaries(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[IssueSummary]:
+    """The issues of ``rows`` with their deliveries counted by status, by one query."""
+    counts: dict[int, dict[str, int]] = {row.id: {} for row in rows}
+    if counts:
+        for issue_id, status, n in conn.execute(
+            sa.select(deliveries.c.issue_id, deliveries.c.status, sa.func.count())
+            .where(deliveries.c.issue_id.in_(list(counts)))
+            .group_by(deliveries.c.issue_id, deliveries.c.status)
+        ):
+            counts[issue_id][status] = n
+    return [
+        IssueSummary(
+            id=row.id,
+            digest=row.digest,
+            scheduled_for=row.scheduled_for,
+            subject=row.subject,
+            status=row.status,
+            created_at=row.created_at,
+            completed_at=row.completed_at,
+            counts=counts[row.id],
+        )
+        for row in rows
+    ]
 
 
 def finish_if_done(conn: sa.Connection, issue_id: int, now: datetime) -> bool:
@@ -290,7 +299,7 @@ def reasons(engine: sa.Engine, issue_id: int) -> Reasons:
     """Counts by reason for the deferred, unknown, failed and bounced deliveries of an
     issue, and when the next waiting one is due."""
     of_issue = deliveries.c.issue_id == issue_id
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(
             sa.select(deliveries.c.status, deliveries.c.last_reply, sa.func.count())
             .where(of_issue, deliveries.c.status.in_(WITH_REASONS))
@@ -353,7 +362,7 @@ def unfinished(
         where = [deliveries.c.status.in_(("deferred", "unknown"))]
         if since is not None:
             where.append(deliveries.c.updated_at >= since)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(
             sa.select(
                 deliveries.c.issue_id,

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Digest, Settings
+from mailer.db.engine import reading
 from mailer.db.schema import issues
 from mailer.issues.create import IssueCreated, articles_for, create_issue
 from mailer.models import IssueContent
@@ -43,7 +44,7 @@ def preview_next(
     The same selection ``create_issue`` makes at ``now``: the articles the digest has not taken
     yet, within its lookback, oldest arrival first up to max_articles.
     """
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         selection = articles_for(conn, digest, now=now)
     chosen = selection.articles
     date = now.astimezone(ZoneInfo(digest.timezone))

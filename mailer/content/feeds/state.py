@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.db.engine import upsert_insert
+from mailer.db.engine import reading, upsert_insert
 from mailer.db.schema import feed_state
 from mailer.errors import FeedError
 
@@ -34,7 +34,7 @@ MAX_ERROR_TEXT = 2_000
 
 def load_feed_states(engine: sa.Engine) -> dict[str, FeedState]:
     """Every feed's state, by URL."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(sa.select(feed_state))
         return {row.url: FeedState(**row._mapping) for row in rows}
 
