@@ -14,7 +14,7 @@ from mailer.config.settings import Digest
 from mailer.config.table import Table
 from mailer.errors import RenderError
 from mailer.sandbox import environment, render_subject
-from mailer.text import is_inert_url
+from mailer.text import is_inert_url, is_plain_address
 
 
 def check_url(table: Table, key: str, value: str, *, https_only: bool = False) -> str:
@@ -91,6 +91,20 @@ def check_mailbox(table: Table, key: str, value: str) -> str:
     if not addr or "@" not in addr or not addr.isascii():
         raise table.error(key, f"must be an address like 'Name <user@example.org>', got {value!r}")
     return value
+
+
+def check_addresses(table: Table, key: str, values: list[str]) -> list[str]:
+    """Plain addresses (``editor@example.org``), each at most once, as staff mail is sent to."""
+    seen: set[str] = set()
+    for value in values:
+        if not is_plain_address(value) or "." not in value.rpartition("@")[2]:
+            raise table.error(
+                key, f"must list plain addresses like editor@example.org, got {value!r}"
+            )
+        if value.lower() in seen:
+            raise table.error(key, f"lists {value!r} twice")
+        seen.add(value.lower())
+    return values
 
 
 def check_subject(t: Table, digest: Digest, sample_slot: datetime) -> None:

@@ -8,7 +8,7 @@ counts Sunday as 0, so a numeric weekday would silently fire on the wrong day.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.triggers.cron import CronTrigger
 
@@ -54,3 +54,26 @@ def first_fire(trigger: CronTrigger, expression: str) -> datetime:
     if fire is None:
         raise CronError(f"never fires ({expression!r} names no date that exists)")
     return fire
+
+
+def shortest_gap(trigger: CronTrigger, samples: int) -> timedelta | None:
+    """The shortest time between two of the first ``samples`` fire times from the probe date
+    (None if it fires fewer than twice): what a window before each slot must stay under."""
+    gaps: list[timedelta] = []
+    previous: datetime | None = None
+    cursor = _PROBE_FROM
+    for _ in range(samples):
+        fire: datetime | None = trigger.get_next_fire_time(previous, cursor)
+        if fire is None:
+            break
+        if previous is not None:
+            gaps.append(fire.astimezone(UTC) - previous.astimezone(UTC))
+        previous = fire
+        cursor = fire.astimezone(UTC) + timedelta(microseconds=1)
+    return min(gaps) if gaps else None
+
+
+def gap_minutes(gap: timedelta) -> str:
+    """A gap as staff read it in an error: whole minutes, or seconds below one."""
+    seconds = gap.total_seconds()
+    return f"{seconds / 60:g}" if seconds >= 60 else f"{seconds / 60:.2f}"

@@ -22,6 +22,7 @@ from mailer.config.sections import (
     read_scheduler,
     read_site,
     read_smtp,
+    read_staff,
     resolve_path,
 )
 from mailer.config.settings import (
@@ -103,6 +104,7 @@ def parse_settings(
     feeds = read_feeds(root.table("feeds", required=False))
     dkim = read_dkim(root.table("dkim", required=False), base)
     bounces = read_bounces(root.table("bounces", required=False))
+    staff = read_staff(root.table("staff", required=False))
 
     topics: list[Topic] = []
     for t in root.tables("topics"):
@@ -175,6 +177,7 @@ def parse_settings(
         sources=tuple(sources),
         digests=tuple(digests),
         bounces=bounces,
+        staff=staff,
     )
 
 

@@ -1,5 +1,6 @@
 """Each table of the config file read into its settings: ``[site]``, ``[smtp]``,
-``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[dkim]`` and one ``[[digests]]`` entry."""
+``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[staff]``, ``[dkim]`` and one ``[[digests]]``
+entry."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from mailer.config.checks import (
+    check_addresses,
     check_base_url,
     check_mailbox,
     check_subject,
     check_url,
     check_zone,
 )
-from mailer.config.cron import CronError, first_fire, parse_cron
+from mailer.config.cron import CronError, first_fire, gap_minutes, parse_cron, shortest_gap
 from mailer.config.settings import (
     BounceSettings,
     Digest,
@@ -26,6 +28,7 @@ from mailer.config.settings import (
     SchedulerSettings,
     SiteSettings,
     SmtpSettings,
+    StaffSettings,
 )
 from mailer.config.table import KEY_RE, REQUIRED, Table
 
@@ -177,6 +180,26 @@ def read_bounces(t: Table | None) -> BounceSettings:
     return bounces
 
 
+def read_staff(t: Table | None) -> StaffSettings:
+    """``[staff]`` (defaults when absent: nobody is mailed, alerts are only logged)."""
+    t = t or Table({}, "staff", None)
+    emails = tuple(check_addresses(t, "emails", t.text_list("emails", [])))
+    alert_emails = t.text_list("alert_emails", None) if "alert_emails" in t.data else None
+    staff = StaffSettings(
+        emails=emails,
+        alert_emails=(
+            emails
+            if alert_emails is None
+            else tuple(check_addresses(t, "alert_emails", alert_emails))
+        ),
+        stall_minutes=t.number("stall_minutes", 15, low=1, high=7 * 24 * 60),
+        failure_percent=t.number("failure_percent", 5, low=0, high=100),
+        feed_failures=t.integer("feed_failures", 3, low=1, high=10_000),
+    )
+    t.finish()
+    return staff
+
+
 def read_dkim(t: Table | None, base: Path | None) -> DkimSettings | None:
     """``[dkim]``, or None when messages are not signed."""
     if t is None:
@@ -220,10 +243,36 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
         quiet_hours=_quiet_hours(t),
         include_updates=t.flag("include_updates", False),
         lookback_days=t.number("lookback_days", 7, low=0.01, high=3650),
+        review_minutes=t.integer("review_minutes", 0, low=0, high=7 * 24 * 60),
+        on_unreviewed=t.choice("on_unreviewed", "send", ("send", "hold")),
     )
     t.finish()
+    _check_review(t, digest)
     check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))
     return digest
+
+
+# Fire times sampled for the shortest gap between two slots: a month of a daily schedule.
+REVIEW_GAP_SAMPLES = 40
+
+
+def _check_review(t: Table, digest: Digest) -> None:
+    """A review window fits between two slots, and only a bulk digest has one."""
+    if digest.review_minutes == 0:
+        return
+    if digest.priority == "alert":
+        raise t.error(
+            "review_minutes",
+            "applies to bulk digests only: an alert goes out as soon as it is made",
+        )
+    trigger = parse_cron(digest.schedule, digest.timezone)
+    gap = shortest_gap(trigger, REVIEW_GAP_SAMPLES)
+    if gap is not None and digest.review >= gap:
+        raise t.error(
+            "review_minutes",
+            f"must be shorter than the time between two slots ({gap_minutes(gap)} minutes"
+            f" for {digest.schedule!r}), got {digest.review_minutes}",
+        )
 
 
 QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")

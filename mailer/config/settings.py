@@ -176,10 +176,35 @@ class Digest:
     # An issue takes the articles its digest has not taken yet, published at most this many
     # days before it is made: a first issue takes only these, never the whole store.
     lookback_days: float = 7.0
+    # Minutes before each slot at which its issue is made in status "review" and staff are
+    # sent the review mail (0: no review, the issue is made at its slot).
+    review_minutes: int = 0
+    # What an issue nobody approved, held or skipped does at its slot.
+    on_unreviewed: Literal["send", "hold"] = "send"
 
     @property
     def lookback(self) -> timedelta:
         return timedelta(days=self.lookback_days)
+
+    @property
+    def review(self) -> timedelta:
+        return timedelta(minutes=self.review_minutes)
+
+
+@dataclass(frozen=True)
+class StaffSettings:
+    """``[staff]``: who gets review mails, reports and alerts, and when an alert is raised."""
+
+    # Review mails and reports go here; `digest test` sends only here unless --force.
+    emails: tuple[str, ...] = ()
+    # Alerts go here (default: ``emails``).
+    alert_emails: tuple[str, ...] = ()
+    # An issue with deliveries due this long and none made is stalled.
+    stall_minutes: float = 15.0
+    # An issue that ends with more than this share failed or bounced raises an alert.
+    failure_percent: float = 5.0
+    # A feed that failed this many fetches in a row raises an alert.
+    feed_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -198,6 +223,7 @@ class Settings:
     sources: tuple[Source, ...]
     digests: tuple[Digest, ...]
     bounces: BounceSettings = BounceSettings()
+    staff: StaffSettings = StaffSettings()
 
     def digest(self, key: str) -> Digest:
         for digest in self.digests:

@@ -50,7 +50,20 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 SUBSCRIBER_STATUSES = ("pending", "active", "unsubscribed", "bounced", "complained")
-ISSUE_STATUSES = ("sending", "sent", "empty", "cancelled")
+# review: made before its slot for staff to approve, hold or skip (mailer.issues.review);
+# approved and held wait for the slot or for staff; skipped is final and sends nothing.
+ISSUE_STATUSES = (
+    "review",
+    "approved",
+    "held",
+    "sending",
+    "sent",
+    "empty",
+    "cancelled",
+    "skipped",
+)
+STAFF_MAIL_KINDS = ("review", "report", "alert")
+STAFF_MAIL_STATUSES = ("pending", "sent", "failed")
 DELIVERY_STATUSES = (
     "queued",
     "sending",
@@ -154,6 +167,9 @@ issues = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("completed_at", UtcDateTime),
+    # When its report was queued for staff (mailer.issues.report): once per issue, by whichever
+    # process sees it final first.
+    sa.Column("reported_at", UtcDateTime),
     sa.UniqueConstraint("digest", "scheduled_for"),
     sa.CheckConstraint(_in("status", ISSUE_STATUSES), name="status"),
     sqlite_autoincrement=True,
@@ -165,6 +181,10 @@ issue_articles = sa.Table(
     sa.Column("issue_id", Id, sa.ForeignKey("issues.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("article_id", Id, sa.ForeignKey("articles.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("position", sa.Integer, nullable=False),
+    # `mailer issues drop-article` during review: out of this issue, and taken by no later
+    # issue of the digest (what `articles remove` is for every digest).
+    sa.Column("dropped_at", UtcDateTime),
+    sa.Column("dropped_by", sa.String(200)),
     # "Has this digest taken the article yet?" probes by article (migration 0007).
     sa.Index("ix_issue_articles_article", "article_id", "issue_id"),
 )
@@ -264,4 +284,41 @@ feed_state = sa.Table(
     sa.Column("last_success_at", UtcDateTime),
     sa.Column("last_error", sa.Text),
     sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
+)
+
+# Mail to staff (review mails, reports, alerts), queued in the transaction that decided it and
+# sent by whichever process runs the staff round (mailer.staff.outbox): a relay that is down
+# delays it, and a crash loses none of it. Never a subscriber's mail: no ledger, no List-*.
+staff_mail = sa.Table(
+    "staff_mail",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    # What raised it (an alert's cause, "report:<issue>"): for the log and the reader.
+    sa.Column("cause", sa.String(200), nullable=False),
+    sa.Column("recipients", sa.Text, nullable=False),  # addresses separated by ";"
+    sa.Column("subject", sa.String(500), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("html", sa.Text),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UtcDateTime, nullable=False),
+    sa.Column("last_error", sa.String(500)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("sent_at", UtcDateTime),
+    sa.CheckConstraint(_in("kind", STAFF_MAIL_KINDS), name="kind"),
+    sa.CheckConstraint(_in("status", STAFF_MAIL_STATUSES), name="status"),
+    sa.Index("ix_staff_mail_status_next_attempt_at", "status", "next_attempt_at"),
+    sqlite_autoincrement=True,
+)
+
+# One row per alert cause: when it was last raised, so that each is mailed at most once an hour
+# however many processes see it (mailer.staff.alerts claims the row in one statement).
+staff_alerts = sa.Table(
+    "staff_alerts",
+    metadata,
+    sa.Column("cause", sa.String(200), primary_key=True),
+    sa.Column("last_raised_at", UtcDateTime, nullable=False),
+    sa.Column("times", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("message", sa.Text, nullable=False),
 )
