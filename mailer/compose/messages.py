@@ -147,7 +147,7 @@ def fold_words(name: str, words: Sequence[str]) -> str:
 
 
 @dataclass(frozen=True)
-class _PersonalHeaders:
+class PersonalHeaders:
     """The header values that differ per recipient."""
 
     to: str
@@ -156,11 +156,11 @@ class _PersonalHeaders:
     list_unsubscribe: str | None
 
 
-def _add_headers(
+def add_headers(
     msg: EmailMessage,
     settings: Settings,
     subject: str,
-    personal: _PersonalHeaders,
+    personal: PersonalHeaders,
     *,
     raw: bool,
     list_headers: bool,
@@ -199,7 +199,7 @@ def _set(msg: EmailMessage, name: str, value: str, *, raw: bool) -> None:
         msg[name] = value
 
 
-def _attach(msg: EmailMessage, text: str, html: str) -> None:
+def attach_parts(msg: EmailMessage, text: str, html: str) -> None:
     """multipart/alternative: text/plain first, text/html last (RFC 2046 §5.1.4), QP, utf-8."""
     msg.set_content(text, cte="quoted-printable")  # never 8bit (COMPLIANCE pitfall 3)
     msg.add_alternative(html, subtype="html", cte="quoted-printable")
@@ -482,11 +482,9 @@ class DigestComposer:
         links = self._links(mark("UNSUB"), mark("PREFS"))
         html, text = render_digest(self.settings, self.content, shown, links, self.renderer)
         msg = EmailMessage(policy=POLICY)
-        personal = _PersonalHeaders(mark("TO"), mark("DATE"), mark("MSGID"), mark("LISTUNSUB"))
-        _add_headers(
-            msg, self.settings, self.content.subject, personal, raw=True, list_headers=True
-        )
-        _attach(msg, text, html)
+        personal = PersonalHeaders(mark("TO"), mark("DATE"), mark("MSGID"), mark("LISTUNSUB"))
+        add_headers(msg, self.settings, self.content.subject, personal, raw=True, list_headers=True)
+        attach_parts(msg, text, html)
         spliced = self._spliced[shown] = SplicedMessage(msg.as_bytes(), mark)
         return spliced
 
@@ -539,14 +537,14 @@ def reference_message(
     )
     html, text = render_digest(settings, content, shown, view, renderer)
     msg = EmailMessage(policy=POLICY)
-    personal = _PersonalHeaders(
+    personal = PersonalHeaders(
         to=check_address(recipient.email),
         date=date_value(now),
         message_id=check_message_id(recipient.message_id),
         list_unsubscribe=list_unsubscribe_value(site, links.unsubscribe),
     )
-    _add_headers(msg, settings, content.subject, personal, raw=False, list_headers=True)
-    _attach(msg, text, html)
+    add_headers(msg, settings, content.subject, personal, raw=False, list_headers=True)
+    attach_parts(msg, text, html)
     return msg.as_bytes()
 
 
@@ -582,13 +580,13 @@ def build_confirmation(
     text = renderer.render("email/confirm.txt", context)
     _require(html, text, (links.confirm, links.privacy), settings, "email/confirm")
     msg = EmailMessage(policy=POLICY)
-    personal = _PersonalHeaders(
+    personal = PersonalHeaders(
         to=check_address(recipient.email),
         date=date_value(now),
         message_id=check_message_id(recipient.message_id),
         list_unsubscribe=None,
     )
     subject = f"Confirm your subscription to {one_line(site.name)}"
-    _add_headers(msg, settings, subject, personal, raw=False, list_headers=False)
-    _attach(msg, text, html)
+    add_headers(msg, settings, subject, personal, raw=False, list_headers=False)
+    attach_parts(msg, text, html)
     return msg.as_bytes()
