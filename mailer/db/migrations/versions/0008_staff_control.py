@@ -1,7 +1,8 @@
 """staff control: issues reviewed before their slot, reports, alerts and mail to staff
 
 * issues.status gains review, approved, held and skipped (mailer.issues.review);
-  issues.reported_at marks an issue whose report was queued.
+  issues.reported_at marks an issue whose report was queued (set for the issues that ended
+  before this revision, so an upgrade does not mail a report for each of them).
 * issue_articles.dropped_at, dropped_by: `mailer issues drop-article`.
 * staff_mail: the outbox of review mails, reports and alerts.
 * staff_alerts: when each alert cause was last raised (at most once an hour).
@@ -29,6 +30,11 @@ def upgrade() -> None:
         batch_op.drop_constraint("status", type_="check")
         batch_op.create_check_constraint("status", NEW_ISSUE_STATUSES)
         batch_op.add_column(sa.Column("reported_at", sa.DateTime(timezone=True)))
+    # Issues that ended before reports existed are not reported now, all at once.
+    op.execute(
+        "UPDATE issues SET reported_at = completed_at"
+        " WHERE status IN ('sent', 'empty', 'cancelled') AND completed_at IS NOT NULL"
+    )
     op.add_column("issue_articles", sa.Column("dropped_at", sa.DateTime(timezone=True)))
     op.add_column("issue_articles", sa.Column("dropped_by", sa.String(200)))
     op.create_table(
