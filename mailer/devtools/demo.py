@@ -71,6 +71,10 @@ TOPICS = [
 ]
 
 
+# The demo's staff address: its report lands in DIR/mail beside the readers' copies.
+DEMO_STAFF = "editor@news.example.org"
+
+
 def _toml_value(value: Any) -> str:
     # JSON strings, numbers, booleans and arrays of them are valid TOML values.
     return json.dumps(value, ensure_ascii=False)
@@ -110,6 +114,10 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         'security = "none"',
         "connections = 4",
         "timeout = 10",
+        "",
+        "# Review mails, reports and alerts: captured by the demo's SMTP server like the rest.",
+        "[staff]",
+        f"emails = [{_toml_value(DEMO_STAFF)}]",
     ]
     for key, name, description in TOPICS:
         lines += [
