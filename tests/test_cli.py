@@ -183,6 +183,18 @@ def test_list_refuses_an_unknown_status_as_bad_usage(config: Path) -> None:
     assert exit_info.value.code == 2
 
 
+def test_list_refuses_an_unknown_topic_as_bad_usage_naming_the_known_ones(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(config, "init")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "subscribers", "list", "--topic", "base-alert"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "'base-alert' is not a topic" in message
+    assert "base-alerts, local-events, military-news" in message
+
+
 def test_list_shows_the_first_subscribers_up_to_the_limit_and_counts_all(config: Path) -> None:
     run(config, "init")
     for who in ("cy", "ann", "bob"):

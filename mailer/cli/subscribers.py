@@ -124,6 +124,11 @@ def subscribers_export(
 @pass_ctx
 def subscribers_list(ctx: Context, status: str | None, topic: str | None, limit: int) -> None:
     """List subscribers in address order."""
+    known = ctx.settings.topic_keys
+    if topic is not None and topic not in known:
+        raise click.BadParameter(
+            f"{topic!r} is not a topic (known: {', '.join(known)})", param_hint="'--topic'"
+        )
     table = Table("email", "name", "status", "topics", "since")
     # One batch of ``limit`` rows: the default batch would read 5,000 rows (and their topics)
     # to show 100.
