@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
+from mailer.config.load import with_processes
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries
 from mailer.delivery.processes import HelperExit
@@ -158,6 +159,15 @@ def test_processes_need_a_shared_database() -> None:
         make_settings("sqlite:///:memory:", smtp__processes=2)
     with pytest.raises(ConfigError, match=r"\[smtp\]\.processes"):
         make_settings("sqlite:////tmp/x.db", smtp__processes=0)
+
+
+def test_processes_from_the_command_line_are_checked_naming_the_config_file(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings("sqlite:///:memory:", path=tmp_path / "mailer.toml")
+    with pytest.raises(ConfigError) as raised:
+        with_processes(settings, 2)
+    assert str(raised.value).startswith(f"{tmp_path / 'mailer.toml'}: [smtp].processes")
 
 
 def test_the_rate_holds_for_all_processes_together(

@@ -58,7 +58,9 @@ def with_processes(settings: Settings, processes: int | None) -> Settings:
     at load."""
     if processes is None or processes == settings.smtp.processes:
         return settings
-    check_processes(settings.database.url, processes)
+    check_processes(
+        settings.database.url, processes, path=str(settings.path) if settings.path else None
+    )
     return replace(settings, smtp=replace(settings.smtp, processes=processes))
 
 
