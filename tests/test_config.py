@@ -127,6 +127,22 @@ def _digest(**overrides: Any) -> list[dict[str, Any]]:
         ({"key": "Weekly Digest!"}, "[digests[0]].key must match"),
         ({"lookback_days": 0}, "[digests[0]].lookback_days must be 0.01–3650, got 0"),
         ({"lookback_days": "7"}, "[digests[0]].lookback_days must be a number"),
+        (
+            {"topics": ["base-alerts", "local-events", "base-alerts"]},
+            "[digests[0]].topics names 'base-alerts' more than once",
+        ),
+        ({"review_minutes": -1}, "[digests[0]].review_minutes must be 0–10080, got -1"),
+        (
+            # The shortest week is the one that springs forward: 167 hours.
+            {"review_minutes": 7 * 24 * 60 - 60},
+            "[digests[0]].review_minutes must be shorter than the time between two slots"
+            " (10020 minutes for '0 7 * * fri'), got 10020",
+        ),
+        ({"on_unreviewed": "approve"}, "[digests[0]].on_unreviewed must be one of"),
+        (
+            {"priority": "alert", "review_minutes": 5},
+            "[digests[0]].review_minutes applies to bulk digests only",
+        ),
     ],
     ids=[
         "numeric-weekday",
@@ -136,6 +152,11 @@ def _digest(**overrides: Any) -> list[dict[str, Any]]:
         "bad-key",
         "zero-lookback",
         "text-lookback",
+        "repeated-topic",
+        "negative-review",
+        "review-longer-than-the-gap",
+        "unknown-unreviewed-policy",
+        "review-of-an-alert",
     ],
 )
 def test_bad_digests_are_refused(overrides: dict[str, Any], expected: str) -> None:
@@ -345,3 +366,31 @@ def test_bounce_policy_defaults_and_values() -> None:
 def test_a_lease_of_a_fraction_of_a_second_is_accepted() -> None:
     settings = make_settings("sqlite://", smtp__lease_seconds=0.3)
     assert settings.smtp.lease_seconds == 0.3
+
+
+@pytest.mark.parametrize(
+    ("staff", "expected"),
+    [
+        ({"emails": ["editor"]}, "[staff].emails must list plain addresses"),
+        ({"emails": "editor@news.example.org"}, "[staff].emails must be a list of strings"),
+        (
+            {"emails": ["a@news.example.org", "A@news.example.org"]},
+            "[staff].emails lists 'A@news.example.org' twice",
+        ),
+        ({"alert_emails": ["Ed <ed@x.org>"]}, "[staff].alert_emails must list plain addresses"),
+        ({"stall_minutes": 0}, "[staff].stall_minutes must be 1–10080"),
+        ({"failure_percent": 101}, "[staff].failure_percent must be 0–100"),
+        ({"feed_failures": 0}, "[staff].feed_failures must be 1–10000, got 0"),
+        ({"emails": [], "typo": 1}, "[staff].typo"),
+    ],
+)
+def test_staff_settings_are_checked_at_load(staff: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        make_settings(staff=staff)
+    assert expected in str(raised.value)
+
+
+def test_staff_alert_emails_default_to_the_staff_emails() -> None:
+    settings = make_settings(staff={"emails": ["editor@news.example.org"]})
+    assert settings.staff.alert_emails == ("editor@news.example.org",)
+    assert make_settings(staff={"emails": ["e@x.org"], "alert_emails": []}).staff.alert_emails == ()

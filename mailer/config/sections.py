@@ -230,6 +230,9 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
             )
     if not digest_topics:
         raise t.error("topics", "must name at least one topic")
+    repeated = sorted({topic for topic in digest_topics if digest_topics.count(topic) > 1})
+    if repeated:
+        raise t.error("topics", f"names {', '.join(map(repr, repeated))} more than once")
     digest = Digest(
         key=key,
         name=t.text("name", REQUIRED),
