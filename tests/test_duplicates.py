@@ -334,6 +334,9 @@ def test_migration_0007_keys_stored_articles_first_come_first_and_keeps_issues(
             conn.execute(sa.text("INSERT INTO issue_articles VALUES (1, 1, 0), (1, 2, 1)"))
         command.upgrade(config, "head")
         with engine.connect() as conn:
+            # 0008 rebuilds `issues` on SQLite: the rows that reference it stay.
+            kept = conn.execute(sa.text("SELECT count(*) FROM issue_articles")).scalar_one()
+            assert kept == 2
             keys = conn.execute(
                 sa.select(articles.c.guid, articles.c.text_key).order_by(articles.c.id)
             ).all()

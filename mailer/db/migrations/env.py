@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import sqlalchemy as sa
 from alembic import context
 
 from mailer.db.schema import metadata
@@ -15,13 +18,40 @@ if engine is None:
         raise SystemExit("alembic: pass a database with `mailer init`, or set sqlalchemy.url")
     engine = create_engine(url)
 
+
+def _driver(connection: sa.Connection) -> Any:
+    return connection.connection.dbapi_connection
+
+
+def _foreign_keys(connection: sa.Connection, *, on: bool) -> None:
+    """Turn SQLite's foreign keys on or off on this connection, outside any transaction.
+
+    A batch migration rebuilds a table on SQLite (copy, DROP, rename); with foreign keys on,
+    the DROP deletes every row first and cascades to the rows that reference them (dropping
+    ``issues`` would empty ``issue_articles`` and ``deliveries``). SQLite ignores the pragma
+    inside a transaction, so it goes straight to the driver, which runs it in autocommit.
+    """
+    _driver(connection).execute(f"PRAGMA foreign_keys={'ON' if on else 'OFF'}")
+
+
+sqlite = engine.dialect.name == "sqlite"
 with engine.connect() as connection:
-    context.configure(
-        connection=connection,
-        target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-        compare_type=True,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-    connection.commit()
+    if sqlite:
+        _foreign_keys(connection, on=False)
+    try:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            render_as_batch=sqlite,
+            compare_type=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
+                if broken is not None:
+                    raise RuntimeError(f"migration left a row without its parent: {tuple(broken)}")
+        connection.commit()
+    finally:
+        if sqlite:
+            _foreign_keys(connection, on=True)
