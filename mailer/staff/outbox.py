@@ -298,7 +298,7 @@ def _record_row(
     )
     result.deferred += 1
     log.error(
-        "staff mail %r to %s not sent (%s); retried at %s",
+        "staff mail %r to %s not sent (%s); it will be retried at %s",
         row.subject,
         waiting.replace(";", ", "),
         error,
