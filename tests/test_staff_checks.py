@@ -226,6 +226,16 @@ def test_an_issue_whose_worker_still_moves_or_holds_a_live_lease_is_not_stalled(
             )
         )
     assert [s.issue_id for s in checks.find_stalls(engine, settings, now=at)] == [issue]
+    # A worker holding one of them under a live lease is at work on the issue.
+    with writing(engine) as conn:
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id == first)
+            .values(
+                status="queued", lease_owner="host:2", lease_expires_at=at + timedelta(seconds=10)
+            )
+        )
+    assert checks.find_stalls(engine, settings, now=at) == []
 
 
 def test_complaint_and_hard_bounce_rates_over_30_days_are_alerted_above_the_limits(

@@ -99,8 +99,15 @@ class Stall:
 
 def find_stalls(engine: sa.Engine, settings: Settings, *, now: datetime) -> list[Stall]:
     """Sending issues whose deliveries have been due (or whose leases ran out) for
-    ``[staff].stall_minutes`` with none of them changed in that time."""
+    ``[staff].stall_minutes`` with none of them changed in that time.
+
+    Per sending issue, cheapest first, each on the partial indexes of waiting and in-flight
+    rows: a lease that was live within the span means a worker had it (claims and heartbeats
+    write ``updated_at``); no row overdue means nothing waits. Only an issue left after both
+    has its rows' latest change read, which scans the issue.
+    """
     cut = now - timedelta(minutes=settings.staff.stall_minutes)
+    remaining = sa.or_(WAITING_ROW, SENDING_ROW)
     lease_gone = sa.or_(
         deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at <= cut
     )
@@ -108,29 +115,26 @@ def find_stalls(engine: sa.Engine, settings: Settings, *, now: datetime) -> list
         sa.and_(WAITING_ROW, deliveries.c.next_attempt_at <= cut, lease_gone),
         sa.and_(SENDING_ROW, deliveries.c.lease_expires_at <= cut),
     )
-    sending = sa.select(issues.c.id).where(issues.c.status == "sending").scalar_subquery()
     stalls = []
     with reading(engine) as conn:
-        candidates = list(
-            conn.scalars(
-                sa.select(deliveries.c.issue_id)
-                .where(deliveries.c.issue_id.in_(sending), overdue)
-                .group_by(deliveries.c.issue_id)
+        sending = conn.execute(
+            sa.select(issues.c.id, issues.c.digest, issues.c.scheduled_for).where(
+                issues.c.status == "sending"
             )
-        )
-        for issue_id in candidates:
-            row = conn.execute(
+        ).all()
+        for issue_id, digest, slot in sending:
+            of_issue = deliveries.c.issue_id == issue_id
+            held = sa.select(deliveries.c.id).where(
+                of_issue, remaining, deliveries.c.lease_expires_at > cut
+            )
+            due = sa.select(deliveries.c.id).where(of_issue, overdue)
+            if conn.scalar(held.limit(1)) is not None or conn.scalar(due.limit(1)) is None:
+                continue
+            latest, waiting = conn.execute(
                 sa.select(
-                    issues.c.digest,
-                    issues.c.scheduled_for,
-                    sa.func.max(deliveries.c.updated_at),
-                    sa.func.count().filter(sa.or_(WAITING_ROW, SENDING_ROW)),
-                )
-                .join(issues, issues.c.id == deliveries.c.issue_id)
-                .where(deliveries.c.issue_id == issue_id)
-                .group_by(issues.c.digest, issues.c.scheduled_for)
+                    sa.func.max(deliveries.c.updated_at), sa.func.count().filter(remaining)
+                ).where(of_issue)
             ).one()
-            digest, slot, latest, waiting = row
             if latest is not None and latest <= cut:
                 stalls.append(Stall(int(issue_id), digest, slot, int(waiting), latest))
     return stalls
