@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,13 +28,15 @@ from mailer.config.settings import Digest, Settings
 from mailer.content.sources import fetch_sources, log_results
 from mailer.delivery.ledger import Holding
 from mailer.delivery.pacing import SharedSchedule
-from mailer.delivery.pool import SmtpPool
+from mailer.delivery.pool import SmtpAuthError, SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues.create import IssueCreated, create_issue, last_scheduled
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
+from mailer.staff import checks
+from mailer.staff.rounds import StaffRound
 from mailer.text import one_line
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,10 @@ class Service:
         self.stop = asyncio.Event()
         self.work = asyncio.Event()  # set when an issue was created: deliver without waiting
         self.firings: set[asyncio.Task[IssueCreated | None]] = set()  # retrying a failed slot
+        # The delivery worker's pool while it is open: the staff round sends staff mail on it.
+        self.pool: SmtpPool | None = None
+        self.staff = StaffRound(engine, settings, sign=sign, pool=lambda: self.pool)
+        self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
 
     def fire(self, digest: Digest, slot: datetime | None = None) -> IssueCreated | None:
         """Create the issue for ``slot`` (default: the slot that just came due)."""
@@ -163,7 +170,21 @@ class Service:
                 # At start-up too, not one interval later: a restart must not leave news waiting.
                 next_run_time=self.clock(),
             )
+        scheduler.add_job(
+            self.staff_round,
+            trigger=IntervalTrigger(seconds=self.settings.scheduler.poll_seconds, timezone="UTC"),
+            id="staff:round",
+            name="staff round",
+            coalesce=True,
+            max_instances=1,  # a slow round (a relay that hangs) is never overlapped
+            misfire_grace_time=max(1, int(self.settings.scheduler.poll_seconds * 2)),
+        )
         return scheduler
+
+    async def staff_round(self) -> None:
+        """The scheduler's job: alert checks, reviews and reports due, then the staff outbox
+        (mailer.staff.rounds); every failure is logged there, never raised."""
+        await self.staff.run(self.clock())
 
     async def fetch_sources(self) -> None:
         """Fetch every source once (the scheduler's job); failures are logged, never raised."""
@@ -221,6 +242,9 @@ class Service:
                     " (make it with `mailer digest send`)",
                     extra={"digest": digest.key, "slot": self._shown(slot), "attempts": attempt},
                 )
+                await self._alert(
+                    partial(checks.alert_missed_slot, self.engine, self.settings, digest, slot)
+                )
                 return None
             # The last wait is cut short, so that a last attempt is made within the grace.
             if await stopped_within(self.stop, min(delay, remaining)):
@@ -266,31 +290,66 @@ class Service:
         """Deliver due mail until stopped (or, with ``drain``, until nothing is due)."""
         totals = Totals()
         async with SmtpPool(self.settings.smtp, schedule=self.schedule) as pool:
-            deliverer = Deliverer(
-                self.engine,
-                self.settings,
-                pool,
-                clock=self.clock,
-                sign=self.sign,
-                renderer=self.renderer,
-            )
-            if drain:
-                return await deliverer.drain(stop=self.stop, on_wait=self.on_wait)
-            async with deliverer.leases.kept(self.stop):
-                while not self.stop.is_set():
-                    self.work.clear()
-                    counts = await deliverer.run_batch(stop=self.stop)
-                    if counts is not None:
-                        totals.add(counts)
-                        continue
-                    if await deliverer.take_over_dead():
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            _first(self.stop, self.work),
-                            timeout=self.settings.scheduler.poll_seconds,
-                        )
+            pool.outage.on_start = self._relay_down
+            self.pool = pool
+            try:
+                return await self._deliver_on(pool, totals, drain=drain)
+            except SmtpAuthError as exc:
+                # The service ends on it (no retry fixes a refused login); staff hear of it.
+                await self._alert(
+                    partial(checks.relay_auth_alert, self.engine, self.settings, str(exc))
+                )
+                raise
+            finally:
+                self.pool = None
+
+    async def _deliver_on(self, pool: SmtpPool, totals: Totals, *, drain: bool) -> Totals:
+        """The delivery loop on ``pool`` (``deliver_forever``'s body)."""
+        deliverer = Deliverer(
+            self.engine,
+            self.settings,
+            pool,
+            clock=self.clock,
+            sign=self.sign,
+            renderer=self.renderer,
+        )
+        if drain:
+            return await deliverer.drain(stop=self.stop, on_wait=self.on_wait)
+        async with deliverer.leases.kept(self.stop):
+            while not self.stop.is_set():
+                self.work.clear()
+                counts = await deliverer.run_batch(stop=self.stop)
+                if counts is not None:
+                    totals.add(counts)
+                    continue
+                if await deliverer.take_over_dead():
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        _first(self.stop, self.work),
+                        timeout=self.settings.scheduler.poll_seconds,
+                    )
         return totals
+
+    def _relay_down(self, reason: str) -> None:
+        """The worker's pool saw the relay refuse a connection after answering (an outage
+        starts): alert staff, from a task, without delaying the send that saw it."""
+        task = asyncio.create_task(
+            self._alert(partial(checks.relay_down_alert, self.engine, self.settings, reason)),
+            name="alert relay:down",
+        )
+        self.alerting.add(task)
+        task.add_done_callback(self.alerting.discard)
+
+    async def _alert(self, raise_it: Callable[..., bool]) -> None:
+        """``raise_it(now=...)`` in a thread; its own failure (the database) is one line."""
+        try:
+            await asyncio.to_thread(raise_it, now=self.clock())
+        except Exception as exc:
+            log.error(
+                "raising a staff alert failed: %s",
+                one_line(describe_error(exc)) or type(exc).__name__,
+            )
 
     async def run(
         self, *, drain: bool = False, on_started: Callable[[], None] | None = None
@@ -336,6 +395,7 @@ class Service:
                     scheduler.shutdown(wait=False)
                 if server is not None:
                     server.should_exit = True
+                tasks.extend(self.alerting)
                 for firing in self.firings:
                     if not self.stop.is_set():
                         firing.cancel()  # the service failed: that failure is what is reported

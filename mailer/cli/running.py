@@ -96,16 +96,20 @@ def worker(ctx: Context, drain: bool, processes: int | None) -> None:
     settings = with_processes(ctx.settings, processes)
     preflight(settings, ("secret", "database", "smtp"))
     since = now()
+    sign = signer(settings)
     report = serve(
         ctx.engine(),
         settings,
         Parts(scheduler=False, web=False),
         drain=drain,
-        sign=signer(settings),
+        sign=sign,
         on_wait=waiting,
     )
     out.print(report.summary())
     if drain:
+        from mailer.staff.rounds import flush_outbox
+
+        flush_outbox(ctx.engine(), settings, now=now(), sign=sign)  # reports, alerts meanwhile
         left = progress.unfinished(ctx.engine(), since=since)
         if left is not None:
             raise MailerError(left.describe(settings.site.timezone, now()))

@@ -36,11 +36,15 @@ class OutageLog:
         *,
         meanwhile: str = "waiting for it to come back",
         clock: Callable[[], float] = time.monotonic,
+        on_start: Callable[[str], None] | None = None,
         **fields: object,
     ) -> None:
         self.what = what
         self.meanwhile = meanwhile
         self.clock = clock
+        # Told the reason when an outage starts (once per outage: the service raises its
+        # staff alert there, at no cost while the outage lasts or while there is none).
+        self.on_start = on_start
         self.fields = fields
         self.since: float | None = None
         self.failures = 0
@@ -60,6 +64,8 @@ class OutageLog:
             f"{self.what} is unreachable; {self.meanwhile}",
             extra={"reason": reason, **self.fields},
         )
+        if self.on_start is not None:
+            self.on_start(reason)
 
     def recovered(self) -> float | None:
         """Note a success; ends the outage (logged with its duration) if there was one."""

@@ -1,0 +1,329 @@
+"""What staff are alerted of, looked for in the store: each check a function of ``now``.
+
+Each check reads, decides and raises its causes through ``raise_alert`` (at most once an hour
+per cause, whichever process sees it). The staff round (mailer.staff.rounds) runs them; the
+causes seen where they happen (the relay refusing our login or every connection, a firing
+given up) are raised there, with the texts made here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from mailer.config.settings import Digest, Settings
+from mailer.db.engine import reading
+from mailer.db.schema import SENDING_ROW, WAITING_ROW, deliveries, events, feed_state, issues
+from mailer.issues.schedule import local_time, slots_between
+from mailer.staff.alerts import raise_alert
+
+log = logging.getLogger(__name__)
+
+# A slot is missed once its misfire grace and this margin have passed without its issue (a
+# firing retried to the end of its grace still needs a moment to commit).
+MISSED_MARGIN = timedelta(minutes=2)
+# How far back beyond that the check looks: longer than any gap between two runs of it.
+MISSED_WINDOW = timedelta(hours=1)
+# The bulk-sender limits of Gmail and Yahoo, over 30 days.
+RATE_WINDOW = timedelta(days=30)
+COMPLAINT_LIMIT = 0.001
+HARD_BOUNCE_LIMIT = 0.02
+# Below this many messages in the window a rate says nothing (one complaint in 50 is 2 %).
+RATE_MIN_MESSAGES = 100
+
+
+def missed_slot_cause(digest: Digest, slot: datetime) -> str:
+    return f"missed:{digest.key}:{slot:%Y%m%dT%H%MZ}"
+
+
+def alert_missed_slot(
+    engine: sa.Engine, settings: Settings, digest: Digest, slot: datetime, *, now: datetime
+) -> bool:
+    """Raise the alert for one slot that passed without its issue."""
+    shown = local_time(slot, settings.site.timezone)
+    return raise_alert(
+        engine,
+        settings,
+        cause=missed_slot_cause(digest, slot),
+        subject=f"the {digest.name} of {shown} was not made",
+        text=(
+            f"The slot {shown} of the digest {digest.name!r} ({digest.key}) passed without its"
+            " issue: no process made it within [scheduler].misfire_grace_seconds"
+            f" ({settings.scheduler.misfire_grace_seconds} s). Was `mailer run` running, and"
+            " did its log say why the issue failed?\n\n"
+            f"To send it now: mailer digest send {digest.key}\n"
+        ),
+        now=now,
+    )
+
+
+def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
+    """Alert each slot of the last hour beyond its misfire grace that has no issue; returns
+    how many were raised (each slot's cause once)."""
+    end = now - timedelta(seconds=settings.scheduler.misfire_grace_seconds) - MISSED_MARGIN
+    start = end - MISSED_WINDOW
+    raised = 0
+    for digest in settings.digests:
+        slots = slots_between(digest, start, end)
+        if not slots:
+            continue
+        with reading(engine) as conn:
+            made = set(
+                conn.scalars(
+                    sa.select(issues.c.scheduled_for).where(
+                        issues.c.digest == digest.key,
+                        issues.c.scheduled_for > start,
+                        issues.c.scheduled_for <= end,
+                    )
+                )
+            )
+        for slot in slots:
+            if slot not in made and alert_missed_slot(engine, settings, digest, slot, now=now):
+                raised += 1
+    return raised
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A sending issue with deliveries due and none of its deliveries touched since ``since``."""
+
+    issue_id: int
+    digest: str
+    slot: datetime
+    waiting: int  # queued, deferred or in flight
+    since: datetime  # its deliveries' latest change
+
+
+def find_stalls(engine: sa.Engine, settings: Settings, *, now: datetime) -> list[Stall]:
+    """Sending issues whose deliveries have been due (or whose leases ran out) for
+    ``[staff].stall_minutes`` with none of them changed in that time.
+
+    Per sending issue, cheapest first, each on the partial indexes of waiting and in-flight
+    rows: a lease that was live within the span means a worker had it (claims and heartbeats
+    write ``updated_at``); no row overdue means nothing waits. Only an issue left after both
+    has its rows' latest change read, which scans the issue.
+    """
+    cut = now - timedelta(minutes=settings.staff.stall_minutes)
+    remaining = sa.or_(WAITING_ROW, SENDING_ROW)
+    lease_gone = sa.or_(
+        deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at <= cut
+    )
+    overdue = sa.or_(
+        sa.and_(WAITING_ROW, deliveries.c.next_attempt_at <= cut, lease_gone),
+        sa.and_(SENDING_ROW, deliveries.c.lease_expires_at <= cut),
+    )
+    stalls = []
+    with reading(engine) as conn:
+        sending = conn.execute(
+            sa.select(issues.c.id, issues.c.digest, issues.c.scheduled_for).where(
+                issues.c.status == "sending"
+            )
+        ).all()
+        for issue_id, digest, slot in sending:
+            of_issue = deliveries.c.issue_id == issue_id
+            held = sa.select(deliveries.c.id).where(
+                of_issue, remaining, deliveries.c.lease_expires_at > cut
+            )
+            due = sa.select(deliveries.c.id).where(of_issue, overdue)
+            if conn.scalar(held.limit(1)) is not None or conn.scalar(due.limit(1)) is None:
+                continue
+            latest, waiting = conn.execute(
+                sa.select(
+                    sa.func.max(deliveries.c.updated_at), sa.func.count().filter(remaining)
+                ).where(of_issue)
+            ).one()
+            if latest is not None and latest <= cut:
+                stalls.append(Stall(int(issue_id), digest, slot, int(waiting), latest))
+    return stalls
+
+
+def check_stalls(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
+    """Alert each stalled issue (``find_stalls``); returns how many were raised."""
+    zone = settings.site.timezone
+    raised = 0
+    for stall in find_stalls(engine, settings, now=now):
+        since = local_time(stall.since, zone)
+        minutes = int((now - stall.since).total_seconds() // 60)
+        if raise_alert(
+            engine,
+            settings,
+            cause=f"stall:issue:{stall.issue_id}",
+            subject=f"issue {stall.issue_id} has stalled: {stall.waiting} deliveries waiting",
+            text=(
+                f"Issue {stall.issue_id} ({stall.digest}, slot {local_time(stall.slot, zone)})"
+                f" has {stall.waiting} deliveries waiting, due, and none of its deliveries has"
+                f" changed since {since} ({minutes} minutes; [staff].stall_minutes ="
+                f" {settings.staff.stall_minutes:g}).\n\n"
+                "Is a delivery worker running? `mailer run` includes one; else start one with"
+                " `mailer worker`.\n"
+                f"What is left and why: mailer issues show {stall.issue_id}\n"
+            ),
+            now=now,
+        ):
+            raised += 1
+    return raised
+
+
+def check_feeds(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
+    """Alert each configured feed that failed ``[staff].feed_failures`` fetches in a row."""
+    urls = [s.url for s in settings.sources if s.type == "feed" and s.url]
+    if not urls:
+        return 0
+    limit = settings.staff.feed_failures
+    with reading(engine) as conn:
+        failing = conn.execute(
+            sa.select(
+                feed_state.c.url,
+                feed_state.c.consecutive_failures,
+                feed_state.c.last_error,
+                feed_state.c.last_success_at,
+            ).where(feed_state.c.url.in_(urls), feed_state.c.consecutive_failures >= limit)
+        ).all()
+    zone = settings.site.timezone
+    raised = 0
+    for url, failures, error, success in failing:
+        last_ok = "never" if success is None else local_time(success, zone)
+        if raise_alert(
+            engine,
+            settings,
+            cause=f"feed:{url}",
+            subject=f"the feed {url} failed {failures} times in a row",
+            text=(
+                f"The feed {url} failed its last {failures} fetches"
+                f" ([staff].feed_failures = {limit}); its articles are not coming in.\n"
+                f"Last error: {error or 'unknown'}\n"
+                f"Last fetched successfully: {last_ok}\n\n"
+                "See every source's state: mailer articles sources\n"
+                "Try it again now: mailer articles fetch\n"
+            ),
+            now=now,
+        ):
+            raised += 1
+    return raised
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The last 30 days of sending as the bulk-sender limits count it.
+
+    ``accepted``: deliveries the relay accepted (their ``sent_at`` in the window, including
+    those a DSN bounced later); ``attempted``: those plus the deliveries the relay refused with
+    a 5xx at send time (bounced, no ``sent_at``, refused in the window). ``complaints``:
+    complaint events (feedback-loop reports) in the window; ``hard_bounces``: bounce events of
+    type hard in the window, from a DSN or a 5xx at send time (policy refusals, 5.7.x, are
+    "blocked", not hard: the address is fine).
+    """
+
+    accepted: int
+    attempted: int
+    complaints: int
+    hard_bounces: int
+
+    @property
+    def complaint_rate(self) -> float:
+        return self.complaints / self.accepted if self.accepted else 0.0
+
+    @property
+    def hard_bounce_rate(self) -> float:
+        return self.hard_bounces / self.attempted if self.attempted else 0.0
+
+
+def measure_rates(engine: sa.Engine, *, now: datetime) -> Rates:
+    """``Rates`` over the 30 days before ``now``."""
+    since = now - RATE_WINDOW
+    accepted = deliveries.c.sent_at >= since
+    refused = sa.and_(
+        deliveries.c.status == "bounced",
+        deliveries.c.sent_at.is_(None),
+        deliveries.c.updated_at >= since,
+    )
+    hard = sa.and_(events.c.kind == "bounce", events.c.detail["type"].as_string() == "hard")
+    with reading(engine) as conn:
+        sent, tried = conn.execute(
+            sa.select(
+                sa.func.count().filter(accepted), sa.func.count().filter(sa.or_(accepted, refused))
+            ).where(sa.or_(accepted, refused))
+        ).one()
+        complaints, hard_bounces = conn.execute(
+            sa.select(
+                sa.func.count().filter(events.c.kind == "complaint"), sa.func.count().filter(hard)
+            ).where(events.c.at >= since, events.c.kind.in_(("complaint", "bounce")))
+        ).one()
+    return Rates(int(sent), int(tried), int(complaints), int(hard_bounces))
+
+
+def check_rates(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
+    """Alert a complaint rate above 0.1 % or a hard-bounce rate above 2 % over 30 days."""
+    rates = measure_rates(engine, now=now)
+    raised = 0
+    if rates.attempted < RATE_MIN_MESSAGES:
+        return 0
+    advice = (
+        "Gmail and Yahoo throttle or refuse bulk mail from senders above it. Look at the"
+        " recent issues' reports (`mailer issues list`, `mailer issues report ID`)."
+    )
+    if rates.complaint_rate > COMPLAINT_LIMIT and raise_alert(
+        engine,
+        settings,
+        cause="rate:complaints",
+        subject=f"complaint rate {rates.complaint_rate:.2%} over 30 days (limit 0.1 %)",
+        text=(
+            f"{rates.complaints} spam complaints for {rates.accepted} messages accepted by the"
+            f" relay in the last 30 days: {rates.complaint_rate:.2%}, above the 0.1 % limit.\n"
+            f"{advice} Make sure every issue is what its subscribers signed up for, and that"
+            " unsubscribing is easy to find.\n"
+        ),
+        now=now,
+    ):
+        raised += 1
+    if rates.hard_bounce_rate > HARD_BOUNCE_LIMIT and raise_alert(
+        engine,
+        settings,
+        cause="rate:bounces",
+        subject=f"hard-bounce rate {rates.hard_bounce_rate:.2%} over 30 days (limit 2 %)",
+        text=(
+            f"{rates.hard_bounces} hard bounces for {rates.attempted} messages sent in the last"
+            f" 30 days: {rates.hard_bounce_rate:.2%}, above the 2 % limit.\n"
+            f"{advice} An imported list with old addresses is the usual cause.\n"
+        ),
+        now=now,
+    ):
+        raised += 1
+    return raised
+
+
+def relay_auth_alert(engine: sa.Engine, settings: Settings, error: str, *, now: datetime) -> bool:
+    """The relay refused our login: nothing goes out until the config is fixed."""
+    where = f"{settings.smtp.host}:{settings.smtp.port}"
+    return raise_alert(
+        engine,
+        settings,
+        cause="relay:auth",
+        subject=f"the SMTP relay {where} refuses our login",
+        text=(
+            f"{error}\n\nNo mail goes out until it is fixed; deliveries wait in the queue."
+            " Fix [smtp].username or the password in the variable [smtp].password_env names,"
+            " then start the service again (`mailer run` or `mailer worker`).\n"
+        ),
+        now=now,
+    )
+
+
+def relay_down_alert(engine: sa.Engine, settings: Settings, reason: str, *, now: datetime) -> bool:
+    """The relay refuses every connection: deliveries are deferred until it answers."""
+    where = f"{settings.smtp.host}:{settings.smtp.port}"
+    return raise_alert(
+        engine,
+        settings,
+        cause="relay:down",
+        subject=f"the SMTP relay {where} is unreachable",
+        text=(
+            f"Connecting to the SMTP relay {where} failed: {reason}\n\n"
+            "Deliveries are deferred and retried until it answers (this mail waited for it"
+            " too). Check that the relay runs and [smtp].host, port and security.\n"
+        ),
+        now=now,
+    )
