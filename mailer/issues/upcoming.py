@@ -8,7 +8,6 @@ Only the next slot lists articles and recipients: a later slot takes what arrive
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,9 +16,9 @@ import sqlalchemy as sa
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import lookback_start
 from mailer.db.engine import reading
-from mailer.db.schema import articles, subscriber_topics, subscribers
+from mailer.db.schema import articles
 from mailer.issues import schedule
-from mailer.issues.create import articles_for, goes_out, recipients_where
+from mailer.issues.create import articles_for, goes_out, recipients_by_topics
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def _one(conn: sa.Connection, digest: Digest, *, now: datetime, count: int) -> U
         slots=tuple(slots),
         articles=listed,
         left_over=selection.left_over,
-        recipients=_recipients(conn, digest, {a.topic for a in chosen}, now),
+        recipients=recipients_by_topics(conn, digest, {a.topic for a in chosen}, now),
     )
 
 
@@ -123,24 +122,3 @@ def _arrivals(conn: sa.Connection, ids: list[int]) -> dict[int, datetime]:
         sa.select(articles.c.id, articles.c.created_at).where(articles.c.id.in_(ids))
     )
     return {row.id: row.created_at for row in rows}
-
-
-def _recipients(
-    conn: sa.Connection, digest: Digest, topics: set[str], now: datetime
-) -> tuple[tuple[tuple[str, ...], int], ...]:
-    # The snapshot takes nobody when no article is chosen.
-    if not topics:
-        return ()
-    chosen = sa.select(subscribers.c.id).where(recipients_where(topics, now))
-    rows = conn.execute(
-        sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
-            subscriber_topics.c.subscriber_id.in_(chosen),
-            subscriber_topics.c.topic.in_(digest.topics),
-        )
-    )
-    sets: dict[int, set[str]] = {}
-    for row in rows:
-        sets.setdefault(row.subscriber_id, set()).add(row.topic)
-    order = {topic: i for i, topic in enumerate(digest.topics)}
-    counts = Counter(tuple(sorted(s, key=order.__getitem__)) for s in sets.values())
-    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
