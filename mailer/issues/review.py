@@ -397,6 +397,18 @@ def review_state(
     return ReviewState(outcome, acts, tuple((d.id, d.title, d.dropped_by or "") for d in dropped))
 
 
+def issue_articles_of(engine: sa.Engine, issue_id: int) -> list[tuple[int, str, str]]:
+    """The articles the issue holds (not dropped), in its order: (id, topic, title)."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(articles.c.id, articles.c.topic, articles.c.title)
+            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
+            .order_by(issue_articles.c.position)
+        ).all()
+    return [(r.id, r.topic, r.title) for r in rows]
+
+
 ACTION_KINDS = ("issue.approved", "issue.held", "issue.skipped", "issue.article_dropped",
                 "issue.released")  # fmt: skip
 
