@@ -4,6 +4,9 @@ PostgreSQL)."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
@@ -23,9 +26,10 @@ from mailer.db.schema import deliveries, events, issue_articles, issues, staff_a
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.errors import DigestError, IssueStateError
-from mailer.issues import review
+from mailer.issues import review, schedule
 from mailer.issues.create import create_issue
 from mailer.issues.progress import load_content
+from mailer.issues.upcoming import upcoming
 from mailer.service import Service
 from mailer.subscribers.lifecycle import unsubscribe
 from tests.factories import (
@@ -517,9 +521,9 @@ def fails(config: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 def made_for_review(engine: sa.Engine, settings: Settings) -> tuple[int, datetime]:
-    """An issue in review for a slot two days from the real clock (CLI commands use it)."""
+    """An issue in review for the digest's next slot by the real clock (CLI commands use it)."""
     real_now = datetime.now(UTC).replace(microsecond=0)
-    slot = real_now + timedelta(days=2)
+    ((_digest, slot),) = schedule.upcoming(settings.digests, real_now)
     upsert_articles(
         engine,
         [make_article(title="Gate 3 closed", published_at=real_now - timedelta(hours=2))],
@@ -584,3 +588,66 @@ def test_cli_bad_input_is_one_line_and_exit_1(
     assert fails(config, capsys, "issues", "approve", str(issue_id)) == (
         f"error: issue {issue_id} is skipped: only an issue in review or held can be approved"
     )
+
+
+# ---------------------------------------------------------------- digest upcoming
+
+
+def test_upcoming_says_when_review_opens_and_shows_the_issue_made(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = settings_for(db_url, on_unreviewed="hold")
+    stock(engine, "Gate 3 closed")
+    make_subscriber(engine, topics=["base-alerts"])
+    (before,) = upcoming(engine, settings, now=OPENS - timedelta(hours=1), count=2)
+    assert [s.review_opens for s in before.slots] == [OPENS, NEXT_SLOT - timedelta(hours=1)]
+    assert before.takes_at == before.slots[0] and before.slots[0].issue is None
+    assert [a.title for a in before.articles] == ["Gate 3 closed"]
+
+    issue_id = open_window(engine, settings)
+    upsert_articles(
+        engine,
+        [make_article(title="Late news", published_at=OPENS)],
+        now=OPENS + timedelta(minutes=10),
+    )
+    review.approve(engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=15))
+    (during,) = upcoming(engine, settings, now=OPENS + timedelta(minutes=20), count=2)
+    made = during.slots[0].issue
+    assert made is not None
+    assert (made.id, made.status, made.acted) == (issue_id, "approved", "approved by ana")
+    assert made.acted_at == OPENS + timedelta(minutes=15)
+    assert [a.title for a in made.articles] == ["Gate 3 closed"]
+    assert made.total_recipients == 1
+    # What arrived in the window is what the next slot would take.
+    assert during.takes_at == during.slots[1]
+    assert [a.title for a in during.articles] == ["Late news"]
+
+    review.hold(engine, settings, issue_id, by="bo", now=OPENS + timedelta(minutes=25))
+    review.release_due(engine, settings, now=SLOT)
+    (after,) = upcoming(engine, settings, now=SLOT + timedelta(hours=1), count=1)
+    assert [w.id for w in after.waiting] == [issue_id]
+    assert after.waiting[0].acted == "held by bo"
+
+
+def test_cli_upcoming_shows_the_issue_in_review_and_the_window(
+    config: Path, engine: sa.Engine, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(db_url)
+    issue_id, slot = made_for_review(engine, settings)
+    main(["--config", str(config), "digest", "upcoming", "--count", "2"])
+    output = capsys.readouterr().out
+    assert f"issue {issue_id} for {schedule.local_time(slot, settings.site.timezone)}: review" in (
+        output
+    )
+    assert "Gate 3 closed" in output
+    assert "articles arriving after that go in the next issue" in output
+    main(["--config", str(config), "digest", "upcoming", "--format", "json"])
+    (weekly,) = json.loads(capsys.readouterr().out)
+    assert weekly["slots"][0]["issue"]["id"] == issue_id
+    assert weekly["slots"][0]["issue"]["status"] == "review"
+    assert weekly["takes_at"] == weekly["slots"][1]["slot"]
+    main(["--config", str(config), "digest", "upcoming", "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["title"] for r in rows if r["issue"] == str(issue_id) and r["row"] == "article"] == [
+        "Gate 3 closed"
+    ]
