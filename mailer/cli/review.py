@@ -87,9 +87,10 @@ def skip(ctx: Context, issue_id: int, by: str) -> None:
 
     outcome = review.skip(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
     n = outcome.articles
+    given = f"its {n} articles go" if n != 1 else "its article goes"
     out.print(
-        f"issue {issue_id} skipped by {by}: nothing is sent; its {n} article{'s' if n != 1 else ''}"
-        f" go in the next issue of {outcome.digest}",
+        f"issue {issue_id} skipped by {by}: nothing is sent; {given} in the next issue of"
+        f" {outcome.digest}",
         markup=False,
     )
 
