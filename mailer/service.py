@@ -158,7 +158,7 @@ class Service:
             now = self.clock()
             for slot in missed_slots(
                 digest,
-                last_issue=last_scheduled(self.engine, digest.key),
+                last_issue=last_scheduled(self.engine, digest.key, until=now),
                 now=now,
                 window=timedelta(hours=cfg.catch_up_hours),
                 catch_up=cfg.catch_up,

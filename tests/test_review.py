@@ -467,6 +467,25 @@ def test_a_missed_window_applies_on_unreviewed_at_once(
     assert alerts == ([f"held:issue:{made.issue_id}"] if policy == "hold" else [])
 
 
+def test_catch_up_sees_a_missed_slot_behind_an_issue_made_for_review(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = make_settings(
+        db_url,
+        digests=[reviewed("send", schedule="0 7 * * *")],
+        scheduler={"catch_up_hours": 48},
+    )
+    stock(engine, "Gate 3 closed")
+    make_subscriber(engine)
+    open_window(engine, settings)  # today's slot, in review
+    # Yesterday's slot passed while nothing ran: caught up, though a later issue exists.
+    service = Service(engine, settings, clock=Clock(OPENS + timedelta(minutes=5)))
+    (missed,) = service.catch_up()
+    with engine.connect() as conn:
+        slot = conn.scalar(sa.select(issues.c.scheduled_for).where(issues.c.id == missed.issue_id))
+    assert slot == SLOT - timedelta(days=1) and missed.status == "empty"
+
+
 def test_the_round_steps_open_and_release(engine: sa.Engine, db_url: str) -> None:
     settings = settings_for(db_url)
     stock(engine, "Gate 3 closed")

@@ -310,9 +310,16 @@ def snapshot(
     )
 
 
-def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
-    """The slot of the digest's newest issue, if any."""
+def last_scheduled(
+    engine: sa.Engine, digest_key: str, *, until: datetime | None = None
+) -> datetime | None:
+    """The slot of the digest's newest issue (with ``until``, of a slot at or before it).
+
+    ``until`` leaves out an issue made ahead of its slot for review: a slot missed before it
+    is still missed.
+    """
+    query = sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
+    if until is not None:
+        query = query.where(issues.c.scheduled_for <= until)
     with reading(engine) as conn:
-        return conn.execute(
-            sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
-        ).scalar_one_or_none()
+        return conn.execute(query).scalar_one_or_none()

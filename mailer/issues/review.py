@@ -215,6 +215,12 @@ def release(
     it ``held`` and raises an alert naming the command that sends it. None when the issue is
     not in review or approved, or its slot has not come.
     """
+    with reading(engine) as conn:
+        # Every cron firing whose issue exists asks: most are not made for review, and need
+        # no write lock to say so.
+        current = conn.scalar(sa.select(issues.c.status).where(issues.c.id == issue_id))
+    if current not in ("review", "approved"):
+        return None
     digests = {d.key: d for d in settings.digests}
     why = ""
     with writing(engine) as conn:
