@@ -67,6 +67,27 @@ def preview_next(
     return Preview(subject, html, text, len(chosen), selection.left_over, ids)
 
 
+@dataclass(frozen=True)
+class WaitingIssue:
+    """An issue of a digest made for review and not released yet."""
+
+    id: int
+    status: str  # review, approved or held
+    slot: datetime
+
+
+def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
+    """The digest's oldest issue in review, approved or held: what its next issue is while a
+    review window is open (a preview or test copy of "the next issue" should show it)."""
+    row = conn.execute(
+        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
+        .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING))
+        .order_by(issues.c.scheduled_for)
+        .limit(1)
+    ).first()
+    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for)
+
+
 def open_issue(
     engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime, renderer: Renderer
 ) -> IssueCreated:
@@ -85,16 +106,11 @@ def open_issue(
             .order_by(issues.c.scheduled_for)
             .limit(1)
         ).scalar_one_or_none()
-        waiting = conn.execute(
-            sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
-            .where(issues.c.digest == digest.key, issues.c.status.in_(WAITING))
-            .order_by(issues.c.scheduled_for)
-            .limit(1)
-        ).first()
+        waiting = waiting_issue(conn, digest.key)
     if unfinished is not None:
         return IssueCreated(unfinished, False, 0, 0)
     if waiting is not None:
-        slot = local_time(waiting.scheduled_for, settings.site.timezone)
+        slot = local_time(waiting.slot, settings.site.timezone)
         skip = f"`mailer issues skip {waiting.id}`"
         if waiting.status == "approved":
             then = f"it goes out then; {skip} first to send another now"
