@@ -123,6 +123,11 @@ class DigestError(MailerError, LookupError):
     """A digest, issue or delivery cannot be found or acted on."""
 
 
+class IssueStateError(DigestError):
+    """An issue is not in a state that allows what staff asked (approve a sent issue, drop an
+    article from one that is sending); the message names the state and what would."""
+
+
 class DeliveryError(MailerError):
     """Sending failed in a way that is not a per-recipient SMTP answer."""
 

@@ -32,6 +32,7 @@ from mailer.delivery.pool import SmtpAuthError, SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.issues.create import IssueCreated, create_issue, last_scheduled
+from mailer.issues.review import MISSED_WINDOW, alert_held, release, round_steps
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
@@ -98,7 +99,11 @@ class Service:
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
 
     def fire(self, digest: Digest, slot: datetime | None = None) -> IssueCreated | None:
-        """Create the issue for ``slot`` (default: the slot that just came due)."""
+        """Create the issue for ``slot`` (default: the slot that just came due).
+
+        An issue made before the slot for review is released instead (``review.release``):
+        approved, or unreviewed under ``on_unreviewed``, it goes out on time.
+        """
         now = self.clock()
         grace = timedelta(seconds=self.settings.scheduler.misfire_grace_seconds + 60)
         slot = slot or latest_slot(digest, now, within=grace)
@@ -112,19 +117,45 @@ class Service:
             now=now,
             render_subject=self.render_subject,
         )
-        if issue.created:
-            lag = (now - slot).total_seconds()
-            log.info(
-                "issue created for slot",
-                extra={
-                    "digest": digest.key,
-                    "issue": issue.issue_id,
-                    "slot": self._shown(slot),
-                    "lag_s": f"{lag:.3f}",
-                },
+        if not issue.created:
+            # Made earlier for review: its slot has come, so it goes out (or is held) now.
+            released = release(self.engine, self.settings, issue.issue_id, now=now)
+            if released is not None and released.status == "sending":
+                self.work.set()
+            return issue
+        if issue.status == "held":
+            alert_held(
+                self.engine,
+                self.settings,
+                issue_id=issue.issue_id,
+                digest_key=digest.key,
+                scheduled_for=slot,
+                why=MISSED_WINDOW,
+                now=now,
             )
-            self.work.set()
+        lag = (now - slot).total_seconds()
+        log.info(
+            "issue created for slot",
+            extra={
+                "digest": digest.key,
+                "issue": issue.issue_id,
+                "slot": self._shown(slot),
+                "lag_s": f"{lag:.3f}",
+            },
+        )
+        self.work.set()
         return issue
+
+    def review_steps(self) -> list[Callable[[datetime], None]]:
+        """The review window's steps for the periodic staff round (``review.round_steps``):
+        open due review windows, release the slots that came; a release wakes the worker."""
+        return round_steps(
+            self.engine,
+            self.settings,
+            renderer=self.renderer,
+            render_subject=self.render_subject,
+            on_release=self.work.set,
+        )
 
     def catch_up(self) -> list[IssueCreated]:
         """Create the issues of slots missed while no process was running."""
@@ -134,7 +165,7 @@ class Service:
             now = self.clock()
             for slot in missed_slots(
                 digest,
-                last_issue=last_scheduled(self.engine, digest.key),
+                last_issue=last_scheduled(self.engine, digest.key, until=now),
                 now=now,
                 window=timedelta(hours=cfg.catch_up_hours),
                 catch_up=cfg.catch_up,

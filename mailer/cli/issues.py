@@ -24,6 +24,7 @@ from mailer.cli.context import (
     signer,
     waiting,
 )
+from mailer.cli.review import acted, print_review, review_actions
 from mailer.clock import now
 from mailer.config.load import with_processes
 from mailer.issues import progress
@@ -170,15 +171,20 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
     """Recent issues with their delivery counts."""
     zone = ctx.settings.site.timezone
     table = Table("id", "digest", "scheduled", "status", "sent", "pending", "subject")
-    for s in progress.list_issues(ctx.engine(), digest=digest, limit=limit):
+    engine = ctx.engine()
+    found = progress.list_issues(engine, digest=digest, limit=limit)
+    who = review_actions(engine, [s.id for s in found])
+    for s in found:
         pending = (
             s.counts.get("queued", 0) + s.counts.get("deferred", 0) + s.counts.get("sending", 0)
         )
+        # An issue made for review says who decided (approved by ana), until it is released.
+        decided = acted(who.get(s.id, ())) if s.status in ("approved", "held", "skipped") else ""
         table.add_row(
             str(s.id),
             s.digest,
             f"{s.scheduled_for.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M %Z}",
-            s.status,
+            f"{s.status} ({decided.split(' by ', 1)[1]})" if decided else s.status,
             str(s.counts.get("sent", 0)),
             str(pending),
             s.subject,
@@ -197,6 +203,9 @@ def issues_show(ctx: Context, issue_id: int) -> None:
     why = progress.reasons(ctx.engine(), issue_id)
     out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
     out.print(f"  digest {s.digest}, scheduled {progress.local_time(s.scheduled_for, zone)}")
+    print_review(ctx, issue_id)
+    if not s.total and s.status in ("review", "approved", "held", "skipped"):
+        return  # no delivery is made before its release
     for status, n in sorted(s.counts.items()):
         out.print(f"  {status:10} {n}")
         for reason, count in why.by_status.get(status, []):

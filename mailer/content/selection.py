@@ -26,19 +26,22 @@ class Selection:
     left_over: int
 
 
-# The issue status that gives its articles back: any other issue of the digest has taken them.
-GIVES_BACK = "cancelled"
+# The issue statuses that give their articles back (cancelled by staff while sending, skipped
+# in review): any other issue of the digest has taken them.
+GIVES_BACK = ("cancelled", "skipped")
 
 
 def taken_by(digest_key: str) -> sa.Exists:
-    """The article (``articles.id``) is in an issue of this digest that was not cancelled."""
+    """The article (``articles.id``) is in an issue of this digest that was not cancelled or
+    skipped, or was dropped from one of its issues in review (``issues drop-article``: staff
+    did not want it in this digest, so no later issue takes it either)."""
     return (
         sa.select(issue_articles.c.article_id)
         .join(issues, issues.c.id == issue_articles.c.issue_id)
         .where(
             issue_articles.c.article_id == articles.c.id,
             issues.c.digest == digest_key,
-            issues.c.status != GIVES_BACK,
+            sa.or_(issues.c.status.not_in(GIVES_BACK), issue_articles.c.dropped_at.is_not(None)),
         )
         .exists()
     )

@@ -350,7 +350,7 @@ def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
         taken = conn.execute(
             sa.select(issues.c.id, issues.c.digest, issues.c.scheduled_for, issues.c.status)
             .join(issue_articles, issue_articles.c.issue_id == issues.c.id)
-            .where(issue_articles.c.article_id == article_id)
+            .where(issue_articles.c.article_id == article_id, issue_articles.c.dropped_at.is_(None))
             .order_by(issues.c.scheduled_for, issues.c.id)
         ).all()
     values = row._mapping

@@ -279,12 +279,14 @@ def _seen(conn: sa.Connection, rows: Sequence[Any], arrays: bool) -> dict[int, d
     if not rows:
         return {}
     batch_issues = sorted({r.issue_id for r in rows})
+    # An article dropped from an issue in review never went out with it (``dropped_at``).
+    kept = issue_articles.c.dropped_at.is_(None)
     shared = sa.select(issue_articles.c.article_id).where(
-        issue_articles.c.issue_id.in_(batch_issues)
+        issue_articles.c.issue_id.in_(batch_issues), kept
     )
     earlier = conn.scalars(
         sa.select(issue_articles.c.issue_id)
-        .where(issue_articles.c.article_id.in_(shared))
+        .where(issue_articles.c.article_id.in_(shared), kept)
         .where(issue_articles.c.issue_id.not_in(batch_issues))
         .distinct()
     ).all()
@@ -304,6 +306,7 @@ def _seen(conn: sa.Connection, rows: Sequence[Any], arrays: bool) -> dict[int, d
             one_of(previous.c.subscriber_id, "ids", arrays=arrays),
             previous.c.status == "sent",
             issue_articles.c.article_id.in_(shared),
+            kept,
         )
     )
     seen: dict[int, dict[int, bool]] = {}

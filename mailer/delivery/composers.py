@@ -81,7 +81,8 @@ class Composers:
                 return
             for issue_id, article_id in conn.execute(
                 sa.select(issue_articles.c.issue_id, issue_articles.c.article_id).where(
-                    issue_articles.c.issue_id.in_(sorted(cached))
+                    issue_articles.c.issue_id.in_(sorted(cached)),
+                    issue_articles.c.dropped_at.is_(None),
                 )
             ):
                 current[issue_id].add(article_id)

@@ -11,6 +11,12 @@ was made goes in the next one. Issues of one digest are made one at a time (SQLi
 lock; a transaction-scoped advisory lock per digest on PostgreSQL), so two of them never take
 the same article.
 
+A digest with ``review_minutes`` has its issue made that long before the slot, in status
+``review``: the articles are fixed then, the recipients only when it is released at the slot
+(``mailer.issues.review``), so that whoever leaves or joins during the window is honoured. An
+issue of such a digest made at or after its slot (the window was missed: no process ran) gets
+``on_unreviewed`` at once: sent as if unreviewed ("send"), or ``held`` for staff ("hold").
+
 What happens to an issue once made (cancel, resume, retry, its counts) is
 ``mailer.issues.progress``.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +52,9 @@ class IssueCreated:
     recipients: int
     # Articles this issue could have taken beyond max_articles: the next issue takes them.
     left_over: int = 0
+    # sending, empty, or (a digest with review) review or held: then ``recipients`` is how
+    # many it would go to now, no delivery being made before its release.
+    status: str = "sending"
 
 
 def message_id_prefix(digest_key: str, scheduled_for: datetime, issue_id: int) -> str:
@@ -76,14 +86,19 @@ def create_issue(
     scheduled_for: datetime,
     now: datetime,
     render_subject: Callable[[Digest, datetime], str],
+    reviewed: bool = True,
 ) -> IssueCreated:
     """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
 
     The issue takes what ``selection.select_for_issue`` gives at ``now`` (the moment it is
     made); its window records the publication dates that could go in, (window_start, now].
+    For a digest with review (unless ``reviewed`` is False: ``digest send``), see the module
+    docstring: made before its slot it waits in ``review`` without deliveries; made at or
+    after it, ``on_unreviewed`` decides. An issue without articles is ``empty`` either way.
     """
     local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
     subject = render_subject(digest, local_date)
+    status = initial_status(digest, scheduled_for=scheduled_for, now=now, reviewed=reviewed)
     with engine.begin() as conn:
         since = lookback_start(conn, digest.key, digest.lookback, now)
         insert = upsert_insert(conn, issues)
@@ -95,7 +110,7 @@ def create_issue(
                 window_end=now,
                 subject=subject,
                 topics=";".join(digest.topics),
-                status="sending",
+                status=status,
                 created_at=now,
             )
             .on_conflict_do_nothing(index_elements=["digest", "scheduled_for"])
@@ -119,16 +134,20 @@ def create_issue(
                     for i, a in enumerate(chosen)
                 ],
             )
-        recipients = _snapshot(
-            conn, settings, digest, issue_id, scheduled_for, {a.topic for a in chosen}, now
-        )
-        if recipients == 0:
+        topics = {a.topic for a in chosen}
+        if status == "sending":
+            recipients = snapshot(conn, settings, digest, issue_id, scheduled_for, topics, now)
+        else:
+            recipients = count_recipients(conn, topics, now)
+        if (status == "sending" and recipients == 0) or not chosen:
+            # Nothing to send, and nothing to review: an issue without articles is over.
+            status = "empty"
             conn.execute(
                 issues.update()
                 .where(issues.c.id == issue_id)
-                .values(status="empty", completed_at=now)
+                .values(status=status, completed_at=now)
             )
-    if recipients:
+    if status == "sending":
         refresh_statistics(engine, deliveries)
     log.info(
         "issue created",
@@ -138,9 +157,37 @@ def create_issue(
             "articles": len(chosen),
             "left_over": selection.left_over,
             "recipients": recipients,
+            "status": status,
         },
     )
-    return IssueCreated(issue_id, True, len(chosen), recipients, selection.left_over)
+    return IssueCreated(issue_id, True, len(chosen), recipients, selection.left_over, status)
+
+
+def initial_status(
+    digest: Digest, *, scheduled_for: datetime, now: datetime, reviewed: bool = True
+) -> str:
+    """The status an issue of ``digest`` for ``scheduled_for`` is made in at ``now``.
+
+    ``review`` before the slot (the review window); at or after it the window was missed and
+    ``on_unreviewed`` applies at once: "send" (``sending``) or "hold" (``held``). A digest
+    without review, and a ``digest send`` (``reviewed`` False), send at once.
+    """
+    if not reviewed or digest.review_minutes <= 0:
+        return "sending"
+    if now < scheduled_for:
+        return "review"
+    return "sending" if digest.on_unreviewed == "send" else "held"
+
+
+def count_recipients(conn: sa.Connection, topics: set[str], now: datetime) -> int:
+    """How many subscribers an issue with articles in ``topics`` would go to at ``now``."""
+    if not topics:
+        return 0
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).select_from(subscribers).where(recipients_where(topics, now))
+        ).scalar_one()
+    )
 
 
 def _one_issue_at_a_time(conn: sa.Connection, digest_key: str) -> None:
@@ -184,7 +231,30 @@ def recipients_where(topics: set[str], now: datetime) -> sa.ColumnElement[bool]:
     )
 
 
-def _snapshot(
+def recipients_by_topics(
+    conn: sa.Connection, digest: Digest, topics: set[str], now: datetime
+) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """Who an issue with articles in ``topics`` would go to at ``now``, per topic set (within
+    the digest's topics), most common first; the review mail lists the same."""
+    # The snapshot takes nobody when no article is chosen.
+    if not topics:
+        return ()
+    chosen = sa.select(subscribers.c.id).where(recipients_where(topics, now))
+    rows = conn.execute(
+        sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
+            subscriber_topics.c.subscriber_id.in_(chosen),
+            subscriber_topics.c.topic.in_(digest.topics),
+        )
+    )
+    sets: dict[int, set[str]] = {}
+    for row in rows:
+        sets.setdefault(row.subscriber_id, set()).add(row.topic)
+    order = {topic: i for i, topic in enumerate(digest.topics)}
+    counts = Counter(tuple(sorted(s, key=order.__getitem__)) for s in sets.values())
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def snapshot(
     conn: sa.Connection,
     settings: Settings,
     digest: Digest,
@@ -193,7 +263,12 @@ def _snapshot(
     topics: set[str],
     now: datetime,
 ) -> int:
-    """Queue one delivery per active subscriber who chose a topic this issue has articles in."""
+    """Queue one delivery per active subscriber who chose a topic this issue has articles in,
+    first due at ``goes_out(digest, now)``; returns how many the issue has.
+
+    Run once per issue, in the transaction that makes it ``sending``: when it is made, or when
+    it is released after review (``mailer.issues.review``).
+    """
     if not topics:
         return 0
     prefix = "<" + message_id_prefix(digest.key, scheduled_for, issue_id)
@@ -235,9 +310,16 @@ def _snapshot(
     )
 
 
-def last_scheduled(engine: sa.Engine, digest_key: str) -> datetime | None:
-    """The slot of the digest's newest issue, if any."""
+def last_scheduled(
+    engine: sa.Engine, digest_key: str, *, until: datetime | None = None
+) -> datetime | None:
+    """The slot of the digest's newest issue (with ``until``, of a slot at or before it).
+
+    ``until`` leaves out an issue made ahead of its slot for review: a slot missed before it
+    is still missed.
+    """
+    query = sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
+    if until is not None:
+        query = query.where(issues.c.scheduled_for <= until)
     with reading(engine) as conn:
-        return conn.execute(
-            sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest_key)
-        ).scalar_one_or_none()
+        return conn.execute(query).scalar_one_or_none()

@@ -52,14 +52,15 @@ class IssueSummary:
 
 
 def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> IssueContent:
-    """Everything a composer needs to render an issue."""
+    """Everything a composer needs to render an issue (without the articles dropped in
+    review)."""
     row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
     if row is None:
         raise DigestError(f"no issue {issue_id}")
     rows = conn.execute(
         sa.select(*ARTICLE_COLUMNS)
         .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-        .where(issue_articles.c.issue_id == issue_id)
+        .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
         .order_by(issue_articles.c.position)
     ).all()
     # A digest since removed from the config still renders its issues, in the site's zone.

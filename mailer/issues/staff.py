@@ -19,8 +19,13 @@ from mailer.compose.rendering import Renderer
 from mailer.config.settings import Digest, Settings
 from mailer.db.engine import reading
 from mailer.db.schema import issues
+from mailer.errors import DigestError
 from mailer.issues.create import IssueCreated, articles_for, create_issue
+from mailer.issues.schedule import local_time
 from mailer.models import IssueContent
+
+# An issue made and not released yet: ``digest send`` does not make another beside it.
+WAITING = ("review", "approved", "held")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,27 @@ def preview_next(
     return Preview(subject, html, text, len(chosen), selection.left_over, ids)
 
 
+@dataclass(frozen=True)
+class WaitingIssue:
+    """An issue of a digest made for review and not released yet."""
+
+    id: int
+    status: str  # review, approved or held
+    slot: datetime
+
+
+def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
+    """The digest's oldest issue in review, approved or held: what its next issue is while a
+    review window is open (a preview or test copy of "the next issue" should show it)."""
+    row = conn.execute(
+        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
+        .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING))
+        .order_by(issues.c.scheduled_for)
+        .limit(1)
+    ).first()
+    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for)
+
+
 def open_issue(
     engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime, renderer: Renderer
 ) -> IssueCreated:
@@ -69,16 +95,30 @@ def open_issue(
 
     Resuming instead of starting over is what makes a second ``digest send`` after a crash
     send nothing twice; a new issue holds only the articles no issue of the digest took yet.
+    Staff sending by hand review what they send, so the issue is not made in review; but an
+    issue of the digest waiting in review, approved or held is refused (DigestError naming
+    it), rather than a second issue made beside it with the articles it did not take.
     """
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         unfinished = conn.execute(
             sa.select(issues.c.id)
             .where(issues.c.digest == digest.key, issues.c.status == "sending")
             .order_by(issues.c.scheduled_for)
             .limit(1)
         ).scalar_one_or_none()
+        waiting = waiting_issue(conn, digest.key)
     if unfinished is not None:
         return IssueCreated(unfinished, False, 0, 0)
+    if waiting is not None:
+        slot = local_time(waiting.slot, settings.site.timezone)
+        skip = f"`mailer issues skip {waiting.id}`"
+        if waiting.status == "approved":
+            then = f"it goes out then; {skip} first to send another now"
+        else:
+            then = f"`mailer issues approve {waiting.id}` sends it, {skip} drops it"
+        raise DigestError(
+            f"{digest.key} has issue {waiting.id} {waiting.status} for {slot}: {then}"
+        )
     return create_issue(
         engine,
         settings,
@@ -86,4 +126,5 @@ def open_issue(
         scheduled_for=now,
         now=now,
         render_subject=renderer.render_subject,
+        reviewed=False,
     )

@@ -4,31 +4,42 @@ Every answer comes from the code that makes the issue: the slots from
 ``mailer.issues.schedule``, the articles from ``create.articles_for``, the recipients from the
 snapshot's own ``create.recipients_where`` and the quiet-hours delay from ``create.goes_out``.
 Only the next slot lists articles and recipients: a later slot takes what arrives before it.
+
+A digest with review has each issue made ``review_minutes`` before its slot (what arrives
+after that goes in the next issue): each slot says when. A slot whose issue is made already
+(in review, approved, held, skipped) shows that issue, its fixed articles and who it would go
+to now; what a new issue would take is then shown for the first slot that has none. Issues
+held past their slot are listed apart (``waiting``): they go out only when approved.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import sqlalchemy as sa
 
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import lookback_start
+from mailer.content.store import ARTICLE_COLUMNS, fetch
 from mailer.db.engine import reading
-from mailer.db.schema import articles, subscriber_topics, subscribers
+from mailer.db.schema import articles, issue_articles, issues
 from mailer.issues import schedule
-from mailer.issues.create import articles_for, goes_out, recipients_where
+from mailer.issues.create import articles_for, goes_out, recipients_by_topics
+from mailer.issues.review import actions
+from mailer.models import Article
 
 
 @dataclass(frozen=True)
 class Slot:
     """One nominal fire time (UTC) and when its deliveries are first due (later in quiet
-    hours)."""
+    hours); with review, when its issue is made, and that issue if it is made already."""
 
     at: datetime
     goes_out: datetime
+    review_opens: datetime | None = None
+    issue: MadeIssue | None = None
 
     @property
     def held(self) -> bool:
@@ -48,6 +59,24 @@ class UpcomingArticle:
 
 
 @dataclass(frozen=True)
+class MadeIssue:
+    """An issue made before its slot (review): its state, the articles it holds and who it
+    would go to if it went out now."""
+
+    id: int
+    slot: datetime
+    status: str
+    acted: str  # the last decision: "approved by ana", or ""
+    acted_at: datetime | None
+    articles: tuple[UpcomingArticle, ...]
+    recipients: tuple[tuple[tuple[str, ...], int], ...]
+
+    @property
+    def total_recipients(self) -> int:
+        return sum(n for _, n in self.recipients)
+
+
+@dataclass(frozen=True)
 class Upcoming:
     """One digest's coming slots; ``articles``, ``left_over`` and ``recipients`` are for the
     first slot only, as if its issue were made now.
@@ -62,6 +91,13 @@ class Upcoming:
     articles: tuple[UpcomingArticle, ...]
     left_over: int
     recipients: tuple[tuple[tuple[str, ...], int], ...]
+    # Issues held past their slot: they wait for `mailer issues approve`.
+    waiting: tuple[MadeIssue, ...] = ()
+
+    @property
+    def takes_at(self) -> Slot | None:
+        """The slot ``articles`` and ``recipients`` are for: the first without an issue."""
+        return next((s for s in self.slots if s.issue is None), None)
 
     @property
     def total_recipients(self) -> int:
@@ -95,25 +131,73 @@ def _one(conn: sa.Connection, digest: Digest, *, now: datetime, count: int) -> U
             break  # a schedule whose last firing has passed
         at = found[0][1]
         # A scheduled issue is made at its slot, so quiet hours are judged at the slot.
-        slots.append(Slot(at, goes_out(digest, at)))
+        opens = at - digest.review if digest.review_minutes > 0 else None
+        slots.append(Slot(at, goes_out(digest, at), opens))
         after = at
+    made = _made(conn, digest, [s.at for s in slots], now)
+    slots = [replace(s, issue=made.get(s.at)) for s in slots]
     # The same call, with the same lookback start, as create_issue makes.
     selection = articles_for(
         conn, digest, now=now, since=lookback_start(conn, digest.key, digest.lookback, now)
     )
     chosen = selection.articles
-    arrived = _arrivals(conn, [a.id for a in chosen])
-    listed = tuple(
-        UpcomingArticle(a.id, a.title, a.topic, a.published_at, arrived[a.id]) for a in chosen
-    )
     return Upcoming(
         key=digest.key,
         name=digest.name,
         slots=tuple(slots),
-        articles=listed,
+        articles=_listed(conn, chosen),
         left_over=selection.left_over,
-        recipients=_recipients(conn, digest, {a.topic for a in chosen}, now),
+        recipients=recipients_by_topics(conn, digest, {a.topic for a in chosen}, now),
+        waiting=tuple(_made(conn, digest, None, now).values()),
     )
+
+
+def _listed(conn: sa.Connection, chosen: Sequence[Article]) -> tuple[UpcomingArticle, ...]:
+    arrived = _arrivals(conn, [a.id for a in chosen])
+    return tuple(
+        UpcomingArticle(a.id, a.title, a.topic, a.published_at, arrived[a.id]) for a in chosen
+    )
+
+
+def _made(
+    conn: sa.Connection, digest: Digest, slots: list[datetime] | None, now: datetime
+) -> dict[datetime, MadeIssue]:
+    """The digest's issues made for ``slots``; with None, those held past their slot."""
+    query = sa.select(issues.c.id, issues.c.scheduled_for, issues.c.status).where(
+        issues.c.digest == digest.key
+    )
+    if slots is None:
+        query = query.where(issues.c.status == "held", issues.c.scheduled_for <= now)
+    elif slots:
+        query = query.where(issues.c.scheduled_for.in_(slots))
+    else:
+        return {}
+    rows = conn.execute(query.order_by(issues.c.scheduled_for)).all()
+    decided = actions(conn, [r.id for r in rows])
+    found: dict[datetime, MadeIssue] = {}
+    for row in rows:
+        held = fetch(
+            conn,
+            sa.select(*ARTICLE_COLUMNS)
+            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+            .where(issue_articles.c.issue_id == row.id, issue_articles.c.dropped_at.is_(None))
+            .order_by(issue_articles.c.position),
+        )
+        last = [a for a in decided.get(row.id, ()) if a.kind in ("approved", "held", "skipped")]
+        acted = f"{last[-1].kind} by {last[-1].by}" if last else ""
+        acted_at = last[-1].at if last else None
+        found[row.scheduled_for] = MadeIssue(
+            id=row.id,
+            slot=row.scheduled_for,
+            status=row.status,
+            acted=acted,
+            acted_at=acted_at,
+            articles=_listed(conn, held),
+            recipients=recipients_by_topics(conn, digest, {a.topic for a in held}, now)
+            if row.status in ("review", "approved", "held")
+            else (),
+        )
+    return found
 
 
 def _arrivals(conn: sa.Connection, ids: list[int]) -> dict[int, datetime]:
@@ -123,24 +207,3 @@ def _arrivals(conn: sa.Connection, ids: list[int]) -> dict[int, datetime]:
         sa.select(articles.c.id, articles.c.created_at).where(articles.c.id.in_(ids))
     )
     return {row.id: row.created_at for row in rows}
-
-
-def _recipients(
-    conn: sa.Connection, digest: Digest, topics: set[str], now: datetime
-) -> tuple[tuple[tuple[str, ...], int], ...]:
-    # The snapshot takes nobody when no article is chosen.
-    if not topics:
-        return ()
-    chosen = sa.select(subscribers.c.id).where(recipients_where(topics, now))
-    rows = conn.execute(
-        sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
-            subscriber_topics.c.subscriber_id.in_(chosen),
-            subscriber_topics.c.topic.in_(digest.topics),
-        )
-    )
-    sets: dict[int, set[str]] = {}
-    for row in rows:
-        sets.setdefault(row.subscriber_id, set()).add(row.topic)
-    order = {topic: i for i, topic in enumerate(digest.topics)}
-    counts = Counter(tuple(sorted(s, key=order.__getitem__)) for s in sets.values())
-    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))

@@ -1,0 +1,178 @@
+"""``mailer issues approve|hold|skip ID`` and ``mailer issues drop-article ID ARTICLE_ID``:
+staff acting on an issue made for review (``mailer.issues.review``), each recorded with who
+(``--by``, default the OS user) and when, each answered by one line saying what happens next.
+"""
+
+from __future__ import annotations
+
+import getpass
+from datetime import datetime
+
+import click
+import sqlalchemy as sa
+
+from mailer.cli.context import Context, out, pass_ctx
+from mailer.clock import now
+from mailer.issues.review import Action, Outcome
+from mailer.issues.schedule import local_time
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except OSError:  # no login name anywhere (a container without USER): still recorded
+        return "staff"
+
+
+BY = click.option("--by", default=_os_user, show_default="the OS user", help="Who acts (recorded).")
+
+
+def _readers(n: int, *, about: bool) -> str:
+    return f"{'about ' if about else ''}{n:,} reader{'s' if n != 1 else ''}"
+
+
+def approved_line(outcome: Outcome, by: str, zone: str, at: datetime) -> str:
+    """What happens to an issue approved at ``at``."""
+    head = f"issue {outcome.issue_id} approved by {by}"
+    if outcome.status == "empty":
+        return f"{head}: its slot has passed and nobody would receive it now; it is empty"
+    going = outcome.goes_out or outcome.scheduled_for
+    if outcome.released:
+        when = "now" if going <= at else f"at {local_time(going, zone)} (after quiet hours)"
+        readers = _readers(outcome.recipients, about=False)
+        return f"{head}: its slot has passed; goes out {when} to {readers}"
+    quiet = " (after quiet hours)" if going != outcome.scheduled_for else ""
+    readers = _readers(outcome.recipients, about=True)
+    return f"{head}: goes out {local_time(going, zone)}{quiet} to {readers}"
+
+
+@click.command("approve")
+@click.argument("issue_id", type=int)
+@BY
+@pass_ctx
+def approve(ctx: Context, issue_id: int, by: str) -> None:
+    """Approve an issue in review or held: it goes out at its slot (at once if that passed)."""
+    from mailer.issues import review
+
+    at = now()
+    outcome = review.approve(ctx.engine(), ctx.settings, issue_id, by=by, now=at)
+    out.print(approved_line(outcome, by, ctx.settings.site.timezone, at), markup=False)
+
+
+@click.command("hold")
+@click.argument("issue_id", type=int)
+@BY
+@pass_ctx
+def hold(ctx: Context, issue_id: int, by: str) -> None:
+    """Hold an issue in review or approved: at its slot it waits for `issues approve`."""
+    from mailer.issues import review
+
+    outcome = review.hold(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
+    slot = local_time(outcome.scheduled_for, ctx.settings.site.timezone)
+    out.print(
+        f"issue {issue_id} held by {by}: it does not go out at {slot}; it waits for"
+        f" `mailer issues approve {issue_id}` (or `mailer issues skip {issue_id}`)",
+        markup=False,
+    )
+
+
+@click.command("skip")
+@click.argument("issue_id", type=int)
+@BY
+@pass_ctx
+def skip(ctx: Context, issue_id: int, by: str) -> None:
+    """Skip an issue in review, approved or held: nothing is sent, and its articles go in the
+    digest's next issue."""
+    from mailer.issues import review
+
+    outcome = review.skip(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
+    n = outcome.articles
+    given = f"its {n} articles go" if n != 1 else "its article goes"
+    out.print(
+        f"issue {issue_id} skipped by {by}: nothing is sent; {given} in the next issue of"
+        f" {outcome.digest}",
+        markup=False,
+    )
+
+
+@click.command("drop-article")
+@click.argument("issue_id", type=int)
+@click.argument("article_id", type=int)
+@BY
+@pass_ctx
+def drop_article(ctx: Context, issue_id: int, article_id: int, by: str) -> None:
+    """Take an article out of an issue in review, approved or held; no later issue of the
+    digest takes it."""
+    from mailer.issues import review
+
+    dropped = review.drop_article(ctx.engine(), issue_id, article_id, by=by, now=now())
+    left = dropped.left
+    rest = (
+        f"{left} article{'s' if left != 1 else ''} left"
+        if left
+        else "no article left: it will be empty"
+    )
+    out.print(
+        f"article {article_id} ({dropped.title}) dropped from issue {issue_id} by {by}: {rest};"
+        f" no later issue of {dropped.digest} takes it",
+        markup=False,
+    )
+
+
+COMMANDS = (approve, hold, skip, drop_article)
+
+
+def acted(actions: tuple[Action, ...]) -> str:
+    """The last decision staff (or the schedule) made on an issue: ``approved by ana``."""
+    decisions = [a for a in actions if a.kind in ("approved", "held", "skipped")]
+    if not decisions:
+        return ""
+    last = decisions[-1]
+    return f"{last.kind} by {last.by}"
+
+
+def print_review(ctx: Context, issue_id: int) -> None:
+    """The review part of ``issues show``: slot, state, who acted, who it would go to."""
+    from mailer.issues import review
+    from mailer.issues.progress import local_time as table_time
+
+    zone = ctx.settings.site.timezone
+    at = now()
+    state = review.review_state(ctx.engine(), ctx.settings, issue_id, now=at)
+    o = state.outcome
+    if o.status in review.REVIEWABLE:
+        digest = {d.key: d for d in ctx.settings.digests}.get(o.digest)
+        passed = o.scheduled_for <= at
+        if o.status == "held":
+            then = f"waits for `mailer issues approve {issue_id}`"
+        elif o.status == "approved":
+            then = "goes out"
+        elif digest is not None and digest.on_unreviewed == "hold":
+            then = "is held unless approved (on_unreviewed = hold)"
+        else:
+            then = "goes out unless held or skipped (on_unreviewed = send)"
+        when = "its slot has passed" if passed else f"at {local_time(o.scheduled_for, zone)}"
+        out.print(f"  review: {when}, it {then}", markup=False)
+        going = f", from {local_time(o.goes_out, zone)}" if o.goes_out else ""
+        out.print(f"  would go to {_readers(o.recipients, about=False)} now{going}", markup=False)
+    for action in state.actions:
+        what = action.kind.replace("_", " ")
+        if action.article_id is not None:
+            what += f" {action.article_id}"
+        out.print(f"  {what} by {action.by} {table_time(action.at, zone)}", markup=False)
+    if o.status in (*review.REVIEWABLE, "skipped"):
+        with_articles = review.issue_articles_of(ctx.engine(), issue_id)
+        out.print(f"  articles ({len(with_articles)}):", markup=False)
+        for article_id, topic, title in with_articles:
+            out.print(f"    {article_id:>6}  [{topic}] {title}", markup=False)
+    for article_id, title, by in state.dropped:
+        out.print(f"  dropped {article_id:>6}  {title} (by {by})", markup=False)
+
+
+def review_actions(engine: sa.Engine, issue_ids: list[int]) -> dict[int, tuple[Action, ...]]:
+    """The review actions of ``issue_ids`` (for ``issues list``)."""
+    from mailer.db.engine import reading
+    from mailer.issues import review
+
+    with reading(engine) as conn:
+        return review.actions(conn, issue_ids)
