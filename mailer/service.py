@@ -37,7 +37,7 @@ from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigge
 from mailer.logs import describe_error
 from mailer.signals import stop_on_signals, stopped_within
 from mailer.staff import checks
-from mailer.staff.rounds import StaffRound
+from mailer.staff.rounds import StaffRound, Step, staff_steps
 from mailer.text import one_line
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,19 @@ class Service:
         self.firings: set[asyncio.Task[IssueCreated | None]] = set()  # retrying a failed slot
         # The delivery worker's pool while it is open: the staff round sends staff mail on it.
         self.pool: SmtpPool | None = None
-        self.staff = StaffRound(engine, settings, sign=sign, pool=lambda: self.pool)
+        open_reviews, release_slots = self.review_steps()
+        self.staff = StaffRound(
+            engine,
+            settings,
+            sign=sign,
+            pool=lambda: self.pool,
+            # Reviews first: a slot released or held this round is not then seen as missed.
+            steps=[
+                Step("review windows", open_reviews),
+                Step("slots after review", release_slots),
+                *staff_steps(engine, settings),
+            ],
+        )
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
 
     def fire(self, digest: Digest, slot: datetime | None = None) -> IssueCreated | None:
