@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mailer import logs
-from mailer.cli import articles, bounces, devtools, dkim, issues, running, subscribers
+from mailer.cli import articles, bounces, devtools, dkim, issues, report, running, subscribers
 from mailer.cli.context import Context, err, out, pass_ctx
 from mailer.config.load import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
@@ -64,6 +64,7 @@ for command in (
     devtools.demo,
 ):
     cli.add_command(command)
+issues.issues_group.add_command(report.issues_report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,6 +70,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     from mailer.delivery.processes import Helpers
     from mailer.delivery.sending import check_issue, issue_report, send_issue
     from mailer.issues.staff import open_issue
+    from mailer.staff.reports import queue_reports
 
     settings = with_processes(ctx.settings, processes)
     digest = settings.digest(key)
@@ -104,6 +105,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
             )
     report = issue_report(totals, helpers, time.monotonic() - started)
     out.print(report.summary())
+    queue_reports(ctx.engine(), settings, now=now())  # the report mail, once the issue is final
     check_issue(ctx.engine(), settings, issue.issue_id, report, at=now())
 
 
