@@ -17,6 +17,7 @@ from mailer.cli import cli, main
 from mailer.config.settings import Settings
 from mailer.content.article import ParsedArticle
 from mailer.content.store import upsert_articles
+from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issues, staff_alerts, staff_mail
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
@@ -32,6 +33,7 @@ from tests.factories import (
     make_issue,
     make_settings,
     make_subscriber,
+    ready_to_send,
     server_settings,
     write_config,
 )
@@ -337,3 +339,37 @@ async def test_the_cli_prints_the_report_and_exits_1_for_an_unknown_issue(
     assert capsys.readouterr().err == (
         "error: no issue 4242: `mailer issues list` shows their ids\n"
     )
+
+
+def test_digest_send_queues_the_report_of_the_issue_it_finished(
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
+    config = ready_to_send(
+        db_url,
+        tmp_path / "mailer.toml",
+        smtp_server,
+        ["ann@example.org", "gone@example.org"],
+        staff={"emails": [STAFF]},
+    )
+    smtp_server.script("gone@example.org", ["550 5.1.1 no such user"])
+    result = CliRunner().invoke(
+        cli, ["--config", str(config), "digest", "send", "weekly"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        mails = conn.execute(sa.select(staff_mail)).all()
+        reported = conn.execute(sa.select(issues.c.id, issues.c.reported_at)).all()
+    engine.dispose()
+    assert len(reported) == 1 and reported[0].reported_at is not None
+    issue_id = reported[0].id
+    # One of two bounced: over the default [staff].failure_percent (5), so an alert too.
+    assert [(m.kind, m.cause, m.recipients) for m in mails] == [
+        ("report", f"report:{issue_id}", STAFF),
+        ("alert", f"failures:issue:{issue_id}", STAFF),
+    ]
+    assert mails[0].subject.endswith(": 1 sent, 1 bounced, 0 failed")
