@@ -22,6 +22,7 @@ from mailer.db.schema import deliveries, issues, staff_alerts, staff_mail
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.errors import UnknownIssueError
+from mailer.issues.progress import cancel
 from mailer.issues.report import Outcomes, Reason, Suppressions, TopicSet, build_report
 from mailer.issues.report_text import render_report, report_json
 from mailer.staff.reports import queue_reports
@@ -258,23 +259,32 @@ async def test_unsubscribes_and_complaints_within_72_hours_are_attributed(
         message_id=_message_id(engine, issue_id, "later@example.org"),
     )
     apply_reports(engine, [complaint], now=NOW + timedelta(hours=30))
+    # A complaint naming no message: the last issue its reader was sent, as an unsubscribe.
+    anonymous = Report(
+        report_id="<arf.2@fbl.example.com>",
+        kind="arf",
+        outcome=BounceKind.COMPLAINT,
+        date=NOW + timedelta(hours=5),
+        addresses=("events@example.org",),
+    )
+    apply_reports(engine, [anonymous], now=NOW + timedelta(hours=5))
 
     at_26 = build_report(engine, settings, issue_id, now=NOW + timedelta(hours=26))
     assert at_26.aftermath is not None
-    assert (at_26.aftermath.unsubscribes, at_26.aftermath.complaints) == (1, 0)
+    assert (at_26.aftermath.unsubscribes, at_26.aftermath.complaints) == (1, 1)
     assert at_26.aftermath.hours == 26 and not at_26.aftermath.complete
     _s, text, _h = render_report(at_26, settings)
     assert (
-        "so far, 26 hours after: 1 unsubscribe, 0 complaints;"
+        "so far, 26 hours after: 1 unsubscribe, 1 complaint;"
         " complete Mon 23 Nov 2026 08:00 EST" in text
     )
 
     final = build_report(engine, settings, issue_id, now=DONE + timedelta(hours=80))
     assert final.aftermath is not None and final.aftermath.complete
-    assert (final.aftermath.unsubscribes, final.aftermath.complaints) == (1, 1)
-    assert final.suppressions == Suppressions(bounced=1, complained=1)
+    assert (final.aftermath.unsubscribes, final.aftermath.complaints) == (1, 2)
+    assert final.suppressions == Suppressions(bounced=1, complained=2)
     _s, text, _h = render_report(final, settings)
-    assert "in the 72 hours after: 1 unsubscribe, 1 complaint" in text
+    assert "in the 72 hours after: 1 unsubscribe, 2 complaints" in text
 
 
 async def test_an_unsubscribe_counts_for_the_last_issue_the_reader_was_sent(
@@ -373,3 +383,20 @@ def test_digest_send_queues_the_report_of_the_issue_it_finished(
         ("alert", f"failures:issue:{issue_id}", STAFF),
     ]
     assert mails[0].subject.endswith(": 1 sent, 1 bounced, 0 failed")
+
+
+async def test_a_cancelled_issue_is_reported_as_cancelled(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    sent = await send_with_faults(engine, db_url, smtp_server, failure_percent=50)
+    assert cancel(engine, sent.issue_id, now=DONE) == 2  # the two deferred
+    assert queue_reports(engine, sent.settings, now=DONE) == [sent.issue_id]
+    report = build_report(engine, sent.settings, sent.issue_id, now=DONE)
+    assert report.final and report.outcomes == Outcomes(sent=3, bounced=1, cancelled=2)
+    with engine.connect() as conn:
+        subject = conn.execute(sa.select(staff_mail.c.subject)).scalar_one()
+    assert subject == (
+        "[Report] Weekly digest, Fri 20 Nov 2026 07:00 EST: cancelled, 3 sent, 1 bounced, 0 failed"
+    )

@@ -154,10 +154,12 @@ def build_report(
                 deliveries.c.issue_id == issue_id
             )
         ).one()
-        suppressions, complaints_by_id = _suppressions(conn, issue_id, row.created_at, now)
-        aftermath = None
+        about = _about_its_messages(conn, issue_id)
+        aftermath, complaint_reports = None, set[str]()
         if first is not None and last is not None:
-            aftermath = _aftermath(conn, issue_id, first, last, complaints_by_id, now)
+            aftermath, complaint_reports = _aftermath(conn, issue_id, first, last, about, now)
+        ours = {a.report for a in about if a.report} | complaint_reports
+        suppressions = _suppressions(conn, issue_id, row.created_at, ours)
     final = row.status in FINAL_ISSUE
     elapsed = None
     if first is not None and last is not None:
@@ -259,18 +261,23 @@ _REPORT = events.c.detail["report"].as_string()
 _MESSAGE_ID = events.c.detail["message_id"].as_string()
 
 
-def _suppressions(
-    conn: sa.Connection, issue_id: int, made: datetime, now: datetime
-) -> tuple[Suppressions, int]:
-    """Who this issue's bounces and complaints made bounced or complained, and how many
-    complaints name one of its messages within ``AFTER`` of its sending.
+@dataclass(frozen=True)
+class _About:
+    """A bounce or complaint event naming one of the issue's messages."""
 
-    A bounce or complaint is recorded as an event naming the original Message-ID (at send
-    time: ``smtp:<Message-ID>``; from a report: the report's id); the status change it caused
-    is an event naming that report. Both are found through the issue's deliveries, by
-    subscriber (an indexed join), not by scanning the audit trail.
+    kind: str  # bounce, complaint
+    report: str | None  # the report's id (``smtp:<Message-ID>`` for a refusal at send time)
+    at: datetime
+    sent_at: datetime | None  # when that message was sent (None: refused at send time)
+
+
+def _about_its_messages(conn: sa.Connection, issue_id: int) -> list[_About]:
+    """The bounces and complaints whose report names a Message-ID of this issue.
+
+    Found through the issue's deliveries, by subscriber (an indexed join), not by scanning
+    the audit trail.
     """
-    about = conn.execute(
+    rows = conn.execute(
         sa.select(events.c.kind, _REPORT, events.c.at, deliveries.c.sent_at)
         .join(
             deliveries,
@@ -281,12 +288,15 @@ def _suppressions(
         )
         .where(deliveries.c.issue_id == issue_id, events.c.kind.in_(("bounce", "complaint")))
     ).all()
-    ours = {report for _kind, report, _at, _sent in about if report}
-    complaints = sum(
-        1
-        for kind, _report, at, sent_at in about
-        if kind == "complaint" and at <= now and (sent_at is None or at - sent_at <= AFTER)
-    )
+    return [_About(kind, report, at, sent_at) for kind, report, at, sent_at in rows]
+
+
+def _suppressions(
+    conn: sa.Connection, issue_id: int, made: datetime, reports: set[str]
+) -> Suppressions:
+    """Recipients of the issue made bounced or complained by one of ``reports`` (the
+    bounces and complaints put down to it): a status change is an event naming the report
+    that caused it."""
     changed = conn.execute(
         sa.select(events.c.kind, _REPORT)
         .join(deliveries, deliveries.c.subscriber_id == events.c.subscriber_id)
@@ -296,9 +306,9 @@ def _suppressions(
             events.c.at >= made,
         )
     ).all()
-    bounced = sum(1 for kind, report in changed if kind == "bounced" and report in ours)
-    complained = sum(1 for kind, report in changed if kind == "complained" and report in ours)
-    return Suppressions(bounced, complained), complaints
+    bounced = sum(1 for kind, report in changed if kind == "bounced" and report in reports)
+    complained = sum(1 for kind, report in changed if kind == "complained" and report in reports)
+    return Suppressions(bounced, complained)
 
 
 def _aftermath(
@@ -306,16 +316,27 @@ def _aftermath(
     issue_id: int,
     first: datetime,
     last: datetime,
-    complaints_by_id: int,
+    about: list[_About],
     now: datetime,
-) -> Aftermath:
-    """Unsubscribes (and complaints naming no message) put down to this issue: each reader's
-    event within ``AFTER`` of their message, with no other issue sent to them in between."""
+) -> tuple[Aftermath, set[str]]:
+    """Unsubscribes and complaints put down to this issue, and the report ids of those
+    complaints. A complaint naming one of its messages counts within ``AFTER`` of that
+    message; an unsubscribe, or a complaint naming no message, counts for the last issue the
+    reader was sent before it, within ``AFTER`` of that send."""
+    named = [
+        a
+        for a in about
+        if a.kind == "complaint"
+        and a.at <= now
+        and (a.sent_at is None or a.at - a.sent_at <= AFTER)
+    ]
+    complaints = len(named)
+    complaint_reports = {a.report for a in named if a.report}
     mine = deliveries.alias("mine")
     later = deliveries.alias("later")
     no_message_id = sa.or_(_MESSAGE_ID.is_(None), _MESSAGE_ID == "")
     rows = conn.execute(
-        sa.select(events.c.kind, events.c.at, mine.c.sent_at)
+        sa.select(events.c.kind, _REPORT, events.c.at, mine.c.sent_at)
         .join(mine, mine.c.subscriber_id == events.c.subscriber_id)
         .where(
             mine.c.issue_id == issue_id,
@@ -337,21 +358,24 @@ def _aftermath(
             ),
         )
     ).all()
-    unsubscribes = complaints = 0
-    for kind, at, sent_at in rows:
+    unsubscribes = 0
+    for kind, report, at, sent_at in rows:
         if at - sent_at > AFTER:
             continue
         if kind == "unsubscribed":
             unsubscribes += 1
         else:
             complaints += 1
+            if report:
+                complaint_reports.add(report)
     until = last + AFTER
     hours = int(min(max(now - first, timedelta(0)), AFTER) / timedelta(hours=1))
-    return Aftermath(
+    aftermath = Aftermath(
         unsubscribes=unsubscribes,
-        complaints=complaints + complaints_by_id,
+        complaints=complaints,
         since=first,
         until=until,
         hours=hours,
         complete=now >= until,
     )
+    return aftermath, complaint_reports

@@ -39,11 +39,15 @@ def render_report(
 
 
 def report_subject(report: IssueReport) -> str:
-    """``[Report] Weekly digest, Fri 11 Dec 2026 07:00 EST: 1,198 sent, 4 bounced, 2 failed``."""
+    """``[Report] Weekly digest, Fri 11 Dec 2026 07:00 EST: 1,198 sent, 4 bounced, 2 failed``
+    (``cancelled, …`` or ``skipped, …`` for an issue that ended so; ``… so far`` before the end)."""
     o = report.outcomes
     counts = f"{o.sent:,} sent, {o.bounced:,} bounced, {o.failed:,} failed"
-    so_far = "" if report.final else " so far"
-    return f"[Report] {_title(report)}: {counts}{so_far}"
+    if not report.final:
+        counts += " so far"
+    elif report.status != "sent":
+        counts = f"{report.status}, {counts}"
+    return f"[Report] {_title(report)}: {counts}"
 
 
 def report_json(report: IssueReport) -> dict[str, Any]:
