@@ -128,6 +128,14 @@ class IssueStateError(DigestError):
     article from one that is sending); the message names the state and what would."""
 
 
+class UnknownIssueError(DigestError):
+    """No issue has this id; ``issue_id`` is the id asked for."""
+
+    def __init__(self, issue_id: int) -> None:
+        self.issue_id = issue_id
+        super().__init__(f"no issue {issue_id}: `mailer issues list` shows their ids")
+
+
 class DeliveryError(MailerError):
     """Sending failed in a way that is not a per-recipient SMTP answer."""
 

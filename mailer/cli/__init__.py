@@ -14,7 +14,17 @@ from pathlib import Path
 import click
 
 from mailer import logs
-from mailer.cli import articles, bounces, devtools, dkim, issues, review, running, subscribers
+from mailer.cli import (
+    articles,
+    bounces,
+    devtools,
+    dkim,
+    issues,
+    report,
+    review,
+    running,
+    subscribers,
+)
 from mailer.cli.context import Context, err, out, pass_ctx
 from mailer.config.load import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
@@ -66,6 +76,7 @@ for command in (
     cli.add_command(command)
 for command in review.COMMANDS:
     issues.issues_group.add_command(command)
+issues.issues_group.add_command(report.issues_report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,6 +71,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     from mailer.delivery.processes import Helpers
     from mailer.delivery.sending import check_issue, issue_report, send_issue
     from mailer.issues.staff import open_issue
+    from mailer.staff.reports import queue_reports
     from mailer.staff.rounds import flush_outbox
 
     settings = with_processes(ctx.settings, processes)
@@ -106,6 +107,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
             )
     report = issue_report(totals, helpers, time.monotonic() - started)
     out.print(report.summary())
+    queue_reports(ctx.engine(), settings, now=now())  # the report mail, once the issue is final
     flush_outbox(ctx.engine(), settings, now=now(), sign=sign)  # reports, alerts meanwhile
     check_issue(ctx.engine(), settings, issue.issue_id, report, at=now())
 
