@@ -53,7 +53,10 @@ def staff_steps(engine: sa.Engine, settings: Settings) -> list[Step]:
     def on(check: Callable[..., object]) -> Callable[[datetime], object]:
         return lambda now: check(engine, settings, now=now)
 
+    from mailer.staff.reports import queue_reports
+
     return [
+        Step("reports of issues that ended", on(queue_reports)),
         Step("missed slots", on(checks.check_missed_slots), MISSED_EVERY),
         Step("stalled issues", on(checks.check_stalls), STALLS_EVERY),
         Step("failing feeds", on(checks.check_feeds)),
