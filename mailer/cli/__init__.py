@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from mailer import logs
-from mailer.cli import articles, bounces, devtools, dkim, issues, running, subscribers
+from mailer.cli import articles, bounces, devtools, dkim, issues, running, staffsend, subscribers
 from mailer.cli.context import Context, err, out, pass_ctx
 from mailer.config.load import DEFAULT_CONFIG_NAME
 from mailer.db.engine import migrate, safe_url
@@ -64,6 +64,8 @@ for command in (
     devtools.demo,
 ):
     cli.add_command(command)
+issues.digest_group.add_command(staffsend.digest_preview)
+issues.digest_group.add_command(staffsend.digest_test)
 
 
 def main(argv: list[str] | None = None) -> None:
