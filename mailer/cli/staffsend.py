@@ -140,7 +140,7 @@ def digest_preview(ctx: Context, key: str, as_email: str | None, out_dir: Path |
     (out_dir / f"{key}.txt").write_text(text, encoding="utf-8")
     count = len(issue.content.articles)
     out.print(
-        f"{shows}: {msg['Subject']!r}, {count} articles{extra}"
+        f"{shows}: {msg['Subject']!r}, {count} article{'' if count == 1 else 's'}{extra}"
         f" → {out_dir / f'{key}.eml'} (and .html, .txt); its links are inert",
         markup=False,
     )
