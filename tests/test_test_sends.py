@@ -234,9 +234,13 @@ def test_an_issue_waiting_in_review_is_shown_as_made_without_its_dropped_article
             conn, digest, now=NOW + timedelta(minutes=10), render_subject=RENDERER.render_subject
         )
     assert (upcoming.issue_id, upcoming.status, upcoming.slot) == (made.issue_id, "review", slot)
-    assert [a.id for a in upcoming.content.articles] != [] and first not in [
-        a.id for a in upcoming.content.articles
-    ]
+    with engine.connect() as conn:
+        kept = conn.scalars(
+            sa.select(issue_articles.c.article_id)
+            .where(issue_articles.c.issue_id == made.issue_id, issue_articles.c.article_id != first)
+            .order_by(issue_articles.c.position)
+        ).all()
+    assert [a.id for a in upcoming.content.articles] == list(kept) and len(kept) == 1
     assert "Late news" not in [a.title for a in upcoming.content.articles]
     with engine.connect() as conn:
         subject = conn.scalar(sa.select(issues.c.subject).where(issues.c.id == made.issue_id))
@@ -343,11 +347,13 @@ def test_forged_or_foreign_tokens_on_the_test_pages_get_the_usual_400(
         f"/test/unsubscribe/{real}",
         f"/test/unsubscribe/{forged}",
         f"/test/preferences/{test[:-1]}",
-        "/test/unsubscribe/x" * 3,
+        "/test/unsubscribe/not-a-token",
     ):
-        response = client.post(path, content=b"List-Unsubscribe=One-Click")
-        assert response.status_code in (400, 404), path
-        if response.status_code == 400:
+        for response in (
+            client.get(path),
+            client.post(path, content=b"List-Unsubscribe=One-Click"),
+        ):
+            assert response.status_code == 400, path
             assert "This link is not valid" in response.text
     # A test token is no unsubscribe token either.
     assert client.post(f"/unsubscribe/{test}").status_code == 400
