@@ -67,6 +67,7 @@ def digest_test(
     with inert links; never recorded as a delivery."""
     from mailer.compose.messages import check_address
     from mailer.compose.rendering import Renderer
+    from mailer.compose.testcopy import TEST_PREFIX
     from mailer.staff.testsend import check_staff, prepare, send_test
 
     settings = ctx.settings
@@ -82,7 +83,7 @@ def digest_test(
         send_test(settings, prepared, addresses, now=at, renderer=renderer, sign=sign)
     )
     what = f"test copy of {describe(settings, digest, prepared)}"
-    subject = "[TEST] " + prepared.issue.content.subject
+    subject = TEST_PREFIX + prepared.issue.content.subject
     refused = 0
     for address, result in zip(addresses, results, strict=True):
         if result.outcome is Outcome.SENT:
