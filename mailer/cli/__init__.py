@@ -23,6 +23,7 @@ from mailer.cli import (
     report,
     review,
     running,
+    staffsend,
     subscribers,
 )
 from mailer.cli.context import Context, err, out, pass_ctx
@@ -77,6 +78,8 @@ for command in (
 for command in review.COMMANDS:
     issues.issues_group.add_command(command)
 issues.issues_group.add_command(report.issues_report)
+issues.digest_group.add_command(staffsend.digest_preview)
+issues.digest_group.add_command(staffsend.digest_test)
 
 
 def main(argv: list[str] | None = None) -> None:

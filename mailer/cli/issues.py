@@ -1,12 +1,11 @@
-"""``mailer digest`` (preview, send, upcoming) and ``mailer issues`` (list, show, cancel,
-resume, retry)."""
+"""``mailer digest`` (send, upcoming; preview and test are in ``staffsend``) and ``mailer
+issues`` (list, show, cancel, resume, retry)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import click
@@ -33,31 +32,7 @@ from mailer.preflight import preflight
 
 @click.group("digest")
 def digest_group() -> None:
-    """Preview or send a digest."""
-
-
-@digest_group.command("preview")
-@click.argument("key")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path))
-@pass_ctx
-def digest_preview(ctx: Context, key: str, out_dir: Path | None) -> None:
-    """Render the next issue of a digest without sending it."""
-    from mailer.compose.rendering import Renderer
-    from mailer.issues.staff import preview_next
-
-    digest = ctx.settings.digest(key)
-    preview = preview_next(ctx.engine(), ctx.settings, digest, now=now(), renderer=Renderer())
-    if out_dir is None:
-        out.print(preview.text, markup=False)
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{key}.html").write_text(preview.html, encoding="utf-8")
-    (out_dir / f"{key}.txt").write_text(preview.text, encoding="utf-8")
-    out.print(
-        f"{preview.subject!r}: {preview.articles} articles{left_over(preview.left_over)}"
-        f" → {out_dir / f'{key}.html'}",
-        markup=False,
-    )
+    """Preview, test or send a digest."""
 
 
 @digest_group.command("send")

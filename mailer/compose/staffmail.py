@@ -1,8 +1,8 @@
 """Mail to staff as bytes: transactional, from the site's address, with no List-* headers.
 
-A test copy of a digest is built by ``DigestComposer.test_copy``; everything else staff get
-(review mails, reports, alerts) is a subject and a text part, with an HTML part where one
-helps, built here with the same header rules as every other message.
+A test copy of a digest is built by ``mailer.compose.testcopy.build_test_copy``; everything
+else staff get (review mails, reports, alerts) is a subject and a text part, with an HTML part
+where one helps, built here with the same header rules as every other message.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What staff run on a digest's next issue (``digest preview`` and ``digest send``): preview it
-as it would go out now, and open it (resume the unfinished one, else make one for now). The
-send itself is ``mailer.delivery.foreground.deliver_issue``.
+as it would go out at its slot, and open it (resume the unfinished one, else make one for
+now). The send itself is ``mailer.delivery.foreground.deliver_issue``.
 
 Not the scheduler's path: that one makes issues at their slots (``mailer.service``) and leaves
 them to the running workers.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
@@ -20,9 +19,9 @@ from mailer.config.settings import Digest, Settings
 from mailer.db.engine import reading
 from mailer.db.schema import issues
 from mailer.errors import DigestError
-from mailer.issues.create import IssueCreated, articles_for, create_issue
+from mailer.issues.create import IssueCreated, create_issue
+from mailer.issues.nextissue import next_issue
 from mailer.issues.schedule import local_time
-from mailer.models import IssueContent
 
 # An issue made and not released yet: ``digest send`` does not make another beside it.
 WAITING = ("review", "approved", "held")
@@ -44,27 +43,18 @@ class Preview:
 def preview_next(
     engine: sa.Engine, settings: Settings, digest: Digest, *, now: datetime, renderer: Renderer
 ) -> Preview:
-    """The next issue as it would go out now, with neutral links, without creating it.
+    """The next scheduled issue (``nextissue.next_issue``) with neutral links, every topic
+    of the digest shown, without creating it.
 
-    The same selection ``create_issue`` makes at ``now``: the articles the digest has not taken
-    yet, within its lookback, oldest arrival first up to max_articles.
+    Not made yet, it holds what ``create_issue`` would take at ``now``: the articles the
+    digest has not taken yet, within its lookback, oldest arrival first up to max_articles.
     """
     with reading(engine) as conn:
-        selection = articles_for(conn, digest, now=now)
-    chosen = selection.articles
-    date = now.astimezone(ZoneInfo(digest.timezone))
-    subject = renderer.render_subject(digest, date)
-    content = IssueContent(
-        issue_id=0,
-        digest_key=digest.key,
-        digest_name=digest.name,
-        subject=subject,
-        date=date,
-        articles=tuple(chosen),
-    )
+        upcoming = next_issue(conn, digest, now=now, render_subject=renderer.render_subject)
+    content = upcoming.content
     html, text = DigestComposer(settings, content, renderer=renderer).preview(digest.topics)
-    ids = tuple(a.id for a in chosen)
-    return Preview(subject, html, text, len(chosen), selection.left_over, ids)
+    ids = tuple(a.id for a in content.articles)
+    return Preview(content.subject, html, text, len(ids), upcoming.left_over, ids)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from mailer.config.settings import SiteSettings
-from mailer.subscribers.tokens import Purpose, make_token
+from mailer.subscribers.tokens import Purpose, make_test_token, make_token
 
 
 class Links:
@@ -38,6 +38,21 @@ class Links:
 def links_for(site: SiteSettings, uid: str) -> Links:
     """The links for ``uid``, under the site's base URL."""
     return Links(site, uid)
+
+
+class InertLinks:
+    """The personal links of a test copy: shaped like the reader's, leading to a page that says
+    it is a test copy and changes nothing (``mailer.web.testlinks``)."""
+
+    def __init__(self, site: SiteSettings, uid: str) -> None:
+        token = make_test_token(site.require_secret(), uid)
+        self.unsubscribe = f"{site.base_url}/test/unsubscribe/{token}"
+        self.preferences = f"{site.base_url}/test/preferences/{token}"
+
+
+def inert_links_for(site: SiteSettings, uid: str) -> InertLinks:
+    """The inert links standing in for ``uid``'s in a test copy."""
+    return InertLinks(site, uid)
 
 
 def archive_url(site: SiteSettings, issue_id: int) -> str:

@@ -30,6 +30,8 @@ class Purpose(StrEnum):
     CONFIRM = "confirm"
     UNSUBSCRIBE = "unsubscribe"
     PREFERENCES = "preferences"
+    # The inert links of a test copy sent to staff: they open a page and change nothing.
+    TEST = "test"
 
 
 def new_uid() -> str:
@@ -59,3 +61,21 @@ def read_token(secret: bytes, purpose: Purpose, token: str) -> str:
     if not hmac.compare_digest(mac, _mac(secret, purpose, uid)):
         raise TokenError("link token signature does not match")
     return uid
+
+
+# A test token is prefixed, so that it never has the shape of an unsubscribe token where
+# a returned message is searched for one (``mailer.bounces.reports``): a bounce or complaint
+# about a test copy sent to staff must not be pinned on the reader it was a copy for.
+TEST_PREFIX = "test-"
+
+
+def make_test_token(secret: bytes, uid: str) -> str:
+    """The token of a test copy's inert links, for the reader ``uid`` it is a copy for."""
+    return TEST_PREFIX + make_token(secret, Purpose.TEST, uid)
+
+
+def read_test_token(secret: bytes, token: str) -> str:
+    """The uid a test token stands for; TokenError if it is malformed or forged."""
+    if not token.startswith(TEST_PREFIX):
+        raise TokenError("malformed link token")
+    return read_token(secret, Purpose.TEST, token[len(TEST_PREFIX) :])

@@ -11,6 +11,8 @@ Routes (DESIGN.md "URLs"):
 ``GET|POST /preferences/{token}``     topics, pause, one-topic unsubscribe, leave
 ``POST /preferences/{token}/export``  "download my data" (JSON)
 ``GET|POST /preferences/{token}/delete``  "delete my data" (confirmation form, then erase)
+``GET|POST /test/unsubscribe/{token}``  a test copy's inert links: a page, never a change
+``GET|POST /test/preferences/{token}``
 ``GET /privacy``                      the privacy policy and its version
 ``GET /archive``, ``/archive/{id}``   sent issues, and one as its readers saw it
 ``GET /embed``                        the embeddable sign-up snippet, for staff to copy
@@ -49,6 +51,7 @@ from mailer.web.ratelimit import Limits, RateLimiter
 from mailer.web.security import BodyLimitMiddleware, SecurityHeadersMiddleware
 from mailer.web.sender import ConfirmationSender
 from mailer.web.signup import SignupViews
+from mailer.web.testlinks import TestLinkViews
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ def create_app(
     signup = SignupViews(web)
     account = AccountViews(web)
     public = PublicViews(web)
+    test_links = TestLinkViews(web)
     routes = [
         Route("/", signup.home, methods=["GET"]),
         Route("/subscribe", signup.subscribe, methods=["POST"]),
@@ -109,6 +113,8 @@ def create_app(
         Route("/preferences/{token}/export", account.export, methods=["POST"]),
         Route("/preferences/{token}/delete", account.delete_page, methods=["GET"]),
         Route("/preferences/{token}/delete", account.delete, methods=["POST"]),
+        Route("/test/unsubscribe/{token}", test_links.unsubscribe, methods=["GET", "POST"]),
+        Route("/test/preferences/{token}", test_links.preferences, methods=["GET", "POST"]),
         Route("/privacy", public.privacy, methods=["GET"]),
         Route("/archive", public.archive, methods=["GET"]),
         # A plain segment, bounded in the view before it is converted: Starlette's int

@@ -14,13 +14,17 @@ from starlette.requests import Request
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.errors import TokenError
-from mailer.subscribers.tokens import Purpose, read_token
+from mailer.subscribers.tokens import Purpose, read_test_token, read_token
 from mailer.web.pages import Pages
 from mailer.web.ratelimit import Limits, RateLimiter
 from mailer.web.sender import ConfirmationSender
 
 MAX_FORM_FIELDS = 50
 NO_STORE = {"Cache-Control": "no-store", "X-Robots-Tag": "noindex"}
+INVALID_LINK = (
+    "This link is not valid. Check that you opened the whole link from the email; "
+    "if it was split over two lines, copy both parts."
+)
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,14 @@ class WebContext:
         try:
             return read_token(self.settings.site.require_secret(), purpose, token)
         except TokenError as exc:
-            raise HTTPException(
-                400,
-                "This link is not valid. Check that you opened the whole link from the email; "
-                "if it was split over two lines, copy both parts.",
-            ) from exc
+            raise HTTPException(400, INVALID_LINK) from exc
+
+    def test_uid(self, token: str) -> str:
+        """The uid a test copy's link token stands for; the same 400 page as ``uid``."""
+        try:
+            return read_test_token(self.settings.site.require_secret(), token)
+        except TokenError as exc:
+            raise HTTPException(400, INVALID_LINK) from exc
 
 
 def client_ip(request: Request) -> str | None:

@@ -1,0 +1,103 @@
+"""The next scheduled issue of a digest, as content: what ``digest preview`` and ``digest test``
+show and send a copy of.
+
+Two cases. An issue already made for a coming slot and waiting there (in review, approved or
+held) has its articles fixed: it is shown as it is, without the articles staff dropped from
+it, with its own subject. Otherwise the next slot's issue is not made yet, and it is shown
+with what ``create.articles_for`` takes now (the call that makes the issue), under the
+subject rendered for the slot's local date, as ``create_issue`` will render it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+
+from mailer.config.settings import Digest
+from mailer.content.store import ARTICLE_COLUMNS
+from mailer.db.schema import articles, issue_articles, issues
+from mailer.issues import schedule
+from mailer.issues.create import articles_for
+from mailer.models import Article, IssueContent
+
+# Statuses of an issue made before its slot whose articles are fixed but which has not gone
+# out yet: it is the next issue readers get.
+WAITING = ("review", "approved", "held")
+
+
+@dataclass(frozen=True)
+class NextIssue:
+    """The digest's next issue: its slot (UTC), its content, and, once made, its id and status.
+
+    ``slot`` is None only for a schedule whose last firing has passed: the content is then
+    what an issue made now (``digest send``) would hold. ``left_over`` counts the articles past
+    max_articles that the issue after it takes (0 for an issue already made).
+    """
+
+    slot: datetime | None
+    content: IssueContent
+    issue_id: int | None = None
+    status: str | None = None
+    left_over: int = 0
+
+    @property
+    def made(self) -> bool:
+        """The issue exists already (its articles are fixed)."""
+        return self.issue_id is not None
+
+
+def next_issue(
+    conn: sa.Connection,
+    digest: Digest,
+    *,
+    now: datetime,
+    render_subject: Callable[[Digest, datetime], str],
+) -> NextIssue:
+    """The next issue of ``digest`` after ``now``: the one waiting if there is one, else the
+    next slot's as it would be made now."""
+    waiting = conn.execute(
+        sa.select(issues.c.id, issues.c.scheduled_for, issues.c.subject, issues.c.status)
+        .where(issues.c.digest == digest.key, issues.c.status.in_(WAITING))
+        # A held issue whose slot passed waits for staff: it still goes out before the next.
+        .order_by(issues.c.scheduled_for)
+        .limit(1)
+    ).first()
+    zone = ZoneInfo(digest.timezone)
+    if waiting is not None:
+        content = IssueContent(
+            issue_id=waiting.id,
+            digest_key=digest.key,
+            digest_name=digest.name,
+            subject=waiting.subject,
+            date=waiting.scheduled_for.astimezone(zone),
+            articles=_kept_articles(conn, waiting.id),
+        )
+        return NextIssue(waiting.scheduled_for, content, waiting.id, waiting.status)
+    found = schedule.upcoming([digest], now)
+    slot = found[0][1] if found else None
+    date = (slot or now).astimezone(zone)
+    selection = articles_for(conn, digest, now=now)
+    content = IssueContent(
+        issue_id=0,  # not made yet: the web copy's address is not known
+        digest_key=digest.key,
+        digest_name=digest.name,
+        subject=render_subject(digest, date),
+        date=date,
+        articles=tuple(selection.articles),
+    )
+    return NextIssue(slot, content, left_over=selection.left_over)
+
+
+def _kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
+    """The issue's articles in its order, without those dropped from it in review."""
+    rows = conn.execute(
+        sa.select(*ARTICLE_COLUMNS)
+        .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+        .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
+        .order_by(issue_articles.c.position)
+    ).all()
+    return tuple(Article(**r._mapping) for r in rows)
