@@ -62,6 +62,8 @@ ISSUE_STATUSES = (
     "cancelled",
     "skipped",
 )
+# Made before its slot, articles fixed, not released yet: the digest's next issue.
+WAITING_ISSUE_STATUSES = ("review", "approved", "held")
 STAFF_MAIL_KINDS = ("review", "report", "alert")
 STAFF_MAIL_STATUSES = ("pending", "sent", "failed")
 DELIVERY_STATUSES = (

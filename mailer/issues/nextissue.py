@@ -19,14 +19,10 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Digest
 from mailer.content.store import ARTICLE_COLUMNS
-from mailer.db.schema import articles, issue_articles, issues
+from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issue_articles, issues
 from mailer.issues import schedule
 from mailer.issues.create import articles_for
 from mailer.models import Article, IssueContent
-
-# Statuses of an issue made before its slot whose articles are fixed but which has not gone
-# out yet: it is the next issue readers get.
-WAITING = ("review", "approved", "held")
 
 
 @dataclass(frozen=True)
@@ -50,6 +46,27 @@ class NextIssue:
         return self.issue_id is not None
 
 
+@dataclass(frozen=True)
+class WaitingIssue:
+    """An issue of a digest made for review and not released yet."""
+
+    id: int
+    status: str  # review, approved or held
+    slot: datetime
+
+
+def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
+    """The digest's oldest issue in review, approved or held: what its next issue is while a
+    review window is open (a preview or test copy of "the next issue" should show it)."""
+    row = conn.execute(
+        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
+        .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING_ISSUE_STATUSES))
+        .order_by(issues.c.scheduled_for)
+        .limit(1)
+    ).first()
+    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for)
+
+
 def next_issue(
     conn: sa.Connection,
     digest: Digest,
@@ -61,7 +78,7 @@ def next_issue(
     next slot's as it would be made now."""
     waiting = conn.execute(
         sa.select(issues.c.id, issues.c.scheduled_for, issues.c.subject, issues.c.status)
-        .where(issues.c.digest == digest.key, issues.c.status.in_(WAITING))
+        .where(issues.c.digest == digest.key, issues.c.status.in_(WAITING_ISSUE_STATUSES))
         # A held issue whose slot passed waits for staff: it still goes out before the next.
         .order_by(issues.c.scheduled_for)
         .limit(1)

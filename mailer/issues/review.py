@@ -28,7 +28,15 @@ from mailer.compose.rendering import Renderer
 from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, refresh_statistics, writing
-from mailer.db.schema import articles, deliveries, events, issue_articles, issues, staff_mail
+from mailer.db.schema import (
+    WAITING_ISSUE_STATUSES,
+    articles,
+    deliveries,
+    events,
+    issue_articles,
+    issues,
+    staff_mail,
+)
 from mailer.errors import DigestError, IssueStateError
 from mailer.issues import schedule
 from mailer.issues.create import count_recipients, create_issue, goes_out, snapshot
@@ -39,7 +47,7 @@ from mailer.staff.outbox import enqueue
 log = logging.getLogger(__name__)
 
 # Made and not released: what staff act on.
-REVIEWABLE = ("review", "approved", "held")
+REVIEWABLE = WAITING_ISSUE_STATUSES  # what staff can still act on
 # Who an automatic decision is recorded as being by.
 BY_SCHEDULE = "schedule"
 # Why an issue made after its slot (the review window missed) is held.

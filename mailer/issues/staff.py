@@ -20,11 +20,8 @@ from mailer.db.engine import reading
 from mailer.db.schema import issues
 from mailer.errors import DigestError
 from mailer.issues.create import IssueCreated, create_issue
-from mailer.issues.nextissue import next_issue
+from mailer.issues.nextissue import next_issue, waiting_issue
 from mailer.issues.schedule import local_time
-
-# An issue made and not released yet: ``digest send`` does not make another beside it.
-WAITING = ("review", "approved", "held")
 
 
 @dataclass(frozen=True)
@@ -55,27 +52,6 @@ def preview_next(
     html, text = DigestComposer(settings, content, renderer=renderer).preview(digest.topics)
     ids = tuple(a.id for a in content.articles)
     return Preview(content.subject, html, text, len(ids), upcoming.left_over, ids)
-
-
-@dataclass(frozen=True)
-class WaitingIssue:
-    """An issue of a digest made for review and not released yet."""
-
-    id: int
-    status: str  # review, approved or held
-    slot: datetime
-
-
-def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
-    """The digest's oldest issue in review, approved or held: what its next issue is while a
-    review window is open (a preview or test copy of "the next issue" should show it)."""
-    row = conn.execute(
-        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
-        .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING))
-        .order_by(issues.c.scheduled_for)
-        .limit(1)
-    ).first()
-    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for)
 
 
 def open_issue(

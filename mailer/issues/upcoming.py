@@ -24,7 +24,7 @@ from mailer.config.settings import Digest, Settings
 from mailer.content.selection import lookback_start
 from mailer.content.store import ARTICLE_COLUMNS, fetch
 from mailer.db.engine import reading
-from mailer.db.schema import articles, issue_articles, issues
+from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issue_articles, issues
 from mailer.issues import schedule
 from mailer.issues.create import articles_for, goes_out, recipients_by_topics
 from mailer.issues.review import actions
@@ -194,7 +194,7 @@ def _made(
             acted_at=acted_at,
             articles=_listed(conn, held),
             recipients=recipients_by_topics(conn, digest, {a.topic for a in held}, now)
-            if row.status in ("review", "approved", "held")
+            if row.status in WAITING_ISSUE_STATUSES
             else (),
         )
     return found
