@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, date, datetime
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from rich.console import Console
 from mailer.config.load import load_settings
 from mailer.content.files import load_article_file
 from mailer.db.engine import create_engine
-from mailer.devtools.demo import copy_examples, run_demo
+from mailer.devtools.demo import DEMO_STAFF, copy_examples, run_demo
 from mailer.subscribers.csvfile import export_text
 from tests.compliance import assert_compliant
 
@@ -23,7 +24,8 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     console = Console(file=io.StringIO(), width=200)
     figures = run_demo(tmp_path, console=console)
 
-    mail = sorted((tmp_path / "mail").glob("*.eml"))
+    captured = sorted((tmp_path / "mail").glob("*.eml"))
+    mail = [p for p in captured if DEMO_STAFF not in p.name]
     assert figures["sent"] == figures["recipients"] == len(mail) > 0
     # Every sample article goes out, whatever the day: the sample week is dated this week.
     assert figures["issue_articles"] == figures["articles_added"] == 6
@@ -38,6 +40,13 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     engine.dispose()
     output = console.file.getvalue()  # type: ignore[attr-defined]
     assert "demo complete" in output and str(tmp_path / "mailer.toml") in output
+    # The issue's report, mailed to the demo's staff address and captured with the rest.
+    [report] = [p for p in captured if DEMO_STAFF in p.name]
+    message = message_from_bytes(report.read_bytes(), policy=policy.default)
+    assert message["Subject"].startswith("[Report] Weekly digest")
+    assert message["List-Unsubscribe"] is None
+    assert f"{figures['sent']} sent" in message["Subject"]
+    assert "mail to staff         [Report] Weekly digest" in output
 
 
 def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
@@ -45,7 +54,7 @@ def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
     first = run_demo(tmp_path, console=console)
     second = run_demo(tmp_path, console=console)
     assert first["sent"] == second["sent"]
-    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"]
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"] + 1  # + the report
 
 
 def test_the_sample_week_is_copied_dated_the_week_before_any_day(tmp_path: Path) -> None:

@@ -34,6 +34,8 @@ from mailer.delivery.foreground import deliver_issue
 from mailer.devtools.sink import Sink
 from mailer.issues.progress import summarize
 from mailer.issues.staff import open_issue, preview_next
+from mailer.staff.reports import queue_reports
+from mailer.staff.rounds import flush_outbox
 from mailer.subscribers import csvfile
 
 # Package data: a wheel installs it as plain files.
@@ -256,7 +258,12 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     issue = open_issue(engine, settings, digest, now=moment, renderer=renderer)
     totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id, renderer=renderer))
     summary = summarize(engine, issue.issue_id)
-    mail = sorted((out_dir / "mail").glob("*.eml"))
+    # The issue ended: its report goes to [staff].emails, captured beside the readers' copies.
+    queue_reports(engine, settings, now=now())
+    flush_outbox(engine, settings, now=now(), sign=None)
+    captured = sorted((out_dir / "mail").glob("*.eml"))
+    staff_mail = [p for p in captured if DEMO_STAFF in p.name]
+    mail = [p for p in captured if p not in staff_mail]
     first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None
     engine.dispose()
     figures = {
@@ -267,6 +274,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         "recipients": issue.recipients,
         "sent": totals.counts.get("sent", 0),
         "messages_captured": len(mail),
+        "staff_mail": len(staff_mail),
     }
     console.print(f"[bold]{settings.site.name}[/bold]: demo complete")
     console.print(
@@ -284,6 +292,9 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     if first is not None:
         console.print(f"  subject               {first['Subject']}", markup=False)
     console.print(f"  captured mail         {out_dir / 'mail'} ({len(mail)} .eml files)")
+    for path in staff_mail:
+        subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
+        console.print(f"  mail to staff         {subject}  ({path.name})", markup=False)
     console.print(f"  HTML preview          {out_dir / 'preview.html'}")
     console.print(f"  config                {out_dir / 'mailer.toml'}")
     console.print(
