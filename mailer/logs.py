@@ -38,6 +38,11 @@ def configure(level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The scheduler says "Running job" and "executed successfully" for every run of every
+    # job: with the staff round every few seconds that drowns the log at -v. Our own jobs log
+    # what they did; the scheduler's words stay for -vv (and its warnings and errors always).
+    quiet = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    logging.getLogger("apscheduler.executors").setLevel(quiet)
 
 
 def operational_errors() -> tuple[type[Exception], ...]:

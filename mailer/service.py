@@ -286,7 +286,7 @@ class Service:
                     extra={"digest": digest.key, "slot": self._shown(slot), "attempts": attempt},
                 )
                 await self._alert(
-                    partial(checks.alert_missed_slot, self.engine, self.settings, digest, slot)
+                    partial(checks.alert_missed_slots, self.engine, self.settings, digest, [slot])
                 )
                 return None
             # The last wait is cut short, so that a last attempt is made within the grace.

@@ -25,6 +25,7 @@ from mailer.staff import checks
 from mailer.staff.outbox import enqueue
 from mailer.staff.rounds import StaffRound, Step
 from tests.factories import (
+    ALERTS,
     NOW,
     Clock,
     make_article,
@@ -146,12 +147,29 @@ def test_a_slot_past_its_grace_without_its_issue_is_alerted_once(
     grace = timedelta(seconds=600) + checks.MISSED_MARGIN
     assert checks.check_missed_slots(engine, settings, now=NOW + grace - timedelta(seconds=1)) == 0
     assert checks.check_missed_slots(engine, settings, now=NOW + grace) == 2
-    assert raised(engine) == {"missed:weekly:20261120T1200Z": 1, "missed:alerts:20261120T1200Z": 1}
+    assert raised(engine) == {"missed:weekly": 1, "missed:alerts": 1}
     # Once: within the hour it is not raised again, and after it the slot is out of the window.
     for later in (timedelta(minutes=30), timedelta(minutes=59, seconds=59), timedelta(hours=2)):
         assert checks.check_missed_slots(engine, settings, now=NOW + grace + later) == 0
-    text = next(m.text for m in mails(engine) if m.cause == "missed:weekly:20261120T1200Z")
+    text = next(m.text for m in mails(engine) if m.cause == "missed:weekly")
     assert "Fri 20 Nov 2026 07:00 EST" in text and "mailer digest send weekly" in text
+
+
+def test_slots_before_the_first_issue_ever_are_not_missed_and_many_make_one_alert(
+    engine: sa.Engine, db_url: str
+) -> None:
+    alerts = {**ALERTS, "schedule": "*/10 * * * *"}
+    settings = make_settings(
+        db_url, staff=STAFF, scheduler={"misfire_grace_seconds": 600}, digests=[alerts]
+    )
+    later = NOW + timedelta(minutes=60) + checks.MISSED_MARGIN
+    # A new installation: nothing ran before, so the slots of the last hour were not missed.
+    assert checks.check_missed_slots(engine, settings, now=later) == 0
+    make_issue(engine, settings, "alerts", at=NOW - timedelta(minutes=5))
+    assert checks.check_missed_slots(engine, settings, now=later) == 1
+    [mail] = mails(engine)
+    assert mail.subject.endswith("alert: 6 issues of the Base alerts were not made")
+    assert "Fri 20 Nov 2026 07:00 EST, Fri 20 Nov 2026 07:10 EST" in mail.text
 
 
 async def test_a_firing_given_up_raises_the_missed_slot_at_once(
@@ -160,7 +178,7 @@ async def test_a_firing_given_up_raises_the_missed_slot_at_once(
     settings = make_settings(db_url, staff=STAFF, scheduler={"misfire_grace_seconds": 600})
     service = Service(engine, settings, clock=lambda: NOW + timedelta(minutes=11))
     assert await service.retry_firing(settings.digests[0], NOW) is None
-    assert raised(engine) == {"missed:weekly:20261120T1200Z": 1}
+    assert raised(engine) == {"missed:weekly": 1}
     # The periodic check finds the same slot later: not raised twice.
     later = NOW + timedelta(minutes=12)
     assert checks.check_missed_slots(engine, settings, now=later) == 0

@@ -9,6 +9,7 @@ given up) are raised there, with the texts made here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -35,36 +36,59 @@ HARD_BOUNCE_LIMIT = 0.02
 RATE_MIN_MESSAGES = 100
 
 
-def missed_slot_cause(digest: Digest, slot: datetime) -> str:
-    return f"missed:{digest.key}:{slot:%Y%m%dT%H%MZ}"
+def missed_slot_cause(digest: Digest) -> str:
+    """One cause per digest: a service down for hours misses many slots, and staff need one
+    mail saying which, not one per slot."""
+    return f"missed:{digest.key}"
 
 
-def alert_missed_slot(
-    engine: sa.Engine, settings: Settings, digest: Digest, slot: datetime, *, now: datetime
+def alert_missed_slots(
+    engine: sa.Engine,
+    settings: Settings,
+    digest: Digest,
+    slots: Sequence[datetime],
+    *,
+    now: datetime,
 ) -> bool:
-    """Raise the alert for one slot that passed without its issue."""
-    shown = local_time(slot, settings.site.timezone)
+    """Raise the alert for slots of ``digest`` that passed without their issue."""
+    zone = settings.site.timezone
+    shown = ", ".join(local_time(slot, zone) for slot in slots)
+    one = len(slots) == 1
     return raise_alert(
         engine,
         settings,
-        cause=missed_slot_cause(digest, slot),
-        subject=f"the {digest.name} of {shown} was not made",
+        cause=missed_slot_cause(digest),
+        subject=(
+            f"the {digest.name} of {shown} was not made"
+            if one
+            else f"{len(slots)} issues of the {digest.name} were not made"
+        ),
         text=(
-            f"The slot {shown} of the digest {digest.name!r} ({digest.key}) passed without its"
-            " issue: no process made it within [scheduler].misfire_grace_seconds"
+            f"{'The slot' if one else 'The slots'} {shown} of the digest {digest.name!r}"
+            f" ({digest.key}) passed without {'its issue' if one else 'their issues'}: no"
+            " process made it within [scheduler].misfire_grace_seconds"
             f" ({settings.scheduler.misfire_grace_seconds} s). Was `mailer run` running, and"
             " did its log say why the issue failed?\n\n"
-            f"To send it now: mailer digest send {digest.key}\n"
+            f"To send the digest now: mailer digest send {digest.key}\n"
         ),
         now=now,
     )
 
 
 def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
-    """Alert each slot of the last hour beyond its misfire grace that has no issue; returns
-    how many were raised (each slot's cause once)."""
+    """Alert, per digest, the slots of the last hour beyond their misfire grace that have no
+    issue; returns how many digests were alerted.
+
+    Only slots after the first issue this database ever made count: before it the service
+    was not running yet (a new installation, a restored database), and there is nothing
+    staff could have expected.
+    """
     end = now - timedelta(seconds=settings.scheduler.misfire_grace_seconds) - MISSED_MARGIN
-    start = end - MISSED_WINDOW
+    with reading(engine) as conn:
+        first = conn.execute(sa.select(sa.func.min(issues.c.created_at))).scalar_one_or_none()
+    if first is None:
+        return 0
+    start = max(end - MISSED_WINDOW, first)
     raised = 0
     for digest in settings.digests:
         slots = slots_between(digest, start, end)
@@ -80,9 +104,9 @@ def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) 
                     )
                 )
             )
-        for slot in slots:
-            if slot not in made and alert_missed_slot(engine, settings, digest, slot, now=now):
-                raised += 1
+        missed = [slot for slot in slots if slot not in made]
+        if missed and alert_missed_slots(engine, settings, digest, missed, now=now):
+            raised += 1
     return raised
 
 
