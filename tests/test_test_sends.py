@@ -207,6 +207,22 @@ def test_the_next_issue_has_the_subject_of_its_slot_not_of_now(
     assert preview.subject == upcoming.content.subject and preview.articles == 2
 
 
+def test_a_slot_whose_issue_is_made_already_is_not_the_next_issue(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = staff_settings(db_url)
+    readers(engine)
+    digest = settings.digests[0]
+    week = timedelta(days=7)
+    # The 27th's issue was made early (empty, or sent by `digest send` ahead of its slot):
+    # what readers get next is the 4 December issue.
+    make_issue(engine, settings, at=NOW + week, made=NOW)
+    with engine.connect() as conn:
+        upcoming = next_issue(conn, digest, now=NOW, render_subject=RENDERER.render_subject)
+    assert upcoming.slot == NOW + 2 * week
+    assert upcoming.content.subject.endswith("week of 4 December")
+
+
 def test_an_issue_waiting_in_review_is_shown_as_made_without_its_dropped_articles(
     engine: sa.Engine, db_url: str
 ) -> None:

@@ -94,8 +94,7 @@ def next_issue(
             articles=_kept_articles(conn, waiting.id),
         )
         return NextIssue(waiting.scheduled_for, content, waiting.id, waiting.status)
-    found = schedule.upcoming([digest], now)
-    slot = found[0][1] if found else None
+    slot = _next_open_slot(conn, digest, now)
     date = (slot or now).astimezone(zone)
     selection = articles_for(conn, digest, now=now)
     content = IssueContent(
@@ -107,6 +106,31 @@ def next_issue(
         articles=tuple(selection.articles),
     )
     return NextIssue(slot, content, left_over=selection.left_over)
+
+
+# Slots already made that the next open slot may lie beyond (a review window opens a slot's
+# issue before it; an empty one stays made): more than any schedule makes ahead of time.
+MADE_AHEAD = 10
+
+
+def _next_open_slot(conn: sa.Connection, digest: Digest, now: datetime) -> datetime | None:
+    """The first slot after ``now`` whose issue is not made yet: one made already (empty,
+    or sending early) is not what the next issue holds."""
+    after = now
+    for _ in range(MADE_AHEAD):
+        found = schedule.upcoming([digest], after)
+        if not found:
+            return None
+        slot = found[0][1]
+        made = conn.execute(
+            sa.select(issues.c.id).where(
+                issues.c.digest == digest.key, issues.c.scheduled_for == slot
+            )
+        ).first()
+        if made is None:
+            return slot
+        after = slot
+    return None
 
 
 def _kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
