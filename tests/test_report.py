@@ -400,3 +400,21 @@ async def test_a_cancelled_issue_is_reported_as_cancelled(
     assert subject == (
         "[Report] Weekly digest, Fri 20 Nov 2026 07:00 EST: cancelled, 3 sent, 1 bounced, 0 failed"
     )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0.034, "0.03 s"),
+        (2.5, "2.5 s"),
+        (12.0, "12 s"),
+        (250.0, "4 min 10 s"),
+        (11_100, "3 h 5 min"),
+    ],
+)
+def test_durations_read_as_staff_read_them_down_to_a_fast_small_issue(
+    seconds: float, shown: str
+) -> None:
+    from mailer.issues.report_text import _duration
+
+    assert _duration(seconds) == shown

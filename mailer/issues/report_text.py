@@ -147,7 +147,9 @@ def _timing(report: IssueReport) -> str:
 
 
 def _duration(seconds: float) -> str:
-    """``2.5 s``, ``4 min 10 s``, ``3 h 5 min``."""
+    """``0.04 s``, ``2.5 s``, ``4 min 10 s``, ``3 h 5 min``."""
+    if seconds < 1:
+        return f"{seconds:.2f} s"
     if seconds < 60:
         return f"{seconds:.1f} s".replace(".0 s", " s")
     minutes, secs = divmod(round(seconds), 60)
