@@ -38,6 +38,8 @@ from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.db.engine import create_engine, migrate, refresh_statistics
 from mailer.db.schema import (
+    SENDING_ROW,
+    WAITING_ROW,
     deliveries,
     events,
     feed_state,
@@ -45,6 +47,8 @@ from mailer.db.schema import (
     subscriber_topics,
     subscribers,
 )
+from mailer.issues import report
+from mailer.issues.progress import load_content, reasons
 from mailer.issues.report import build_report
 from mailer.issues.review import round_steps
 from mailer.staff.reports import queue_reports
@@ -381,7 +385,7 @@ def last_full_issue(engine: sa.Engine) -> int:
         )
 
 
-def explain(engine: sa.Engine, statement: sa.Executable) -> str:
+def explain(engine: sa.Engine, statement: sa.Select[Any, Any]) -> str:
     query = str(statement.compile(engine, compile_kwargs={"literal_binds": True}))
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
@@ -391,7 +395,7 @@ def explain(engine: sa.Engine, statement: sa.Executable) -> str:
         return "\n".join(r[0] for r in rows)
 
 
-def rates_query() -> sa.Executable:
+def rates_query() -> sa.Select[Any, Any]:
     """The first statement of ``checks.measure_rates``: a month of deliveries."""
     since = NOW - timedelta(days=30)
     accepted = deliveries.c.sent_at >= since
@@ -403,6 +407,54 @@ def rates_query() -> sa.Executable:
     return sa.select(
         sa.func.count().filter(accepted), sa.func.count().filter(sa.or_(accepted, refused))
     ).where(sa.or_(accepted, refused))
+
+
+def stall_scan_query(engine: sa.Engine) -> sa.Select[Any, Any]:
+    """The last statement of ``checks.find_stalls``, run for a sending issue with rows due
+    and no live lease: its rows' latest change, which reads every row of the issue."""
+    with engine.connect() as conn:
+        issue_id = conn.scalar(sa.select(issues.c.id).where(issues.c.status == "sending"))
+    remaining = sa.or_(WAITING_ROW, SENDING_ROW)
+    return sa.select(sa.func.max(deliveries.c.updated_at), sa.func.count().filter(remaining)).where(
+        deliveries.c.issue_id == issue_id
+    )
+
+
+def report_parts(
+    engine: sa.Engine, settings: Settings, issue_id: int, runs: int
+) -> list[tuple[str, list[float]]]:
+    """``build_report``'s statements one by one (ms per run), to say which one it waits on."""
+    with engine.connect() as conn:
+        content = load_content(conn, issue_id, settings)
+        first, last = conn.execute(
+            sa.select(sa.func.min(deliveries.c.sent_at), sa.func.max(deliveries.c.sent_at)).where(
+                deliveries.c.issue_id == issue_id
+            )
+        ).one()
+        made = conn.execute(
+            sa.select(issues.c.created_at).where(issues.c.id == issue_id)
+        ).scalar_one()
+        about = report._about_its_messages(conn, issue_id)
+        parts: list[tuple[str, Callable[[], object]]] = [
+            ("outcomes", lambda: report._outcomes(conn, issue_id)),
+            ("topic sets", lambda: report._topic_sets(conn, settings, issue_id, content)),
+            (
+                "first and last sent",
+                lambda: conn.execute(
+                    sa.select(
+                        sa.func.min(deliveries.c.sent_at), sa.func.max(deliveries.c.sent_at)
+                    ).where(deliveries.c.issue_id == issue_id)
+                ).all(),
+            ),
+            (
+                "bounces and complaints naming it",
+                lambda: report._about_its_messages(conn, issue_id),
+            ),
+            ("aftermath", lambda: report._aftermath(conn, issue_id, first, last, about, NOW)),
+            ("suppressions", lambda: report._suppressions(conn, issue_id, made, set())),
+            ("reasons", lambda: reasons(engine, issue_id)),
+        ]
+        return [(name, _timed(call, runs)) for name, call in parts]
 
 
 def measure(name: str, url: str, n: int, runs: int) -> list[tuple[str, str]]:
@@ -431,6 +483,20 @@ def measure(name: str, url: str, n: int, runs: int) -> list[tuple[str, str]]:
                 call(NOW)
 
         rows.append(("whole round", median_range(_timed(whole, runs), "{:,.1f}") + " ms"))
+        # Most rounds: the steps with an ``every`` (1 or 5 minutes) wait for their turn.
+        limited = {s.name for s in staff_steps(engine, settings) if s.every is not None}
+        common = [call for step_name, call in round_ if step_name not in limited]
+
+        def most() -> None:
+            for call in common:
+                call(NOW)
+
+        rows.append(
+            (
+                "round without the 1- and 5-minute steps",
+                median_range(_timed(most, runs), "{:,.1f}") + " ms",
+            )
+        )
         rows.append(
             (
                 "queue_reports, nothing due",
@@ -451,11 +517,15 @@ def measure(name: str, url: str, n: int, runs: int) -> list[tuple[str, str]]:
                 + " ms",
             )
         )
+        for part, times in report_parts(engine, settings, last, runs):
+            rows.append((f"  build_report: {part}", median_range(times, "{:,.1f}") + " ms"))
         width = max(len(r[0]) for r in rows)
         for label, value in rows:
             print(f"{label:<{width}}  {value:>30}")
         print(f"\nplan of the rates check's deliveries count ({name}):")
         print(explain(engine, rates_query()))
+        print(f"\nplan of the stall check's scan of the sending issue ({name}):")
+        print(explain(engine, stall_scan_query(engine)))
     finally:
         engine.dispose()
     return rows
