@@ -14,8 +14,8 @@ one round (every step run, as in the first round of a process), the whole round,
 ``build_report`` of the last full issue, ``--runs`` times each, and prints the median and
 range; and the plans of the slowest queries.
 
-Run from the repository root (PostgreSQL: a database ``mailer_staff_round`` is created on the
-server of ``MAILER_BENCH_PG`` and dropped at the end)::
+Run from the repository root (PostgreSQL: a database ``mailer_bench_staff_round`` is created
+on the server of ``MAILER_BENCH_PG`` and dropped at the end)::
 
     .venv/bin/python -m bench.staff_round --n 100000 --db both --runs 5
 """
@@ -56,7 +56,7 @@ from mailer.staff.rounds import staff_steps
 from tests.factories import ALERTS, make_settings
 
 PG_URL = os.environ.get("MAILER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
-PG_NAME = "mailer_staff_round"
+PG_NAME = "mailer_bench_staff_round"
 # A Friday 13:00 UTC: the weekly issue of 12:00 (07:00 in New York) is still going out.
 NOW = datetime(2026, 11, 27, 13, 0, tzinfo=UTC)
 WEEKS = 4  # full weekly issues before this one
