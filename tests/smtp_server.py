@@ -196,7 +196,7 @@ class _Handler:
         if reply is not None and not reply.startswith("2"):
             return reply
         server.accepted += 1
-        owner.received.append(
+        owner._arrived(
             Received(
                 envelope_from=envelope.mail_from or "",
                 recipients=tuple(envelope.rcpt_tos),
@@ -251,6 +251,7 @@ class FaultServer:
         self.logins: list[str] = []
         self._active = 0
         self._lock = threading.Lock()
+        self._arrival = threading.Condition()
         self._scripts: dict[tuple[str, str], collections.deque[Action]] = {}
         self._greetings: collections.deque[Action] = collections.deque()
         self._close_after: tuple[int, str | None] = (0, None)
@@ -325,6 +326,22 @@ class FaultServer:
 
     def received_for(self, recipient: str) -> list[Received]:
         return [r for r in self.received if recipient in r.recipients]
+
+    def wait_for(self, recipient: str, count: int = 1, timeout: float = 10) -> list[Received]:
+        """The messages for ``recipient`` once ``count`` have arrived: for mail sent after an
+        HTTP response (a background task), which the response cannot be used to wait for.
+        Raises ``TimeoutError`` naming what did not arrive."""
+        with self._arrival:
+            if not self._arrival.wait_for(
+                lambda: len(self.received_for(recipient)) >= count, timeout
+            ):
+                raise TimeoutError(f"{count} message(s) to {recipient} within {timeout} s")
+        return self.received_for(recipient)
+
+    def _arrived(self, received: Received) -> None:
+        with self._arrival:
+            self.received.append(received)
+            self._arrival.notify_all()
 
     # -- server side (called in the server thread)
 

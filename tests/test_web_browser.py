@@ -190,6 +190,9 @@ def test_sign_up_confirm_and_unsubscribe_in_a_real_browser(
     link = re.search(r"http://127\.0\.0\.1:\d+/confirm/\S+", text_part(received.data))
     assert link and link.group(0).startswith(server.url)
     page.goto(link.group(0))
+    page.wait_for_selector("h1:text('Confirm your subscription')")
+    assert status_of(engine, email) == "pending"  # opening the link changes nothing
+    page.click("button:text('Confirm my subscription')")
     page.wait_for_selector("text=Your subscription is confirmed")
     page.screenshot(path=shots / "04-welcome.png", full_page=True)
     assert status_of(engine, email) == "active"

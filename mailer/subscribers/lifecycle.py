@@ -47,7 +47,7 @@ class Consent:
 
 
 class Confirmed(StrEnum):
-    """What following a confirmation link did."""
+    """What pressing the confirmation page's button did."""
 
     ACTIVATED = "activated"
     ALREADY = "already"  # active before: the link is idempotent
@@ -187,7 +187,7 @@ def record_send_failure(
 def confirm(
     engine: sa.Engine, uid: str, *, ip: str | None, user_agent: str | None, now: datetime
 ) -> tuple[Confirmed, Subscriber | None]:
-    """Activate a pending subscriber from their confirmation link, recording the evidence."""
+    """Activate a pending subscriber (the confirmation page's POST), recording its evidence."""
     with engine.begin() as conn:
         current = store.load_by_uid(conn, uid, lock=True)
         if current is None:

@@ -5,7 +5,8 @@ Routes (DESIGN.md "URLs"):
 ====================================  ========================================================
 ``GET /``                             sign-up page
 ``POST /subscribe``                   sign-up form target (double opt-in; same page for all)
-``GET /confirm/{token}``              confirmation link: activates, shows the welcome page
+``GET /confirm/{token}``              confirmation page with one button; never confirms by itself
+``POST /confirm/{token}``             the button: confirms, records the evidence, welcome page
 ``GET /unsubscribe/{token}``          a page with one button; never unsubscribes by itself
 ``POST /unsubscribe/{token}``         RFC 8058 one-click (urlencoded or multipart) and button
 ``GET|POST /preferences/{token}``     topics, pause, one-topic unsubscribe, leave
@@ -104,7 +105,8 @@ def create_app(
     routes = [
         Route("/", signup.home, methods=["GET"]),
         Route("/subscribe", signup.subscribe, methods=["POST"]),
-        Route("/confirm/{token}", signup.confirm, methods=["GET"]),
+        Route("/confirm/{token}", signup.confirm_page, methods=["GET"]),
+        Route("/confirm/{token}", signup.confirm, methods=["POST"]),
         Route("/embed", signup.embed, methods=["GET"]),
         Route("/unsubscribe/{token}", account.unsubscribe_page, methods=["GET"]),
         Route("/unsubscribe/{token}", account.unsubscribe, methods=["POST"]),

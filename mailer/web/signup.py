@@ -1,4 +1,5 @@
-"""Joining: the sign-up page, the form post (double opt-in), the confirmation link, the embed.
+"""Joining: the sign-up page, the form post (double opt-in), the confirmation page and its
+button, the embed.
 
 The answer to a valid sign-up is the same page whatever the address's state (new, pending,
 active, unsubscribed, suppressed), and the confirmation mail goes out after the response, so
@@ -19,7 +20,7 @@ from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors
 from mailer.models import Recipient
-from mailer.subscribers import lifecycle
+from mailer.subscribers import lifecycle, store
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
 from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
@@ -85,7 +86,9 @@ class SignupViews:
             daily_cap=web.limits.confirmations_per_day,
         )
         task = BackgroundTask(self.send_confirmation, recipient) if recipient else None
-        return web.pages.render("check_inbox.html", headers=NO_STORE, background=task)
+        return web.pages.render(
+            "check_inbox.html", headers=NO_STORE, background=task, email=signup.email
+        )
 
     async def send_confirmation(self, recipient: Recipient) -> None:
         """Build and send the double opt-in mail; a failure is logged and recorded, not raised
@@ -125,7 +128,35 @@ class SignupViews:
                 describe_error(exc),
             )
 
+    async def confirm_page(self, request: Request) -> Response:
+        """GET: what confirming means, and one button that POSTs to the same URL.
+
+        Reads only: mail scanners (Safe Links, corporate gateways) fetch every link in a
+        message, so a GET that confirmed would let a scanner give consent its owner never gave.
+        """
+        web = self.web
+        token = request.path_params["token"]
+        uid = web.uid(token, Purpose.CONFIRM)
+        account = await run_in_threadpool(store.find, web.engine, uid)
+        if account is None:
+            return self._expired()
+        if account.status == "active":
+            return self._welcome(account, already=True)
+        if account.status != "pending":
+            return self._ended()
+        return web.pages.render(
+            "confirm.html",
+            headers=NO_STORE,
+            action=web.pages.url("/confirm/" + token),
+            chosen=[t for t in web.settings.topics if t.key in account.topics],
+        )
+
     async def confirm(self, request: Request) -> Response:
+        """POST: confirm, recording this request's time, IP and user agent as the evidence.
+
+        The signed token in the URL is the capability, as for the unsubscribe and preferences
+        forms: no cookie, no CSRF token, and the body is not read.
+        """
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.CONFIRM)
         outcome, account = await run_in_threadpool(
@@ -136,33 +167,42 @@ class SignupViews:
             user_agent=user_agent(request),
             now=web.clock(),
         )
-        url = web.pages.url
         if outcome is lifecycle.Confirmed.UNKNOWN or account is None:
-            return web.pages.message(
-                "This link has expired",
-                "We keep unconfirmed sign-ups for a few days only. Please sign up again: "
-                "we will send you a new link.",
-                status=404,
-                links=(("Sign up again", url("/")),),
-                headers=NO_STORE,
-            )
+            return self._expired()
         if outcome is lifecycle.Confirmed.INACTIVE:
-            return web.pages.message(
-                "This subscription has ended",
-                "You unsubscribed (or your address stopped accepting mail), so this old "
-                "confirmation link changes nothing. To receive the newsletter again, sign up "
-                "again.",
-                links=(("Sign up again", url("/")),),
-                headers=NO_STORE,
-            )
-        preferences = url(
+            return self._ended()
+        return self._welcome(account, already=outcome is lifecycle.Confirmed.ALREADY)
+
+    def _expired(self) -> Response:
+        return self.web.pages.message(
+            "This link has expired",
+            "We keep unconfirmed sign-ups for a few days only. Please sign up again: "
+            "we will send you a new link.",
+            status=404,
+            links=(("Sign up again", self.web.pages.url("/")),),
+            headers=NO_STORE,
+        )
+
+    def _ended(self) -> Response:
+        return self.web.pages.message(
+            "This subscription has ended",
+            "You unsubscribed (or your address stopped accepting mail), so this old "
+            "confirmation link changes nothing. To receive the newsletter again, sign up "
+            "again.",
+            links=(("Sign up again", self.web.pages.url("/")),),
+            headers=NO_STORE,
+        )
+
+    def _welcome(self, account: store.Subscriber, *, already: bool) -> Response:
+        web = self.web
+        preferences = web.pages.url(
             "/preferences/"
             + make_token(web.settings.site.require_secret(), Purpose.PREFERENCES, account.uid)
         )
         return web.pages.render(
             "welcome.html",
             headers=NO_STORE,
-            already=outcome is lifecycle.Confirmed.ALREADY,
+            already=already,
             preferences=preferences,
             chosen=[t for t in web.settings.topics if t.key in account.topics],
         )
