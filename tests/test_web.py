@@ -832,6 +832,31 @@ def test_privacy_policy_default_covers_what_the_law_asks(web: Web) -> None:
     assert "Policy version 1." in text
 
 
+@pytest.mark.parametrize(
+    "postal_address",
+    [
+        "Example Media, 100 Main Street, Jacksonville, NC 28540, USA",
+        "100 Main Street, Jacksonville, NC 28540, USA",
+        "Example Media\n100 Main Street\nJacksonville, NC 28540, USA",
+    ],
+    ids=["address-starts-with-publisher", "address-without-publisher", "address-on-lines"],
+)
+def test_privacy_policy_names_the_publisher_once(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+    postal_address: str,
+) -> None:
+    web = make_web(engine, db_url, smtp_server, config={"site__postal_address": postal_address})
+    html = web.client.get("/privacy").text
+    street = "100 Main Street, Jacksonville, NC 28540, USA"
+    assert f"personal data is <strong>Example Media</strong>, {street}.\n" in html
+    assert f"<p>Example Media, {street}, <a href=" in html
+    assert "Example Media, Example Media" not in visible_text(html)
+    body = html.split("<h1>", 1)[1].split("Policy version", 1)[0]
+    assert body.count("Example Media") == 2  # the two sentences that name the controller
+
+
 def test_privacy_policy_file_renders_markdown_without_raw_html(
     engine: sa.Engine,
     db_url: str,

@@ -79,7 +79,7 @@ def render_privacy_policy(settings: Settings) -> str:
 
     The file (``[site].privacy_policy_file``, else ``mailer/templates/web/privacy.md``) may use
     ``{{ site.name }}``, ``{{ site.publisher }}``, ``{{ site.postal_address }}``,
-    ``{{ contact }}``, ``{{ version }}`` and ``{{ unconfirmed_days }}``; it runs in Jinja's
+    ``{{ site.street_address }}`` (the address less a leading publisher's name), ``{{ contact }}``, ``{{ version }}`` and ``{{ unconfirmed_days }}``; it runs in Jinja's
     sandbox. Raw HTML in the
     Markdown is not rendered (markdown-it ``html: False``), so the page needs no sanitizer.
     """
