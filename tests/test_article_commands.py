@@ -184,5 +184,23 @@ def test_issues_list_shows_when_each_issue_was_scheduled_in_the_sites_zone(confi
     make_issue(engine, settings, "weekly", NOW)  # 12:00 UTC, 07:00 in New York
     listed = run(config, "issues", "list").output
     cells = [line.split("│")[3].strip() for line in listed.splitlines() if line.startswith("│")]
-    assert cells[:2] == ["2026-11-20 07:00", "EST"]
+    assert cells == ["2026-11-20 07:00 EST"]  # whole, on one line: not a terminal
+    engine.dispose()
+
+
+def test_listings_print_whole_values_when_not_on_a_terminal(config: Path, tmp_path: Path) -> None:
+    run(config, "init")
+    title = "Gate 2 opens early Friday for the holiday convoy, and Gate 5 stays closed until noon"
+    assert len(title) > 80
+    run(config, "articles", "add", str(article_file(tmp_path, "gate", title)))
+    listed = run(config, "articles", "list").output
+    (row,) = [line for line in listed.splitlines() if "Gate 2" in line]
+    assert title in row and "…" not in listed
+    settings = load_settings(config)
+    engine = create_engine(settings.database.url)
+    make_issue(engine, settings, "weekly", NOW)
+    issues = run(config, "issues", "list").output
+    subject = "Camp Lejeune & New River Updates — week of 20 November"
+    (issue_row,) = [line for line in issues.splitlines() if "Camp Lejeune" in line]
+    assert subject in issue_row and len(issue_row) > 80 and "…" not in issues
     engine.dispose()

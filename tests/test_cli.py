@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -203,4 +205,101 @@ def test_list_shows_the_first_subscribers_up_to_the_limit_and_counts_all(config:
     assert result.exit_code == 0
     assert "ann@example.org" in result.output and "bob@example.org" in result.output
     assert "cy@example.org" not in result.output
-    assert result.output.splitlines()[-1] == "3 active"
+    last = result.output.splitlines()[-1]
+    assert last == "3 active; the first 2 of 3 shown (raise --limit for more)"
+
+
+LONG = "first.middle.lastname.of.someone.with.a.long.address@mail.camp-lejeune.example.org"
+
+
+def some_subscribers(config: Path) -> None:
+    """Five subscribers: three active (one with a long address), one pending, one paused."""
+    run(config, "init")
+    people = [
+        (LONG, "Someone With A Long Name", "base-alerts", "active"),
+        ("ann@example.org", "Ann", "base-alerts", "active"),
+        ("bob@example.org", "=Bob", "local-events", "active"),
+        ("cy@example.org", "Cy", "base-alerts", "pending"),
+    ]
+    for email, name, topic, status in people:
+        added = run(
+            config,
+            "subscribers",
+            "add",
+            email,
+            "--name",
+            name,
+            "--topic",
+            topic,
+            "--status",
+            status,
+        )
+        assert added.exit_code == 0, added.output
+
+
+def test_list_prints_whole_addresses_when_not_on_a_terminal(config: Path) -> None:
+    some_subscribers(config)
+    result = run(config, "subscribers", "list")
+    assert result.exit_code == 0
+    assert len(LONG) > 80
+    (row,) = [line for line in result.output.splitlines() if "long.address" in line]
+    assert LONG in row and "Someone With A Long Name" in row and "…" not in result.output
+    assert result.output.splitlines()[-1] == "3 active, 1 pending"
+
+
+@pytest.mark.parametrize(
+    ("filters", "listed", "totals"),
+    [
+        (["--status", "active"], ["ann", "bob", "first"], "3 active"),
+        (["--topic", "base-alerts"], ["ann", "cy", "first"], "2 active, 1 pending"),
+        (["--topic", "base-alerts", "--status", "pending"], ["cy"], "1 pending"),
+        (["--topic", "military-news"], [], "no subscribers"),
+    ],
+    ids=["status", "topic", "topic-and-status", "none"],
+)
+def test_list_totals_count_what_the_filters_select(
+    config: Path, filters: list[str], listed: list[str], totals: str
+) -> None:
+    some_subscribers(config)
+    result = run(config, "subscribers", "list", *filters)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    rows = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert [row.split("@")[0].split(".")[0] for row in rows] == listed
+    assert lines[-1] == totals
+
+
+def test_list_as_csv_has_the_export_columns_and_since(config: Path) -> None:
+    some_subscribers(config)
+    result = run(config, "subscribers", "list", "--format", "csv", "--topic", "base-alerts")
+    assert result.exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert list(rows[0]) == ["email", "name", "topics", "status", "since"]
+    assert [(r["email"], r["status"], r["topics"]) for r in rows] == [
+        ("ann@example.org", "active", "base-alerts"),
+        ("cy@example.org", "pending", "base-alerts"),
+        (LONG, "active", "base-alerts"),
+    ]
+    assert datetime.fromisoformat(rows[0]["since"]).utcoffset() is not None
+    # The same columns the import reads: the listing goes back in unchanged.
+    everyone = run(config, "subscribers", "list", "--format", "csv").output
+    assert "'=Bob" in everyone  # the export's spreadsheet guard
+
+
+def test_list_as_json_is_an_array_of_objects(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    some_subscribers(config)
+    main(["--config", str(config), "subscribers", "list", "--format", "json", "--limit", "2"])
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data[0] | {"since": ""} == {
+        "email": "ann@example.org",
+        "name": "Ann",
+        "topics": ["base-alerts"],
+        "status": "active",
+        "since": "",
+    }
+    assert [d["email"] for d in data] == ["ann@example.org", "bob@example.org"]
+    assert data[1]["name"] == "=Bob"  # JSON is not a spreadsheet: the name as given
+    assert captured.err.strip() == "the first 2 of 4 shown (raise --limit for more)"

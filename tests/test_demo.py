@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import shlex
+import subprocess
+import sys
 from datetime import UTC, date, datetime
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -13,7 +17,7 @@ from rich.console import Console
 from mailer.config.load import load_settings
 from mailer.content.files import load_article_file
 from mailer.db.engine import create_engine
-from mailer.devtools.demo import DEMO_STAFF, copy_examples, run_demo
+from mailer.devtools.demo import DEMO_STAFF, copy_examples, mailer_command, run_demo
 from mailer.subscribers.csvfile import export_text
 from tests.compliance import assert_compliant
 
@@ -47,6 +51,43 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     assert message["List-Unsubscribe"] is None
     assert f"{figures['sent']} sent" in message["Subject"]
     assert "mail to staff         [Report] Weekly digest" in output
+
+
+def test_the_try_line_names_a_mailer_that_runs_from_here(tmp_path: Path) -> None:
+    console = Console(file=io.StringIO(), width=400)
+    run_demo(tmp_path / "out", console=console)
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    [line] = [line for line in output.splitlines() if line.strip().startswith("try ")]
+    command = shlex.split(line.split("try", 1)[1])
+    # The test runs with the project's .venv from the checkout: the path is relative to it.
+    assert command[0] == mailer_command()
+    if Path(sys.executable).parent.parent.parent == Path.cwd():
+        assert command[0] == f"{Path(sys.executable).parent.parent.name}/bin/mailer"
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env=os.environ | {"COLUMNS": "200"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "maria.alvarez@example.org" in done.stdout
+
+
+def test_mailer_command_is_the_script_beside_the_interpreter(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "project" / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = bin_dir / "python"
+    python.write_text("", encoding="utf-8")
+    assert mailer_command(str(python), tmp_path / "project") == f"{python} -m mailer"
+    (bin_dir / "mailer").write_text("", encoding="utf-8")
+    assert mailer_command(str(python), tmp_path / "project") == ".venv/bin/mailer"
+    assert mailer_command(str(python), bin_dir) == "./mailer"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert mailer_command(str(python), elsewhere) == str(bin_dir / "mailer")
+    spaced = tmp_path / "my files" / "bin"
+    spaced.mkdir(parents=True)
+    (spaced / "mailer").write_text("", encoding="utf-8")
+    assert shlex.split(mailer_command(str(spaced / "python"), elsewhere)) == [
+        str(spaced / "mailer")
+    ]
 
 
 def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from mailer.subscribers.lifecycle import purge_unconfirmed
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import Limits, SmtpConfirmationSender, create_app
 from mailer.web.ratelimit import RateLimiter
-from mailer.web.security import ARCHIVE_CSP, PAGE_CSP
+from mailer.web.security import ARCHIVE_CSP, EMBED_CSP, PAGE_CSP
 from tests.factories import NOW, SECRET, TOPICS, make_settings, make_subscriber
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
@@ -842,6 +842,31 @@ def test_privacy_policy_default_covers_what_the_law_asks(web: Web) -> None:
     assert "Policy version 1." in text
 
 
+@pytest.mark.parametrize(
+    "postal_address",
+    [
+        "Example Media, 100 Main Street, Jacksonville, NC 28540, USA",
+        "100 Main Street, Jacksonville, NC 28540, USA",
+        "Example Media\n100 Main Street\nJacksonville, NC 28540, USA",
+    ],
+    ids=["address-starts-with-publisher", "address-without-publisher", "address-on-lines"],
+)
+def test_privacy_policy_names_the_publisher_once(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+    postal_address: str,
+) -> None:
+    web = make_web(engine, db_url, smtp_server, config={"site__postal_address": postal_address})
+    html = web.client.get("/privacy").text
+    street = "100 Main Street, Jacksonville, NC 28540, USA"
+    assert f"personal data is <strong>Example Media</strong>, {street}.\n" in html
+    assert f"<p>Example Media, {street}, <a href=" in html
+    assert "Example Media, Example Media" not in visible_text(html)
+    body = html.split("<h1>", 1)[1].split("Policy version", 1)[0]
+    assert body.count("Example Media") == 2  # the two sentences that name the controller
+
+
 def test_privacy_policy_file_renders_markdown_without_raw_html(
     engine: sa.Engine,
     db_url: str,
@@ -984,6 +1009,12 @@ def test_embed_page_shows_a_plain_form_posting_to_subscribe(web: Web) -> None:
     assert '<input type="hidden" name="source" value="embed">' in snippet
     assert "<div hidden>" in snippet and 'name="website"' in snippet
     assert 'Read our <a href="https://news.example.org/privacy">privacy policy</a>' in snippet
+    # The "Copy" button shows only once its script runs; without script the snippet stays text.
+    assert '<button type="button" class="button secondary" id="copy-snippet" hidden>Copy' in html
+    script = web.client.get("/static/embed.js")
+    assert script.status_code == 200
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "navigator.clipboard.writeText" in script.text
 
 
 def test_healthz_checks_the_database(web: Web) -> None:
@@ -1043,6 +1074,7 @@ SECURITY_HEADERS = {
         ("GET", "/embed", 200),
         ("GET", "/healthz", 200),
         ("GET", "/static/style.css", 200),
+        ("GET", "/static/embed.js", 200),
         ("GET", "/no-such-page", 404),
         ("GET", "/subscribe", 405),
         ("GET", "/unsubscribe/forged", 400),
@@ -1058,8 +1090,12 @@ def test_every_response_carries_the_security_headers(
     for name, value in SECURITY_HEADERS.items():
         assert response.headers[name] == value
     csp = response.headers["content-security-policy"]
-    assert csp == PAGE_CSP
-    assert "'unsafe-inline'" not in csp and "script-src" not in csp  # default-src 'none'
+    if path == "/embed":  # its "Copy" button: a script of ours, from our origin only
+        assert csp == EMBED_CSP and "script-src 'self';" in csp
+    else:
+        assert csp == PAGE_CSP
+        assert "script-src" not in csp  # default-src 'none'
+    assert "'unsafe-inline'" not in csp
     assert "frame-ancestors 'none'" in csp
     assert "set-cookie" not in response.headers
 
@@ -1075,7 +1111,12 @@ def test_pages_have_no_inline_script_or_style(web: Web, reader: Any) -> None:
         f"/unsubscribe/{token(Purpose.UNSUBSCRIBE, reader.uid)}",
     ):
         html = web.client.get(path).text
-        assert "<script" not in html, path
+        scripts = re.findall(r"<script[^>]*>.*?</script>", html, re.S)
+        if path == "/embed":
+            assert scripts == ['<script src="/static/embed.js" defer></script>']
+            assert html.count("<script") == 1
+        else:
+            assert "<script" not in html, path
         assert " style=" not in html and "<style" not in html, path
         assert not re.search(r"<[^>]*\son[a-z]+\s*=", html), path
         assert "javascript:" not in html, path

@@ -35,6 +35,7 @@ from mailer.issues.progress import load_content
 from mailer.models import Recipient
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
+from mailer.web.pages import Pages
 from mailer.web.server import ServerThread, bind_ephemeral
 from tests.factories import NOW, SECRET, make_settings, make_subscriber
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
@@ -230,6 +231,66 @@ def test_sign_up_confirm_and_unsubscribe_in_a_real_browser(
     page.click("a:text('Weekly: Gate 5 closed')")
     page.wait_for_selector("text=Gate 5 closed")
     page.screenshot(path=shots / "12-archived-issue.png", full_page=True)
+
+
+@pytest.mark.parametrize(
+    "viewport", [PHONE, {"width": 1280, "height": 800}], ids=["390px", "1280px"]
+)
+def test_embed_snippet_wraps_in_its_box_and_the_button_copies_it(
+    browser: Any,
+    site: tuple[ServerThread, sa.Engine, Any],
+    shots: Path,
+    viewport: dict[str, int],
+) -> None:
+    server, _, settings = site
+    context = browser.new_context(viewport=viewport, device_scale_factor=1)
+    context.set_default_timeout(10_000)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    try:
+        page = context.new_page()
+        console: list[str] = []
+        page.on(
+            "console",
+            lambda m: console.append(f"{m.type}: {m.text} at {m.location.get('url', '')}"),
+        )
+        page.on("pageerror", lambda error: console.append(f"pageerror: {error}"))
+        page.goto(server.url + "/embed")
+        box = page.locator("pre.snippet")
+        sizes = box.evaluate("el => [el.scrollWidth, el.clientWidth]")
+        assert sizes[0] <= sizes[1], f"the snippet overflows its box: {sizes}"
+        page_width = page.evaluate("document.documentElement.scrollWidth")
+        assert page_width <= viewport["width"]
+        page.screenshot(path=shots / f"13-embed-{viewport['width']}.png", full_page=True)
+
+        page.click("button:text('Copy')")
+        page.wait_for_selector("text=Copied the snippet to the clipboard.")
+        copied = page.evaluate("navigator.clipboard.readText()")
+        snippet = Pages(settings).embed_snippet
+        assert copied == snippet
+        assert not [line for line in console if "Content Security Policy" in line]
+        # The browser's own /favicon.ico request may miss (the site has no icon); nothing else.
+        errors = [line for line in console if line.startswith(("error", "pageerror"))]
+        assert [line for line in errors if not line.endswith("/favicon.ico")] == []
+    finally:
+        context.close()
+
+
+def test_embed_snippet_stays_selectable_without_script(
+    browser: Any, site: tuple[ServerThread, sa.Engine, Any]
+) -> None:
+    server, _, settings = site
+    context = browser.new_context(viewport=PHONE, java_script_enabled=False)
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/embed")
+        assert not page.locator("#copy-snippet").is_visible()  # no button that cannot work
+        snippet = Pages(settings).embed_snippet
+        assert page.locator("#snippet").text_content() == snippet
+        assert page.locator("pre.snippet").evaluate("el => getComputedStyle(el).userSelect") != (
+            "none"
+        )
+    finally:
+        context.close()
 
 
 @pytest.mark.parametrize("encoding", ["form", "multipart"])

@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from mailer.cli.context import Context, err, out, pass_ctx, site_time
+from mailer.cli.listing import print_table
 from mailer.clock import now
 from mailer.content.files import load_article_file
 from mailer.content.store import Duplicate, list_articles, upsert_articles
@@ -106,7 +107,7 @@ def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
     for a in list_articles(ctx.engine(), topic=topic, limit=limit):
         removed = site_time(ctx.settings, a.removed_at) if a.removed_at else ""
         table.add_row(str(a.id), site_time(ctx.settings, a.published_at), a.topic, a.title, removed)
-    out.print(table)
+    print_table(table)
 
 
 @group.command("show")

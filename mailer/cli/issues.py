@@ -23,6 +23,7 @@ from mailer.cli.context import (
     signer,
     waiting,
 )
+from mailer.cli.listing import format_option, print_table
 from mailer.cli.review import acted, print_review, review_actions
 from mailer.clock import now
 from mailer.config.load import with_processes
@@ -90,13 +91,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
 @digest_group.command("upcoming")
 @click.argument("key", required=False)
 @click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "csv", "json"]),
-    default="table",
-    show_default=True,
-)
+@format_option
 @pass_ctx
 def digest_upcoming(ctx: Context, key: str | None, count: int, fmt: str) -> None:
     """Each digest's next slots, and what the next one would take if it were made now."""
@@ -166,7 +161,7 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
             str(pending),
             s.subject,
         )
-    out.print(table)
+    print_table(table)
 
 
 @issues_group.command("show")

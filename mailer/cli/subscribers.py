@@ -6,11 +6,13 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import click
 from rich.table import Table
 
-from mailer.cli.context import Context, out, pass_ctx
+from mailer.cli.context import Context, err, out, pass_ctx
+from mailer.cli.listing import format_option, print_csv, print_json, print_table
 from mailer.clock import now
 from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import MailerError
@@ -121,25 +123,70 @@ def subscribers_export(
 @click.option("--status", type=click.Choice(SUBSCRIBER_STATUSES), help="Only this status.")
 @click.option("--topic", help="Only subscribers of this topic.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@format_option
 @pass_ctx
-def subscribers_list(ctx: Context, status: str | None, topic: str | None, limit: int) -> None:
-    """List subscribers in address order."""
+def subscribers_list(
+    ctx: Context, status: str | None, topic: str | None, limit: int, fmt: str
+) -> None:
+    """List subscribers in address order, and how many the filters select by status.
+
+    csv has the import/export columns and ``since`` (ISO 8601, the site's time zone); json is an
+    array of objects with those keys (topics as a list).
+    """
     known = ctx.settings.topic_keys
     if topic is not None and topic not in known:
         raise click.BadParameter(
             f"{topic!r} is not a topic (known: {', '.join(known)})", param_hint="'--topic'"
         )
-    table = Table("email", "name", "status", "topics", "since")
+    engine = ctx.engine()
     # One batch of ``limit`` rows: the default batch would read 5,000 rows (and their topics)
     # to show 100.
-    listed = store.iter_subscribers(ctx.engine(), status=status, topic=topic, batch=limit)
-    for sub in itertools.islice(listed, limit):
-        table.add_row(
-            sub.email, sub.name, sub.status, ";".join(sub.topics), f"{sub.created_at:%Y-%m-%d}"
+    listed = list(
+        itertools.islice(
+            store.iter_subscribers(engine, status=status, topic=topic, batch=limit), limit
         )
-    out.print(table)
-    counts = store.counts_by_status(ctx.engine())
-    out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no subscribers")
+    )
+    counts = store.counts_by_status(engine, status=status, topic=topic)
+    selected = sum(counts.values())
+    shown = f"the first {limit} of {selected} shown (raise --limit for more)"
+    zone = ZoneInfo(ctx.settings.site.timezone)
+    if fmt == "csv":
+        rows = [
+            csvfile.csv_row(sub) | {"since": sub.created_at.astimezone(zone).isoformat()}
+            for sub in listed
+        ]
+        print_csv([*csvfile.CSV_COLUMNS, "since"], rows)
+    elif fmt == "json":
+        print_json([_as_json(sub, zone) for sub in listed])
+    if fmt != "table":
+        if selected > len(listed):  # on standard error: the output stays what it says
+            err.print(shown, markup=False)
+        return
+    table = Table("email", "name", "status", "topics", "since")
+    for sub in listed:
+        table.add_row(
+            sub.email,
+            sub.name,
+            sub.status,
+            ";".join(sub.topics),
+            f"{sub.created_at.astimezone(zone):%Y-%m-%d}",
+        )
+    print_table(table)
+    total = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if selected > len(listed):
+        total += f"; {shown}"
+    out.print(total or "no subscribers", markup=False)
+
+
+def _as_json(sub: store.Subscriber, zone: ZoneInfo) -> dict[str, object]:
+    """The CSV columns as JSON: the name as given (no spreadsheet guard), topics a list."""
+    return {
+        "email": sub.email,
+        "name": sub.name,
+        "topics": list(sub.topics),
+        "status": sub.status,
+        "since": sub.created_at.astimezone(zone).isoformat(),
+    }
 
 
 @group.command("show")

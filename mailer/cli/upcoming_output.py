@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from rich.table import Table
 
 from mailer.cli.context import out
+from mailer.cli.listing import print_table
 from mailer.issues.schedule import local_time
 from mailer.issues.upcoming import MadeIssue, Slot, Upcoming, UpcomingArticle
 
@@ -40,7 +41,7 @@ def print_tables(found: list[Upcoming], zone: str) -> None:
                 made = f"{slot.issue.id} {slot.issue.status}" if slot.issue else "-"
                 extra = (opens, made)
             slots.add_row(local_time(slot.at, zone), held, *extra)
-        out.print(slots)
+        print_table(slots)
         for slot in u.slots:
             if slot.issue is not None:
                 _print_made(slot.issue, zone)
@@ -64,7 +65,7 @@ def print_tables(found: list[Upcoming], zone: str) -> None:
                     local_time(a.published, zone),
                     local_time(a.arrived, zone),
                 )
-            out.print(taken)
+            print_table(taken)
         else:
             out.print(f"next: {first}: no articles yet (an issue made now would be empty)")
         if u.left_over:
@@ -75,7 +76,7 @@ def print_tables(found: list[Upcoming], zone: str) -> None:
             people = Table("topics", "recipients", title=f"{u.total_recipients} recipients")
             for topics, n in u.recipients:
                 people.add_row(", ".join(topics), str(n))
-            out.print(people)
+            print_table(people)
         if len(u.slots) > 1:
             out.print(LATER)
 
@@ -103,14 +104,14 @@ def _print_made(issue: MadeIssue, zone: str) -> None:
         held.add_row(
             str(a.id), a.title, a.topic, local_time(a.published, zone), local_time(a.arrived, zone)
         )
-    out.print(held)
+    print_table(held)
     if issue.recipients:
         people = Table(
             "topics", "recipients", title=f"would go to {issue.total_recipients} recipients now"
         )
         for topics, n in issue.recipients:
             people.add_row(", ".join(topics), str(n))
-        out.print(people)
+        print_table(people)
 
 
 def _article(a: UpcomingArticle, zone: str) -> dict[str, Any]:

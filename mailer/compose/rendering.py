@@ -59,6 +59,9 @@ class SiteView:
     postal_address: str
     postal_lines: tuple[str, ...]
     privacy_url: str
+    # The postal address without the publisher's name when it starts with it, so "publisher,
+    # street_address" names the publisher once whichever way staff wrote [site].postal_address.
+    street_address: str
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,24 @@ def site_view(settings: Settings) -> SiteView:
         postal_address=", ".join(lines),
         postal_lines=lines,
         privacy_url=site.privacy_policy_url,
+        street_address=street_address(site.publisher, ", ".join(lines)),
     )
+
+
+def street_address(publisher: str, postal_address: str) -> str:
+    """``postal_address`` less a leading ``publisher`` (any case, then a comma or the end).
+
+    "Example Media, 100 Main Street" → "100 Main Street"; "100 Main Street" stays as it is; an
+    address that is only the publisher's name gives "".
+    """
+    name = publisher.strip()
+    if name and postal_address[: len(name)].casefold() == name.casefold():
+        rest = postal_address[len(name) :]
+        if not rest.strip():
+            return ""
+        if rest.lstrip().startswith(","):
+            return rest.lstrip()[1:].strip()
+    return postal_address
 
 
 def sections(settings: Settings, articles: Sequence[Article]) -> tuple[SectionView, ...]:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
+import shlex
 import shutil
+import sys
 from datetime import date, timedelta
 from email import message_from_bytes, policy
 from importlib import resources
@@ -297,7 +300,29 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         console.print(f"  mail to staff         {subject}  ({path.name})", markup=False)
     console.print(f"  HTML preview          {out_dir / 'preview.html'}")
     console.print(f"  config                {out_dir / 'mailer.toml'}")
+    config = shlex.quote(str(out_dir / "mailer.toml"))
     console.print(
-        f"  try                   mailer --config {out_dir / 'mailer.toml'} subscribers list"
+        f"  try                   {mailer_command()} --config {config} subscribers list",
+        markup=False,
     )
     return figures
+
+
+def mailer_command(executable: str | None = None, cwd: Path | None = None) -> str:
+    """How to run ``mailer`` from here: the script beside the running interpreter.
+
+    ``make demo`` installs into ``.venv`` without putting it on PATH, so a bare ``mailer``
+    would not be found. Relative to ``cwd`` when the script lies inside it
+    (``.venv/bin/mailer``), else absolute; ``python -m mailer`` when there is no script.
+    """
+    python = Path(os.path.abspath(executable or sys.executable))  # not resolved: a venv's link
+    here = Path(os.path.abspath(cwd or Path.cwd()))
+    script = python.parent / ("mailer.exe" if os.name == "nt" else "mailer")
+    if not script.is_file():
+        return f"{shlex.quote(str(python))} -m mailer"
+    try:
+        relative = script.relative_to(here)
+    except ValueError:
+        return shlex.quote(str(script))
+    # A shell looks a bare name up on PATH: beside it, say ./mailer.
+    return shlex.quote(str(relative) if relative.parent != Path(".") else f"./{relative}")

@@ -22,7 +22,7 @@ from mailer.errors import AddressError, SubscriberError
 from mailer.subscribers import importer, store
 from mailer.subscribers.addresses import MAX_ADDRESS_LENGTH, MAX_LOCAL_PART, normalize_address
 from mailer.subscribers.importer import ImportRow, ReadRow, RowError
-from mailer.subscribers.store import clean_name, parse_topics
+from mailer.subscribers.store import Subscriber, clean_name, parse_topics
 from mailer.text import DOT_ATOM
 
 CSV_COLUMNS = ("email", "name", "topics", "status")
@@ -281,9 +281,20 @@ def export_csv(engine: sa.Engine, out: TextIO, *, status: str | None = None) -> 
     writer.writerow(CSV_COLUMNS)
     count = 0
     for sub in store.iter_subscribers(engine, status=status):
-        writer.writerow([sub.email, _csv_safe(sub.name), ";".join(sub.topics), sub.status])
+        row = csv_row(sub)
+        writer.writerow([row[column] for column in CSV_COLUMNS])
         count += 1
     return count
+
+
+def csv_row(sub: Subscriber) -> dict[str, str]:
+    """One subscriber as the export writes it (and the import reads it): ``CSV_COLUMNS``."""
+    return {
+        "email": sub.email,
+        "name": _csv_safe(sub.name),
+        "topics": ";".join(sub.topics),
+        "status": sub.status,
+    }
 
 
 def _csv_safe(value: str) -> str:

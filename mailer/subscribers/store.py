@@ -389,28 +389,35 @@ def _refresh_changed(
 # --- listing --------------------------------------------------------------------------------
 
 
+def _selecting(query: sa.Select[Any], status: str | None, topic: str | None) -> sa.Select[Any]:
+    """``query`` narrowed to one status and one topic, when given."""
+    if status is not None:
+        query = query.where(subscribers.c.status == status)
+    if topic is not None:
+        query = query.where(
+            subscribers.c.id.in_(
+                sa.select(subscriber_topics.c.subscriber_id).where(
+                    subscriber_topics.c.topic == topic
+                )
+            )
+        )
+    return query
+
+
 def iter_subscribers(
     engine: sa.Engine, *, status: str | None = None, topic: str | None = None, batch: int = 5_000
 ) -> Iterator[Subscriber]:
     """Every subscriber in address order, streamed in batches (keyset pagination)."""
     after = ""
     while True:
-        query = (
+        query = _selecting(
             sa.select(subscribers)
             .where(subscribers.c.email > after)
             .order_by(subscribers.c.email)
-            .limit(batch)
+            .limit(batch),
+            status,
+            topic,
         )
-        if status is not None:
-            query = query.where(subscribers.c.status == status)
-        if topic is not None:
-            query = query.where(
-                subscribers.c.id.in_(
-                    sa.select(subscriber_topics.c.subscriber_id).where(
-                        subscriber_topics.c.topic == topic
-                    )
-                )
-            )
         with engine.connect() as conn:
             rows = conn.execute(query).all()
             topics = topics_of(conn, [r.id for r in rows])
@@ -421,10 +428,17 @@ def iter_subscribers(
         after = rows[-1].email
 
 
-def counts_by_status(engine: sa.Engine) -> dict[str, int]:
-    """How many subscribers hold each status (statuses nobody holds are absent)."""
+def counts_by_status(
+    engine: sa.Engine, *, status: str | None = None, topic: str | None = None
+) -> dict[str, int]:
+    """How many subscribers hold each status (statuses nobody holds are absent), of those
+    ``status`` and ``topic`` select, as ``iter_subscribers`` does."""
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(subscribers.c.status, sa.func.count()).group_by(subscribers.c.status)
+            _selecting(
+                sa.select(subscribers.c.status, sa.func.count()).group_by(subscribers.c.status),
+                status,
+                topic,
+            )
         )
         return {status: n for status, n in rows}

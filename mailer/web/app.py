@@ -19,6 +19,7 @@ Routes (DESIGN.md "URLs"):
 ``GET /embed``                        the embeddable sign-up snippet, for staff to copy
 ``GET /healthz``                      database check, JSON
 ``GET /static/style.css``             the one stylesheet
+``GET /static/embed.js``              the /embed page's "Copy" button (its only script)
 ====================================  ========================================================
 """
 
@@ -125,6 +126,7 @@ def create_app(
         Route("/archive/{issue_id}", public.archived_issue, methods=["GET"]),
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
+        Route("/static/embed.js", public.embed_script, methods=["GET"]),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -79,6 +79,7 @@ def render_privacy_policy(settings: Settings) -> str:
 
     The file (``[site].privacy_policy_file``, else ``mailer/templates/web/privacy.md``) may use
     ``{{ site.name }}``, ``{{ site.publisher }}``, ``{{ site.postal_address }}``,
+    ``{{ site.street_address }}`` (the address less a leading publisher's name),
     ``{{ contact }}``, ``{{ version }}`` and ``{{ unconfirmed_days }}``; it runs in Jinja's
     sandbox. Raw HTML in the
     Markdown is not rendered (markdown-it ``html: False``), so the page needs no sanitizer.
@@ -140,6 +141,7 @@ class Pages:
         self.env.filters["local_date"] = lambda value: local_date(value, zone)
         self.privacy_html = render_privacy_policy(settings)
         self.stylesheet = (template_dir / "style.css").read_bytes()
+        self.embed_script = (template_dir / "embed.js").read_bytes()
         self.embed_snippet = self.env.get_template("embed.html").render().strip() + "\n"
 
     def url(self, path: str) -> str:

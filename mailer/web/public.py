@@ -1,4 +1,4 @@
-"""Pages anyone may read: the privacy policy, the archive of sent issues, health, the stylesheet."""
+"""Pages anyone may read: the privacy policy, the archive of sent issues, health, static files."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ class PublicViews:
         return Response(
             self.web.pages.stylesheet,
             media_type="text/css",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
+    async def embed_script(self, request: Request) -> Response:
+        """The /embed page's "Copy" button: a file of ours, as its CSP (script-src 'self') asks."""
+        return Response(
+            self.web.pages.embed_script,
+            media_type="text/javascript",
             headers={"Cache-Control": "public, max-age=3600"},
         )
 

@@ -19,6 +19,8 @@ PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
+# /embed adds its "Copy" button's script, from our own origin only (never inline).
+EMBED_CSP = PAGE_CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self';")
 # The archive shows an email as its readers saw it: inline styles (css-inlined for mail
 # clients) and remote images, still no script, sandboxed into an opaque origin.
 ARCHIVE_CSP = (

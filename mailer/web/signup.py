@@ -24,6 +24,7 @@ from mailer.subscribers import lifecycle, store
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
 from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
+from mailer.web.security import EMBED_CSP
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ class SignupViews:
         return self.web.pages.render("signup.html", errors=[], values={}, honeypot=HONEYPOT)
 
     async def embed(self, request: Request) -> Response:
-        return self.web.pages.render("embed_page.html", snippet=self.web.pages.embed_snippet)
+        return self.web.pages.render(
+            "embed_page.html",
+            snippet=self.web.pages.embed_snippet,
+            headers={"Content-Security-Policy": EMBED_CSP},
+        )
 
     def _too_many(self, retry_after: int) -> Response:
         return self.web.pages.error(
