@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from mailer.cli.context import Context, out, pass_ctx
 from mailer.clock import now
-from mailer.issues.review import Action, Outcome
+from mailer.issues.review import Action, Outcome, last_decision
 from mailer.issues.schedule import local_time
 
 
@@ -124,11 +124,8 @@ COMMANDS = (approve, hold, skip, drop_article)
 
 def acted(actions: tuple[Action, ...]) -> str:
     """The last decision staff (or the schedule) made on an issue: ``approved by ana``."""
-    decisions = [a for a in actions if a.kind in ("approved", "held", "skipped")]
-    if not decisions:
-        return ""
-    last = decisions[-1]
-    return f"{last.kind} by {last.by}"
+    last = last_decision(actions)
+    return f"{last.kind} by {last.by}" if last else ""
 
 
 def print_review(ctx: Context, issue_id: int) -> None:

@@ -451,6 +451,13 @@ def actions(conn: sa.Connection, issue_ids: list[int]) -> dict[int, tuple[Action
     return {i: tuple(a) for i, a in found.items()}
 
 
+def last_decision(acts: tuple[Action, ...]) -> Action | None:
+    """The last approve, hold or skip among ``acts`` (oldest first): where staff (or the
+    schedule) left the issue."""
+    decisions = [a for a in acts if a.kind in ("approved", "held", "skipped")]
+    return decisions[-1] if decisions else None
+
+
 # ---------------------------------------------------------------- inside a transaction
 
 
