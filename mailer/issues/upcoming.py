@@ -27,7 +27,7 @@ from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issues
 from mailer.issues import schedule
 from mailer.issues.create import articles_for, goes_out, recipients_by_topics
 from mailer.issues.progress import kept_articles
-from mailer.issues.review import actions, last_decision
+from mailer.issues.review_actions import actions, last_decision
 from mailer.models import Article
 
 
