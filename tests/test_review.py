@@ -303,6 +303,28 @@ async def test_unreviewed_under_send_goes_out_at_the_slot(
         assert conn.scalar(sa.select(sa.func.count()).select_from(staff_alerts)) == 0
 
 
+def test_a_digest_gone_from_the_config_is_held_and_the_alert_says_what_can_be_done(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = settings_for(db_url)
+    stock(engine, "Gate 3 closed")
+    make_subscriber(engine)
+    issue_id = open_window(engine, settings)
+    other = WEEKLY | {"key": "daily", "name": "Daily digest"}
+    without = make_settings(db_url, digests=[other], staff={"emails": [EDITOR]})
+
+    (held,) = review.release_due(engine, without, now=SLOT)
+    assert (held.status, held.released) == ("held", False)
+    assert delivery_count(engine, issue_id) == 0
+    (alert,) = [m for m in staff_mails(engine) if m.kind == "alert"]
+    assert "its digest weekly is no longer in the config" in alert.text
+    # Approving it cannot work while the digest is gone: the alert does not send staff there.
+    with pytest.raises(DigestError, match="no longer in the config"):
+        review_actions.approve(engine, without, issue_id, by="ana", now=SLOT)
+    assert "put the digest weekly back in the config and run `mailer issues approve" in alert.text
+    assert f"mailer issues skip {issue_id}" in alert.text
+
+
 async def test_unreviewed_under_hold_is_held_with_an_alert_then_approved_goes_out(
     engine: sa.Engine,
     db_url: str,

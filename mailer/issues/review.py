@@ -254,6 +254,11 @@ def alert_held(
     """Tell staff that an issue reached its slot held (cause ``held:issue:<id>``)."""
     slot = schedule.local_time(scheduled_for, settings.site.timezone)
     i = issue_id
+    # An issue whose digest left the config cannot be approved (``review_actions.approve``
+    # refuses it) until the digest is back.
+    approve = f"`mailer issues approve {i}`"
+    if digest_of(settings, digest_key) is None:
+        approve = f"you put the digest {digest_key} back in the config and run {approve}"
     raise_alert(
         engine,
         settings,
@@ -261,9 +266,9 @@ def alert_held(
         subject=f"issue {i} of {digest_key} for {slot} is held",
         text=(
             f"Issue {i} of {digest_key} reached its slot ({slot}) and was not sent: {why}.\n"
-            f"It waits for `mailer issues approve {i}` (it then goes out at once to the"
-            f" readers subscribed at that moment), or `mailer issues skip {i}` (its articles"
-            " then go in the next issue).\n"
+            f"It waits until {approve} (it then goes out at once to the readers subscribed"
+            f" at that moment), or `mailer issues skip {i}` (its articles then go in the next"
+            " issue).\n"
         ),
         now=now,
     )
