@@ -26,7 +26,7 @@ from mailer.db.schema import deliveries, events, issue_articles, issues, staff_a
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.errors import DigestError, IssueStateError
-from mailer.issues import review, schedule
+from mailer.issues import review, review_actions, schedule
 from mailer.issues.create import create_issue
 from mailer.issues.progress import load_content
 from mailer.issues.upcoming import upcoming
@@ -176,8 +176,9 @@ def test_the_window_makes_the_issue_in_review_without_deliveries_and_mails_staff
     )
     text = mail.text
     assert "If nobody acts, it goes out at Fri 20 Nov 2026 07:00 EST" in text
-    # The variants, most common first, with their readers.
-    assert re.search(r"2  Base alerts, Local events\n\s+1  Base alerts\n", text), text
+    # The variants: both articles are Base alerts, so all three readers get the same digest,
+    # whatever else they chose.
+    assert re.search(r"\n\s+3  Base alerts\n\nArticles", text), text
     with engine.connect() as conn:
         ids = conn.scalars(
             sa.select(issue_articles.c.article_id).where(issue_articles.c.issue_id == issue_id)
@@ -194,7 +195,7 @@ def test_the_window_makes_the_issue_in_review_without_deliveries_and_mails_staff
         assert command in text
         assert command in mail.html
     # Then the digest as the most common variant's reader sees it, in both parts.
-    assert "as a reader of Base alerts, Local events will see it" in text
+    assert "as a reader of Base alerts will see it" in text
     shown = text.split("will see it:", 1)[1]
     assert "Gate 3 closed" in shown and "Road work on Holcomb" in shown
     assert mail.html.count("<html") == 1 and "Gate 3 closed" in mail.html
@@ -255,7 +256,9 @@ async def test_approved_goes_out_at_the_slot_to_who_is_subscribed_then(
     leaves = make_subscriber(engine, email="leaves@example.org")
     issue_id = open_window(engine, settings)
 
-    outcome = review.approve(engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=5))
+    outcome = review_actions.approve(
+        engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=5)
+    )
     assert (outcome.status, outcome.recipients, outcome.released) == ("approved", 2, False)
     assert outcome.goes_out == SLOT
     unsubscribe(engine, leaves.uid, now=OPENS + timedelta(minutes=10), via="link")
@@ -300,6 +303,28 @@ async def test_unreviewed_under_send_goes_out_at_the_slot(
         assert conn.scalar(sa.select(sa.func.count()).select_from(staff_alerts)) == 0
 
 
+def test_a_digest_gone_from_the_config_is_held_and_the_alert_says_what_can_be_done(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = settings_for(db_url)
+    stock(engine, "Gate 3 closed")
+    make_subscriber(engine)
+    issue_id = open_window(engine, settings)
+    other = WEEKLY | {"key": "daily", "name": "Daily digest"}
+    without = make_settings(db_url, digests=[other], staff={"emails": [EDITOR]})
+
+    (held,) = review.release_due(engine, without, now=SLOT)
+    assert (held.status, held.released) == ("held", False)
+    assert delivery_count(engine, issue_id) == 0
+    (alert,) = [m for m in staff_mails(engine) if m.kind == "alert"]
+    assert "its digest weekly is no longer in the config" in alert.text
+    # Approving it cannot work while the digest is gone: the alert does not send staff there.
+    with pytest.raises(DigestError, match="no longer in the config"):
+        review_actions.approve(engine, without, issue_id, by="ana", now=SLOT)
+    assert "put the digest weekly back in the config and run `mailer issues approve" in alert.text
+    assert f"mailer issues skip {issue_id}" in alert.text
+
+
 async def test_unreviewed_under_hold_is_held_with_an_alert_then_approved_goes_out(
     engine: sa.Engine,
     db_url: str,
@@ -322,7 +347,7 @@ async def test_unreviewed_under_hold_is_held_with_an_alert_then_approved_goes_ou
     assert status(engine, issue_id) == "held"
 
     late = SLOT + timedelta(hours=3)
-    outcome = review.approve(engine, settings, issue_id, by="ana", now=late)
+    outcome = review_actions.approve(engine, settings, issue_id, by="ana", now=late)
     assert (outcome.status, outcome.released, outcome.recipients) == ("sending", True, 1)
     assert await drain(engine, settings, late) == {"sent": 1}
     assert received(smtp_server) == ["reader@example.org"]
@@ -335,15 +360,15 @@ def test_held_by_staff_stays_held_at_the_slot_and_skip_is_final(
     stock(engine, "Gate 3 closed")
     make_subscriber(engine)
     issue_id = open_window(engine, settings)
-    assert review.hold(engine, settings, issue_id, by="bo", now=OPENS).status == "held"
+    assert review_actions.hold(engine, settings, issue_id, by="bo", now=OPENS).status == "held"
     assert review.release_due(engine, settings, now=SLOT) == []
     assert status(engine, issue_id) == "held" and delivery_count(engine, issue_id) == 0
-    assert review.skip(engine, settings, issue_id, by="bo", now=SLOT).status == "skipped"
-    for act in (review.approve, review.hold, review.skip):
+    assert review_actions.skip(engine, settings, issue_id, by="bo", now=SLOT).status == "skipped"
+    for act in (review_actions.approve, review_actions.hold, review_actions.skip):
         with pytest.raises(IssueStateError, match=f"issue {issue_id} is skipped: only an issue"):
             act(engine, settings, issue_id, by="bo", now=SLOT)
     with pytest.raises(IssueStateError, match="skipped: only an issue in review, approved or held"):
-        review.drop_article(engine, issue_id, 1, by="bo", now=SLOT)
+        review_actions.drop_article(engine, issue_id, 1, by="bo", now=SLOT)
 
 
 def test_a_skipped_issue_gives_its_articles_to_the_next(engine: sa.Engine, db_url: str) -> None:
@@ -351,7 +376,9 @@ def test_a_skipped_issue_gives_its_articles_to_the_next(engine: sa.Engine, db_ur
     stock(engine, "Gate 3 closed", "Road work on Holcomb")
     make_subscriber(engine)
     issue_id = open_window(engine, settings)
-    outcome = review.skip(engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=1))
+    outcome = review_actions.skip(
+        engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=1)
+    )
     assert outcome.articles == 2
     assert review.release_due(engine, settings, now=SLOT) == []
     assert titles_in(engine, settings, next_issue(engine, settings)) == [
@@ -394,10 +421,10 @@ async def test_a_dropped_article_goes_out_in_no_issue(
             .order_by(issue_articles.c.article_id.desc())
         )
     assert wrong is not None
-    dropped = review.drop_article(engine, issue_id, wrong, by="ana", now=OPENS)
+    dropped = review_actions.drop_article(engine, issue_id, wrong, by="ana", now=OPENS)
     assert (dropped.title, dropped.left) == ("Wrong story", 1)
     with pytest.raises(IssueStateError, match=f"article {wrong} was dropped from issue"):
-        review.drop_article(engine, issue_id, wrong, by="ana", now=OPENS)
+        review_actions.drop_article(engine, issue_id, wrong, by="ana", now=OPENS)
     assert titles_in(engine, settings, issue_id) == ["Gate 3 closed"]
 
     review.release_due(engine, settings, now=SLOT)
@@ -412,8 +439,8 @@ def test_dropping_every_article_leaves_an_empty_issue(engine: sa.Engine, db_url:
     stock(engine, "Only story")
     make_subscriber(engine)
     issue_id = open_window(engine, settings)
-    (only,) = review.issue_articles_of(engine, issue_id)
-    review.drop_article(engine, issue_id, only[0], by="ana", now=OPENS)
+    (only,) = review_actions.issue_articles_of(engine, issue_id)
+    review_actions.drop_article(engine, issue_id, only[0], by="ana", now=OPENS)
     (released,) = review.release_due(engine, settings, now=SLOT)
     assert (released.status, released.recipients) == ("empty", 0)
 
@@ -426,15 +453,15 @@ def test_unknown_issue_and_article_not_in_it_are_one_line_errors(
     make_subscriber(engine)
     issue_id = open_window(engine, settings)
     with pytest.raises(DigestError, match=r"^no issue 999$"):
-        review.approve(engine, settings, 999, by="ana", now=OPENS)
+        review_actions.approve(engine, settings, 999, by="ana", now=OPENS)
     with pytest.raises(DigestError, match=f"^article 999 is not in issue {issue_id} "):
-        review.drop_article(engine, issue_id, 999, by="ana", now=OPENS)
+        review_actions.drop_article(engine, issue_id, 999, by="ana", now=OPENS)
     review.release_due(engine, settings, now=SLOT)
     with pytest.raises(
         IssueStateError,
         match=f"^issue {issue_id} is sending: only an issue in review or approved can be held$",
     ):
-        review.hold(engine, settings, issue_id, by="ana", now=SLOT)
+        review_actions.hold(engine, settings, issue_id, by="ana", now=SLOT)
 
 
 # ---------------------------------------------------------------- the service at the slot
@@ -562,7 +589,7 @@ def test_cli_acts_on_an_issue_in_review_with_one_line_each(
 ) -> None:
     settings = settings_for(db_url)
     issue_id, _slot = made_for_review(engine, settings)
-    (article_id, _topic, _title) = review.issue_articles_of(engine, issue_id)[0]
+    (article_id, _topic, _title) = review_actions.issue_articles_of(engine, issue_id)[0]
 
     result = run(config, "issues", "approve", str(issue_id), "--by", "ana")
     assert result.exit_code == 0
@@ -629,7 +656,7 @@ def test_upcoming_says_when_review_opens_and_shows_the_issue_made(
         [make_article(title="Late news", published_at=OPENS)],
         now=OPENS + timedelta(minutes=10),
     )
-    review.approve(engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=15))
+    review_actions.approve(engine, settings, issue_id, by="ana", now=OPENS + timedelta(minutes=15))
     (during,) = upcoming(engine, settings, now=OPENS + timedelta(minutes=20), count=2)
     made = during.slots[0].issue
     assert made is not None
@@ -641,7 +668,7 @@ def test_upcoming_says_when_review_opens_and_shows_the_issue_made(
     assert during.takes_at == during.slots[1]
     assert [a.title for a in during.articles] == ["Late news"]
 
-    review.hold(engine, settings, issue_id, by="bo", now=OPENS + timedelta(minutes=25))
+    review_actions.hold(engine, settings, issue_id, by="bo", now=OPENS + timedelta(minutes=25))
     review.release_due(engine, settings, now=SLOT)
     (after,) = upcoming(engine, settings, now=SLOT + timedelta(hours=1), count=1)
     assert [w.id for w in after.waiting] == [issue_id]

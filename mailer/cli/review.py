@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from mailer.cli.context import Context, out, pass_ctx
 from mailer.clock import now
-from mailer.issues.review import Action, Outcome
+from mailer.issues.review import REVIEWABLE, Outcome
+from mailer.issues.review_actions import Action, last_decision
 from mailer.issues.schedule import local_time
 
 
@@ -52,10 +53,10 @@ def approved_line(outcome: Outcome, by: str, zone: str, at: datetime) -> str:
 @pass_ctx
 def approve(ctx: Context, issue_id: int, by: str) -> None:
     """Approve an issue in review or held: it goes out at its slot (at once if that passed)."""
-    from mailer.issues import review
+    from mailer.issues import review_actions
 
     at = now()
-    outcome = review.approve(ctx.engine(), ctx.settings, issue_id, by=by, now=at)
+    outcome = review_actions.approve(ctx.engine(), ctx.settings, issue_id, by=by, now=at)
     out.print(approved_line(outcome, by, ctx.settings.site.timezone, at), markup=False)
 
 
@@ -65,9 +66,9 @@ def approve(ctx: Context, issue_id: int, by: str) -> None:
 @pass_ctx
 def hold(ctx: Context, issue_id: int, by: str) -> None:
     """Hold an issue in review or approved: at its slot it waits for `issues approve`."""
-    from mailer.issues import review
+    from mailer.issues import review_actions
 
-    outcome = review.hold(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
+    outcome = review_actions.hold(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
     slot = local_time(outcome.scheduled_for, ctx.settings.site.timezone)
     out.print(
         f"issue {issue_id} held by {by}: it does not go out at {slot}; it waits for"
@@ -83,9 +84,9 @@ def hold(ctx: Context, issue_id: int, by: str) -> None:
 def skip(ctx: Context, issue_id: int, by: str) -> None:
     """Skip an issue in review, approved or held: nothing is sent, and its articles go in the
     digest's next issue."""
-    from mailer.issues import review
+    from mailer.issues import review_actions
 
-    outcome = review.skip(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
+    outcome = review_actions.skip(ctx.engine(), ctx.settings, issue_id, by=by, now=now())
     n = outcome.articles
     given = f"its {n} articles go" if n != 1 else "its article goes"
     out.print(
@@ -103,9 +104,9 @@ def skip(ctx: Context, issue_id: int, by: str) -> None:
 def drop_article(ctx: Context, issue_id: int, article_id: int, by: str) -> None:
     """Take an article out of an issue in review, approved or held; no later issue of the
     digest takes it."""
-    from mailer.issues import review
+    from mailer.issues import review_actions
 
-    dropped = review.drop_article(ctx.engine(), issue_id, article_id, by=by, now=now())
+    dropped = review_actions.drop_article(ctx.engine(), issue_id, article_id, by=by, now=now())
     left = dropped.left
     rest = (
         f"{left} article{'s' if left != 1 else ''} left"
@@ -124,23 +125,20 @@ COMMANDS = (approve, hold, skip, drop_article)
 
 def acted(actions: tuple[Action, ...]) -> str:
     """The last decision staff (or the schedule) made on an issue: ``approved by ana``."""
-    decisions = [a for a in actions if a.kind in ("approved", "held", "skipped")]
-    if not decisions:
-        return ""
-    last = decisions[-1]
-    return f"{last.kind} by {last.by}"
+    last = last_decision(actions)
+    return f"{last.kind} by {last.by}" if last else ""
 
 
 def print_review(ctx: Context, issue_id: int) -> None:
     """The review part of ``issues show``: slot, state, who acted, who it would go to."""
-    from mailer.issues import review
+    from mailer.issues import review_actions
     from mailer.issues.progress import local_time as table_time
 
     zone = ctx.settings.site.timezone
     at = now()
-    state = review.review_state(ctx.engine(), ctx.settings, issue_id, now=at)
+    state = review_actions.review_state(ctx.engine(), ctx.settings, issue_id, now=at)
     o = state.outcome
-    if o.status in review.REVIEWABLE:
+    if o.status in REVIEWABLE:
         digest = {d.key: d for d in ctx.settings.digests}.get(o.digest)
         passed = o.scheduled_for <= at
         if o.status == "held":
@@ -160,8 +158,8 @@ def print_review(ctx: Context, issue_id: int) -> None:
         if action.article_id is not None:
             what += f" {action.article_id}"
         out.print(f"  {what} by {action.by} {table_time(action.at, zone)}", markup=False)
-    if o.status in (*review.REVIEWABLE, "skipped"):
-        with_articles = review.issue_articles_of(ctx.engine(), issue_id)
+    if o.status in (*REVIEWABLE, "skipped"):
+        with_articles = review_actions.issue_articles_of(ctx.engine(), issue_id)
         out.print(f"  articles ({len(with_articles)}):", markup=False)
         for article_id, topic, title in with_articles:
             out.print(f"    {article_id:>6}  [{topic}] {title}", markup=False)
@@ -172,7 +170,7 @@ def print_review(ctx: Context, issue_id: int) -> None:
 def review_actions(engine: sa.Engine, issue_ids: list[int]) -> dict[int, tuple[Action, ...]]:
     """The review actions of ``issue_ids`` (for ``issues list``)."""
     from mailer.db.engine import reading
-    from mailer.issues import review
+    from mailer.issues import review_actions
 
     with reading(engine) as conn:
-        return review.actions(conn, issue_ids)
+        return review_actions.actions(conn, issue_ids)

@@ -232,26 +232,41 @@ def recipients_where(topics: set[str], now: datetime) -> sa.ColumnElement[bool]:
 
 
 def recipients_by_topics(
-    conn: sa.Connection, digest: Digest, topics: set[str], now: datetime
+    conn: sa.Connection, digest: Digest, topics: set[str], now: datetime, *, variants: bool = False
 ) -> tuple[tuple[tuple[str, ...], int], ...]:
-    """Who an issue with articles in ``topics`` would go to at ``now``, per topic set (within
-    the digest's topics), most common first; the review mail lists the same."""
+    """Who an issue with articles in ``topics`` would go to at ``now``, per topic set, most
+    common first: each reader's topics within the digest's (``digest upcoming``), or with
+    ``variants`` within ``topics`` only, so that readers who get the same digest count once
+    together (the review mail's variants)."""
+    within = topics if variants else set(digest.topics)
+    order = {topic: i for i, topic in enumerate(digest.topics)}
+    counts = Counter(
+        tuple(sorted(s, key=lambda t: (order.get(t, len(order)), t)))
+        for s in chosen_topics(conn, topics, now, within=within).values()
+    )
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def chosen_topics(
+    conn: sa.Connection, topics: set[str], now: datetime, *, within: set[str]
+) -> dict[int, set[str]]:
+    """Each would-be recipient (by id) of an issue with articles in ``topics``
+    (``recipients_where``, the snapshot's own clause) with the topics of ``within`` they chose.
+    """
     # The snapshot takes nobody when no article is chosen.
     if not topics:
-        return ()
+        return {}
     chosen = sa.select(subscribers.c.id).where(recipients_where(topics, now))
     rows = conn.execute(
         sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
             subscriber_topics.c.subscriber_id.in_(chosen),
-            subscriber_topics.c.topic.in_(digest.topics),
+            subscriber_topics.c.topic.in_(sorted(within)),
         )
     )
     sets: dict[int, set[str]] = {}
     for row in rows:
         sets.setdefault(row.subscriber_id, set()).add(row.topic)
-    order = {topic: i for i, topic in enumerate(digest.topics)}
-    counts = Counter(tuple(sorted(s, key=order.__getitem__)) for s in sets.values())
-    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return sets
 
 
 def snapshot(

@@ -18,11 +18,11 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 
 from mailer.config.settings import Digest
-from mailer.content.store import ARTICLE_COLUMNS
-from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issue_articles, issues
+from mailer.db.schema import WAITING_ISSUE_STATUSES, issues
 from mailer.issues import schedule
 from mailer.issues.create import articles_for
-from mailer.models import Article, IssueContent
+from mailer.issues.progress import kept_articles
+from mailer.models import IssueContent
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,20 @@ class WaitingIssue:
     id: int
     status: str  # review, approved or held
     slot: datetime
+    subject: str
 
 
 def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
     """The digest's oldest issue in review, approved or held: what its next issue is while a
     review window is open (a preview or test copy of "the next issue" should show it)."""
     row = conn.execute(
-        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for)
+        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for, issues.c.subject)
         .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING_ISSUE_STATUSES))
+        # A held issue whose slot passed waits for staff: it still goes out before the next.
         .order_by(issues.c.scheduled_for)
         .limit(1)
     ).first()
-    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for)
+    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for, row.subject)
 
 
 def next_issue(
@@ -76,13 +78,7 @@ def next_issue(
 ) -> NextIssue:
     """The next issue of ``digest`` after ``now``: the one waiting if there is one, else the
     next slot's as it would be made now."""
-    waiting = conn.execute(
-        sa.select(issues.c.id, issues.c.scheduled_for, issues.c.subject, issues.c.status)
-        .where(issues.c.digest == digest.key, issues.c.status.in_(WAITING_ISSUE_STATUSES))
-        # A held issue whose slot passed waits for staff: it still goes out before the next.
-        .order_by(issues.c.scheduled_for)
-        .limit(1)
-    ).first()
+    waiting = waiting_issue(conn, digest.key)
     zone = ZoneInfo(digest.timezone)
     if waiting is not None:
         content = IssueContent(
@@ -90,10 +86,10 @@ def next_issue(
             digest_key=digest.key,
             digest_name=digest.name,
             subject=waiting.subject,
-            date=waiting.scheduled_for.astimezone(zone),
-            articles=_kept_articles(conn, waiting.id),
+            date=waiting.slot.astimezone(zone),
+            articles=kept_articles(conn, waiting.id),
         )
-        return NextIssue(waiting.scheduled_for, content, waiting.id, waiting.status)
+        return NextIssue(waiting.slot, content, waiting.id, waiting.status)
     slot = _next_open_slot(conn, digest, now)
     date = (slot or now).astimezone(zone)
     selection = articles_for(conn, digest, now=now)
@@ -131,14 +127,3 @@ def _next_open_slot(conn: sa.Connection, digest: Digest, now: datetime) -> datet
             return slot
         after = slot
     return None
-
-
-def _kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
-    """The issue's articles in its order, without those dropped from it in review."""
-    rows = conn.execute(
-        sa.select(*ARTICLE_COLUMNS)
-        .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-        .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
-        .order_by(issue_articles.c.position)
-    ).all()
-    return tuple(Article(**r._mapping) for r in rows)

@@ -57,12 +57,6 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
     if row is None:
         raise DigestError(f"no issue {issue_id}")
-    rows = conn.execute(
-        sa.select(*ARTICLE_COLUMNS)
-        .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-        .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
-        .order_by(issue_articles.c.position)
-    ).all()
     # A digest since removed from the config still renders its issues, in the site's zone.
     digest = {d.key: d for d in settings.digests}.get(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
@@ -72,8 +66,19 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
         digest_name=digest.name if digest else row.digest,
         subject=row.subject,
         date=row.scheduled_for.astimezone(zone),
-        articles=tuple(Article(**r._mapping) for r in rows),
+        articles=kept_articles(conn, issue_id),
     )
+
+
+def kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
+    """The issue's articles in its order, without those dropped from it in review."""
+    rows = conn.execute(
+        sa.select(*ARTICLE_COLUMNS)
+        .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+        .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
+        .order_by(issue_articles.c.position)
+    ).all()
+    return tuple(Article(**r._mapping) for r in rows)
 
 
 def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:

@@ -2,11 +2,11 @@
 
 A digest with ``review_minutes`` has each issue made that long before its slot, in status
 ``review`` (``create.create_issue``): the articles are fixed, nobody is snapshotted yet. Staff
-get the review mail (``review_mail``) and may ``approve``, ``hold``, ``skip`` it or
-``drop_article`` from it; each action is an audit event with who and when. At the slot
+get the review mail (``review_mail``) and may approve, hold or skip it or drop an article
+from it (``review_actions``, each an audit event with who and when). At the slot
 ``release_due`` sends an approved issue (the recipients are snapshotted then, so whoever left
 or joined during the window is honoured) and gives an unreviewed one ``on_unreviewed``: sent
-as if approved, or ``held`` with an alert to staff. A held issue waits for ``approve``.
+as if approved, or ``held`` with an alert to staff. A held issue waits for an approve.
 
 ``open_due_reviews`` and ``release_due`` take only a ``now``: a periodic round calls them, and
 ``Service.fire`` releases a slot's issue the moment its cron fires. Every decision is one
@@ -32,12 +32,10 @@ from mailer.db.schema import (
     WAITING_ISSUE_STATUSES,
     articles,
     deliveries,
-    events,
     issue_articles,
     issues,
     staff_mail,
 )
-from mailer.errors import DigestError, IssueStateError
 from mailer.issues import schedule
 from mailer.issues.create import count_recipients, create_issue, goes_out, snapshot
 from mailer.issues.review_mail import compose_review_mail
@@ -70,27 +68,6 @@ class Outcome:
     recipients: int
     articles: int  # articles it holds (dropped ones not counted)
     released: bool = False  # this call snapshotted its recipients
-
-
-@dataclass(frozen=True)
-class Dropped:
-    """What ``drop_article`` did."""
-
-    issue_id: int
-    article_id: int
-    title: str
-    digest: str
-    left: int  # articles the issue still holds
-
-
-@dataclass(frozen=True)
-class Action:
-    """One thing done to an issue in review, from the audit trail."""
-
-    kind: str  # approved, held, skipped, article_dropped, released
-    by: str
-    at: datetime
-    article_id: int | None = None
 
 
 # ---------------------------------------------------------------- the periodic steps
@@ -164,7 +141,7 @@ def queue_review_mails(
             mail = compose_review_mail(conn, settings, digest, issue_id, renderer, now=now)
         with writing(engine) as conn:
             # Locked, then asked again: two processes rendering the same mail queue it once.
-            status = conn.execute(_locking(conn, issue_id)).first()
+            status = conn.execute(locking(conn, issue_id)).first()
             if status is None or status.status != "review":
                 continue
             if conn.execute(sa.select(_has_mail()).where(issues.c.id == issue_id)).scalar():
@@ -232,7 +209,7 @@ def release(
     digests = {d.key: d for d in settings.digests}
     why = ""
     with writing(engine) as conn:
-        row = conn.execute(_locking(conn, issue_id)).first()
+        row = conn.execute(locking(conn, issue_id)).first()
         if row is None or row.status not in ("review", "approved") or row.scheduled_for > now:
             return None
         digest = digests.get(row.digest)
@@ -241,12 +218,14 @@ def release(
         elif row.status == "review" and digest.on_unreviewed == "hold":
             why = 'nobody reviewed it and its digest has on_unreviewed = "hold"'
         if why:
-            _set_status(conn, issue_id, "held")
+            set_status(conn, issue_id, "held")
             audit.record(conn, None, "issue.held", now, issue=issue_id, by=BY_SCHEDULE)
-            outcome = _outcome(conn, row, "held", digest, now)
+            outcome = outcome_of(conn, row, "held", digest, now)
         else:
             assert digest is not None
-            outcome = _release(conn, settings, digest, row, now, unreviewed=row.status == "review")
+            outcome = release_now(
+                conn, settings, digest, row, now, unreviewed=row.status == "review"
+            )
     if why:
         alert_held(
             engine,
@@ -258,7 +237,7 @@ def release(
             now=now,
         )
     else:
-        _released(engine, outcome)
+        log_released(engine, outcome)
     return outcome
 
 
@@ -275,6 +254,11 @@ def alert_held(
     """Tell staff that an issue reached its slot held (cause ``held:issue:<id>``)."""
     slot = schedule.local_time(scheduled_for, settings.site.timezone)
     i = issue_id
+    # An issue whose digest left the config cannot be approved (``review_actions.approve``
+    # refuses it) until the digest is back.
+    approve = f"`mailer issues approve {i}`"
+    if digest_of(settings, digest_key) is None:
+        approve = f"you put the digest {digest_key} back in the config and run {approve}"
     raise_alert(
         engine,
         settings,
@@ -282,173 +266,12 @@ def alert_held(
         subject=f"issue {i} of {digest_key} for {slot} is held",
         text=(
             f"Issue {i} of {digest_key} reached its slot ({slot}) and was not sent: {why}.\n"
-            f"It waits for `mailer issues approve {i}` (it then goes out at once to the"
-            f" readers subscribed at that moment), or `mailer issues skip {i}` (its articles"
-            " then go in the next issue).\n"
+            f"It waits until {approve} (it then goes out at once to the readers subscribed"
+            f" at that moment), or `mailer issues skip {i}` (its articles then go in the next"
+            " issue).\n"
         ),
         now=now,
     )
-
-
-# ---------------------------------------------------------------- staff actions
-
-
-def approve(
-    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
-) -> Outcome:
-    """Approve an issue in review or held: it goes out at its slot, or at once if the slot
-    has passed."""
-    with writing(engine) as conn:
-        row = _acting(conn, issue_id, ("review", "held"), "approved")
-        digest = _configured(settings, row.digest)
-        _set_status(conn, issue_id, "approved")
-        audit.record(conn, None, "issue.approved", now, issue=issue_id, by=by)
-        if row.scheduled_for <= now:
-            outcome = _release(conn, settings, digest, row, now, unreviewed=False)
-        else:
-            outcome = _outcome(conn, row, "approved", digest, now)
-    if outcome.released:
-        _released(engine, outcome)
-    log.info("issue approved", extra={"issue": issue_id, "by": by, "status": outcome.status})
-    return outcome
-
-
-def hold(
-    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
-) -> Outcome:
-    """Hold an issue in review or approved: at its slot it waits for ``approve``."""
-    with writing(engine) as conn:
-        row = _acting(conn, issue_id, ("review", "approved"), "held")
-        _set_status(conn, issue_id, "held")
-        audit.record(conn, None, "issue.held", now, issue=issue_id, by=by)
-        outcome = _outcome(conn, row, "held", _digest(settings, row.digest), now)
-    log.info("issue held", extra={"issue": issue_id, "by": by})
-    return outcome
-
-
-def skip(
-    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
-) -> Outcome:
-    """Skip an issue in review, approved or held: it is never sent (final), and its articles
-    go back to the digest for its next issue (``selection.GIVES_BACK``)."""
-    with writing(engine) as conn:
-        row = _acting(conn, issue_id, REVIEWABLE, "skipped")
-        conn.execute(
-            issues.update()
-            .where(issues.c.id == issue_id)
-            .values(status="skipped", completed_at=now)
-        )
-        audit.record(conn, None, "issue.skipped", now, issue=issue_id, by=by)
-        outcome = _outcome(conn, row, "skipped", None, now)
-    log.info("issue skipped", extra={"issue": issue_id, "by": by})
-    return outcome
-
-
-def drop_article(
-    engine: sa.Engine, issue_id: int, article_id: int, *, by: str, now: datetime
-) -> Dropped:
-    """Take an article out of an issue in review, approved or held; no later issue of the
-    digest takes it either (``selection.taken_by``)."""
-    with writing(engine) as conn:
-        row = _acting(conn, issue_id, REVIEWABLE, "article_dropped")
-        found = conn.execute(
-            sa.select(articles.c.title, issue_articles.c.dropped_at, issue_articles.c.dropped_by)
-            .join(articles, articles.c.id == issue_articles.c.article_id)
-            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.article_id == article_id)
-        ).first()
-        if found is None:
-            raise DigestError(
-                f"article {article_id} is not in issue {issue_id}"
-                f" (`mailer issues show {issue_id}` lists its articles)"
-            )
-        if found.dropped_at is not None:
-            raise IssueStateError(
-                f"article {article_id} was dropped from issue {issue_id} already,"
-                f" by {found.dropped_by}"
-            )
-        conn.execute(
-            issue_articles.update()
-            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.article_id == article_id)
-            .values(dropped_at=now, dropped_by=by[:200])
-        )
-        audit.record(
-            conn, None, "issue.article_dropped", now, issue=issue_id, article=article_id, by=by
-        )
-        left = len(_kept_topics(conn, issue_id)[1])
-    log.info("article dropped", extra={"issue": issue_id, "article": article_id, "by": by})
-    return Dropped(issue_id, article_id, found.title, row.digest, left)
-
-
-# ---------------------------------------------------------------- reading the state
-
-
-@dataclass(frozen=True)
-class ReviewState:
-    """An issue made for review as ``issues show`` tells it."""
-
-    outcome: Outcome
-    actions: tuple[Action, ...]  # oldest first
-    dropped: tuple[tuple[int, str, str], ...]  # (article id, title, by)
-
-
-def review_state(
-    engine: sa.Engine, settings: Settings, issue_id: int, *, now: datetime
-) -> ReviewState:
-    """The issue's slot, when it goes out, who it would go to now, and what staff did."""
-    with reading(engine) as conn:
-        row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
-        if row is None:
-            raise DigestError(f"no issue {issue_id}")
-        digest = _digest(settings, row.digest)
-        outcome = _outcome(conn, row, row.status, digest, now)
-        dropped = conn.execute(
-            sa.select(articles.c.id, articles.c.title, issue_articles.c.dropped_by)
-            .join(articles, articles.c.id == issue_articles.c.article_id)
-            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_not(None))
-            .order_by(issue_articles.c.position)
-        ).all()
-        acts = actions(conn, [issue_id]).get(issue_id, ())
-    return ReviewState(outcome, acts, tuple((d.id, d.title, d.dropped_by or "") for d in dropped))
-
-
-def issue_articles_of(engine: sa.Engine, issue_id: int) -> list[tuple[int, str, str]]:
-    """The articles the issue holds (not dropped), in its order: (id, topic, title)."""
-    with reading(engine) as conn:
-        rows = conn.execute(
-            sa.select(articles.c.id, articles.c.topic, articles.c.title)
-            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
-            .order_by(issue_articles.c.position)
-        ).all()
-    return [(r.id, r.topic, r.title) for r in rows]
-
-
-ACTION_KINDS = ("issue.approved", "issue.held", "issue.skipped", "issue.article_dropped",
-                "issue.released")  # fmt: skip
-
-
-def actions(conn: sa.Connection, issue_ids: list[int]) -> dict[int, tuple[Action, ...]]:
-    """The review actions recorded for each of ``issue_ids``, oldest first."""
-    if not issue_ids:
-        return {}
-    issue = events.c.detail["issue"].as_integer()
-    rows = conn.execute(
-        sa.select(events.c.kind, events.c.at, events.c.detail)
-        .where(
-            events.c.subscriber_id.is_(None),
-            events.c.kind.in_(ACTION_KINDS),
-            issue.in_(issue_ids),
-        )
-        .order_by(events.c.at, events.c.id)
-    ).all()
-    found: dict[int, list[Action]] = {}
-    for kind, at, detail in rows:
-        found.setdefault(int(detail["issue"]), []).append(
-            Action(
-                kind.removeprefix("issue."), str(detail.get("by", "")), at, detail.get("article")
-            )
-        )
-    return {i: tuple(a) for i, a in found.items()}
 
 
 # ---------------------------------------------------------------- inside a transaction
@@ -466,59 +289,22 @@ def _exists(engine: sa.Engine, digest_key: str, slot: datetime) -> bool:
         )
 
 
-def _locking(conn: sa.Connection, issue_id: int) -> sa.Select[Any]:
+def locking(conn: sa.Connection, issue_id: int) -> sa.Select[Any]:
     """The issue's row, locked until the transaction ends (PostgreSQL; SQLite's writing
     transaction already holds the database's write lock)."""
     query = sa.select(issues).where(issues.c.id == issue_id)
     return query.with_for_update() if conn.dialect.name == "postgresql" else query
 
 
-ACTION_NAMES = {
-    "approved": "approved",
-    "held": "held",
-    "skipped": "skipped",
-    "article_dropped": "have an article dropped",
-}
-
-
-def _acting(
-    conn: sa.Connection, issue_id: int, allowed: tuple[str, ...], action: str
-) -> sa.Row[Any]:
-    """The issue's locked row if its status is one of ``allowed``; else a one-line error."""
-    row = conn.execute(_locking(conn, issue_id)).first()
-    if row is None:
-        raise DigestError(f"no issue {issue_id}")
-    if row.status not in allowed:
-        states = _either(allowed)
-        raise IssueStateError(
-            f"issue {issue_id} is {row.status}: only an issue {states} can be"
-            f" {ACTION_NAMES[action]}"
-        )
-    return row
-
-
-def _either(states: tuple[str, ...]) -> str:
-    named = [f"in {s}" if s == "review" else s for s in states]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
-
-
-def _digest(settings: Settings, key: str) -> Digest | None:
+def digest_of(settings: Settings, key: str) -> Digest | None:
     return {d.key: d for d in settings.digests}.get(key)
 
 
-def _configured(settings: Settings, key: str) -> Digest:
-    """The issue's digest, which must still be configured for the issue to go out."""
-    found = _digest(settings, key)
-    if found is None:
-        raise DigestError(f"the issue's digest {key} is no longer in the config: it cannot go out")
-    return found
-
-
-def _set_status(conn: sa.Connection, issue_id: int, status: str) -> None:
+def set_status(conn: sa.Connection, issue_id: int, status: str) -> None:
     conn.execute(issues.update().where(issues.c.id == issue_id).values(status=status))
 
 
-def _kept_topics(conn: sa.Connection, issue_id: int) -> tuple[set[str], list[int]]:
+def kept_topics(conn: sa.Connection, issue_id: int) -> tuple[set[str], list[int]]:
     """The topics of the articles the issue holds (not dropped), and their ids."""
     rows = conn.execute(
         sa.select(articles.c.id, articles.c.topic)
@@ -528,11 +314,11 @@ def _kept_topics(conn: sa.Connection, issue_id: int) -> tuple[set[str], list[int
     return {r.topic for r in rows}, [r.id for r in rows]
 
 
-def _outcome(
+def outcome_of(
     conn: sa.Connection, row: sa.Row[Any], status: str, digest: Digest | None, now: datetime
 ) -> Outcome:
     """Where an issue not (yet) released stands: who it would go to if released now."""
-    topics, kept = _kept_topics(conn, row.id)
+    topics, kept = kept_topics(conn, row.id)
     waiting = status in REVIEWABLE
     recipients = count_recipients(conn, topics, now) if waiting else _snapshotted(conn, row.id)
     when = None
@@ -551,7 +337,7 @@ def _snapshotted(conn: sa.Connection, issue_id: int) -> int:
     )
 
 
-def _release(
+def release_now(
     conn: sa.Connection,
     settings: Settings,
     digest: Digest,
@@ -561,7 +347,7 @@ def _release(
     unreviewed: bool,
 ) -> Outcome:
     """Snapshot the issue's recipients now; ``sending``, or ``empty`` if nobody is left."""
-    topics, kept = _kept_topics(conn, row.id)
+    topics, kept = kept_topics(conn, row.id)
     recipients = snapshot(conn, settings, digest, row.id, row.scheduled_for, topics, now)
     status = "sending" if recipients else "empty"
     conn.execute(
@@ -591,7 +377,7 @@ def _release(
     )
 
 
-def _released(engine: sa.Engine, outcome: Outcome) -> None:
+def log_released(engine: sa.Engine, outcome: Outcome) -> None:
     if outcome.recipients:
         refresh_statistics(engine, deliveries)
     log.info(

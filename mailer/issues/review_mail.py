@@ -67,7 +67,7 @@ def compose_review_mail(
     zone = settings.site.timezone
     slot = content.date
     topics = {a.topic for a in content.articles}
-    variants = recipients_by_topics(conn, digest, topics, now)
+    variants = recipients_by_topics(conn, digest, topics, now, variants=True)
     readers = sum(n for _, n in variants)
     names = {t.key: t.name for t in settings.topics}
     shown_slot = local_time(slot, zone)

@@ -18,9 +18,8 @@ import sqlalchemy as sa
 
 from mailer.compose.messages import shown_topics
 from mailer.config.settings import Digest, Settings
-from mailer.db.schema import subscriber_topics, subscribers
 from mailer.errors import SubscriberError
-from mailer.issues.create import recipients_where
+from mailer.issues.create import chosen_topics
 from mailer.issues.schedule import local_time
 from mailer.models import IssueContent
 from mailer.subscribers import store
@@ -103,16 +102,7 @@ def sample_reader(
     nobody = f"no active subscriber would receive the next issue of {digest.key} ({digest.name})"
     if not present:
         raise SubscriberError(f"{nobody}: it has no articles yet")
-    chosen = sa.select(subscribers.c.id).where(recipients_where(present, now))
-    rows = conn.execute(
-        sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
-            subscriber_topics.c.subscriber_id.in_(chosen),
-            subscriber_topics.c.topic.in_(sorted(present)),
-        )
-    )
-    sets: dict[int, set[str]] = {}
-    for row in rows:
-        sets.setdefault(row.subscriber_id, set()).add(row.topic)
+    sets = chosen_topics(conn, present, now, within=present)
     if not sets:
         names = topic_names(settings, shown_topics(settings, content, present))
         raise SubscriberError(f"{nobody}: none chose one of its topics ({names})")

@@ -22,12 +22,12 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import lookback_start
-from mailer.content.store import ARTICLE_COLUMNS, fetch
 from mailer.db.engine import reading
-from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issue_articles, issues
+from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, issues
 from mailer.issues import schedule
 from mailer.issues.create import articles_for, goes_out, recipients_by_topics
-from mailer.issues.review import actions
+from mailer.issues.progress import kept_articles
+from mailer.issues.review_actions import actions, last_decision
 from mailer.models import Article
 
 
@@ -176,16 +176,10 @@ def _made(
     decided = actions(conn, [r.id for r in rows])
     found: dict[datetime, MadeIssue] = {}
     for row in rows:
-        held = fetch(
-            conn,
-            sa.select(*ARTICLE_COLUMNS)
-            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-            .where(issue_articles.c.issue_id == row.id, issue_articles.c.dropped_at.is_(None))
-            .order_by(issue_articles.c.position),
-        )
-        last = [a for a in decided.get(row.id, ()) if a.kind in ("approved", "held", "skipped")]
-        acted = f"{last[-1].kind} by {last[-1].by}" if last else ""
-        acted_at = last[-1].at if last else None
+        held = kept_articles(conn, row.id)
+        last = last_decision(decided.get(row.id, ()))
+        acted = f"{last.kind} by {last.by}" if last else ""
+        acted_at = last.at if last else None
         found[row.scheduled_for] = MadeIssue(
             id=row.id,
             slot=row.scheduled_for,

@@ -1,0 +1,260 @@
+"""Staff acting on an issue made for review: approve, hold, skip, drop an article, and what
+was done, by whom and when.
+
+Each action is one transaction on the issue's locked row (``review.locking``), checked
+against the issue's status there, and recorded as an audit event with who and when; an
+approve whose slot has passed releases the issue at once (``review.release_now``). The
+review window itself (making the issue, the review mail, the release at the slot) is
+``mailer.issues.review``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailer.config.settings import Digest, Settings
+from mailer.db import audit
+from mailer.db.engine import reading, writing
+from mailer.db.schema import articles, events, issue_articles, issues
+from mailer.errors import DigestError, IssueStateError
+from mailer.issues.review import (
+    REVIEWABLE,
+    Outcome,
+    digest_of,
+    kept_topics,
+    locking,
+    log_released,
+    outcome_of,
+    release_now,
+    set_status,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What ``drop_article`` did."""
+
+    issue_id: int
+    article_id: int
+    title: str
+    digest: str
+    left: int  # articles the issue still holds
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing done to an issue in review, from the audit trail."""
+
+    kind: str  # approved, held, skipped, article_dropped, released
+    by: str
+    at: datetime
+    article_id: int | None = None
+
+
+def approve(
+    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
+) -> Outcome:
+    """Approve an issue in review or held: it goes out at its slot, or at once if the slot
+    has passed."""
+    with writing(engine) as conn:
+        row = _acting(conn, issue_id, ("review", "held"), "approved")
+        digest = _configured(settings, row.digest)
+        set_status(conn, issue_id, "approved")
+        audit.record(conn, None, "issue.approved", now, issue=issue_id, by=by)
+        if row.scheduled_for <= now:
+            outcome = release_now(conn, settings, digest, row, now, unreviewed=False)
+        else:
+            outcome = outcome_of(conn, row, "approved", digest, now)
+    if outcome.released:
+        log_released(engine, outcome)
+    log.info("issue approved", extra={"issue": issue_id, "by": by, "status": outcome.status})
+    return outcome
+
+
+def hold(
+    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
+) -> Outcome:
+    """Hold an issue in review or approved: at its slot it waits for ``approve``."""
+    with writing(engine) as conn:
+        row = _acting(conn, issue_id, ("review", "approved"), "held")
+        set_status(conn, issue_id, "held")
+        audit.record(conn, None, "issue.held", now, issue=issue_id, by=by)
+        outcome = outcome_of(conn, row, "held", digest_of(settings, row.digest), now)
+    log.info("issue held", extra={"issue": issue_id, "by": by})
+    return outcome
+
+
+def skip(
+    engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
+) -> Outcome:
+    """Skip an issue in review, approved or held: it is never sent (final), and its articles
+    go back to the digest for its next issue (``selection.GIVES_BACK``)."""
+    with writing(engine) as conn:
+        row = _acting(conn, issue_id, REVIEWABLE, "skipped")
+        conn.execute(
+            issues.update()
+            .where(issues.c.id == issue_id)
+            .values(status="skipped", completed_at=now)
+        )
+        audit.record(conn, None, "issue.skipped", now, issue=issue_id, by=by)
+        outcome = outcome_of(conn, row, "skipped", None, now)
+    log.info("issue skipped", extra={"issue": issue_id, "by": by})
+    return outcome
+
+
+def drop_article(
+    engine: sa.Engine, issue_id: int, article_id: int, *, by: str, now: datetime
+) -> Dropped:
+    """Take an article out of an issue in review, approved or held; no later issue of the
+    digest takes it either (``selection.taken_by``)."""
+    with writing(engine) as conn:
+        row = _acting(conn, issue_id, REVIEWABLE, "article_dropped")
+        found = conn.execute(
+            sa.select(articles.c.title, issue_articles.c.dropped_at, issue_articles.c.dropped_by)
+            .join(articles, articles.c.id == issue_articles.c.article_id)
+            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.article_id == article_id)
+        ).first()
+        if found is None:
+            raise DigestError(
+                f"article {article_id} is not in issue {issue_id}"
+                f" (`mailer issues show {issue_id}` lists its articles)"
+            )
+        if found.dropped_at is not None:
+            raise IssueStateError(
+                f"article {article_id} was dropped from issue {issue_id} already,"
+                f" by {found.dropped_by}"
+            )
+        conn.execute(
+            issue_articles.update()
+            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.article_id == article_id)
+            .values(dropped_at=now, dropped_by=by[:200])
+        )
+        audit.record(
+            conn, None, "issue.article_dropped", now, issue=issue_id, article=article_id, by=by
+        )
+        left = len(kept_topics(conn, issue_id)[1])
+    log.info("article dropped", extra={"issue": issue_id, "article": article_id, "by": by})
+    return Dropped(issue_id, article_id, found.title, row.digest, left)
+
+
+# ---------------------------------------------------------------- reading the state
+
+
+@dataclass(frozen=True)
+class ReviewState:
+    """An issue made for review as ``issues show`` tells it."""
+
+    outcome: Outcome
+    actions: tuple[Action, ...]  # oldest first
+    dropped: tuple[tuple[int, str, str], ...]  # (article id, title, by)
+
+
+def review_state(
+    engine: sa.Engine, settings: Settings, issue_id: int, *, now: datetime
+) -> ReviewState:
+    """The issue's slot, when it goes out, who it would go to now, and what staff did."""
+    with reading(engine) as conn:
+        row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
+        if row is None:
+            raise DigestError(f"no issue {issue_id}")
+        digest = digest_of(settings, row.digest)
+        outcome = outcome_of(conn, row, row.status, digest, now)
+        dropped = conn.execute(
+            sa.select(articles.c.id, articles.c.title, issue_articles.c.dropped_by)
+            .join(articles, articles.c.id == issue_articles.c.article_id)
+            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_not(None))
+            .order_by(issue_articles.c.position)
+        ).all()
+        acts = actions(conn, [issue_id]).get(issue_id, ())
+    return ReviewState(outcome, acts, tuple((d.id, d.title, d.dropped_by or "") for d in dropped))
+
+
+def issue_articles_of(engine: sa.Engine, issue_id: int) -> list[tuple[int, str, str]]:
+    """The articles the issue holds (not dropped), in its order: (id, topic, title)."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(articles.c.id, articles.c.topic, articles.c.title)
+            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
+            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
+            .order_by(issue_articles.c.position)
+        ).all()
+    return [(r.id, r.topic, r.title) for r in rows]
+
+
+ACTION_KINDS = ("issue.approved", "issue.held", "issue.skipped", "issue.article_dropped",
+                "issue.released")  # fmt: skip
+
+
+def actions(conn: sa.Connection, issue_ids: list[int]) -> dict[int, tuple[Action, ...]]:
+    """The review actions recorded for each of ``issue_ids``, oldest first."""
+    if not issue_ids:
+        return {}
+    issue = events.c.detail["issue"].as_integer()
+    rows = conn.execute(
+        sa.select(events.c.kind, events.c.at, events.c.detail)
+        .where(
+            events.c.subscriber_id.is_(None),
+            events.c.kind.in_(ACTION_KINDS),
+            issue.in_(issue_ids),
+        )
+        .order_by(events.c.at, events.c.id)
+    ).all()
+    found: dict[int, list[Action]] = {}
+    for kind, at, detail in rows:
+        found.setdefault(int(detail["issue"]), []).append(
+            Action(
+                kind.removeprefix("issue."), str(detail.get("by", "")), at, detail.get("article")
+            )
+        )
+    return {i: tuple(a) for i, a in found.items()}
+
+
+def last_decision(acts: tuple[Action, ...]) -> Action | None:
+    """The last approve, hold or skip among ``acts`` (oldest first): where staff (or the
+    schedule) left the issue."""
+    decisions = [a for a in acts if a.kind in ("approved", "held", "skipped")]
+    return decisions[-1] if decisions else None
+
+
+ACTION_NAMES = {
+    "approved": "approved",
+    "held": "held",
+    "skipped": "skipped",
+    "article_dropped": "have an article dropped",
+}
+
+
+def _acting(
+    conn: sa.Connection, issue_id: int, allowed: tuple[str, ...], action: str
+) -> sa.Row[Any]:
+    """The issue's locked row if its status is one of ``allowed``; else a one-line error."""
+    row = conn.execute(locking(conn, issue_id)).first()
+    if row is None:
+        raise DigestError(f"no issue {issue_id}")
+    if row.status not in allowed:
+        states = _either(allowed)
+        raise IssueStateError(
+            f"issue {issue_id} is {row.status}: only an issue {states} can be"
+            f" {ACTION_NAMES[action]}"
+        )
+    return row
+
+
+def _either(states: tuple[str, ...]) -> str:
+    named = [f"in {s}" if s == "review" else s for s in states]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+
+
+def _configured(settings: Settings, key: str) -> Digest:
+    """The issue's digest, which must still be configured for the issue to go out."""
+    found = digest_of(settings, key)
+    if found is None:
+        raise DigestError(f"the issue's digest {key} is no longer in the config: it cannot go out")
+    return found
