@@ -9,7 +9,7 @@ from mailer.compose.staffmail import build_staff_message, staff_message_id
 from mailer.delivery.policy import Outcome
 from mailer.staff.transport import Outgoing, send_now
 from tests.compliance import assert_compliant
-from tests.factories import NOW, server_settings
+from tests.factories import NOW, make_settings, server_settings
 from tests.smtp_server import FaultServer
 
 pytest_plugins = ["tests.smtp_server"]
@@ -67,3 +67,20 @@ async def test_a_relay_that_refuses_is_a_result_not_an_exception(
     )
     [result] = await send_now(settings, [Outgoing("editor@news.example.org", data)], sign=None)
     assert result.outcome is Outcome.BOUNCED and result.code == 550
+
+
+def test_the_footer_goes_inside_the_body_of_a_whole_page() -> None:
+    settings = make_settings()
+    data = build_staff_message(
+        settings,
+        to="editor@news.example.org",
+        subject="Review",
+        text="x\n",
+        html="<html><body><p>The digest</p></body></html>",
+        message_id=staff_message_id(settings, "review"),
+        now=NOW,
+    )
+    html = assert_compliant(data, settings, list_mail=False).get_body(("html",))
+    assert html is not None
+    page = html.get_content()
+    assert page.index("Privacy policy") < page.index("</body>") < page.index("</html>")

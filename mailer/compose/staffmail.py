@@ -66,8 +66,11 @@ def _with_footer(settings: Settings, text: str, html: str | None) -> tuple[str, 
     if html is not None:
         shown = "<br>".join(html_lib.escape(line) for line in lines[:-1])
         url = html_lib.escape(site.privacy_policy_url)
-        html += (
+        footer = (
             '<hr><p style="font-size:12px;color:#555">'
             f'{shown}<br><a href="{url}">Privacy policy</a></p>'
         )
+        # Inside the body of a whole page (the review mail carries the digest's), else after.
+        end = html.lower().rfind("</body>")
+        html = html[:end] + footer + html[end:] if end >= 0 else html + footer
     return text, html
