@@ -31,6 +31,7 @@ from tests.factories import (
     NOW,
     SECRET,
     Clock,
+    make_article,
     make_issue,
     make_settings,
     make_subscriber,
@@ -418,3 +419,35 @@ def test_durations_read_as_staff_read_them_down_to_a_fast_small_issue(
     from mailer.issues.report_text import _duration
 
     assert _duration(seconds) == shown
+
+
+def test_one_report_that_cannot_be_made_holds_back_no_other_and_is_alerted(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mailer.staff.reports as reports
+
+    settings = staff_settings(db_url, smtp_server, 5)
+    make_subscriber(engine)
+    upsert_articles(engine, [make_article()], now=NOW)
+    first = make_issue(engine, settings).issue_id
+    upsert_articles(engine, [make_article()], now=NOW + timedelta(days=1))
+    later = NOW + timedelta(days=7)
+    second = make_issue(engine, settings, at=later).issue_id
+    for issue_id in (first, second):
+        cancel(engine, issue_id, now=NOW)
+    real = reports.build_report
+
+    def broken_first(engine: sa.Engine, settings: Settings, issue_id: int, **kw: object) -> object:
+        if issue_id == first:
+            raise RuntimeError("the template is broken")
+        return real(engine, settings, issue_id, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reports, "build_report", broken_first)
+    assert queue_reports(engine, settings, now=NOW) == [second]
+    assert queue_reports(engine, settings, now=NOW) == []  # tried again, alerted once
+    with engine.connect() as conn:
+        causes = conn.scalars(sa.select(staff_mail.c.cause).order_by(staff_mail.c.id)).all()
+    assert causes == [f"report-failed:issue:{first}", f"report:{second}"]

@@ -23,11 +23,14 @@ from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.db.engine import reading, writing
 from mailer.db.schema import issues
+from mailer.errors import DatabaseUnavailable
 from mailer.issues.report import IssueReport, build_report
 from mailer.issues.report_text import render_report
 from mailer.issues.schedule import local_time
+from mailer.logs import describe_error
 from mailer.staff.alerts import raise_alert
 from mailer.staff.outbox import enqueue
+from mailer.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,16 @@ def queue_reports(engine: sa.Engine, settings: Settings, *, now: datetime) -> li
     renderer = Renderer()
     queued = []
     for issue_id in due:
-        report = build_report(engine, settings, issue_id, now=now)
-        subject, text, html = render_report(report, settings, renderer=renderer)
+        try:
+            report = build_report(engine, settings, issue_id, now=now)
+            subject, text, html = render_report(report, settings, renderer=renderer)
+        except (sa.exc.OperationalError, DatabaseUnavailable):
+            raise  # the database: every report would fail; the round logs it once
+        except Exception as exc:
+            # One issue's report (a template, a bug) must not hold back the others'; it is
+            # tried again every round and alerted once an hour.
+            _alert_unreported(engine, settings, issue_id, exc, now=now)
+            continue
         with writing(engine) as conn:
             claimed = conn.execute(
                 issues.update()
@@ -76,6 +87,24 @@ def queue_reports(engine: sa.Engine, settings: Settings, *, now: datetime) -> li
         queued.append(issue_id)
         check_failures(engine, settings, report, now=now)
     return queued
+
+
+def _alert_unreported(
+    engine: sa.Engine, settings: Settings, issue_id: int, exc: Exception, *, now: datetime
+) -> None:
+    reason = one_line(describe_error(exc)) or type(exc).__name__
+    raise_alert(
+        engine,
+        settings,
+        cause=f"report-failed:issue:{issue_id}",
+        subject=f"the report of issue {issue_id} cannot be made: {reason}",
+        text=(
+            f"The report of issue {issue_id} failed: {reason}\n\n"
+            "It is tried again every round; the other issues' reports go out meanwhile."
+            f" Run `mailer -v issues report {issue_id}` to see the error in full.\n"
+        ),
+        now=now,
+    )
 
 
 def reports_round(engine: sa.Engine, settings: Settings) -> Callable[[datetime], list[int]]:
