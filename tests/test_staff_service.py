@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from mailer.content.store import upsert_articles
 from mailer.db.schema import issues
-from mailer.issues import review
+from mailer.issues import review_actions
 from mailer.service import Parts, Service
 from tests.factories import (
     NOW,
@@ -74,7 +74,7 @@ async def test_a_review_cycle_in_the_service_approved_then_sent_then_reported(
 
     with engine.connect() as conn:
         issue_id = int(conn.execute(sa.select(issues.c.id)).scalar_one())
-    review.approve(engine, settings, issue_id, by="ana", now=clock())
+    review_actions.approve(engine, settings, issue_id, by="ana", now=clock())
     await service.staff.run(clock())
     assert _status(engine) == "approved"  # waits for its slot
 
@@ -113,6 +113,8 @@ async def test_an_unreviewed_issue_under_hold_waits_and_alerts_until_approved(
 
     with engine.connect() as conn:
         issue_id = int(conn.execute(sa.select(issues.c.id)).scalar_one())
-    review.approve(engine, settings, issue_id, by="ana", now=clock())  # the slot passed: now
+    review_actions.approve(
+        engine, settings, issue_id, by="ana", now=clock()
+    )  # the slot passed: now
     totals = await service.deliver_forever(drain=True)
     assert totals.counts.get("sent") == len(READERS)
