@@ -268,3 +268,23 @@ def test_a_command_flushing_the_outbox_with_the_relay_down_logs_one_line_per_mai
     assert result is not None and result.deferred == 1
     assert len(errors(caplog)) == 1
     assert row(engine, mail_id).status == "pending"
+
+
+async def test_a_message_that_cannot_be_signed_is_retried_counted_and_named(
+    engine: sa.Engine, db_url: str, smtp_server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = server_settings(db_url, smtp_server)
+    mail_id = queue(engine)
+
+    def broken_key(data: bytes) -> bytes:
+        raise ValueError("the DKIM key cannot sign")
+
+    send = partial(send_now, settings, sign=broken_key)
+    with caplog.at_level(logging.ERROR):
+        await deliver_due(engine, settings, now=NOW, send=send)
+    mail = row(engine, mail_id)
+    assert mail.status == "pending" and mail.attempts == 1
+    assert "the DKIM key cannot sign" in mail.last_error
+    assert mail.next_attempt_at == NOW + outbox.retry_delay(1)
+    assert any("the DKIM key cannot sign" in line for line in errors(caplog))
+    assert smtp_server.received == []

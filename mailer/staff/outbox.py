@@ -23,7 +23,7 @@ from mailer.config.settings import Settings
 from mailer.db.engine import writing
 from mailer.db.schema import staff_mail
 from mailer.delivery.policy import Outcome, SendResult
-from mailer.errors import DeliveryError, MailerError
+from mailer.errors import MailerError
 from mailer.text import one_line
 
 if TYPE_CHECKING:
@@ -208,9 +208,10 @@ async def _attempt(settings: Settings, row: _Row, now: datetime, send: Send) -> 
         return outcome
     try:
         results = await send(messages)
-    except DeliveryError as exc:
-        # The login refused (SmtpAuthError), the pool closed: nothing of this row was accepted
-        # that the relay told us of, so all of it waits for the next attempt.
+    except Exception as exc:
+        # The login refused (SmtpAuthError), the pool closed, the DKIM signature that could
+        # not be made: nothing of this row was accepted that the relay told us of, so all of
+        # it waits for the next attempt, counted, and is given up after three days like any.
         outcome.deferred = [m.recipient for m in messages]
         outcome.error = one_line(str(exc))
         return outcome
