@@ -466,15 +466,7 @@ class DigestComposer:
         return shown
 
     def _links(self, unsubscribe: str, preferences: str) -> LinkView:
-        site = self.settings.site
-        return LinkView(
-            unsubscribe=unsubscribe,
-            preferences=preferences,
-            privacy=site.privacy_policy_url,
-            archive=archive_url(site, self.content.issue_id),
-            home=site.base_url + "/",
-            personal=True,
-        )
+        return personal_links(self.settings, self.content, unsubscribe, preferences)
 
     def _compile(self, shown: tuple[str, ...]) -> SplicedMessage:
         """Render and serialize the message for ``shown`` once, with markers for the slots."""
@@ -525,25 +517,61 @@ def reference_message(
     shown = shown_topics(settings, content, topics)
     if not shown:
         return None
-    site = settings.site
-    links = links_for(site, recipient.uid)
-    view = LinkView(
+    links = links_for(settings.site, recipient.uid)
+    return whole_message(
+        settings,
+        content,
+        shown,
+        to=recipient.email,
+        message_id=recipient.message_id,
+        subject=content.subject,
         unsubscribe=links.unsubscribe,
         preferences=links.preferences,
+        now=now,
+        renderer=renderer,
+    )
+
+
+def personal_links(
+    settings: Settings, content: IssueContent, unsubscribe: str, preferences: str
+) -> LinkView:
+    """The links of one reader's copy of ``content``: theirs, and the site's shared ones."""
+    site = settings.site
+    return LinkView(
+        unsubscribe=unsubscribe,
+        preferences=preferences,
         privacy=site.privacy_policy_url,
         archive=archive_url(site, content.issue_id),
         home=site.base_url + "/",
         personal=True,
     )
+
+
+def whole_message(
+    settings: Settings,
+    content: IssueContent,
+    shown: tuple[str, ...],
+    *,
+    to: str,
+    message_id: str,
+    subject: str,
+    unsubscribe: str,
+    preferences: str,
+    now: datetime,
+    renderer: Renderer,
+) -> bytes:
+    """One reader's message rendered in full and serialized by the ``email`` package: the
+    reference the splice is checked against, and a test copy (other links, other subject)."""
+    view = personal_links(settings, content, unsubscribe, preferences)
     html, text = render_digest(settings, content, shown, view, renderer)
     msg = EmailMessage(policy=POLICY)
     personal = PersonalHeaders(
-        to=check_address(recipient.email),
+        to=check_address(to),
         date=date_value(now),
-        message_id=check_message_id(recipient.message_id),
-        list_unsubscribe=list_unsubscribe_value(site, links.unsubscribe),
+        message_id=check_message_id(message_id),
+        list_unsubscribe=list_unsubscribe_value(settings.site, unsubscribe),
     )
-    add_headers(msg, settings, content.subject, personal, raw=False, list_headers=True)
+    add_headers(msg, settings, subject, personal, raw=False, list_headers=True)
     attach_parts(msg, text, html)
     return msg.as_bytes()
 

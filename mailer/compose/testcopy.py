@@ -1,7 +1,7 @@
 """A test copy: the message a reader would receive, for staff to look at in their own inbox.
 
-It is built the way ``messages.reference_message`` builds the reader's message (the same
-render, the same header order, the same MIME shape), with these differences only:
+It is built by ``messages.whole_message``, as ``reference_message`` builds the reader's message
+(the same render, the same header order, the same MIME shape), with these differences only:
 
 - To is the address the copy goes to (a ``digest preview`` file keeps the reader's);
 - Subject starts with ``subject_prefix`` (``[TEST] `` for one that is sent);
@@ -20,25 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from email.message import EmailMessage
 
-from mailer.compose.messages import (
-    POLICY,
-    PersonalHeaders,
-    add_headers,
-    attach_parts,
-    check_address,
-    check_message_id,
-    date_value,
-    list_unsubscribe_value,
-    render_digest,
-    shown_topics,
-)
-from mailer.compose.rendering import LinkView, Renderer
+from mailer.compose.messages import shown_topics, whole_message
+from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.errors import RenderError
 from mailer.models import IssueContent
-from mailer.subscribers.links import archive_url, inert_links_for
+from mailer.subscribers.links import inert_links_for
 
 TEST_PREFIX = "[TEST] "
 
@@ -63,26 +51,16 @@ def build_test_copy(
     shown = shown_topics(settings, content, topics)
     if not shown:
         raise RenderError("no article of the issue is in the reader's topics", template="email/*")
-    site = settings.site
-    inert = inert_links_for(site, uid)
-    view = LinkView(
+    inert = inert_links_for(settings.site, uid)
+    return whole_message(
+        settings,
+        content,
+        shown,
+        to=to,
+        message_id=message_id,
+        subject=subject_prefix + content.subject,
         unsubscribe=inert.unsubscribe,
         preferences=inert.preferences,
-        privacy=site.privacy_policy_url,
-        archive=archive_url(site, content.issue_id),
-        home=site.base_url + "/",
-        personal=True,
+        now=now,
+        renderer=renderer,
     )
-    html, text = render_digest(settings, content, shown, view, renderer)
-    msg = EmailMessage(policy=POLICY)
-    personal = PersonalHeaders(
-        to=check_address(to),
-        date=date_value(now),
-        message_id=check_message_id(message_id),
-        list_unsubscribe=list_unsubscribe_value(site, inert.unsubscribe),
-    )
-    add_headers(
-        msg, settings, subject_prefix + content.subject, personal, raw=False, list_headers=True
-    )
-    attach_parts(msg, text, html)
-    return msg.as_bytes()
