@@ -316,6 +316,11 @@ def snapshot(
         )
     )
     # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
+    return snapshotted(conn, issue_id)
+
+
+def snapshotted(conn: sa.Connection, issue_id: int) -> int:
+    """How many deliveries the issue's snapshot made."""
     return int(
         conn.execute(
             sa.select(sa.func.count())

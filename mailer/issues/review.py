@@ -37,7 +37,13 @@ from mailer.db.schema import (
     staff_mail,
 )
 from mailer.issues import schedule
-from mailer.issues.create import count_recipients, create_issue, goes_out, snapshot
+from mailer.issues.create import (
+    count_recipients,
+    create_issue,
+    goes_out,
+    snapshot,
+    snapshotted,
+)
 from mailer.issues.review_mail import compose_review_mail
 from mailer.staff.alerts import raise_alert
 from mailer.staff.outbox import enqueue
@@ -320,21 +326,11 @@ def outcome_of(
     """Where an issue not (yet) released stands: who it would go to if released now."""
     topics, kept = kept_topics(conn, row.id)
     waiting = status in REVIEWABLE
-    recipients = count_recipients(conn, topics, now) if waiting else _snapshotted(conn, row.id)
+    recipients = count_recipients(conn, topics, now) if waiting else snapshotted(conn, row.id)
     when = None
     if digest is not None and waiting:
         when = goes_out(digest, max(row.scheduled_for, now))
     return Outcome(row.id, row.digest, status, row.scheduled_for, when, recipients, len(kept))
-
-
-def _snapshotted(conn: sa.Connection, issue_id: int) -> int:
-    return int(
-        conn.execute(
-            sa.select(sa.func.count())
-            .select_from(deliveries)
-            .where(deliveries.c.issue_id == issue_id)
-        ).scalar_one()
-    )
 
 
 def release_now(
