@@ -159,10 +159,9 @@ def print_review(ctx: Context, issue_id: int) -> None:
             what += f" {action.article_id}"
         out.print(f"  {what} by {action.by} {table_time(action.at, zone)}", markup=False)
     if o.status in (*REVIEWABLE, "skipped"):
-        with_articles = review_actions.issue_articles_of(ctx.engine(), issue_id)
-        out.print(f"  articles ({len(with_articles)}):", markup=False)
-        for article_id, topic, title in with_articles:
-            out.print(f"    {article_id:>6}  [{topic}] {title}", markup=False)
+        out.print(f"  articles ({len(state.kept)}):", markup=False)
+        for article in state.kept:
+            out.print(f"    {article.id:>6}  [{article.topic}] {article.title}", markup=False)
     for article_id, title, by in state.dropped:
         out.print(f"  dropped {article_id:>6}  {title} (by {by})", markup=False)
 

@@ -22,6 +22,7 @@ from mailer.db import audit
 from mailer.db.engine import reading, writing
 from mailer.db.schema import articles, events, issue_articles, issues
 from mailer.errors import DigestError, IssueStateError
+from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
     REVIEWABLE,
     Outcome,
@@ -33,6 +34,7 @@ from mailer.issues.review import (
     release_now,
     set_status,
 )
+from mailer.models import Article
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class ReviewState:
     outcome: Outcome
     actions: tuple[Action, ...]  # oldest first
     dropped: tuple[tuple[int, str, str], ...]  # (article id, title, by)
+    kept: tuple[Article, ...] = ()  # what it holds, in its order
 
 
 def review_state(
@@ -173,19 +176,9 @@ def review_state(
             .order_by(issue_articles.c.position)
         ).all()
         acts = actions(conn, [issue_id]).get(issue_id, ())
-    return ReviewState(outcome, acts, tuple((d.id, d.title, d.dropped_by or "") for d in dropped))
-
-
-def issue_articles_of(engine: sa.Engine, issue_id: int) -> list[tuple[int, str, str]]:
-    """The articles the issue holds (not dropped), in its order: (id, topic, title)."""
-    with reading(engine) as conn:
-        rows = conn.execute(
-            sa.select(articles.c.id, articles.c.topic, articles.c.title)
-            .join(issue_articles, issue_articles.c.article_id == articles.c.id)
-            .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
-            .order_by(issue_articles.c.position)
-        ).all()
-    return [(r.id, r.topic, r.title) for r in rows]
+        kept = kept_articles(conn, issue_id)
+    gone = tuple((d.id, d.title, d.dropped_by or "") for d in dropped)
+    return ReviewState(outcome, acts, gone, kept)
 
 
 ACTION_KINDS = ("issue.approved", "issue.held", "issue.skipped", "issue.article_dropped",
