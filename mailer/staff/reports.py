@@ -52,6 +52,8 @@ def queue_reports(engine: sa.Engine, settings: Settings, *, now: datetime) -> li
                 .order_by(issues.c.id)
             )
         )
+    if not due:
+        return []  # the common case, every round: no template environment built for nothing
     renderer = Renderer()
     queued = []
     for issue_id in due:
