@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from mailer.cli.context import Context, out, pass_ctx
 from mailer.clock import now
-from mailer.issues.review import REVIEWABLE, Outcome
+from mailer.db.schema import WAITING_ISSUE_STATUSES
+from mailer.issues.review import Outcome
 from mailer.issues.review_actions import Action, last_decision
 from mailer.issues.schedule import local_time
 
@@ -138,7 +139,7 @@ def print_review(ctx: Context, issue_id: int) -> None:
     at = now()
     state = review_actions.review_state(ctx.engine(), ctx.settings, issue_id, now=at)
     o = state.outcome
-    if o.status in REVIEWABLE:
+    if o.status in WAITING_ISSUE_STATUSES:
         digest = {d.key: d for d in ctx.settings.digests}.get(o.digest)
         passed = o.scheduled_for <= at
         if o.status == "held":
@@ -158,7 +159,7 @@ def print_review(ctx: Context, issue_id: int) -> None:
         if action.article_id is not None:
             what += f" {action.article_id}"
         out.print(f"  {what} by {action.by} {table_time(action.at, zone)}", markup=False)
-    if o.status in (*REVIEWABLE, "skipped"):
+    if o.status in (*WAITING_ISSUE_STATUSES, "skipped"):
         out.print(f"  articles ({len(state.kept)}):", markup=False)
         for article in state.kept:
             out.print(f"    {article.id:>6}  [{article.topic}] {article.title}", markup=False)

@@ -50,8 +50,6 @@ from mailer.staff.outbox import enqueue
 
 log = logging.getLogger(__name__)
 
-# Made and not released: what staff act on.
-REVIEWABLE = WAITING_ISSUE_STATUSES  # what staff can still act on
 # Who an automatic decision is recorded as being by.
 BY_SCHEDULE = "schedule"
 # Why an issue made after its slot (the review window missed) is held.
@@ -325,7 +323,7 @@ def outcome_of(
 ) -> Outcome:
     """Where an issue not (yet) released stands: who it would go to if released now."""
     topics, kept = kept_topics(conn, row.id)
-    waiting = status in REVIEWABLE
+    waiting = status in WAITING_ISSUE_STATUSES
     recipients = count_recipients(conn, topics, now) if waiting else snapshotted(conn, row.id)
     when = None
     if digest is not None and waiting:

@@ -20,11 +20,10 @@ import sqlalchemy as sa
 from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, writing
-from mailer.db.schema import articles, events, issue_articles, issues
+from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, events, issue_articles, issues
 from mailer.errors import DigestError, IssueStateError
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
-    REVIEWABLE,
     Outcome,
     digest_of,
     kept_topics,
@@ -99,7 +98,7 @@ def skip(
     """Skip an issue in review, approved or held: it is never sent (final), and its articles
     go back to the digest for its next issue (``selection.GIVES_BACK``)."""
     with writing(engine) as conn:
-        row = _acting(conn, issue_id, REVIEWABLE, "skipped")
+        row = _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "skipped")
         conn.execute(
             issues.update()
             .where(issues.c.id == issue_id)
@@ -117,7 +116,7 @@ def drop_article(
     """Take an article out of an issue in review, approved or held; no later issue of the
     digest takes it either (``selection.taken_by``)."""
     with writing(engine) as conn:
-        row = _acting(conn, issue_id, REVIEWABLE, "article_dropped")
+        row = _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "article_dropped")
         found = conn.execute(
             sa.select(articles.c.title, issue_articles.c.dropped_at, issue_articles.c.dropped_by)
             .join(articles, articles.c.id == issue_articles.c.article_id)
