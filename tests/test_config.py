@@ -50,6 +50,10 @@ BAD = [
         "[site].base_url must be an absolute http or https URL",
     ),
     ({"site__timezone": "Mars/Olympus"}, "[site].timezone must be an IANA time zone"),
+    (
+        {"site__logo_url": "http://news.example.org/logo.png"},
+        "[site].logo_url must be an absolute https URL, got 'http://news.example.org/logo.png'",
+    ),
     ({"site__name": "Bad\r\nBcc: x@evil.test"}, "[site].name must be one line"),
     (
         {"site__postal_address": " "},
@@ -353,6 +357,14 @@ def test_a_failed_subject_is_reported_from_the_file_by_load_settings(tmp_path: P
 def test_base_url_http_is_accepted_on_this_machine_and_https_anywhere(base_url: str) -> None:
     settings = parse_settings(config_dict(site__base_url=base_url), env={})
     assert settings.site.base_url == base_url.rstrip("/")
+
+
+def test_logo_is_optional_https_and_alt_text_defaults_to_the_name() -> None:
+    plain = make_settings()
+    assert (plain.site.logo_url, plain.site.logo_alt) == (None, plain.site.name)
+    logo = "https://news.example.org/static/logo.png"
+    settings = make_settings(site__logo_url=logo, site__logo_alt="The Updates")
+    assert (settings.site.logo_url, settings.site.logo_alt) == (logo, "The Updates")
 
 
 def test_bounce_policy_defaults_and_values() -> None:

@@ -82,6 +82,10 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     feedback_id = t.text(
         "feedback_id", pattern=re.compile(r"^[A-Za-z0-9._-]+(:[A-Za-z0-9._-]+){1,3}$")
     )
+    logo_url = t.text("logo_url")
+    if logo_url is not None:
+        # Mail clients block plain-http images, and a page served over HTTPS would warn.
+        logo_url = check_url(t, "logo_url", logo_url, https_only=True)
     site = SiteSettings(
         name=name,
         tagline=t.text("tagline", ""),
@@ -100,6 +104,8 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
         list_id=list_id,
         unsubscribe_mailto=mailto,
         feedback_id=feedback_id,
+        logo_url=logo_url,
+        logo_alt=t.text("logo_alt", name),
     )
     t.finish()
     return site

@@ -36,6 +36,10 @@ class SiteSettings:
     list_id: str
     unsubscribe_mailto: str | None
     feedback_id: str | None
+    # The masthead's logo in mail and on the pages: an HTTPS image, and its alt text (the
+    # site's name unless set). None: the masthead shows the name alone.
+    logo_url: str | None = None
+    logo_alt: str = ""
 
     @property
     def domain(self) -> str:

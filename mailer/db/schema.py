@@ -172,6 +172,9 @@ issues = sa.Table(
     # When its report was queued for staff (mailer.issues.report): once per issue, by whichever
     # process sees it final first.
     sa.Column("reported_at", UtcDateTime),
+    # The editor's note printed at the top of the issue, and who wrote it (migration 0009).
+    sa.Column("note", sa.Text),
+    sa.Column("note_by", sa.String(200)),
     sa.UniqueConstraint("digest", "scheduled_for"),
     sa.CheckConstraint(_in("status", ISSUE_STATUSES), name="status"),
     sqlite_autoincrement=True,

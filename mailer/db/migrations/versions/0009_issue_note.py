@@ -1,0 +1,28 @@
+"""an editor's note per issue
+
+* issues.note: a short note from the editor printed at the top of the issue (`mailer issues
+  note ID TEXT` before it goes, or the `note` file beside the config when the issue is made);
+  issues.note_by: who wrote it.
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("issues", sa.Column("note", sa.Text))
+    op.add_column("issues", sa.Column("note_by", sa.String(200)))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("issues", schema=None) as batch_op:
+        batch_op.drop_column("note_by")
+        batch_op.drop_column("note")
