@@ -107,6 +107,8 @@ subscribers = sa.Table(
     sa.Column("confirmation_sent_at", UtcDateTime),
     # Set from the preferences page: no digest goes out while it lies in the future.
     sa.Column("paused_until", UtcDateTime),
+    # When the welcome mail was accepted by the relay; NULL while it is owed (migration 0009).
+    sa.Column("welcomed_at", UtcDateTime),
     sa.CheckConstraint(_in("status", SUBSCRIBER_STATUSES), name="status"),
     sqlite_autoincrement=True,
 )
