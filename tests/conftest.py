@@ -15,6 +15,9 @@ from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import metadata
 from mailer.errors import DatabaseUnavailable
 
+# browser, page, shots: a real headless Chromium for the tests that look at pages and mail.
+pytest_plugins = ["tests.browser"]
+
 PG_ADMIN_URL = os.environ.get(
     "MAILER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )

@@ -12,7 +12,6 @@ the module is skipped, unless ``MAILER_REQUIRE_BROWSER=1`` makes that a failure.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -37,41 +36,12 @@ from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.pages import Pages
 from mailer.web.server import ServerThread, bind_ephemeral
+from tests.browser import PHONE
 from tests.factories import NOW, SECRET, make_settings, make_subscriber
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_web import make_issue
 
-CHROMIUM = Path("/usr/bin/chromium")
-REQUIRE = os.environ.get("MAILER_REQUIRE_BROWSER") == "1"
-LAUNCH_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-PHONE = {"width": 390, "height": 844}
-
 pytestmark = pytest.mark.browser
-
-if not CHROMIUM.exists():
-    reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
-    if REQUIRE:
-        raise RuntimeError(reason + " (MAILER_REQUIRE_BROWSER=1)")
-    pytest.skip(reason, allow_module_level=True)
-
-if REQUIRE:
-    import playwright.sync_api as sync_api
-else:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is missing")
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    directory = Path(os.environ.get("MAILER_SCREENSHOTS") or tmp_path / "screenshots")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
 
 
 @pytest.fixture
@@ -98,24 +68,6 @@ def site(
     with ServerThread(app, sock=sock) as server:
         yield server, engine, settings
     engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """One Chromium for the module (starting it is most of a test's time)."""
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh browser context (no cookies, no cache) at phone size."""
-    context = browser.new_context(viewport=PHONE, device_scale_factor=1)
-    context.set_default_timeout(10_000)
-    yield context.new_page()
-    context.close()
 
 
 def status_of(engine: sa.Engine, email: str) -> str | None:
