@@ -458,7 +458,7 @@ def test_unknown_issue_and_article_not_in_it_are_one_line_errors(
     stock(engine, "Gate 3 closed")
     make_subscriber(engine)
     issue_id = open_window(engine, settings)
-    with pytest.raises(DigestError, match=r"^no issue 999$"):
+    with pytest.raises(DigestError, match=r"^no issue 999: `mailer issues list` shows their ids$"):
         review_actions.approve(engine, settings, 999, by="ana", now=OPENS)
     with pytest.raises(DigestError, match=f"^article 999 is not in issue {issue_id} "):
         review_actions.drop_article(engine, issue_id, 999, by="ana", now=OPENS)
@@ -628,7 +628,10 @@ def test_cli_bad_input_is_one_line_and_exit_1(
 ) -> None:
     settings = settings_for(db_url)
     issue_id, _slot = made_for_review(engine, settings)
-    assert fails(config, capsys, "issues", "approve", "999") == "error: no issue 999"
+    assert (
+        fails(config, capsys, "issues", "approve", "999")
+        == "error: no issue 999: `mailer issues list` shows their ids"
+    )
     assert fails(config, capsys, "issues", "drop-article", str(issue_id), "999").startswith(
         f"error: article 999 is not in issue {issue_id}"
     )

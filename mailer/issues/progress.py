@@ -29,7 +29,7 @@ from mailer.db.schema import (
     issue_articles,
     issues,
 )
-from mailer.errors import DigestError
+from mailer.errors import DigestError, UnknownIssueError
 from mailer.models import Article, IssueContent
 
 
@@ -56,7 +56,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     review)."""
     row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
     if row is None:
-        raise DigestError(f"no issue {issue_id}")
+        raise UnknownIssueError(issue_id)
     # A digest since removed from the config still renders its issues, in the site's zone.
     digest = {d.key: d for d in settings.digests}.get(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
@@ -86,7 +86,7 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
     with reading(engine) as conn:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
-            raise DigestError(f"no issue {issue_id}")
+            raise UnknownIssueError(issue_id)
         return _summaries(conn, [row])[0]
 
 
@@ -254,7 +254,7 @@ def _status(conn: sa.Connection, issue_id: int) -> str:
         sa.select(issues.c.status).where(issues.c.id == issue_id)
     ).scalar_one_or_none()
     if status is None:
-        raise DigestError(f"no issue {issue_id}")
+        raise UnknownIssueError(issue_id)
     return status
 
 

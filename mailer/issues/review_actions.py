@@ -21,7 +21,7 @@ from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, writing
 from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, events, issue_articles, issues
-from mailer.errors import DigestError, IssueStateError
+from mailer.errors import DigestError, IssueStateError, UnknownIssueError
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
     Outcome,
@@ -165,7 +165,7 @@ def review_state(
     with reading(engine) as conn:
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
-            raise DigestError(f"no issue {issue_id}")
+            raise UnknownIssueError(issue_id)
         digest = digest_of(settings, row.digest)
         outcome = outcome_of(conn, row, row.status, digest, now)
         dropped = conn.execute(
@@ -229,7 +229,7 @@ def _acting(
     """The issue's locked row if its status is one of ``allowed``; else a one-line error."""
     row = conn.execute(locking(conn, issue_id)).first()
     if row is None:
-        raise DigestError(f"no issue {issue_id}")
+        raise UnknownIssueError(issue_id)
     if row.status not in allowed:
         states = _either(allowed)
         raise IssueStateError(
