@@ -109,6 +109,9 @@ class Service:
             ],
         )
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
+        self.web_server: _QuietServer | None = None  # while ``run`` serves the web app
+        # Why the web app stopped on its own while the service ran (it then stops too).
+        self.web_failure: str | None = None
 
     def fire(self, digest: Digest, slot: datetime | None = None) -> IssueCreated | None:
         """Create the issue for ``slot`` (default: the slot that just came due).
@@ -374,6 +377,29 @@ class Service:
                     )
         return totals
 
+    def _web_ended(self, web: asyncio.Task[object]) -> None:
+        """The web app's task ended. Unless the service is stopping, that is a failure: the
+        sign-up page and every unsubscribe link are down, so the service stops (the worker
+        finishes its batch) and ``run`` raises it, staff alerted, rather than sending mail
+        whose links lead nowhere."""
+        if self.stop.is_set():
+            return
+        failure = None if web.cancelled() else web.exception()
+        reason = (
+            one_line(describe_error(failure)) or type(failure).__name__
+            if failure is not None
+            else "it exited without an error"
+        )
+        self.web_failure = reason
+        log.error("the web app stopped: %s", reason)
+        task = asyncio.create_task(
+            self._alert(partial(checks.web_stopped_alert, self.engine, self.settings, reason)),
+            name="alert web:stopped",
+        )
+        self.alerting.add(task)
+        task.add_done_callback(self.alerting.discard)
+        self.stop.set()
+
     def _relay_down(self, reason: str) -> None:
         """The worker's pool saw the relay refuse a connection after answering (an outage
         starts): alert staff, from a task, without delaying the send that saw it."""
@@ -409,6 +435,7 @@ class Service:
                 scheduler = self.scheduler()
                 scheduler.start()
             server = self._web_server() if self.parts.web else None
+            self.web_server = server
             totals = Totals()
             try:
                 if server is not None:
@@ -419,6 +446,7 @@ class Service:
                     if not server.listening.is_set():
                         web.result()  # what stopped it, if it raised
                         raise MailerError("the web app stopped before it listened")
+                    web.add_done_callback(self._web_ended)
                 if on_started is not None:
                     on_started()
                 log.info(
@@ -433,6 +461,8 @@ class Service:
                     totals = await self.deliver_forever(drain=drain)
                 else:
                     await self.stop.wait()
+                if self.web_failure is not None:
+                    raise MailerError(f"the web app stopped: {self.web_failure}")
             finally:
                 if scheduler is not None:
                     scheduler.shutdown(wait=False)

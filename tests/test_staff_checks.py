@@ -19,11 +19,12 @@ from mailer.db import audit
 from mailer.db.engine import create_engine, writing
 from mailer.db.schema import deliveries, staff_alerts, staff_mail
 from mailer.delivery.pool import SmtpAuthError
-from mailer.errors import FeedError
+from mailer.errors import FeedError, MailerError
 from mailer.service import Parts, Service
 from mailer.staff import checks
 from mailer.staff.outbox import enqueue
 from mailer.staff.rounds import StaffRound, Step
+from mailer.web.server import bind_ephemeral
 from tests.factories import (
     ALERTS,
     NOW,
@@ -338,6 +339,35 @@ async def test_a_relay_that_refuses_every_connection_is_alerted_once(
     assert alert_lines(caplog) == [f"alert: the SMTP relay 127.0.0.1:{server.port} is unreachable"]
     [mail] = mails(engine)
     assert "Connect call failed" in mail.text or "refused" in mail.text.lower()
+
+
+# -- the web app, seen by the service
+
+
+async def test_a_web_app_that_stops_while_the_service_runs_stops_it_with_an_alert(
+    engine: sa.Engine, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(db_url, staff=STAFF)
+    service = Service(
+        engine,
+        settings,
+        parts=Parts(scheduler=False, worker=False),
+        clock=Clock(),
+        web_socket=bind_ephemeral(),
+    )
+
+    def stop_the_web_app() -> None:
+        assert service.web_server is not None
+        service.web_server.should_exit = True  # uvicorn returns from serve() without an error
+
+    with caplog.at_level(logging.ERROR), pytest.raises(MailerError) as stopped:
+        await asyncio.wait_for(service.run(on_started=stop_the_web_app), timeout=30)
+    await asyncio.gather(*list(service.alerting))
+    assert str(stopped.value) == "the web app stopped: it exited without an error"
+    assert raised(engine) == {"web:stopped": 1}
+    assert "the web app stopped: it exited without an error" in caplog.messages
+    [mail] = mails(engine)
+    assert "sign-up page, confirmation, preferences and unsubscribe links were down" in mail.text
 
 
 # -- the round

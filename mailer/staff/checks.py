@@ -336,6 +336,24 @@ def relay_auth_alert(engine: sa.Engine, settings: Settings, error: str, *, now: 
     )
 
 
+def web_stopped_alert(engine: sa.Engine, settings: Settings, reason: str, *, now: datetime) -> bool:
+    """The web app of a running service stopped: sign-up and every link in the mail are down."""
+    where = f"{settings.web.host}:{settings.web.port}"
+    return raise_alert(
+        engine,
+        settings,
+        cause="web:stopped",
+        subject=f"the web app on {where} stopped: {reason}",
+        text=(
+            f"The web app of `mailer run` on {where} stopped while the service ran: {reason}\n\n"
+            "The sign-up page, confirmation, preferences and unsubscribe links were down, so the"
+            " service stopped too. Start it again once the cause is fixed; deliveries resume"
+            " where they stopped.\n"
+        ),
+        now=now,
+    )
+
+
 def relay_down_alert(engine: sa.Engine, settings: Settings, reason: str, *, now: datetime) -> bool:
     """The relay refuses every connection: deliveries are deferred until it answers."""
     where = f"{settings.smtp.host}:{settings.smtp.port}"
