@@ -80,6 +80,39 @@ def site(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Ite
     engine.dispose()
 
 
+# Every element with text of its own: its colour against the first opaque background behind
+# it (WCAG 2.1 relative luminance); below AA (4.5:1, or 3:1 for large text) it is listed.
+LOW_CONTRAST_JS = """() => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || c[3] === 1) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  const low = [];
+  for (const el of document.body.querySelectorAll("*")) {
+    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    const box = el.getBoundingClientRect();
+    if (!own || box.width <= 1 || box.height <= 1) continue;
+    const style = getComputedStyle(el);
+    if (style.visibility === "hidden") continue;
+    const a = lum(rgb(style.color)), b = lum(background(el));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const size = parseFloat(style.fontSize), bold = parseInt(style.fontWeight, 10) >= 700;
+    const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+    const text = el.textContent.trim().slice(0, 30);
+    if (ratio < needed) low.push(`${el.tagName} "${text}" ${ratio.toFixed(2)}`);
+  }
+  return low;
+}"""
+
+
 def watch(page: Any) -> list[str]:
     """The page's console errors and CSP reports, as they happen."""
     seen: list[str] = []
@@ -119,6 +152,7 @@ def test_every_public_page_fits_a_phone_and_is_photographed(
             assert width <= viewport["width"], f"{name} scrolls sideways at {viewport}: {width}"
             assert page.locator("h1").count() == 1, name
             assert page.evaluate("document.documentElement.lang") == "en"
+            assert page.evaluate(LOW_CONTRAST_JS) == [], name
             # Nothing the CSP refused, nothing broken (the browser's own favicon try aside).
             assert [e for e in errors if not e.endswith("/favicon.ico")] == [], name
             page.screenshot(path=shots / f"page-{name}-{viewport['width']}.png", full_page=True)
