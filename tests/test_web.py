@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from html import unescape
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -21,17 +22,29 @@ import pytest
 import sqlalchemy as sa
 from starlette.exceptions import StarletteDeprecationWarning
 
+from mailer.compose.messages import DigestComposer
+from mailer.compose.rendering import Renderer
 from mailer.db.engine import create_engine
 from mailer.db.schema import articles, events, issue_articles, issues, suppressions
+from mailer.db.schema import deliveries as delivery_table
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.errors import ConfigError
+from mailer.issues.progress import load_content
 from mailer.subscribers import personal, store
 from mailer.subscribers.lifecycle import purge_unconfirmed
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import Limits, SmtpConfirmationSender, create_app
 from mailer.web.ratelimit import RateLimiter
 from mailer.web.security import ARCHIVE_CSP, EMBED_CSP, PAGE_CSP
-from tests.factories import NOW, SECRET, TOPICS, make_settings, make_subscriber
+from tests.factories import (
+    ALERTS,
+    BASE_CONFIG,
+    NOW,
+    SECRET,
+    TOPICS,
+    make_settings,
+    make_subscriber,
+)
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 with warnings.catch_warnings():
@@ -907,8 +920,21 @@ def test_unreadable_privacy_policy_file_stops_the_app_at_start(
 # --- archive --------------------------------------------------------------------------------
 
 
-def make_issue(engine: sa.Engine, *, status: str, days_ago: int, title: str) -> int:
+def make_issue(
+    engine: sa.Engine,
+    *,
+    status: str,
+    days_ago: float,
+    title: str,
+    digest: str = "weekly",
+    deliveries: tuple[str, ...] | None = None,
+) -> int:
+    """An issue of one article; ``deliveries`` are its rows' statuses, one reader each
+    (default: one "sent" row for a sent issue, none otherwise)."""
     at = NOW - timedelta(days=days_ago)
+    if deliveries is None:
+        deliveries = ("sent",) if status == "sent" else ()
+    readers = [make_subscriber(engine).id for _ in deliveries]
     with engine.begin() as conn:
         article_id = conn.execute(
             articles.insert()
@@ -930,10 +956,10 @@ def make_issue(engine: sa.Engine, *, status: str, days_ago: int, title: str) -> 
         issue_id = conn.execute(
             issues.insert()
             .values(
-                digest="weekly",
+                digest=digest,
                 scheduled_for=at,
                 window_end=at,
-                subject=f"Weekly: {title}",
+                subject=f"{digest.capitalize()}: {title}",
                 topics=";".join(TOPICS),
                 status=status,
                 created_at=at,
@@ -943,6 +969,19 @@ def make_issue(engine: sa.Engine, *, status: str, days_ago: int, title: str) -> 
         conn.execute(
             issue_articles.insert().values(issue_id=issue_id, article_id=article_id, position=0)
         )
+        for reader, delivery_status in zip(readers, deliveries, strict=True):
+            conn.execute(
+                delivery_table.insert().values(
+                    issue_id=issue_id,
+                    subscriber_id=reader,
+                    status=delivery_status,
+                    next_attempt_at=at,
+                    message_id=f"<{digest}.{issue_id}.{reader}@news.example.org>",
+                    created_at=at,
+                    updated_at=at,
+                    sent_at=at if delivery_status == "sent" else None,
+                )
+            )
     return int(issue_id)
 
 
@@ -964,6 +1003,173 @@ def test_archive_shows_an_issue_as_readers_saw_it_without_personal_links(web: We
     assert "/unsubscribe/" not in response.text and "/preferences/" not in response.text
     assert response.headers["content-security-policy"] == ARCHIVE_CSP
     assert "script-src" not in ARCHIVE_CSP and "default-src 'none'" in ARCHIVE_CSP
+
+
+def two_digests(engine: sa.Engine, db_url: str, server: FaultServer) -> Web:
+    """The app with the base weekly digest and the alert digest beside it."""
+    return make_web(engine, db_url, server, config={"digests": [BASE_CONFIG["digests"][0], ALERTS]})
+
+
+def test_archive_lists_only_issues_someone_received(web: Web) -> None:
+    read = make_issue(web.engine, status="sent", days_ago=7, title="Read by one")
+    nobody = make_issue(
+        web.engine, status="sent", days_ago=6, title="Sent to nobody", deliveries=()
+    )
+    failed = make_issue(
+        web.engine, status="sent", days_ago=5, title="All failed", deliveries=("failed", "bounced")
+    )
+    html = web.client.get("/archive").text
+    assert f'href="/archive/{read}"' in html and "Read by one" in html
+    assert "Sent to nobody" not in html and "All failed" not in html
+    # The single-issue page follows the same rule.
+    assert web.client.get(f"/archive/{read}").status_code == 200
+    for hidden in (nobody, failed):
+        response = web.client.get(f"/archive/{hidden}")
+        assert response.status_code == 404, hidden
+        assert "There is no sent issue with this number." in response.text
+
+
+def test_archive_labels_issues_by_digest_and_filters_one_digest(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    web = two_digests(engine, db_url, smtp_server)
+    weekly = make_issue(web.engine, status="sent", days_ago=7, title="Gate 5 closed")
+    alert = make_issue(web.engine, status="sent", days_ago=2, title="Storm", digest="alerts")
+    everything = web.client.get("/archive").text
+    listed = visible_text(everything)
+    assert "Base alerts 18 November 2026 Alerts: Storm" in listed
+    assert "Weekly digest 13 November 2026 Weekly: Gate 5 closed" in listed
+    assert 'href="/archive?digest=alerts" aria-current' not in everything
+
+    alerts_only = web.client.get("/archive", params={"digest": "alerts"})
+    assert alerts_only.status_code == 200
+    assert f'href="/archive/{alert}"' in alerts_only.text
+    assert f'href="/archive/{weekly}"' not in alerts_only.text
+    assert '<a class="chip" href="/archive?digest=alerts" aria-current="page">' in alerts_only.text
+    assert "<h1>Past issues: Base alerts</h1>" in alerts_only.text
+
+    unknown = web.client.get("/archive", params={"digest": "daily"})
+    assert unknown.status_code == 404
+    assert "There is no digest “daily” in the archive (known: weekly, alerts)." in unknown.text
+
+
+def test_archive_pages_keep_the_digest_filter(web: Web) -> None:
+    for n in range(31):
+        make_issue(web.engine, status="sent", days_ago=40 - n, title=f"Issue {n}")
+    html = web.client.get("/archive", params={"digest": "weekly"}).text
+    assert 'href="/archive?page=2&amp;digest=weekly" rel="next"' in html
+    second = web.client.get("/archive", params={"digest": "weekly", "page": "2"}).text
+    assert 'href="/archive?page=1&amp;digest=weekly" rel="prev"' in second
+    assert "Weekly: Issue 0" in second
+
+
+def issue_bar(html: str) -> dict[str, str]:
+    """The web copy's previous/next links: rel → path."""
+    return {
+        rel: path_of(unescape(href))
+        for href, rel in re.findall(r'<a\s+href="([^"]+)"\s+rel="(prev|next)"', html)
+    }
+
+
+def test_archived_issues_link_to_the_previous_and_next_of_their_digest(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    web = two_digests(engine, db_url, smtp_server)
+    first = make_issue(web.engine, status="sent", days_ago=21, title="First")
+    between = make_issue(
+        web.engine, status="sent", days_ago=17, title="Alert between", digest="alerts"
+    )
+    make_issue(web.engine, status="sent", days_ago=16, title="Failed", deliveries=("failed",))
+    second = make_issue(web.engine, status="sent", days_ago=14, title="Second")
+    make_issue(web.engine, status="sending", days_ago=10, title="Going out")
+    third = make_issue(web.engine, status="sent", days_ago=7, title="Third")
+    lone_alert = make_issue(web.engine, status="sent", days_ago=1, title="Lone", digest="alerts")
+
+    assert issue_bar(web.client.get(f"/archive/{first}").text) == {"next": f"/archive/{second}"}
+    assert issue_bar(web.client.get(f"/archive/{second}").text) == {
+        "prev": f"/archive/{first}",
+        "next": f"/archive/{third}",
+    }
+    assert issue_bar(web.client.get(f"/archive/{third}").text) == {"prev": f"/archive/{second}"}
+    # Alerts walk among alerts only: never to or from a weekly issue.
+    assert issue_bar(web.client.get(f"/archive/{lone_alert}").text) == {
+        "prev": f"/archive/{between}"
+    }
+    assert issue_bar(web.client.get(f"/archive/{between}").text) == {
+        "next": f"/archive/{lone_alert}"
+    }
+    middle = visible_text(web.client.get(f"/archive/{second}").text)
+    assert "Previous issue: Weekly: First, 30 October 2026" in middle
+    assert "Next issue: Weekly: Third, 13 November 2026" in middle
+
+
+def test_archived_issue_carries_one_h1_and_a_sign_up_box_only_on_the_web(web: Web) -> None:
+    issue = make_issue(web.engine, status="sent", days_ago=7, title="Gate 5 closed")
+    html = web.client.get(f"/archive/{issue}").text
+    assert html.count("<h1") == 1
+    assert "Weekly digest, 13 November 2026" in visible_text(html)
+    form = re.search(r"<form[^>]*>.*?</form>", html, re.S)
+    assert form, "no sign-up box"
+    assert 'action="https://news.example.org/"' in form.group(0)
+    assert 'method="get"' in form.group(0)
+    assert re.search(r'<input id="web-copy-email" name="email" type="email"', form.group(0))
+    assert '<label for="web-copy-email"' in form.group(0)
+    assert f"Get {web.settings.site.name} in your inbox".replace("&", "&amp;") in html
+    # The CSP lets that form go to our own sign-up page, and nothing run.
+    csp = web.client.get(f"/archive/{issue}").headers["content-security-policy"]
+    assert "form-action 'self'" in csp and "allow-forms" in csp and "script-src" not in csp
+    # The mail itself never carries it.
+    with web.engine.connect() as conn:
+        content = load_content(conn, issue, web.settings)
+    mail_html, _ = DigestComposer(web.settings, content, renderer=Renderer()).preview(
+        web.settings.topic_keys
+    )
+    assert "web-copy-email" not in mail_html and "<form" not in mail_html
+    assert "<h1" not in mail_html
+
+
+def test_sign_up_page_fills_in_the_address_from_the_link(web: Web) -> None:
+    html = web.client.get("/", params={"email": " ann@example.org "}).text
+    assert 'value="ann@example.org"' in html
+    hostile = web.client.get("/", params={"email": '"><b>x</b>' + "a" * 400}).text
+    assert "<b>x</b>" not in hostile and 'value="&#34;&gt;&lt;b&gt;x&lt;/b&gt;' in hostile
+    shown = re.search(r'id="email"[^>]*value="([^"]*)"', hostile)
+    assert shown and len(unescape(shown.group(1))) == 254  # cut to the form's maxlength
+    assert 'value=""' in web.client.get("/").text
+
+
+def test_masthead_shows_the_logo_and_the_pages_allow_its_origin(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    web = make_web(
+        engine,
+        db_url,
+        smtp_server,
+        config={
+            "site__logo_url": "https://cdn.example.net:8443/brand/logo.png?v=2",
+            "site__logo_alt": "Camp Lejeune Updates",
+        },
+    )
+    page = web.client.get("/privacy")
+    assert (
+        '<img class="logo" src="https://cdn.example.net:8443/brand/logo.png?v=2" '
+        'alt="Camp Lejeune Updates">'
+    ) in page.text
+    assert (
+        "img-src 'self' data: https://cdn.example.net:8443;"
+        in page.headers["content-security-policy"]
+    )
+    embed = web.client.get("/embed").headers["content-security-policy"]
+    assert "img-src 'self' data: https://cdn.example.net:8443;" in embed
+    assert "script-src 'self';" in embed
+    plain = web.client.get("/privacy")
+    assert plain.text.count("<h1") == 1
 
 
 @pytest.mark.parametrize(

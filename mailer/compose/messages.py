@@ -241,14 +241,19 @@ def render_digest(
     shown: Sequence[str],
     links: LinkView,
     renderer: Renderer,
+    web_copy: object | None = None,
 ) -> tuple[str, str]:
     """The HTML (CSS inlined) and text bodies of ``content`` cut to the ``shown`` topics.
+
+    ``web_copy`` (``mailer.issues.archive.WebCopy``) is what the archive's page adds around
+    the mail; never set for a message.
 
     A personal digest must carry the unsubscribe, preferences and privacy links and the
     postal address in both parts; a template that drops one is refused here.
     """
     name = _template_name(settings, content.digest_key)
     context = digest_context(settings, content, _articles(content, shown), links)
+    context["web_copy"] = web_copy
     html = renderer.render_html(f"email/{name}.html", context)
     text = renderer.render(f"email/{name}.txt", context)
     if links.personal:
@@ -436,7 +441,9 @@ class DigestComposer:
             return None
         return self._spliced.get(shown) or self._compile(shown)
 
-    def preview(self, topics: Iterable[str], *, sample: bool = False) -> tuple[str, str]:
+    def preview(
+        self, topics: Iterable[str], *, sample: bool = False, web_copy: object | None = None
+    ) -> tuple[str, str]:
         """HTML and text of the digest for ``topics``, for ``digest preview`` and the archive.
 
         By default the links are neutral (the web copy: no personal link at all). With
@@ -456,7 +463,7 @@ class DigestComposer:
                 home=site.base_url + "/",
                 personal=False,
             )
-        return render_digest(self.settings, self.content, shown, links, self.renderer)
+        return render_digest(self.settings, self.content, shown, links, self.renderer, web_copy)
 
     def _shown_for(self, topics: Iterable[str]) -> tuple[str, ...]:
         key = frozenset(topics)

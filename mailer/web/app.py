@@ -50,7 +50,12 @@ from mailer.web.context import WebContext
 from mailer.web.pages import Pages
 from mailer.web.public import PublicViews
 from mailer.web.ratelimit import Limits, RateLimiter
-from mailer.web.security import BodyLimitMiddleware, SecurityHeadersMiddleware
+from mailer.web.security import (
+    PAGE_CSP,
+    BodyLimitMiddleware,
+    SecurityHeadersMiddleware,
+    page_csp,
+)
 from mailer.web.sender import ConfirmationSender
 from mailer.web.signup import SignupViews
 from mailer.web.testlinks import TestLinkViews
@@ -63,9 +68,12 @@ class WebApp(Starlette):
     500 page carries them too."""
 
     hsts = False
+    csp = PAGE_CSP
 
     def build_middleware_stack(self) -> ASGIApp:
-        return SecurityHeadersMiddleware(super().build_middleware_stack(), hsts=self.hsts)
+        return SecurityHeadersMiddleware(
+            super().build_middleware_stack(), hsts=self.hsts, csp=self.csp
+        )
 
 
 def create_app(
@@ -181,5 +189,6 @@ def create_app(
         },
     )
     app.hsts = urlsplit(settings.site.base_url).scheme == "https"
+    app.csp = page_csp(web.image_origin)
     app.state.web = web
     return app

@@ -17,6 +17,7 @@ from mailer.errors import TokenError
 from mailer.subscribers.tokens import Purpose, read_test_token, read_token
 from mailer.web.pages import Pages
 from mailer.web.ratelimit import Limits, RateLimiter
+from mailer.web.security import image_origin
 from mailer.web.sender import ConfirmationSender
 
 MAX_FORM_FIELDS = 50
@@ -41,6 +42,11 @@ class WebContext:
     clock: Callable[[], datetime]
     per_ip: RateLimiter
     per_address: RateLimiter
+
+    @property
+    def image_origin(self) -> str | None:
+        """Where the masthead logo comes from, for the pages' CSP (None: no logo)."""
+        return image_origin(self.settings.site.logo_url)
 
     @property
     def topic_choices(self) -> tuple[tuple[str, str], ...]:

@@ -18,6 +18,7 @@ from mailer.errors import AddressError, MailerError
 from mailer.subscribers.addresses import normalize_address
 
 MAX_FIELD = 500  # characters in any one text field we accept
+MAX_EMAIL = 254  # characters in an address (RFC 5321 path limit; the form's maxlength)
 HONEYPOT = "website"  # a field people never see; bots that fill every input fill it
 SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
 PAUSE_DAYS = (30, 90)

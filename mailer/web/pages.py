@@ -134,6 +134,8 @@ class Pages:
             policy_version=settings.site.privacy_policy_version,
             base_url=settings.site.base_url,
             unconfirmed_days=UNCONFIRMED_TTL.days,
+            logo_url=settings.site.logo_url,
+            logo_alt=settings.site.logo_alt or settings.site.name,
         )
         self._prefix = prefix
         self.env.globals["url"] = self.url
@@ -155,6 +157,8 @@ class Pages:
         for error in errors:
             by_field.setdefault(error.field, error.message)
         context.setdefault("by_field", by_field)
+        # base.html leaves the tagline out of the masthead on the page that leads with it.
+        context.setdefault("template", name)
         html: str = self.env.get_template(name).render(**context)
         return html
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
@@ -14,8 +16,11 @@ from mailer.compose.messages import DigestComposer
 from mailer.db.engine import probe
 from mailer.errors import DatabaseUnavailable, DigestError
 from mailer.issues import archive
+from mailer.issues.archive import ArchivedIssue, IssueLink
 from mailer.issues.progress import load_content
+from mailer.subscribers.links import archive_url
 from mailer.web.context import WebContext
+from mailer.web.pages import local_date
 from mailer.web.security import ARCHIVE_CSP
 
 log = logging.getLogger(__name__)
@@ -79,24 +84,43 @@ class PublicViews:
         )
 
     async def archive(self, request: Request) -> Response:
+        """The archived issues, newest first, each labelled with its digest; ``?digest=KEY``
+        lists one digest's."""
         page = bounded_int(request.query_params.get("page", "1"), MAX_PAGE_DIGITS)
         if page is None or not 1 <= page <= MAX_PAGE:
             raise HTTPException(400, f"The page number must be a whole number 1–{MAX_PAGE}.")
+        names = self.digest_names
+        chosen = request.query_params.get("digest")
+        if chosen is not None and chosen not in names:
+            known = ", ".join(names) or "none"
+            raise HTTPException(
+                404, f"There is no digest “{chosen[:40]}” in the archive (known: {known})."
+            )
         found = await run_in_threadpool(
             archive.sent_issues,
             self.web.engine,
             limit=ARCHIVE_PAGE + 1,
             offset=(page - 1) * ARCHIVE_PAGE,
+            digests=None if chosen is None else (chosen,),
         )
         return self.web.pages.render(
             "archive.html",
             issues=found[:ARCHIVE_PAGE],
             page=page,
             more=len(found) > ARCHIVE_PAGE,
+            digests=names,
+            chosen=chosen,
+            query="" if chosen is None else "&" + urlencode({"digest": chosen}),
         )
 
+    @property
+    def digest_names(self) -> dict[str, str]:
+        """The configured digests' names by key, in the config's order."""
+        return {d.key: d.name for d in self.web.settings.digests}
+
     async def archived_issue(self, request: Request) -> Response:
-        """One sent issue as its readers saw it, with every topic and no personal link."""
+        """One sent issue as its readers saw it, with every topic and no personal link, plus
+        the web copy's bar (previous, next, the archive) and a sign-up box."""
         issue_id = bounded_int(request.path_params["issue_id"], MAX_ISSUE_DIGITS)
         if issue_id is None or issue_id > MAX_ISSUE_ID:
             raise HTTPException(404)
@@ -120,7 +144,27 @@ class PublicViews:
                 content = load_content(conn, issue_id, settings)
             except DigestError:
                 return None
+            around = archive.neighbours(conn, issue_id)
+        zone = ZoneInfo(settings.site.timezone)
+        web_copy = archive.WebCopy(
+            heading=f"{content.digest_name}, {local_date(content.date, zone)}",
+            archive_url=settings.site.base_url + "/archive",
+            signup_url=settings.site.base_url + "/",
+            digest_name=content.digest_name,
+            previous=self._link(around.previous),
+            next=self._link(around.next),
+        )
         html, _text = DigestComposer(settings, content, renderer=self.web.renderer).preview(
-            settings.topic_keys
+            settings.topic_keys, web_copy=web_copy
         )
         return html
+
+    def _link(self, issue: ArchivedIssue | None) -> IssueLink | None:
+        if issue is None:
+            return None
+        site = self.web.settings.site
+        return IssueLink(
+            url=archive_url(site, issue.id),
+            subject=issue.subject,
+            date=local_date(issue.scheduled_for, ZoneInfo(site.timezone)),
+        )

@@ -8,33 +8,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from urllib.parse import urlsplit
 
 import h11
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# No script at all, styles only from our stylesheet, forms only to ourselves, never framed.
-PAGE_CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
-# /embed adds its "Copy" button's script, from our own origin only (never inline).
-EMBED_CSP = PAGE_CSP.replace("default-src 'none';", "default-src 'none'; script-src 'self';")
+
+def page_csp(image_origin: str | None = None, *, script: bool = False) -> str:
+    """The pages' CSP: no script at all, styles only from our stylesheet, images from us (and
+    the masthead logo's ``image_origin``), forms only to ourselves, never framed. ``script``:
+    /embed's "Copy" button, a script from our own origin only (never inline)."""
+    images = "'self' data:" + (f" {image_origin}" if image_origin else "")
+    scripts = " script-src 'self';" if script else ""
+    return (
+        f"default-src 'none';{scripts} style-src 'self'; img-src {images}; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+
+
+def image_origin(logo_url: str | None) -> str | None:
+    """The origin (``https://host[:port]``) of ``[site].logo_url``, for the pages' img-src; the
+    origin, not the URL, because a path may hold characters a CSP cannot quote."""
+    if not logo_url:
+        return None
+    parts = urlsplit(logo_url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else None
+
+
+PAGE_CSP = page_csp()
+EMBED_CSP = page_csp(script=True)
 # The archive shows an email as its readers saw it: inline styles (css-inlined for mail
-# clients) and remote images, still no script, sandboxed into an opaque origin.
+# clients) and remote images, still no script, sandboxed into an opaque origin. Its one form,
+# the sign-up box, may go to our own sign-up page only.
 ARCHIVE_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; form-action 'none'; "
-    "frame-ancestors 'none'; base-uri 'none'; sandbox allow-popups allow-popups-to-escape-sandbox"
+    "default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; "
+    "sandbox allow-forms allow-popups allow-popups-to-escape-sandbox"
 )
 
 log = logging.getLogger(__name__)
 
 
-def security_headers(*, hsts: bool) -> dict[str, str]:
+def security_headers(*, hsts: bool, csp: str = PAGE_CSP) -> dict[str, str]:
     """The headers every page carries (``hsts`` when served over HTTPS)."""
     headers = {
-        "Content-Security-Policy": PAGE_CSP,
+        "Content-Security-Policy": csp,
         # Links carry capability tokens: never send them on to another site (or our own logs).
         "Referrer-Policy": "no-referrer",
         "X-Content-Type-Options": "nosniff",
@@ -51,9 +71,9 @@ def security_headers(*, hsts: bool) -> dict[str, str]:
 class SecurityHeadersMiddleware:
     """Adds the security headers to every HTTP response; a route may set its own CSP."""
 
-    def __init__(self, app: ASGIApp, *, hsts: bool = False) -> None:
+    def __init__(self, app: ASGIApp, *, hsts: bool = False, csp: str = PAGE_CSP) -> None:
         self.app = app
-        self.headers = security_headers(hsts=hsts)
+        self.headers = security_headers(hsts=hsts, csp=csp)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -23,8 +23,8 @@ from mailer.models import Recipient
 from mailer.subscribers import lifecycle, store
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
-from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
-from mailer.web.security import EMBED_CSP
+from mailer.web.forms import HONEYPOT, MAX_EMAIL, Invalid, consent_source, parse_signup
+from mailer.web.security import page_csp
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,18 @@ class SignupViews:
         self.web = web
 
     async def home(self, request: Request) -> Response:
-        return self.web.pages.render("signup.html", errors=[], values={}, honeypot=HONEYPOT)
+        """The sign-up form; ``?email=`` (from an archived issue's sign-up box) fills in the
+        address, nothing else: the topics and the consent box are the reader's to choose."""
+        email = request.query_params.get("email", "").strip()[:MAX_EMAIL]
+        return self.web.pages.render(
+            "signup.html", errors=[], values={"email": email} if email else {}, honeypot=HONEYPOT
+        )
 
     async def embed(self, request: Request) -> Response:
         return self.web.pages.render(
             "embed_page.html",
             snippet=self.web.pages.embed_snippet,
-            headers={"Content-Security-Policy": EMBED_CSP},
+            headers={"Content-Security-Policy": page_csp(self.web.image_origin, script=True)},
         )
 
     def _too_many(self, retry_after: int) -> Response:
