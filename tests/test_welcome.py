@@ -18,9 +18,12 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from mailer.compose.dkim import DkimSigner
 from mailer.compose.rendering import Renderer
 from mailer.config.load import parse_settings
 from mailer.config.settings import Settings
@@ -75,14 +78,18 @@ def web_for(engine: sa.Engine, db_url: str, server: FaultServer, **config: Any) 
     return make_web(engine, db_url, server, config={"digests": DIGESTS, **config})
 
 
+def web_with(engine: sa.Engine, settings: Settings, server: FaultServer, sender: Any) -> Web:
+    clock = Clock()
+    app = create_app(settings, engine, sender, clock=clock)
+    return Web(TestClient(app), engine, server, clock, settings)
+
+
 def web_without_relay(engine: sa.Engine, db_url: str, server: FaultServer) -> Web:
     """The app with its relay down (nothing listens on its port); ``server`` is where the
     staff round's settings send once the relay is back."""
     settings = make_settings(db_url, digests=DIGESTS, smtp__port=closed_port())
-    clock = Clock()
     sender = SmtpConfirmationSender(settings, local_hostname="client.test")
-    app = create_app(settings, engine, sender, clock=clock)
-    return Web(TestClient(app), engine, server, clock, settings)
+    return web_with(engine, settings, server, sender)
 
 
 @pytest.fixture
@@ -182,6 +189,30 @@ def test_confirming_sends_a_welcome_with_next_dates_and_the_latest_stories_in_it
     assert ALERTS_NEXT in page and WEEKLY_NEXT in page
     assert "A welcome email is on its way to you, with the latest stories" in page
     assert "Gate 5 closed" in page and "Harvest fair" in page and "Deployment" not in page
+
+
+def test_the_welcome_is_dkim_signed_by_the_senders_signer(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signer = DkimSigner("news.example.org", "nl2026", key)
+    settings = make_settings(db_url, digests=DIGESTS, smtp__port=smtp_server.port)
+    web = web_with(
+        engine, settings, smtp_server, SmtpConfirmationSender(settings, sign=signer.sign)
+    )
+    confirm(web, "ann@example.org", ("base-alerts",))
+    [raw] = raw_welcomes(web, "ann@example.org")
+    assert raw.startswith(b"DKIM-Signature: ")
+
+    def lookup(qname: bytes, timeout: int = 5) -> bytes | None:
+        wanted = b"nl2026._domainkey.news.example.org."
+        return signer.dns_record().encode() if qname == wanted else None
+
+    assert dkim.verify(raw, dnsfunc=lookup, minkey=1024)
+    signed = dkim.rfc822_parse(raw)[0][0][1]
+    assert b"list-unsubscribe" in signed.lower().replace(b"\r\n", b"")
 
 
 def test_a_reader_of_local_events_only_is_told_of_the_weekly_digest_only(web: Web) -> None:
