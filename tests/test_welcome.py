@@ -233,6 +233,19 @@ def test_a_second_post_of_the_button_sends_no_second_welcome(web: Web) -> None:
     assert len(welcomes(web, "ann@example.org")) == 1
 
 
+def test_a_reader_who_leaves_and_confirms_again_is_welcomed_again(web: Web) -> None:
+    confirm(web, "ann@example.org", ("base-alerts",))
+    uid = web.row("ann@example.org").uid
+    lifecycle.unsubscribe(web.engine, uid, now=CONFIRMED_AT + timedelta(days=30), via="link")
+    web.clock.now = CONFIRMED_AT + timedelta(days=40)
+    web.subscribe("ann@example.org", topics=("local-events",))
+    response = web.client.post(f"/confirm/{token(Purpose.CONFIRM, uid)}")
+    assert "on its way" in response.text
+    first, second = welcomes(web, "ann@example.org")
+    assert "Local events" in parts(second)[0] and "Local events" not in parts(first)[0]
+    assert web.row("ann@example.org").welcomed_at == CONFIRMED_AT + timedelta(days=40)
+
+
 def test_with_no_articles_configured_the_welcome_lists_no_stories(
     engine: sa.Engine,
     db_url: str,
