@@ -105,7 +105,7 @@ class Service:
             steps=[
                 Step("review windows", open_reviews),
                 Step("slots after review", release_slots),
-                *staff_steps(engine, settings),
+                *staff_steps(engine, settings, sign=sign),
             ],
         )
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop

@@ -94,7 +94,12 @@ def test_the_button_confirms_and_records_time_ip_and_user_agent(web: Web) -> Non
     assert row.status == "active"
     assert row.confirmed_at == NOW + timedelta(minutes=7)
     assert (row.confirm_ip, row.confirm_user_agent) == ("testclient", "Reader/2")
-    assert web.kinds("ann@example.org") == ["subscribed", "confirmation_sent", "confirmed"]
+    assert web.kinds("ann@example.org") == [
+        "subscribed",
+        "confirmation_sent",
+        "confirmed",
+        "welcomed",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,13 @@ from rich.console import Console
 from mailer.config.load import load_settings
 from mailer.content.files import load_article_file
 from mailer.db.engine import create_engine
-from mailer.devtools.demo import DEMO_STAFF, copy_examples, mailer_command, run_demo
+from mailer.devtools.demo import (
+    DEMO_READER,
+    DEMO_STAFF,
+    copy_examples,
+    mailer_command,
+    run_demo,
+)
 from mailer.subscribers.csvfile import export_text
 from tests.compliance import assert_compliant
 
@@ -29,7 +35,7 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     figures = run_demo(tmp_path, console=console)
 
     captured = sorted((tmp_path / "mail").glob("*.eml"))
-    mail = [p for p in captured if DEMO_STAFF not in p.name]
+    mail = [p for p in captured if DEMO_STAFF not in p.name and DEMO_READER not in p.name]
     assert figures["sent"] == figures["recipients"] == len(mail) > 0
     # Every sample article goes out, whatever the day: the sample week is dated this week.
     assert figures["issue_articles"] == figures["articles_added"] == 6
@@ -51,6 +57,18 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     assert message["List-Unsubscribe"] is None
     assert f"{figures['sent']} sent" in message["Subject"]
     assert "mail to staff         [Report] Weekly digest" in output
+    # A new reader signed up and confirmed: the confirmation mail, then the welcome mail.
+    confirmation, welcome = [p for p in captured if DEMO_READER in p.name]
+    assert figures["new_reader_mail"] == [confirmation.name, welcome.name]
+    assert_compliant(confirmation.read_bytes(), settings, list_mail=False)
+    message = assert_compliant(welcome.read_bytes(), settings)
+    assert message["Subject"] == "Welcome to Camp Lejeune & New River Updates"
+    text = message.get_body(preferencelist=("plain",))
+    assert text is not None and "Weekly digest: next on " in text.get_content()
+    assert (
+        f"new reader            Welcome to Camp Lejeune & New River Updates  ({welcome.name})"
+        in output
+    )
 
 
 def test_the_try_line_names_a_mailer_that_runs_from_here(tmp_path: Path) -> None:
@@ -95,7 +113,9 @@ def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
     first = run_demo(tmp_path, console=console)
     second = run_demo(tmp_path, console=console)
     assert first["sent"] == second["sent"]
-    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"] + 1  # + the report
+    assert first["new_reader_mail"] and len(second["new_reader_mail"]) == 2
+    # The issue, the report, and the new reader's confirmation and welcome mail.
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"] + 1 + 2
 
 
 def test_the_sample_week_is_copied_dated_the_week_before_any_day(tmp_path: Path) -> None:

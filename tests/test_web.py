@@ -234,7 +234,12 @@ def test_signup_stores_pending_with_consent_evidence_and_mails_a_link_that_confi
     assert row.status == "active"
     assert row.confirmed_at == NOW + timedelta(minutes=5)
     assert (row.confirm_ip, row.confirm_user_agent) == ("testclient", "Phone/2")
-    assert web.kinds("reader@example.org") == ["subscribed", "confirmation_sent", "confirmed"]
+    assert web.kinds("reader@example.org") == [
+        "subscribed",
+        "confirmation_sent",
+        "confirmed",
+        "welcomed",
+    ]
 
 
 def test_confirm_link_is_idempotent(web: Web) -> None:
@@ -796,7 +801,12 @@ def test_download_my_data_is_json_with_the_record_topics_consent_and_events(web:
     assert consent["source"] == "web:form"
     assert consent["confirmation_message_id"].endswith("@news.example.org>")
     assert consent["confirmed_at"] == NOW.isoformat()
-    assert [e["kind"] for e in data["events"]] == ["subscribed", "confirmation_sent", "confirmed"]
+    assert [e["kind"] for e in data["events"]] == [
+        "subscribed",
+        "confirmation_sent",
+        "confirmed",
+        "welcomed",
+    ]
     assert data["deliveries"] == []
 
 

@@ -23,6 +23,7 @@ from mailer.config.sections import (
     read_site,
     read_smtp,
     read_staff,
+    read_welcome,
     resolve_path,
 )
 from mailer.config.settings import (
@@ -107,6 +108,7 @@ def parse_settings(
     dkim = read_dkim(root.table("dkim", required=False), base)
     bounces = read_bounces(root.table("bounces", required=False))
     staff = read_staff(root.table("staff", required=False))
+    welcome = read_welcome(root.table("welcome", required=False))
 
     topics: list[Topic] = []
     for t in root.tables("topics"):
@@ -180,6 +182,7 @@ def parse_settings(
         digests=tuple(digests),
         bounces=bounces,
         staff=staff,
+        welcome=welcome,
     )
 
 

@@ -1,6 +1,6 @@
 """Each table of the config file read into its settings: ``[site]``, ``[smtp]``,
-``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[staff]``, ``[dkim]`` and one ``[[digests]]``
-entry."""
+``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[staff]``, ``[welcome]``, ``[dkim]`` and one
+``[[digests]]`` entry."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from mailer.config.settings import (
     SiteSettings,
     SmtpSettings,
     StaffSettings,
+    WelcomeSettings,
 )
 from mailer.config.table import KEY_RE, REQUIRED, Table
 
@@ -204,6 +205,18 @@ def read_staff(t: Table | None) -> StaffSettings:
     )
     t.finish()
     return staff
+
+
+def read_welcome(t: Table | None) -> WelcomeSettings:
+    """``[welcome]`` (defaults when absent: a welcome mail listing the 3 latest stories)."""
+    t = t or Table({}, "welcome", None)
+    defaults = WelcomeSettings()
+    welcome = WelcomeSettings(
+        enabled=t.flag("enabled", defaults.enabled),
+        articles=t.integer("articles", defaults.articles, low=0, high=10),
+    )
+    t.finish()
+    return welcome
 
 
 def read_dkim(t: Table | None, base: Path | None) -> DkimSettings | None:

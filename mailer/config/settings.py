@@ -212,6 +212,16 @@ class StaffSettings:
 
 
 @dataclass(frozen=True)
+class WelcomeSettings:
+    """``[welcome]``: the mail a reader gets once confirmed, and what it lists."""
+
+    # False: no welcome mail is sent, and none is owed (the confirmed page says so).
+    enabled: bool = True
+    # The latest stories in the reader's topics the mail and the confirmed page show (0: none).
+    articles: int = 3
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration, checked and frozen when it loads."""
 
@@ -228,6 +238,7 @@ class Settings:
     digests: tuple[Digest, ...]
     bounces: BounceSettings = BounceSettings()
     staff: StaffSettings = StaffSettings()
+    welcome: WelcomeSettings = WelcomeSettings()
 
     def digest(self, key: str) -> Digest:
         for digest in self.digests:

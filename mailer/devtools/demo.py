@@ -3,7 +3,9 @@
 A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
 subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
 dated this week (``copy_examples``) so that they can be edited and fetched again; one
-digest rendered and delivered; every message written to ``DIR/mail/*.eml``; an HTML preview;
+digest rendered and delivered; one new reader who signs up and confirms as on the web (the
+confirmation mail, then the welcome mail); every message written to ``DIR/mail/*.eml``; an
+HTML preview;
 and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
 the demo's state.
 """
@@ -18,15 +20,17 @@ import secrets
 import shlex
 import shutil
 import sys
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from email import message_from_bytes, policy
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from rich.console import Console
 
 from mailer.clock import now
+from mailer.compose.messages import build_confirmation
 from mailer.compose.rendering import Renderer
 from mailer.config.load import load_settings
 from mailer.config.settings import Settings
@@ -39,7 +43,9 @@ from mailer.issues.progress import summarize
 from mailer.issues.staff import open_issue, preview_next
 from mailer.staff.reports import queue_reports
 from mailer.staff.rounds import flush_outbox
-from mailer.subscribers import csvfile
+from mailer.subscribers import csvfile, lifecycle
+from mailer.subscribers.welcome_mail import send_welcome
+from mailer.web.sender import SmtpConfirmationSender
 
 # Package data: a wheel installs it as plain files.
 EXAMPLES = Path(str(resources.files("mailer.devtools") / "examples"))
@@ -78,6 +84,9 @@ TOPICS = [
 
 # The demo's staff address: its report lands in DIR/mail beside the readers' copies.
 DEMO_STAFF = "editor@news.example.org"
+# The reader who signs up and confirms during the demo: their confirmation and welcome mail.
+DEMO_READER = "new.reader@example.org"
+DEMO_READER_TOPICS = ("base-alerts", "local-events")
 
 
 def _toml_value(value: Any) -> str:
@@ -264,9 +273,11 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     # The issue ended: its report goes to [staff].emails, captured beside the readers' copies.
     queue_reports(engine, settings, now=now())
     flush_outbox(engine, settings, now=now(), sign=None)
+    asyncio.run(join(engine, settings, now=now(), renderer=renderer))
     captured = sorted((out_dir / "mail").glob("*.eml"))
     staff_mail = [p for p in captured if DEMO_STAFF in p.name]
-    mail = [p for p in captured if p not in staff_mail]
+    joined = [p for p in captured if DEMO_READER in p.name]
+    mail = [p for p in captured if p not in staff_mail and p not in joined]
     first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None
     engine.dispose()
     figures = {
@@ -278,6 +289,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         "sent": totals.counts.get("sent", 0),
         "messages_captured": len(mail),
         "staff_mail": len(staff_mail),
+        "new_reader_mail": [p.name for p in joined],
     }
     console.print(f"[bold]{settings.site.name}[/bold]: demo complete")
     console.print(
@@ -298,6 +310,9 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     for path in staff_mail:
         subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
         console.print(f"  mail to staff         {subject}  ({path.name})", markup=False)
+    for path in joined:
+        subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
+        console.print(f"  new reader            {subject}  ({path.name})", markup=False)
     console.print(f"  HTML preview          {out_dir / 'preview.html'}")
     console.print(f"  config                {out_dir / 'mailer.toml'}")
     config = shlex.quote(str(out_dir / "mailer.toml"))
@@ -306,6 +321,30 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         markup=False,
     )
     return figures
+
+
+async def join(engine: sa.Engine, settings: Settings, *, now: datetime, renderer: Renderer) -> None:
+    """``DEMO_READER`` signs up and confirms through the calls the web app makes: the sign-up
+    recorded, the confirmation mail sent, the button's confirmation, then the welcome mail."""
+    sender = SmtpConfirmationSender(settings)
+    consent = lifecycle.Consent(
+        source="demo", ip=None, user_agent=None, policy_version=settings.site.privacy_policy_version
+    )
+    recipient = lifecycle.record_signup(
+        engine,
+        DEMO_READER,
+        DEMO_READER_TOPICS,
+        consent,
+        now=now,
+        domain=settings.site.domain,
+        daily_cap=1,
+    )
+    if recipient is None:
+        return
+    await sender.send(recipient, build_confirmation(settings, recipient, now, renderer=renderer))
+    outcome, account = lifecycle.confirm(engine, recipient.uid, ip=None, user_agent=None, now=now)
+    if outcome is lifecycle.Confirmed.ACTIVATED and account is not None:
+        await send_welcome(engine, settings, sender, account.id, now=now, renderer=renderer)
 
 
 def mailer_command(executable: str | None = None, cwd: Path | None = None) -> str:

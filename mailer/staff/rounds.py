@@ -35,6 +35,8 @@ Sign = Callable[[bytes], bytes] | None
 RATES_EVERY = timedelta(minutes=5)
 STALLS_EVERY = timedelta(minutes=1)
 MISSED_EVERY = timedelta(minutes=1)
+# Owed welcome mails are looked for this often; each reader's retries are spaced further apart.
+WELCOMES_EVERY = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class Step:
     every: timedelta | None = None
 
 
-def staff_steps(engine: sa.Engine, settings: Settings) -> list[Step]:
-    """The round's steps, in order: one line each."""
+def staff_steps(engine: sa.Engine, settings: Settings, *, sign: Sign = None) -> list[Step]:
+    """The round's steps, in order: one line each. ``sign`` signs the welcome mails (DKIM)."""
     from mailer.staff import checks  # the schedules' calendar: only where the round runs
 
     def on(check: Callable[..., object]) -> Callable[[datetime], object]:
@@ -61,7 +63,27 @@ def staff_steps(engine: sa.Engine, settings: Settings) -> list[Step]:
         Step("stalled issues", on(checks.check_stalls), STALLS_EVERY),
         Step("failing feeds", on(checks.check_feeds)),
         Step("complaint and bounce rates", on(checks.check_rates), RATES_EVERY),
+        Step("welcomes", welcomes_step(engine, settings, sign=sign), WELCOMES_EVERY),
     ]
+
+
+def welcomes_step(
+    engine: sa.Engine, settings: Settings, *, sign: Sign = None
+) -> Callable[[datetime], object]:
+    """The welcome mails owed to readers who confirmed while the relay did not accept them
+    (``welcome_mail.send_owed``), through the sender the web app uses. The round runs a step in
+    a thread; this one sends from an event loop of its own there."""
+    from mailer.compose.rendering import Renderer
+    from mailer.subscribers.welcome_mail import send_owed
+    from mailer.web.sender import SmtpConfirmationSender
+
+    sender = SmtpConfirmationSender(settings, sign=sign)
+    renderer = Renderer()
+
+    def step(now: datetime) -> object:
+        return asyncio.run(send_owed(engine, settings, sender, now=now, renderer=renderer))
+
+    return step
 
 
 class StaffRound:

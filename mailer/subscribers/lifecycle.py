@@ -205,6 +205,8 @@ def confirm(
                 confirm_ip=_clip(ip, MAX_IP),
                 confirm_user_agent=_clip(user_agent, MAX_USER_AGENT),
                 paused_until=None,
+                # A new subscription owes a welcome, even to a reader welcomed once before.
+                welcomed_at=None,
                 updated_at=now,
             )
         )

@@ -1,5 +1,5 @@
 """Joining: the sign-up page, the form post (double opt-in), the confirmation page and its
-button, the embed.
+button, the confirmed page and the welcome mail that follows it, the embed.
 
 The answer to a valid sign-up is the same page whatever the address's state (new, pending,
 active, unsubscribed, suppressed), and the confirmation mail goes out after the response, so
@@ -16,12 +16,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mailer.compose.messages import build_confirmation
+from mailer.compose.welcome import Welcome
+from mailer.db.engine import reading
 from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors
 from mailer.models import Recipient
-from mailer.subscribers import lifecycle, store
+from mailer.subscribers import lifecycle, store, welcome_mail
 from mailer.subscribers.tokens import Purpose, make_token
+from mailer.subscribers.welcome import welcome_for
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
 from mailer.web.forms import HONEYPOT, MAX_EMAIL, Invalid, consent_source, parse_signup
 from mailer.web.security import page_csp
@@ -151,7 +154,7 @@ class SignupViews:
         if account is None:
             return self._expired()
         if account.status == "active":
-            return self._welcome(account, already=True)
+            return await self._welcome(account, already=True)
         if account.status != "pending":
             return self._ended()
         return web.pages.render(
@@ -181,7 +184,31 @@ class SignupViews:
             return self._expired()
         if outcome is lifecycle.Confirmed.INACTIVE:
             return self._ended()
-        return self._welcome(account, already=outcome is lifecycle.Confirmed.ALREADY)
+        if outcome is not lifecycle.Confirmed.ACTIVATED:
+            return await self._welcome(account, already=True)
+        if not web.settings.welcome.enabled:
+            await run_in_threadpool(welcome_mail.not_owed, web.engine, account.id, now=web.clock())
+            return await self._welcome(account, already=False)
+        task = BackgroundTask(self.send_welcome, account.id)
+        return await self._welcome(account, already=False, background=task)
+
+    async def send_welcome(self, subscriber_id: int) -> None:
+        """The welcome mail, after the confirmed page has gone. What the relay does not accept
+        stays owed and the service's staff round sends it (``welcome_mail.send_owed``); a
+        database that fails here leaves it owed too, so this only logs."""
+        web = self.web
+        expected: tuple[type[Exception], ...] = (MailerError, *operational_errors())
+        try:
+            await welcome_mail.send_welcome(
+                web.engine,
+                web.settings,
+                web.sender,
+                subscriber_id,
+                now=web.clock(),
+                renderer=web.renderer,
+            )
+        except expected as exc:
+            log.error("cannot send the welcome mail now: %s", describe_error(exc))
 
     def _expired(self) -> Response:
         return self.web.pages.message(
@@ -203,16 +230,31 @@ class SignupViews:
             headers=NO_STORE,
         )
 
-    def _welcome(self, account: store.Subscriber, *, already: bool) -> Response:
+    async def _welcome(
+        self,
+        account: store.Subscriber,
+        *,
+        already: bool,
+        background: BackgroundTask | None = None,
+    ) -> Response:
+        """The confirmed page: what the welcome mail says (``welcome_for``), and whether that
+        mail is on its way (``background`` sends it)."""
         web = self.web
         preferences = web.pages.url(
             "/preferences/"
             + make_token(web.settings.site.require_secret(), Purpose.PREFERENCES, account.uid)
         )
+        welcome = await run_in_threadpool(self._welcome_content, account.id)
         return web.pages.render(
             "welcome.html",
             headers=NO_STORE,
+            background=background,
             already=already,
+            mailed=background is not None,
             preferences=preferences,
-            chosen=[t for t in web.settings.topics if t.key in account.topics],
+            welcome=welcome,
         )
+
+    def _welcome_content(self, subscriber_id: int) -> Welcome:
+        with reading(self.web.engine) as conn:
+            return welcome_for(conn, self.web.settings, subscriber_id, now=self.web.clock())
