@@ -67,6 +67,8 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
         subject=row.subject,
         date=row.scheduled_for.astimezone(zone),
         articles=kept_articles(conn, issue_id),
+        note=row.note or "",
+        note_by=row.note_by or "",
     )
 
 

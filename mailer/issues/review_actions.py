@@ -22,6 +22,7 @@ from mailer.db import audit
 from mailer.db.engine import reading, writing
 from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, events, issue_articles, issues
 from mailer.errors import DigestError, IssueStateError
+from mailer.issues.notes import clean_note
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
     Outcome,
@@ -34,6 +35,7 @@ from mailer.issues.review import (
     set_status,
 )
 from mailer.models import Article
+from mailer.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,23 @@ def drop_article(
     return Dropped(issue_id, article_id, found.title, row.digest, left)
 
 
+def set_note(
+    engine: sa.Engine, issue_id: int, text: str | None, *, by: str, now: datetime
+) -> str | None:
+    """Store ``text`` as the editor's note of an issue in review, approved or held (None
+    removes it); returns the note as stored (``notes.clean_note``). Once an issue sends, some
+    readers have it already: a note then would reach only the rest, so it is refused."""
+    note = None if text is None else clean_note(text)
+    with writing(engine) as conn:
+        _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "note_set")
+        who = one_line(by, limit=200) if note is not None else None  # issues.note_by: 200
+        conn.execute(issues.update().where(issues.c.id == issue_id).values(note=note, note_by=who))
+        kind = "issue.note_set" if note is not None else "issue.note_cleared"
+        audit.record(conn, None, kind, now, issue=issue_id, by=by)
+    log.info("note set" if note else "note cleared", extra={"issue": issue_id, "by": by})
+    return note
+
+
 # ---------------------------------------------------------------- reading the state
 
 
@@ -220,6 +239,7 @@ ACTION_NAMES = {
     "held": "held",
     "skipped": "skipped",
     "article_dropped": "have an article dropped",
+    "note_set": "have its note changed (it has not started sending)",
 }
 
 
