@@ -45,6 +45,8 @@ class IssueSummary:
     created_at: datetime
     completed_at: datetime | None
     counts: dict[str, int]
+    note: str = ""  # the editor's note (issues.note) and who wrote it
+    note_by: str = ""
 
     @property
     def total(self) -> int:
@@ -123,6 +125,8 @@ def _summaries(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[IssueSu
             created_at=row.created_at,
             completed_at=row.completed_at,
             counts=counts[row.id],
+            note=row.note or "",
+            note_by=row.note_by or "",
         )
         for row in rows
     ]
