@@ -239,7 +239,7 @@ ACTION_NAMES = {
     "held": "held",
     "skipped": "skipped",
     "article_dropped": "have an article dropped",
-    "note_set": "have its note changed (it has not started sending)",
+    "note_set": "given a note (once it sends, some readers have it already)",
 }
 
 
