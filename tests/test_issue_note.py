@@ -17,9 +17,10 @@ from mailer.compose.rendering import Renderer
 from mailer.config.load import load_settings
 from mailer.config.settings import Settings
 from mailer.content.store import upsert_articles
-from mailer.db.schema import issues
+from mailer.db.schema import articles, issues
 from mailer.issues.progress import load_content
 from mailer.issues.review import open_due_reviews
+from mailer.issues.review_mail import compose_review_mail
 from tests.factories import (
     ALERTS,
     BASE_CONFIG,
@@ -167,6 +168,22 @@ def test_issues_note_sets_shows_and_clears_the_note_until_the_issue_sends(
     shown = run(config, "issues", "show", ident).output
     assert "  editor's note (by ana):\n    Hello <readers>.\n\n    Second paragraph.\n" in shown
     assert row(engine, issue_id).subject == "Gate 2 opens early Friday, and 1 more"
+
+    with engine.connect() as conn:
+        mail = compose_review_mail(
+            conn, settings, settings.digests[0], issue_id, renderer, now=NOW - timedelta(minutes=59)
+        )
+    assert "Editor's note (by ana): shown at the top of the issue below." in mail.text
+    assert "FROM THE EDITOR\n\nHello <readers>.\n\nSecond paragraph." in mail.text
+    assert "Hello &lt;readers&gt;." in mail.html
+
+    # Dropping the lead makes the subject again from what the issue keeps.
+    with engine.connect() as conn:
+        lead_id = conn.execute(
+            sa.select(articles.c.id).where(articles.c.title == "Gate 2 opens early Friday")
+        ).scalar_one()
+    assert run(config, "issues", "drop-article", ident, str(lead_id)).exit_code == 0
+    assert row(engine, issue_id).subject == "Road work on Holcomb"
 
     from_stdin = run(config, "issues", "note", ident, "-", "--by", "bo", stdin="From stdin.\n")
     assert from_stdin.exit_code == 0 and row(engine, issue_id).note == "From stdin."

@@ -108,7 +108,9 @@ def drop_article(ctx: Context, issue_id: int, article_id: int, by: str) -> None:
     digest takes it."""
     from mailer.issues import review_actions
 
-    dropped = review_actions.drop_article(ctx.engine(), issue_id, article_id, by=by, now=now())
+    dropped = review_actions.drop_article(
+        ctx.engine(), issue_id, article_id, by=by, now=now(), settings=ctx.settings
+    )
     left = dropped.left
     rest = (
         f"{left} article{'s' if left != 1 else ''} left"

@@ -14,14 +14,16 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from mailer.compose.rendering import Renderer, leads
 from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, writing
 from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, events, issue_articles, issues
-from mailer.errors import DigestError, IssueStateError
+from mailer.errors import DigestError, IssueStateError, RenderError
 from mailer.issues.notes import clean_note
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
@@ -113,10 +115,20 @@ def skip(
 
 
 def drop_article(
-    engine: sa.Engine, issue_id: int, article_id: int, *, by: str, now: datetime
+    engine: sa.Engine,
+    issue_id: int,
+    article_id: int,
+    *,
+    by: str,
+    now: datetime,
+    settings: Settings | None = None,
+    renderer: Renderer | None = None,
 ) -> Dropped:
     """Take an article out of an issue in review, approved or held; no later issue of the
-    digest takes it either (``selection.taken_by``)."""
+    digest takes it either (``selection.taken_by``).
+
+    With ``settings`` (the command line passes them) the issue's subject is made again from
+    the articles it keeps: a subject naming its lead must not name one taken out."""
     with writing(engine) as conn:
         row = _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "article_dropped")
         found = conn.execute(
@@ -143,6 +155,8 @@ def drop_article(
             conn, None, "issue.article_dropped", now, issue=issue_id, article=article_id, by=by
         )
         left = len(kept_topics(conn, issue_id)[1])
+        if settings is not None:
+            _resubject(conn, settings, renderer or Renderer(), row)
     log.info("article dropped", extra={"issue": issue_id, "article": article_id, "by": by})
     return Dropped(issue_id, article_id, found.title, row.digest, left)
 
@@ -162,6 +176,22 @@ def set_note(
         audit.record(conn, None, kind, now, issue=issue_id, by=by)
     log.info("note set" if note else "note cleared", extra={"issue": issue_id, "by": by})
     return note
+
+
+def _resubject(conn: sa.Connection, settings: Settings, renderer: Renderer, row: Any) -> None:
+    """Render the subject of issue ``row`` again from the articles it keeps (kept as it was
+    if its digest left the config or its subject no longer renders: logged)."""
+    digest = digest_of(settings, row.digest)
+    if digest is None:
+        return
+    kept = kept_articles(conn, row.id)
+    date = row.scheduled_for.astimezone(ZoneInfo(digest.timezone))
+    try:
+        subject = renderer.render_subject(digest, date, leads(settings, kept))
+    except RenderError as exc:
+        log.warning("subject not made again", extra={"issue": row.id, "error": str(exc)})
+        return
+    conn.execute(issues.update().where(issues.c.id == row.id).values(subject=subject))
 
 
 # ---------------------------------------------------------------- reading the state
