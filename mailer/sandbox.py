@@ -132,7 +132,14 @@ def render_subject(
         raise RenderError("renders to an empty subject", template=where)
     if _FAKE_REPLY_RE.match(subject):
         # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
-        # (15 USC 7704(a)(2); COMPLIANCE 4.8).
+        # (15 USC 7704(a)(2); COMPLIANCE 4.8). When the same template with sample titles
+        # does not, an article's title ("RE: budget talks") made it so: the digest's name
+        # goes first, rather than no issue at all.
+        if articles and not _FAKE_REPLY_RE.match(digest.name):
+            sample = Lead(SAMPLE_LEADS[0].title, articles[0].topic)
+            neutral = one_line(template.render({**context, "lead": sample}))
+            if not _FAKE_REPLY_RE.match(neutral):
+                return shorten(one_line(f"{digest.name}: {subject}"), SUBJECT_LIMIT)
         raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
     return subject
 

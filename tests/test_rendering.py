@@ -465,3 +465,12 @@ def test_an_alert_digest_renders_as_an_alert() -> None:
         assert part.index("Gate 1 closed") < part.index("Gate 2 closed")
     assert "section-title" not in html
     assert LINKS.unsubscribe in html and LINKS.unsubscribe in text  # the same footer
+
+
+def test_an_article_title_that_reads_like_a_reply_does_not_make_the_subject_one() -> None:
+    replying = leads(SETTINGS, [article(1, title="RE: the budget talks")])
+    subject = RENDERER.render_subject(staff_subject(CONTENT_SUBJECT), NOW, replying)
+    assert subject == "Weekly digest: RE: the budget talks"
+    # The template's own text still may not (the config check refuses it at load).
+    with pytest.raises(TemplateError, match="reply or forward"):
+        RENDERER.render_subject(staff_subject("Fwd: {{ lead.title }}"), NOW, replying)
