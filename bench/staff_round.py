@@ -365,7 +365,7 @@ def steps(engine: sa.Engine, settings: Settings) -> list[tuple[str, Callable[[da
         engine,
         settings,
         renderer=Renderer(),
-        render_subject=lambda digest, slot: digest.name,
+        render_subject=lambda digest, slot, articles: digest.name,
     )
     return [
         ("review windows", open_reviews),

@@ -56,3 +56,6 @@ class IssueContent:
     subject: str  # rendered, one line
     date: datetime  # the issue date, aware, in the digest's time zone
     articles: tuple[Article, ...]  # newest first
+    # The editor's note printed at the top (issues.note, plain text) and who wrote it.
+    note: str = ""
+    note_by: str = ""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 import jinja2
-from jinja2 import StrictUndefined, select_autoescape
+from jinja2 import StrictUndefined, meta, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 
 from mailer.errors import RenderError
@@ -29,12 +31,36 @@ from mailer.text import one_line
 _FAKE_REPLY_RE = re.compile(r"^(re|fwd?|aw|wg|tr)\s*:", re.IGNORECASE)
 _PARAGRAPH_RE = re.compile(r"\n[ \t]*\n")
 
+# A subject longer than this is cut at a word boundary: inboxes show 40-90 characters, and a
+# feed title of 400 characters would otherwise make a subject of 400.
+SUBJECT_LIMIT = 150
+
+
+@dataclass(frozen=True)
+class Lead:
+    """An article as a subject sees it: its one-line title and its topic's name."""
+
+    title: str
+    topic: str
+
+
+# What ``mailer.config`` renders a subject with as it loads, so that a misspelt name in it
+# (``lead.titel``) is refused then, not at the first issue.
+SAMPLE_LEADS = (
+    Lead("Gate 2 opens early Friday", "Base alerts"),
+    Lead("Holiday market on the parade deck", "Local events"),
+    Lead("New commander for the air station", "Military news"),
+)
+
 
 class SubjectOf(Protocol):
-    """What a subject template is read from: a digest's key (for errors) and its subject."""
+    """What a subject template is read from: a digest's key (for errors), name and subject."""
 
     @property
     def key(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
 
     @property
     def subject(self) -> str: ...
@@ -68,28 +94,79 @@ def environment(loader: jinja2.BaseLoader | None = None) -> SandboxedEnvironment
     return env
 
 
-def render_subject(env: SandboxedEnvironment, digest: SubjectOf, date: datetime) -> str:
-    """The subject line of an issue of ``digest`` dated ``date``, on one line.
+def render_subject(
+    env: SandboxedEnvironment, digest: SubjectOf, date: datetime, articles: Sequence[Lead] = ()
+) -> str:
+    """The subject line of an issue of ``digest`` dated ``date`` holding ``articles``.
 
-    ``digest.subject`` is a Jinja template seeing ``digest`` and ``date``. CR, LF and other
-    whitespace runs become single spaces, so the result is safe for a header. RenderError for
-    a template that fails, renders to nothing, or reads like a reply.
+    ``digest.subject`` is a Jinja template seeing ``digest``, ``date``, ``lead`` (the first of
+    ``articles``: what the issue opens with), ``count`` (how many articles) and ``more``
+    (count - 1), so a subject can say what is inside: "Gate 2 opens early Friday, and 5 more".
+    An issue without articles is never sent, but staff list it: its ``lead`` is None and
+    ``count`` 0, and if the template names ``lead`` at all its subject is
+    "<digest name>, <date>: no new articles" instead.
+
+    CR, LF and other whitespace runs become single spaces, so the result is safe for a header,
+    and it is cut at a word boundary to ``SUBJECT_LIMIT`` characters. RenderError for a
+    template that fails, renders to nothing, or reads like a reply.
     """
     where = f"[[digests]] {digest.key!r} subject"
+    context = {
+        "digest": digest,
+        "date": date,
+        "lead": articles[0] if articles else None,
+        "count": len(articles),
+        "more": max(len(articles) - 1, 0),
+    }
     try:
-        text = env.from_string(digest.subject).render(digest=digest, date=date)
+        template, names = _compiled(env, digest.subject)
+        if not articles and "lead" in names:
+            return one_line(f"{digest.name}, {long_date(date)}: no new articles")
+        text = template.render(context)
     except Exception as exc:
         # Deliberately broad: the subject is staff-written template code, which can raise
         # anything (1/0, a bad strftime argument, ...), and all of it is "this subject is broken".
         raise render_error(exc, where) from exc
-    subject = one_line(text)
+    subject = shorten(one_line(text), SUBJECT_LIMIT)
     if not subject:
         raise RenderError("renders to an empty subject", template=where)
     if _FAKE_REPLY_RE.match(subject):
         # A digest is not a reply: a fake "Re:"/"Fwd:" is a deceptive subject heading
-        # (15 USC 7704(a)(2); COMPLIANCE 4.8).
+        # (15 USC 7704(a)(2); COMPLIANCE 4.8). When the same template with sample titles
+        # does not, an article's title ("RE: budget talks") made it so: the digest's name
+        # goes first, rather than no issue at all.
+        if articles and not _FAKE_REPLY_RE.match(digest.name):
+            sample = Lead(SAMPLE_LEADS[0].title, articles[0].topic)
+            neutral = one_line(template.render({**context, "lead": sample}))
+            if not _FAKE_REPLY_RE.match(neutral):
+                return shorten(one_line(f"{digest.name}: {subject}"), SUBJECT_LIMIT)
         raise RenderError(f"must not look like a reply or forward: {subject!r}", template=where)
     return subject
+
+
+def _compiled(env: SandboxedEnvironment, source: str) -> tuple[jinja2.Template, frozenset[str]]:
+    """``source`` compiled in ``env`` and the names it reads, compiled once per environment:
+    a composer renders a subject per topic set, and compiling costs ten times rendering."""
+    cache: dict[str, tuple[jinja2.Template, frozenset[str]]] = env.__dict__.setdefault(
+        "_mailer_subjects", {}
+    )
+    found = cache.get(source)
+    if found is None:
+        names = frozenset(meta.find_undeclared_variables(env.parse(source)))
+        found = cache[source] = (env.from_string(source), names)
+    return found
+
+
+def shorten(line: str, limit: int) -> str:
+    """``line`` if it has at most ``limit`` characters, else cut at the last space that
+    leaves room for "…" (mid-word only when the first word alone is too long)."""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-–—") + "…"
 
 
 def render_error(exc: Exception, name: str, template_dir: Path | None = None) -> RenderError:

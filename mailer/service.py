@@ -23,7 +23,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from mailer.clock import now as clock_now
-from mailer.compose.rendering import Renderer
+from mailer.compose.rendering import Renderer, SubjectRenderer
 from mailer.config.settings import Digest, Settings
 from mailer.content.sources import fetch_sources, log_results
 from mailer.delivery.ledger import Holding
@@ -71,7 +71,7 @@ class Service:
         clock: Callable[[], datetime] = clock_now,
         sign: Callable[[bytes], bytes] | None = None,
         renderer: Renderer | None = None,
-        render_subject: Callable[[Digest, datetime], str] | None = None,
+        render_subject: SubjectRenderer | None = None,
         retry_seconds: float = RETRY_FIRST_SECONDS,
         web_socket: socket.socket | None = None,
         on_wait: Callable[[Sequence[Holding], datetime], None] | None = None,

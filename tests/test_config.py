@@ -236,13 +236,28 @@ REFUSED_AT_LOAD = {
     "subject-undefined-name": (
         {"digests": _digest(subject="{{ nope }}")},
         "[digests[0]].subject cannot be rendered: 'nope' is undefined "
-        "(tried with digest 'weekly' and date 2026-01-02 07:00 EST;",
+        "(tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample article;",
     ),
     "subject-misspelt-attribute": (
         {"digests": _digest(subject="{{ digest.nme }}")},
         "[digests[0]].subject cannot be rendered: 'mailer.config.settings.Digest object' has no"
-        " attribute 'nme' (tried with digest 'weekly' and date 2026-01-02 07:00 EST; a subject sees"
-        " digest.name, digest.key and date)",
+        " attribute 'nme' (tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample"
+        " article; a subject sees digest.name, digest.key, date, lead.title, lead.topic, count and"
+        " more)",
+    ),
+    "template-missing": (
+        {"digests": _digest(template="digset")},
+        "[digests[0]].template names 'digset', but email/digset.html and email/digset.txt do not"
+        " exist in",
+    ),
+    "subject-misspelt-lead": (
+        {
+            "digests": _digest(
+                subject="{{ lead.titel }}{% if more %}, and {{ more }} more{% endif %}"
+            )
+        },
+        "[digests[0]].subject cannot be rendered: 'mailer.sandbox.Lead object' has no attribute"
+        " 'titel' (tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample article;",
     ),
     "subject-syntax": (
         {"digests": _digest(subject="{{ date.strftime( }}")},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from mailer.compose.rendering import Renderer
 from mailer.config.settings import Digest
 from mailer.db.schema import issues
 from mailer.errors import RenderError
+from mailer.sandbox import Lead
 from mailer.service import Parts, Service
 from tests.factories import NOW, make_settings, make_subscriber
 
@@ -29,13 +31,13 @@ class BrokenSubject:
         self.calls = 0
         self.on_call = on_call
 
-    def __call__(self, digest: Digest, date: datetime) -> str:
+    def __call__(self, digest: Digest, date: datetime, articles: Sequence[Lead] = ()) -> str:
         self.calls += 1
         if callable(self.on_call):
             self.on_call()
         if self.calls <= self.failures:
             raise RenderError("'edition' is undefined", template=f"[[digests]] {digest.key!r}")
-        return Renderer().render_subject(digest, date)
+        return Renderer().render_subject(digest, date, articles)
 
 
 def made_slots(engine: sa.Engine) -> list[datetime]:

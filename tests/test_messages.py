@@ -548,3 +548,27 @@ def test_a_filled_line_that_begins_with_a_dot_loses_the_ready_mark() -> None:
     dotted = spliced.fill({"TO": "a@example.org", "URL": url})
     assert b"=\r\n.y" in dotted
     assert isinstance(dotted, CrlfOnly) and not isinstance(dotted, SmtpReady)
+
+
+def test_a_reader_without_the_leads_topic_gets_a_subject_for_their_own_copy() -> None:
+    weekly = {
+        **BASE_CONFIG["digests"][0],
+        "subject": "{{ lead.title }}{% if more %}, and {{ more }} more{% endif %}",
+    }
+    data = make_settings(digests=[weekly])
+    content = issue(
+        article(1, "base-alerts"),
+        article(2, "local-events", title="Holiday market Saturday"),
+        article(3, "local-events", title="Turkey trot"),
+        subject="Gate 1 closed for resurfacing — plan ahead, and 2 more",
+    )
+    composer = DigestComposer(data, content, renderer=RENDERER)
+    for topics, subject in (
+        (TOPICS, content.subject),  # every article: the issue's own subject
+        (("local-events",), "Holiday market Saturday, and 1 more"),
+    ):
+        fast = composer.message(recipient(), topics, NOW)
+        slow = reference_message(data, content, recipient(), topics, NOW, renderer=RENDERER)
+        assert fast is not None and slow is not None
+        assert_same_message(fast, slow)
+        assert assert_compliant(fast, data)["Subject"] == subject

@@ -16,13 +16,14 @@ from mailer.compose.rendering import (
     LinkView,
     Renderer,
     isolate_links,
+    leads,
     safe_link,
     sections,
 )
 from mailer.errors import RenderError, TemplateError
 from mailer.models import Article, IssueContent
-from mailer.sandbox import paragraphs
-from tests.factories import NOW, make_settings
+from mailer.sandbox import SUBJECT_LIMIT, paragraphs
+from tests.factories import ALERTS, BASE_CONFIG, NOW, make_settings
 
 SETTINGS = make_settings()
 RENDERER = Renderer()
@@ -347,3 +348,129 @@ def test_empty_digest_says_so() -> None:
 def test_issue_date_is_written_out_in_full() -> None:
     html, text = render(article())
     assert "Friday, 20 November 2026" in html and "Friday, 20 November 2026" in text
+
+
+# --- subjects from content, the lead, contents, note, logo, alerts ---------------------------
+
+CONTENT_SUBJECT = "{{ lead.title }}{% if more %}, and {{ more }} more{% endif %}"
+
+
+def staff_subject(source: str) -> Any:
+    digest = SETTINGS.digest("weekly")
+    return type(digest)(**{**digest.__dict__, "subject": source})
+
+
+def test_subject_names_the_lead_and_counts_the_rest() -> None:
+    digest = staff_subject(CONTENT_SUBJECT + " [{{ lead.topic }}, {{ count }}]")
+    one = leads(SETTINGS, [article(1)])
+    three = leads(SETTINGS, [article(1), article(2, topic="local-events"), article(3)])
+    assert (
+        RENDERER.render_subject(digest, NOW, one)
+        == "Gate 1 closed for resurfacing [Base alerts, 1]"
+    )
+    assert (
+        RENDERER.render_subject(digest, NOW, three)
+        == "Gate 1 closed for resurfacing, and 2 more [Base alerts, 3]"
+    )
+
+
+def test_a_long_subject_is_cut_at_a_word_boundary() -> None:
+    title = "Gate closures " + "and detours around the air station " * 8
+    subject = RENDERER.render_subject(
+        staff_subject(CONTENT_SUBJECT), NOW, leads(SETTINGS, [article(1, title=title), article(2)])
+    )
+    assert len(subject) <= SUBJECT_LIMIT and subject.endswith("…")
+    assert title.startswith(subject.removesuffix("…")) and title[len(subject) - 1] == " "
+
+
+def test_an_empty_issue_has_a_subject_even_when_the_template_names_the_lead() -> None:
+    empty = RENDERER.render_subject(staff_subject(CONTENT_SUBJECT), NOW, ())
+    assert empty == "Weekly digest, Friday, 20 November 2026: no new articles"
+    # A subject that does without a lead is rendered as ever.
+    assert RENDERER.render_subject(staff_subject("{{ digest.name }} ({{ count }})"), NOW, ()) == (
+        "Weekly digest (0)"
+    )
+
+
+def test_the_lead_opens_the_digest_and_is_not_repeated_below() -> None:
+    lead = article(1, summary="First part.\n\nSecond part of the lead.", link=None)
+    html, text = render(lead, article(2, topic="local-events"))
+    visible = flat(" ".join(tags(html).text))
+    for part in (visible, flat(text)):
+        assert part.count("Gate 1 closed for resurfacing") == 2  # the preview line and the lead
+        assert "Second part of the lead." in part  # the whole summary
+        assert part.index("Gate 1 closed") < part.index("Gate 2 closed")
+    assert text.startswith("Gate 1 closed for resurfacing — First part.\n")
+
+
+def test_in_this_issue_from_two_sections_or_four_articles() -> None:
+    def has_contents(*articles: Article) -> bool:
+        html, text = render(*articles)
+        assert ("In this issue" in html) == ("IN THIS ISSUE" in text)
+        return "In this issue" in html
+
+    assert not has_contents(article(1), article(2), article(3))
+    assert has_contents(article(1), article(2), article(3), article(4))
+    assert has_contents(article(1), article(2, topic="local-events"))
+    # Each link names a heading below by its id; every other link is https.
+    html, _text = render(
+        article(1), article(2, topic="local-events"), article(3, topic="military-news")
+    )
+    parsed = tags(html)
+    ids = {attrs["id"] for _tag, attrs in parsed.tags if attrs.get("id")}
+    fragments = [
+        a["href"] for t, a in parsed.tags if t == "a" and (a["href"] or "").startswith("#")
+    ]
+    assert fragments == ["#topic-local-events", "#topic-military-news"]
+    assert {f[1:] for f in fragments} <= ids
+
+
+def test_the_note_is_plain_text_in_paragraphs_in_both_parts() -> None:
+    content = replace(
+        issue(article(1)),
+        note="Hello <b>readers</b> & friends.\n\nSecond {{ 7*7 }}.",
+        note_by="ana",
+    )
+    html, text = render_digest(SETTINGS, content, ("base-alerts",), LINKS, RENDERER)
+    assert "Hello &lt;b&gt;readers&lt;/b&gt; &amp; friends." in html and "<b>readers" not in html
+    assert "Second {{ 7*7 }}." in html and "49" not in html
+    assert "FROM THE EDITOR\n\nHello <b>readers</b> & friends.\n\nSecond {{ 7*7 }}.\n" in text
+    assert "ana" not in text  # who wrote it is for staff (issues show), not for readers
+    plain, plain_text = render(article(1))
+    assert "From the editor" not in plain and "FROM THE EDITOR" not in plain_text
+
+
+def test_the_logo_is_in_the_masthead_with_its_size_and_alt_text() -> None:
+    site = {"logo_url": "https://news.example.org/logo.png", "logo_width": 240, "logo_height": 60}
+    settings = make_settings(**{f"site__{k}": v for k, v in site.items()})
+    html, _text = render_digest(settings, issue(article(1)), ("base-alerts",), LINKS, RENDERER)
+    images = [attrs for tag, attrs in tags(html).tags if tag == "img"]
+    assert len(images) == 1
+    logo = images[0]
+    assert (logo["src"], logo["width"], logo["height"]) == (site["logo_url"], "240", "60")
+    assert logo["alt"] == "Camp Lejeune & New River Updates"
+    assert "max-width: 100%" in (logo["style"] or "")
+    assert 'class="brand"' not in html  # the logo stands for the name
+
+
+def test_an_alert_digest_renders_as_an_alert() -> None:
+    settings = make_settings(digests=[BASE_CONFIG["digests"][0], ALERTS])
+    content = replace(issue(article(1), article(2)), digest_key="alerts", digest_name="Base alerts")
+    assert settings.digest("alerts").template == "alert"
+    html, text = render_digest(settings, content, ("base-alerts",), LINKS, RENDERER)
+    assert 'class="alert-banner"' in html and "07:00" not in html  # NOW is 12:00 UTC
+    assert "12:00 UTC" in html and "BASE ALERTS · 12:00 UTC" in text
+    for part in (html, text):
+        assert "In this issue" not in part and "IN THIS ISSUE" not in part
+        assert part.index("Gate 1 closed") < part.index("Gate 2 closed")
+    assert "section-title" not in html
+    assert LINKS.unsubscribe in html and LINKS.unsubscribe in text  # the same footer
+
+
+def test_an_article_title_that_reads_like_a_reply_does_not_make_the_subject_one() -> None:
+    replying = leads(SETTINGS, [article(1, title="RE: the budget talks")])
+    subject = RENDERER.render_subject(staff_subject(CONTENT_SUBJECT), NOW, replying)
+    assert subject == "Weekly digest: RE: the budget talks"
+    # The template's own text still may not (the config check refuses it at load).
+    with pytest.raises(TemplateError, match="reply or forward"):
+        RENDERER.render_subject(staff_subject("Fwd: {{ lead.title }}"), NOW, replying)

@@ -175,6 +175,10 @@ def issues_show(ctx: Context, issue_id: int) -> None:
     why = progress.reasons(ctx.engine(), issue_id)
     out.print(f"issue {s.id} {s.status}: {s.subject}", markup=False)
     out.print(f"  digest {s.digest}, scheduled {progress.local_time(s.scheduled_for, zone)}")
+    if s.note:
+        out.print(f"  editor's note (by {s.note_by}):", markup=False)
+        for line in s.note.splitlines():
+            out.print(f"    {line}".rstrip(), markup=False)
     print_review(ctx, issue_id)
     if not s.total and s.status in ("review", "approved", "held", "skipped"):
         return  # no delivery is made before its release

@@ -6,6 +6,7 @@ staff acting on an issue made for review (``mailer.issues.review``), each record
 from __future__ import annotations
 
 import getpass
+import sys
 from datetime import datetime
 
 import click
@@ -107,7 +108,9 @@ def drop_article(ctx: Context, issue_id: int, article_id: int, by: str) -> None:
     digest takes it."""
     from mailer.issues import review_actions
 
-    dropped = review_actions.drop_article(ctx.engine(), issue_id, article_id, by=by, now=now())
+    dropped = review_actions.drop_article(
+        ctx.engine(), issue_id, article_id, by=by, now=now(), settings=ctx.settings
+    )
     left = dropped.left
     rest = (
         f"{left} article{'s' if left != 1 else ''} left"
@@ -121,7 +124,30 @@ def drop_article(ctx: Context, issue_id: int, article_id: int, by: str) -> None:
     )
 
 
-COMMANDS = (approve, hold, skip, drop_article)
+@click.command("note")
+@click.argument("issue_id", type=int)
+@click.argument("text", required=False)
+@click.option("--clear", is_flag=True, help="Remove the issue's note.")
+@BY
+@pass_ctx
+def note(ctx: Context, issue_id: int, text: str | None, clear: bool, by: str) -> None:
+    """Set the editor's note printed at the top of an issue in review, approved or held
+    (plain text; blank lines part paragraphs; TEXT "-" reads it from standard input)."""
+    from mailer.issues import review_actions
+
+    if clear == (text is not None):
+        raise click.UsageError("give the note's TEXT, or --clear to remove the note")
+    if text == "-":
+        text = sys.stdin.read()
+    stored = review_actions.set_note(ctx.engine(), issue_id, text, by=by, now=now())
+    if stored is None:
+        out.print(f"issue {issue_id}: note removed by {by}", markup=False)
+    else:
+        words = len(stored.split())
+        out.print(f"issue {issue_id}: note of {words} words set by {by}", markup=False)
+
+
+COMMANDS = (approve, hold, skip, drop_article, note)
 
 
 def acted(actions: tuple[Action, ...]) -> str:

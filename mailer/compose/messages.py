@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import binascii
 import email.policy
+import logging
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,13 +50,15 @@ from html import unescape
 from typing import Final
 from urllib.parse import quote
 
-from mailer.compose.rendering import LinkView, Renderer, digest_context, site_view
+from mailer.compose.rendering import LinkView, Renderer, digest_context, leads, site_view
 from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
 from mailer.config.settings import Settings, SiteSettings
 from mailer.errors import AddressError, ConfigError, DeliveryError, RenderError
 from mailer.models import Article, IssueContent, Recipient
 from mailer.subscribers.links import archive_url, links_for
 from mailer.text import ATEXT, DOT_ATOM, is_inert_url, one_line
+
+log = logging.getLogger(__name__)
 
 # RFC 2045 §6.7: encoded lines of at most 76 characters (policy.SMTP's 78 would break it);
 # refold_source="none" keeps set_raw values exactly as given (see COMPLIANCE pitfalls 1-2).
@@ -233,6 +236,35 @@ def shown_topics(
 def _articles(content: IssueContent, shown: Sequence[str]) -> list[Article]:
     wanted = set(shown)
     return [article for article in content.articles if article.topic in wanted]
+
+
+def subject_for(
+    settings: Settings, content: IssueContent, shown: Sequence[str], renderer: Renderer
+) -> str:
+    """The subject of the copy of ``content`` cut to the ``shown`` topics.
+
+    The issue's subject (``issues.subject``, rendered when it was made and shown to staff)
+    names its first article and counts all of them. A reader who gets every article gets that
+    subject; one whose topics leave some out gets the digest's subject rendered again for what
+    their copy holds, so that it never names an article they were not sent nor counts ones
+    they were not (a subject must be accurate: 15 USC 7704(a)(2), COMPLIANCE 4.8). That costs
+    one small render per topic set, not per reader. An issue whose digest has left the config,
+    or whose subject no longer renders, keeps the issue's subject.
+    """
+    articles = _articles(content, shown)
+    if len(articles) == len(content.articles):
+        return content.subject
+    digest = next((d for d in settings.digests if d.key == content.digest_key), None)
+    if digest is None:
+        return content.subject
+    try:
+        return renderer.render_subject(digest, content.date, leads(settings, articles))
+    except RenderError as exc:
+        log.warning(
+            "subject not rendered for a topic set; the issue's is used",
+            extra={"issue": content.issue_id, "error": str(exc)},
+        )
+        return content.subject
 
 
 def render_digest(
@@ -482,7 +514,8 @@ class DigestComposer:
         html, text = render_digest(self.settings, self.content, shown, links, self.renderer)
         msg = EmailMessage(policy=POLICY)
         personal = PersonalHeaders(mark("TO"), mark("DATE"), mark("MSGID"), mark("LISTUNSUB"))
-        add_headers(msg, self.settings, self.content.subject, personal, raw=True, list_headers=True)
+        subject = subject_for(self.settings, self.content, shown, self.renderer)
+        add_headers(msg, self.settings, subject, personal, raw=True, list_headers=True)
         attach_parts(msg, text, html)
         spliced = self._spliced[shown] = SplicedMessage(msg.as_bytes(), mark)
         return spliced
@@ -531,7 +564,7 @@ def reference_message(
         shown,
         to=recipient.email,
         message_id=recipient.message_id,
-        subject=content.subject,
+        subject=subject_for(settings, content, shown, renderer),
         unsubscribe=links.unsubscribe,
         preferences=links.preferences,
         now=now,

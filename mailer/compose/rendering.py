@@ -17,7 +17,7 @@ quoted-printable bytes encoded once: see that module.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -32,8 +32,12 @@ from mailer import sandbox
 from mailer.config.settings import Digest, Settings
 from mailer.errors import RenderError
 from mailer.models import Article, IssueContent
-from mailer.sandbox import paragraphs
+from mailer.sandbox import Lead, paragraphs
 from mailer.text import one_line
+
+# What makes an issue's subject: the digest, the issue date, and the issue's articles as a
+# subject sees them (``leads``), first the one it opens with. ``Renderer.render_subject``.
+SubjectRenderer = Callable[[Digest, datetime, Sequence[Lead]], str]
 
 # Package data: a wheel installs it as plain files, and Jinja's FileSystemLoader reads a path.
 TEMPLATE_DIR = Path(str(resources.files("mailer") / "templates"))
@@ -62,6 +66,11 @@ class SiteView:
     # The postal address without the publisher's name when it starts with it, so "publisher,
     # street_address" names the publisher once whichever way staff wrote [site].postal_address.
     street_address: str
+    # The masthead logo ([site].logo_url, https) and how it is shown; None: the name alone.
+    logo_url: str | None = None
+    logo_alt: str = ""
+    logo_width: int = 200
+    logo_height: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class ArticleView:
     summary: str
     why_it_matters: str
     link: str | None
+    topic: str = ""  # the topic's name
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,20 @@ class SectionView:
     key: str
     name: str
     articles: tuple[ArticleView, ...]
+
+    @property
+    def anchor(self) -> str:
+        """The id of the section's heading, for the "In this issue" links (topic keys are
+        letters, digits and dashes, so it needs no escaping)."""
+        return f"topic-{self.key}"
+
+
+@dataclass(frozen=True)
+class NoteView:
+    """The editor's note at the top of an issue: plain text (blank lines part paragraphs)."""
+
+    text: str
+    by: str
 
 
 @dataclass(frozen=True)
@@ -147,6 +171,10 @@ def site_view(settings: Settings) -> SiteView:
         postal_lines=lines,
         privacy_url=site.privacy_policy_url,
         street_address=street_address(site.publisher, ", ".join(lines)),
+        logo_url=site.logo_url,
+        logo_alt=site.logo_alt or site.name,
+        logo_width=site.logo_width,
+        logo_height=site.logo_height,
     )
 
 
@@ -175,12 +203,19 @@ def sections(settings: Settings, articles: Sequence[Article]) -> tuple[SectionVi
     order = {key: index for index, key in enumerate(names)}
     grouped: dict[str, list[ArticleView]] = {}
     for article in articles:
-        grouped.setdefault(article.topic, []).append(article_view(article))
+        view = article_view(article, names.get(article.topic, article.topic))
+        grouped.setdefault(article.topic, []).append(view)
     keys = sorted(grouped, key=lambda key: (order.get(key, len(order)), key))
     return tuple(SectionView(key, names.get(key, key), tuple(grouped[key])) for key in keys)
 
 
-def article_view(article: Article) -> ArticleView:
+def leads(settings: Settings, articles: Sequence[Article]) -> tuple[Lead, ...]:
+    """``articles`` as a subject sees them, in the issue's order: title and topic name."""
+    names = {topic.key: topic.name for topic in settings.topics}
+    return tuple(Lead(one_line(a.title), names.get(a.topic, a.topic)) for a in articles)
+
+
+def article_view(article: Article, topic: str = "") -> ArticleView:
     """The template view of one article; the title is forced onto one line.
 
     An article without a summary (a short alert is often a body alone) is shown by its body:
@@ -197,20 +232,65 @@ def article_view(article: Article) -> ArticleView:
         summary=summary,
         why_it_matters=article.why_it_matters.strip(),
         link=link,
+        topic=topic,
     )
+
+
+# The preheader (the line inboxes show after the subject) stops near here: inboxes show
+# 40-140 characters of it, and a whole summary would only be cut by them.
+PREHEADER_LIMIT = 140
+# An "In this issue" list pays for its room from this many sections or articles on.
+CONTENTS_SECTIONS = 2
+CONTENTS_ARTICLES = 4
 
 
 def digest_context(
     settings: Settings, content: IssueContent, articles: Sequence[Article], links: LinkView
 ) -> dict[str, Any]:
-    """Everything ``email/<template>.html`` and ``.txt`` see, for ``articles`` of an issue."""
+    """Everything ``email/<template>.html`` and ``.txt`` see, for ``articles`` of an issue.
+
+    ``articles`` are all of them in the issue's order (an alert shows them so, without
+    sections); ``lead`` is the first of them (what the issue opens with), given
+    more room at the top; ``others`` are the sections without it; ``contents`` the sections
+    an "In this issue" list links to (none for a short issue); ``preheader`` the first line
+    a reader sees (see ``preheader``); ``note`` the editor's note or None.
+    """
+    grouped = sections(settings, articles)
+    names = {topic.key: topic.name for topic in settings.topics}
+    first = articles[0] if articles else None
+    lead = article_view(first, names.get(first.topic, first.topic)) if first else None
+    others = sections(settings, articles[1:])
+    big = len(grouped) >= CONTENTS_SECTIONS or len(articles) >= CONTENTS_ARTICLES
+    note = NoteView(content.note, content.note_by) if content.note.strip() else None
     return {
         "site": site_view(settings),
         "digest": DigestView(content.digest_key, content.digest_name),
         "issue": IssueView(content.issue_id, one_line(content.subject), content.date),
-        "sections": sections(settings, articles),
+        "sections": grouped,
+        "articles": tuple(article_view(a, names.get(a.topic, a.topic)) for a in articles),
+        "lead": lead,
+        "others": others,
+        "contents": others if big else (),
+        "count": len(articles),
+        "preheader": preheader(lead),
+        "note": note,
         "links": links,
     }
+
+
+def preheader(lead: ArticleView | None) -> str:
+    """The issue's first line: the lead's title and the start of its summary, one line.
+
+    Inboxes show the first text of a message after its subject; without this that is the
+    masthead's name and tagline, the same in every issue. It is shown in the message, not
+    hidden: COMPLIANCE 4.13 (Gmail: "Don't use HTML and CSS to hide content").
+    """
+    if lead is None:
+        return ""
+    first = (paragraphs(lead.summary) or [""])[0]
+    return sandbox.shorten(
+        one_line(f"{lead.title} — {first}" if first else lead.title), PREHEADER_LIMIT
+    )
 
 
 # --- the environment ------------------------------------------------------------------------
@@ -249,10 +329,10 @@ class Renderer:
             raise RenderError(f"CSS cannot be inlined: {exc}", template=name) from exc
         return isolate_links(inlined)
 
-    def render_subject(self, digest: Digest, date: datetime) -> str:
-        """The subject line of an issue of ``digest`` dated ``date``, on one line (see
-        ``mailer.sandbox.render_subject``)."""
-        return sandbox.render_subject(self.env, digest, date)
+    def render_subject(self, digest: Digest, date: datetime, articles: Sequence[Lead] = ()) -> str:
+        """The subject line of an issue of ``digest`` dated ``date`` holding ``articles``
+        (``leads``), on one line (see ``mailer.sandbox.render_subject``)."""
+        return sandbox.render_subject(self.env, digest, date, articles)
 
 
 def isolate_links(html: str) -> str:

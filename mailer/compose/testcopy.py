@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from mailer.compose.messages import shown_topics, whole_message
+from mailer.compose.messages import shown_topics, subject_for, whole_message
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.errors import RenderError
@@ -58,7 +58,7 @@ def build_test_copy(
         shown,
         to=to,
         message_id=message_id,
-        subject=subject_prefix + content.subject,
+        subject=subject_prefix + subject_for(settings, content, shown, renderer),
         unsubscribe=inert.unsubscribe,
         preferences=inert.preferences,
         now=now,

@@ -7,13 +7,15 @@ import ipaddress
 from collections.abc import Mapping
 from datetime import datetime
 from email.utils import parseaddr
+from importlib import resources
+from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mailer.config.settings import Digest
 from mailer.config.table import Table
 from mailer.errors import RenderError
-from mailer.sandbox import environment, render_subject
+from mailer.sandbox import SAMPLE_LEADS, environment, render_subject
 from mailer.text import is_inert_url, is_plain_address
 
 
@@ -108,20 +110,51 @@ def check_addresses(table: Table, key: str, values: list[str]) -> list[str]:
 
 
 def check_subject(t: Table, digest: Digest, sample_slot: datetime) -> None:
-    """Compile the subject in the sandbox and render it once for a sample slot.
+    """Compile the subject in the sandbox and render it for a sample slot, with one sample
+    article and with three (``count`` and ``more`` both ways).
 
     A misspelt variable or a filter that fails would otherwise surface only when a scheduled
     firing builds the issue, long after the config was accepted.
     """
-    try:
-        render_subject(environment(), digest, sample_slot)
-    except RenderError as exc:
+    env = environment()
+    for leads in (SAMPLE_LEADS[:1], SAMPLE_LEADS):
+        try:
+            render_subject(env, digest, sample_slot, leads)
+        except RenderError as exc:
+            raise t.error(
+                "subject",
+                f"cannot be rendered: {exc.reason} "
+                f"(tried with digest {digest.key!r}, date {sample_slot:%Y-%m-%d %H:%M %Z} and"
+                f" {'one sample article' if len(leads) == 1 else f'{len(leads)} sample articles'};"
+                " a subject sees digest.name, digest.key, date, lead.title, lead.topic, count"
+                " and more)",
+            ) from exc
+
+
+# The email templates shipped in the package (mailer/templates/email); read as plain files.
+EMAIL_TEMPLATES = Path(str(resources.files("mailer") / "templates" / "email"))
+
+
+def check_template(t: Table, name: str) -> None:
+    """A digest's ``template`` names a pair email/<name>.html and .txt that exists, so a typo
+    is refused at load, not when the first issue is composed."""
+    missing = [
+        f"email/{name}.{ext}"
+        for ext in ("html", "txt")
+        if not (EMAIL_TEMPLATES / f"{name}.{ext}").is_file()
+    ]
+    if missing:
+        known = sorted(
+            p.stem
+            for p in EMAIL_TEMPLATES.glob("*.html")
+            if not p.stem.startswith("_") and p.with_suffix(".txt").is_file()
+        )
         raise t.error(
-            "subject",
-            f"cannot be rendered: {exc.reason} "
-            f"(tried with digest {digest.key!r} and date {sample_slot:%Y-%m-%d %H:%M %Z};"
-            " a subject sees digest.name, digest.key and date)",
-        ) from exc
+            "template",
+            f"names {name!r}, but {' and '.join(missing)}"
+            f" {'does' if len(missing) == 1 else 'do'} not exist in {EMAIL_TEMPLATES}"
+            f" (there: {', '.join(known)})",
+        )
 
 
 def category_key(name: str) -> str:

@@ -16,6 +16,7 @@ from mailer.config.checks import (
     check_base_url,
     check_mailbox,
     check_subject,
+    check_template,
     check_url,
     check_zone,
 )
@@ -107,6 +108,8 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
         feedback_id=feedback_id,
         logo_url=logo_url,
         logo_alt=t.text("logo_alt", name),
+        logo_width=t.integer("logo_width", 200, low=16, high=536),
+        logo_height=t.integer("logo_height", 0, low=0, high=400) or None,
     )
     t.finish()
     return site
@@ -252,6 +255,7 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
     repeated = sorted({topic for topic in digest_topics if digest_topics.count(topic) > 1})
     if repeated:
         raise t.error("topics", f"names {', '.join(map(repr, repeated))} more than once")
+    priority = t.choice("priority", "bulk", ("bulk", "alert"))
     digest = Digest(
         key=key,
         name=t.text("name", REQUIRED),
@@ -260,8 +264,9 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
         timezone=zone,
         topics=tuple(digest_topics),
         max_articles=t.integer("max_articles", 20, low=1, high=500),
-        template=t.text("template", "digest", pattern=KEY_RE),
-        priority=t.choice("priority", "bulk", ("bulk", "alert")),
+        # An alert digest looks like an alert (email/alert.*) unless it names its templates.
+        template=t.text("template", "alert" if priority == "alert" else "digest", pattern=KEY_RE),
+        priority=priority,
         quiet_hours=_quiet_hours(t),
         include_updates=t.flag("include_updates", False),
         lookback_days=t.number("lookback_days", 7, low=0.01, high=3650),
@@ -271,6 +276,7 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
     t.finish()
     _check_review(t, digest)
     check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))
+    check_template(t, digest.template)
     return digest
 
 

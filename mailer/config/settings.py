@@ -40,6 +40,10 @@ class SiteSettings:
     # site's name unless set). None: the masthead shows the name alone.
     logo_url: str | None = None
     logo_alt: str = ""
+    # The size the mail shows the logo at, in CSS pixels (width and height attributes: Outlook
+    # sizes images by them). Without a height the image keeps its own proportions.
+    logo_width: int = 200
+    logo_height: int | None = None
 
     @property
     def domain(self) -> str:

@@ -26,17 +26,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from mailer.compose.rendering import SubjectRenderer, leads
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import Selection, lookback_start, select_for_issue
 from mailer.db.engine import reading, refresh_statistics, upsert_insert
 from mailer.db.schema import deliveries, issue_articles, issues, subscriber_topics, subscribers
+from mailer.issues import notes
 from mailer.issues.schedule import quiet_until
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def create_issue(
     *,
     scheduled_for: datetime,
     now: datetime,
-    render_subject: Callable[[Digest, datetime], str],
+    render_subject: SubjectRenderer,
     reviewed: bool = True,
 ) -> IssueCreated:
     """Create the issue for (digest, scheduled_for) unless it exists; snapshot its recipients.
@@ -97,8 +98,8 @@ def create_issue(
     after it, ``on_unreviewed`` decides. An issue without articles is ``empty`` either way.
     """
     local_date = scheduled_for.astimezone(ZoneInfo(digest.timezone))
-    subject = render_subject(digest, local_date)
     status = initial_status(digest, scheduled_for=scheduled_for, now=now, reviewed=reviewed)
+    note = notes.waiting_file(settings, digest)
     with engine.begin() as conn:
         since = lookback_start(conn, digest.key, digest.lookback, now)
         insert = upsert_insert(conn, issues)
@@ -108,8 +109,10 @@ def create_issue(
                 scheduled_for=scheduled_for,
                 window_start=since,
                 window_end=now,
-                subject=subject,
+                subject="",  # rendered below, once the articles are chosen
                 topics=";".join(digest.topics),
+                note=note.text if note else None,
+                note_by=note.by if note else None,
                 status=status,
                 created_at=now,
             )
@@ -126,6 +129,10 @@ def create_issue(
         _one_issue_at_a_time(conn, digest.key)
         selection = articles_for(conn, digest, now=now, since=since)
         chosen = selection.articles
+        # The subject names what the issue opens with, so it is made from the chosen articles
+        # (a RenderError here rolls the whole issue back: the firing is retried).
+        subject = render_subject(digest, local_date, leads(settings, chosen))
+        conn.execute(issues.update().where(issues.c.id == issue_id).values(subject=subject))
         if chosen:
             conn.execute(
                 issue_articles.insert(),
@@ -147,6 +154,8 @@ def create_issue(
                 .where(issues.c.id == issue_id)
                 .values(status=status, completed_at=now)
             )
+    if note is not None:
+        notes.taken(note, issue_id)
     if status == "sending":
         refresh_statistics(engine, deliveries)
     log.info(

@@ -10,19 +10,20 @@ subject rendered for the slot's local date, as ``create_issue`` will render it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from mailer.config.settings import Digest
+from mailer.compose.rendering import SubjectRenderer, leads
+from mailer.config.settings import Digest, Settings
 from mailer.db.schema import WAITING_ISSUE_STATUSES, issues
-from mailer.issues import schedule
+from mailer.issues import notes, schedule
 from mailer.issues.create import articles_for
 from mailer.issues.progress import kept_articles
-from mailer.models import IssueContent
+from mailer.models import Article, IssueContent
+from mailer.sandbox import Lead
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,31 @@ class WaitingIssue:
     status: str  # review, approved or held
     slot: datetime
     subject: str
+    note: str = ""
+    note_by: str = ""
 
 
 def waiting_issue(conn: sa.Connection, digest_key: str) -> WaitingIssue | None:
     """The digest's oldest issue in review, approved or held: what its next issue is while a
     review window is open (a preview or test copy of "the next issue" should show it)."""
     row = conn.execute(
-        sa.select(issues.c.id, issues.c.status, issues.c.scheduled_for, issues.c.subject)
+        sa.select(
+            issues.c.id,
+            issues.c.status,
+            issues.c.scheduled_for,
+            issues.c.subject,
+            issues.c.note,
+            issues.c.note_by,
+        )
         .where(issues.c.digest == digest_key, issues.c.status.in_(WAITING_ISSUE_STATUSES))
         # A held issue whose slot passed waits for staff: it still goes out before the next.
         .order_by(issues.c.scheduled_for)
         .limit(1)
     ).first()
-    return None if row is None else WaitingIssue(row.id, row.status, row.scheduled_for, row.subject)
+    if row is None:
+        return None
+    slot, note, by = row.scheduled_for, row.note or "", row.note_by or ""
+    return WaitingIssue(row.id, row.status, slot, row.subject, note, by)
 
 
 def next_issue(
@@ -74,10 +87,12 @@ def next_issue(
     digest: Digest,
     *,
     now: datetime,
-    render_subject: Callable[[Digest, datetime], str],
+    render_subject: SubjectRenderer,
+    settings: Settings | None = None,
 ) -> NextIssue:
     """The next issue of ``digest`` after ``now``: the one waiting if there is one, else the
-    next slot's as it would be made now."""
+    next slot's as it would be made now. With ``settings``, a next issue not made yet has
+    the subject's topic names and the digest's waiting note file, as ``create_issue`` will."""
     waiting = waiting_issue(conn, digest.key)
     zone = ZoneInfo(digest.timezone)
     if waiting is not None:
@@ -88,20 +103,32 @@ def next_issue(
             subject=waiting.subject,
             date=waiting.slot.astimezone(zone),
             articles=kept_articles(conn, waiting.id),
+            note=waiting.note,
+            note_by=waiting.note_by,
         )
         return NextIssue(waiting.slot, content, waiting.id, waiting.status)
     slot = _next_open_slot(conn, digest, now)
     date = (slot or now).astimezone(zone)
     selection = articles_for(conn, digest, now=now)
+    chosen = tuple(selection.articles)
+    note = notes.waiting_file(settings, digest) if settings is not None else None
     content = IssueContent(
         issue_id=0,  # not made yet: the web copy's address is not known
         digest_key=digest.key,
         digest_name=digest.name,
-        subject=render_subject(digest, date),
+        subject=render_subject(digest, date, _leads(settings, chosen)),
         date=date,
-        articles=tuple(selection.articles),
+        articles=chosen,
+        note=note.text if note else "",
+        note_by=note.by if note else "",
     )
     return NextIssue(slot, content, left_over=selection.left_over)
+
+
+def _leads(settings: Settings | None, chosen: tuple[Article, ...]) -> tuple[Lead, ...]:
+    if settings is not None:
+        return leads(settings, chosen)
+    return tuple(Lead(a.title, a.topic) for a in chosen)
 
 
 # Slots already made that the next open slot may lie beyond (a review window opens a slot's

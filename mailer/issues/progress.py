@@ -45,6 +45,8 @@ class IssueSummary:
     created_at: datetime
     completed_at: datetime | None
     counts: dict[str, int]
+    note: str = ""  # the editor's note (issues.note) and who wrote it
+    note_by: str = ""
 
     @property
     def total(self) -> int:
@@ -67,6 +69,8 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
         subject=row.subject,
         date=row.scheduled_for.astimezone(zone),
         articles=kept_articles(conn, issue_id),
+        note=row.note or "",
+        note_by=row.note_by or "",
     )
 
 
@@ -121,6 +125,8 @@ def _summaries(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[IssueSu
             created_at=row.created_at,
             completed_at=row.completed_at,
             counts=counts[row.id],
+            note=row.note or "",
+            note_by=row.note_by or "",
         )
         for row in rows
     ]

@@ -24,7 +24,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailer.compose.rendering import Renderer
+from mailer.compose.rendering import Renderer, SubjectRenderer
 from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, refresh_statistics, writing
@@ -82,7 +82,7 @@ def open_due_reviews(
     settings: Settings,
     *,
     now: datetime,
-    render_subject: Callable[[Digest, datetime], str],
+    render_subject: SubjectRenderer,
     renderer: Renderer,
 ) -> list[int]:
     """Make the issue of every digest whose review window is open, and queue its review mail.
@@ -395,7 +395,7 @@ def round_steps(
     settings: Settings,
     *,
     renderer: Renderer,
-    render_subject: Callable[[Digest, datetime], str],
+    render_subject: SubjectRenderer,
     on_release: Callable[[], None] | None = None,
 ) -> list[Callable[[datetime], None]]:
     """The review window's two steps of a periodic staff round, each given the round's now:

@@ -14,14 +14,17 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
+from mailer.compose.rendering import Renderer, leads
 from mailer.config.settings import Digest, Settings
 from mailer.db import audit
 from mailer.db.engine import reading, writing
 from mailer.db.schema import WAITING_ISSUE_STATUSES, articles, events, issue_articles, issues
-from mailer.errors import DigestError, IssueStateError, UnknownIssueError
+from mailer.errors import DigestError, IssueStateError, RenderError, UnknownIssueError
+from mailer.issues.notes import clean_note
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
     Outcome,
@@ -34,6 +37,7 @@ from mailer.issues.review import (
     set_status,
 )
 from mailer.models import Article
+from mailer.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +115,20 @@ def skip(
 
 
 def drop_article(
-    engine: sa.Engine, issue_id: int, article_id: int, *, by: str, now: datetime
+    engine: sa.Engine,
+    issue_id: int,
+    article_id: int,
+    *,
+    by: str,
+    now: datetime,
+    settings: Settings | None = None,
+    renderer: Renderer | None = None,
 ) -> Dropped:
     """Take an article out of an issue in review, approved or held; no later issue of the
-    digest takes it either (``selection.taken_by``)."""
+    digest takes it either (``selection.taken_by``).
+
+    With ``settings`` (the command line passes them) the issue's subject is made again from
+    the articles it keeps: a subject naming its lead must not name one taken out."""
     with writing(engine) as conn:
         row = _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "article_dropped")
         found = conn.execute(
@@ -141,8 +155,43 @@ def drop_article(
             conn, None, "issue.article_dropped", now, issue=issue_id, article=article_id, by=by
         )
         left = len(kept_topics(conn, issue_id)[1])
+        if settings is not None:
+            _resubject(conn, settings, renderer or Renderer(), row)
     log.info("article dropped", extra={"issue": issue_id, "article": article_id, "by": by})
     return Dropped(issue_id, article_id, found.title, row.digest, left)
+
+
+def set_note(
+    engine: sa.Engine, issue_id: int, text: str | None, *, by: str, now: datetime
+) -> str | None:
+    """Store ``text`` as the editor's note of an issue in review, approved or held (None
+    removes it); returns the note as stored (``notes.clean_note``). Once an issue sends, some
+    readers have it already: a note then would reach only the rest, so it is refused."""
+    note = None if text is None else clean_note(text)
+    with writing(engine) as conn:
+        _acting(conn, issue_id, WAITING_ISSUE_STATUSES, "note_set")
+        who = one_line(by, limit=200) if note is not None else None  # issues.note_by: 200
+        conn.execute(issues.update().where(issues.c.id == issue_id).values(note=note, note_by=who))
+        kind = "issue.note_set" if note is not None else "issue.note_cleared"
+        audit.record(conn, None, kind, now, issue=issue_id, by=by)
+    log.info("note set" if note else "note cleared", extra={"issue": issue_id, "by": by})
+    return note
+
+
+def _resubject(conn: sa.Connection, settings: Settings, renderer: Renderer, row: Any) -> None:
+    """Render the subject of issue ``row`` again from the articles it keeps (kept as it was
+    if its digest left the config or its subject no longer renders: logged)."""
+    digest = digest_of(settings, row.digest)
+    if digest is None:
+        return
+    kept = kept_articles(conn, row.id)
+    date = row.scheduled_for.astimezone(ZoneInfo(digest.timezone))
+    try:
+        subject = renderer.render_subject(digest, date, leads(settings, kept))
+    except RenderError as exc:
+        log.warning("subject not made again", extra={"issue": row.id, "error": str(exc)})
+        return
+    conn.execute(issues.update().where(issues.c.id == row.id).values(subject=subject))
 
 
 # ---------------------------------------------------------------- reading the state
@@ -220,6 +269,7 @@ ACTION_NAMES = {
     "held": "held",
     "skipped": "skipped",
     "article_dropped": "have an article dropped",
+    "note_set": "given a note (once it sends, some readers have it already)",
 }
 
 

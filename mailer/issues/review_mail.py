@@ -95,6 +95,11 @@ def compose_review_mail(
             f"mailer issues drop-article {issue_id} ARTICLE_ID",
             "take one article out (no later issue takes it)",
         ),
+        (
+            f'mailer issues note {issue_id} "TEXT"',
+            "print a note from the editor at the top"
+            + (" (replaces the one below)" if content.note else ""),
+        ),
         (f"mailer digest test {digest.key} --to ADDRESS", "a test copy to your inbox"),
     )
     common = variants[0][0] if variants else tuple(digest.topics)
@@ -106,6 +111,8 @@ def compose_review_mail(
         "issue_id": issue_id,
         "digest_name": digest.name,
         "subject": one_line(content.subject),
+        "note": content.note,
+        "note_by": content.note_by,
         "slot": shown_slot,
         "nobody": nobody,
         "readers": f"{readers:,}",

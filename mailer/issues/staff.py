@@ -47,7 +47,9 @@ def preview_next(
     digest has not taken yet, within its lookback, oldest arrival first up to max_articles.
     """
     with reading(engine) as conn:
-        upcoming = next_issue(conn, digest, now=now, render_subject=renderer.render_subject)
+        upcoming = next_issue(
+            conn, digest, now=now, render_subject=renderer.render_subject, settings=settings
+        )
     content = upcoming.content
     html, text = DigestComposer(settings, content, renderer=renderer).preview(digest.topics)
     ids = tuple(a.id for a in content.articles)

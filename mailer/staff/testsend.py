@@ -71,7 +71,9 @@ def prepare(
     """The next issue of ``digest`` and the reader ``as_email`` (default: the reader of the
     most common variant); SubscriberError if that reader would not receive it."""
     with reading(engine) as conn:
-        issue = next_issue(conn, digest, now=now, render_subject=renderer.render_subject)
+        issue = next_issue(
+            conn, digest, now=now, render_subject=renderer.render_subject, settings=settings
+        )
         if as_email is None:
             reader = sample_reader(conn, settings, digest, issue.content, now=now)
         else:
