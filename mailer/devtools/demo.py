@@ -237,11 +237,16 @@ def _serve(settings: Settings, console: Console) -> None:
 
 def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     engine = create_engine(settings.database.url)
-    migrate(engine)
+    migrate(engine, settings.digests)
     moment = now()
     with (out_dir / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
         imported = csvfile.import_csv(
-            engine, stream, known_topics=settings.topic_keys, now=moment, source="demo"
+            engine,
+            stream,
+            known_topics=settings.topic_keys,
+            digests=settings.digests,
+            now=moment,
+            source="demo",
         )
     source = settings.sources[0]
     assert source.path is not None

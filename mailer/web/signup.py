@@ -20,10 +20,10 @@ from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors
 from mailer.models import Recipient
-from mailer.subscribers import lifecycle, store
+from mailer.subscribers import editions, lifecycle, store
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
-from mailer.web.forms import HONEYPOT, Invalid, consent_source, parse_signup
+from mailer.web.forms import DIGESTS_SHOWN, HONEYPOT, Invalid, consent_source, parse_signup
 from mailer.web.security import EMBED_CSP
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ class SignupViews:
         self.web = web
 
     async def home(self, request: Request) -> Response:
-        return self.web.pages.render("signup.html", errors=[], values={}, honeypot=HONEYPOT)
+        return self.web.pages.render(
+            "signup.html", errors=[], values={}, honeypot=HONEYPOT, digests_shown=DIGESTS_SHOWN
+        )
 
     async def embed(self, request: Request) -> Response:
         return self.web.pages.render(
@@ -61,15 +63,21 @@ class SignupViews:
             return self._too_many(web.per_ip.retry_after(ip))
         form = await read_form(request)
         try:
-            signup = parse_signup(form, web.topic_choices)
+            signup = parse_signup(form, web.topic_choices, web.offered_digests)
         except Invalid as exc:
             values = {
                 "email": next((v for v in form.getlist("email") if isinstance(v, str)), "")[:320],
                 "topics": [v for v in form.getlist("topic") if isinstance(v, str)],
+                "digests": [v for v in form.getlist("digest") if isinstance(v, str)],
                 "consent": False,
             }
             return web.pages.render(
-                "signup.html", status=400, errors=exc.errors, values=values, honeypot=HONEYPOT
+                "signup.html",
+                status=400,
+                errors=exc.errors,
+                values=values,
+                honeypot=HONEYPOT,
+                digests_shown=DIGESTS_SHOWN,
             )
         if not web.per_address.hit(signup.email):
             log.info("sign-up rate limit (address)")
@@ -86,6 +94,7 @@ class SignupViews:
             signup.email,
             signup.topics,
             consent,
+            editions.defaults(web.settings.digests) if signup.digests is None else signup.digests,
             now=web.clock(),
             domain=web.settings.site.domain,
             daily_cap=web.limits.confirmations_per_day,
