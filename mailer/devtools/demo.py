@@ -2,8 +2,9 @@
 
 A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
 subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
-dated this week (``copy_examples``) so that they can be edited and fetched again; one
-digest rendered and delivered; every message written to ``DIR/mail/*.eml``; an HTML preview;
+dated this week (``copy_examples``) so that they can be edited and fetched again; one alert
+issue and one weekly issue, each delivered to the readers who chose that digest (some chose
+one, some both); every message written to ``DIR/mail/*.eml``; an HTML preview;
 and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
 the demo's state.
 """
@@ -24,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from rich.console import Console
 
 from mailer.clock import now
@@ -32,7 +34,8 @@ from mailer.config.load import load_settings
 from mailer.config.settings import Settings
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
-from mailer.db.engine import create_engine, migrate
+from mailer.db.engine import create_engine, migrate, reading
+from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery.foreground import deliver_issue
 from mailer.devtools.sink import Sink
 from mailer.issues.progress import summarize
@@ -87,6 +90,9 @@ def _toml_value(value: Any) -> str:
 
 LOCAL_WEB = "http://127.0.0.1:8000"
 SUBJECT = "Camp Lejeune & New River Updates \u2014 week of {{ date.strftime('%-d %B %Y') }}"
+ALERT_SUBJECT = "Base alert: {{ date.strftime('%-d %B, %H:%M') }}"
+WEEKLY_DESCRIPTION = "Every Friday morning: the week's base alerts, events and news"
+ALERTS_DESCRIPTION = "Breaking base alerts, as they happen"
 
 
 def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
@@ -147,6 +153,20 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         'timezone = "America/New_York"',
         'topics = ["base-alerts", "local-events", "military-news"]',
         "max_articles = 20",
+        "public = true",
+        "description = " + _toml_value(WEEKLY_DESCRIPTION),
+        "",
+        "[[digests]]",
+        'key = "alerts"',
+        'name = "Base alerts"',
+        "subject = " + _toml_value(ALERT_SUBJECT),
+        'schedule = "*/10 * * * *"',
+        'timezone = "America/New_York"',
+        'topics = ["base-alerts"]',
+        "max_articles = 5",
+        'priority = "alert"',
+        "public = true",
+        "description = " + _toml_value(ALERTS_DESCRIPTION),
     ]
     return "\n".join(lines) + "\n"
 
@@ -258,14 +278,20 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         if p.is_file()
     ]
     added = upsert_articles(engine, parsed, now=moment)
-    digest = settings.digests[0]
+    digest, alerts = settings.digest("weekly"), settings.digest("alerts")
     renderer = Renderer()
     preview = preview_next(engine, settings, digest, now=moment, renderer=renderer)
     (out_dir / "preview.html").write_text(preview.html, encoding="utf-8")
     (out_dir / "preview.txt").write_text(preview.text, encoding="utf-8")
+    # The alert goes first, as it would: a reader of both digests then gets the weekly issue
+    # without the alerts they already have.
+    alert = open_issue(engine, settings, alerts, now=moment, renderer=renderer)
+    alert_totals = asyncio.run(deliver_issue(engine, settings, alert.issue_id, renderer=renderer))
     issue = open_issue(engine, settings, digest, now=moment, renderer=renderer)
     totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id, renderer=renderer))
     summary = summarize(engine, issue.issue_id)
+    alert_summary = summarize(engine, alert.issue_id)
+    who = who_got_what(engine, (alert.issue_id, issue.issue_id))
     # The issue ended: its report goes to [staff].emails, captured beside the readers' copies.
     queue_reports(engine, settings, now=now())
     flush_outbox(engine, settings, now=now(), sign=None)
@@ -281,6 +307,11 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         "issue_articles": issue.articles,
         "recipients": issue.recipients,
         "sent": totals.counts.get("sent", 0),
+        "alert_issue": alert.issue_id,
+        "alert_articles": alert.articles,
+        "alert_recipients": alert.recipients,
+        "alert_sent": alert_totals.counts.get("sent", 0),
+        "who_got_what": who,
         "messages_captured": len(mail),
         "staff_mail": len(staff_mail),
     }
@@ -290,13 +321,20 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     )
     console.print(f"  articles added        {added.added}")
     console.print(
-        f"  issue {issue.issue_id} ({summary.status})   "
+        f"  alert issue {alert.issue_id} ({alert_summary.status})  "
+        f"{alert.articles} articles, {alert.recipients} recipients, "
+        f"{alert_totals.counts.get('sent', 0)} sent in {alert_totals.elapsed:.2f}s"
+    )
+    console.print(
+        f"  weekly issue {issue.issue_id} ({summary.status}) "
         f"{issue.articles} articles, {issue.recipients} recipients"
     )
     console.print(
         f"  delivered             {totals.counts.get('sent', 0)} sent, "
         f"{totals.counts.get('deferred', 0)} deferred in {totals.elapsed:.2f}s"
     )
+    for editions_got, readers in who.items():
+        console.print(f"  {editions_got:<21} {', '.join(readers)}", markup=False)
     if first is not None:
         console.print(f"  subject               {first['Subject']}", markup=False)
     console.print(f"  captured mail         {out_dir / 'mail'} ({len(mail)} .eml files)")
@@ -311,6 +349,32 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         markup=False,
     )
     return figures
+
+
+def who_got_what(engine: sa.Engine, issue_ids: tuple[int, ...]) -> dict[str, list[str]]:
+    """Which readers got which of the demo's issues: "got weekly only", "got alerts only",
+    "got both", each with the addresses, in that order."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(subscribers.c.email, issues.c.digest)
+            .join(deliveries, deliveries.c.subscriber_id == subscribers.c.id)
+            .join(issues, issues.c.id == deliveries.c.issue_id)
+            .where(deliveries.c.issue_id.in_(issue_ids), deliveries.c.status == "sent")
+            .order_by(subscribers.c.email)
+        ).all()
+    got: dict[str, set[str]] = {}
+    for email, key in rows:
+        got.setdefault(email, set()).add(key)
+    labels = {
+        ("weekly",): "got weekly only",
+        ("alerts",): "got alerts only",
+        ("alerts", "weekly"): "got both",
+    }
+    out: dict[str, list[str]] = {label: [] for label in labels.values()}
+    for email, keys in got.items():
+        chosen = tuple(sorted(keys))
+        out.setdefault(labels.get(chosen, "got " + " and ".join(chosen)), []).append(email)
+    return {label: emails for label, emails in out.items() if emails}
 
 
 def mailer_command(executable: str | None = None, cwd: Path | None = None) -> str:
