@@ -586,3 +586,49 @@ def test_personal_export_lists_the_digests_with_their_pause(engine: sa.Engine) -
         },
     ]
     assert "paused_until" not in data["subscriber"]
+
+
+def test_the_sign_up_form_offers_public_digests_only_and_asks_for_one(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    from tests.test_web import make_web
+
+    web = make_web(
+        engine,
+        db_url,
+        smtp_server,
+        config={"digests": [WEEKLY, ALERT_DIGEST | {"public": False, "default": False}]},
+    )
+    html = web.client.get("/").text
+    assert 'value="weekly"' in html and "Every Friday morning" in html
+    assert 'value="alerts"' not in html
+    shown = {"digests_shown": "1"}
+    none = web.subscribe("ann@example.org", **shown)
+    assert none.status_code == 400 and "Choose at least one email to receive." in none.text
+    hidden = web.subscribe("ann@example.org", digest="alerts", **shown)
+    assert hidden.status_code == 400 and "“alerts” is not one of our emails" in hidden.text
+    assert web.subscribe("ann@example.org", digest="weekly", **shown).status_code == 200
+    assert store.get(engine, "ann@example.org").digest_keys == ("weekly",)
+    # A form made before digests could be chosen (an old embed) sends none: the defaults.
+    assert web.subscribe("bob@example.org").status_code == 200
+    assert store.get(engine, "bob@example.org").digest_keys == ("weekly",)
+
+
+def test_signing_up_again_after_leaving_starts_unpaused(engine: sa.Engine) -> None:
+    reader = make_subscriber(engine, email="ann@example.org", digests=["weekly"])
+    lifecycle.pause(engine, reader.uid, None, editions.UNTIL_RESUMED, now=NOW)
+    lifecycle.unsubscribe(engine, reader.uid, now=NOW, via="page")
+    consent = lifecycle.Consent("web:signup", None, None, "1")
+    lifecycle.record_signup(
+        engine,
+        "ann@example.org",
+        TOPICS,
+        consent,
+        ["weekly", "alerts"],
+        now=NOW,
+        domain="news.example.org",
+        daily_cap=3,
+    )
+    assert store.get(engine, "ann@example.org").digests == (Choice("alerts"), Choice("weekly"))

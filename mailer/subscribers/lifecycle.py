@@ -141,6 +141,8 @@ def record_signup(
             )
             store.replace_topics(conn, sid, topics)
             editions.replace(conn, sid, digests, now=now)
+            # A fresh consent starts unpaused, as a new sign-up does.
+            editions.pause(conn, sid, digests, None)
             audit.record(
                 conn,
                 sid,
