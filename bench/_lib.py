@@ -605,6 +605,7 @@ def _fill(engine: Any, n: int) -> None:
                 for i in range(start, stop)
             ]
             topics = [(i + 1, t) for i in range(start, stop) for t in variant_of(i)]
+            digests = [(i + 1, "weekly", stamp) for i in range(start, stop)]
             if engine.dialect.name == "sqlite":
                 cur = dbapi.cursor()
                 cur.execute("BEGIN")
@@ -617,6 +618,11 @@ def _fill(engine: Any, n: int) -> None:
                 )
                 cur.executemany(
                     "INSERT INTO subscriber_topics (subscriber_id, topic) VALUES (?, ?)", topics
+                )
+                cur.executemany(
+                    "INSERT INTO subscriber_digests (subscriber_id, digest, chosen_at)"
+                    " VALUES (?, ?, ?)",
+                    digests,
                 )
                 cur.execute("COMMIT")
             else:
@@ -632,6 +638,11 @@ def _fill(engine: Any, n: int) -> None:
                     ) as copy:
                         for row in topics:
                             copy.write_row(row)
+                    with cur.copy(
+                        "COPY subscriber_digests (subscriber_id, digest, chosen_at) FROM STDIN"
+                    ) as copy:
+                        for i in range(start, stop):
+                            copy.write_row((i + 1, "weekly", now))
                 dbapi.commit()
         if engine.dialect.name == "postgresql":
             with dbapi.cursor() as cur:

@@ -32,7 +32,14 @@ import sqlalchemy as sa
 from mailer.compose.rendering import Renderer
 from mailer.content.selection import select_for_issue, taken_by
 from mailer.db.engine import create_engine, migrate, refresh_statistics
-from mailer.db.schema import articles, issue_articles, issues, subscriber_topics, subscribers
+from mailer.db.schema import (
+    articles,
+    issue_articles,
+    issues,
+    subscriber_digests,
+    subscriber_topics,
+    subscribers,
+)
 from mailer.issues.create import create_issue
 from tests.factories import TOPICS, make_settings
 
@@ -138,6 +145,10 @@ def fill(engine: sa.Engine) -> None:
         conn.execute(
             subscriber_topics.insert(),
             [{"subscriber_id": n + 1, "topic": "base-alerts"} for n in range(1_000)],
+        )
+        conn.execute(
+            subscriber_digests.insert(),
+            [{"subscriber_id": n + 1, "digest": "alerts", "chosen_at": NOW} for n in range(1_000)],
         )
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(

@@ -44,6 +44,7 @@ from mailer.db.schema import (
     events,
     feed_state,
     issues,
+    subscriber_digests,
     subscriber_topics,
     subscribers,
 )
@@ -138,6 +139,14 @@ def fill(engine: sa.Engine, n: int) -> None:
                     "confirmed_at": NOW - timedelta(days=60),
                 }
                 for i in range(n)
+            ],
+        )
+        conn.execute(
+            subscriber_digests.insert(),
+            [
+                {"subscriber_id": i + 1, "digest": key, "chosen_at": NOW - timedelta(days=60)}
+                for i in range(n)
+                for key in ("weekly", "alerts")
             ],
         )
         conn.execute(

@@ -61,6 +61,9 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 TOPICS = ("base-alerts", "local-events", "military-news")
+# Every digest key a test config names: a subscriber made by ``make_subscriber`` receives each
+# (a key the config in use lacks selects no issue).
+DIGESTS = ("weekly", "alerts", "daily")
 # An alert digest beside the base config's weekly one: every ten minutes, two days' lookback.
 ALERTS = {
     "key": "alerts",
@@ -120,6 +123,7 @@ def make_subscriber(engine: sa.Engine, **overrides: Any) -> store.Subscriber:
         "email": f"reader{n}@example.org",
         "name": f"Reader {n}",
         "topics": TOPICS,
+        "digests": DIGESTS,
         "status": "active",
         "known_topics": TOPICS,
         "now": NOW,

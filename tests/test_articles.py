@@ -23,7 +23,7 @@ from mailer.db.schema import articles as articles_table
 from mailer.errors import ArticleError
 from mailer.models import Article
 from mailer.subscribers import csvfile, store
-from tests.factories import NOW, TOPICS, make_article
+from tests.factories import ALERTS, NOW, TOPICS, config_dict, make_article, make_settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "mailer" / "devtools" / "examples"
 SEED = EXAMPLES / "articles" / "000-putin-visits-india.txt"
@@ -647,7 +647,8 @@ def test_every_example_file_is_an_article() -> None:
 
 def test_example_subscribers_import_cleanly(engine: sa.Engine) -> None:
     with (EXAMPLES / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
-        report = csvfile.import_csv(engine, stream, known_topics=TOPICS, now=NOW)
+        digests = make_settings(digests=[config_dict()["digests"][0], ALERTS]).digests
+        report = csvfile.import_csv(engine, stream, known_topics=TOPICS, digests=digests, now=NOW)
     assert report.errors == []
     assert report.added >= 10
     counts = store.counts_by_status(engine)

@@ -274,7 +274,7 @@ def test_list_as_csv_has_the_export_columns_and_since(config: Path) -> None:
     result = run(config, "subscribers", "list", "--format", "csv", "--topic", "base-alerts")
     assert result.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(result.output)))
-    assert list(rows[0]) == ["email", "name", "topics", "status", "since"]
+    assert list(rows[0]) == ["email", "name", "topics", "status", "digests", "since"]
     assert [(r["email"], r["status"], r["topics"]) for r in rows] == [
         ("ann@example.org", "active", "base-alerts"),
         ("cy@example.org", "pending", "base-alerts"),
@@ -298,6 +298,7 @@ def test_list_as_json_is_an_array_of_objects(
         "name": "Ann",
         "topics": ["base-alerts"],
         "status": "active",
+        "digests": ["weekly"],
         "since": "",
     }
     assert [d["email"] for d in data] == ["ann@example.org", "bob@example.org"]

@@ -315,6 +315,7 @@ def test_in_a_browser_the_link_shows_a_page_and_the_button_confirms(
         page.goto(server.url + "/")
         page.fill("#email", email)
         page.check("#topic-base-alerts")
+        page.check("#digest-weekly")
         page.check("#consent")
         page.click("button[type=submit]")
         page.wait_for_selector("h1:text('Check your inbox')")

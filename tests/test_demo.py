@@ -36,7 +36,16 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
 
     captured = sorted((tmp_path / "mail").glob("*.eml"))
     mail = [p for p in captured if DEMO_STAFF not in p.name and DEMO_READER not in p.name]
-    assert figures["sent"] == figures["recipients"] == len(mail) > 0
+    assert figures["sent"] == figures["recipients"] > 0
+    assert figures["alert_sent"] == figures["alert_recipients"] > 0
+    assert figures["sent"] + figures["alert_sent"] == len(mail)
+    # Both editions, each to the readers who chose it: some one, some both.
+    assert figures["alert_articles"] == 2
+    who = figures["who_got_what"]
+    assert set(who) == {"got weekly only", "got alerts only", "got both"}
+    assert "tom.nguyen@example.org" in who["got alerts only"]
+    assert "james.okafor@example.com" in who["got weekly only"]
+    assert "hannah.pike@example.net" in who["got both"]
     # Every sample article goes out, whatever the day: the sample week is dated this week.
     assert figures["issue_articles"] == figures["articles_added"] == 6
     settings = load_settings(tmp_path / "mailer.toml", env={})
@@ -50,9 +59,14 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     engine.dispose()
     output = console.file.getvalue()  # type: ignore[attr-defined]
     assert "demo complete" in output and str(tmp_path / "mailer.toml") in output
-    # The issue's report, mailed to the demo's staff address and captured with the rest.
-    [report] = [p for p in captured if DEMO_STAFF in p.name]
-    message = message_from_bytes(report.read_bytes(), policy=policy.default)
+    # Each issue's report, mailed to the demo's staff address and captured with the rest.
+    reports = [
+        message_from_bytes(p.read_bytes(), policy=policy.default)
+        for p in captured
+        if DEMO_STAFF in p.name
+    ]
+    assert len(reports) == 2
+    [message] = [m for m in reports if "Weekly digest" in m["Subject"]]
     assert message["Subject"].startswith("[Report] Weekly digest")
     assert message["List-Unsubscribe"] is None
     assert f"{figures['sent']} sent" in message["Subject"]
@@ -65,10 +79,12 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     assert message["Subject"] == "Welcome to Camp Lejeune & New River Updates"
     text = message.get_body(preferencelist=("plain",))
     assert text is not None and "Weekly digest: next on " in text.get_content()
+    assert "Base alerts: next on " in text.get_content()
     assert (
         f"new reader            Welcome to Camp Lejeune & New River Updates  ({welcome.name})"
         in output
     )
+    assert "got alerts only       sara.whitfield@example.org, tom.nguyen@example.org" in output
 
 
 def test_the_try_line_names_a_mailer_that_runs_from_here(tmp_path: Path) -> None:
@@ -112,10 +128,11 @@ def test_demo_runs_again_from_a_clean_state(tmp_path: Path) -> None:
     console = Console(file=io.StringIO())
     first = run_demo(tmp_path, console=console)
     second = run_demo(tmp_path, console=console)
-    assert first["sent"] == second["sent"]
+    assert (first["sent"], first["alert_sent"]) == (second["sent"], second["alert_sent"])
     assert first["new_reader_mail"] and len(second["new_reader_mail"]) == 2
-    # The issue, the report, and the new reader's confirmation and welcome mail.
-    assert len(list((tmp_path / "mail").glob("*.eml"))) == second["sent"] + 1 + 2
+    captured = len(list((tmp_path / "mail").glob("*.eml")))
+    # The two issues, their two reports, and the new reader's confirmation and welcome mail.
+    assert captured == second["sent"] + second["alert_sent"] + 2 + 2
 
 
 def test_the_sample_week_is_copied_dated_the_week_before_any_day(tmp_path: Path) -> None:

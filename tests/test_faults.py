@@ -110,6 +110,17 @@ def test_every_subscriber_ends_exactly_as_scripted(
             ),
             [{"s": ids[e]} for e in rows],
         )
+        conn.execute(
+            sa.text(
+                "INSERT INTO subscriber_digests (subscriber_id, digest, chosen_at)"
+                " VALUES (:s, :d, :at)"
+            ),
+            [
+                {"s": ids[e], "d": d.key, "at": "2026-11-20 12:00:00"}
+                for e in rows
+                for d in settings.digests
+            ],
+        )
     upsert_articles(
         engine,
         [

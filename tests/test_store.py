@@ -98,5 +98,5 @@ def test_import_rejects_a_file_without_email_column(engine: sa.Engine) -> None:
 def test_export_round_trips_through_import(engine: sa.Engine) -> None:
     csvfile.import_csv(engine, io.StringIO(CSV), known_topics=TOPICS, now=NOW)
     exported = csvfile.export_text(engine)
-    assert exported.splitlines()[0] == "email,name,topics,status"
-    assert "ann@example.org,Ann,base-alerts;local-events,active" in exported
+    assert exported.splitlines()[0] == "email,name,topics,status,digests"
+    assert "ann@example.org,Ann,base-alerts;local-events,active," in exported

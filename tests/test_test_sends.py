@@ -506,7 +506,7 @@ def _unsubscribed(engine: sa.Engine) -> None:
 
 def _paused(engine: sa.Engine) -> None:
     uid = store.get(engine, "bob@example.org").uid
-    lifecycle.pause(engine, uid, NOW + timedelta(days=30), now=NOW)
+    lifecycle.pause(engine, uid, None, NOW + timedelta(days=30), now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -515,7 +515,7 @@ def _paused(engine: sa.Engine) -> None:
         (("nope",), None, "no digest 'nope'"),
         (("weekly", "--as", "who@example.org"), None, "no subscriber who@example.org"),
         (("weekly", "--as", "bob@example.org"), _unsubscribed, "is unsubscribed, not active"),
-        (("weekly", "--as", "bob@example.org"), _paused, "has paused digests until"),
+        (("weekly", "--as", "bob@example.org"), _paused, "has paused weekly until"),
         (("weekly", "--as", "dan@example.org"), None, "chose none of the topics"),
     ],
     ids=["unknown digest", "unknown reader", "inactive", "paused", "no topic of the issue"],

@@ -16,7 +16,12 @@ import sqlalchemy as sa
 from mailer.cli import main
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
-from mailer.db.schema import deliveries, issue_articles, subscriber_topics, subscribers
+from mailer.db.schema import (
+    deliveries,
+    issue_articles,
+    subscriber_digests,
+    subscriber_topics,
+)
 from mailer.errors import ConfigError
 from mailer.issues.schedule import local_time
 from mailer.issues.upcoming import upcoming
@@ -93,8 +98,11 @@ def test_recipient_counts_by_topic_set_equal_the_snapshot(engine: sa.Engine, db_
     paused = make_subscriber(engine, topics=["base-alerts"])
     with engine.begin() as conn:
         conn.execute(
-            subscribers.update()
-            .where(subscribers.c.id == paused.id)
+            subscriber_digests.update()
+            .where(
+                subscriber_digests.c.subscriber_id == paused.id,
+                subscriber_digests.c.digest == settings.digests[0].key,
+            )
             .values(paused_until=now + timedelta(days=9))
         )
 

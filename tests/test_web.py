@@ -31,9 +31,11 @@ from mailer.db.schema import subscribers as subscriber_table
 from mailer.errors import ConfigError
 from mailer.issues.progress import load_content
 from mailer.subscribers import personal, store
+from mailer.subscribers.editions import Choice
 from mailer.subscribers.lifecycle import purge_unconfirmed
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web import Limits, SmtpConfirmationSender, create_app
+from mailer.web.forms import PAUSE_CHOICE
 from mailer.web.ratelimit import RateLimiter
 from mailer.web.security import ARCHIVE_CSP, EMBED_CSP, PAGE_CSP
 from tests.factories import (
@@ -687,19 +689,21 @@ def test_preferences_change_topics(web: Web, reader: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("days", "until"), [("30", "20 December 2026"), ("90", "18 February 2027")]
+    ("days", "until"),
+    [("7", "27 November 2026"), ("30", "20 December 2026"), ("90", "18 February 2027")],
 )
 def test_preferences_pause_and_resume(web: Web, reader: Any, days: str, until: str) -> None:
     response = web.client.post(prefs(reader), data={"action": "pause", "days": days})
     assert response.status_code == 200
-    assert f"Paused for {days} days, until {until}." in response.text
-    assert f"paused until {until}" in response.text
-    row = web.row("reader@example.org")
-    assert row.paused_until == NOW + timedelta(days=int(days))
-    assert row.status == "active"
+    assert f"Everything: paused for {days} days, until {until}." in response.text
+    assert f"Paused until {until}." in response.text
+    assert "every email paused for now" in response.text
+    choice = store.get(web.engine, "reader@example.org").choice("weekly")
+    assert choice is not None and choice.paused_until == NOW + timedelta(days=int(days))
+    assert web.row("reader@example.org").status == "active"
     resumed = web.client.post(prefs(reader), data={"action": "resume"})
     assert "Resumed" in resumed.text
-    assert web.row("reader@example.org").paused_until is None
+    assert store.get(web.engine, "reader@example.org").choice("weekly") == Choice("weekly")
     assert web.kinds("reader@example.org")[-2:] == ["paused", "resumed"]
 
 
@@ -744,12 +748,21 @@ BAD_PREFERENCES = [
     pytest.param(
         {"action": "topics", "topic": ["astrology"]}, "is not one of our topics", id="unknown-topic"
     ),
+    pytest.param({"action": "pause", "days": "5"}, PAUSE_CHOICE, id="pause-5-days"),
+    pytest.param({"action": "pause"}, PAUSE_CHOICE, id="pause-no-days"),
+    pytest.param({"action": "pause", "days": "-30"}, PAUSE_CHOICE, id="pause-negative"),
     pytest.param(
-        {"action": "pause", "days": "7"}, "Choose a pause of 30 or 90 days.", id="pause-7-days"
+        {"action": "pause", "digest": "monthly", "days": "7"},
+        "Choose an email from the list.",
+        id="pause-unknown-digest",
     ),
-    pytest.param({"action": "pause"}, "Choose a pause of 30 or 90 days.", id="pause-no-days"),
     pytest.param(
-        {"action": "pause", "days": "-30"}, "Choose a pause of 30 or 90 days.", id="pause-negative"
+        {"action": "digests"}, "Choose at least one email, or unsubscribe", id="no-digests"
+    ),
+    pytest.param(
+        {"action": "digests", "digest": "monthly"},
+        "“monthly” is not one of our emails",
+        id="unknown-digest",
     ),
     pytest.param(
         {"action": "drop-topic", "topic": "astrology"},
@@ -1063,6 +1076,24 @@ def test_archive_labels_issues_by_digest_and_filters_one_digest(
     unknown = web.client.get("/archive", params={"digest": "daily"})
     assert unknown.status_code == 404
     assert "There is no digest “daily” in the archive (known: weekly, alerts)." in unknown.text
+
+
+def test_a_digest_readers_are_not_offered_is_not_in_the_public_archive(
+    engine: sa.Engine,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    private = {**ALERTS, "public": False, "default": False}
+    web = make_web(
+        engine, db_url, smtp_server, config={"digests": [BASE_CONFIG["digests"][0], private]}
+    )
+    weekly = make_issue(web.engine, status="sent", days_ago=7, title="Gate 5 closed")
+    alert = make_issue(web.engine, status="sent", days_ago=2, title="Storm", digest="alerts")
+    listed = web.client.get("/archive").text
+    assert f'href="/archive/{weekly}"' in listed
+    assert f'href="/archive/{alert}"' not in listed and "Base alerts" not in listed
+    assert web.client.get(f"/archive/{alert}").status_code == 404
+    assert web.client.get("/archive", params={"digest": "alerts"}).status_code == 404
 
 
 def test_archive_pages_keep_the_digest_filter(web: Web) -> None:

@@ -126,6 +126,7 @@ def test_sign_up_confirm_and_unsubscribe_in_a_real_browser(
     page.fill("#email", email)
     page.check("#topic-base-alerts")
     page.check("#topic-local-events")
+    page.check("#digest-weekly")
     page.locator("#consent").evaluate("e => e.removeAttribute('required')")
     page.click("button[type=submit]")
     assert page.locator(".error-summary").is_visible()

@@ -125,9 +125,9 @@ def add_stories(engine: sa.Engine) -> None:
     )
 
 
-def confirm(web: Web, email: str, topics: tuple[str, ...]) -> Any:
+def confirm(web: Web, email: str, topics: tuple[str, ...], **form: Any) -> Any:
     """Sign up and press the confirmation page's button at CONFIRMED_AT; the response."""
-    web.subscribe(email, topics=topics)
+    web.subscribe(email, topics=topics, **form)
     uid = web.row(email).uid
     web.clock.now = CONFIRMED_AT
     return web.client.post(f"/confirm/{token(Purpose.CONFIRM, uid)}")
@@ -222,6 +222,15 @@ def test_a_reader_of_local_events_only_is_told_of_the_weekly_digest_only(web: We
     for part in (text, html, seen(response.text)):
         assert WEEKLY_NEXT in part
         assert "next on Friday 20 November" not in part  # the alerts digest is not theirs
+
+
+def test_a_reader_who_chose_the_weekly_only_is_not_told_of_alerts(web: Web) -> None:
+    response = confirm(web, "cy@example.org", ("base-alerts",), digest=["weekly"])
+    [message] = welcomes(web, "cy@example.org")
+    text, html = parts(message)
+    for part in (text, html, seen(response.text)):
+        assert WEEKLY_NEXT in part
+        assert ALERTS_NEXT not in part  # base alerts are their topic, but not their choice
 
 
 def test_a_second_post_of_the_button_sends_no_second_welcome(web: Web) -> None:
@@ -495,6 +504,8 @@ def test_in_a_phone_browser_the_confirmed_page_and_the_welcome_mail_fit(
         page.fill("#email", "ann@example.org")
         page.check("#topic-base-alerts")
         page.check("#topic-local-events")
+        page.check("#digest-weekly")
+        page.check("#digest-alerts")
         page.check("#consent")
         page.click("button[type=submit]")
         page.wait_for_selector("h1:text('Check your inbox')")

@@ -57,7 +57,7 @@ def cli(ctx: click.Context, config_path: Path | None, verbose: int) -> None:
 @pass_ctx
 def init(ctx: Context) -> None:
     """Create the database, or upgrade it to the newest schema."""
-    revision = migrate(ctx.engine(check=False))
+    revision = migrate(ctx.engine(check=False), ctx.settings.digests)
     out.print(f"database ready at revision {revision}: {safe_url(ctx.settings.database.url)}")
 
 

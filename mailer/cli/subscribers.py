@@ -16,7 +16,7 @@ from mailer.cli.listing import format_option, print_csv, print_json, print_table
 from mailer.clock import now
 from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import MailerError
-from mailer.subscribers import csvfile, personal, store
+from mailer.subscribers import csvfile, editions, personal, store
 from mailer.subscribers.importer import RowError
 
 
@@ -30,6 +30,12 @@ def group() -> None:
 @click.option("--name", default="", help="Display name.")
 @click.option("--topic", "topics", multiple=True, help="A topic key (repeat; default: all).")
 @click.option(
+    "--digest",
+    "digests",
+    multiple=True,
+    help="A digest key (repeat; default: the digests with default = true).",
+)
+@click.option(
     "--status",
     type=click.Choice(["active", "pending"]),
     default="active",
@@ -38,29 +44,48 @@ def group() -> None:
 )
 @pass_ctx
 def subscribers_add(
-    ctx: Context, email: str, name: str, topics: tuple[str, ...], status: str
+    ctx: Context,
+    email: str,
+    name: str,
+    topics: tuple[str, ...],
+    digests: tuple[str, ...],
+    status: str,
 ) -> None:
     """Add one subscriber (with consent obtained by staff, recorded as source "cli")."""
+    try:
+        chosen = editions.parse_digests(digests, ctx.settings.digests)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--digest'") from exc
     sub = store.add(
         ctx.engine(),
         email,
         name=name,
         topics=topics,
+        digests=chosen,
         status=status,
         known_topics=ctx.settings.topic_keys,
         now=now(),
         source="cli",
         policy_version=ctx.settings.site.privacy_policy_version,
     )
-    out.print(f"added {sub.email} ({sub.status}; topics: {', '.join(sub.topics)})")
+    out.print(
+        f"added {sub.email} ({sub.status}; topics: {', '.join(sub.topics)};"
+        f" digests: {', '.join(sub.digest_keys) or 'none'})",
+        markup=False,
+    )
 
 
 @group.command("import")
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--update", is_flag=True, help="Refresh names and topics of present subscribers.")
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Refresh names, topics and digests (if the file has them) of present subscribers.",
+)
 @pass_ctx
 def subscribers_import(ctx: Context, csv_file: Path, update: bool) -> None:
-    """Import a CSV file with columns email,name,topics,status (topics separated by ;)."""
+    """Import a CSV file with columns email,name,topics,status,digests (topics and digests
+    separated by ;; a row without digests gets the default ones)."""
 
     def show(rejected: list[RowError]) -> None:
         # As each chunk is committed, so a file of bad rows is never held whole in memory; as
@@ -73,6 +98,7 @@ def subscribers_import(ctx: Context, csv_file: Path, update: bool) -> None:
             ctx.engine(),
             stream,
             known_topics=ctx.settings.topic_keys,
+            digests=ctx.settings.digests,
             now=now(),
             source=f"import:{csv_file.name}",
             update=update,
@@ -122,11 +148,12 @@ def subscribers_export(
 @group.command("list")
 @click.option("--status", type=click.Choice(SUBSCRIBER_STATUSES), help="Only this status.")
 @click.option("--topic", help="Only subscribers of this topic.")
+@click.option("--digest", help="Only subscribers who receive this digest.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
 @format_option
 @pass_ctx
 def subscribers_list(
-    ctx: Context, status: str | None, topic: str | None, limit: int, fmt: str
+    ctx: Context, status: str | None, topic: str | None, digest: str | None, limit: int, fmt: str
 ) -> None:
     """List subscribers in address order, and how many the filters select by status.
 
@@ -138,15 +165,22 @@ def subscribers_list(
         raise click.BadParameter(
             f"{topic!r} is not a topic (known: {', '.join(known)})", param_hint="'--topic'"
         )
+    digest_keys = [d.key for d in ctx.settings.digests]
+    if digest is not None and digest not in digest_keys:
+        raise click.BadParameter(
+            f"{digest!r} is not a digest (known: {', '.join(digest_keys)})",
+            param_hint="'--digest'",
+        )
     engine = ctx.engine()
     # One batch of ``limit`` rows: the default batch would read 5,000 rows (and their topics)
     # to show 100.
     listed = list(
         itertools.islice(
-            store.iter_subscribers(engine, status=status, topic=topic, batch=limit), limit
+            store.iter_subscribers(engine, status=status, topic=topic, digest=digest, batch=limit),
+            limit,
         )
     )
-    counts = store.counts_by_status(engine, status=status, topic=topic)
+    counts = store.counts_by_status(engine, status=status, topic=topic, digest=digest)
     selected = sum(counts.values())
     shown = f"the first {limit} of {selected} shown (raise --limit for more)"
     zone = ZoneInfo(ctx.settings.site.timezone)
@@ -162,13 +196,14 @@ def subscribers_list(
         if selected > len(listed):  # on standard error: the output stays what it says
             err.print(shown, markup=False)
         return
-    table = Table("email", "name", "status", "topics", "since")
+    table = Table("email", "name", "status", "topics", "digests", "since")
     for sub in listed:
         table.add_row(
             sub.email,
             sub.name,
             sub.status,
             ";".join(sub.topics),
+            ";".join(sub.digest_keys),
             f"{sub.created_at.astimezone(zone):%Y-%m-%d}",
         )
     print_table(table)
@@ -185,6 +220,7 @@ def _as_json(sub: store.Subscriber, zone: ZoneInfo) -> dict[str, object]:
         "name": sub.name,
         "topics": list(sub.topics),
         "status": sub.status,
+        "digests": list(sub.digest_keys),
         "since": sub.created_at.astimezone(zone).isoformat(),
     }
 
@@ -193,13 +229,17 @@ def _as_json(sub: store.Subscriber, zone: ZoneInfo) -> dict[str, object]:
 @click.argument("email")
 @pass_ctx
 def subscribers_show(ctx: Context, email: str) -> None:
-    """Show one subscriber: status first, then topics and consent evidence."""
+    """Show one subscriber: status first, then topics, digests (each with its pause) and
+    consent evidence."""
     sub = store.get(ctx.engine(), email)
     out.print(sub.status)
+    zone = ZoneInfo(ctx.settings.site.timezone)
     for label, value in [
         ("email", sub.email),
         ("name", sub.name),
         ("topics", ", ".join(sub.topics)),
+        *[("digest", _digest_line(ctx, choice, zone)) for choice in sub.digests],
+        *([] if sub.digests else [("digests", "none: receives no issue")]),
         ("created", sub.created_at.isoformat()),
         ("confirmed", sub.confirmed_at.isoformat() if sub.confirmed_at else "-"),
         ("unsubscribed", sub.unsubscribed_at.isoformat() if sub.unsubscribed_at else "-"),
@@ -208,6 +248,19 @@ def subscribers_show(ctx: Context, email: str) -> None:
         ("consent policy", sub.consent_policy_version or "-"),
     ]:
         out.print(f"  {label:15} {value}", markup=False)
+
+
+def _digest_line(ctx: Context, choice: editions.Choice, zone: ZoneInfo) -> str:
+    """One chosen digest for ``show``: its key and name, and whether it is paused."""
+    known = {d.key: d for d in ctx.settings.digests}
+    if choice.key not in known:
+        return f"{choice.key} (not in the config: no issue is made for it)"
+    text = f"{choice.key} ({known[choice.key].name})"
+    if choice.until_resumed:
+        return text + ", paused until resumed"
+    if choice.paused(now()) and choice.paused_until is not None:
+        return text + f", paused until {choice.paused_until.astimezone(zone):%Y-%m-%d %H:%M %Z}"
+    return text
 
 
 @group.command("remove")

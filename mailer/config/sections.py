@@ -9,6 +9,7 @@ from datetime import time
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailer.config.checks import (
@@ -272,6 +273,7 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
         lookback_days=t.number("lookback_days", 7, low=0.01, high=3650),
         review_minutes=t.integer("review_minutes", 0, low=0, high=7 * 24 * 60),
         on_unreviewed=t.choice("on_unreviewed", "send", ("send", "hold")),
+        **_edition(t, key),
     )
     t.finish()
     _check_review(t, digest)
@@ -280,6 +282,32 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
     return digest
 
 
+def _edition(t: Table, key: str) -> dict[str, Any]:
+    """How readers see the digest: offered or not, its one-line description, ticked or not.
+
+    A digest ticked for new sign-ups but not offered would sign people up to mail they were
+    never shown, so ``default = true`` with ``public = false`` is refused.
+    """
+    public = t.flag("public", True)
+    description = t.text("description", "")
+    if description != description.strip() or any(not ch.isprintable() for ch in description):
+        raise t.error("description", f"(digest {key!r}) must be one line of text")
+    if len(description) > MAX_DESCRIPTION:
+        raise t.error(
+            "description", f"(digest {key!r}) must be at most {MAX_DESCRIPTION} characters"
+        )
+    default = t.flag("default", public)
+    if default and not public:
+        raise t.error(
+            "default",
+            f"(digest {key!r}) cannot be true when public = false: nobody may be signed up"
+            " to a digest they are not shown",
+        )
+    return {"public": public, "description": description, "default": default}
+
+
+# A description sits beside a checkbox, on a phone too.
+MAX_DESCRIPTION = 200
 # Fire times sampled for the shortest gap between two slots: a month of a daily schedule.
 REVIEW_GAP_SAMPLES = 40
 

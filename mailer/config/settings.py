@@ -189,6 +189,12 @@ class Digest:
     review_minutes: int = 0
     # What an issue nobody approved, held or skipped does at its slot.
     on_unreviewed: Literal["send", "hold"] = "send"
+    # Offered to readers on the sign-up and preferences pages (False: staff-only edition).
+    public: bool = True
+    # One line shown beside the digest's name on those pages.
+    description: str = ""
+    # Ticked for a new sign-up, and given to an import row or `subscribers add` naming none.
+    default: bool = True
 
     @property
     def lookback(self) -> timedelta:

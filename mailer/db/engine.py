@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,8 @@ from mailer.errors import DatabaseUnavailable, MailerError
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
+    from mailer.config.settings import Digest
+
 log = logging.getLogger(__name__)
 
 # Package data: a wheel installs it as plain files, and Alembic wants a directory path.
@@ -32,7 +34,7 @@ MIGRATIONS_DIR = Path(str(resources.files("mailer.db") / "migrations"))
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # The newest migration in migrations/versions (tests/test_db.py checks it against
 # Alembic's head).
-SCHEMA_HEAD = "0009"
+SCHEMA_HEAD = "0010"
 # A Connection execution option: the transaction only reads (see _sqlite_begin).
 READ_ONLY = "mailer_read_only"
 
@@ -209,7 +211,7 @@ def probe(engine: sa.Engine) -> None:
         conn.exec_driver_sql("SELECT 1")
 
 
-def _alembic_config(engine: sa.Engine) -> AlembicConfig:
+def _alembic_config(engine: sa.Engine, digests: Sequence[Digest] | None = None) -> AlembicConfig:
     from alembic.config import Config as AlembicConfig
 
     if not (MIGRATIONS_DIR / "env.py").exists():
@@ -219,15 +221,22 @@ def _alembic_config(engine: sa.Engine) -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["engine"] = engine
+    if digests is not None:
+        # Migration 0010 gives each existing subscriber the digests whose topics meet theirs.
+        config.attributes["digests"] = [(d.key, tuple(d.topics)) for d in digests]
     return config
 
 
-def migrate(engine: sa.Engine) -> str:
-    """Create or upgrade the database to the newest schema; returns the revision reached."""
+def migrate(engine: sa.Engine, digests: Sequence[Digest] | None = None) -> str:
+    """Create or upgrade the database to the newest schema; returns the revision reached.
+
+    ``digests`` (the config's ``[[digests]]``) are needed to upgrade a database that has
+    subscribers past revision 0009; without them that upgrade refuses.
+    """
     from alembic import command
     from alembic.script import ScriptDirectory
 
-    config = _alembic_config(engine)
+    config = _alembic_config(engine, digests)
     try:
         command.upgrade(config, "head")
     except sa.exc.OperationalError as exc:

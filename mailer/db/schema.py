@@ -105,8 +105,6 @@ subscribers = sa.Table(
     sa.Column("confirm_user_agent", sa.String(500)),
     sa.Column("confirmation_message_id", sa.String(200)),
     sa.Column("confirmation_sent_at", UtcDateTime),
-    # Set from the preferences page: no digest goes out while it lies in the future.
-    sa.Column("paused_until", UtcDateTime),
     # When the welcome mail was accepted by the relay; NULL while it is owed (migration 0009).
     sa.Column("welcomed_at", UtcDateTime),
     sa.CheckConstraint(_in("status", SUBSCRIBER_STATUSES), name="status"),
@@ -120,6 +118,21 @@ subscriber_topics = sa.Table(
         "subscriber_id", Id, sa.ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
     ),
     sa.Column("topic", sa.String(40), primary_key=True),
+)
+
+# The digests (editions) a subscriber receives, each with its own pause (migration 0010): an
+# issue goes only to those with a row for its digest that is not paused. ``digest`` is a
+# [[digests]] key; a key the config no longer has selects no issue and is shown as such.
+subscriber_digests = sa.Table(
+    "subscriber_digests",
+    metadata,
+    sa.Column(
+        "subscriber_id", Id, sa.ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("digest", sa.String(40), primary_key=True),
+    sa.Column("chosen_at", UtcDateTime, nullable=False),
+    # Set from the preferences page: no issue of this digest while it lies in the future.
+    sa.Column("paused_until", UtcDateTime),
 )
 
 articles = sa.Table(

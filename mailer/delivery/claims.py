@@ -28,6 +28,7 @@ from mailer.db.schema import (
     deliveries,
     issue_articles,
     issues,
+    subscriber_digests,
     subscriber_topics,
     subscribers,
 )
@@ -119,15 +120,16 @@ def claim(
         )
     with reading(engine) as conn:
         rows = conn.execute(statements.rows, {"ids": ids}).all()
-        # Someone who unsubscribed or paused after the snapshot gets nothing more.
-        live = [r for r in rows if _receiving(r.status, r.paused_until, now)]
+        # Someone who unsubscribed, dropped the digest or paused it after the snapshot gets
+        # nothing more.
+        live = [r for r in rows if _receiving(r.status, r.chosen, r.paused_until, now)]
         topics: dict[int, list[str]] = {r.subscriber_id: [] for r in live}
         if topics:
             for sid, topic in conn.execute(statements.topics, {"ids": list(topics)}):
                 topics[sid].append(topic)
         seen = _seen(conn, live, statements.arrays)
     if len(live) < len(rows):
-        gone = [r.id for r in rows if not _receiving(r.status, r.paused_until, now)]
+        gone = [r.id for r in rows if not _receiving(r.status, r.chosen, r.paused_until, now)]
         with writing(engine) as conn:
             conn.execute(
                 deliveries.update()
@@ -167,6 +169,7 @@ def claim(
             name,
             uid,
             _status,
+            _chosen,
             _paused_until,
             digest,
         ) in live
@@ -247,11 +250,19 @@ class _ClaimStatements:
                 subscribers.c.name,
                 subscribers.c.uid,
                 subscribers.c.status,
-                subscribers.c.paused_until,
+                subscriber_digests.c.digest.is_not(None).label("chosen"),
+                subscriber_digests.c.paused_until,
                 issues.c.digest,
             )
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
             .join(issues, issues.c.id == deliveries.c.issue_id)
+            .outerjoin(
+                subscriber_digests,
+                sa.and_(
+                    subscriber_digests.c.subscriber_id == deliveries.c.subscriber_id,
+                    subscriber_digests.c.digest == issues.c.digest,
+                ),
+            )
             .where(one_of(deliveries.c.id, "ids", arrays=arrays))
             .order_by(deliveries.c.id)
         )
@@ -332,5 +343,5 @@ def postpone(
         )
 
 
-def _receiving(status: str, paused_until: datetime | None, now: datetime) -> bool:
-    return status == "active" and (paused_until is None or paused_until <= now)
+def _receiving(status: str, chosen: bool, paused_until: datetime | None, now: datetime) -> bool:
+    return status == "active" and chosen and (paused_until is None or paused_until <= now)

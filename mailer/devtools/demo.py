@@ -2,10 +2,10 @@
 
 A SQLite database and a capture SMTP server on an ephemeral loopback port; the sample
 subscribers and articles shipped in the package (``devtools/examples``), copied into ``DIR``
-dated this week (``copy_examples``) so that they can be edited and fetched again; one
-digest rendered and delivered; one new reader who signs up and confirms as on the web (the
-confirmation mail, then the welcome mail); every message written to ``DIR/mail/*.eml``; an
-HTML preview;
+dated this week (``copy_examples``) so that they can be edited and fetched again; one alert
+issue and one weekly issue, each delivered to the readers who chose that digest (some chose
+one, some both); one new reader who signs up and confirms as on the web (the confirmation
+mail, then the welcome mail); every message written to ``DIR/mail/*.eml``; an HTML preview;
 and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
 the demo's state.
 """
@@ -36,7 +36,8 @@ from mailer.config.load import load_settings
 from mailer.config.settings import Settings
 from mailer.content.files import load_article_file
 from mailer.content.store import upsert_articles
-from mailer.db.engine import create_engine, migrate
+from mailer.db.engine import create_engine, migrate, reading
+from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery.foreground import deliver_issue
 from mailer.devtools.sink import Sink
 from mailer.issues.progress import summarize
@@ -87,6 +88,7 @@ DEMO_STAFF = "editor@news.example.org"
 # The reader who signs up and confirms during the demo: their confirmation and welcome mail.
 DEMO_READER = "new.reader@example.org"
 DEMO_READER_TOPICS = ("base-alerts", "local-events")
+DEMO_READER_DIGESTS = ("weekly", "alerts")
 
 
 def _toml_value(value: Any) -> str:
@@ -95,7 +97,11 @@ def _toml_value(value: Any) -> str:
 
 
 LOCAL_WEB = "http://127.0.0.1:8000"
-SUBJECT = "Camp Lejeune & New River Updates \u2014 week of {{ date.strftime('%-d %B %Y') }}"
+# The example config's subjects: what the issue holds, its lead story first.
+SUBJECT = "{{ lead.title }}{% if more %}, and {{ more }} more{% endif %}"
+ALERT_SUBJECT = "Base alert: {{ lead.title }}{% if more %} (and {{ more }} more){% endif %}"
+WEEKLY_DESCRIPTION = "Every Friday morning: the week's base alerts, events and news"
+ALERTS_DESCRIPTION = "Breaking base alerts, as they happen"
 
 
 def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
@@ -156,6 +162,20 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         'timezone = "America/New_York"',
         'topics = ["base-alerts", "local-events", "military-news"]',
         "max_articles = 20",
+        "public = true",
+        "description = " + _toml_value(WEEKLY_DESCRIPTION),
+        "",
+        "[[digests]]",
+        'key = "alerts"',
+        'name = "Base alerts"',
+        "subject = " + _toml_value(ALERT_SUBJECT),
+        'schedule = "*/10 * * * *"',
+        'timezone = "America/New_York"',
+        'topics = ["base-alerts"]',
+        "max_articles = 5",
+        'priority = "alert"',
+        "public = true",
+        "description = " + _toml_value(ALERTS_DESCRIPTION),
     ]
     return "\n".join(lines) + "\n"
 
@@ -246,11 +266,16 @@ def _serve(settings: Settings, console: Console) -> None:
 
 def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     engine = create_engine(settings.database.url)
-    migrate(engine)
+    migrate(engine, settings.digests)
     moment = now()
     with (out_dir / "subscribers.csv").open(encoding="utf-8", newline="") as stream:
         imported = csvfile.import_csv(
-            engine, stream, known_topics=settings.topic_keys, now=moment, source="demo"
+            engine,
+            stream,
+            known_topics=settings.topic_keys,
+            digests=settings.digests,
+            now=moment,
+            source="demo",
         )
     source = settings.sources[0]
     assert source.path is not None
@@ -262,14 +287,20 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         if p.is_file()
     ]
     added = upsert_articles(engine, parsed, now=moment)
-    digest = settings.digests[0]
+    digest, alerts = settings.digest("weekly"), settings.digest("alerts")
     renderer = Renderer()
     preview = preview_next(engine, settings, digest, now=moment, renderer=renderer)
     (out_dir / "preview.html").write_text(preview.html, encoding="utf-8")
     (out_dir / "preview.txt").write_text(preview.text, encoding="utf-8")
+    # The alert goes first, as it would: a reader of both digests then gets the weekly issue
+    # without the alerts they already have.
+    alert = open_issue(engine, settings, alerts, now=moment, renderer=renderer)
+    alert_totals = asyncio.run(deliver_issue(engine, settings, alert.issue_id, renderer=renderer))
     issue = open_issue(engine, settings, digest, now=moment, renderer=renderer)
     totals = asyncio.run(deliver_issue(engine, settings, issue.issue_id, renderer=renderer))
     summary = summarize(engine, issue.issue_id)
+    alert_summary = summarize(engine, alert.issue_id)
+    who = who_got_what(engine, (alert.issue_id, issue.issue_id))
     # The issue ended: its report goes to [staff].emails, captured beside the readers' copies.
     queue_reports(engine, settings, now=now())
     flush_outbox(engine, settings, now=now(), sign=None)
@@ -278,7 +309,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
     staff_mail = [p for p in captured if DEMO_STAFF in p.name]
     joined = [p for p in captured if DEMO_READER in p.name]
     mail = [p for p in captured if p not in staff_mail and p not in joined]
-    first = message_from_bytes(mail[0].read_bytes(), policy=policy.default) if mail else None
+    subjects = _subjects_by_digest(mail)
     engine.dispose()
     figures = {
         "subscribers_imported": imported.added,
@@ -287,6 +318,11 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         "issue_articles": issue.articles,
         "recipients": issue.recipients,
         "sent": totals.counts.get("sent", 0),
+        "alert_issue": alert.issue_id,
+        "alert_articles": alert.articles,
+        "alert_recipients": alert.recipients,
+        "alert_sent": alert_totals.counts.get("sent", 0),
+        "who_got_what": who,
         "messages_captured": len(mail),
         "staff_mail": len(staff_mail),
         "new_reader_mail": [p.name for p in joined],
@@ -296,23 +332,26 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         f"  subscribers imported  {imported.added} ({len(imported.errors)} rows rejected)"
     )
     console.print(f"  articles added        {added.added}")
-    console.print(
-        f"  issue {issue.issue_id} ({summary.status})   "
-        f"{issue.articles} articles, {issue.recipients} recipients"
-    )
-    console.print(
-        f"  delivered             {totals.counts.get('sent', 0)} sent, "
-        f"{totals.counts.get('deferred', 0)} deferred in {totals.elapsed:.2f}s"
-    )
-    if first is not None:
-        console.print(f"  subject               {first['Subject']}", markup=False)
+    for label, made, status, sent in (
+        ("alert issue", alert, alert_summary.status, alert_totals),
+        ("weekly issue", issue, summary.status, totals),
+    ):
+        console.print(
+            f"  {f'{label} {made.issue_id}':<21} {status}: {made.articles} articles, "
+            f"{sent.counts.get('sent', 0)} of {made.recipients} readers sent, "
+            f"{sent.counts.get('deferred', 0)} deferred, in {sent.elapsed:.2f}s",
+            markup=False,
+        )
+        key = alerts.key if made is alert else digest.key
+        for subject in subjects.get(key, ()):
+            console.print(f"  {'':<21} subject: {subject}", markup=False)
+    for editions_got, readers in who.items():
+        console.print(f"  {editions_got:<21} {', '.join(readers)}", markup=False)
     console.print(f"  captured mail         {out_dir / 'mail'} ({len(mail)} .eml files)")
     for path in staff_mail:
-        subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
-        console.print(f"  mail to staff         {subject}  ({path.name})", markup=False)
+        console.print(f"  mail to staff         {_subject(path)}  ({path.name})", markup=False)
     for path in joined:
-        subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
-        console.print(f"  new reader            {subject}  ({path.name})", markup=False)
+        console.print(f"  new reader            {_subject(path)}  ({path.name})", markup=False)
     console.print(f"  HTML preview          {out_dir / 'preview.html'}")
     console.print(f"  config                {out_dir / 'mailer.toml'}")
     config = shlex.quote(str(out_dir / "mailer.toml"))
@@ -335,6 +374,7 @@ async def join(engine: sa.Engine, settings: Settings, *, now: datetime, renderer
         DEMO_READER,
         DEMO_READER_TOPICS,
         consent,
+        DEMO_READER_DIGESTS,
         now=now,
         domain=settings.site.domain,
         daily_cap=1,
@@ -345,6 +385,53 @@ async def join(engine: sa.Engine, settings: Settings, *, now: datetime, renderer
     outcome, account = lifecycle.confirm(engine, recipient.uid, ip=None, user_agent=None, now=now)
     if outcome is lifecycle.Confirmed.ACTIVATED and account is not None:
         await send_welcome(engine, settings, sender, account.id, now=now, renderer=renderer)
+
+
+def _subject(path: Path) -> str:
+    """A captured message's subject on one line (a folded header unfolds with a leading
+    space in the email package)."""
+    subject = message_from_bytes(path.read_bytes(), policy=policy.default)["Subject"]
+    return " ".join(str(subject).split())
+
+
+def _subjects_by_digest(mail: list[Path]) -> dict[str, list[str]]:
+    """The distinct subjects readers got, per digest key (from each Message-ID's prefix,
+    ``issues.create.message_id_prefix``): a reader whose topics leave articles out gets a
+    subject of their own copy."""
+    found: dict[str, list[str]] = {}
+    for path in mail:
+        message = message_from_bytes(path.read_bytes(), policy=policy.default)
+        key = str(message["Message-ID"]).strip().lstrip("<").split(".", 1)[0]
+        subject = " ".join(str(message["Subject"]).split())
+        if subject not in found.setdefault(key, []):
+            found[key].append(subject)
+    return found
+
+
+def who_got_what(engine: sa.Engine, issue_ids: tuple[int, ...]) -> dict[str, list[str]]:
+    """Which readers got which of the demo's issues: "got weekly only", "got alerts only",
+    "got both", each with the addresses, in that order."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(subscribers.c.email, issues.c.digest)
+            .join(deliveries, deliveries.c.subscriber_id == subscribers.c.id)
+            .join(issues, issues.c.id == deliveries.c.issue_id)
+            .where(deliveries.c.issue_id.in_(issue_ids), deliveries.c.status == "sent")
+            .order_by(subscribers.c.email)
+        ).all()
+    got: dict[str, set[str]] = {}
+    for email, key in rows:
+        got.setdefault(email, set()).add(key)
+    labels = {
+        ("weekly",): "got weekly only",
+        ("alerts",): "got alerts only",
+        ("alerts", "weekly"): "got both",
+    }
+    out: dict[str, list[str]] = {label: [] for label in labels.values()}
+    for email, keys in got.items():
+        chosen = tuple(sorted(keys))
+        out.setdefault(labels.get(chosen, "got " + " and ".join(chosen)), []).append(email)
+    return {label: emails for label, emails in out.items() if emails}
 
 
 def mailer_command(executable: str | None = None, cwd: Path | None = None) -> str:

@@ -68,10 +68,13 @@ def sent_issues(
     return [ArchivedIssue(r.id, r.digest, r.subject, r.scheduled_for) for r in rows]
 
 
-def is_sent(conn: sa.Connection, issue_id: int) -> bool:
-    """Whether the issue exists and is public (``RECEIVED``)."""
-    found = conn.scalar(sa.select(issues.c.id).where(issues.c.id == issue_id, RECEIVED))
-    return found is not None
+def is_sent(conn: sa.Connection, issue_id: int, *, digests: Sequence[str] | None = None) -> bool:
+    """Whether the issue exists and is public (``RECEIVED``), and is of ``digests`` when
+    given."""
+    query = sa.select(issues.c.id).where(issues.c.id == issue_id, RECEIVED)
+    if digests is not None:
+        query = query.where(issues.c.digest.in_(list(digests)))
+    return conn.scalar(query) is not None
 
 
 def neighbours(conn: sa.Connection, issue_id: int) -> Neighbours:

@@ -36,7 +36,14 @@ from mailer.compose.rendering import SubjectRenderer, leads
 from mailer.config.settings import Digest, Settings
 from mailer.content.selection import Selection, lookback_start, select_for_issue
 from mailer.db.engine import reading, refresh_statistics, upsert_insert
-from mailer.db.schema import deliveries, issue_articles, issues, subscriber_topics, subscribers
+from mailer.db.schema import (
+    deliveries,
+    issue_articles,
+    issues,
+    subscriber_digests,
+    subscriber_topics,
+    subscribers,
+)
 from mailer.issues import notes
 from mailer.issues.schedule import quiet_until
 
@@ -145,7 +152,7 @@ def create_issue(
         if status == "sending":
             recipients = snapshot(conn, settings, digest, issue_id, scheduled_for, topics, now)
         else:
-            recipients = count_recipients(conn, topics, now)
+            recipients = count_recipients(conn, digest.key, topics, now)
         if (status == "sending" and recipients == 0) or not chosen:
             # Nothing to send, and nothing to review: an issue without articles is over.
             status = "empty"
@@ -188,13 +195,16 @@ def initial_status(
     return "sending" if digest.on_unreviewed == "send" else "held"
 
 
-def count_recipients(conn: sa.Connection, topics: set[str], now: datetime) -> int:
-    """How many subscribers an issue with articles in ``topics`` would go to at ``now``."""
+def count_recipients(conn: sa.Connection, digest_key: str, topics: set[str], now: datetime) -> int:
+    """How many subscribers an issue of ``digest_key`` with articles in ``topics`` would go to
+    at ``now``."""
     if not topics:
         return 0
     return int(
         conn.execute(
-            sa.select(sa.func.count()).select_from(subscribers).where(recipients_where(topics, now))
+            sa.select(sa.func.count())
+            .select_from(subscribers)
+            .where(recipients_where(digest_key, topics, now))
         ).scalar_one()
     )
 
@@ -223,20 +233,27 @@ def goes_out(digest: Digest, made: datetime) -> datetime:
     return quiet_until(digest.quiet_hours, digest.timezone, made) or made
 
 
-def recipients_where(topics: set[str], now: datetime) -> sa.ColumnElement[bool]:
-    """Which subscribers an issue with articles in ``topics`` made at ``now`` goes to.
+def recipients_where(digest_key: str, topics: set[str], now: datetime) -> sa.ColumnElement[bool]:
+    """Which subscribers an issue of ``digest_key`` with articles in ``topics`` made at ``now``
+    goes to: active, receiving that digest and not pausing it, and one of the topics chosen.
 
-    The snapshot and ``mailer.issues.upcoming`` both select by this one clause, so what staff
-    are shown is who the issue takes.
+    The snapshot, ``count_recipients``, review and ``mailer.issues.upcoming`` all select by
+    this one clause, so what staff are shown is who the issue takes.
     """
     wanted = sa.select(subscriber_topics.c.subscriber_id).where(
         subscriber_topics.c.topic.in_(sorted(topics))
     )
+    receiving = sa.select(subscriber_digests.c.subscriber_id).where(
+        subscriber_digests.c.digest == digest_key,
+        # Paused from the preferences page: no issue of this digest while the pause lasts.
+        sa.or_(
+            subscriber_digests.c.paused_until.is_(None), subscriber_digests.c.paused_until <= now
+        ),
+    )
     return sa.and_(
         subscribers.c.status == "active",
         subscribers.c.id.in_(wanted),
-        # Paused from the preferences page: no issue while the pause lasts.
-        sa.or_(subscribers.c.paused_until.is_(None), subscribers.c.paused_until <= now),
+        subscribers.c.id.in_(receiving),
     )
 
 
@@ -251,21 +268,21 @@ def recipients_by_topics(
     order = {topic: i for i, topic in enumerate(digest.topics)}
     counts = Counter(
         tuple(sorted(s, key=lambda t: (order.get(t, len(order)), t)))
-        for s in chosen_topics(conn, topics, now, within=within).values()
+        for s in chosen_topics(conn, digest.key, topics, now, within=within).values()
     )
     return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def chosen_topics(
-    conn: sa.Connection, topics: set[str], now: datetime, *, within: set[str]
+    conn: sa.Connection, digest_key: str, topics: set[str], now: datetime, *, within: set[str]
 ) -> dict[int, set[str]]:
-    """Each would-be recipient (by id) of an issue with articles in ``topics``
+    """Each would-be recipient (by id) of an issue of ``digest_key`` with articles in ``topics``
     (``recipients_where``, the snapshot's own clause) with the topics of ``within`` they chose.
     """
     # The snapshot takes nobody when no article is chosen.
     if not topics:
         return {}
-    chosen = sa.select(subscribers.c.id).where(recipients_where(topics, now))
+    chosen = sa.select(subscribers.c.id).where(recipients_where(digest_key, topics, now))
     rows = conn.execute(
         sa.select(subscriber_topics.c.subscriber_id, subscriber_topics.c.topic).where(
             subscriber_topics.c.subscriber_id.in_(chosen),
@@ -308,7 +325,7 @@ def snapshot(
         sa.literal(now, type_=deliveries.c.created_at.type),
         sa.literal(now, type_=deliveries.c.updated_at.type),
         sa.literal(1 if alert else 0),
-    ).where(recipients_where(topics, now))
+    ).where(recipients_where(digest.key, topics, now))
     conn.execute(
         deliveries.insert().from_select(
             [

@@ -324,7 +324,9 @@ def outcome_of(
     """Where an issue not (yet) released stands: who it would go to if released now."""
     topics, kept = kept_topics(conn, row.id)
     waiting = status in WAITING_ISSUE_STATUSES
-    recipients = count_recipients(conn, topics, now) if waiting else snapshotted(conn, row.id)
+    recipients = (
+        count_recipients(conn, row.digest, topics, now) if waiting else snapshotted(conn, row.id)
+    )
     when = None
     if digest is not None and waiting:
         when = goes_out(digest, max(row.scheduled_for, now))

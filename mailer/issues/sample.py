@@ -66,10 +66,17 @@ def named_reader(
             f"{address} is {found.status}, not active: the issue would not go to them",
             email=address,
         )
-    if found.paused_until is not None and found.paused_until > now:
-        until = local_time(found.paused_until, settings.site.timezone)
+    choice = found.choice(digest.key)
+    if choice is None:
         raise SubscriberError(
-            f"{address} has paused digests until {until}: the issue would not go to them",
+            f"{address} does not receive {digest.key} ({digest.name}): the issue would not go"
+            " to them",
+            email=address,
+        )
+    if choice.paused_until is not None and choice.paused(now):
+        until = local_time(choice.paused_until, settings.site.timezone)
+        raise SubscriberError(
+            f"{address} has paused {digest.key} until {until}: the issue would not go to them",
             email=address,
         )
     shown = shown_topics(settings, content, set(found.topics) & set(digest.topics))
@@ -102,10 +109,12 @@ def sample_reader(
     nobody = f"no active subscriber would receive the next issue of {digest.key} ({digest.name})"
     if not present:
         raise SubscriberError(f"{nobody}: it has no articles yet")
-    sets = chosen_topics(conn, present, now, within=present)
+    sets = chosen_topics(conn, digest.key, present, now, within=present)
     if not sets:
         names = topic_names(settings, shown_topics(settings, content, present))
-        raise SubscriberError(f"{nobody}: none chose one of its topics ({names})")
+        raise SubscriberError(
+            f"{nobody}: none who receive (and do not pause) it chose one of its topics ({names})"
+        )
     variants: dict[tuple[str, ...], list[int]] = {}
     for sid, topics in sets.items():
         variants.setdefault(shown_topics(settings, content, topics), []).append(sid)

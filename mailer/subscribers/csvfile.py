@@ -1,6 +1,6 @@
 """Subscriber CSV files: reading and checking rows for an import, and the export.
 
-The rows are read and validated here (``email,name,topics,status``); the database work of an
+The rows are read and validated here (``email,name,topics,status,digests``); the database work of an
 import is the COPY fast path in ``importer``.
 """
 
@@ -17,15 +17,16 @@ from typing import TextIO
 
 import sqlalchemy as sa
 
+from mailer.config.settings import Digest
 from mailer.db.schema import SUBSCRIBER_STATUSES
 from mailer.errors import AddressError, SubscriberError
-from mailer.subscribers import importer, store
+from mailer.subscribers import editions, importer, store
 from mailer.subscribers.addresses import MAX_ADDRESS_LENGTH, MAX_LOCAL_PART, normalize_address
 from mailer.subscribers.importer import ImportRow, ReadRow, RowError
 from mailer.subscribers.store import Subscriber, clean_name, parse_topics
 from mailer.text import DOT_ATOM
 
-CSV_COLUMNS = ("email", "name", "topics", "status")
+CSV_COLUMNS = ("email", "name", "topics", "status", "digests")
 IMPORT_CHUNK = 50_000
 
 
@@ -89,7 +90,9 @@ class _ImportNormalizer:
         return normalize_address(raw)
 
 
-def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
+def _read_csv(
+    stream: TextIO, known_topics: Sequence[str], digests: Sequence[Digest] = ()
+) -> Iterator[ReadRow]:
     """The rows of the file in order: valid ones, and a RowError for each rejected one.
 
     Duplicates are not looked for here: the staging tables find them (see ``importer``).
@@ -106,7 +109,7 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
         raise SubscriberError(_not_utf8(exc)) from exc
     except csv.Error as exc:
         raise SubscriberError(f"cannot read the CSV header: {exc}") from exc
-    parse = _RowParser(header, known_topics)
+    parse = _RowParser(header, known_topics, digests)
     while True:
         line = reader.line_num + 1
         try:
@@ -140,7 +143,9 @@ def _read_csv(stream: TextIO, known_topics: Sequence[str]) -> Iterator[ReadRow]:
 class _RowParser:
     """The cells of one row as an ImportRow; AddressError or ValueError says what is wrong."""
 
-    def __init__(self, header: list[str], known_topics: Sequence[str]) -> None:
+    def __init__(
+        self, header: list[str], known_topics: Sequence[str], digests: Sequence[Digest] = ()
+    ) -> None:
         columns = [h.strip().lower().lstrip("\ufeff") for h in header]
         if "email" not in columns:
             raise SubscriberError(
@@ -156,6 +161,10 @@ class _RowParser:
         self._name = columns.index("name") if "name" in columns else None
         self._topics = columns.index("topics") if "topics" in columns else None
         self._status = columns.index("status") if "status" in columns else None
+        self._digests = columns.index("digests") if "digests" in columns else None
+        self._parse_digests = functools.lru_cache(maxsize=1024)(
+            functools.partial(editions.parse_digests, digests=tuple(digests))
+        )
         self._every_topic = tuple(known_topics)
         self._normalize = _ImportNormalizer()
         # A file repeats a few topic cells: each is parsed once (a bounded cache, since a
@@ -184,7 +193,8 @@ class _RowParser:
         status = status or "active"
         if status not in SUBSCRIBER_STATUSES:
             raise ValueError(f"unknown status {status!r} (known: {', '.join(SUBSCRIBER_STATUSES)})")
-        return ImportRow(line, raw_email, email, name, topics, status)
+        digests = None if self._digests is None else self._parse_digests(cells[self._digests])
+        return ImportRow(line, raw_email, email, name, topics, status, digests)
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> str:
@@ -218,15 +228,20 @@ def import_csv(
     *,
     known_topics: Sequence[str],
     now: datetime,
+    digests: Sequence[Digest] = (),
     source: str = "import",
     update: bool = False,
     chunk_size: int = IMPORT_CHUNK,
     on_rejected: Callable[[list[RowError]], None] | None = None,
 ) -> ImportReport:
-    """Import ``email,name,topics,status`` rows; bad rows are reported, valid rows all go in.
+    """Import ``email,name,topics,status,digests`` rows; bad rows are reported, valid rows all
+    go in.
 
-    New addresses are inserted. Present ones are left alone (``update=True`` refreshes their name
-    and topics, never their status: an import must not resubscribe someone who left).
+    ``digests`` is the config's ``[[digests]]``: a row's digests cell names some of them (``;``
+    separated); a row without one, or a file without the column, gives a new subscriber the
+    default ones. New addresses are inserted. Present ones are left alone (``update=True``
+    refreshes their name, topics and, when the file has the column, digests; never their
+    status: an import must not resubscribe someone who left).
     Suppressed addresses are skipped. Running the same file twice changes nothing.
     ``report.errors`` is in row order. With ``on_rejected``, the rejected rows are handed to it
     instead, in row order, after the chunk that holds them has been committed (so memory does
@@ -242,10 +257,12 @@ def import_csv(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     report = ImportReport()
-    readable = _Readable(_read_csv(stream, known_topics))
+    readable = _Readable(_read_csv(stream, known_topics, digests))
     with (
         engine.connect() as conn,
-        importer.staging(conn, now=now, source=source) as stage,
+        importer.staging(
+            conn, now=now, source=source, default_digests=editions.defaults(digests)
+        ) as stage,
         # The file is read, validated and prepared in a thread, a chunk ahead of the
         # database.
         stage.read_ahead(readable, chunk_size) as chunks,
@@ -276,7 +293,7 @@ def _count(report: ImportReport, result: importer.ChunkResult) -> None:
 
 
 def export_csv(engine: sa.Engine, out: TextIO, *, status: str | None = None) -> int:
-    """Write every subscriber as ``email,name,topics,status``; returns the row count."""
+    """Write every subscriber as ``email,name,topics,status,digests``; returns the row count."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     count = 0
@@ -294,6 +311,7 @@ def csv_row(sub: Subscriber) -> dict[str, str]:
         "name": _csv_safe(sub.name),
         "topics": ";".join(sub.topics),
         "status": sub.status,
+        "digests": ";".join(sub.digest_keys),
     }
 
 

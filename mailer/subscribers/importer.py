@@ -5,9 +5,9 @@ table (PostgreSQL's COPY, or executemany on SQLite, a few thousand rows at a tim
 rest is a handful of set-based statements per chunk: the duplicate check against every
 earlier row of the file (a second temporary table keyed by address, so the file is never held
 in memory), the suppression list, the present subscribers, then the inserts of the new
-subscribers, their topics and their ``subscribed`` events. Nothing in Python runs per row
-after the copy, and the values copied are plain str and int: SQLAlchemy converts the one
-timestamp of the import once per statement instead of four times per row.
+subscribers, their topics, their digests and their ``subscribed`` events. Nothing in Python
+runs per row after the copy, and the values copied are plain str and int: SQLAlchemy converts
+the one timestamp of the import once per statement instead of four times per row.
 
 Reading, validating and preparing the rows (uids, hashes, the COPY text) happens in a second
 thread, up to a chunk ahead, while the database works on the current chunk (``read_ahead``).
@@ -31,7 +31,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from mailer.db.engine import upsert_insert
-from mailer.db.schema import UtcDateTime, events, subscriber_topics, subscribers, suppressions
+from mailer.db.schema import (
+    UtcDateTime,
+    events,
+    subscriber_digests,
+    subscriber_topics,
+    subscribers,
+    suppressions,
+)
 from mailer.subscribers.addresses import address_hash
 
 
@@ -44,6 +51,13 @@ class ImportRow(NamedTuple):
     name: str
     topics: tuple[str, ...]
     status: str
+    # The digests the row names; None: the file has no digests column (a new subscriber gets
+    # the default digests, a present one keeps theirs).
+    digests: tuple[str, ...] | None = None
+
+
+# A row's choice of topics and of digests: numbered once per import, rows refer to the number.
+Choices = tuple[tuple[str, ...], tuple[str, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -78,11 +92,13 @@ class Duplicate(NamedTuple):
 
 
 class Present(NamedTuple):
-    """A row whose address is already subscribed, with the name and topics the row gives."""
+    """A row whose address is already subscribed, with the name, topics and digests the row
+    gives (digests None: the file has no digests column)."""
 
     subscriber_id: int
     name: str
     topics: tuple[str, ...]
+    digests: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,8 +119,9 @@ class Batch:
     """Up to ``STAGE_BATCH`` rows of one chunk, ready to be staged."""
 
     size: int  # valid rows
-    # Choices of topics first used in this batch, numbered on from the previous batch's.
-    topic_sets: list[tuple[str, ...]]
+    # Choices of topics and digests first used in this batch, numbered on from the previous
+    # batch's.
+    topic_sets: list[Choices]
     # SQLite: the staging table's values, in its column order. PostgreSQL: the same values
     # as the text of a COPY (``copy``), and ``values`` is empty.
     values: list[tuple[Any, ...]]
@@ -151,6 +168,14 @@ _topic_sets = sa.Table(
     _staging,
     sa.Column("topic_set", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("topic", sa.String(40), primary_key=True),
+    prefixes=["TEMPORARY"],
+)
+# The digests of each choice (its number is the topic set's): the row's, or the defaults.
+_digest_sets = sa.Table(
+    "_import_digest_sets",
+    _staging,
+    sa.Column("topic_set", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("digest", sa.String(40), primary_key=True),
     prefixes=["TEMPORARY"],
 )
 
@@ -204,7 +229,7 @@ class _Preparer:
     ) -> None:
         self._postgres = postgres
         self._detail = EventDetail(source)
-        self._numbers: dict[tuple[str, ...], int] = {}
+        self._numbers: dict[Choices, int] = {}
         self._duplicates = duplicates
         self._lines: list[int] = []
         self._emails: list[str] = []
@@ -221,14 +246,15 @@ class _Preparer:
         if self._duplicates is not None:
             self._lines += [r.line for r in rows]
             self._emails += [r.email for r in rows]
-        new: list[tuple[str, ...]] = []
+        new: list[Choices] = []
         numbers = self._numbers
         sets = []
         for r in rows:
-            number = numbers.get(r.topics)
+            choice = (r.topics, r.digests)
+            number = numbers.get(choice)
             if number is None:
-                number = numbers[r.topics] = len(numbers)
-                new.append(r.topics)
+                number = numbers[choice] = len(numbers)
+                new.append(choice)
             sets.append(number)
         detail = self._detail
         values = [
@@ -272,17 +298,27 @@ class _Preparer:
 class Staging:
     """The staging tables of one import on one connection, and the statements over them."""
 
-    def __init__(self, conn: sa.Connection, *, now: datetime, source: str) -> None:
+    def __init__(
+        self,
+        conn: sa.Connection,
+        *,
+        now: datetime,
+        source: str,
+        default_digests: tuple[str, ...] = (),
+    ) -> None:
         self._conn = conn
         self._postgres = conn.dialect.name == "postgresql"
         self._source = source
-        # Every choice of topics staged so far, in the order of their numbers.
-        self._topic_sets: list[tuple[str, ...]] = []
+        self._default_digests = default_digests
+        # Every choice of topics and digests staged so far, in the order of their numbers.
+        self._topic_sets: list[Choices] = []
         self._statements = _Statements(conn, now=now, source=source)
         self._cache_size = 0
         self._analyzed = False
         # PostgreSQL: the addresses seen so far are on the duplicate check's own connection.
-        self._tables = [_rows, _topic_sets] if self._postgres else [_rows, _seen, _topic_sets]
+        self._tables = [_rows, _topic_sets, _digest_sets]
+        if not self._postgres:
+            self._tables.append(_seen)
         self._duplicates: DuplicateCheck | None = None
 
     def create(self) -> None:
@@ -394,7 +430,7 @@ class Staging:
     def _present(self) -> list[Present]:
         sets = self._topic_sets
         return [
-            Present(sid, name, sets[topic_set])
+            Present(sid, name, *sets[topic_set])
             for sid, name, topic_set in self._conn.execute(self._statements.present)
         ]
 
@@ -438,13 +474,19 @@ class Staging:
             self._analyzed = True
         return count
 
-    def _add_topic_sets(self, topic_sets: list[tuple[str, ...]]) -> None:
-        for topics in topic_sets:
+    def _add_topic_sets(self, topic_sets: list[Choices]) -> None:
+        for topics, digests in topic_sets:
             number = len(self._topic_sets)
-            self._topic_sets.append(topics)
+            self._topic_sets.append((topics, digests))
             if topics:
                 self._conn.execute(
                     _topic_sets.insert(), [{"topic_set": number, "topic": t} for t in topics]
+                )
+            new_digests = self._default_digests if digests is None else digests
+            if new_digests:
+                self._conn.execute(
+                    _digest_sets.insert(),
+                    [{"topic_set": number, "digest": d} for d in new_digests],
                 )
 
     def _copy_postgres(self, batches: Iterable[Batch]) -> int:
@@ -457,7 +499,7 @@ class Staging:
             raise TypeError(f"COPY needs a psycopg 3 connection, got {type(driver).__name__}")
         columns = ", ".join(_STAGED_COLUMNS)
         count = 0
-        topic_sets: list[tuple[str, ...]] = []
+        topic_sets: list[Choices] = []
         with (
             driver.cursor() as cursor,
             cursor.copy(f"COPY {_rows.name} ({columns}) FROM STDIN") as copy,
@@ -830,6 +872,12 @@ def _insert_new_sqlite(insert: Any, at: sa.ColumnElement[Any]) -> tuple[sa.Execu
             inserted.join(_topic_sets, _topic_sets.c.topic_set == _rows.c.topic_set)
         ),
     )
+    digests = subscriber_digests.insert().from_select(
+        ["subscriber_id", "digest", "chosen_at"],
+        sa.select(subscribers.c.id, _digest_sets.c.digest, at).select_from(
+            inserted.join(_digest_sets, _digest_sets.c.topic_set == _rows.c.topic_set)
+        ),
+    )
     subscribed = events.insert().from_select(
         ["subscriber_id", "kind", "at", "detail"],
         sa.select(subscribers.c.id, sa.literal("subscribed", sa.String()), at, _rows.c.detail)
@@ -837,7 +885,7 @@ def _insert_new_sqlite(insert: Any, at: sa.ColumnElement[Any]) -> tuple[sa.Execu
         .order_by(_rows.c.line),
     )
     # An INSERT's rowcount is kept only when asked for.
-    return insert.execution_options(preserve_rowcount=True), topics, subscribed
+    return insert.execution_options(preserve_rowcount=True), topics, digests, subscribed
 
 
 def _insert_new_postgres(insert: Any, at: sa.ColumnElement[Any]) -> sa.Executable:
@@ -858,6 +906,16 @@ def _insert_new_postgres(insert: Any, at: sa.ColumnElement[Any]) -> sa.Executabl
         )
         .cte("new_topics")
     )
+    digests = (
+        subscriber_digests.insert()
+        .from_select(
+            ["subscriber_id", "digest", "chosen_at"],
+            sa.select(new.c.id, _digest_sets.c.digest, at).select_from(
+                staged.join(_digest_sets, _digest_sets.c.topic_set == _rows.c.topic_set)
+            ),
+        )
+        .cte("new_digests")
+    )
     subscribed = (
         events.insert()
         .from_select(
@@ -867,6 +925,7 @@ def _insert_new_postgres(insert: Any, at: sa.ColumnElement[Any]) -> sa.Executabl
             .order_by(_rows.c.line),
         )
         .add_cte(topics)
+        .add_cte(digests)
         .execution_options(preserve_rowcount=True)
     )
     return subscribed
@@ -881,9 +940,12 @@ def fresh_uids(count: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def staging(conn: sa.Connection, *, now: datetime, source: str) -> Iterator[Staging]:
-    """The staging tables for one import on ``conn``, dropped afterwards."""
-    stage = Staging(conn, now=now, source=source)
+def staging(
+    conn: sa.Connection, *, now: datetime, source: str, default_digests: tuple[str, ...] = ()
+) -> Iterator[Staging]:
+    """The staging tables for one import on ``conn``, dropped afterwards; a new subscriber
+    whose row names no digests gets ``default_digests``."""
+    stage = Staging(conn, now=now, source=source, default_digests=default_digests)
     with conn.begin():
         stage.create()
     try:

@@ -22,7 +22,7 @@ from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import events, subscriber_topics, subscribers
 from mailer.models import Recipient
-from mailer.subscribers import store
+from mailer.subscribers import editions, store
 from mailer.subscribers.store import Subscriber
 from mailer.subscribers.tokens import new_uid
 
@@ -72,6 +72,7 @@ def record_signup(
     email: str,
     topics: Sequence[str],
     consent: Consent,
+    digests: Sequence[str] = (),
     *,
     now: datetime,
     domain: str,
@@ -79,12 +80,13 @@ def record_signup(
 ) -> Recipient | None:
     """Store a sign-up; returns who to send the confirmation mail to, or None to send nothing.
 
-    New address: a pending subscriber with the consent evidence. Pending: the latest form wins
-    (topics, evidence) and the mail goes again. Unsubscribed: the form is a fresh consent, so
-    back to pending, to be confirmed like a new one. Active, bounced, complained or on the
-    suppression list: nothing changes and nothing is sent. The caller shows the same page in
-    every case (no address enumeration). At most ``daily_cap`` confirmation mails go to one
-    address in 24 hours, counted from the recorded events.
+    New address: a pending subscriber with the consent evidence and the ``digests`` chosen.
+    Pending: the latest form wins (topics, digests, evidence) and the mail goes again.
+    Unsubscribed: the form is a fresh consent, so back to pending, to be confirmed like a new
+    one. Active, bounced, complained or on the suppression list: nothing changes and nothing
+    is sent. The caller shows the same page in every case (no address enumeration). At most
+    ``daily_cap`` confirmation mails go to one address in 24 hours, counted from the recorded
+    events.
     """
     evidence = {
         "consent_source": consent.source,
@@ -114,6 +116,7 @@ def record_signup(
             conn.execute(
                 subscriber_topics.insert(), [{"subscriber_id": sid, "topic": t} for t in topics]
             )
+            editions.replace(conn, sid, digests, now=now)
             audit.record(
                 conn,
                 sid,
@@ -122,6 +125,7 @@ def record_signup(
                 source=consent.source,
                 status="pending",
                 topics=list(topics),
+                digests=list(digests),
                 policy_version=consent.policy_version,
             )
         else:
@@ -136,6 +140,9 @@ def record_signup(
                 .values(status="pending", **evidence)
             )
             store.replace_topics(conn, sid, topics)
+            editions.replace(conn, sid, digests, now=now)
+            # A fresh consent starts unpaused, as a new sign-up does.
+            editions.pause(conn, sid, digests, None)
             audit.record(
                 conn,
                 sid,
@@ -145,6 +152,7 @@ def record_signup(
                 status="pending",
                 previous=current.status,
                 topics=list(topics),
+                digests=list(digests),
                 policy_version=consent.policy_version,
             )
         sent_today = conn.execute(
@@ -204,7 +212,6 @@ def confirm(
                 confirmed_at=now,
                 confirm_ip=_clip(ip, MAX_IP),
                 confirm_user_agent=_clip(user_agent, MAX_USER_AGENT),
-                paused_until=None,
                 # A new subscription owes a welcome, even to a reader welcomed once before.
                 welcomed_at=None,
                 updated_at=now,
@@ -303,17 +310,49 @@ def drop_topic(
         return store.load_by_id(conn, current.id), False
 
 
-def pause(
-    engine: sa.Engine, uid: str, until: datetime | None, *, now: datetime
+def set_digests(
+    engine: sa.Engine, uid: str, digests: Sequence[str], *, now: datetime
 ) -> Subscriber | None:
-    """Pause digests until ``until`` (None resumes them now)."""
+    """Make ``digests`` the link holder's digests (recorded only if they change); a digest
+    kept keeps its pause."""
     with engine.begin() as conn:
         current = store.load_by_uid(conn, uid, lock=True)
         if current is None:
             return None
-        store.touch(conn, current.id, now=now, paused_until=until)
-        if until is None:
-            audit.record(conn, current.id, "resumed", now, source="web")
-        else:
-            audit.record(conn, current.id, "paused", now, source="web", until=until.isoformat())
+        if editions.replace(conn, current.id, digests, now=now):
+            store.touch(conn, current.id, now=now)
+            audit.record(conn, current.id, "preferences", now, source="web", digests=list(digests))
+        return store.load_by_id(conn, current.id)
+
+
+def pause(
+    engine: sa.Engine,
+    uid: str,
+    digests: Sequence[str] | None,
+    until: datetime | None,
+    *,
+    now: datetime,
+) -> Subscriber | None:
+    """Pause the link holder's ``digests`` (None: every one they receive) until ``until``;
+    ``until`` None resumes them now."""
+    with engine.begin() as conn:
+        current = store.load_by_uid(conn, uid, lock=True)
+        if current is None:
+            return None
+        keys = current.digest_keys if digests is None else digests
+        changed = editions.pause(conn, current.id, keys, until)
+        if changed:
+            store.touch(conn, current.id, now=now)
+            if until is None:
+                audit.record(conn, current.id, "resumed", now, source="web", digests=changed)
+            else:
+                audit.record(
+                    conn,
+                    current.id,
+                    "paused",
+                    now,
+                    source="web",
+                    until=until.isoformat(),
+                    digests=changed,
+                )
         return store.load_by_id(conn, current.id)

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.db import audit
-from mailer.db.schema import deliveries, events, issues, subscribers
+from mailer.db.schema import deliveries, events, issues, subscriber_digests, subscribers
 from mailer.errors import SubscriberError
 from mailer.subscribers import store
 from mailer.subscribers.addresses import address_hash, normalize_address
@@ -28,6 +28,15 @@ def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
             return None
         m = row._mapping
         topics = store.topics_of(conn, [m["id"]])[m["id"]]
+        chosen = conn.execute(
+            sa.select(
+                subscriber_digests.c.digest,
+                subscriber_digests.c.chosen_at,
+                subscriber_digests.c.paused_until,
+            )
+            .where(subscriber_digests.c.subscriber_id == m["id"])
+            .order_by(subscriber_digests.c.digest)
+        ).all()
         trail = conn.execute(
             sa.select(events.c.kind, events.c.at, events.c.detail)
             .where(events.c.subscriber_id == m["id"])
@@ -56,11 +65,19 @@ def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
                 "updated_at",
                 "confirmed_at",
                 "unsubscribed_at",
-                "paused_until",
                 "bounce_count",
             )
         },
         "topics": list(topics),
+        # The emails (digests) chosen, when, and until when each is paused.
+        "digests": [
+            {
+                "digest": d.digest,
+                "chosen_at": _plain(d.chosen_at),
+                "paused_until": _plain(d.paused_until),
+            }
+            for d in chosen
+        ],
         "consent": {
             "source": m["consent_source"],
             "given_at": _plain(m["consent_at"]),

@@ -22,12 +22,15 @@ from mailer.db import audit
 from mailer.db.engine import upsert_insert
 from mailer.db.schema import (
     SUBSCRIBER_STATUSES,
+    subscriber_digests,
     subscriber_topics,
     subscribers,
     suppressions,
 )
 from mailer.errors import SubscriberError, SuppressedError
+from mailer.subscribers import editions
 from mailer.subscribers.addresses import address_hash, normalize_address
+from mailer.subscribers.editions import Choice
 from mailer.subscribers.importer import Present
 from mailer.subscribers.tokens import new_uid
 
@@ -49,16 +52,21 @@ class Subscriber:
     created_at: datetime
     confirmed_at: datetime | None
     unsubscribed_at: datetime | None
-    paused_until: datetime | None
     consent_source: str
     consent_at: datetime | None
     consent_ip: str | None
     consent_user_agent: str | None
     consent_policy_version: str | None
+    # The digests chosen, each with its pause (``editions``), in key order.
+    digests: tuple[Choice, ...] = ()
 
-    def paused(self, now: datetime) -> bool:
-        """Whether digests are paused at ``now``."""
-        return self.paused_until is not None and self.paused_until > now
+    @property
+    def digest_keys(self) -> tuple[str, ...]:
+        return tuple(c.key for c in self.digests)
+
+    def choice(self, key: str) -> Choice | None:
+        """The subscriber's choice of digest ``key``, or None if they do not receive it."""
+        return next((c for c in self.digests if c.key == key), None)
 
 
 def clean_name(raw: str) -> str:
@@ -103,7 +111,7 @@ def topics_of(conn: sa.Connection, ids: Sequence[int]) -> dict[int, tuple[str, .
     return {k: tuple(v) for k, v in result.items()}
 
 
-def _to_subscriber(row: Any, topics: tuple[str, ...]) -> Subscriber:
+def _to_subscriber(row: Any, topics: tuple[str, ...], digests: tuple[Choice, ...]) -> Subscriber:
     m = row._mapping
     return Subscriber(
         id=m["id"],
@@ -115,12 +123,12 @@ def _to_subscriber(row: Any, topics: tuple[str, ...]) -> Subscriber:
         created_at=m["created_at"],
         confirmed_at=m["confirmed_at"],
         unsubscribed_at=m["unsubscribed_at"],
-        paused_until=m["paused_until"],
         consent_source=m["consent_source"],
         consent_at=m["consent_at"],
         consent_ip=m["consent_ip"],
         consent_user_agent=m["consent_user_agent"],
         consent_policy_version=m["consent_policy_version"],
+        digests=digests,
     )
 
 
@@ -136,7 +144,9 @@ def _load(
     row = conn.execute(query).first()
     if row is None:
         return None
-    return _to_subscriber(row, topics_of(conn, [row.id])[row.id])
+    return _to_subscriber(
+        row, topics_of(conn, [row.id])[row.id], editions.choices_of(conn, [row.id])[row.id]
+    )
 
 
 def load_by_uid(conn: sa.Connection, uid: str, *, lock: bool = False) -> Subscriber | None:
@@ -231,13 +241,16 @@ def add(
     now: datetime,
     name: str = "",
     topics: Iterable[str] = (),
+    digests: Iterable[str] = (),
     status: str = "active",
     source: str = "cli",
     ip: str | None = None,
     user_agent: str | None = None,
     policy_version: str | None = None,
 ) -> Subscriber:
-    """Add one subscriber. Raises AddressError, SuppressedError, or SubscriberError if present."""
+    """Add one subscriber receiving ``digests`` (keys the caller has checked against the
+    config: ``editions.parse_digests``). Raises AddressError, SuppressedError, or
+    SubscriberError if present."""
     address = normalize_address(email)
     if status not in SUBSCRIBER_STATUSES:
         raise SubscriberError(
@@ -275,8 +288,16 @@ def add(
         conn.execute(
             subscriber_topics.insert(), [{"subscriber_id": sid, "topic": t} for t in chosen]
         )
+        editions.replace(conn, sid, digests, now=now)
         audit.record(
-            conn, sid, "subscribed", now, source=source, status=status, topics=list(chosen)
+            conn,
+            sid,
+            "subscribed",
+            now,
+            source=source,
+            status=status,
+            topics=list(chosen),
+            digests=list(digests),
         )
     return get(engine, address)
 
@@ -340,7 +361,8 @@ def touch(conn: sa.Connection, sid: int, *, now: datetime, **values: Any) -> Non
 def refresh(
     conn: sa.Connection, present: Sequence[Present], *, now: datetime, source: str
 ) -> tuple[int, int]:
-    """Give present subscribers the name and topics of their import row.
+    """Give present subscribers the name, topics and (when the file has them) digests of their
+    import row; a digest kept keeps its pause.
 
     Returns (updated, unchanged); each update records a ``preferences`` event.
     """
@@ -348,12 +370,16 @@ def refresh(
     for start in range(0, len(present), _REFRESH_BATCH):
         batch = present[start : start + _REFRESH_BATCH]
         current = topics_of(conn, [p.subscriber_id for p in batch])
+        chosen = editions.choices_of(conn, [p.subscriber_id for p in batch])
         query = sa.select(subscribers.c.id, subscribers.c.name).where(subscribers.c.id.in_(current))
         names = {sid: name for sid, name in conn.execute(query)}
         changed = [
             p
             for p in batch
             if (names[p.subscriber_id], current[p.subscriber_id]) != (p.name, p.topics)
+            or (
+                p.digests is not None and set(p.digests) != {c.key for c in chosen[p.subscriber_id]}
+            )
         ]
         unchanged += len(batch) - len(changed)
         if changed:
@@ -378,19 +404,39 @@ def _refresh_changed(
     rows = [{"subscriber_id": p.subscriber_id, "topic": t} for p in changed for t in p.topics]
     if rows:
         conn.execute(subscriber_topics.insert(), rows)
+    for p in changed:
+        if p.digests is not None:
+            editions.replace(conn, p.subscriber_id, p.digests, now=now)
     audit.record_each(
         conn,
         "preferences",
         now,
-        [(p.subscriber_id, {"source": source, "topics": list(p.topics)}) for p in changed],
+        [
+            (
+                p.subscriber_id,
+                {"source": source, "topics": list(p.topics)}
+                | ({} if p.digests is None else {"digests": list(p.digests)}),
+            )
+            for p in changed
+        ],
     )
 
 
 # --- listing --------------------------------------------------------------------------------
 
 
-def _selecting(query: sa.Select[Any], status: str | None, topic: str | None) -> sa.Select[Any]:
-    """``query`` narrowed to one status and one topic, when given."""
+def _selecting(
+    query: sa.Select[Any], status: str | None, topic: str | None, digest: str | None = None
+) -> sa.Select[Any]:
+    """``query`` narrowed to one status, one topic and one digest, when given."""
+    if digest is not None:
+        query = query.where(
+            subscribers.c.id.in_(
+                sa.select(subscriber_digests.c.subscriber_id).where(
+                    subscriber_digests.c.digest == digest
+                )
+            )
+        )
     if status is not None:
         query = query.where(subscribers.c.status == status)
     if topic is not None:
@@ -405,7 +451,12 @@ def _selecting(query: sa.Select[Any], status: str | None, topic: str | None) -> 
 
 
 def iter_subscribers(
-    engine: sa.Engine, *, status: str | None = None, topic: str | None = None, batch: int = 5_000
+    engine: sa.Engine,
+    *,
+    status: str | None = None,
+    topic: str | None = None,
+    digest: str | None = None,
+    batch: int = 5_000,
 ) -> Iterator[Subscriber]:
     """Every subscriber in address order, streamed in batches (keyset pagination)."""
     after = ""
@@ -417,19 +468,25 @@ def iter_subscribers(
             .limit(batch),
             status,
             topic,
+            digest,
         )
         with engine.connect() as conn:
             rows = conn.execute(query).all()
             topics = topics_of(conn, [r.id for r in rows])
+            chosen = editions.choices_of(conn, [r.id for r in rows])
         if not rows:
             return
         for row in rows:
-            yield _to_subscriber(row, topics[row.id])
+            yield _to_subscriber(row, topics[row.id], chosen[row.id])
         after = rows[-1].email
 
 
 def counts_by_status(
-    engine: sa.Engine, *, status: str | None = None, topic: str | None = None
+    engine: sa.Engine,
+    *,
+    status: str | None = None,
+    topic: str | None = None,
+    digest: str | None = None,
 ) -> dict[str, int]:
     """How many subscribers hold each status (statuses nobody holds are absent), of those
     ``status`` and ``topic`` select, as ``iter_subscribers`` does."""
@@ -439,6 +496,7 @@ def counts_by_status(
                 sa.select(subscribers.c.status, sa.func.count()).group_by(subscribers.c.status),
                 status,
                 topic,
+                digest,
             )
         )
         return {status: n for status, n in rows}

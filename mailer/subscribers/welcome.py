@@ -22,19 +22,22 @@ from mailer.db.schema import articles
 from mailer.issues import schedule
 from mailer.issues.create import goes_out
 from mailer.models import Article
+from mailer.subscribers import editions
 from mailer.subscribers.store import topics_of
 
 
-def receives(conn: sa.Connection, settings: Settings, subscriber_id: int) -> list[Digest]:
-    """The digests the subscriber receives, in config order.
-
-    The rule until readers choose their digests: every configured digest one of whose topics
-    the subscriber chose (an issue goes to whoever chose a topic it has articles in:
-    ``issues.create.recipients_where``). The one place the welcome mail and the confirmed page
-    learn it from; a reader's own choice of digests replaces this function.
-    """
+def receives(
+    conn: sa.Connection, settings: Settings, subscriber_id: int, *, now: datetime
+) -> list[Digest]:
+    """The digests the subscriber receives, in config order: those they chose
+    (``editions.chosen_digests``), not paused at ``now``, that carry one of their topics (a
+    digest none of whose topics they chose never has an article for them)."""
     chosen = set(topics_of(conn, [subscriber_id])[subscriber_id])
-    return [digest for digest in settings.digests if chosen.intersection(digest.topics)]
+    return [
+        c.digest
+        for c in editions.chosen_digests(conn, settings, subscriber_id)
+        if chosen.intersection(c.digest.topics) and not c.paused(now)
+    ]
 
 
 def latest_articles(
@@ -86,7 +89,7 @@ def welcome_for(
     chosen = set(topics_of(conn, [subscriber_id])[subscriber_id])
     topics = tuple(t for t in settings.topics if t.key in chosen)
     arrivals = []
-    for digest in receives(conn, settings, subscriber_id):
+    for digest in receives(conn, settings, subscriber_id, now=now):
         at = next_arrival(digest, now)
         when = reader_time(at, settings.site.timezone, now) if at is not None else ""
         arrivals.append(Arrival(digest.key, digest.name, at, when))

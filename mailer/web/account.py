@@ -8,7 +8,8 @@ a page, never a redirect (RFC 8058 §3.1 forbids one for the unsubscribe POST).
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from starlette.concurrency import run_in_threadpool
@@ -16,11 +17,39 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mailer.config.settings import Digest
 from mailer.subscribers import lifecycle, personal, store
+from mailer.subscribers.editions import UNTIL_RESUMED, Choice
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.context import NO_STORE, WebContext, read_form
-from mailer.web.forms import FieldError, Invalid, parse_delete, parse_preferences
+from mailer.web.forms import (
+    EVERY_DIGEST,
+    PAUSE_DAYS,
+    FieldError,
+    Invalid,
+    parse_delete,
+    parse_preferences,
+)
 from mailer.web.pages import mask_address
+
+
+@dataclass(frozen=True)
+class EditionView:
+    """One digest on the preferences page: the config's entry and the reader's choice of it."""
+
+    digest: Digest
+    choice: Choice | None
+
+    @property
+    def key(self) -> str:
+        return self.digest.key
+
+    @property
+    def chosen(self) -> bool:
+        return self.choice is not None
+
+    def paused(self, now: datetime) -> bool:
+        return self.choice is not None and self.choice.paused(now)
 
 
 class AccountViews:
@@ -105,16 +134,32 @@ class AccountViews:
         errors: list[FieldError] | None = None,
     ) -> Response:
         now = self.web.clock()
+        shown = self._editions(account)
+        chosen = [e for e in shown if e.chosen]
         return self.web.pages.render(
             "preferences.html",
             status=status,
             headers=NO_STORE,
             account=account,
-            paused=account.paused(now),
+            editions=shown,
+            paused=bool(chosen) and all(e.paused(now) for e in chosen),
+            pause_days=PAUSE_DAYS,
+            until_resumed=UNTIL_RESUMED,
+            every_digest=EVERY_DIGEST,
+            now=now,
             saved=saved,
             errors=errors or [],
             links=self._links(account.uid),
         )
+
+    def _editions(self, account: store.Subscriber) -> list[EditionView]:
+        """The digests the page shows: the public ones and any other the reader receives."""
+        shown = []
+        for digest in self.web.settings.digests:
+            choice = account.choice(digest.key)
+            if digest.public or choice is not None:
+                shown.append(EditionView(digest, choice))
+        return shown
 
     async def preferences_page(self, request: Request) -> Response:
         web = self.web
@@ -132,7 +177,8 @@ class AccountViews:
         if account is None:
             return self._not_found()
         try:
-            change = parse_preferences(form, web.topic_choices)
+            offered = tuple(e.key for e in self._editions(account))
+            change = parse_preferences(form, web.topic_choices, offered)
         except Invalid as exc:
             return self._preferences(account, status=400, errors=list(exc.errors))
         now = web.clock()
@@ -170,14 +216,34 @@ class AccountViews:
                 if left
                 else f"You will get no more {names[topic]}."
             )
+        elif change.action == "digests":
+            updated = await run_in_threadpool(
+                lifecycle.set_digests, web.engine, uid, change.digests, now=now
+            )
+            digest_names = [web.settings.digest(k).name for k in change.digests]
+            saved = "Saved. You will get: " + ", ".join(digest_names) + "."
         elif change.action == "pause":
-            until = now + timedelta(days=change.days)
-            updated = await run_in_threadpool(lifecycle.pause, web.engine, uid, until, now=now)
-            local = until.astimezone(ZoneInfo(web.settings.site.timezone))
-            saved = f"Paused for {change.days} days, until {local.day} {local:%B %Y}."
+            until = now + timedelta(days=change.days) if change.days else UNTIL_RESUMED
+            which = change.digests or None
+            updated = await run_in_threadpool(
+                lifecycle.pause, web.engine, uid, which, until, now=now
+            )
+            what = web.settings.digest(change.digests[0]).name if change.digests else "Everything"
+            if change.days:
+                local = until.astimezone(ZoneInfo(web.settings.site.timezone))
+                saved = f"{what}: paused for {change.days} days, until {local.day} {local:%B %Y}."
+            else:
+                saved = f"{what}: paused until you resume it."
         else:  # resume
-            updated = await run_in_threadpool(lifecycle.pause, web.engine, uid, None, now=now)
-            saved = "Resumed: you will get the next digest."
+            which = change.digests or None
+            updated = await run_in_threadpool(
+                lifecycle.pause, web.engine, uid, which, None, now=now
+            )
+            saved = (
+                f"Resumed: you will get the next {web.settings.digest(change.digests[0]).name}."
+                if change.digests
+                else "Resumed: you will get the next issue of each of your emails."
+            )
         return self._preferences(updated or account, saved=saved)
 
     # --- your data ------------------------------------------------------------------------

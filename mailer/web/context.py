@@ -52,6 +52,11 @@ class WebContext:
     def topic_choices(self) -> tuple[tuple[str, str], ...]:
         return tuple((t.key, t.name) for t in self.settings.topics)
 
+    @property
+    def offered_digests(self) -> tuple[str, ...]:
+        """The keys of the digests readers may choose (``public``), in config order."""
+        return tuple(d.key for d in self.settings.digests if d.public)
+
     def uid(self, token: str, purpose: Purpose) -> str:
         """The uid a link token stands for; a 400 page if it is forged, cut short or foreign."""
         try:

@@ -21,8 +21,16 @@ MAX_FIELD = 500  # characters in any one text field we accept
 MAX_EMAIL = 254  # characters in an address (RFC 5321 path limit; the form's maxlength)
 HONEYPOT = "website"  # a field people never see; bots that fill every input fill it
 SOURCE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,39}$")
-PAUSE_DAYS = (30, 90)
-PREFERENCE_ACTIONS = ("topics", "pause", "resume", "drop-topic", "leave")
+# A pause of 1, 2 or 4 weeks, 30 or 90 days, or (UNTIL_RESUMED) until the reader resumes it.
+PAUSE_DAYS = (7, 14, 28, 30, 90)
+UNTIL_RESUMED = "resume"
+PAUSE_CHOICE = "Choose a pause of 1, 2 or 4 weeks, 30 or 90 days, or until you resume."
+PREFERENCE_ACTIONS = ("topics", "digests", "pause", "resume", "drop-topic", "leave")
+# Sent by a form that offers digests (the sign-up page, the embed). A form made before there
+# were digests to choose sends no digest field: the sign-up gets the default digests.
+DIGESTS_SHOWN = "digests_shown"
+# The preferences page's "pause everything" / "resume everything".
+EVERY_DIGEST = "all"
 
 
 class Fields(Protocol):
@@ -54,16 +62,20 @@ class Signup:
     email: str  # normalized
     topics: tuple[str, ...]  # in the configured order
     source: str  # the form's own name for itself: "signup", "embed", …
+    # The digests chosen, in config order; None: the form offered none (the defaults apply).
+    digests: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class PreferenceChange:
-    """A valid preferences form: what to do (``action``), with the topics kept or the days of
-    a pause."""
+    """A valid preferences form: what to do (``action``), with the topics or digests kept, or
+    the digests paused or resumed (empty: every one) and the days of a pause (0: until
+    resumed)."""
 
     action: str
     topics: tuple[str, ...] = ()
     days: int = 0
+    digests: tuple[str, ...] = ()
 
 
 def _texts(form: Fields, name: str) -> list[str]:
@@ -101,10 +113,31 @@ def _topics(
     return tuple(k for k in keys if k in chosen)
 
 
-def parse_signup(form: Fields, known: Sequence[tuple[str, str]]) -> Signup:
-    """The sign-up form: email, topics, the consent box, the honeypot and the form's source.
+def _digests(
+    form: Fields, offered: Sequence[str], errors: list[FieldError], *, empty: str
+) -> tuple[str, ...]:
+    chosen = _texts(form, "digest")
+    unknown = [d for d in chosen if d not in offered]
+    if unknown:
+        shown = unknown[0][:40]
+        errors.append(
+            FieldError("digests", f"“{shown}” is not one of our emails: choose from the list.")
+        )
+        return ()
+    if not chosen:
+        errors.append(FieldError("digests", empty))
+        return ()
+    return tuple(k for k in offered if k in chosen)
 
-    ``known`` is the configured topics as (key, name). Raises ``Invalid`` listing every problem.
+
+def parse_signup(
+    form: Fields, known: Sequence[tuple[str, str]], offered: Sequence[str] = ()
+) -> Signup:
+    """The sign-up form: email, topics, digests, the consent box, the honeypot and the source.
+
+    ``known`` is the configured topics as (key, name), ``offered`` the public digests' keys:
+    when there are any and the form showed them, at least one must be chosen. Raises
+    ``Invalid`` listing every problem.
     """
     errors: list[FieldError] = []
     raw_email = _single(form, "email", errors, "email address")
@@ -120,6 +153,9 @@ def parse_signup(form: Fields, known: Sequence[tuple[str, str]]) -> Signup:
                     FieldError("email", "Enter a valid email address, like name@example.com.")
                 )
     topics = _topics(form, known, errors, empty="Choose at least one topic.")
+    digests: tuple[str, ...] | None = None
+    if offered and (_texts(form, DIGESTS_SHOWN) or _texts(form, "digest")):
+        digests = _digests(form, offered, errors, empty="Choose at least one email to receive.")
     consent = _texts(form, "consent")
     if consent != ["yes"]:
         errors.append(
@@ -138,11 +174,17 @@ def parse_signup(form: Fields, known: Sequence[tuple[str, str]]) -> Signup:
         source = "form"
     if errors:
         raise Invalid(errors)
-    return Signup(email=email, topics=topics, source=source)
+    return Signup(email=email, topics=topics, source=source, digests=digests)
 
 
-def parse_preferences(form: Fields, known: Sequence[tuple[str, str]]) -> PreferenceChange:
-    """One change on the preferences page: which button, and that button's fields."""
+def parse_preferences(
+    form: Fields, known: Sequence[tuple[str, str]], offered: Sequence[str] = ()
+) -> PreferenceChange:
+    """One change on the preferences page: which button, and that button's fields.
+
+    ``offered`` is the digests the reader may choose, pause or resume (the public ones and
+    those they already receive).
+    """
     errors: list[FieldError] = []
     action = _single(form, "action", errors, "action")
     if errors:
@@ -164,15 +206,36 @@ def parse_preferences(form: Fields, known: Sequence[tuple[str, str]]) -> Prefere
         if errors or value not in {k for k, _n in known}:
             raise Invalid([FieldError("topics", "Choose a topic from the list.")])
         return PreferenceChange(action, topics=(value,))
-    if action == "pause":
+    if action == "digests":
+        digests = _digests(
+            form,
+            offered,
+            errors,
+            empty="Choose at least one email, or unsubscribe from everything below.",
+        )
+        if errors:
+            raise Invalid(errors)
+        return PreferenceChange(action, digests=digests)
+    if action in ("pause", "resume"):
+        which = _which_digest(form, offered)
+        if action == "resume":
+            return PreferenceChange(action, digests=which)
         value = _single(form, "days", errors, "pause length")
-        allowed = {str(d): d for d in PAUSE_DAYS}
+        allowed = {str(d): d for d in PAUSE_DAYS} | {UNTIL_RESUMED: 0}
         if errors or value not in allowed:
-            raise Invalid(
-                [FieldError("days", "Choose a pause of 30 or 90 days.")],
-            )
-        return PreferenceChange(action, days=allowed[value])
+            raise Invalid([FieldError("days", PAUSE_CHOICE)])
+        return PreferenceChange(action, days=allowed[value], digests=which)
     return PreferenceChange(action)
+
+
+def _which_digest(form: Fields, offered: Sequence[str]) -> tuple[str, ...]:
+    """The digest a pause or resume button is for; empty for every one (no field, or "all")."""
+    values = _texts(form, "digest")
+    if not values or values == [EVERY_DIGEST]:
+        return ()
+    if len(values) > 1 or values[0] not in offered:
+        raise Invalid([FieldError("digests", "Choose an email from the list.")])
+    return (values[0],)
 
 
 def parse_delete(form: Fields) -> None:

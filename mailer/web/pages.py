@@ -131,6 +131,9 @@ class Pages:
         self.env.globals.update(
             site=site_view(settings),
             topics=tuple(TopicOption(t.key, t.name, t.description) for t in settings.topics),
+            # The public digests offered beside the topics, never pre-ticked (COMPLIANCE.md
+            # 6.1); ``default`` is what a sign-up from a form that offers none receives.
+            digests=tuple(d for d in settings.digests if d.public),
             policy_version=settings.site.privacy_policy_version,
             base_url=settings.site.base_url,
             unconfirmed_days=UNCONFIRMED_TTL.days,

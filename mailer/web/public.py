@@ -101,7 +101,7 @@ class PublicViews:
             self.web.engine,
             limit=ARCHIVE_PAGE + 1,
             offset=(page - 1) * ARCHIVE_PAGE,
-            digests=None if chosen is None else (chosen,),
+            digests=tuple(names) if chosen is None else (chosen,),
         )
         return self.web.pages.render(
             "archive.html",
@@ -115,8 +115,9 @@ class PublicViews:
 
     @property
     def digest_names(self) -> dict[str, str]:
-        """The configured digests' names by key, in the config's order."""
-        return {d.key: d.name for d in self.web.settings.digests}
+        """The public digests' names by key, in the config's order: a digest readers are not
+        offered (``public = false``) is not in the public archive either."""
+        return {d.key: d.name for d in self.web.settings.digests if d.public}
 
     async def archived_issue(self, request: Request) -> Response:
         """One sent issue as its readers saw it, with every topic and no personal link, plus
@@ -138,7 +139,7 @@ class PublicViews:
     def _render_issue(self, issue_id: int) -> str | None:
         settings = self.web.settings
         with self.web.engine.connect() as conn:
-            if not archive.is_sent(conn, issue_id):
+            if not archive.is_sent(conn, issue_id, digests=tuple(self.digest_names)):
                 return None
             try:
                 content = load_content(conn, issue_id, settings)

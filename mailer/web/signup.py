@@ -22,11 +22,18 @@ from mailer.delivery.policy import Outcome
 from mailer.errors import MailerError
 from mailer.logs import describe_error, operational_errors
 from mailer.models import Recipient
-from mailer.subscribers import lifecycle, store, welcome_mail
+from mailer.subscribers import editions, lifecycle, store, welcome_mail
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.subscribers.welcome import welcome_for
 from mailer.web.context import NO_STORE, WebContext, client_ip, read_form, user_agent
-from mailer.web.forms import HONEYPOT, MAX_EMAIL, Invalid, consent_source, parse_signup
+from mailer.web.forms import (
+    DIGESTS_SHOWN,
+    HONEYPOT,
+    MAX_EMAIL,
+    Invalid,
+    consent_source,
+    parse_signup,
+)
 from mailer.web.security import page_csp
 
 log = logging.getLogger(__name__)
@@ -41,10 +48,15 @@ class SignupViews:
 
     async def home(self, request: Request) -> Response:
         """The sign-up form; ``?email=`` (from an archived issue's sign-up box) fills in the
-        address, nothing else: the topics and the consent box are the reader's to choose."""
+        address, nothing else: the topics, digests and the consent box are the reader's to
+        choose."""
         email = request.query_params.get("email", "").strip()[:MAX_EMAIL]
         return self.web.pages.render(
-            "signup.html", errors=[], values={"email": email} if email else {}, honeypot=HONEYPOT
+            "signup.html",
+            errors=[],
+            values={"email": email} if email else {},
+            honeypot=HONEYPOT,
+            digests_shown=DIGESTS_SHOWN,
         )
 
     async def embed(self, request: Request) -> Response:
@@ -69,15 +81,21 @@ class SignupViews:
             return self._too_many(web.per_ip.retry_after(ip))
         form = await read_form(request)
         try:
-            signup = parse_signup(form, web.topic_choices)
+            signup = parse_signup(form, web.topic_choices, web.offered_digests)
         except Invalid as exc:
             values = {
                 "email": next((v for v in form.getlist("email") if isinstance(v, str)), "")[:320],
                 "topics": [v for v in form.getlist("topic") if isinstance(v, str)],
+                "digests": [v for v in form.getlist("digest") if isinstance(v, str)],
                 "consent": False,
             }
             return web.pages.render(
-                "signup.html", status=400, errors=exc.errors, values=values, honeypot=HONEYPOT
+                "signup.html",
+                status=400,
+                errors=exc.errors,
+                values=values,
+                honeypot=HONEYPOT,
+                digests_shown=DIGESTS_SHOWN,
             )
         if not web.per_address.hit(signup.email):
             log.info("sign-up rate limit (address)")
@@ -94,6 +112,7 @@ class SignupViews:
             signup.email,
             signup.topics,
             consent,
+            editions.defaults(web.settings.digests) if signup.digests is None else signup.digests,
             now=web.clock(),
             domain=web.settings.site.domain,
             daily_cap=web.limits.confirmations_per_day,
