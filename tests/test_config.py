@@ -80,7 +80,7 @@ BAD = [
                 }
             ]
         },
-        "categories applies to feed sources only",
+        "[sources[0]].categories (source 'a') applies to feed sources only",
     ),
     (
         {
@@ -127,25 +127,34 @@ def _digest(**overrides: Any) -> list[dict[str, Any]]:
         ({"schedule": "0 7 * * 5"}, "day of week must use names mon..sun"),
         ({"schedule": "0 7 * *"}, "must be a 5-field cron expression"),
         ({"topics": ["weather"]}, "names unknown topic 'weather'"),
-        ({"max_articles": 0}, "[digests[0]].max_articles must be 1–500"),
-        ({"key": "Weekly Digest!"}, "[digests[0]].key must match"),
-        ({"lookback_days": 0}, "[digests[0]].lookback_days must be 0.01–3650, got 0"),
-        ({"lookback_days": "7"}, "[digests[0]].lookback_days must be a number"),
+        ({"max_articles": 0}, "[digests[0]].max_articles (digest 'weekly') must be 1–500"),
+        ({"key": "Weekly Digest!"}, "[digests[0]].key (digest 'Weekly Digest!') must match"),
+        (
+            {"lookback_days": 0},
+            "[digests[0]].lookback_days (digest 'weekly') must be 0.01–3650, got 0",
+        ),
+        ({"lookback_days": "7"}, "[digests[0]].lookback_days (digest 'weekly') must be a number"),
         (
             {"topics": ["base-alerts", "local-events", "base-alerts"]},
-            "[digests[0]].topics names 'base-alerts' more than once",
+            "[digests[0]].topics (digest 'weekly') names 'base-alerts' more than once",
         ),
-        ({"review_minutes": -1}, "[digests[0]].review_minutes must be 0–10080, got -1"),
+        (
+            {"review_minutes": -1},
+            "[digests[0]].review_minutes (digest 'weekly') must be 0–10080, got -1",
+        ),
         (
             # The shortest week is the one that springs forward: 167 hours.
             {"review_minutes": 7 * 24 * 60 - 60},
-            "[digests[0]].review_minutes must be shorter than the time between two slots"
-            " (10020 minutes for '0 7 * * fri'), got 10020",
+            "[digests[0]].review_minutes (digest 'weekly') must be shorter than the time between"
+            " two slots (10020 minutes for '0 7 * * fri'), got 10020",
         ),
-        ({"on_unreviewed": "approve"}, "[digests[0]].on_unreviewed must be one of"),
+        (
+            {"on_unreviewed": "approve"},
+            "[digests[0]].on_unreviewed (digest 'weekly') must be one of",
+        ),
         (
             {"priority": "alert", "review_minutes": 5},
-            "[digests[0]].review_minutes applies to bulk digests only",
+            "[digests[0]].review_minutes (digest 'weekly') applies to bulk digests only",
         ),
     ],
     ids=[
@@ -217,37 +226,39 @@ def _feed(categories: dict[str, str]) -> list[dict[str, Any]]:
 REFUSED_AT_LOAD = {
     "cron-minute-99": (
         {"digests": _digest(schedule="99 7 * * fri")},
-        "[digests[0]].schedule is not a valid cron expression ('99 7 * * fri'): "
+        "[digests[0]].schedule (digest 'weekly') is not a valid cron expression ('99 7 * * fri'): "
         "Error validating expression '99': the last value (99) is higher than the maximum value",
     ),
     "cron-hour-25": (
         {"digests": _digest(schedule="0 25 * * fri")},
-        "[digests[0]].schedule is not a valid cron expression",
+        "[digests[0]].schedule (digest 'weekly') is not a valid cron expression",
     ),
     "cron-bad-day-name": (
         {"digests": _digest(schedule="0 7 * * frx")},
-        "[digests[0]].schedule is not a valid cron expression ('0 7 * * frx'): "
+        "[digests[0]].schedule (digest 'weekly') is not a valid cron expression ('0 7 * * frx'): "
         'Invalid weekday name "frx"',
     ),
     "cron-never-fires": (
         {"digests": _digest(schedule="0 7 31 2 *")},
-        "[digests[0]].schedule never fires ('0 7 31 2 *'",
+        "[digests[0]].schedule (digest 'weekly') never fires ('0 7 31 2 *'",
     ),
     "subject-undefined-name": (
         {"digests": _digest(subject="{{ nope }}")},
-        "[digests[0]].subject cannot be rendered: 'nope' is undefined "
-        "(tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample article;",
+        "[digests[0]].subject (digest 'weekly') cannot be rendered: 'nope' is undefined "
+        "(tried with date 2026-01-02 07:00 EST and one sample article;",
     ),
     "subject-misspelt-attribute": (
         {"digests": _digest(subject="{{ digest.nme }}")},
-        "[digests[0]].subject cannot be rendered: 'mailer.config.settings.Digest object' has no"
-        " attribute 'nme' (tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample"
+        "[digests[0]].subject (digest 'weekly') cannot be rendered:"
+        " 'mailer.config.settings.Digest object' has no"
+        " attribute 'nme' (tried with date 2026-01-02 07:00 EST and one sample"
         " article; a subject sees digest.name, digest.key, date, lead.title, lead.topic, count and"
         " more)",
     ),
     "template-missing": (
         {"digests": _digest(template="digset")},
-        "[digests[0]].template names 'digset', but email/digset.html and email/digset.txt do not"
+        "[digests[0]].template (digest 'weekly')"
+        " names 'digset', but email/digset.html and email/digset.txt do not"
         " exist in",
     ),
     "subject-misspelt-lead": (
@@ -256,32 +267,36 @@ REFUSED_AT_LOAD = {
                 subject="{{ lead.titel }}{% if more %}, and {{ more }} more{% endif %}"
             )
         },
-        "[digests[0]].subject cannot be rendered: 'mailer.sandbox.Lead object' has no attribute"
-        " 'titel' (tried with digest 'weekly', date 2026-01-02 07:00 EST and one sample article;",
+        "[digests[0]].subject (digest 'weekly')"
+        " cannot be rendered: 'mailer.sandbox.Lead object' has no attribute"
+        " 'titel' (tried with date 2026-01-02 07:00 EST and one sample article;",
     ),
     "subject-syntax": (
         {"digests": _digest(subject="{{ date.strftime( }}")},
-        "[digests[0]].subject cannot be rendered: syntax error",
+        "[digests[0]].subject (digest 'weekly') cannot be rendered: syntax error",
     ),
     "subject-unknown-filter": (
         {"digests": _digest(subject="{{ date | shout }}")},
-        "[digests[0]].subject cannot be rendered: syntax error: No filter named 'shout'",
+        "[digests[0]].subject (digest 'weekly')"
+        " cannot be rendered: syntax error: No filter named 'shout'",
     ),
     "subject-unsafe-attribute": (
         {"digests": _digest(subject="{{ ''.__class__.__mro__ }}")},
-        "[digests[0]].subject cannot be rendered: access to attribute '__class__'",
+        "[digests[0]].subject (digest 'weekly')"
+        " cannot be rendered: access to attribute '__class__'",
     ),
     "subject-raises": (
         {"digests": _digest(subject="Week {{ 1 / 0 }}")},
-        "[digests[0]].subject cannot be rendered: ZeroDivisionError",
+        "[digests[0]].subject (digest 'weekly') cannot be rendered: ZeroDivisionError",
     ),
     "subject-fake-reply": (
         {"digests": _digest(subject="Re: {{ digest.name }}")},
-        "[digests[0]].subject cannot be rendered: must not look like a reply or forward",
+        "[digests[0]].subject (digest 'weekly')"
+        " cannot be rendered: must not look like a reply or forward",
     ),
     "subject-empty": (
         {"digests": _digest(subject="{{ '' }}")},
-        "[digests[0]].subject cannot be rendered: renders to an empty subject",
+        "[digests[0]].subject (digest 'weekly') cannot be rendered: renders to an empty subject",
     ),
     "base-url-plain-http": (
         {"site__base_url": "http://news.example.org"},
@@ -313,15 +328,18 @@ REFUSED_AT_LOAD = {
     ),
     "category-empty": (
         {"sources": _feed({" ": "base-alerts"})},
-        '[sources[0]].categories has an empty category name ("" = ...)',
+        "[sources[0]].categories (source 'https://news.example.org/feed') has an empty category"
+        ' name ("" = ...)',
     ),
     "category-twice": (
         {"sources": _feed({"Base  Alerts": "base-alerts", "base alerts": "local-events"})},
-        "[sources[0]].categories names category 'base alerts' twice ('Base  Alerts' is the same",
+        "[sources[0]].categories (source 'https://news.example.org/feed')"
+        " names category 'base alerts' twice ('Base  Alerts' is the same",
     ),
     "category-unknown-topic": (
         {"sources": _feed({"Weather": "weather"})},
-        "[sources[0]].categories maps 'Weather' to unknown topic 'weather'",
+        "[sources[0]].categories (source 'https://news.example.org/feed')"
+        " maps 'Weather' to unknown topic 'weather'",
     ),
     "bounces-soft-limit-0": (
         {"bounces": {"soft_limit": 0}},
@@ -355,7 +373,9 @@ def test_a_failed_subject_is_reported_from_the_file_by_load_settings(tmp_path: P
     )
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
-    assert str(info.value).startswith(f"{config}: [digests[0]].subject cannot be rendered")
+    assert str(info.value).startswith(
+        f"{config}: [digests[0]].subject (digest 'weekly') cannot be rendered"
+    )
     assert (info.value.path, info.value.key) == (str(config), "digests[0].subject")
 
 

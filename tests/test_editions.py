@@ -73,14 +73,14 @@ def test_digests_are_public_undescribed_and_default_unless_told() -> None:
             {"public": False, "default": True},
             r"\[digests\[1\]\]\.default \(digest 'alerts'\) cannot be true when public = false",
         ),
-        ({"public": "yes"}, r"\[digests\[1\]\]\.public must be true or false"),
-        ({"default": 1}, r"\[digests\[1\]\]\.default must be true or false"),
+        ({"public": "yes"}, r"\[digests\[1\]\]\.public \(digest 'alerts'\) must be true or false"),
+        ({"default": 1}, r"\[digests\[1\]\]\.default \(digest 'alerts'\) must be true or false"),
         (
             {"description": "Breaking\nalerts"},
             r"\[digests\[1\]\]\.description \(digest 'alerts'\) must be one line",
         ),
         ({"description": "x" * 201}, r"\[digests\[1\]\]\.description .* at most 200 characters"),
-        ({"description": 3}, r"\[digests\[1\]\]\.description must be a string"),
+        ({"description": 3}, r"\[digests\[1\]\]\.description \(digest 'alerts'\) must be a string"),
     ],
     ids=["default-not-public", "public-not-bool", "default-not-bool", "two-lines", "long", "int"],
 )

@@ -124,7 +124,7 @@ def check_subject(t: Table, digest: Digest, sample_slot: datetime) -> None:
             raise t.error(
                 "subject",
                 f"cannot be rendered: {exc.reason} "
-                f"(tried with digest {digest.key!r}, date {sample_slot:%Y-%m-%d %H:%M %Z} and"
+                f"(tried with date {sample_slot:%Y-%m-%d %H:%M %Z} and"
                 f" {'one sample article' if len(leads) == 1 else f'{len(leads)} sample articles'};"
                 " a subject sees digest.name, digest.key, date, lead.title, lead.topic, count"
                 " and more)",

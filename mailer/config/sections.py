@@ -291,16 +291,14 @@ def _edition(t: Table, key: str) -> dict[str, Any]:
     public = t.flag("public", True)
     description = t.text("description", "")
     if description != description.strip() or any(not ch.isprintable() for ch in description):
-        raise t.error("description", f"(digest {key!r}) must be one line of text")
+        raise t.error("description", "must be one line of text")
     if len(description) > MAX_DESCRIPTION:
-        raise t.error(
-            "description", f"(digest {key!r}) must be at most {MAX_DESCRIPTION} characters"
-        )
+        raise t.error("description", f"must be at most {MAX_DESCRIPTION} characters")
     default = t.flag("default", public)
     if default and not public:
         raise t.error(
             "default",
-            f"(digest {key!r}) cannot be true when public = false: nobody may be signed up"
+            "cannot be true when public = false: nobody may be signed up"
             " to a digest they are not shown",
         )
     return {"public": public, "description": description, "default": default}

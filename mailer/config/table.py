@@ -19,16 +19,22 @@ REQUIRED = object()
 class Table:
     """Typed, tracked access to one TOML table; ``finish`` rejects keys nobody asked for."""
 
-    def __init__(self, data: Any, name: str, path: str | None) -> None:
+    def __init__(self, data: Any, name: str, path: str | None, *, label: str = "") -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"must be a table, got {_kind(data)}", path=path, key=name)
         self.data: dict[str, Any] = data
         self.name = name
         self.path = path
+        # Which entry of an array of tables this is, by what it names ("digest 'weekly'"):
+        # a position alone ("digests[3]") makes staff count tables in the file.
+        self.label = label
         self.used: set[str] = set()
 
     def error(self, key: str, message: str) -> ConfigError:
-        """A ConfigError naming the file and ``table.key`` (``key`` alone at the top level)."""
+        """A ConfigError naming the file and ``table.key`` (``key`` alone at the top level),
+        and the entry's label when it has one."""
+        if self.label:
+            message = f"({self.label}) {message}"
         return ConfigError(message, path=self.path, key=f"{self.name}.{key}" if self.name else key)
 
     def _get(self, key: str, default: Any) -> Any:
@@ -106,7 +112,7 @@ class Table:
         if not isinstance(value, list):
             raise self.error(key, f"must be an array of tables ([[{key}]]), got {_kind(value)}")
         for index, item in enumerate(value):
-            yield Table(item, f"{key}[{index}]", self.path)
+            yield Table(item, f"{key}[{index}]", self.path, label=_label(key, item))
 
     def table(self, key: str, *, required: bool = True) -> Table | None:
         """A sub-table, or None when it is absent and not required."""
@@ -122,6 +128,23 @@ class Table:
             raise self.error(
                 unknown[0], f"is not a known key (known: {', '.join(sorted(self.used))})"
             )
+
+
+# What names an entry of each array of tables, tried in order.
+NAMING_KEYS = ("key", "url", "path")
+
+
+def _label(array: str, item: Any) -> str:
+    """``digest 'weekly'`` for an entry of ``[[digests]]`` with ``key = "weekly"``; "" when
+    the entry names nothing (its errors then give its position alone)."""
+    if not isinstance(item, dict):
+        return ""
+    for naming in NAMING_KEYS:
+        value = item.get(naming)
+        if isinstance(value, str) and value.strip():
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            return f"{array.removesuffix('s')} {shown!r}"
+    return ""
 
 
 def _kind(value: Any) -> str:
