@@ -144,7 +144,10 @@ def note(ctx: Context, issue_id: int, text: str | None, clear: bool, by: str) ->
         out.print(f"issue {issue_id}: note removed by {by}", markup=False)
     else:
         words = len(stored.split())
-        out.print(f"issue {issue_id}: note of {words} words set by {by}", markup=False)
+        out.print(
+            f"issue {issue_id}: note of {words} word{'' if words == 1 else 's'} set by {by}",
+            markup=False,
+        )
 
 
 COMMANDS = (approve, hold, skip, drop_article, note)

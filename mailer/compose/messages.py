@@ -290,11 +290,13 @@ def render_digest(
     text = renderer.render(f"email/{name}.txt", context)
     if links.personal:
         needed = (links.unsubscribe, links.preferences, links.privacy)
-        _require(html, text, needed, settings, f"email/{name}")
+        require_links(html, text, needed, settings, f"email/{name}")
     return html, text
 
 
-def _require(html: str, text: str, links: Sequence[str], settings: Settings, template: str) -> None:
+def require_links(
+    html: str, text: str, links: Sequence[str], settings: Settings, template: str
+) -> None:
     """Both parts hold every link and every postal-address line (RFC 8058, CAN-SPAM §7704)."""
     needles = [*links, *site_view(settings).postal_lines]
     visible_html = unescape(html)
@@ -646,7 +648,7 @@ def build_confirmation(
     context = {"site": site_view(settings), "links": links}
     html = renderer.render_html("email/confirm.html", context)
     text = renderer.render("email/confirm.txt", context)
-    _require(html, text, (links.confirm, links.privacy), settings, "email/confirm")
+    require_links(html, text, (links.confirm, links.privacy), settings, "email/confirm")
     msg = EmailMessage(policy=POLICY)
     personal = PersonalHeaders(
         to=check_address(recipient.email),

@@ -17,13 +17,13 @@ from email.message import EmailMessage
 from mailer.compose.messages import (
     POLICY,
     PersonalHeaders,
-    _require,
     add_headers,
     attach_parts,
     check_address,
     check_message_id,
     date_value,
     list_unsubscribe_value,
+    require_links,
 )
 from mailer.compose.rendering import LinkView, Renderer, article_view, site_view
 from mailer.config.settings import Settings
@@ -108,7 +108,9 @@ def build_welcome(
     context = {"site": site_view(settings), "welcome": welcome, "links": view}
     html = renderer.render_html(f"{TEMPLATE}.html", context)
     text = renderer.render(f"{TEMPLATE}.txt", context)
-    _require(html, text, (view.unsubscribe, view.preferences, view.privacy), settings, TEMPLATE)
+    require_links(
+        html, text, (view.unsubscribe, view.preferences, view.privacy), settings, TEMPLATE
+    )
     msg = EmailMessage(policy=POLICY)
     personal = PersonalHeaders(
         to=check_address(recipient.email),

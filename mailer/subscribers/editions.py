@@ -10,7 +10,7 @@ show`` all ask ``chosen_digests`` for "the digests this subscriber receives".
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -40,24 +40,10 @@ class Choice:
 
 
 @dataclass(frozen=True)
-class ChosenDigest:
+class ChosenDigest(Choice):
     """A digest from the config that a subscriber receives, with that subscriber's pause."""
 
-    digest: Digest
-    paused_until: datetime | None
-
-    @property
-    def key(self) -> str:
-        return self.digest.key
-
-    def paused(self, now: datetime) -> bool:
-        """Whether this digest is paused at ``now``."""
-        return self.paused_until is not None and self.paused_until > now
-
-    @property
-    def until_resumed(self) -> bool:
-        """Paused with no end: until the reader resumes it."""
-        return self.paused_until is not None and self.paused_until >= UNTIL_RESUMED
+    digest: Digest = field(kw_only=True)
 
 
 def public(digests: Sequence[Digest]) -> tuple[Digest, ...]:
@@ -112,7 +98,11 @@ def chosen_digests(
     A chosen key the config no longer has is left out: no issue of it is made.
     """
     mine = {c.key: c for c in choices_of(conn, [subscriber_id])[subscriber_id]}
-    return [ChosenDigest(d, mine[d.key].paused_until) for d in settings.digests if d.key in mine]
+    return [
+        ChosenDigest(d.key, mine[d.key].paused_until, digest=d)
+        for d in settings.digests
+        if d.key in mine
+    ]
 
 
 def replace(conn: sa.Connection, sid: int, keys: Iterable[str], *, now: datetime) -> bool:

@@ -1,4 +1,5 @@
-"""How the web app hands a confirmation mail to SMTP: an injected object, real in tests too."""
+"""How the web app hands a mail to one reader (the confirmation, the welcome) to SMTP: an
+injected object, real in tests too."""
 
 from __future__ import annotations
 
@@ -56,7 +57,12 @@ class SmtpConfirmationSender:
                 sender = verp_address(sender, recipient.uid)
             result = await pool.send(sender, recipient.email, message)
         log.info(
-            "confirmation mail handed to SMTP",
-            extra={"outcome": result.outcome.value, "code": result.code},
+            "mail to a reader handed to SMTP",
+            extra={
+                "uid": recipient.uid,
+                "message_id": recipient.message_id,
+                "outcome": result.outcome.value,
+                "code": result.code,
+            },
         )
         return result
