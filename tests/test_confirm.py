@@ -25,9 +25,9 @@ from starlette.routing import Route
 
 from mailer.db.schema import metadata
 from mailer.subscribers.tokens import Purpose, make_test_token
-from mailer.web import SmtpConfirmationSender, create_app
-from mailer.web.server import ServerThread, bind_ephemeral
+from mailer.web.server import ServerThread
 from tests.factories import NOW, SECRET, TOPICS, make_settings, make_subscriber
+from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_web import Web, confirm_link, make_issue, make_web, path_of, token
 
@@ -211,21 +211,11 @@ def served(
     smtp_server: FaultServer,  # noqa: F811
 ) -> Iterator[tuple[ServerThread, sa.Engine, FaultServer]]:
     """The app served by uvicorn on 127.0.0.1 (its own base_url), on the test's database."""
-    sock = bind_ephemeral()
-    host, port = sock.getsockname()[:2]
-    settings = make_settings(
-        db_url,
-        site__base_url=f"http://{host}:{port}",
-        site__privacy_policy_url=f"http://{host}:{port}/privacy",
-        smtp__port=smtp_server.port,
-    )
-    app = create_app(
-        settings,
+    with serve(
+        lambda base: make_settings(db_url, smtp__port=smtp_server.port, **at(base)),
         engine,
-        SmtpConfirmationSender(settings, local_hostname="client.test"),
         clock=lambda: NOW,
-    )
-    with ServerThread(app, sock=sock) as server:
+    ) as (server, _engine, _settings):
         yield server, engine, smtp_server
 
 

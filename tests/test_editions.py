@@ -25,8 +25,7 @@ from mailer.issues.create import recipients_where
 from mailer.subscribers import csvfile, editions, lifecycle, store
 from mailer.subscribers.editions import Choice
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import SmtpConfirmationSender, create_app
-from mailer.web.server import ServerThread, bind_ephemeral
+from mailer.web.server import ServerThread
 from tests.browser import DESKTOP, PHONE, page_at
 from tests.factories import (
     ALERTS,
@@ -39,6 +38,7 @@ from tests.factories import (
     server_settings,
     write_config,
 )
+from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_content_rules import issue, publish, send
 
@@ -472,21 +472,9 @@ def site(
     """The app with both digests on 127.0.0.1 and an ephemeral port."""
     database = tmp_path / "mailer.db"
     shutil.copy(sqlite_template, database)
-    sock = bind_ephemeral()
-    host, port = sock.getsockname()[:2]
-    settings = both(
-        f"sqlite:///{database}",
-        site__base_url=f"http://{host}:{port}",
-        site__privacy_policy_url=f"http://{host}:{port}/privacy",
-        smtp__port=smtp_server.port,
-    )
-    engine = create_engine(settings.database.url)
-    app = create_app(
-        settings, engine, SmtpConfirmationSender(settings, local_hostname="client.test")
-    )
-    with ServerThread(app, sock=sock) as server:
-        yield server, engine, settings
-    engine.dispose()
+    url = f"sqlite:///{database}"
+    with serve(lambda base: both(url, smtp__port=smtp_server.port, **at(base))) as site:
+        yield site
 
 
 def no_sideways_scroll(page: Any) -> None:

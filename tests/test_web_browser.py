@@ -26,18 +26,17 @@ import sqlalchemy as sa
 
 from mailer.compose.messages import DigestComposer
 from mailer.compose.rendering import Renderer
-from mailer.db.engine import create_engine
 from mailer.db.schema import subscribers as subscriber_table
 from mailer.delivery.policy import Outcome
 from mailer.delivery.pool import SmtpPool
 from mailer.issues.progress import load_content
 from mailer.models import Recipient
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.pages import Pages
-from mailer.web.server import ServerThread, bind_ephemeral
+from mailer.web.server import ServerThread
 from tests.browser import PHONE
 from tests.factories import NOW, SECRET, make_settings, make_subscriber
+from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_web import make_issue
 
@@ -53,21 +52,9 @@ def site(
     """The app on 127.0.0.1 and an ephemeral port, its base_url that very address."""
     database = tmp_path / "mailer.db"
     shutil.copy(sqlite_template, database)
-    sock = bind_ephemeral()
-    host, port = sock.getsockname()[:2]
-    settings = make_settings(
-        f"sqlite:///{database}",
-        site__base_url=f"http://{host}:{port}",
-        site__privacy_policy_url=f"http://{host}:{port}/privacy",
-        smtp__port=smtp_server.port,
-    )
-    engine = create_engine(settings.database.url)
-    app = create_app(
-        settings, engine, SmtpConfirmationSender(settings, local_hostname="client.test")
-    )
-    with ServerThread(app, sock=sock) as server:
-        yield server, engine, settings
-    engine.dispose()
+    url = f"sqlite:///{database}"
+    with serve(lambda base: make_settings(url, smtp__port=smtp_server.port, **at(base))) as site:
+        yield site
 
 
 def status_of(engine: sa.Engine, email: str) -> str | None:

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from mailer.db.engine import create_engine
 from mailer.subscribers.tokens import Purpose, make_token
-from mailer.web import SmtpConfirmationSender, create_app
-from mailer.web.server import ServerThread, bind_ephemeral
 from tests.browser import DESKTOP, PHONE, page_at
 from tests.factories import ALERTS, BASE_CONFIG, SECRET, make_settings, make_subscriber
+from tests.served import at, serve
 from tests.test_web import make_issue
 
 pytestmark = pytest.mark.browser
@@ -40,19 +39,22 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[Site]:
     """The app with two digests, three archived weekly issues and one alert, and a pending,
-    an active and a paused reader whose links the pages need."""
+    an active reader whose links the pages need."""
     database = tmp_path_factory.mktemp("pages") / "mailer.db"
     shutil.copy(sqlite_template, database)
-    sock = bind_ephemeral()
-    host, port = sock.getsockname()[:2]
-    base = f"http://{host}:{port}"
-    settings = make_settings(
-        f"sqlite:///{database}",
-        site__base_url=base,
-        site__privacy_policy_url=base + "/privacy",
-        digests=[BASE_CONFIG["digests"][0], ALERTS],
-    )
-    engine = create_engine(settings.database.url)
+    url = f"sqlite:///{database}"
+    digests = [BASE_CONFIG["digests"][0], ALERTS]
+    with serve(lambda base: make_settings(url, digests=digests, **at(base))) as (
+        server,
+        engine,
+        _settings,
+    ):
+        yield Site(server.url, _pages(engine))
+
+
+def _pages(engine: sa.Engine) -> dict[str, str]:
+    """Three archived weekly issues and one alert, a pending and an active reader;
+    the path of each page to look at."""
     issues = [
         make_issue(engine, status="sent", days_ago=days, title=title)
         for days, title in ((21, "Gate 5 closed"), (14, LONG_TITLE), (7, "Air show Saturday"))
@@ -74,10 +76,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Ite
         "preferences": "/preferences/" + link(Purpose.PREFERENCES, active.uid),
         "unsubscribe": "/unsubscribe/" + link(Purpose.UNSUBSCRIBE, active.uid),
     }
-    app = create_app(settings, engine, SmtpConfirmationSender(settings, local_hostname="t.test"))
-    with ServerThread(app, sock=sock) as server:
-        yield Site(server.url, paths)
-    engine.dispose()
+    return paths
 
 
 # Every element with text of its own: its colour against the first opaque background behind

@@ -36,7 +36,7 @@ from mailer.subscribers.tokens import Purpose
 from mailer.subscribers.welcome import reader_time
 from mailer.subscribers.welcome_mail import send_owed
 from mailer.web import SmtpConfirmationSender, create_app
-from mailer.web.server import ServerThread, bind_ephemeral
+from mailer.web.server import ServerThread
 from tests.browser import PHONE, page_at
 from tests.compliance import assert_compliant, parse
 from tests.factories import (
@@ -49,6 +49,7 @@ from tests.factories import (
     make_settings,
     make_subscriber,
 )
+from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_web import Clock, TestClient, Web, make_web, path_of, token, visible_text
 
@@ -463,22 +464,13 @@ def served(
     db_url: str,
     smtp_server: FaultServer,  # noqa: F811
 ) -> Iterator[ServerThread]:
-    sock = bind_ephemeral()
-    host, port = sock.getsockname()[:2]
-    settings = make_settings(
-        db_url,
-        digests=DIGESTS,
-        site__base_url=f"http://{host}:{port}",
-        site__privacy_policy_url=f"http://{host}:{port}/privacy",
-        smtp__port=smtp_server.port,
-    )
-    app = create_app(
-        settings,
+    with serve(
+        lambda base: make_settings(
+            db_url, digests=DIGESTS, smtp__port=smtp_server.port, **at(base)
+        ),
         engine,
-        SmtpConfirmationSender(settings, local_hostname="client.test"),
         clock=lambda: CONFIRMED_AT,
-    )
-    with ServerThread(app, sock=sock) as server:
+    ) as (server, _engine, _settings):
         yield server
 
 
