@@ -95,39 +95,45 @@ def _single(form: Fields, name: str, errors: list[FieldError], label: str) -> st
     return value
 
 
+def _choice(
+    form: Fields,
+    field: str,
+    offered: Sequence[str],
+    errors: list[FieldError],
+    *,
+    error_field: str,
+    what: str,
+    empty: str,
+) -> tuple[str, ...]:
+    """The values of the checkboxes ``field`` the reader ticked, in ``offered``'s order; an
+    error on ``error_field`` for a value not offered (``what`` names the list) or none."""
+    chosen = _texts(form, field)
+    unknown = [value for value in chosen if value not in offered]
+    if unknown:
+        shown = unknown[0][:40]
+        errors.append(
+            FieldError(error_field, f"“{shown}” is not one of our {what}: choose from the list.")
+        )
+        return ()
+    if not chosen:
+        errors.append(FieldError(error_field, empty))
+        return ()
+    return tuple(key for key in offered if key in chosen)
+
+
 def _topics(
     form: Fields, known: Sequence[tuple[str, str]], errors: list[FieldError], *, empty: str
 ) -> tuple[str, ...]:
     keys = [k for k, _name in known]
-    chosen = _texts(form, "topic")
-    unknown = [t for t in chosen if t not in keys]
-    if unknown:
-        shown = unknown[0][:40]
-        errors.append(
-            FieldError("topics", f"“{shown}” is not one of our topics: choose from the list.")
-        )
-        return ()
-    if not chosen:
-        errors.append(FieldError("topics", empty))
-        return ()
-    return tuple(k for k in keys if k in chosen)
+    return _choice(form, "topic", keys, errors, error_field="topics", what="topics", empty=empty)
 
 
 def _digests(
     form: Fields, offered: Sequence[str], errors: list[FieldError], *, empty: str
 ) -> tuple[str, ...]:
-    chosen = _texts(form, "digest")
-    unknown = [d for d in chosen if d not in offered]
-    if unknown:
-        shown = unknown[0][:40]
-        errors.append(
-            FieldError("digests", f"“{shown}” is not one of our emails: choose from the list.")
-        )
-        return ()
-    if not chosen:
-        errors.append(FieldError("digests", empty))
-        return ()
-    return tuple(k for k in offered if k in chosen)
+    return _choice(
+        form, "digest", offered, errors, error_field="digests", what="emails", empty=empty
+    )
 
 
 def parse_signup(
