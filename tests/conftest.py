@@ -59,6 +59,32 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a database no migration has run on (the migration tests build an old
+    schema in it): SQLite, then a PostgreSQL database of its own, dropped after."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'old.db'}"
+        return
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"mailer_old_{uuid.uuid4().hex[:8]}"
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except DatabaseUnavailable as exc:
+        admin.dispose()
+        message = f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.reason}"
+        if REQUIRE_PG:
+            pytest.fail(message + " (MAILER_REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of an empty, migrated database: SQLite, then PostgreSQL."""
     if request.param == "sqlite":
