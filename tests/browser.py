@@ -78,3 +78,8 @@ def page_at(browser: Any, viewport: dict[str, int], *, javascript: bool = True) 
     )
     context.set_default_timeout(10_000)
     return context.new_page()
+
+
+def fits(page: Any) -> bool:
+    """Nothing on the page is wider than the window (no sideways scrolling)."""
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))

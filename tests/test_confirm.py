@@ -9,7 +9,6 @@ and desktop widths.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -26,13 +25,11 @@ from starlette.routing import Route
 from mailer.db.schema import metadata
 from mailer.subscribers.tokens import Purpose, make_test_token
 from mailer.web.server import ServerThread
+from tests.browser import fits
 from tests.factories import NOW, SECRET, TOPICS, make_settings, make_subscriber
 from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_web import Web, confirm_link, make_issue, make_web, path_of, token
-
-CHROMIUM = Path("/usr/bin/chromium")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
 @pytest.fixture
@@ -258,32 +255,6 @@ def test_the_confirming_ip_is_the_one_a_trusted_proxy_forwards(
 
 
 # --- in Chromium, at phone and desktop widths -----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: install Debian's chromium"
-        if os.environ.get("MAILER_REQUIRE_BROWSER") == "1":
-            pytest.fail(message + " (MAILER_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    directory = Path(os.environ.get("MAILER_SCREENSHOTS") or tmp_path / "screenshots")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def fits(page: Any) -> bool:
-    """Nothing on the page is wider than the window (no sideways scrolling)."""
-    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
 
 
 @pytest.mark.browser

@@ -26,7 +26,7 @@ from mailer.subscribers import csvfile, editions, lifecycle, store
 from mailer.subscribers.editions import Choice
 from mailer.subscribers.tokens import Purpose, make_token
 from mailer.web.server import ServerThread
-from tests.browser import DESKTOP, PHONE, page_at
+from tests.browser import DESKTOP, PHONE, fits, page_at
 from tests.factories import (
     ALERTS,
     NOW,
@@ -451,11 +451,6 @@ def site(
         yield site
 
 
-def no_sideways_scroll(page: Any) -> None:
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= page.viewport_size["width"], width
-
-
 @pytest.mark.browser
 @pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
 def test_sign_up_with_a_digest_choice_in_a_real_browser(
@@ -472,7 +467,7 @@ def test_sign_up_with_a_digest_choice_in_a_real_browser(
         assert page.inner_text("#digests legend") == "Which emails?"
         assert "Breaking base alerts, as they happen" in page.inner_text("#digests")
         assert not page.is_checked("#digest-weekly") and not page.is_checked("#digest-alerts")
-        no_sideways_scroll(page)
+        assert fits(page)
         page.screenshot(path=shots / f"editions-{size}-01-signup.png", full_page=True)
         page.fill("#email", f"reader{size}@example.org")
         page.check("#topic-base-alerts")
@@ -480,7 +475,7 @@ def test_sign_up_with_a_digest_choice_in_a_real_browser(
         page.click("button[type=submit]")
         assert "Choose at least one email to receive." in page.inner_text(".error-summary")
         assert page.is_checked("#topic-base-alerts")
-        no_sideways_scroll(page)
+        assert fits(page)
         page.screenshot(path=shots / f"editions-{size}-02-no-digest.png", full_page=True)
         page.check("#digest-alerts")
         page.check("#consent")
@@ -507,7 +502,7 @@ def test_pause_the_weekly_and_keep_the_alerts_in_a_real_browser(
     page = page_at(browser, viewport)
     try:
         page.goto(f"{server.url}/preferences/{token}")
-        no_sideways_scroll(page)
+        assert fits(page)
         page.screenshot(path=shots / f"editions-{size}-03-preferences.png", full_page=True)
         page.select_option("#pause-weekly", "14")
         page.click("form.pause:has(#pause-weekly) button")
@@ -515,7 +510,7 @@ def test_pause_the_weekly_and_keep_the_alerts_in_a_real_browser(
         choices = {c.key: c for c in store.get(engine, "ann@example.org").digests}
         assert choices["weekly"].paused_until is not None and choices["alerts"].paused_until is None
         assert page.is_visible("button:text('Resume Weekly digest')")
-        no_sideways_scroll(page)
+        assert fits(page)
         page.screenshot(path=shots / f"editions-{size}-04-weekly-paused.png", full_page=True)
         page.select_option("#pause-all", "resume")
         page.click("form.pause:has(#pause-all) button")

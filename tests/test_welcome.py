@@ -37,7 +37,7 @@ from mailer.subscribers.welcome import reader_time
 from mailer.subscribers.welcome_mail import send_owed
 from mailer.web import SmtpConfirmationSender, create_app
 from mailer.web.server import ServerThread
-from tests.browser import PHONE, page_at
+from tests.browser import PHONE, fits, page_at
 from tests.compliance import assert_compliant, parse
 from tests.factories import (
     ALERTS,
@@ -472,10 +472,6 @@ def served(
         clock=lambda: CONFIRMED_AT,
     ) as (server, _engine, _settings):
         yield server
-
-
-def fits(page: Any) -> bool:
-    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
 
 
 @pytest.mark.browser
