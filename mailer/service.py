@@ -243,6 +243,7 @@ class Service:
                 concurrency=feeds.concurrency,
                 read_timeout=feeds.timeout,
                 max_bytes=feeds.max_bytes,
+                honour_backoff=True,
             )
         except DatabaseUnavailable as exc:
             # An outage is one line (the delivery loop logs when it ends); the next interval

@@ -95,6 +95,27 @@ BAD = [
         },
         "maps 'A' to unknown topic 'gossip'",
     ),
+    (
+        {
+            "sources": [
+                {"type": "directory", "path": "a", "topic": "base-alerts", "allow_private": True}
+            ]
+        },
+        "[sources[0]].allow_private (source 'a') applies to feed sources only",
+    ),
+    (
+        {
+            "sources": [
+                {
+                    "type": "feed",
+                    "url": "https://x.example/f",
+                    "topic": "base-alerts",
+                    "allow_private": "yes",
+                }
+            ]
+        },
+        "allow_private (source 'https://x.example/f') must be true or false, got 'yes'",
+    ),
     ({"feeds": {"interval_minutes": -1}}, "[feeds].interval_minutes must be 0–1440"),
     ({"smtp": {"lease_seconds": 0.1}}, "[smtp].lease_seconds must be 0.2–86400"),
 ]

@@ -183,8 +183,9 @@ def serve_newsroom(server: FeedServer) -> None:
     server.serve_file("/feeds/military-news.rss", "military-news.rss", last_modified=LAST_MODIFIED)
 
 
-def feed(server: FeedServer, path: str, topic: str) -> dict[str, str]:
-    return {"type": "feed", "url": server.url(path), "topic": topic}
+def feed(server: FeedServer, path: str, topic: str) -> dict[str, Any]:
+    """A feed source on the local server: 127.0.0.1, so it must allow private addresses."""
+    return {"type": "feed", "url": server.url(path), "topic": topic, "allow_private": True}
 
 
 NEWSROOM = (
@@ -194,7 +195,7 @@ NEWSROOM = (
 )
 
 
-def newsroom_settings(server: FeedServer, *extra: dict[str, str]) -> Settings:
+def newsroom_settings(server: FeedServer, *extra: dict[str, Any]) -> Settings:
     sources = [feed(server, path, topic) for path, topic in NEWSROOM]
     return make_settings(sources=[*sources, *extra])
 
@@ -742,6 +743,7 @@ async def test_a_sources_category_map_decides_stored_topics(
         url=server.url("/feeds/all.rss"),
         path=None,
         categories={"Base Alerts": "base-alerts", "Community": "local-events"},
+        allow_private=True,
     )
     settings = dataclasses.replace(make_settings(), sources=(source,))
     await fetch_sources(engine, settings, now=NOW, client=client)

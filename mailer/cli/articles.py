@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -57,10 +58,21 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
 @group.command("fetch")
 @pass_ctx
 def articles_fetch(ctx: Context) -> None:
-    """Fetch every [[sources]] feed and folder once; store new and changed articles."""
+    """Fetch every [[sources]] feed and folder once, now; store new and changed articles.
+
+    Feeds backing off after failures are fetched too: the scheduled round skips them until
+    they are due (see `mailer articles sources`), this command does not.
+    """
+    from mailer.content.feeds.state import load_feed_states
     from mailer.content.sources import fetch_sources_sync
 
     feeds = ctx.settings.feeds
+    # Read before the fetch: a success resets the count this command reports as overridden.
+    backing_off = {
+        url: state.consecutive_failures
+        for url, state in load_feed_states(ctx.engine()).items()
+        if state.consecutive_failures
+    }
     results = fetch_sources_sync(
         ctx.engine(),
         ctx.settings,
@@ -73,6 +85,13 @@ def articles_fetch(ctx: Context) -> None:
         if result.error:
             err.print(result.error, markup=False)
             continue
+        if result.source.url in backing_off:
+            failures = backing_off[result.source.url]
+            out.print(
+                f"{result.name}: fetched although it had failed {failures} times in a row"
+                " (the scheduled round backs off; this command does not)",
+                markup=False,
+            )
         if result.not_modified:
             what = "not modified (304)"
         else:
@@ -88,6 +107,59 @@ def articles_fetch(ctx: Context) -> None:
         raise MailerError(
             f"{len(failed)} of {len(results)} sources failed or skipped items (listed above)"
         )
+
+
+@group.command("sources")
+@pass_ctx
+def articles_sources(ctx: Context) -> None:
+    """Every [[sources]] entry: its last fetch, its last error and when it is fetched next.
+
+    A feed that failed backs off (the wait doubles with each failure in a row, up to an
+    hour); `mailer articles fetch` fetches it at once regardless.
+    """
+    from mailer.content.feeds.backoff import next_fetch_at
+    from mailer.content.feeds.state import load_feed_states
+
+    settings = ctx.settings
+    states = load_feed_states(ctx.engine())
+    interval = timedelta(minutes=settings.feeds.interval_minutes)
+    moment = now()
+    at = functools.partial(site_time, settings)
+    if not settings.sources:
+        out.print("no [[sources]] configured")
+        return
+    for index, source in enumerate(settings.sources):
+        if index:
+            out.print("")
+        if source.type == "directory":
+            out.print(f"{source.path} (directory, topic {source.topic})", markup=False)
+            out.print("  read on every fetch round", markup=False)
+            continue
+        url = source.url or ""
+        private = ", private addresses allowed" if source.allow_private else ""
+        out.print(f"{url} (feed, topic {source.topic}{private})", markup=False)
+        state = states.get(url)
+        if state is None:
+            out.print("  never fetched", markup=False)
+            continue
+        status = f" (HTTP {state.last_status})" if state.last_status else ""
+        due = next_fetch_at(state, interval)
+        if settings.feeds.interval_minutes == 0:
+            following = "only by mailer articles fetch ([feeds].interval_minutes = 0)"
+        elif due is None:
+            following = "next fetch round"
+        else:
+            when = "next fetch round" if due <= moment else at(due)
+            following = f"{when} (backing off after {state.consecutive_failures} failures)"
+        rows = [
+            ("last fetched", at(state.last_fetched_at) + status),
+            ("last success", at(state.last_success_at) if state.last_success_at else "never"),
+            ("next attempt", following),
+        ]
+        if state.last_error:
+            rows.append(("last error", state.last_error))
+        for name, value in rows:
+            out.print(f"  {name + ':':<14}{value}", markup=False)
 
 
 def _print_duplicates(prefix: str, duplicates: Sequence[Duplicate]) -> None:

@@ -143,6 +143,9 @@ def parse_settings(
         if categories and kind != "feed":
             raise t.error("categories", "applies to feed sources only")
         check_categories(t, categories)
+        allow_private = t.flag("allow_private", False)
+        if allow_private and kind != "feed":
+            raise t.error("allow_private", "applies to feed sources only")
         for category, mapped in categories.items():
             if mapped not in topic_keys:
                 raise t.error(
@@ -158,6 +161,7 @@ def parse_settings(
                 url=url,
                 path=resolve_path(base, src_path) if src_path else None,
                 categories=categories,
+                allow_private=allow_private,
             )
         )
 

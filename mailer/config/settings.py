@@ -150,6 +150,9 @@ class Source:
     path: Path | None
     # Feed entry category -> topic (matched ignoring case); unmatched entries take ``topic``.
     categories: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # Feeds only: let fetches reach loopback, private and other non-public addresses (an
+    # intranet feed, the tests' local server). Off, a feed cannot be used to probe them.
+    allow_private: bool = False
 
 
 @dataclass(frozen=True)

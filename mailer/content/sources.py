@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Settings, Source
 from mailer.content.article import ParsedArticle
+from mailer.content.feeds.backoff import is_due, next_fetch_at
 from mailer.content.feeds.fetch import (
     FETCH_DEADLINE,
     MAX_FEED_BYTES,
@@ -62,6 +63,9 @@ class SourceResult:
     skipped: tuple[str, ...] = ()
     # Not stored: another article (another guid, maybe another source) holds the same content.
     duplicates: tuple[Duplicate, ...] = ()
+    # Not fetched this round: the feed failed ``failures`` times in a row and waits until then.
+    backing_off_until: datetime | None = None
+    failures: int = 0
 
     @property
     def name(self) -> str:
@@ -83,6 +87,8 @@ class _Run:
     now: datetime
     max_bytes: int
     deadline: float
+    # The fetch interval failing feeds back off from; None fetches every feed (staff asked).
+    backoff: timedelta | None
     limit: asyncio.Semaphore
     # SQLite has one writer: feeds that finish together would queue on its busy timeout in
     # threads; queuing them here keeps the writes short and in one place.
@@ -99,8 +105,13 @@ async def fetch_sources(
     read_timeout: float = READ_TIMEOUT,
     max_bytes: int = MAX_FEED_BYTES,
     deadline: float = FETCH_DEADLINE,
+    honour_backoff: bool = False,
 ) -> list[SourceResult]:
     """Fetch every source in ``settings.sources``; one result per source, in config order.
+
+    With ``honour_backoff`` (the scheduler's round) a feed that failed and is not due again yet
+    (``mailer.content.feeds.backoff``) is not fetched: its result says until when it backs off.
+    Without it (``mailer articles fetch``, asked for by staff) every source is fetched.
 
     Feeds run at most ``concurrency`` at a time on ``client`` (default: ``create_client()`` with
     ``read_timeout`` to connect and per read, naming the site in its User-Agent, closed on
@@ -125,6 +136,7 @@ async def fetch_sources(
             now=now,
             max_bytes=max_bytes,
             deadline=deadline,
+            backoff=timedelta(minutes=settings.feeds.interval_minutes) if honour_backoff else None,
             limit=asyncio.Semaphore(concurrency),
             db_lock=asyncio.Lock(),
         )
@@ -180,6 +192,12 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
     if url is None:  # the config refuses this; kept so the type checker knows
         return SourceResult(source, error="a feed source needs a url")
     state = run.states.get(url)
+    if run.backoff is not None and not is_due(state, run.backoff, run.now):
+        return SourceResult(
+            source,
+            backing_off_until=next_fetch_at(state, run.backoff),
+            failures=state.consecutive_failures if state else 0,
+        )
     try:
         async with run.limit:
             fetched = await fetch_feed(
@@ -317,6 +335,16 @@ def log_results(results: Sequence[SourceResult]) -> None:
         }
         if result.error:
             log.warning("source failed", extra=fields | {"error": result.error})
+            continue
+        if result.backing_off_until is not None:
+            log.info(
+                "source skipped: backing off",
+                extra={
+                    "source": result.name,
+                    "failures": result.failures,
+                    "until": result.backing_off_until.isoformat(),
+                },
+            )
             continue
         for problem in result.skipped:
             log.warning("source item skipped", extra={"source": result.name, "problem": problem})
