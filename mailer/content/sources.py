@@ -207,6 +207,7 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
                 last_modified=state.last_modified if state else None,
                 max_bytes=run.max_bytes,
                 deadline=run.deadline,
+                allow_private=source.allow_private,
             )
             if fetched.not_modified:
                 feed = None

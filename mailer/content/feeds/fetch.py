@@ -1,16 +1,27 @@
 """Fetch a feed: one bounded HTTP GET (connect/read timeouts and an overall deadline, a byte
 limit enforced while streaming, at most ``MAX_REDIRECTS`` hops, ``If-None-Match`` /
-``If-Modified-Since``) → ``FetchResult``.
+``If-Modified-Since``) → ``FetchResult``. Only public addresses are reached unless the source
+allows private ones (``mailer.content.feeds.guard``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import weakref
 from dataclasses import dataclass
 
+import httpcore
 import httpx
 
+from mailer.content.feeds.guard import (
+    AddressRefused,
+    PublicOnlyBackend,
+    Resolver,
+    allowing_private,
+    plug_in,
+    resolve,
+)
 from mailer.errors import FeedError, FeedTimeoutError, FeedTooLargeError
 
 MAX_FEED_BYTES = 5 * 1024 * 1024
@@ -45,20 +56,35 @@ def create_client(
     read_timeout: float = READ_TIMEOUT,
     agent: str | None = None,
     max_connections: int = 10,
+    network: httpcore.AsyncNetworkBackend | None = None,
+    resolver: Resolver = resolve,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for feeds; use it with ``async with`` so it is closed.
 
     Redirects are not followed by the client: ``fetch_feed`` follows them itself so the hop
     limit holds whoever built the client. Proxy variables and ``.netrc`` are ignored
     (``trust_env=False``): configuration is read at the edge, not from the environment.
+    Every connection goes through ``PublicOnlyBackend`` (over ``network``, httpcore's own
+    backend by default, with host names looked up by ``resolver``): ``fetch_feed`` refuses
+    any other client.
     """
-    return httpx.AsyncClient(
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=max_connections), trust_env=False
+    )
+    plug_in(transport, PublicOnlyBackend(network, resolver))
+    client = httpx.AsyncClient(
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
         headers={"User-Agent": agent or user_agent(), "Accept": ACCEPT},
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=max_connections),
+        transport=transport,
         trust_env=False,
     )
+    _guarded.add(client)
+    return client
+
+
+# Clients whose connections pass the address check: those create_client made.
+_guarded: weakref.WeakSet[httpx.AsyncClient] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -91,22 +117,31 @@ async def fetch_feed(
     max_bytes: int = MAX_FEED_BYTES,
     max_redirects: int = MAX_REDIRECTS,
     deadline: float = FETCH_DEADLINE,
+    allow_private: bool = False,
 ) -> FetchResult:
     """GET ``url`` conditionally; raise FeedError (with ``status``) for anything but 2xx or 304.
 
     Redirects are followed up to ``max_redirects`` hops; the body is read up to ``max_bytes``
     (decoded bytes, so a gzip bomb counts at its inflated size); the whole fetch must finish
     within ``deadline`` seconds. Timeouts raise FeedTimeoutError, an oversized body
-    FeedTooLargeError.
+    FeedTooLargeError. A hop to a non-public address raises FeedError ("refused: …") unless
+    ``allow_private``; ``client`` must come from ``create_client``, which installs that check.
     """
+    if client not in _guarded:
+        raise ValueError("fetch_feed needs a client from create_client (it checks addresses)")
     headers: dict[str, str] = {}
+    if allow_private:
+        # A connection to a private address must not be pooled and reused by a fetch that
+        # does not allow one: the check runs only when a connection is opened.
+        headers["Connection"] = "close"
     if etag:
         headers["If-None-Match"] = etag
     if last_modified:
         headers["If-Modified-Since"] = last_modified
     try:
         async with asyncio.timeout(deadline):
-            return await _fetch(client, url, headers, max_bytes, max_redirects)
+            with allowing_private(allow_private):
+                return await _fetch(client, url, headers, max_bytes, max_redirects)
     except FeedError:
         raise
     except TimeoutError as exc:
@@ -117,6 +152,10 @@ async def fetch_feed(
         raise FeedTimeoutError(url, f"timed out ({_timeout_kind(exc)})") from exc
     except httpx.TooManyRedirects as exc:  # only if a caller's client follows redirects itself
         raise FeedError(url, f"too many redirects: {exc}") from exc
+    except httpx.ConnectError as exc:
+        if isinstance(exc.__cause__, AddressRefused):
+            raise FeedError(url, str(exc.__cause__)) from exc
+        raise FeedError(url, f"ConnectError: {exc}".rstrip(": ")) from exc
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise FeedError(url, f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
 
