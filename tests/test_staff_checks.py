@@ -457,6 +457,7 @@ def test_mailer_run_alerts_a_failing_feed_by_mail(
                 "type": "feed",
                 "url": f"http://127.0.0.1:{dead.port}/feed.xml",
                 "topic": "base-alerts",
+                "allow_private": True,  # a dead local server, not a refused address
             }
         ],
     )
