@@ -11,13 +11,21 @@ check itself (``PublicOnlyBackend``) runs unchanged between the two.
 from __future__ import annotations
 
 import ipaddress
+import ssl
+import threading
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpcore
 import httpx
 import pytest
 import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mailer.content.feeds.fetch import create_client, fetch_feed
 from mailer.content.feeds.guard import IPAddress, PublicOnlyBackend, non_public, plug_in, resolve
@@ -66,6 +74,7 @@ NAMES: dict[str, list[IPAddress]] = {
     "feeds.example": [PUBLIC],
     "rebind.example": [LOOPBACK],
     "mixed.example": [LOOPBACK, PUBLIC],
+    "other.example": [PUBLIC],
 }
 
 
@@ -224,3 +233,63 @@ async def test_fetch_feed_refuses_a_client_without_the_check() -> None:
     async with httpx.AsyncClient() as unchecked:
         with pytest.raises(ValueError, match="needs a client from create_client"):
             await fetch_feed(unchecked, "https://news.example.org/feed.rss")
+
+
+def self_signed(name: str, folder: Path) -> tuple[Path, Path]:
+    """A certificate for ``name`` (no IP address in it) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.now(UTC) - timedelta(hours=1))
+        .not_valid_after(datetime.now(UTC) + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_tls_is_verified_against_the_name_not_the_checked_address(
+    tmp_path: Path, nat: Nat
+) -> None:
+    """The check connects to an address, yet the certificate must still match the host name:
+    a certificate for feeds.example (and no address) is accepted for https://feeds.example and
+    refused for another name served from the same address."""
+    cert_file, key_file = self_signed("feeds.example", tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert_file, key_file)
+    tls_server = FeedServer()
+    tls_server.socket = served.wrap_socket(tls_server.socket, server_side=True)
+    tls_server.serve_file("/feed.rss", "base-alerts.rss")
+    thread = threading.Thread(target=tls_server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    port = tls_server.server_address[1]
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert_file))
+        async with create_client(
+            connect_timeout=2, read_timeout=2, network=nat, resolver=names, verify=trusted
+        ) as tls_client:
+            fetched = await fetch_feed(tls_client, f"https://feeds.example:{port}/feed.rss")
+            assert fetched.status == 200
+            with pytest.raises(FeedError) as mismatch:
+                await fetch_feed(tls_client, f"https://other.example:{port}/feed.rss")
+        assert "Hostname mismatch" in str(mismatch.value)
+        assert nat.connected == [str(PUBLIC), str(PUBLIC)]
+    finally:
+        tls_server.shutdown()
+        tls_server.server_close()
+        thread.join(timeout=5)

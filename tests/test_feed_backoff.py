@@ -19,7 +19,8 @@ from mailer.content.feeds.state import FeedState, load_feed_states
 from mailer.content.sources import fetch_sources
 from mailer.db.engine import create_engine
 from mailer.issues.progress import local_time
-from tests.factories import NOW, SECRET, make_settings, write_config
+from mailer.service import Service
+from tests.factories import NOW, SECRET, Clock, make_settings, write_config
 from tests.test_feeds import FeedServer, feed, server  # noqa: F401  (the server fixture)
 
 MINUTE = timedelta(minutes=1)
@@ -176,3 +177,24 @@ def test_sources_shows_the_backoff_and_fetch_overrides_it(
     ]
     assert "next attempt: next fetch round\n" in mailer("articles", "sources").stdout
     assert len(server.requests("/feeds/base-alerts.rss")) == 3
+
+
+async def test_the_services_scheduled_round_backs_off(
+    engine: sa.Engine,
+    server: FeedServer,  # noqa: F811
+) -> None:
+    server.serve_file("/feeds/base-alerts.rss", "base-alerts.rss", status=503)
+    settings = make_settings(
+        sources=[feed(server, "/feeds/base-alerts.rss", "base-alerts")],
+        feeds={"interval_minutes": 5, "timeout": 2},
+    )
+    clock = Clock(NOW)
+    service = Service(engine, settings, clock=clock)
+    fetched_at = []
+    for minute in range(0, 40, 5):
+        clock.value = NOW + minute * MINUTE
+        before = len(server.seen)
+        await service.fetch_sources()
+        if len(server.seen) > before:
+            fetched_at.append(minute)
+    assert fetched_at == [0, 5, 15, 35]  # waits of 5, 10, 20 minutes

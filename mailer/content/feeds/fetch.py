@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import ssl
 import weakref
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ def create_client(
     max_connections: int = 10,
     network: httpcore.AsyncNetworkBackend | None = None,
     resolver: Resolver = resolve,
+    verify: ssl.SSLContext | bool = True,
 ) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for feeds; use it with ``async with`` so it is closed.
 
@@ -66,10 +68,10 @@ def create_client(
     (``trust_env=False``): configuration is read at the edge, not from the environment.
     Every connection goes through ``PublicOnlyBackend`` (over ``network``, httpcore's own
     backend by default, with host names looked up by ``resolver``): ``fetch_feed`` refuses
-    any other client.
+    any other client. ``verify``: the certificates trusted (the system's by default).
     """
     transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(max_connections=max_connections), trust_env=False
+        verify=verify, limits=httpx.Limits(max_connections=max_connections), trust_env=False
     )
     plug_in(transport, PublicOnlyBackend(network, resolver))
     client = httpx.AsyncClient(
