@@ -59,7 +59,16 @@ class UpsertReport:
 # ---------------------------------------------------------------------------------------------
 # Storing what sources give
 
-_CONTENT_COLUMNS = ("topic", "title", "summary", "why_it_matters", "body", "link", "expires_at")
+_CONTENT_COLUMNS = (
+    "topic",
+    "title",
+    "summary",
+    "why_it_matters",
+    "body",
+    "link",
+    "expires_at",
+    "priority",
+)
 
 
 def _values(item: ParsedArticle) -> dict[str, Any]:
@@ -83,6 +92,7 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
         "link": item.link,
         "published_at": item.published_at,
         "expires_at": item.expires_at,
+        "priority": item.priority,
         "content_hash": item.content_hash,
         "text_key": item.text_key,
         "link_key": item.link_key,
@@ -199,6 +209,29 @@ def _upsert_chunk(
     report.unchanged += len(chunk) - added - len(changed) - duplicates
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What storing one article did: "added", "updated", "unchanged", or "duplicate" (another
+    guid holds the same story, and ``article_id`` is that article)."""
+
+    outcome: str
+    article_id: int
+
+
+def store_one(engine: sa.Engine, item: ParsedArticle, *, now: datetime) -> Stored:
+    """Store one article (``upsert_articles``) and say what happened to it, with its id: the
+    answer to the site when it pushes one (``POST /hooks/articles``)."""
+    report = upsert_articles(engine, [item], now=now)
+    if report.duplicates:
+        return Stored("duplicate", report.duplicates[0].of)
+    with reading(engine) as conn:
+        article_id = conn.execute(
+            sa.select(articles.c.id).where(articles.c.guid == item.guid)
+        ).scalar_one()
+    outcome = "added" if report.added else "updated" if report.updated else "unchanged"
+    return Stored(outcome, article_id)
+
+
 _Owners = dict[tuple[str, str], tuple[int, str]]
 
 
@@ -257,6 +290,7 @@ ARTICLE_COLUMNS = (
     articles.c.published_at,
     articles.c.expires_at,
     articles.c.removed_at,
+    articles.c.priority,
 )
 
 
