@@ -374,3 +374,56 @@ def count_in(settings: Settings) -> int:
         return count(engine)
     finally:
         engine.dispose()
+
+
+def test_migration_0011_keeps_stored_articles_bulk_and_unchanged(empty_url: str) -> None:
+    from alembic import command
+
+    from mailer.content.article import ParsedArticle
+    from mailer.content.store import upsert_articles
+    from mailer.db.engine import _alembic_config, create_engine, migrate
+
+    engine = create_engine(empty_url)
+    try:
+        config = _alembic_config(engine)
+        command.upgrade(config, "0010")
+        item = ParsedArticle(
+            guid="g-1",
+            topic="base-alerts",
+            title="Gate closed",
+            summary="Use the other gate.",
+            why_it_matters="",
+            body="",
+            link=None,
+            published_at=NOW,
+        )
+        row = {
+            "guid": item.guid,
+            "topic": item.topic,
+            "title": item.title,
+            "summary": item.summary,
+            "hash": item.content_hash,
+            "t": NOW,
+        }
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO articles (guid, topic, title, summary, why_it_matters, body,"
+                    " published_at, content_hash, created_at, updated_at)"
+                    " VALUES (:guid, :topic, :title, :summary, '', '', :t, :hash, :t, :t)"
+                ),
+                row,
+            )
+        assert migrate(engine) == "0011"
+        [stored] = list_articles(engine)
+        assert stored.priority == "bulk"
+        # The hash of a bulk article did not change: the next ingest of it changes nothing.
+        assert upsert_articles(engine, [item], now=NOW).unchanged == 1
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(articles.update().values(priority="urgent"))
+        command.downgrade(config, "0010")
+        with engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("articles")}
+        assert "priority" not in columns
+    finally:
+        engine.dispose()
