@@ -427,3 +427,19 @@ def test_migration_0011_keeps_stored_articles_bulk_and_unchanged(empty_url: str)
         assert "priority" not in columns
     finally:
         engine.dispose()
+
+
+def test_a_feed_fetch_of_a_pushed_alert_keeps_it_an_alert(
+    client: TestClient, engine: sa.Engine, settings: Settings
+) -> None:
+    from mailer.content.pushed import parse_pushed
+    from mailer.content.store import upsert_articles
+
+    pushed = post(client, encode(article(priority="alert"))).json()
+    # The same story as the site's feed gives it (feeds carry no priority), stored the way
+    # feed fetches store (keep_topic).
+    as_in_feed = parse_pushed(encode(article()), known_topics=settings.topic_keys, now=NOW)
+    assert as_in_feed.priority == "bulk"
+    report = upsert_articles(engine, [as_in_feed], now=NOW, keep_topic=True)
+    assert (report.unchanged, report.updated) == (1, 0)
+    assert show(engine, pushed["id"]).article.priority == "alert"

@@ -109,7 +109,9 @@ def upsert_articles(
     With ``keep_topic``, a stored article keeps the topic it was first stored with (feeds: the
     same story often sits in two category feeds, and a category map can change; letting the
     last fetch win would flip its topic back and forth, each flip an update that could send it
-    again). Runs in one transaction, with a few bulk statements per chunk of guids.
+    again). It keeps the stored ``priority`` too: a feed cannot say one, so the site's push of
+    an alert (``POST /hooks/articles``) is not turned back into bulk by the next fetch of the
+    same guid. Runs in one transaction, with a few bulk statements per chunk of guids.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -129,18 +131,23 @@ def _upsert_chunk(
     now: datetime,
     keep_topic: bool = False,
 ) -> None:
-    stored: dict[str, tuple[int, str, str]] = {
-        guid: (id_, content_hash, topic)
-        for id_, guid, content_hash, topic in conn.execute(
+    stored: dict[str, tuple[int, str, str, str]] = {
+        guid: (id_, content_hash, topic, priority)
+        for id_, guid, content_hash, topic, priority in conn.execute(
             sa.select(
-                articles.c.id, articles.c.guid, articles.c.content_hash, articles.c.topic
+                articles.c.id,
+                articles.c.guid,
+                articles.c.content_hash,
+                articles.c.topic,
+                articles.c.priority,
             ).where(articles.c.guid.in_([item.guid for item in chunk]))
         )
     }
     if keep_topic:
         chunk = [
-            dataclasses.replace(item, topic=stored[item.guid][2])
-            if item.guid in stored and stored[item.guid][2] != item.topic
+            dataclasses.replace(item, topic=stored[item.guid][2], priority=stored[item.guid][3])
+            if item.guid in stored
+            and (stored[item.guid][2], stored[item.guid][3]) != (item.topic, item.priority)
             else item
             for item in chunk
         ]
