@@ -59,6 +59,7 @@ class ArticleError(MailerError, ValueError):
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None) -> None:
         self.path = path
         self.line = line
+        self.reason = message  # without the place
         where = path or "<article>"
         if line is not None:
             where += f":{line}"

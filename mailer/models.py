@@ -34,6 +34,7 @@ class Article:
     published_at: datetime
     expires_at: datetime | None = None
     removed_at: datetime | None = None  # taken back by staff (`mailer articles remove`)
+    priority: str = "bulk"  # "alert": leads every issue that takes it
 
 
 @dataclass(frozen=True)

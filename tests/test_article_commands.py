@@ -204,3 +204,18 @@ def test_listings_print_whole_values_when_not_on_a_terminal(config: Path, tmp_pa
     (issue_row,) = [line for line in issues.splitlines() if "Camp Lejeune" in line]
     assert subject in issue_row and len(issue_row) > 80 and "…" not in issues
     engine.dispose()
+
+
+def test_show_and_list_print_an_alerts_priority(config: Path, tmp_path: Path) -> None:
+    path = article_file(tmp_path, "gate", "Main Gate closed")
+    path.write_text(path.read_text().replace("+++\ntitle", '+++\npriority = "alert"\ntitle'))
+    article_file(tmp_path, "parade", "Parade route announced", topic="local-events")
+    assert run(config, "articles", "add", str(path), str(tmp_path / "parade.md")).exit_code == 0
+    listed = run(config, "articles", "list").output
+    [gate] = [line for line in listed.splitlines() if "Main Gate closed" in line]
+    [parade] = [line for line in listed.splitlines() if "Parade route" in line]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in (gate, parade)]
+    assert cells[0][-1] == "alert" and cells[1][-1] == ""
+    article_id = cells[0][0]
+    shown = run(config, "articles", "show", article_id).output
+    assert "priority:  alert" in shown

@@ -113,7 +113,8 @@ def test_the_installed_wheel_runs_the_demo_and_init_in_an_empty_directory(
     config = (work / "out" / "mailer.toml").read_text(encoding="utf-8")
     assert 'url = "sqlite:///mailer.db"' in config
     (fresh / "mailer.toml").write_text(config, encoding="utf-8")
-    shutil.copy2(work / "out" / "secret.key", fresh / "secret.key")
+    for secret in ("secret.key", "hook.key"):  # the site's and the hook's, named by the config
+        shutil.copy2(work / "out" / secret, fresh / secret)
     init = run(venv / "mailer", "--config", fresh / "mailer.toml", "init", cwd=fresh)
     assert init.stdout.startswith("database ready at revision "), init.stdout
     listed = run(

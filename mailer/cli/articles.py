@@ -175,10 +175,13 @@ def _print_duplicates(prefix: str, duplicates: Sequence[Duplicate]) -> None:
 @pass_ctx
 def articles_list(ctx: Context, topic: str | None, limit: int) -> None:
     """List articles, newest first (times in the site's time zone)."""
-    table = Table("id", "published", "topic", "title", "removed")
+    table = Table("id", "published", "topic", "title", "removed", "priority")
     for a in list_articles(ctx.engine(), topic=topic, limit=limit):
         removed = site_time(ctx.settings, a.removed_at) if a.removed_at else ""
-        table.add_row(str(a.id), site_time(ctx.settings, a.published_at), a.topic, a.title, removed)
+        priority = a.priority if a.priority != "bulk" else ""
+        table.add_row(
+            str(a.id), site_time(ctx.settings, a.published_at), a.topic, a.title, removed, priority
+        )
     print_table(table)
 
 
@@ -197,6 +200,7 @@ def articles_show(ctx: Context, article_id: int) -> None:
         ("guid", a.guid),
         ("topic", a.topic),
         ("title", a.title),
+        ("priority", a.priority),
         ("link", a.link or "-"),
         ("published", at(a.published_at)),
         ("expires", at(a.expires_at)),

@@ -19,6 +19,7 @@ from mailer.config.sections import (
     read_digest,
     read_dkim,
     read_feeds,
+    read_hooks,
     read_scheduler,
     read_site,
     read_smtp,
@@ -105,6 +106,7 @@ def parse_settings(
 
     scheduler = read_scheduler(root.table("scheduler", required=False))
     feeds = read_feeds(root.table("feeds", required=False))
+    hooks = read_hooks(root.table("hooks", required=False), base, env)
     dkim = read_dkim(root.table("dkim", required=False), base)
     bounces = read_bounces(root.table("bounces", required=False))
     staff = read_staff(root.table("staff", required=False))
@@ -187,6 +189,7 @@ def parse_settings(
         bounces=bounces,
         staff=staff,
         welcome=welcome,
+        hooks=hooks,
     )
 
 

@@ -1,6 +1,6 @@
 """Each table of the config file read into its settings: ``[site]``, ``[smtp]``,
-``[scheduler]``, ``[feeds]``, ``[bounces]``, ``[staff]``, ``[welcome]``, ``[dkim]`` and one
-``[[digests]]`` entry."""
+``[scheduler]``, ``[feeds]``, ``[hooks]``, ``[bounces]``, ``[staff]``, ``[welcome]``,
+``[dkim]`` and one ``[[digests]]`` entry."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from mailer.config.settings import (
     Digest,
     DkimSettings,
     FeedSettings,
+    HooksSettings,
     SchedulerSettings,
     SiteSettings,
     SmtpSettings,
@@ -34,6 +35,9 @@ from mailer.config.settings import (
     WelcomeSettings,
 )
 from mailer.config.table import KEY_RE, REQUIRED, Table
+
+# An environment variable's name, as [site].secret_key_env and [hooks].secret_env give it.
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 def resolve_path(base: Path | None, value: str) -> Path:
@@ -57,9 +61,7 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     postal = t.text("postal_address", REQUIRED)
     if not postal.strip():
         raise t.error("postal_address", "must be a valid physical postal address (CAN-SPAM)")
-    secret_env = t.text(
-        "secret_key_env", "MAILER_SECRET_KEY", pattern=re.compile(r"^[A-Z_][A-Z0-9_]*$")
-    )
+    secret_env = t.text("secret_key_env", "MAILER_SECRET_KEY", pattern=ENV_NAME)
     secret_file = t.text("secret_key_file")
     secret: bytes | None = None
     if env.get(secret_env):
@@ -177,6 +179,39 @@ def read_feeds(t: Table | None) -> FeedSettings:
     )
     t.finish()
     return feeds
+
+
+def read_hooks(t: Table | None, base: Path | None, env: dict[str, str]) -> HooksSettings:
+    """``[hooks]``; its secret read from the environment or its file, like the site secret."""
+    if t is None:
+        return HooksSettings()
+    defaults = HooksSettings()
+    secret_env = t.text("secret_env", defaults.secret_env, pattern=ENV_NAME)
+    secret_file = t.text("secret_file")
+    secret: bytes | None = None
+    if env.get(secret_env):
+        secret = env[secret_env].encode()
+    elif secret_file is not None:
+        secret_path = resolve_path(base, secret_file)
+        try:
+            secret = secret_path.read_bytes().strip()
+        except OSError as exc:
+            raise t.error("secret_file", f"cannot be read: {exc.strerror} ({secret_path})") from exc
+    if secret is not None and len(secret) < 16:
+        raise t.error(
+            "secret_env" if env.get(secret_env) else "secret_file",
+            "the hook secret must be at least 16 characters long",
+        )
+    hooks = HooksSettings(
+        configured=True,
+        secret_env=secret_env,
+        secret=secret,
+        max_body_bytes=t.integer(
+            "max_body_bytes", defaults.max_body_bytes, low=1024, high=16 * 1024 * 1024
+        ),
+    )
+    t.finish()
+    return hooks
 
 
 def read_bounces(t: Table | None) -> BounceSettings:

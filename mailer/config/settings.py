@@ -80,6 +80,22 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class HooksSettings:
+    """``[hooks]``: the site's CMS pushes articles to ``POST /hooks/articles``, each signed
+    with HMAC-SHA256 under ``secret``. Without a ``[hooks]`` table (``configured`` False), or
+    without its secret, the route answers 503."""
+
+    configured: bool = False
+    secret_env: str = "MAILER_HOOK_SECRET"
+    secret: bytes | None = field(default=None, repr=False)
+    max_body_bytes: int = 262_144  # one article's JSON; read up to this, never further
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret is not None
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     """``[smtp]``: the relay, its connections and pacing, leases, retries and sending processes."""
 
@@ -252,6 +268,7 @@ class Settings:
     bounces: BounceSettings = BounceSettings()
     staff: StaffSettings = StaffSettings()
     welcome: WelcomeSettings = WelcomeSettings()
+    hooks: HooksSettings = HooksSettings()
 
     def digest(self, key: str) -> Digest:
         for digest in self.digests:

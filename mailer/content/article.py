@@ -22,6 +22,8 @@ MAX_LINK = 1000
 MAX_SUMMARY = 5_000
 MAX_WHY = 5_000
 MAX_BODY = 200_000
+# An article's priority (``articles.priority``): "alert" leads every issue that takes it.
+PRIORITIES = ("bulk", "alert")
 
 # Curly quotes read as straight ones: the same text typed on a phone or pasted from a page.
 QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
@@ -49,6 +51,7 @@ class ParsedArticle:
     # False when the file named no date and published_at is the time it was read. Re-adding such
     # a file later must not move it into a newer digest, so the store keeps the first date.
     date_given: bool = True
+    priority: str = "bulk"
 
     @property
     def content_hash(self) -> str:
@@ -63,6 +66,10 @@ class ParsedArticle:
             self.published_at.astimezone(UTC).isoformat() if self.date_given else None,
             self.expires_at.astimezone(UTC).isoformat() if self.expires_at else None,
         ]
+        # Only an alert adds to the hash: every bulk article stored before priorities existed
+        # keeps its hash, so the next fetch does not see them all as changed.
+        if self.priority != "bulk":
+            fields.append(self.priority)
         return hashlib.sha256(json.dumps(fields).encode("ascii")).hexdigest()
 
     @property

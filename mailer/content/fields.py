@@ -47,6 +47,8 @@ class RawFields(NamedTuple):
     expires: tuple[datetime | None, int | None]
     # When the event an article announces is over: the article's life ends with it.
     event_end: tuple[datetime | None, int | None] = (None, None)
+    # "alert" or "bulk" (the default): an alert leads every issue that takes it.
+    priority: tuple[str | None, int | None] = (None, None)
 
 
 # Bounded: a plain repr() of a YAML value built from nested aliases can run to gigabytes.

@@ -23,6 +23,7 @@ from mailer.content.article import (
     MAX_SUMMARY,
     MAX_TITLE,
     MAX_WHY,
+    PRIORITIES,
     ParsedArticle,
 )
 from mailer.content.fields import FileContext, RawFields, short
@@ -61,7 +62,7 @@ def parse_article(
         fields = parse_front_matter(text, first, ctx)
     else:
         fields = parse_site_text(text, ctx)
-    return _build(fields, ctx)
+    return build_article(fields, ctx)
 
 
 def load_article_file(
@@ -106,7 +107,9 @@ def _checked(value: str, name: str, limit: int, ctx: FileContext, line: int | No
     return value
 
 
-def _build(fields: RawFields, ctx: FileContext) -> ParsedArticle:
+def build_article(fields: RawFields, ctx: FileContext) -> ParsedArticle:
+    """Check raw fields, from a file or a pushed article (``mailer.content.pushed``), against
+    the field limits and the known topics into a ``ParsedArticle``; ArticleError if invalid."""
     title_text, title_line = fields.title
     title = _checked(one_line(title_text), "title", MAX_TITLE, ctx, title_line)
     if not title:
@@ -158,6 +161,14 @@ def _build(fields: RawFields, ctx: FileContext) -> ParsedArticle:
     if event_end is not None and (expires is None or event_end < expires):
         expires = event_end
 
+    priority_text, priority_line = fields.priority
+    priority = one_line(priority_text).casefold() if priority_text is not None else "bulk"
+    if priority not in PRIORITIES:
+        raise ctx.error(
+            f"priority must be one of {', '.join(PRIORITIES)}, got {short(priority_text)}",
+            priority_line,
+        )
+
     summary_text, summary_line = fields.summary
     why_text, why_line = fields.why
     body_text, body_line = fields.body
@@ -176,4 +187,5 @@ def _build(fields: RawFields, ctx: FileContext) -> ParsedArticle:
         published_at=published if published is not None else ctx.now,
         expires_at=expires,
         date_given=published is not None,
+        priority=priority,
     )

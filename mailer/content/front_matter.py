@@ -2,6 +2,7 @@
 Markdown body. ``## Summary`` and ``## Why this matters`` sections in the body may stand in for
 the ``summary`` and ``why_it_matters`` keys. ``event_end`` (or ``ends``), the end of the event
 an article announces, ends the article's life like ``expires``: whichever comes first.
+``priority: alert`` makes the article the lead of every issue that takes it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ FRONT_MATTER_KEYS = (
     "summary",
     "why_it_matters",
     "why",
+    "priority",
 )
 
 _ATX_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
@@ -87,7 +89,7 @@ def parse_front_matter(text: str, delimiter: str, ctx: FileContext) -> RawFields
         value = meta.get(key)
         if value is None:
             return None, None
-        return _to_datetime(value, key, ctx, line_of(key)), line_of(key)
+        return to_datetime(value, key, ctx, line_of(key)), line_of(key)
 
     body_lines, found = _take_sections(lines[end + 1 :], end + 2, ctx)
     summary, summary_line = text_of("summary")
@@ -120,6 +122,7 @@ def parse_front_matter(text: str, delimiter: str, ctx: FileContext) -> RawFields
         published=date_of("published"),
         expires=date_of("expires"),
         event_end=date_of("ends" if "ends" in meta else "event_end"),
+        priority=text_of("priority"),
     )
 
 
@@ -237,7 +240,8 @@ def _take_sections(
     return kept, found
 
 
-def _to_datetime(value: Any, key: str, ctx: FileContext, line: int) -> datetime:
+def to_datetime(value: Any, key: str, ctx: FileContext, line: int) -> datetime:
+    """A front-matter (or pushed) date: an ISO date or date-time, read as UTC without a zone."""
     hint = "a date like 2026-11-20 or a date-time like 2026-11-20T09:30:00-05:00"
     if isinstance(value, str):
         try:

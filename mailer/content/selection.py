@@ -92,9 +92,10 @@ def select_for_issue(
     update (same guid) is not new.
 
     At most ``limit``, oldest arrival first (``created_at``, then id), so what one issue leaves
-    over goes in the next one before anything that arrived after it; returned newest published
-    first, the order an issue shows. Reads inside the caller's transaction (creating an issue
-    snapshots its articles there); ``since`` is ``lookback_start`` when the caller read it.
+    over goes in the next one before anything that arrived after it; returned alerts first
+    (``priority = "alert"``), then newest published first: the order an issue shows. Reads
+    inside the caller's transaction (creating an issue snapshots its articles there);
+    ``since`` is ``lookback_start`` when the caller read it.
     """
     if not topics or limit == 0:
         return Selection([], 0)
@@ -119,5 +120,6 @@ def select_for_issue(
     if len(chosen) == limit:
         count = sa.select(sa.func.count()).select_from(articles).where(eligible)
         left_over = int(conn.execute(count).scalar_one()) - limit
-    chosen.sort(key=lambda a: (a.published_at, a.id), reverse=True)
+    # Alerts lead (a gate closed outranks this week's news), then newest published first.
+    chosen.sort(key=lambda a: (a.priority == "alert", a.published_at, a.id), reverse=True)
     return Selection(chosen, left_over)

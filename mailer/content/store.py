@@ -59,7 +59,16 @@ class UpsertReport:
 # ---------------------------------------------------------------------------------------------
 # Storing what sources give
 
-_CONTENT_COLUMNS = ("topic", "title", "summary", "why_it_matters", "body", "link", "expires_at")
+_CONTENT_COLUMNS = (
+    "topic",
+    "title",
+    "summary",
+    "why_it_matters",
+    "body",
+    "link",
+    "expires_at",
+    "priority",
+)
 
 
 def _values(item: ParsedArticle) -> dict[str, Any]:
@@ -83,6 +92,7 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
         "link": item.link,
         "published_at": item.published_at,
         "expires_at": item.expires_at,
+        "priority": item.priority,
         "content_hash": item.content_hash,
         "text_key": item.text_key,
         "link_key": item.link_key,
@@ -99,7 +109,9 @@ def upsert_articles(
     With ``keep_topic``, a stored article keeps the topic it was first stored with (feeds: the
     same story often sits in two category feeds, and a category map can change; letting the
     last fetch win would flip its topic back and forth, each flip an update that could send it
-    again). Runs in one transaction, with a few bulk statements per chunk of guids.
+    again). It keeps the stored ``priority`` too: a feed cannot say one, so the site's push of
+    an alert (``POST /hooks/articles``) is not turned back into bulk by the next fetch of the
+    same guid. Runs in one transaction, with a few bulk statements per chunk of guids.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -119,18 +131,23 @@ def _upsert_chunk(
     now: datetime,
     keep_topic: bool = False,
 ) -> None:
-    stored: dict[str, tuple[int, str, str]] = {
-        guid: (id_, content_hash, topic)
-        for id_, guid, content_hash, topic in conn.execute(
+    stored: dict[str, tuple[int, str, str, str]] = {
+        guid: (id_, content_hash, topic, priority)
+        for id_, guid, content_hash, topic, priority in conn.execute(
             sa.select(
-                articles.c.id, articles.c.guid, articles.c.content_hash, articles.c.topic
+                articles.c.id,
+                articles.c.guid,
+                articles.c.content_hash,
+                articles.c.topic,
+                articles.c.priority,
             ).where(articles.c.guid.in_([item.guid for item in chunk]))
         )
     }
     if keep_topic:
         chunk = [
-            dataclasses.replace(item, topic=stored[item.guid][2])
-            if item.guid in stored and stored[item.guid][2] != item.topic
+            dataclasses.replace(item, topic=stored[item.guid][2], priority=stored[item.guid][3])
+            if item.guid in stored
+            and (stored[item.guid][2], stored[item.guid][3]) != (item.topic, item.priority)
             else item
             for item in chunk
         ]
@@ -199,6 +216,29 @@ def _upsert_chunk(
     report.unchanged += len(chunk) - added - len(changed) - duplicates
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What storing one article did: "added", "updated", "unchanged", or "duplicate" (another
+    guid holds the same story, and ``article_id`` is that article)."""
+
+    outcome: str
+    article_id: int
+
+
+def store_one(engine: sa.Engine, item: ParsedArticle, *, now: datetime) -> Stored:
+    """Store one article (``upsert_articles``) and say what happened to it, with its id: the
+    answer to the site when it pushes one (``POST /hooks/articles``)."""
+    report = upsert_articles(engine, [item], now=now)
+    if report.duplicates:
+        return Stored("duplicate", report.duplicates[0].of)
+    with reading(engine) as conn:
+        article_id = conn.execute(
+            sa.select(articles.c.id).where(articles.c.guid == item.guid)
+        ).scalar_one()
+    outcome = "added" if report.added else "updated" if report.updated else "unchanged"
+    return Stored(outcome, article_id)
+
+
 _Owners = dict[tuple[str, str], tuple[int, str]]
 
 
@@ -257,6 +297,7 @@ ARTICLE_COLUMNS = (
     articles.c.published_at,
     articles.c.expires_at,
     articles.c.removed_at,
+    articles.c.priority,
 )
 
 

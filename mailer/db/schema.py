@@ -66,6 +66,8 @@ ISSUE_STATUSES = (
 WAITING_ISSUE_STATUSES = ("review", "approved", "held")
 STAFF_MAIL_KINDS = ("review", "report", "alert")
 STAFF_MAIL_STATUSES = ("pending", "sent", "failed")
+# An article's priority: "alert" leads every issue that takes it (mailer.content.selection).
+ARTICLE_PRIORITIES = ("bulk", "alert")
 DELIVERY_STATUSES = (
     "queued",
     "sending",
@@ -162,6 +164,10 @@ articles = sa.Table(
     sa.Column("removed_at", UtcDateTime),
     sa.Column("removed_by", sa.String(200)),
     sa.Column("removed_from", sa.Text),
+    # "alert" (migration 0011): the site marked it urgent; it leads every issue that takes it.
+    # A plain column, no index: read with the row, never searched by.
+    sa.Column("priority", sa.String(8), nullable=False, server_default="bulk"),
+    sa.CheckConstraint(_in("priority", ARTICLE_PRIORITIES), name="priority"),
     sa.Index("ix_articles_topic_published", "topic", "published_at"),
     sa.Index("ix_articles_text_key", "text_key", unique=True),
     sa.Index("ix_articles_link_key", "link_key", unique=True),

@@ -7,7 +7,9 @@ issue and one weekly issue, each delivered to the readers who chose that digest 
 one, some both); one new reader who signs up and confirms as on the web (the confirmation
 mail, then the welcome mail); every message written to ``DIR/mail/*.eml``; an HTML preview;
 and the config it used written to ``DIR/mailer.toml`` so that any command can be pointed at
-the demo's state.
+the demo's state. Last, a ``curl`` line that pushes one more article, signed, to
+``POST /hooks/articles`` of the app ``mailer demo --serve`` runs (``DIR/hook-article.json``,
+signed with the secret in ``DIR/hook.key``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mailer.staff.reports import queue_reports
 from mailer.staff.rounds import flush_outbox
 from mailer.subscribers import csvfile, lifecycle
 from mailer.subscribers.welcome_mail import send_welcome
+from mailer.web.hooks import HOOK_PATH, SIGNATURE_HEADER, sign
 from mailer.web.sender import SmtpConfirmationSender
 
 # Package data: a wheel installs it as plain files.
@@ -125,6 +128,11 @@ def demo_config(out_dir: Path, smtp_port: int, *, serve: bool = False) -> str:
         "[web]",
         'host = "127.0.0.1"',
         "port = 8000",
+        "",
+        "# The site pushes articles to POST /hooks/articles, signed with this secret.",
+        "[hooks]",
+        'secret_env = "MAILER_HOOK_SECRET"',
+        'secret_file = "hook.key"',
     ]
     lines += [
         "",
@@ -224,10 +232,11 @@ def _prepare(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "mail", ignore_errors=True)
     (out_dir / "mail").mkdir()
     copy_examples(out_dir, now().date())
-    secret = out_dir / "secret.key"
-    if not secret.exists():
-        secret.write_text(secrets.token_urlsafe(32) + "\n", encoding="ascii")
-        secret.chmod(0o600)
+    for name in ("secret.key", "hook.key"):
+        secret = out_dir / name
+        if not secret.exists():
+            secret.write_text(secrets.token_urlsafe(32) + "\n", encoding="ascii")
+            secret.chmod(0o600)
 
 
 def run_demo(out_dir: Path, *, console: Console, serve: bool = False) -> dict[str, Any]:
@@ -359,7 +368,41 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         f"  try                   {mailer_command()} --config {config} subscribers list",
         markup=False,
     )
+    figures["hook_curl"] = hook_curl(settings, out_dir, moment)
+    # soft_wrap: one line however narrow the terminal, so that it can be copied whole.
+    console.print(f"  push (with --serve)   {figures['hook_curl']}", markup=False, soft_wrap=True)
     return figures
+
+
+# The article the demo's curl line pushes: a base alert, so it leads the next alert issue.
+HOOK_ARTICLE = {
+    "guid": "https://news.example.org/alerts/main-gate-reopened",
+    "title": "Main Gate open again after the morning closure",
+    "topic": "base-alerts",
+    "summary": "All lanes of the Main Gate on Holcomb Boulevard are open again.",
+    "why_it_matters": "Commuters can use their usual route; expect slow traffic until 9 a.m.",
+    "body": "Military police reopened the gate at 7:40 a.m. after clearing a disabled truck.",
+    "link": "https://news.example.org/alerts/main-gate-reopened",
+    "priority": "alert",
+}
+
+
+def hook_curl(settings: Settings, out_dir: Path, moment: datetime) -> str:
+    """Write ``DIR/hook-article.json`` and return a ``curl`` line that posts it, signed with
+    the demo's hook secret, to the local web app (``mailer demo --serve``).
+
+    The signature is computed here over the exact bytes written, so the line runs as printed;
+    after editing the file, sign it again as README "Pushing articles from the site" shows.
+    """
+    body = json.dumps(HOOK_ARTICLE | {"published": moment.isoformat()}, indent=2).encode()
+    path = out_dir / "hook-article.json"
+    path.write_bytes(body)
+    assert settings.hooks.secret is not None  # the demo's config names hook.key
+    signature = sign(settings.hooks.secret, body)
+    return (
+        f"curl -sS -X POST {LOCAL_WEB}{HOOK_PATH} -H 'Content-Type: application/json'"
+        f" -H '{SIGNATURE_HEADER}: {signature}' --data-binary @{shlex.quote(str(path))}"
+    )
 
 
 async def join(engine: sa.Engine, settings: Settings, *, now: datetime, renderer: Renderer) -> None:

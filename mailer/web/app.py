@@ -17,6 +17,7 @@ Routes (DESIGN.md "URLs"):
 ``GET /privacy``                      the privacy policy and its version
 ``GET /archive``, ``/archive/{id}``   sent issues, and one as its readers saw it
 ``GET /embed``                        the embeddable sign-up snippet, for staff to copy
+``POST /hooks/articles``              the site pushes one signed article (JSON; mailer.web.hooks)
 ``GET /healthz``                      database check, JSON
 ``GET /static/style.css``             the one stylesheet
 ``GET /static/embed.js``              the /embed page's "Copy" button (its only script)
@@ -47,6 +48,7 @@ from mailer.db.outages import OutageLog
 from mailer.errors import DatabaseUnavailable
 from mailer.web.account import AccountViews
 from mailer.web.context import WebContext
+from mailer.web.hooks import HOOK_PATH, HookViews
 from mailer.web.pages import Pages
 from mailer.web.public import PublicViews
 from mailer.web.ratelimit import Limits, RateLimiter
@@ -111,6 +113,15 @@ def create_app(
     account = AccountViews(web)
     public = PublicViews(web)
     test_links = TestLinkViews(web)
+    hooks = HookViews(web)
+    if settings.hooks.configured and settings.hooks.secret is None:
+        # Said once, when the app starts: the site expects to push, and every push will be 503.
+        log.warning(
+            "[hooks] is configured but its secret is not set: export %s (named by"
+            " [hooks].secret_env) or set [hooks].secret_file; POST %s answers 503 until then",
+            settings.hooks.secret_env,
+            HOOK_PATH,
+        )
     routes = [
         Route("/", signup.home, methods=["GET"]),
         Route("/subscribe", signup.subscribe, methods=["POST"]),
@@ -132,6 +143,8 @@ def create_app(
         # convertor would turn 5,000 digits into a ValueError (Python refuses to convert more
         # than 4,300), that is a 500.
         Route("/archive/{issue_id}", public.archived_issue, methods=["GET"]),
+        # Machine to machine: signed, not a form; caps its own body (see the middleware below).
+        Route(HOOK_PATH, hooks.articles, methods=["POST"]),
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
         Route("/static/embed.js", public.embed_script, methods=["GET"]),
@@ -180,7 +193,14 @@ def create_app(
 
     app = WebApp(
         routes=routes,
-        middleware=[Middleware(BodyLimitMiddleware, limit=limits.max_body_bytes, reject=too_large)],
+        middleware=[
+            Middleware(
+                BodyLimitMiddleware,
+                limit=limits.max_body_bytes,
+                reject=too_large,
+                exempt=(HOOK_PATH,),
+            )
+        ],
         exception_handlers={
             HTTPException: http_error,
             ClientDisconnect: disconnected,

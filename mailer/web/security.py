@@ -118,15 +118,20 @@ class BodyTooLarge(HTTPException):
 
 class BodyLimitMiddleware:
     """Refuses request bodies over ``limit`` bytes: by Content-Length before the app runs,
-    and by counting while the app reads a body that did not declare its length."""
+    and by counting while the app reads a body that did not declare its length. The paths in
+    ``exempt`` cap their bodies themselves (``POST /hooks/articles``: one article's JSON, larger
+    than any form, answered in JSON)."""
 
-    def __init__(self, app: ASGIApp, *, limit: int, reject: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, *, limit: int, reject: ASGIApp, exempt: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.limit = limit
         self.reject = reject  # the 413 page
+        self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
