@@ -261,6 +261,29 @@ def test_an_article_left_untaken_is_alerted_and_no_slot_is_missed(
     assert causes == {"arrival:alerts"}
 
 
+def test_an_article_stored_before_its_date_is_not_alerted_as_soon_as_it_is_published(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = arrival_settings(db_url)
+    published = NOW + timedelta(hours=1)
+    upsert_articles(engine, [make_article(title="Gate closes", published_at=published)], now=NOW)
+    assert checks.check_arrivals(engine, settings, now=published + timedelta(seconds=1)) == 0
+    assert checks.check_arrivals(engine, settings, now=published + LATE) == 1
+
+
+async def test_quiet_hours_never_hold_an_arrival_alert(
+    engine: sa.Engine, db_url: str, smtp_server: FaultServer
+) -> None:
+    # 07:00 New York is inside 21:00-09:00.
+    settings = arrival_settings(db_url, smtp_server, debounce_seconds=0, quiet_hours="21:00-09:00")
+    reader = make_subscriber(engine, email="r@example.org")
+    service = Service(engine, settings, clock=Clock(T0))
+    store_alert(db_url, T0, "Gate closed")
+    assert [i.recipients for i in service.watch_arrivals().made] == [1]
+    await service.deliver_forever(drain=True)
+    assert len(smtp_server.received_for(reader.email)) == 1
+
+
 def test_upcoming_shows_on_arrival_and_what_waits(
     tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,7 +112,7 @@ def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) 
 
 def check_arrivals(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
     """Alert, per arrival digest, articles of its topics that no issue took
-    ``arrival.LATE`` after their issue was due (an arrival digest has no slots to miss: this
+    ``arrival.LATE`` after their issue was due and they were published (an arrival digest has no slots to miss: this
     is its missed-slot check); returns how many digests were alerted.
 
     The round runs only in a service, so a store filled while no service ran is not alerted
@@ -126,7 +126,11 @@ def check_arrivals(engine: sa.Engine, settings: Settings, *, now: datetime) -> i
             continue
         with reading(engine) as conn:
             found = arrival.waiting(conn, digest, now)
-        if found is None or now - found.due < arrival.LATE:
+            # Waiting already ``LATE`` ago, and due by then: an article stored ahead of its
+            # publication date counts from that date, not from its arrival.
+            then = now - arrival.LATE
+            before = arrival.waiting(conn, digest, then) if found is not None else None
+        if found is None or before is None or before.due > then:
             continue
         zone = settings.site.timezone
         late = int((now - found.first).total_seconds() // 60)
