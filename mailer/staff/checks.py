@@ -111,9 +111,9 @@ def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) 
 
 
 def check_arrivals(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
-    """Alert, per arrival digest, articles of its topics that no issue took
-    ``arrival.LATE`` after their issue was due and they were published (an arrival digest has no slots to miss: this
-    is its missed-slot check); returns how many digests were alerted.
+    """Alert, per arrival digest, articles of its topics that no issue took ``arrival.LATE``
+    after their issue was due and they were published (an arrival digest has no slots to
+    miss: this is its missed-slot check); returns how many digests were alerted.
 
     The round runs only in a service, so a store filled while no service ran is not alerted
     until one runs, and then only if that service does not make the issue either.
