@@ -202,7 +202,7 @@ class Service:
 
     def watch_arrivals(self) -> arrival.Step:
         """One look at the store for the arrival digests (``ArrivalWatch.step``) at the
-        clock's now; a made issue wakes the worker."""
+        clock's now, on the event loop's thread; a made issue wakes the worker."""
         step = self.arrivals.step(self.clock())
         if step.made:
             self.work.set()
@@ -213,7 +213,9 @@ class Service:
         debounce ends first. Every failure is logged and retried by the watch itself."""
         while not self.stop.is_set():
             try:
-                step = await asyncio.to_thread(self.watch_arrivals)
+                step = await asyncio.to_thread(self.arrivals.step, self.clock())
+                if step.made:
+                    self.work.set()  # here, not in the thread: an asyncio.Event is not safe there
                 wait = arrival.POLL_SECONDS
                 if step.next_due is not None:
                     until_due = (step.next_due - self.clock()).total_seconds()

@@ -3,6 +3,7 @@ clock, real SMTP delivery, both databases; then real ``mailer run`` processes.""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -299,6 +300,14 @@ def test_upcoming_shows_on_arrival_and_what_waits(
     assert result.exit_code == 0, result.output
     assert "on arrival: an issue 15 s after the first new article" in result.output
     assert "Gate closed" in result.output
+    as_json = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "digest", "upcoming", "--format", "json"],
+        catch_exceptions=False,
+    )
+    (alerts,) = json.loads(as_json.output)
+    assert alerts["trigger"] == "on arrival" and alerts["debounce_seconds"] == 15
+    assert alerts["slots"] == [] and [a["title"] for a in alerts["articles"]] == ["Gate closed"]
 
 
 # -- real processes --------------------------------------------------------------------------
