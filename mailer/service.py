@@ -31,6 +31,7 @@ from mailer.delivery.pacing import SharedSchedule
 from mailer.delivery.pool import SmtpAuthError, SmtpPool
 from mailer.delivery.worker import Deliverer, Totals
 from mailer.errors import DatabaseUnavailable, MailerError
+from mailer.issues import arrival
 from mailer.issues.create import IssueCreated, create_issue, last_scheduled
 from mailer.issues.review import MISSED_WINDOW, alert_held, release, round_steps
 from mailer.issues.schedule import latest_slot, local_time, missed_slots, trigger_for
@@ -107,6 +108,15 @@ class Service:
                 Step("slots after review", release_slots),
                 *staff_steps(engine, settings, sign=sign),
             ],
+        )
+        # Arrival digests: an issue as soon as articles of their topics are stored.
+        self.arrivals = arrival.ArrivalWatch(
+            engine,
+            settings,
+            render_subject=self.render_subject,
+            retry_seconds=retry_seconds,
+            retry_max_seconds=RETRY_MAX_SECONDS,
+            shown=self._shown,
         )
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
         self.web_server: _QuietServer | None = None  # while ``run`` serves the web app
@@ -190,9 +200,40 @@ class Service:
                     made.append(issue)
         return made
 
+    def watch_arrivals(self) -> arrival.Step:
+        """One look at the store for the arrival digests (``ArrivalWatch.step``) at the
+        clock's now, on the event loop's thread; a made issue wakes the worker."""
+        step = self.arrivals.step(self.clock())
+        if step.made:
+            self.work.set()
+        return step
+
+    async def arrivals_forever(self) -> None:
+        """Watch for arrivals until stopped: every ``arrival.POLL_SECONDS``, sooner when a
+        debounce ends first. Every failure is logged and retried by the watch itself."""
+        while not self.stop.is_set():
+            try:
+                step = await asyncio.to_thread(self.arrivals.step, self.clock())
+                if step.made:
+                    self.work.set()  # here, not in the thread: an asyncio.Event is not safe there
+                wait = arrival.POLL_SECONDS
+                if step.next_due is not None:
+                    until_due = (step.next_due - self.clock()).total_seconds()
+                    wait = min(wait, max(until_due, 0.0))
+            except Exception as exc:
+                # What the watch did not catch (a thread that could not start): next poll.
+                log.error(
+                    "watching for arrivals failed: %s",
+                    one_line(describe_error(exc)) or type(exc).__name__,
+                )
+                wait = arrival.POLL_SECONDS
+            await stopped_within(self.stop, wait)
+
     def scheduler(self) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(timezone="UTC")
         for digest in self.settings.digests:
+            if digest.on_arrival:
+                continue  # no slots: made by ``arrivals_forever``
             scheduler.add_job(
                 self.fire_scheduled,
                 trigger=trigger_for(digest),
@@ -429,12 +470,16 @@ class Service:
         ``on_started`` is called once the scheduler runs and the web app listens.
         """
         tasks: list[asyncio.Task[object]] = []
+        watch: asyncio.Task[None] | None = None
         scheduler = None
         with stop_on_signals(self.stop):
             if self.parts.scheduler:
                 await asyncio.to_thread(self.catch_up)
                 scheduler = self.scheduler()
                 scheduler.start()
+                if self.arrivals.digests:
+                    watch = asyncio.create_task(self.arrivals_forever(), name="arrivals")
+                    tasks.append(watch)
             server = self._web_server() if self.parts.web else None
             self.web_server = server
             totals = Totals()
@@ -469,6 +514,8 @@ class Service:
                     scheduler.shutdown(wait=False)
                 if server is not None:
                     server.should_exit = True
+                if watch is not None and not self.stop.is_set():
+                    watch.cancel()  # the service failed; after SIGTERM it ends on its own
                 tasks.extend(self.alerting)
                 for firing in self.firings:
                     if not self.stop.is_set():

@@ -79,7 +79,7 @@ def test_demo_delivers_compliant_mail_and_leaves_a_usable_config(tmp_path: Path)
     assert message["Subject"] == "Welcome to Camp Lejeune & New River Updates"
     text = message.get_body(preferencelist=("plain",))
     assert text is not None and "Weekly digest: next on " in text.get_content()
-    assert "Base alerts: next on " in text.get_content()
+    assert "Base alerts: sent as soon as news arrives" in text.get_content()
     assert (
         f"new reader            Welcome to Camp Lejeune & New River Updates  ({welcome.name})"
         in output

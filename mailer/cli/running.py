@@ -65,7 +65,10 @@ def run(ctx: Context, no_web: bool) -> None:
 
     def on_started() -> None:
         slots = upcoming(settings.digests, now())
-        listed = ", ".join(f"{d.key} {local_time(slot, zone, year=False)}" for d, slot in slots)
+        listed = ", ".join(
+            [f"{d.key} {local_time(slot, zone, year=False)}" for d, slot in slots]
+            + [f"{d.key} on arrival" for d in settings.digests if d.on_arrival]
+        )
         started(f"mailer run: {listening}; next: {listed or 'no digest is scheduled'}")
 
     try:

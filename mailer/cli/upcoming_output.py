@@ -19,6 +19,8 @@ from mailer.cli.listing import print_table
 from mailer.issues.schedule import local_time
 from mailer.issues.upcoming import MadeIssue, Slot, Upcoming, UpcomingArticle
 
+# The slot column of an arrival digest (CSV, JSON "trigger").
+ARRIVAL = "on arrival"
 LATER = "later slots show no articles yet: each takes what arrives before it"
 
 
@@ -31,6 +33,9 @@ def print_tables(found: list[Upcoming], zone: str) -> None:
     its recipients by topic set."""
     for u in found:
         out.print(f"{u.key}: {u.name}", markup=False)
+        if u.on_arrival:
+            _print_arrival(u, zone)
+            continue
         reviewed = any(slot.review_opens for slot in u.slots)
         slots = Table("slot", "goes out", *(("review opens", "issue") if reviewed else ()))
         for slot in u.slots:
@@ -79,6 +84,35 @@ def print_tables(found: list[Upcoming], zone: str) -> None:
             print_table(people)
         if len(u.slots) > 1:
             out.print(LATER)
+
+
+def arrival_line(u: Upcoming) -> str:
+    """How an arrival digest is made, in place of its slots."""
+    return (
+        f"on arrival: an issue {u.debounce_seconds} s after the first new article of its"
+        ' topics arrives (trigger = "arrival")'
+    )
+
+
+def _print_arrival(u: Upcoming, zone: str) -> None:
+    """An arrival digest: how it is made, and what its next issue would take now."""
+    out.print(arrival_line(u), markup=False)
+    if not u.articles:
+        out.print("next: on arrival: nothing waiting")
+        return
+    taken = Table("id", "title", "topic", "published", "arrived", title="next: on arrival")
+    for a in u.articles:
+        taken.add_row(
+            str(a.id), a.title, a.topic, local_time(a.published, zone), local_time(a.arrived, zone)
+        )
+    print_table(taken)
+    if u.left_over:
+        out.print(f"{u.left_over} more wait for the issue after it (max_articles)")
+    if u.recipients:
+        people = Table("topics", "recipients", title=f"{u.total_recipients} recipients")
+        for topics, n in u.recipients:
+            people.add_row(", ".join(topics), str(n))
+        print_table(people)
 
 
 def review_note(slot: Slot, zone: str) -> str:
@@ -132,6 +166,15 @@ def _rows(found: list[Upcoming], zone: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for u in found:
         base = {"digest": u.key, "name": u.name}
+        if u.on_arrival:
+            on: dict[str, Any] = base | {"slot": ARRIVAL}
+            rows.append(on | {"row": "slot"})
+            rows += [on | {"row": "article"} | _article(a, zone) for a in u.articles]
+            rows += [
+                on | {"row": "recipients", "topics": ";".join(t), "recipients": n}
+                for t, n in u.recipients
+            ]
+            continue
         takes = u.takes_at
         for slot in u.slots:
             at: dict[str, Any] = {
@@ -187,6 +230,8 @@ def print_json(found: list[Upcoming], zone: str) -> None:
         {
             "digest": u.key,
             "name": u.name,
+            "trigger": ARRIVAL if u.on_arrival else "schedule",
+            "debounce_seconds": u.debounce_seconds if u.on_arrival else None,
             "slots": [
                 {
                     "slot": _iso(s.at, zone),

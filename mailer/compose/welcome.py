@@ -44,6 +44,8 @@ class Arrival:
     name: str
     at: datetime | None  # UTC: when its deliveries are first due (after quiet hours)
     when: str
+    # Made as news arrives (``trigger = "arrival"``): no next time to name.
+    on_arrival: bool = False
 
 
 @dataclass(frozen=True)

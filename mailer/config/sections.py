@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import re
-from datetime import time
+from datetime import UTC, datetime, time
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -274,12 +274,17 @@ def read_dkim(t: Table | None, base: Path | None) -> DkimSettings | None:
 def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
     """One ``[[digests]]`` entry: its schedule parsed and its subject rendered once."""
     key = t.text("key", REQUIRED, pattern=KEY_RE)
-    schedule = t.text("schedule", REQUIRED)
+    trigger = t.choice("trigger", "schedule", ("schedule", "arrival"))
+    arrival = trigger == "arrival"
     zone = check_zone(t, "timezone", t.text("timezone", site_zone))
-    try:
-        sample_slot = first_fire(parse_cron(schedule, zone), schedule)
-    except CronError as exc:
-        raise t.error("schedule", str(exc)) from exc
+    if arrival:
+        schedule, sample_slot = _no_schedule(t)
+    else:
+        schedule = t.text("schedule", REQUIRED)
+        try:
+            sample_slot = first_fire(parse_cron(schedule, zone), schedule)
+        except CronError as exc:
+            raise t.error("schedule", str(exc)) from exc
     digest_topics = t.text_list("topics", REQUIRED)
     for topic in digest_topics:
         if topic not in topics:
@@ -291,7 +296,13 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
     repeated = sorted({topic for topic in digest_topics if digest_topics.count(topic) > 1})
     if repeated:
         raise t.error("topics", f"names {', '.join(map(repr, repeated))} more than once")
-    priority = t.choice("priority", "bulk", ("bulk", "alert"))
+    # An arrival digest is an alert digest: what is worth sending the moment it arrives is
+    # worth going ahead of bulk mail and through quiet hours.
+    priority = t.choice("priority", "alert" if arrival else "bulk", ("bulk", "alert"))
+    if arrival and priority != "alert":
+        raise t.error(
+            "priority", 'must be "alert" with trigger = "arrival" (or leave it out: implied)'
+        )
     digest = Digest(
         key=key,
         name=t.text("name", REQUIRED),
@@ -309,12 +320,37 @@ def read_digest(t: Table, topics: set[str], site_zone: str) -> Digest:
         review_minutes=t.integer("review_minutes", 0, low=0, high=7 * 24 * 60),
         on_unreviewed=t.choice("on_unreviewed", "send", ("send", "hold")),
         **_edition(t, key),
+        trigger=trigger,
+        debounce_seconds=_debounce(t, arrival),
     )
     t.finish()
     _check_review(t, digest)
     check_subject(t, digest, sample_slot.astimezone(ZoneInfo(zone)))
     check_template(t, digest.template)
     return digest
+
+
+# When a schedule-less arrival digest checks its subject renders: any instant will do.
+ARRIVAL_SAMPLE = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def _no_schedule(t: Table) -> tuple[str, datetime]:
+    """An arrival digest has no slots: a ``schedule`` beside ``trigger = "arrival"`` is
+    refused rather than ignored, so that nobody expects it to fire at those times too."""
+    if t.text("schedule") is not None:
+        raise t.error(
+            "schedule",
+            'does not apply with trigger = "arrival" (its issue is made when an article'
+            ' arrives): remove it, or use trigger = "schedule"',
+        )
+    return "", ARRIVAL_SAMPLE
+
+
+def _debounce(t: Table, arrival: bool) -> int:
+    """``debounce_seconds``: 0–600, and only on an arrival digest."""
+    if not arrival and "debounce_seconds" in t.data:
+        raise t.error("debounce_seconds", 'applies only with trigger = "arrival"')
+    return t.integer("debounce_seconds", 20, low=0, high=600)
 
 
 def _edition(t: Table, key: str) -> dict[str, Any]:

@@ -189,7 +189,7 @@ class Digest:
     key: str
     name: str
     subject: str
-    schedule: str
+    schedule: str  # a cron line; "" for a digest made on arrival (it has no slots)
     timezone: str
     topics: tuple[str, ...]
     max_articles: int
@@ -214,6 +214,15 @@ class Digest:
     description: str = ""
     # Ticked for a new sign-up, and given to an import row or `subscribers add` naming none.
     default: bool = True
+    # "schedule": an issue at each cron slot; "arrival": an issue as soon as an article of
+    # its topics is stored (mailer.issues.arrival), ``debounce_seconds`` after the first one.
+    trigger: Literal["schedule", "arrival"] = "schedule"
+    debounce_seconds: int = 20
+
+    @property
+    def on_arrival(self) -> bool:
+        """Made when articles arrive, not at slots: no cron job, no slot is ever missed."""
+        return self.trigger == "arrival"
 
     @property
     def lookback(self) -> timedelta:

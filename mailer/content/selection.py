@@ -72,6 +72,22 @@ def lookback_start(
     return max(min(previous, now), now - lookback) - lookback
 
 
+def untaken(
+    digest_key: str, topics: Sequence[str], *, since: datetime, now: datetime
+) -> sa.ColumnElement[bool]:
+    """The articles an issue of ``digest_key`` made at ``now`` may take (see
+    ``select_for_issue``): the one clause for the issue and for the arrival watch
+    (``mailer.issues.arrival``), so that the watch never waits for an article no issue takes."""
+    return sa.and_(
+        articles.c.topic.in_(list(topics)),
+        articles.c.published_at > since,
+        articles.c.published_at <= now,
+        articles.c.removed_at.is_(None),
+        sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),
+        ~taken_by(digest_key),
+    )
+
+
 def select_for_issue(
     conn: sa.Connection,
     *,
@@ -101,14 +117,7 @@ def select_for_issue(
         return Selection([], 0)
     if since is None:
         since = lookback_start(conn, digest_key, lookback, now)
-    eligible = sa.and_(
-        articles.c.topic.in_(list(topics)),
-        articles.c.published_at > since,
-        articles.c.published_at <= now,
-        articles.c.removed_at.is_(None),
-        sa.or_(articles.c.expires_at.is_(None), articles.c.expires_at > now),
-        ~taken_by(digest_key),
-    )
+    eligible = untaken(digest_key, topics, since=since, now=now)
     query = (
         sa.select(*ARTICLE_COLUMNS)
         .where(eligible)

@@ -28,7 +28,10 @@ def trigger_for(digest: Digest) -> CronTrigger:
 
 
 def slots_between(digest: Digest, start: datetime, end: datetime) -> list[datetime]:
-    """Nominal fire times in (start, end], in UTC, oldest first."""
+    """Nominal fire times in (start, end], in UTC, oldest first (none for an arrival digest:
+    it has no slots)."""
+    if digest.on_arrival:
+        return []
     trigger = trigger_for(digest)
     slots: list[datetime] = []
     previous: datetime | None = None
@@ -110,9 +113,12 @@ def local_time(moment: datetime, zone: str, *, year: bool = True) -> str:
 
 
 def upcoming(digests: Sequence[Digest], now: datetime) -> list[tuple[Digest, datetime]]:
-    """Each digest with its next slot after ``now`` (UTC), soonest first."""
+    """Each scheduled digest with its next slot after ``now`` (UTC), soonest first; an arrival
+    digest has none."""
     pairs: list[tuple[Digest, datetime]] = []
     for digest in digests:
+        if digest.on_arrival:
+            continue
         fire = trigger_for(digest).get_next_fire_time(None, now + timedelta(microseconds=1))
         if fire is not None:
             pairs.append((digest, fire.astimezone(UTC)))

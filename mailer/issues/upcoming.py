@@ -93,6 +93,10 @@ class Upcoming:
     recipients: tuple[tuple[tuple[str, ...], int], ...]
     # Issues held past their slot: they wait for `mailer issues approve`.
     waiting: tuple[MadeIssue, ...] = ()
+    # Made on arrival (no slots): ``articles`` and ``recipients`` are what its next issue
+    # takes, made ``debounce_seconds`` after the first of them arrived.
+    on_arrival: bool = False
+    debounce_seconds: int = 0
 
     @property
     def takes_at(self) -> Slot | None:
@@ -149,6 +153,8 @@ def _one(conn: sa.Connection, digest: Digest, *, now: datetime, count: int) -> U
         left_over=selection.left_over,
         recipients=recipients_by_topics(conn, digest, {a.topic for a in chosen}, now),
         waiting=tuple(_made(conn, digest, None, now).values()),
+        on_arrival=digest.on_arrival,
+        debounce_seconds=digest.debounce_seconds,
     )
 
 

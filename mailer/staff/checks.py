@@ -110,6 +110,49 @@ def check_missed_slots(engine: sa.Engine, settings: Settings, *, now: datetime) 
     return raised
 
 
+def check_arrivals(engine: sa.Engine, settings: Settings, *, now: datetime) -> int:
+    """Alert, per arrival digest, articles of its topics that no issue took ``arrival.LATE``
+    after their issue was due and they were published (an arrival digest has no slots to
+    miss: this is its missed-slot check); returns how many digests were alerted.
+
+    The round runs only in a service, so a store filled while no service ran is not alerted
+    until one runs, and then only if that service does not make the issue either.
+    """
+    from mailer.issues import arrival  # the issue-making side: only where the round runs
+
+    raised = 0
+    for digest in settings.digests:
+        if not digest.on_arrival:
+            continue
+        with reading(engine) as conn:
+            found = arrival.waiting(conn, digest, now)
+            # Waiting already ``LATE`` ago, and due by then: an article stored ahead of its
+            # publication date counts from that date, not from its arrival.
+            then = now - arrival.LATE
+            before = arrival.waiting(conn, digest, then) if found is not None else None
+        if found is None or before is None or before.due > then:
+            continue
+        zone = settings.site.timezone
+        late = int((now - found.first).total_seconds() // 60)
+        if raise_alert(
+            engine,
+            settings,
+            cause=f"arrival:{digest.key}",
+            subject=f"the {digest.name} has not sent what arrived {late} minutes ago",
+            text=(
+                f"An article of the digest {digest.name!r} ({digest.key}) arrived at"
+                f" {local_time(found.first, zone)} and no issue has taken it: its issue was"
+                f' due at {local_time(found.due, zone)} (trigger = "arrival",'
+                f" debounce_seconds = {digest.debounce_seconds}). Does the log of"
+                " `mailer run` say why the issue failed?\n\n"
+                f"To send the digest now: mailer digest send {digest.key}\n"
+            ),
+            now=now,
+        ):
+            raised += 1
+    return raised
+
+
 @dataclass(frozen=True)
 class Stall:
     """A sending issue with deliveries due and none of its deliveries touched since ``since``."""

@@ -60,6 +60,7 @@ def staff_steps(engine: sa.Engine, settings: Settings, *, sign: Sign = None) -> 
     return [
         Step("reports of issues that ended", on(queue_reports)),
         Step("missed slots", on(checks.check_missed_slots), MISSED_EVERY),
+        Step("untaken arrivals", on(checks.check_arrivals), MISSED_EVERY),
         Step("stalled issues", on(checks.check_stalls), STALLS_EVERY),
         Step("failing feeds", on(checks.check_feeds)),
         Step("complaint and bounce rates", on(checks.check_rates), RATES_EVERY),

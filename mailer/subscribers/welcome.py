@@ -92,9 +92,9 @@ def welcome_for(
     for digest in receives(conn, settings, subscriber_id, now=now):
         at = next_arrival(digest, now)
         when = reader_time(at, settings.site.timezone, now) if at is not None else ""
-        arrivals.append(Arrival(digest.key, digest.name, at, when))
-    # Soonest first; a digest whose schedule has ended last.
-    arrivals.sort(key=lambda a: (a.at is None, a.at or now))
+        arrivals.append(Arrival(digest.key, digest.name, at, when, digest.on_arrival))
+    # Soonest first (one made on arrival first of all); a digest whose schedule ended last.
+    arrivals.sort(key=lambda a: (not a.on_arrival, a.at is None, a.at or now))
     stories = latest_articles(
         conn, tuple(t.key for t in topics), now=now, limit=settings.welcome.articles
     )
