@@ -3,6 +3,7 @@ clock, real SMTP delivery, both databases; then real ``mailer run`` processes.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -63,11 +64,12 @@ def arrival_settings(db_url: str, server: FaultServer | None = None, **digest: A
     return server_settings(db_url, server, digests=digests)
 
 
-def store_alert(db_url: str, at: datetime, title: str) -> None:
+def store_alert(db_url: str, at: datetime, title: str, priority: str = "bulk") -> None:
     """An article stored at ``at`` through an engine of its own, as another process would."""
     other = create_engine(db_url)
     try:
         item = make_article(title=title, published_at=at - timedelta(minutes=5))
+        item = dataclasses.replace(item, priority=priority)
         upsert_articles(other, [item], now=at)
     finally:
         other.dispose()
@@ -171,6 +173,23 @@ async def test_articles_arriving_within_the_debounce_go_in_one_issue_sent_once_e
     assert sorted(to for to, _ in copies) == sorted(readers)
     assert set(copies.values()) == {1}
     assert smtp_server.received_for(paused.email) == []
+
+
+def test_an_article_pushed_as_an_alert_does_not_wait_for_the_debounce(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = arrival_settings(db_url)
+    clock = Clock(T0)
+    service = Service(engine, settings, clock=clock)
+    store_alert(db_url, T0, "Road work")
+    clock.value = T0 + timedelta(seconds=3)
+    step = service.watch_arrivals()
+    assert step.made == [] and step.next_due == NOW + timedelta(seconds=20)
+    store_alert(db_url, T0 + timedelta(seconds=3), "Shelter in place", priority="alert")
+    step = service.watch_arrivals()
+    # Made at once, for the alert's own second, taking what waited with it; alert first.
+    assert [i.articles for i in step.made] == [2]
+    assert made(engine) == [(NOW + timedelta(seconds=3), ["Road work", "Shelter in place"])]
 
 
 async def test_debounce_zero_makes_the_issue_at_once_and_a_later_arrival_its_own(

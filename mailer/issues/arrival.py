@@ -55,19 +55,18 @@ class Waiting:
 
 
 def debounce(digest: Digest) -> timedelta:
-    """How long the issue waits after the first untaken article arrives.
-
-    The one place to skip the wait for an article stored with ``priority = "alert"``: when
-    that column exists, ``waiting`` reads the first such arrival too and dues it without this.
-    """
+    """How long the issue waits after the first untaken article arrives (an article stored
+    with ``priority = "alert"`` does not wait: see ``waiting``)."""
     return timedelta(seconds=digest.debounce_seconds)
 
 
-def due_time(first: datetime, digest: Digest, previous: datetime | None) -> datetime:
-    """The issue's ``scheduled_for``: ``first`` to the second plus the debounce, and after
-    the digest's newest issue (an article stored in the same second as an issue was made
-    must not fall on that issue's time and be taken by nobody)."""
-    due = first.replace(microsecond=0) + debounce(digest)
+def due_time(
+    first: datetime, digest: Digest, previous: datetime | None, *, wait: bool = True
+) -> datetime:
+    """The issue's ``scheduled_for``: ``first`` to the second plus the debounce (none
+    without ``wait``), and after the digest's newest issue (an article stored in the same
+    second as an issue was made must not fall on that issue's time and be taken by nobody)."""
+    due = first.replace(microsecond=0) + (debounce(digest) if wait else timedelta(0))
     if previous is not None and due <= previous:
         due = previous.replace(microsecond=0) + SECOND
     return due
@@ -80,17 +79,24 @@ def waiting(conn: sa.Connection, digest: Digest, now: datetime) -> Waiting | Non
     oldest untaken article of its topics in its lookback (topic, published_at).
     """
     since = lookback_start(conn, digest.key, digest.lookback, now)
-    first = conn.execute(
-        sa.select(sa.func.min(articles.c.created_at)).where(
-            untaken(digest.key, digest.topics, since=since, now=now)
-        )
-    ).scalar_one_or_none()
+    pending = untaken(digest.key, digest.topics, since=since, now=now)
+    first, first_alert = conn.execute(
+        sa.select(
+            sa.func.min(articles.c.created_at),
+            # An article the site pushed as an alert goes at once: the debounce only gathers
+            # news arriving together, and an alert is not held back to wait for company.
+            sa.func.min(articles.c.created_at).filter(articles.c.priority == "alert"),
+        ).where(pending)
+    ).one()
     if first is None:
         return None
     previous = conn.execute(
         sa.select(sa.func.max(issues.c.scheduled_for)).where(issues.c.digest == digest.key)
     ).scalar_one_or_none()
-    return Waiting(first, due_time(first, digest, previous))
+    due = due_time(first, digest, previous)
+    if first_alert is not None:
+        due = min(due, due_time(first_alert, digest, previous, wait=False))
+    return Waiting(first, due)
 
 
 @dataclass
