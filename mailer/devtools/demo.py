@@ -265,12 +265,19 @@ def run_demo(out_dir: Path, *, console: Console, serve: bool = False) -> dict[st
 
 
 def _serve(settings: Settings, console: Console) -> None:
-    from mailer.web.server import serve as serve_web
+    """The whole service on the demo's state, as ``mailer run`` runs it: the web app, and the
+    scheduler and worker behind it, so that a sign-up is welcomed and an article pushed to
+    ``/hooks/articles`` goes out to the alert digest's readers within seconds."""
+    from mailer.delivery.sending import serve
+    from mailer.service import Parts
 
-    console.print(f"  web app               {LOCAL_WEB}/  (Ctrl-C stops it and the capture server)")
+    console.print(
+        f"  web app               {LOCAL_WEB}/  with the scheduler and worker of `mailer run`"
+        " (Ctrl-C stops them and the capture server)"
+    )
     engine = create_engine(settings.database.url)
     try:
-        serve_web(settings, engine)
+        serve(engine, settings, Parts(), drain=False, sign=None)
     finally:
         engine.dispose()
 
