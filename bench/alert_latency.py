@@ -39,6 +39,7 @@ from _lib import (
     MAILER,
     WORK,
     Sink,
+    _proc_cpu_seconds,
     bench_env,
     config_text,
     discard_database,
@@ -47,6 +48,7 @@ from _lib import (
     fresh_database,
     load_avg,
     machine,
+    postgres_cpu_seconds,
 )
 
 HOOK_SECRET = "bench-hook-secret-0123456789abcdef"
@@ -241,6 +243,11 @@ def measure(kind: str, args: argparse.Namespace) -> tuple[list[float], list[floa
                     seen = sink.received
                     sink.stamps.clear()
                     body = alert_body(n)
+                    cpu = (
+                        _proc_cpu_seconds(service.pid),
+                        postgres_cpu_seconds() if kind == "postgres" else 0.0,
+                        sink.cpu_seconds(),
+                    )
                     start_wall = time.time()
                     start = time.monotonic()
                     status = post(web_port, body)
@@ -261,6 +268,10 @@ def measure(kind: str, args: argparse.Namespace) -> tuple[list[float], list[floa
                     row = {k: (v.timestamp() - start_wall) for k, v in at.items()}
                     row["sink first"] = first - start
                     row["sink last"] = last - start
+                    row["service CPU"] = _proc_cpu_seconds(service.pid) - cpu[0]
+                    if kind == "postgres":
+                        row["postgres CPU"] = postgres_cpu_seconds() - cpu[1]
+                    row["sink CPU"] = sink.cpu_seconds() - cpu[2]
                     breakdown.append(row)
                     print(
                         f"  {kind} run {n + 1}: first {first - start:.3f} s,"
@@ -301,12 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     for kind, (firsts, lasts, _) in results.items():
         print(f"| {kind} | {spread(firsts)} | {spread(lasts)} |")
     print()
-    keys = (*STAGES, "sink first", "sink last")
-    print("Seconds after the POST started (medians), from the service's own timestamps:")
+    keys = (*STAGES, "sink first", "sink last", "service CPU", "postgres CPU", "sink CPU")
+    print(
+        "Seconds after the POST started, from the service's own timestamps, and CPU seconds"
+        " spent from the POST to the last message (medians):"
+    )
     print("| database | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
     for kind, (_, _, rows) in results.items():
-        medians = [statistics.median(r[k] for r in rows) for k in keys]
+        medians = [statistics.median(r.get(k, 0.0) for r in rows) for k in keys]
         print(f"| {kind} | " + " | ".join(f"{m:.3f}" for m in medians) + " |")
     print(f"load afterwards {load_avg()}")
     return 0
