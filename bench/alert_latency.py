@@ -61,10 +61,14 @@ ISSUE_LINE = re.compile(
 )
 
 
-def alert_config(db_url: str, sink_port: int, web_port: int, connections: int) -> str:
-    """The benchmarks' config, with the web app on ``web_port``, the hook secret and the
-    arrival digest of the ``base-alerts`` topic (no debounce)."""
+def alert_config(
+    db_url: str, sink_port: int, web_port: int, connections: int, processes: int
+) -> str:
+    """The benchmarks' config, with ``processes`` sending processes, the web app on
+    ``web_port``, the hook secret and the arrival digest of the ``base-alerts`` topic (no
+    debounce)."""
     text = config_text(db_url=db_url, smtp_port=sink_port, connections=connections)
+    text = text.replace("[smtp]\n", f"[smtp]\nprocesses = {processes}\n", 1)
     return text + "\n".join(
         [
             "",
@@ -226,7 +230,8 @@ def measure(kind: str, args: argparse.Namespace) -> tuple[list[float], list[floa
             web_port = free_port()
             config = WORK / f"alert-{kind}.toml"
             config.write_text(
-                alert_config(url, sink.port, web_port, args.connections), encoding="utf-8"
+                alert_config(url, sink.port, web_port, args.connections, args.processes),
+                encoding="utf-8",
             )
             log = WORK / f"alert-{kind}.log"
             env = bench_env(**{HOOK_ENV: HOOK_SECRET})
@@ -299,10 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--connections", type=int, default=8, help="[smtp].connections (default: the default, 8)"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="[smtp].processes (default: the default, 1)"
+    )
     args = parser.parse_args(argv)
     ensure_postfix()
     WORK.mkdir(parents=True, exist_ok=True)
-    print(f"{machine()}; load {load_avg()}; {args.readers:,} readers, {args.runs} runs")
+    print(
+        f"{machine()}; load {load_avg()}; {args.readers:,} readers, {args.runs} runs,"
+        f" {args.processes} process(es) x {args.connections} connections"
+    )
     results = {}
     for kind in ("sqlite", "postgres") if args.db == "both" else (args.db,):
         results[kind] = measure(kind, args)
