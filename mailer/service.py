@@ -93,6 +93,9 @@ class Service:
         self.web_socket = web_socket  # bound by the caller (mailer.preflight.claim_port)
         self.stop = asyncio.Event()
         self.work = asyncio.Event()  # set when an issue was created: deliver without waiting
+        # Set by the web app's push hook when it stored an article: look for arrivals now
+        # rather than at the next poll (other paths are found by the poll).
+        self.arrived = asyncio.Event()
         self.firings: set[asyncio.Task[IssueCreated | None]] = set()  # retrying a failed slot
         # The delivery worker's pool while it is open: the staff round sends staff mail on it.
         self.pool: SmtpPool | None = None
@@ -210,8 +213,11 @@ class Service:
 
     async def arrivals_forever(self) -> None:
         """Watch for arrivals until stopped: every ``arrival.POLL_SECONDS``, sooner when a
-        debounce ends first. Every failure is logged and retried by the watch itself."""
+        debounce ends first or the web app's push hook stored an article (``arrived``). Every
+        failure is logged and retried by the watch itself."""
         while not self.stop.is_set():
+            # Cleared before the look, so that a push stored during it wakes the next one.
+            self.arrived.clear()
             try:
                 step = await asyncio.to_thread(self.arrivals.step, self.clock())
                 if step.made:
@@ -227,7 +233,8 @@ class Service:
                     one_line(describe_error(exc)) or type(exc).__name__,
                 )
                 wait = arrival.POLL_SECONDS
-            await stopped_within(self.stop, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(self.stop, self.arrived), timeout=wait)
 
     def scheduler(self) -> AsyncIOScheduler:
         scheduler = AsyncIOScheduler(timezone="UTC")
@@ -535,6 +542,7 @@ class Service:
             self.engine,
             SmtpConfirmationSender(self.settings, sign=self.sign),
             renderer=self.renderer,
+            on_article=self.arrived.set,
         )
         config = server_config(app, host=self.settings.web.host, port=self.settings.web.port)
         return _QuietServer(config)

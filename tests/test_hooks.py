@@ -142,6 +142,23 @@ def test_signed_post_adds_then_the_same_body_is_unchanged_and_new_content_update
     ]
 
 
+def test_a_stored_push_wakes_the_arrival_watch_and_an_unchanged_one_does_not(
+    engine: sa.Engine, settings: Settings
+) -> None:
+    woken: list[int] = []
+    sender = SmtpConfirmationSender(settings, local_hostname="client.test")
+    app = create_app(
+        settings, engine, sender, clock=lambda: NOW, on_article=lambda: woken.append(1)
+    )
+    client = TestClient(app)
+    body = encode(article())
+    assert post(client, body).status_code == 201 and len(woken) == 1
+    assert post(client, body).status_code == 200 and len(woken) == 1  # unchanged: no news
+    assert post(client, encode(article(title="Main Gate open again"))).status_code == 200
+    assert len(woken) == 2
+    assert post(client, body, sig="sha256=00").status_code == 401 and len(woken) == 2
+
+
 @pytest.mark.parametrize(
     "sig",
     [

@@ -87,10 +87,12 @@ def create_app(
     clock: Callable[[], datetime] = clock_now,
     pages: Pages | None = None,
     renderer: Renderer | None = None,
+    on_article: Callable[[], None] | None = None,
 ) -> Starlette:
     """The web app. ``mailer`` sends the confirmation mails (``SmtpConfirmationSender`` in
     production); ``clock`` is the one clock; ``limits`` the abuse limits; ``renderer`` renders
-    the confirmation mails and the archive (default: the app's own).
+    the confirmation mails and the archive (default: the app's own); ``on_article`` is called
+    on the event loop after a push stored an article (the service's arrival watch).
 
     Raises ``ConfigError`` now, not at the first request, if the site secret is missing or the
     privacy policy file cannot be read or rendered.
@@ -108,6 +110,7 @@ def create_app(
         clock=clock,
         per_ip=RateLimiter(limits.per_ip, limits.per_ip_window),
         per_address=RateLimiter(limits.per_address, limits.per_address_window),
+        on_article=on_article,
     )
     signup = SignupViews(web)
     account = AccountViews(web)

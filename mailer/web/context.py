@@ -42,6 +42,9 @@ class WebContext:
     clock: Callable[[], datetime]
     per_ip: RateLimiter
     per_address: RateLimiter
+    # Called on the event loop when a push stored an article (``mailer run`` wakes its arrival
+    # watch with it, instead of finding the article at its next poll); None: nobody listens.
+    on_article: Callable[[], None] | None = None
 
     @property
     def image_origin(self) -> str | None:

@@ -100,6 +100,8 @@ class HookViews:
                 id=stored.article_id,
                 outcome=stored.outcome,
             )
+        if stored.outcome in ("added", "updated") and web.on_article is not None:
+            web.on_article()
         status = 201 if stored.outcome == "added" else 200
         return _answer(status, id=stored.article_id, guid=item.guid, outcome=stored.outcome)
 
