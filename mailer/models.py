@@ -60,3 +60,15 @@ class IssueContent:
     # The editor's note printed at the top (issues.note, plain text) and who wrote it.
     note: str = ""
     note_by: str = ""
+    # Set on a correction issue (``mailer articles retract --correction``): its one article is
+    # the one it corrects, ``note`` its text; rendered by email/correction.html/.txt.
+    correction: Correction | None = None
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a correction mail says about the article it corrects."""
+
+    text: str
+    by: str
+    first_sent: datetime | None  # when the article first went out, in the site's time zone

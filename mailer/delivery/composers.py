@@ -86,10 +86,13 @@ class Composers:
                 )
             ):
                 current[issue_id].add(article_id)
+            # A correction holds the article it corrects outside issue_articles: it never
+            # changes.
             changed = [
                 issue_id
                 for issue_id, content in cached.items()
-                if current[issue_id] != {a.id for a in content.articles}
+                if content.correction is None
+                and current[issue_id] != {a.id for a in content.articles}
             ]
             for issue_id in changed:
                 self._contents[issue_id] = load_content(conn, issue_id, self.settings)

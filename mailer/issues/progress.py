@@ -30,6 +30,7 @@ from mailer.db.schema import (
     issues,
 )
 from mailer.errors import DigestError, UnknownIssueError
+from mailer.issues.corrections import correction_content
 from mailer.models import Article, IssueContent
 
 
@@ -62,6 +63,8 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     # A digest since removed from the config still renders its issues, in the site's zone.
     digest = {d.key: d for d in settings.digests}.get(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
+    if row.kind == "correction":
+        return correction_content(conn, row, settings)
     return IssueContent(
         issue_id=row.id,
         digest_key=row.digest,
