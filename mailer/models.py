@@ -35,6 +35,11 @@ class Article:
     expires_at: datetime | None = None
     removed_at: datetime | None = None  # taken back by staff (`mailer articles remove`)
     priority: str = "bulk"  # "alert": leads every issue that takes it
+    # When its content last changed (articles.updated_at): read with an issue's articles.
+    updated_at: datetime | None = None
+    # Set on the copy for a reader who received an earlier version of it (a digest with
+    # include_updates sends it again): the copy marks it "Updated" with ``updated_at``.
+    marked_updated: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from click.testing import CliRunner, Result
 
 from mailer.cli import cli, main
 from mailer.config.load import load_settings
+from mailer.content.files import load_article_file
+from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import deliveries, issue_articles, issues, subscriber_digests
 from mailer.delivery.pool import SmtpPool
@@ -23,6 +25,7 @@ from tests.factories import (
     ALERTS,
     NOW,
     SECRET,
+    TOPICS,
     config_dict,
     make_issue,
     make_subscriber,
@@ -213,3 +216,65 @@ def test_a_bad_correction_text_is_one_line_naming_the_option(
     assert exit_info.value.code == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --correction: ")
+
+
+@pytest.mark.parametrize("include_updates", [True, False])
+async def test_an_updated_article_is_marked_only_for_readers_who_got_the_first_version(
+    config: Path,
+    tmp_path: Path,
+    db_url: str,
+    include_updates: bool,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    weekly_digest = config_dict()["digests"][0] | {"include_updates": include_updates}
+    write_config(
+        config,
+        db_url,
+        smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5},
+        digests=[weekly_digest, ALERTS],
+    )
+    assert run(config, "init").exit_code == 0
+    settings = load_settings(config)
+    engine = create_engine(settings.database.url)
+    gate = article_file(tmp_path, "gate", "Gate closed")
+    try:
+        make_subscriber(engine, email="ann@example.org", topics=["base-alerts"])
+        make_subscriber(engine, email="bob@example.org", topics=["base-alerts"], digests=["weekly"])
+        upsert_articles(
+            engine,
+            [load_article_file(gate, default_topic=None, known_topics=TOPICS, now=NOW)],
+            now=NOW,
+        )
+        make_issue(engine, settings, "alerts", ALERT_AT)
+        await send_all(engine, config, ALERT_AT)
+        # The site corrects the alert after Ann got it: 07:20 EST.
+        gate.write_text(gate.read_text().replace("details.", "new details."))
+        changed = ALERT_AT + timedelta(minutes=10)
+        report = upsert_articles(
+            engine,
+            [load_article_file(gate, default_topic=None, known_topics=TOPICS, now=changed)],
+            now=changed,
+        )
+        assert report.updated == 1
+        make_issue(engine, settings, "weekly", WEEKLY_AT)
+        await send_all(engine, config, WEEKLY_AT)
+    finally:
+        engine.dispose()
+    mark = "Updated Friday, 20 November 2026, 07:20 EST"
+    copies = {m.recipients[0]: m for m in smtp_server.received[1:]}
+    # Bob sees it for the first time: no mark, in either part.
+    text, html = (
+        p.get_content()
+        for p in assert_compliant(copies["bob@example.org"].data, settings).iter_parts()
+    )
+    assert "new details." in text and "Updated" not in text and "Updated" not in html
+    if not include_updates:
+        # Never the same article twice: Ann's copy would be empty, so she gets none.
+        assert list(copies) == ["bob@example.org"]
+        return
+    text, html = (
+        p.get_content()
+        for p in assert_compliant(copies["ann@example.org"].data, settings).iter_parts()
+    )
+    assert "new details." in text
+    assert mark in text and mark in html

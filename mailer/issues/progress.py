@@ -80,7 +80,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
 def kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
     """The issue's articles in its order, without those dropped from it in review."""
     rows = conn.execute(
-        sa.select(*ARTICLE_COLUMNS)
+        sa.select(*ARTICLE_COLUMNS, articles.c.updated_at)
         .join(issue_articles, issue_articles.c.article_id == articles.c.id)
         .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
         .order_by(issue_articles.c.position)
