@@ -142,7 +142,7 @@ async def test_a_correction_reaches_exactly_those_who_received_the_article_once(
             )
         assert priorities == {1}  # claimed ahead of bulk mail, like an alert
         assert fixed.output.splitlines()[1] == (
-            f"correction queued as issue {correction.id}: 2 of the 3 readers who received it"
+            f"correction queued as issue {correction.id}: to 2 of the 3 readers who received it"
             " (the others no longer receive mail)"
         )
         await send_all(engine, config, WEEKLY_AT + timedelta(hours=1))

@@ -271,8 +271,10 @@ def articles_remove(ctx: Context, article_id: int, by: str) -> None:
 )
 @pass_ctx
 def articles_retract(ctx: Context, article_id: int, correction: str | None, by: str) -> None:
-    """Take an article back from every issue not yet sent (as `remove` does) and, with
-    --correction, send a correction to exactly the readers who received it.
+    """Take an article back; with --correction, tell those who received it.
+
+    The article leaves every issue not yet sent, as with `remove`. With --correction, a
+    correction mail goes to exactly the readers who received it.
 
     The correction is an issue of its own, sent ahead of bulk mail and not held by quiet
     hours. It goes to readers still subscribed, paused ones included; never to an unsubscribed
@@ -299,11 +301,10 @@ def articles_retract(ctx: Context, article_id: int, correction: str | None, by: 
             markup=False,
         )
     elif done.correction_issue is not None:
-        out.print(
-            f"correction queued as issue {done.correction_issue}: {done.recipients} of the "
-            f"{done.received} readers who received it (the others no longer receive mail)",
-            markup=False,
-        )
+        who = f"the {done.received} readers who received it"
+        if done.recipients < done.received:
+            who = f"{done.recipients} of {who} (the others no longer receive mail)"
+        out.print(f"correction queued as issue {done.correction_issue}: to {who}", markup=False)
     elif correction is not None:
         raise MailerError(
             f"article {article_id} was never sent to anyone: retracted, no correction needed"
