@@ -4,12 +4,14 @@ on both databases."""
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from starlette.exceptions import StarletteDeprecationWarning
 
 from mailer.cli import cli, main
 from mailer.config.load import load_settings
@@ -20,6 +22,7 @@ from mailer.db.schema import deliveries, issue_articles, issues, subscriber_dige
 from mailer.delivery.pool import SmtpPool
 from mailer.delivery.worker import Deliverer
 from mailer.subscribers.store import set_status
+from mailer.web import SmtpConfirmationSender, create_app
 from tests.compliance import assert_compliant
 from tests.factories import (
     ALERTS,
@@ -33,6 +36,11 @@ from tests.factories import (
 )
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_article_commands import article_file
+
+with warnings.catch_warnings():
+    # Starlette 1.x prefers httpx2 for its TestClient and warns when it falls back to httpx.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
 
 ALERT_AT = NOW + timedelta(minutes=10)
 WEEKLY_AT = NOW + timedelta(hours=1)
@@ -156,6 +164,13 @@ async def test_a_correction_reaches_exactly_those_who_received_the_article_once(
                 sa.select(issues.c.status).where(issues.c.id == correction.id)
             ).scalar_one()
         assert status == "sent"
+        # Its "View in browser" link opens it on the web.
+        app = create_app(
+            settings, engine, SmtpConfirmationSender(settings), clock=lambda: WEEKLY_AT
+        )
+        page = TestClient(app).get(f"/archive/{correction.id}")
+        assert page.status_code == 200
+        assert "The gate reopened at 06:00" in page.text and "Gate closed" in page.text
     finally:
         engine.dispose()
 
@@ -171,6 +186,7 @@ async def test_a_correction_reaches_exactly_those_who_received_the_article_once(
             assert "Gate closed" in part
             # When it first went out, in the site's zone (07:10 EST).
             assert "07:10 EST" in part
+        assert f"https://news.example.org/archive/{correction.id}" in text_part
 
 
 async def test_retracting_a_never_sent_article_takes_it_out_and_refuses_a_correction(
