@@ -294,3 +294,33 @@ async def test_an_updated_article_is_marked_only_for_readers_who_got_the_first_v
     )
     assert "new details." in text
     assert mark in text and mark in html
+
+
+async def test_quiet_hours_do_not_hold_a_correction(
+    config: Path,
+    tmp_path: Path,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+) -> None:
+    quiet = {"quiet_hours": "06:00-23:00"}  # local time: the whole test runs inside them
+    write_config(
+        config,
+        db_url,
+        smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 5},
+        digests=[config_dict()["digests"][0] | quiet, ALERTS | quiet],
+    )
+    assert run(config, "init").exit_code == 0
+    settings = load_settings(config)
+    engine = create_engine(settings.database.url)
+    try:
+        make_subscriber(engine, email="ann@example.org", topics=["base-alerts"])
+        run(config, "articles", "add", str(article_file(tmp_path, "gate", "Gate closed")))
+        make_issue(engine, settings, "alerts", ALERT_AT)
+        await send_all(engine, config, ALERT_AT)
+        fixed = run(config, "articles", "retract", "1", "--correction", "Gate open again.")
+        assert fixed.exit_code == 0, fixed.output
+        await send_all(engine, config, WEEKLY_AT + timedelta(hours=1))  # 09:00 EST
+    finally:
+        engine.dispose()
+    subjects = [assert_compliant(m.data, settings)["Subject"] for m in smtp_server.received]
+    assert subjects == ["Base alert", "Correction: Gate closed"]
