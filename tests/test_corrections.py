@@ -164,6 +164,9 @@ async def test_a_correction_reaches_exactly_those_who_received_the_article_once(
                 sa.select(issues.c.status).where(issues.c.id == correction.id)
             ).scalar_one()
         assert status == "sent"
+        report = run(config, "issues", "report", str(correction.id))
+        assert report.exit_code == 0, report.output
+        assert "Correction: Gate closed" in report.output
         # Its "View in browser" link opens it on the web.
         app = create_app(
             settings, engine, SmtpConfirmationSender(settings), clock=lambda: WEEKLY_AT

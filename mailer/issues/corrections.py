@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS, Removal, remove
 from mailer.db import audit
-from mailer.db.engine import refresh_statistics, upsert_insert
+from mailer.db.engine import reading, refresh_statistics, upsert_insert
 from mailer.db.schema import (
     CORRECTION_DIGEST,
     articles,
@@ -95,7 +95,7 @@ def retract(
     removal, which takes the article out of an issue still sending to some of its readers.
     """
     text = check_text(correction) if correction is not None else None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(articles.c.title, articles.c.topic).where(articles.c.id == article_id)
         ).first()
