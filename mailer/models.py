@@ -35,6 +35,11 @@ class Article:
     expires_at: datetime | None = None
     removed_at: datetime | None = None  # taken back by staff (`mailer articles remove`)
     priority: str = "bulk"  # "alert": leads every issue that takes it
+    # When its content last changed (articles.updated_at): read with an issue's articles.
+    updated_at: datetime | None = None
+    # Set on the copy for a reader who received an earlier version of it (a digest with
+    # include_updates sends it again): the copy marks it "Updated" with ``updated_at``.
+    marked_updated: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,3 +65,15 @@ class IssueContent:
     # The editor's note printed at the top (issues.note, plain text) and who wrote it.
     note: str = ""
     note_by: str = ""
+    # Set on a correction issue (``mailer articles retract --correction``): its one article is
+    # the one it corrects, ``note`` its text; rendered by email/correction.html/.txt.
+    correction: Correction | None = None
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What a correction mail says about the article it corrects."""
+
+    text: str
+    by: str
+    first_sent: datetime | None  # when the article first went out, in the site's time zone

@@ -21,7 +21,7 @@ from mailer.errors import MailerError
 
 @click.group("articles")
 def group() -> None:
-    """Add and list articles."""
+    """Add, list, show, remove and retract articles."""
 
 
 @group.command("add")
@@ -254,3 +254,63 @@ def articles_remove(ctx: Context, article_id: int, by: str) -> None:
         f"{issues_text}; no later issue will take it",
         markup=False,
     )
+
+
+@group.command("retract")
+@click.argument("article_id", type=int)
+@click.option(
+    "--correction",
+    metavar="TEXT",
+    help="What was wrong: sent at once, as a correction, to everyone who received the article.",
+)
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "staff",
+    show_default="$USER",
+    help="Who retracts it (recorded).",
+)
+@pass_ctx
+def articles_retract(ctx: Context, article_id: int, correction: str | None, by: str) -> None:
+    """Take an article back; with --correction, tell those who received it.
+
+    The article leaves every issue not yet sent, as with `remove`. With --correction, a
+    correction mail goes to exactly the readers who received it.
+
+    The correction is an issue of its own, sent ahead of bulk mail and not held by quiet
+    hours. It goes to readers still subscribed, paused ones included; never to an unsubscribed
+    or suppressed address. Retracting again sends no second correction; adding --correction
+    to an article retracted without one sends it then.
+    """
+    from mailer.issues.corrections import retract
+
+    done = retract(ctx.engine(), ctx.settings, article_id, correction=correction, by=by, now=now())
+    removal = done.removal
+    issues_text = ", ".join(str(i) for i in removal.issues) or "none"
+    if removal.already:
+        out.print(f"article {article_id} was already retracted", markup=False)
+    else:
+        out.print(
+            f"article {article_id} retracted ({removal.title}); taken out of unsent issues: "
+            f"{issues_text}",
+            markup=False,
+        )
+    if done.already_corrected:
+        out.print(
+            f"a correction was already made for it (issue {done.correction_issue}); "
+            "none sent again",
+            markup=False,
+        )
+    elif done.correction_issue is not None:
+        who = f"the {done.received} readers who received it"
+        if done.recipients < done.received:
+            who = f"{done.recipients} of {who} (the others no longer receive mail)"
+        out.print(f"correction queued as issue {done.correction_issue}: to {who}", markup=False)
+    elif correction is not None:
+        raise MailerError(
+            f"article {article_id} was never sent to anyone: retracted, no correction needed"
+        )
+    elif done.received:
+        out.print(
+            f"{done.received} readers received it; add --correction TEXT to tell them",
+            markup=False,
+        )

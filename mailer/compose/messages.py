@@ -283,9 +283,14 @@ def render_digest(
     A personal digest must carry the unsubscribe, preferences and privacy links and the
     postal address in both parts; a template that drops one is refused here.
     """
-    name = _template_name(settings, content.digest_key)
+    # A correction (``mailer articles retract``) has its own template, whatever its digest.
+    correction = content.correction
+    name = "correction" if correction is not None else _template_name(settings, content.digest_key)
     context = digest_context(settings, content, _articles(content, shown), links)
     context["web_copy"] = web_copy
+    context["correction"] = correction
+    if correction is not None:
+        context["preheader"] = one_line(correction.text, limit=140)
     html = renderer.render_html(f"email/{name}.html", context)
     text = renderer.render(f"email/{name}.txt", context)
     if links.personal:
@@ -503,7 +508,12 @@ class DigestComposer:
         key = frozenset(topics)
         shown = self._shown.get(key)
         if shown is None:
-            shown = self._shown[key] = shown_topics(self.settings, self.content, key)
+            wanted = key
+            if self.content.correction is not None:
+                # A correction goes to whoever received the article, whatever their topics
+                # are now: it shows its one article's topic.
+                wanted = frozenset(a.topic for a in self.content.articles)
+            shown = self._shown[key] = shown_topics(self.settings, self.content, wanted)
         return shown
 
     def _links(self, unsubscribe: str, preferences: str) -> LinkView:

@@ -94,6 +94,8 @@ class ArticleView:
     why_it_matters: str
     link: str | None
     topic: str = ""  # the topic's name
+    # For a reader who received an earlier version: when it changed, in the site's zone.
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,7 @@ def article_view(article: Article, topic: str = "") -> ArticleView:
         why_it_matters=article.why_it_matters.strip(),
         link=link,
         topic=topic,
+        updated_at=article.updated_at if article.marked_updated else None,
     )
 
 

@@ -68,6 +68,10 @@ STAFF_MAIL_KINDS = ("review", "report", "alert")
 STAFF_MAIL_STATUSES = ("pending", "sent", "failed")
 # An article's priority: "alert" leads every issue that takes it (mailer.content.selection).
 ARTICLE_PRIORITIES = ("bulk", "alert")
+ISSUE_KINDS = ("digest", "correction")
+# The digest key of correction issues: no [[digests]] key can be it (KEY_RE), so no digest
+# schedule, lookback or archive list of a digest ever counts a correction as its issue.
+CORRECTION_DIGEST = "_correction"
 DELIVERY_STATUSES = (
     "queued",
     "sending",
@@ -196,8 +200,19 @@ issues = sa.Table(
     # The editor's note printed at the top of the issue, and who wrote it (migration 0009).
     sa.Column("note", sa.Text),
     sa.Column("note_by", sa.String(200)),
+    # "digest", or "correction": the mail `articles retract --correction` sends to those who
+    # received ``corrects_article`` (its text is the issue's note; migration 0012).
+    sa.Column("kind", sa.String(16), nullable=False, server_default="digest"),
+    sa.Column(
+        "corrects_article",
+        Id,
+        sa.ForeignKey("articles.id", ondelete="SET NULL", name="fk_issues_corrects_article"),
+    ),
     sa.UniqueConstraint("digest", "scheduled_for"),
     sa.CheckConstraint(_in("status", ISSUE_STATUSES), name="status"),
+    sa.CheckConstraint(_in("kind", ISSUE_KINDS), name="kind"),
+    # One correction per article: retracting it again finds this one.
+    sa.Index("ix_issues_corrects_article", "corrects_article", unique=True),
     sqlite_autoincrement=True,
 )
 

@@ -122,14 +122,14 @@ def claim(
         rows = conn.execute(statements.rows, {"ids": ids}).all()
         # Someone who unsubscribed, dropped the digest or paused it after the snapshot gets
         # nothing more.
-        live = [r for r in rows if _receiving(r.status, r.chosen, r.paused_until, now)]
+        live = [r for r in rows if _receiving(r, now)]
         topics: dict[int, list[str]] = {r.subscriber_id: [] for r in live}
         if topics:
             for sid, topic in conn.execute(statements.topics, {"ids": list(topics)}):
                 topics[sid].append(topic)
         seen = _seen(conn, live, statements.arrays)
     if len(live) < len(rows):
-        gone = [r.id for r in rows if not _receiving(r.status, r.chosen, r.paused_until, now)]
+        gone = [r.id for r in rows if not _receiving(r, now)]
         with writing(engine) as conn:
             conn.execute(
                 deliveries.update()
@@ -172,6 +172,7 @@ def claim(
             _chosen,
             _paused_until,
             digest,
+            _kind,
         ) in live
     ]
 
@@ -253,6 +254,7 @@ class _ClaimStatements:
                 subscriber_digests.c.digest.is_not(None).label("chosen"),
                 subscriber_digests.c.paused_until,
                 issues.c.digest,
+                issues.c.kind,
             )
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
             .join(issues, issues.c.id == deliveries.c.issue_id)
@@ -343,5 +345,13 @@ def postpone(
         )
 
 
-def _receiving(status: str, chosen: bool, paused_until: datetime | None, now: datetime) -> bool:
-    return status == "active" and chosen and (paused_until is None or paused_until <= now)
+def _receiving(row: Any, now: datetime) -> bool:
+    """Whether the reader of a claimed row still gets it: active, and for a digest issue
+    still choosing that digest and not pausing it. A correction (``issues.kind``) goes to
+    every reader still active who received the article: it belongs to no digest they could
+    have dropped, and a pause is of new issues, not of corrections to what they were sent."""
+    if row.status != "active":
+        return False
+    if row.kind == "correction":
+        return True
+    return bool(row.chosen) and (row.paused_until is None or row.paused_until <= now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
@@ -21,7 +22,7 @@ from mailer.db.engine import reading
 from mailer.db.schema import issue_articles
 from mailer.delivery.claims import Claimed
 from mailer.issues.progress import load_content
-from mailer.models import IssueContent
+from mailer.models import Article, IssueContent
 
 
 class Composers:
@@ -41,14 +42,20 @@ class Composers:
         self._contents: dict[int, IssueContent] = {}
         # Keyed by the articles left out; dropped with the issue's content when its articles
         # change (`articles remove`, see refresh).
-        self._composers: dict[tuple[int, frozenset[int]], DigestComposer] = {}
+        self._composers: dict[tuple[int, frozenset[int], frozenset[int]], DigestComposer] = {}
         self._digests = {d.key: d for d in settings.digests}
 
-    def composer(self, issue_id: int, hidden: frozenset[int] = frozenset()) -> DigestComposer:
-        """The composer for an issue without the ``hidden`` articles.
+    def composer(
+        self,
+        issue_id: int,
+        hidden: frozenset[int] = frozenset(),
+        updated: frozenset[int] = frozenset(),
+    ) -> DigestComposer:
+        """The composer for an issue without the ``hidden`` articles, the ``updated`` ones
+        marked "Updated" with their change time in the site's zone.
 
-        Subscribers who hide the same articles (none, usually) share one composer, and so one
-        render per topic set.
+        Subscribers who hide and see updated the same articles (none, usually) share one
+        composer, and so one render per topic set.
         """
         content = self._contents[issue_id]  # read as its batch started (refresh)
         now = self.clock()
@@ -56,10 +63,15 @@ class Composers:
         expired = {
             a.id for a in content.articles if a.expires_at is not None and a.expires_at <= now
         }
-        key = (issue_id, hidden | expired)
+        key = (issue_id, hidden | expired, updated)
         composer = self._composers.get(key)
         if composer is None:
-            shown = tuple(a for a in content.articles if a.id not in key[1])
+            zone = ZoneInfo(self.settings.site.timezone)
+            shown = tuple(
+                _marked(a, zone) if a.id in updated else a
+                for a in content.articles
+                if a.id not in key[1]
+            )
             composer = DigestComposer(
                 self.settings, replace(content, articles=shown), renderer=self.renderer
             )
@@ -86,10 +98,13 @@ class Composers:
                 )
             ):
                 current[issue_id].add(article_id)
+            # A correction holds the article it corrects outside issue_articles: it never
+            # changes.
             changed = [
                 issue_id
                 for issue_id, content in cached.items()
-                if current[issue_id] != {a.id for a in content.articles}
+                if content.correction is None
+                and current[issue_id] != {a.id for a in content.articles}
             ]
             for issue_id in changed:
                 self._contents[issue_id] = load_content(conn, issue_id, self.settings)
@@ -102,3 +117,19 @@ class Composers:
         digest = self._digests.get(d.digest)
         resend_updates = digest is not None and digest.include_updates
         return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
+
+    def updated(self, d: Claimed) -> frozenset[int]:
+        """Articles this subscriber received before and gets again because they changed since
+        (a digest with ``include_updates``): their copy marks them "Updated". Someone seeing
+        an article for the first time sees no mark."""
+        digest = self._digests.get(d.digest)
+        if digest is None or not digest.include_updates:
+            return frozenset()
+        return frozenset(aid for aid, updated in d.seen if updated)
+
+
+def _marked(article: Article, zone: ZoneInfo) -> Article:
+    """The article as shown to a reader who got an earlier version of it."""
+    if article.updated_at is None:
+        return article
+    return replace(article, marked_updated=True, updated_at=article.updated_at.astimezone(zone))

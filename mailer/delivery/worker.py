@@ -397,7 +397,8 @@ class Deliverer:
     async def _deliver(self, d: claims.Claimed) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
-            composer = self.composers.composer(d.issue_id, self.composers.hidden(d))
+            composers = self.composers
+            composer = composers.composer(d.issue_id, composers.hidden(d), composers.updated(d))
             data = composer.message(recipient, d.topics, self.clock())
         except (AddressError, DeliveryError, TokenError) as exc:
             # One recipient's data is unusable: fail that delivery, not the batch. A template

@@ -30,6 +30,7 @@ from mailer.db.schema import (
     issues,
 )
 from mailer.errors import DigestError, UnknownIssueError
+from mailer.issues.corrections import correction_content
 from mailer.models import Article, IssueContent
 
 
@@ -62,6 +63,8 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     # A digest since removed from the config still renders its issues, in the site's zone.
     digest = {d.key: d for d in settings.digests}.get(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
+    if row.kind == "correction":
+        return correction_content(conn, row, settings)
     return IssueContent(
         issue_id=row.id,
         digest_key=row.digest,
@@ -77,7 +80,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
 def kept_articles(conn: sa.Connection, issue_id: int) -> tuple[Article, ...]:
     """The issue's articles in its order, without those dropped from it in review."""
     rows = conn.execute(
-        sa.select(*ARTICLE_COLUMNS)
+        sa.select(*ARTICLE_COLUMNS, articles.c.updated_at)
         .join(issue_articles, issue_articles.c.article_id == articles.c.id)
         .where(issue_articles.c.issue_id == issue_id, issue_articles.c.dropped_at.is_(None))
         .order_by(issue_articles.c.position)

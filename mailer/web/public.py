@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from mailer.compose.messages import DigestComposer
 from mailer.db.engine import probe
+from mailer.db.schema import CORRECTION_DIGEST
 from mailer.errors import DatabaseUnavailable, DigestError
 from mailer.issues import archive
 from mailer.issues.archive import ArchivedIssue, IssueLink
@@ -139,7 +140,9 @@ class PublicViews:
     def _render_issue(self, issue_id: int) -> str | None:
         settings = self.web.settings
         with self.web.engine.connect() as conn:
-            if not archive.is_sent(conn, issue_id, digests=tuple(self.digest_names)):
+            # A correction is shown by its number (its mail's "View in browser"), not listed.
+            public = (*self.digest_names, CORRECTION_DIGEST)
+            if not archive.is_sent(conn, issue_id, digests=public):
                 return None
             try:
                 content = load_content(conn, issue_id, settings)
