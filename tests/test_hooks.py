@@ -381,7 +381,7 @@ def test_migration_0011_keeps_stored_articles_bulk_and_unchanged(empty_url: str)
 
     from mailer.content.article import ParsedArticle
     from mailer.content.store import upsert_articles
-    from mailer.db.engine import _alembic_config, create_engine, migrate
+    from mailer.db.engine import SCHEMA_HEAD, _alembic_config, create_engine, migrate
 
     engine = create_engine(empty_url)
     try:
@@ -414,7 +414,7 @@ def test_migration_0011_keeps_stored_articles_bulk_and_unchanged(empty_url: str)
                 ),
                 row,
             )
-        assert migrate(engine) == "0011"
+        assert migrate(engine) == SCHEMA_HEAD
         [stored] = list_articles(engine)
         assert stored.priority == "bulk"
         # The hash of a bulk article did not change: the next ingest of it changes nothing.
