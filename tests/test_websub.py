@@ -23,7 +23,7 @@ from mailer.content.store import list_articles
 from mailer.web.server import ServerThread
 from tests.factories import NOW, SECRET, Clock, make_settings, write_config
 from tests.served import at, serve
-from tests.websub_hub import LEASE_GRANTED, HubServer, atom, running_hub
+from tests.websub_hub import LEASE_GRANTED, HubServer, atom, declare_only, running_hub
 
 LEASE = timedelta(seconds=LEASE_GRANTED)
 
@@ -102,6 +102,15 @@ def test_the_first_fetch_subscribes_and_signed_content_is_stored(
     assert hub.distribute(asked.callback, body, secret=asked.secret) in (200, 202)
     assert {"urn:test:one", "urn:test:two", "urn:test:three"} == guids(engine)
     assert subscription(engine, hub).last_content_at == NOW
+
+    # The spec's own header, X-Hub-Signature, with any of its methods.
+    for method in ("sha1", "sha512"):
+        body = atom(hub.base, method)
+        assert hub.distribute(asked.callback, body, secret=asked.secret, method=method) == 202
+    assert {"urn:test:sha1", "urn:test:sha512"} <= guids(engine)
+
+    # Over [feeds].max_bytes: refused before it is read.
+    assert declare_only(asked.callback, settings.feeds.max_bytes + 1) == 413
 
 
 def test_unsigned_or_wrongly_signed_content_stores_nothing(

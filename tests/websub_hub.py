@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import secrets
 import threading
 import urllib.error
@@ -110,14 +111,33 @@ class HubServer(ThreadingHTTPServer):
         self.verifications.append(answer)
         return answer
 
-    def distribute(self, callback: str, body: bytes, *, secret: str | None) -> int:
+    def distribute(
+        self, callback: str, body: bytes, *, secret: str | None, method: str = "sha256"
+    ) -> int:
         """POST ``body`` to ``callback`` as content distribution, signed under ``secret``
-        (None: unsigned); the answer's status."""
+        (None: unsigned) with ``method`` (sha256: ``X-Hub-Signature-256``, others the spec's
+        ``X-Hub-Signature``); the answer's status."""
         headers = {"Content-Type": ATOM_TYPE}
         if secret is not None:
-            digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-            headers["X-Hub-Signature-256"] = f"sha256={digest}"
+            digest = hmac.new(secret.encode(), body, getattr(hashlib, method)).hexdigest()
+            name = "X-Hub-Signature-256" if method == "sha256" else "X-Hub-Signature"
+            headers[name] = f"{method}={digest}"
         return _call(urllib.request.Request(callback, data=body, headers=headers))[0]
+
+
+def declare_only(callback: str, length: int) -> int:
+    """A content POST that declares ``length`` bytes and sends none: the answer's status (the
+    subscriber must refuse by the declared length, before reading)."""
+    url = urllib.parse.urlsplit(callback)
+    connection = http.client.HTTPConnection(url.netloc, timeout=10)
+    try:
+        connection.putrequest("POST", url.path)
+        connection.putheader("Content-Type", ATOM_TYPE)
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def _call(request: urllib.request.Request) -> tuple[int, bytes]:

@@ -7,7 +7,7 @@ GET is the hub's intent verification: ``hub.challenge`` is echoed only for a sub
 asked for and are waiting on, for the same ``hub.topic``; the granted ``hub.lease_seconds``
 is recorded. ``hub.mode=denied`` records the refusal. POST is content distribution: the body
 (up to ``[feeds].max_bytes``) must carry ``X-Hub-Signature-256: sha256=<hex>`` (or
-``X-Hub-Signature`` with sha256/384/512), the HMAC of the raw body under the subscription's
+``X-Hub-Signature`` with sha1/256/384/512), the HMAC of the raw body under the subscription's
 secret. Unsigned or wrongly signed content is ignored with a 2xx answer, as the spec asks (a
 hub must not learn which secret guesses fail), and logged; signed content is parsed by the
 feed parser and stored the way a fetch stores it, so arrival digests fire.
@@ -36,8 +36,14 @@ from mailer.web.hooks import read_capped
 log = logging.getLogger(__name__)
 
 WEBSUB_PATH = "/websub/{token}"
-# The spec's signature methods; sha1 is left out: nothing needs it and a hub offers sha256.
-DIGESTS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+# The spec's signature methods (WebSub §8). sha1 stays: HMAC-SHA1 is still a sound MAC, and
+# widely used hubs sign with it.
+DIGESTS = {
+    "sha1": hashlib.sha1,
+    "sha256": hashlib.sha256,
+    "sha384": hashlib.sha384,
+    "sha512": hashlib.sha512,
+}
 MAX_LEASE = timedelta(days=366)
 
 
