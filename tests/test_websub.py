@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from mailer.cli import cli
 from mailer.config.settings import Settings
-from mailer.content.feeds.websub import Subscription, load_subscriptions
+from mailer.content.feeds.websub import Subscription, load_subscriptions, poll_due
 from mailer.content.sources import fetch_sources
 from mailer.content.store import list_articles
 from mailer.web.server import ServerThread
@@ -26,6 +26,7 @@ from tests.served import at, serve
 from tests.websub_hub import LEASE_GRANTED, HubServer, atom, declare_only, running_hub
 
 LEASE = timedelta(seconds=LEASE_GRANTED)
+MINUTE = timedelta(minutes=1)
 
 
 @pytest.fixture
@@ -281,3 +282,45 @@ def test_sources_shows_the_hub_state(
     assert line == (
         f"  hub:          subscribed until 2026-11-30 07:00:00 EST ({hub.base}/hub, no content yet)"
     )
+
+
+def held(lease: timedelta, *, content: timedelta | None = None) -> Subscription:
+    """A subscription verified at NOW with ``lease``, content last heard ``content`` after."""
+    return Subscription(
+        feed_url="https://news.example.org/feed.atom",
+        callback_id="A" * 22,
+        topic="https://news.example.org/feed.atom",
+        hub="https://hub.example.org/",
+        secret="s" * 43,
+        state="verified",
+        asked=None,
+        requested_at=NOW,
+        verified_at=NOW,
+        lease_expires_at=NOW + lease,
+        last_content_at=NOW + content if content is not None else None,
+        last_error=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("lease", "renew"),
+    [
+        (timedelta(days=10), timedelta(days=8)),  # 80 %
+        (timedelta(days=3), timedelta(days=2)),  # a day before the end comes first
+        (timedelta(hours=2), timedelta(hours=1)),  # a short lease: at half, not at every fetch
+    ],
+)
+def test_when_a_lease_is_renewed(lease: timedelta, renew: timedelta) -> None:
+    assert held(lease).renew_at() == NOW + renew
+
+
+def test_polling_waits_for_the_hub_but_not_past_the_renewal() -> None:
+    six = timedelta(hours=6)
+    assert poll_due(held(timedelta(days=10)), NOW, NOW + MINUTE, poll_every=six) == NOW + six
+    short = held(timedelta(hours=2))
+    assert poll_due(short, NOW, NOW + MINUTE, poll_every=six) == NOW + timedelta(hours=1)
+    # Silent longer than six hours (content heard at one hour, now seven and a half): poll.
+    heard = held(timedelta(days=10), content=timedelta(hours=1))
+    later = NOW + timedelta(hours=7, minutes=30)
+    assert poll_due(heard, NOW + timedelta(hours=7), later, poll_every=six) is None
+    assert poll_due(None, NOW, NOW + MINUTE, poll_every=six) is None

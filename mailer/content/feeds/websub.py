@@ -68,11 +68,13 @@ class Subscription:
         )
 
     def renew_at(self) -> datetime | None:
-        """When the lease is renewed: at 80 % of it, at the latest a day before it ends."""
+        """When the lease is renewed: at 80 % of it, at the latest a day before it ends, but
+        not before half of it (a short lease is not renewed on every fetch)."""
         if self.verified_at is None or self.lease_expires_at is None:
             return None
         lease = self.lease_expires_at - self.verified_at
-        return min(self.verified_at + lease * RENEW_AT, self.lease_expires_at - RENEW_BEFORE)
+        due = min(self.verified_at + lease * RENEW_AT, self.lease_expires_at - RENEW_BEFORE)
+        return max(due, self.verified_at + lease / 2)
 
 
 def callback_url(base_url: str, secret: bytes, callback_id: str) -> str:
@@ -110,7 +112,10 @@ def poll_due(
     heard = max(t for t in (subscription.last_content_at, subscription.verified_at) if t)
     if now - heard > poll_every:
         return None
-    return last_fetched_at + poll_every
+    # The renewal rides on a fetch: the feed is polled by then, so the lease never lapses.
+    renew = subscription.renew_at()
+    polled = last_fetched_at + poll_every
+    return min(polled, renew) if renew is not None else polled
 
 
 def needs_request(subscription: Subscription | None, hub: str, topic: str, now: datetime) -> bool:
