@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from mailer.cli import cli
 from mailer.config.settings import Settings
+from mailer.content.feeds.parse import parse_feed
 from mailer.content.feeds.websub import Subscription, load_subscriptions, poll_due
 from mailer.content.sources import fetch_sources
 from mailer.content.store import list_articles
@@ -324,3 +325,48 @@ def test_polling_waits_for_the_hub_but_not_past_the_renewal() -> None:
     later = NOW + timedelta(hours=7, minutes=30)
     assert poll_due(heard, NOW + timedelta(hours=7), later, poll_every=six) is None
     assert poll_due(None, NOW, NOW + MINUTE, poll_every=six) is None
+
+
+def test_a_denial_from_the_hub_is_recorded(
+    engine: sa.Engine, site: tuple[ServerThread, Settings], hub: HubServer
+) -> None:
+    _, settings = site
+    hub.auto_verify = False
+    fetch(engine, settings, timedelta(0))
+    [asked] = hub.subscribes
+    assert hub.verify(asked.callback, topic=hub.feed_url, mode="denied").status == 200
+    denied = subscription(engine, hub)
+    assert (denied.state, denied.asked) == ("denied", None)
+    assert denied.last_error == "denied by the hub"
+    # Denied: no challenge is echoed afterwards, and no new request until a day has passed.
+    assert hub.verify(asked.callback, topic=hub.feed_url).status == 404
+    fetch(engine, settings, timedelta(hours=23))
+    assert len(hub.subscribes) == 1
+    fetch(engine, settings, timedelta(days=1))
+    assert len(hub.subscribes) == 2
+
+
+def test_the_hub_and_self_links_are_read_from_rss_and_atom() -> None:
+    rss = (
+        b'<?xml version="1.0"?><rss version="2.0" xmlns:atom="http://www.w3.org/2005/Atom">'
+        b"<channel><title>Alerts</title>"
+        b'<atom:link rel="hub" href="https://hub.example.org/"/>'
+        b'<atom:link rel="self" href="https://news.example.org/alerts.rss"/>'
+        b"<item><guid>https://news.example.org/1</guid><title>Gate closed</title></item>"
+        b"</channel></rss>"
+    )
+    parsed = parse_feed(
+        rss, url="https://news.example.org/alerts.rss", topic="base-alerts", now=NOW
+    )
+    assert (parsed.hub, parsed.self_url) == (
+        "https://hub.example.org/",
+        "https://news.example.org/alerts.rss",
+    )
+    with_hub = parse_feed(atom("https://news.example.org"), url="x", topic="base-alerts", now=NOW)
+    assert with_hub.hub == "https://news.example.org/hub"
+    # A hub without a self link names no topic: nothing to subscribe to.
+    no_self = rss.replace(b'rel="self"', b'rel="alternate"')
+    parsed = parse_feed(
+        no_self, url="https://news.example.org/alerts.rss", topic="base-alerts", now=NOW
+    )
+    assert (parsed.hub, parsed.self_url) == (None, None)

@@ -18,7 +18,7 @@ Routes (DESIGN.md "URLs"):
 ``GET /archive``, ``/archive/{id}``   sent issues, and one as its readers saw it
 ``GET /embed``                        the embeddable sign-up snippet, for staff to copy
 ``POST /hooks/articles``              the site pushes one signed article (JSON; mailer.web.hooks)
-``GET|POST /websub/{token}``         a WebSub hub's verification and content (mailer.web.websub)
+``GET|POST /websub/{token}``          a WebSub hub's verification and content (mailer.web.websub)
 ``GET /healthz``                      database check, JSON
 ``GET /static/style.css``             the one stylesheet
 ``GET /static/embed.js``              the /embed page's "Copy" button (its only script)
