@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -14,10 +15,12 @@ from rich.table import Table
 from mailer.cli.context import Context, err, out, pass_ctx, site_time
 from mailer.cli.listing import print_table
 from mailer.clock import now
-from mailer.content.feeds.websub import Subscription, poll_due
 from mailer.content.files import load_article_file
 from mailer.content.store import Duplicate, list_articles, upsert_articles
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:  # the module loads httpx: only `articles sources` imports it, when run
+    from mailer.content.feeds.websub import Subscription
 
 
 @click.group("articles")
@@ -120,7 +123,7 @@ def articles_sources(ctx: Context) -> None:
     """
     from mailer.content.feeds.backoff import next_fetch_at
     from mailer.content.feeds.state import load_feed_states
-    from mailer.content.feeds.websub import load_subscriptions
+    from mailer.content.feeds.websub import load_subscriptions, poll_due
 
     settings = ctx.settings
     states = load_feed_states(ctx.engine())
