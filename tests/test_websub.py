@@ -21,8 +21,9 @@ from mailer.content.feeds.parse import parse_feed
 from mailer.content.feeds.websub import Subscription, load_subscriptions, poll_due
 from mailer.content.sources import fetch_sources
 from mailer.content.store import list_articles
+from mailer.service import Service
 from mailer.web.server import ServerThread
-from tests.factories import NOW, SECRET, Clock, make_settings, write_config
+from tests.factories import BASE_CONFIG, NOW, SECRET, Clock, make_settings, write_config
 from tests.served import at, serve
 from tests.websub_hub import LEASE_GRANTED, HubServer, atom, declare_only, running_hub
 
@@ -370,3 +371,36 @@ def test_the_hub_and_self_links_are_read_from_rss_and_atom() -> None:
         no_self, url="https://news.example.org/alerts.rss", topic="base-alerts", now=NOW
     )
     assert (parsed.hub, parsed.self_url) == (None, None)
+
+
+def test_content_from_the_hub_fires_an_arrival_digest(
+    engine: sa.Engine, db_url: str, hub: HubServer, clock: Clock
+) -> None:
+    arrival = {
+        "key": "alerts",
+        "name": "Base alerts",
+        "subject": "Base alert",
+        "trigger": "arrival",
+        "debounce_seconds": 0,
+        "topics": ["base-alerts"],
+        "max_articles": 5,
+        "lookback_days": 2,
+    }
+
+    def settings_for(base_url: str) -> Settings:
+        source = {"type": "feed", "url": hub.feed_url, "topic": "base-alerts"}
+        digests = [*BASE_CONFIG["digests"], arrival]
+        return make_settings(
+            db_url, **at(base_url), sources=[{**source, "allow_private": True}], digests=digests
+        )
+
+    with serve(settings_for, engine, clock=clock) as (_, _, settings):
+        service = Service(engine, settings, clock=clock)
+        subscribed(engine, settings, hub)
+        assert [i.articles for i in service.watch_arrivals().made] == [1]  # the fetched entry
+        [asked] = hub.subscribes
+        clock.value = NOW + timedelta(hours=1)
+        body = atom(hub.base, "pushed")
+        assert hub.distribute(asked.callback, body, secret=asked.secret) == 202
+        [issue] = service.watch_arrivals().made
+        assert issue.articles == 1
