@@ -151,6 +151,10 @@ def get_paths(web: Web, uid: str, issue_id: int) -> list[str]:
     for route in routes:
         if route.methods is None or "GET" not in route.methods:
             continue
+        if route.path.startswith("/websub/"):
+            # Not a reader's page: the WebSub spec has the hub verify by GET, and it records a
+            # lease only for a request of ours (tests/test_websub.py); any other GET is a 404.
+            continue
         path = route.path.replace("{issue_id}", str(issue_id))
         if "{token}" in path:
             if path.startswith("/test/"):

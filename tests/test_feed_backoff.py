@@ -165,6 +165,7 @@ def test_sources_shows_the_backoff_and_fetch_overrides_it(
         "  last success: never",
         f"  next attempt: {due} (backing off after 2 failures)",
         f"  last error:   feed {url}: HTTP 503 Service Unavailable",
+        "  hub:          no hub",
     ]
 
     down.status = 200

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -17,6 +18,9 @@ from mailer.clock import now
 from mailer.content.files import load_article_file
 from mailer.content.store import Duplicate, list_articles, upsert_articles
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:  # the module loads httpx: only `articles sources` imports it, when run
+    from mailer.content.feeds.websub import Subscription
 
 
 @click.group("articles")
@@ -119,9 +123,11 @@ def articles_sources(ctx: Context) -> None:
     """
     from mailer.content.feeds.backoff import next_fetch_at
     from mailer.content.feeds.state import load_feed_states
+    from mailer.content.feeds.websub import load_subscriptions, poll_due
 
     settings = ctx.settings
     states = load_feed_states(ctx.engine())
+    hubs = load_subscriptions(ctx.engine())
     interval = timedelta(minutes=settings.feeds.interval_minutes)
     moment = now()
     at = functools.partial(site_time, settings)
@@ -148,6 +154,14 @@ def articles_sources(ctx: Context) -> None:
             following = "only by mailer articles fetch ([feeds].interval_minutes = 0)"
         elif due is None:
             following = "next fetch round"
+            polled = poll_due(
+                hubs.get(url),
+                state.last_fetched_at,
+                moment,
+                poll_every=timedelta(minutes=settings.feeds.websub_poll_minutes),
+            )
+            if polled is not None and polled > moment:
+                following = f"{at(polled)} (its hub delivers; polled rarely)"
         else:
             when = "next fetch round" if due <= moment else at(due)
             following = f"{when} (backing off after {state.consecutive_failures} failures)"
@@ -158,8 +172,29 @@ def articles_sources(ctx: Context) -> None:
         ]
         if state.last_error:
             rows.append(("last error", state.last_error))
+        subscription = hubs.get(url)
+        if subscription is None:
+            rows.append(("hub", "no hub"))
+        else:
+            rows.append(("hub", _hub_state(subscription, moment, at)))
+            if subscription.last_error:
+                rows.append(("hub error", subscription.last_error))
         for name, value in rows:
             out.print(f"  {name + ':':<14}{value}", markup=False)
+
+
+def _hub_state(subscription: Subscription, moment: datetime, at: Callable[[datetime], str]) -> str:
+    """One line: the hub, and whether it delivers (subscribed until …), waits or refused."""
+    hub = subscription.hub
+    if subscription.live(moment) and subscription.lease_expires_at is not None:
+        heard = subscription.last_content_at
+        last = f", last content {at(heard)}" if heard else ", no content yet"
+        return f"subscribed until {at(subscription.lease_expires_at)} ({hub}{last})"
+    if subscription.state == "denied":
+        return f"denied ({hub})"
+    if subscription.state == "verified":
+        return f"lease lapsed, renewal pending ({hub})"
+    return f"pending: waiting for the hub to verify ({hub})"
 
 
 def _print_duplicates(prefix: str, duplicates: Sequence[Duplicate]) -> None:

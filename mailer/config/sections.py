@@ -176,6 +176,8 @@ def read_feeds(t: Table | None) -> FeedSettings:
         timeout=t.number("timeout", 10, low=0.5, high=300),
         max_bytes=t.integer("max_bytes", 5 * 1024 * 1024, low=1024, high=100 * 1024 * 1024),
         concurrency=t.integer("concurrency", 4, low=1, high=64),
+        websub=t.flag("websub", True),
+        websub_poll_minutes=t.number("websub_poll_minutes", 360, low=1, high=7 * 24 * 60),
     )
     t.finish()
     return feeds

@@ -180,6 +180,9 @@ class FeedSettings:
     timeout: float
     max_bytes: int
     concurrency: int
+    # Subscribe to the WebSub hub a feed names; while it delivers, poll only this often.
+    websub: bool = True
+    websub_poll_minutes: float = 360
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from mailer.content.feeds.fetch import (
 )
 from mailer.content.feeds.parse import category_topics, parse_feed
 from mailer.content.feeds.state import FeedState, load_feed_states, record_failure, record_success
+from mailer.content.feeds.websub import Subscription, load_subscriptions, maintain, poll_due
 from mailer.content.files import load_article_file
 from mailer.content.store import Duplicate, UpsertReport, upsert_articles
 from mailer.errors import ArticleError, FeedError
@@ -66,6 +67,8 @@ class SourceResult:
     # Not fetched this round: the feed failed ``failures`` times in a row and waits until then.
     backing_off_until: datetime | None = None
     failures: int = 0
+    # Not fetched this round: the feed's WebSub hub delivers, so it is polled only then.
+    hub_delivers_until: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -84,6 +87,11 @@ class _Run:
     client: httpx.AsyncClient
     known_topics: tuple[str, ...]
     states: dict[str, FeedState]
+    subscriptions: dict[str, Subscription]
+    # Where the hub calls back and what signs the callback, or None: no WebSub this run.
+    websub: tuple[str, bytes] | None
+    # How often a feed whose hub delivers is still polled.
+    websub_poll: timedelta
     now: datetime
     max_bytes: int
     deadline: float
@@ -133,6 +141,13 @@ async def fetch_sources(
             client=client,
             known_topics=settings.topic_keys,
             states=await asyncio.to_thread(load_feed_states, engine),
+            subscriptions=await asyncio.to_thread(load_subscriptions, engine),
+            websub=(
+                (settings.site.base_url, settings.site.secret_key)
+                if settings.feeds.websub and settings.site.secret_key
+                else None
+            ),
+            websub_poll=timedelta(minutes=settings.feeds.websub_poll_minutes),
             now=now,
             max_bytes=max_bytes,
             deadline=deadline,
@@ -198,6 +213,15 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
             backing_off_until=next_fetch_at(state, run.backoff),
             failures=state.consecutive_failures if state else 0,
         )
+    if run.backoff is not None:
+        polled = poll_due(
+            run.subscriptions.get(url),
+            state.last_fetched_at if state else None,
+            run.now,
+            poll_every=run.websub_poll,
+        )
+        if polled is not None and polled > run.now:
+            return SourceResult(source, hub_delivers_until=polled)
     try:
         async with run.limit:
             fetched = await fetch_feed(
@@ -251,6 +275,22 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
         )
     if feed is not None and feed.warning:
         log.info("feed parsed despite an error", extra={"url": url, "warning": feed.warning})
+    named = feed.hub is not None if feed is not None else url in run.subscriptions
+    if run.websub is not None and named:
+        # After the articles are stored, so the first subscription follows the first fetch;
+        # not under db_lock: the hub's answer may take seconds, the writes are one row each.
+        callback_base, site_secret = run.websub
+        await maintain(
+            run.engine,
+            run.client,
+            url,
+            hub=feed.hub if feed is not None else None,
+            topic=feed.self_url if feed is not None else None,
+            callback_base=callback_base,
+            site_secret=site_secret,
+            now=run.now,
+            allow_private=source.allow_private,
+        )
     return SourceResult(
         source,
         added=report.added,
@@ -345,6 +385,12 @@ def log_results(results: Sequence[SourceResult]) -> None:
                     "failures": result.failures,
                     "until": result.backing_off_until.isoformat(),
                 },
+            )
+            continue
+        if result.hub_delivers_until is not None:
+            log.info(
+                "source skipped: its WebSub hub delivers",
+                extra={"source": result.name, "until": result.hub_delivers_until.isoformat()},
             )
             continue
         for problem in result.skipped:

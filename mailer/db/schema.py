@@ -327,6 +327,30 @@ feed_state = sa.Table(
     sa.Column("consecutive_failures", sa.Integer, nullable=False, server_default="0"),
 )
 
+# One WebSub subscription per feed source whose feed names a hub (mailer.content.feeds.websub):
+# what the callback checks (topic, secret, what we asked for) and what the fetch round reads to
+# poll the feed less often while the hub delivers (lease, last content).
+WEBSUB_STATES = ("pending", "verified", "denied")
+websub_subscriptions = sa.Table(
+    "websub_subscriptions",
+    metadata,
+    sa.Column("feed_url", sa.String(1000), primary_key=True),
+    # The random id the callback URL's signed token names; never the row's feed URL.
+    sa.Column("callback_id", sa.String(22), nullable=False, unique=True),
+    sa.Column("topic", sa.String(1000), nullable=False),
+    sa.Column("hub", sa.String(1000), nullable=False),
+    sa.Column("secret", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(8), nullable=False),
+    # "subscribe" while a request of ours waits for the hub's verification; else NULL.
+    sa.Column("asked", sa.String(12)),
+    sa.Column("requested_at", UtcDateTime),
+    sa.Column("verified_at", UtcDateTime),
+    sa.Column("lease_expires_at", UtcDateTime),
+    sa.Column("last_content_at", UtcDateTime),
+    sa.Column("last_error", sa.Text),
+    sa.CheckConstraint(_in("state", WEBSUB_STATES), name="state"),
+)
+
 # Mail to staff (review mails, reports, alerts), queued in the transaction that decided it and
 # sent by whichever process runs the staff round (mailer.staff.outbox): a relay that is down
 # delays it, and a crash loses none of it. Never a subscriber's mail: no ledger, no List-*.

@@ -32,6 +32,8 @@ class Purpose(StrEnum):
     PREFERENCES = "preferences"
     # The inert links of a test copy sent to staff: they open a page and change nothing.
     TEST = "test"
+    # A WebSub callback URL: the uid is the subscription's random callback id, not a reader.
+    WEBSUB = "websub"
 
 
 def new_uid() -> str:

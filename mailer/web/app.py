@@ -18,6 +18,7 @@ Routes (DESIGN.md "URLs"):
 ``GET /archive``, ``/archive/{id}``   sent issues, and one as its readers saw it
 ``GET /embed``                        the embeddable sign-up snippet, for staff to copy
 ``POST /hooks/articles``              the site pushes one signed article (JSON; mailer.web.hooks)
+``GET|POST /websub/{token}``          a WebSub hub's verification and content (mailer.web.websub)
 ``GET /healthz``                      database check, JSON
 ``GET /static/style.css``             the one stylesheet
 ``GET /static/embed.js``              the /embed page's "Copy" button (its only script)
@@ -61,6 +62,7 @@ from mailer.web.security import (
 from mailer.web.sender import ConfirmationSender
 from mailer.web.signup import SignupViews
 from mailer.web.testlinks import TestLinkViews
+from mailer.web.websub import WEBSUB_PATH, WebSubViews
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ def create_app(
     public = PublicViews(web)
     test_links = TestLinkViews(web)
     hooks = HookViews(web)
+    websub = WebSubViews(web)
     if settings.hooks.configured and settings.hooks.secret is None:
         # Said once, when the app starts: the site expects to push, and every push will be 503.
         log.warning(
@@ -148,6 +151,9 @@ def create_app(
         Route("/archive/{issue_id}", public.archived_issue, methods=["GET"]),
         # Machine to machine: signed, not a form; caps its own body (see the middleware below).
         Route(HOOK_PATH, hooks.articles, methods=["POST"]),
+        # A hub's callback: signed token in the path; content caps its own body too.
+        Route(WEBSUB_PATH, websub.verify, methods=["GET"]),
+        Route(WEBSUB_PATH, websub.content, methods=["POST"]),
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
         Route("/static/embed.js", public.embed_script, methods=["GET"]),
@@ -202,6 +208,7 @@ def create_app(
                 limit=limits.max_body_bytes,
                 reject=too_large,
                 exempt=(HOOK_PATH,),
+                exempt_under=("/websub/",),
             )
         ],
         exception_handlers={

@@ -68,7 +68,7 @@ class HookViews:
         hooks = self.web.settings.hooks
         if hooks.secret is None:
             return _answer(503, error="hooks are not configured")
-        body = await _read_capped(request, hooks.max_body_bytes)
+        body = await read_capped(request, hooks.max_body_bytes)
         if body is None:
             return _answer(
                 413,
@@ -106,7 +106,7 @@ class HookViews:
         return _answer(status, id=stored.article_id, guid=item.guid, outcome=stored.outcome)
 
 
-async def _read_capped(request: Request, limit: int) -> bytes | None:
+async def read_capped(request: Request, limit: int) -> bytes | None:
     """The request body, or None as soon as it is known to be over ``limit`` bytes: by its
     Content-Length before anything is read, else while reading."""
     declared = request.headers.get("content-length")

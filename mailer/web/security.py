@@ -120,18 +120,27 @@ class BodyLimitMiddleware:
     """Refuses request bodies over ``limit`` bytes: by Content-Length before the app runs,
     and by counting while the app reads a body that did not declare its length. The paths in
     ``exempt`` cap their bodies themselves (``POST /hooks/articles``: one article's JSON, larger
-    than any form, answered in JSON)."""
+    than any form, answered in JSON), and so do the paths under ``exempt_under`` (a WebSub
+    hub's feed content, ``/websub/…``)."""
 
     def __init__(
-        self, app: ASGIApp, *, limit: int, reject: ASGIApp, exempt: tuple[str, ...] = ()
+        self,
+        app: ASGIApp,
+        *,
+        limit: int,
+        reject: ASGIApp,
+        exempt: tuple[str, ...] = (),
+        exempt_under: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.limit = limit
         self.reject = reject  # the 413 page
         self.exempt = frozenset(exempt)
+        self.exempt_under = exempt_under
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.exempt:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.exempt or path.startswith(self.exempt_under):
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")

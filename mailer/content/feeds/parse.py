@@ -69,6 +69,10 @@ class ParsedFeed:
     articles: tuple[ParsedArticle, ...]
     skipped: tuple[str, ...]
     warning: str | None
+    # The WebSub hub the feed names (``<link rel="hub">``) and its own URL there
+    # (``<link rel="self">``, the topic to subscribe to); None when it names none.
+    hub: str | None = None
+    self_url: str | None = None
 
 
 def category_topics(
@@ -159,7 +163,26 @@ def parse_feed(
     feed = parsed.get("feed") or {}
     title = one_line(_detail_text(feed.get("title_detail"), feed.get("title")))
     warning = str(problem) if problem is not None else None
-    return ParsedFeed(_truncate(title, MAX_TITLE), tuple(articles), tuple(skipped), warning)
+    hub, self_url = _websub_links(feed.get("links"))
+    return ParsedFeed(
+        _truncate(title, MAX_TITLE), tuple(articles), tuple(skipped), warning, hub, self_url
+    )
+
+
+def _websub_links(links: Any) -> tuple[str | None, str | None]:
+    """The first http(s) ``rel="hub"`` and ``rel="self"`` links of the feed (Atom's
+    ``<link>``, RSS's ``<atom:link>``): a hub counts only with a self link, its topic."""
+    found: dict[str, str] = {}
+    for link in links if isinstance(links, list) else []:
+        if not isinstance(link, Mapping):
+            continue
+        rel = _string(link.get("rel")).strip().lower()
+        href = _http_link(link.get("href"))
+        if rel in ("hub", "self") and href and rel not in found:
+            found[rel] = href
+    if "hub" not in found or "self" not in found:
+        return None, None
+    return found["hub"], found["self"]
 
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
