@@ -415,6 +415,19 @@ def test_base_url_http_is_accepted_on_this_machine_and_https_anywhere(base_url: 
     assert settings.site.base_url == base_url.rstrip("/")
 
 
+def test_a_secret_file_beside_the_variable_is_a_known_key_the_variable_wins(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "secret.key").write_text("from-the-file-0123456789")
+    data = config_dict(site__secret_key_file="secret.key")
+    settings = parse_settings(
+        data, path=tmp_path / "mailer.toml", env={"MAILER_SECRET_KEY": SECRET}
+    )
+    assert settings.site.require_secret() == SECRET.encode()
+    alone = parse_settings(data, path=tmp_path / "mailer.toml", env={})
+    assert alone.site.require_secret() == b"from-the-file-0123456789"
+
+
 def test_logo_is_optional_https_and_alt_text_defaults_to_the_name() -> None:
     plain = make_settings()
     assert (plain.site.logo_url, plain.site.logo_alt) == (None, plain.site.name)

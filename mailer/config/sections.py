@@ -46,6 +46,37 @@ def resolve_path(base: Path | None, value: str) -> Path:
     return path if path.is_absolute() or base is None else base / path
 
 
+# A secret shorter than this is refused: it signs links (the site) or authenticates pushes.
+MIN_SECRET = 16
+
+
+def read_secret(
+    t: Table,
+    base: Path | None,
+    env: dict[str, str],
+    env_key: tuple[str, str],
+    file_key: str,
+    what: str,
+) -> bytes | None:
+    """A secret from the environment variable ``env_key`` names (the key, its value), else
+    from the file at ``file_key``; None when neither is set. Errors name the key at fault."""
+    key, variable = env_key
+    name = t.text(file_key)  # read either way: a key set beside the variable is still known
+    if env.get(variable):
+        secret, source = env[variable].encode(), key
+    else:
+        if name is None:
+            return None
+        path = resolve_path(base, name)
+        try:
+            secret, source = path.read_bytes().strip(), file_key
+        except OSError as exc:
+            raise t.error(file_key, f"cannot be read: {exc.strerror} ({path})") from exc
+    if len(secret) < MIN_SECRET:
+        raise t.error(source, f"the {what} secret must be at least {MIN_SECRET} characters long")
+    return secret
+
+
 def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     """``[site]``; the site secret read from the environment or its file."""
     name = t.text("name", REQUIRED)
@@ -62,23 +93,7 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     if not postal.strip():
         raise t.error("postal_address", "must be a valid physical postal address (CAN-SPAM)")
     secret_env = t.text("secret_key_env", "MAILER_SECRET_KEY", pattern=ENV_NAME)
-    secret_file = t.text("secret_key_file")
-    secret: bytes | None = None
-    if env.get(secret_env):
-        secret = env[secret_env].encode()
-    elif secret_file is not None:
-        secret_path = resolve_path(base, secret_file)
-        try:
-            secret = secret_path.read_bytes().strip()
-        except OSError as exc:
-            raise t.error(
-                "secret_key_file", f"cannot be read: {exc.strerror} ({secret_path})"
-            ) from exc
-    if secret is not None and len(secret) < 16:
-        raise t.error(
-            "secret_key_env" if env.get(secret_env) else "secret_key_file",
-            "the site secret must be at least 16 characters long",
-        )
+    secret = read_secret(t, base, env, ("secret_key_env", secret_env), "secret_key_file", "site")
     domain = Address(addr_spec=parseaddr(from_address)[1]).domain
     list_id = t.text("list_id", f"updates.{domain}", pattern=re.compile(r"^[A-Za-z0-9.-]{1,200}$"))
     mailto = t.text("unsubscribe_mailto")
@@ -189,21 +204,7 @@ def read_hooks(t: Table | None, base: Path | None, env: dict[str, str]) -> Hooks
         return HooksSettings()
     defaults = HooksSettings()
     secret_env = t.text("secret_env", defaults.secret_env, pattern=ENV_NAME)
-    secret_file = t.text("secret_file")
-    secret: bytes | None = None
-    if env.get(secret_env):
-        secret = env[secret_env].encode()
-    elif secret_file is not None:
-        secret_path = resolve_path(base, secret_file)
-        try:
-            secret = secret_path.read_bytes().strip()
-        except OSError as exc:
-            raise t.error("secret_file", f"cannot be read: {exc.strerror} ({secret_path})") from exc
-    if secret is not None and len(secret) < 16:
-        raise t.error(
-            "secret_env" if env.get(secret_env) else "secret_file",
-            "the hook secret must be at least 16 characters long",
-        )
+    secret = read_secret(t, base, env, ("secret_env", secret_env), "secret_file", "hook")
     hooks = HooksSettings(
         configured=True,
         secret_env=secret_env,
