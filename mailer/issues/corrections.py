@@ -43,7 +43,7 @@ from mailer.db.schema import (
     subscribers,
 )
 from mailer.errors import MailerError, UnknownArticleError
-from mailer.issues.create import message_id_prefix, snapshotted
+from mailer.issues.create import message_id_prefix, queue_deliveries, snapshotted
 from mailer.models import Article, Correction, IssueContent
 from mailer.text import one_line
 
@@ -214,30 +214,14 @@ def _snapshot(
     """One alert delivery per reader still active, due at once; returns how many."""
     for start in range(0, len(readers), _CHUNK):
         chunk = readers[start : start + _CHUNK]
-        select = sa.select(
-            sa.literal(issue_id),
-            subscribers.c.id,
-            sa.literal("queued"),
-            sa.literal(now, type_=deliveries.c.next_attempt_at.type),
-            sa.literal(message_id[0]) + subscribers.c.uid + sa.literal(message_id[1]),
-            sa.literal(now, type_=deliveries.c.created_at.type),
-            sa.literal(now, type_=deliveries.c.updated_at.type),
-            sa.literal(1),
-        ).where(subscribers.c.id.in_(chunk), subscribers.c.status == "active")
-        conn.execute(
-            deliveries.insert().from_select(
-                [
-                    "issue_id",
-                    "subscriber_id",
-                    "status",
-                    "next_attempt_at",
-                    "message_id",
-                    "created_at",
-                    "updated_at",
-                    "priority",
-                ],
-                select,
-            )
+        queue_deliveries(
+            conn,
+            issue_id,
+            sa.and_(subscribers.c.id.in_(chunk), subscribers.c.status == "active"),
+            message_id=message_id,
+            due=now,
+            priority=1,
+            now=now,
         )
     return snapshotted(conn, issue_id)
 

@@ -316,6 +316,33 @@ def snapshot(
     alert = digest.priority == "alert"
     due = goes_out(digest, now)
     suffix = f"@{settings.site.domain}>"
+    queue_deliveries(
+        conn,
+        issue_id,
+        recipients_where(digest.key, topics, now),
+        message_id=(prefix, suffix),
+        due=due,
+        priority=1 if alert else 0,
+        now=now,
+    )
+    # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
+    return snapshotted(conn, issue_id)
+
+
+def queue_deliveries(
+    conn: sa.Connection,
+    issue_id: int,
+    who: sa.ColumnElement[bool],
+    *,
+    message_id: tuple[str, str],
+    due: datetime,
+    priority: int,
+    now: datetime,
+) -> None:
+    """Queue one delivery of ``issue_id`` per subscriber ``who`` selects, in one INSERT …
+    SELECT: first due at ``due``, its Message-ID the two parts of ``message_id`` around the
+    subscriber's uid. Both an issue's snapshot and a correction's are made by it."""
+    prefix, suffix = message_id
     select = sa.select(
         sa.literal(issue_id),
         subscribers.c.id,
@@ -324,8 +351,8 @@ def snapshot(
         (sa.literal(prefix) + subscribers.c.uid + sa.literal(suffix)),
         sa.literal(now, type_=deliveries.c.created_at.type),
         sa.literal(now, type_=deliveries.c.updated_at.type),
-        sa.literal(1 if alert else 0),
-    ).where(recipients_where(digest.key, topics, now))
+        sa.literal(priority),
+    ).where(who)
     conn.execute(
         deliveries.insert().from_select(
             [
@@ -341,8 +368,6 @@ def snapshot(
             select,
         )
     )
-    # Counted, not taken from rowcount: drivers disagree on it for INSERT … SELECT.
-    return snapshotted(conn, issue_id)
 
 
 def snapshotted(conn: sa.Connection, issue_id: int) -> int:
