@@ -164,7 +164,10 @@ def articles_sources(ctx: Context) -> None:
                 following = f"{at(polled)} (its hub delivers; polled rarely)"
         else:
             when = "next fetch round" if due <= moment else at(due)
-            following = f"{when} (backing off after {state.consecutive_failures} failures)"
+            failures = state.consecutive_failures
+            following = (
+                f"{when} (backing off after {failures} failure{'' if failures == 1 else 's'})"
+            )
         rows = [
             ("last fetched", at(state.last_fetched_at) + status),
             ("last success", at(state.last_success_at) if state.last_success_at else "never"),
