@@ -60,11 +60,11 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
     if row is None:
         raise UnknownIssueError(issue_id)
+    if row.kind == "correction":
+        return correction_content(conn, row, settings)
     # A digest since removed from the config still renders its issues, in the site's zone.
     digest = {d.key: d for d in settings.digests}.get(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
-    if row.kind == "correction":
-        return correction_content(conn, row, settings)
     return IssueContent(
         issue_id=row.id,
         digest_key=row.digest,

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from alembic import context
 
 from mailer.db.schema import metadata
+from mailer.errors import MailerError
 
 engine = context.config.attributes.get("engine")
 if engine is None:
@@ -50,7 +51,10 @@ with engine.connect() as connection:
             if sqlite:
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").first()
                 if broken is not None:
-                    raise RuntimeError(f"migration left a row without its parent: {tuple(broken)}")
+                    raise MailerError(
+                        "the migration left a row without its parent (table, rowid, parent,"
+                        f" key): {tuple(broken)}; nothing was changed"
+                    )
         connection.commit()
     finally:
         if sqlite:
