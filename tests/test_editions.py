@@ -366,6 +366,32 @@ def test_csv_digests_go_in_and_come_back_out_unchanged(engine: sa.Engine) -> Non
     assert csvfile.export_text(engine) == exported
 
 
+def test_a_blank_digests_cell_keeps_an_existing_readers_choice(engine: sa.Engine) -> None:
+    settings = both("sqlite://")
+    make_subscriber(engine, email="ann@example.org", topics=["base-alerts"], digests=[])
+    make_subscriber(engine, email="bob@example.org", topics=["base-alerts"], digests=["alerts"])
+    exported = csvfile.export_text(engine)
+    assert {r["email"]: r["digests"] for r in csv.DictReader(io.StringIO(exported))} == {
+        "ann@example.org": "",
+        "bob@example.org": "alerts",
+    }
+    blank = "email,name,topics,digests\nbob@example.org,,base-alerts,\nnew@example.org,,,\n"
+    for text in (exported, blank):
+        csvfile.import_csv(
+            engine,
+            io.StringIO(text),
+            known_topics=TOPICS,
+            digests=settings.digests,
+            now=NOW,
+            update=True,
+        )
+        # Nobody is signed up to the defaults by a round trip or a blank cell.
+        assert store.get(engine, "ann@example.org").digest_keys == ()
+        assert store.get(engine, "bob@example.org").digest_keys == ("alerts",)
+    # A new reader with a blank cell gets the defaults.
+    assert store.get(engine, "new@example.org").digest_keys == ("alerts", "weekly")
+
+
 def test_csv_update_changes_digests_only_when_the_file_has_them(engine: sa.Engine) -> None:
     settings = both("sqlite://")
     ann = make_subscriber(engine, email="ann@example.org", topics=["base-alerts"], name="Ann")

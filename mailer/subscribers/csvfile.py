@@ -193,7 +193,10 @@ class _RowParser:
         status = status or "active"
         if status not in SUBSCRIBER_STATUSES:
             raise ValueError(f"unknown status {status!r} (known: {', '.join(SUBSCRIBER_STATUSES)})")
-        digests = None if self._digests is None else self._parse_digests(cells[self._digests])
+        # A blank cell names no choice: a new subscriber gets the default digests, an existing
+        # one (--update) keeps theirs (an export writes "" for a reader who chose none).
+        cell = "" if self._digests is None else cells[self._digests]
+        digests = self._parse_digests(cell) if cell.replace(";", "").strip() else None
         return ImportRow(line, raw_email, email, name, topics, status, digests)
 
 
