@@ -112,20 +112,16 @@ class Composers:
             # Composers render the articles they were made with: the changed issues' go too.
             self._composers = {k: c for k, c in self._composers.items() if k[0] not in changed}
 
-    def hidden(self, d: Claimed) -> frozenset[int]:
-        """Articles not to send this subscriber again (never twice, unless updated and wanted)."""
-        digest = self._digests.get(d.digest)
-        resend_updates = digest is not None and digest.include_updates
-        return frozenset(aid for aid, updated in d.seen if not (resend_updates and updated))
-
-    def updated(self, d: Claimed) -> frozenset[int]:
-        """Articles this subscriber received before and gets again because they changed since
-        (a digest with ``include_updates``): their copy marks them "Updated". Someone seeing
-        an article for the first time sees no mark."""
+    def left_out(self, d: Claimed) -> tuple[frozenset[int], frozenset[int]]:
+        """What this subscriber already received, in one pass: the articles not to send again
+        (never twice), and those sent again because they changed since and the digest has
+        ``include_updates`` (their copy marks them "Updated"; someone seeing an article for
+        the first time sees no mark)."""
         digest = self._digests.get(d.digest)
         if digest is None or not digest.include_updates:
-            return frozenset()
-        return frozenset(aid for aid, updated in d.seen if updated)
+            return frozenset(aid for aid, _updated in d.seen), frozenset()
+        hidden = frozenset(aid for aid, updated in d.seen if not updated)
+        return hidden, frozenset(aid for aid, updated in d.seen if updated)
 
 
 def _marked(article: Article, zone: ZoneInfo) -> Article:

@@ -398,7 +398,7 @@ class Deliverer:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
             composers = self.composers
-            composer = composers.composer(d.issue_id, composers.hidden(d), composers.updated(d))
+            composer = composers.composer(d.issue_id, *composers.left_out(d))
             data = composer.message(recipient, d.topics, self.clock())
         except (AddressError, DeliveryError, TokenError) as exc:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
