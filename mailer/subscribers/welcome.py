@@ -27,12 +27,16 @@ from mailer.subscribers.store import topics_of
 
 
 def receives(
-    conn: sa.Connection, settings: Settings, subscriber_id: int, *, now: datetime
+    conn: sa.Connection,
+    settings: Settings,
+    subscriber_id: int,
+    chosen: set[str],
+    *,
+    now: datetime,
 ) -> list[Digest]:
     """The digests the subscriber receives, in config order: those they chose
     (``editions.chosen_digests``), not paused at ``now``, that carry one of their topics (a
     digest none of whose topics they chose never has an article for them)."""
-    chosen = set(topics_of(conn, [subscriber_id])[subscriber_id])
     return [
         c.digest
         for c in editions.chosen_digests(conn, settings, subscriber_id)
@@ -89,7 +93,7 @@ def welcome_for(
     chosen = set(topics_of(conn, [subscriber_id])[subscriber_id])
     topics = tuple(t for t in settings.topics if t.key in chosen)
     arrivals = []
-    for digest in receives(conn, settings, subscriber_id, now=now):
+    for digest in receives(conn, settings, subscriber_id, chosen, now=now):
         at = next_arrival(digest, now)
         when = reader_time(at, settings.site.timezone, now) if at is not None else ""
         arrivals.append(Arrival(digest.key, digest.name, at, when, digest.on_arrival))
