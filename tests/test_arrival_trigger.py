@@ -64,11 +64,19 @@ def arrival_settings(db_url: str, server: FaultServer | None = None, **digest: A
     return server_settings(db_url, server, digests=digests)
 
 
-def store_alert(db_url: str, at: datetime, title: str, priority: str = "bulk") -> None:
-    """An article stored at ``at`` through an engine of its own, as another process would."""
+def store_alert(
+    db_url: str,
+    at: datetime,
+    title: str,
+    priority: str = "bulk",
+    published_at: datetime | None = None,
+) -> None:
+    """An article stored at ``at`` through an engine of its own, as another process would
+    (published five minutes before, unless ``published_at`` says)."""
     other = create_engine(db_url)
     try:
-        item = make_article(title=title, published_at=at - timedelta(minutes=5))
+        published = published_at or at - timedelta(minutes=5)
+        item = make_article(title=title, published_at=published)
         item = dataclasses.replace(item, priority=priority)
         upsert_articles(other, [item], now=at)
     finally:
@@ -76,7 +84,7 @@ def store_alert(db_url: str, at: datetime, title: str, priority: str = "bulk") -
 
 
 def made(engine: sa.Engine) -> list[tuple[datetime, list[str]]]:
-    """Each issue of the alerts digest: its time and its articles' titles."""
+    """Each issue of the alerts digest: its time and its articles' titles, in issue order."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(issues.c.id, issues.c.scheduled_for)
@@ -86,11 +94,12 @@ def made(engine: sa.Engine) -> list[tuple[datetime, list[str]]]:
         return [
             (
                 row.scheduled_for,
-                sorted(
+                list(
                     conn.scalars(
                         sa.select(articles.c.title)
                         .join(issue_articles, issue_articles.c.article_id == articles.c.id)
                         .where(issue_articles.c.issue_id == row.id)
+                        .order_by(issue_articles.c.position)
                     )
                 ),
             )
@@ -164,7 +173,7 @@ async def test_articles_arriving_within_the_debounce_go_in_one_issue_sent_once_e
     clock.value = NOW + timedelta(seconds=20)
     step = service.watch_arrivals()
     assert [i.articles for i in step.made] == [2] and service.work.is_set()
-    assert made(engine) == [(NOW + timedelta(seconds=20), ["Gate closed", "Shelter in place"])]
+    assert made(engine) == [(NOW + timedelta(seconds=20), ["Shelter in place", "Gate closed"])]
     # Taken: the next look makes nothing.
     assert service.watch_arrivals().made == [] and len(made(engine)) == 1
 
@@ -185,11 +194,18 @@ def test_an_article_pushed_as_an_alert_does_not_wait_for_the_debounce(
     clock.value = T0 + timedelta(seconds=3)
     step = service.watch_arrivals()
     assert step.made == [] and step.next_due == NOW + timedelta(seconds=20)
-    store_alert(db_url, T0 + timedelta(seconds=3), "Shelter in place", priority="alert")
+    store_alert(
+        db_url,
+        T0 + timedelta(seconds=3),
+        "Shelter in place",
+        priority="alert",
+        published_at=T0 - timedelta(minutes=10),  # older than "Road work": not first by date
+    )
     step = service.watch_arrivals()
-    # Made at once, for the alert's own second, taking what waited with it; alert first.
+    # Made at once, for the alert's own second, taking what waited with it; the alert leads
+    # although it is the older of the two.
     assert [i.articles for i in step.made] == [2]
-    assert made(engine) == [(NOW + timedelta(seconds=3), ["Road work", "Shelter in place"])]
+    assert made(engine) == [(NOW + timedelta(seconds=3), ["Shelter in place", "Road work"])]
 
 
 async def test_debounce_zero_makes_the_issue_at_once_and_a_later_arrival_its_own(

@@ -66,7 +66,13 @@ def config(
 
 
 def run(config: Path, *args: str) -> Result:
-    return CliRunner().invoke(cli, ["--config", str(config), *args])
+    return CliRunner().invoke(cli, ["--config", str(config), *args], catch_exceptions=False)
+
+
+def add(config: Path, path: Path) -> None:
+    """``mailer articles add PATH``, which must succeed."""
+    result = run(config, "articles", "add", str(path))
+    assert result.exit_code == 0, result.output
 
 
 def article_ids(engine: sa.Engine, issue_id: int) -> list[int]:
@@ -102,9 +108,9 @@ async def test_a_correction_reaches_exactly_those_who_received_the_article_once(
         make_subscriber(
             engine, email="dan@example.org", topics=["local-events"], digests=["weekly"]
         )
-        run(config, "articles", "add", str(article_file(tmp_path, "gate", "Gate closed")))
+        add(config, article_file(tmp_path, "gate", "Gate closed"))
         market = article_file(tmp_path, "market", "Market opens", "local-events")
-        run(config, "articles", "add", str(market))
+        add(config, market)
         make_issue(engine, settings, "alerts", ALERT_AT)
         await send_all(engine, config, ALERT_AT)
         # The weekly takes the gate again: Ann, Cara and Erin had it already, so their copies
@@ -203,9 +209,9 @@ async def test_retracting_a_never_sent_article_takes_it_out_and_refuses_a_correc
     engine = create_engine(settings.database.url)
     try:
         make_subscriber(engine, email="ann@example.org")
-        run(config, "articles", "add", str(article_file(tmp_path, "gate", "Gate closed")))
+        add(config, article_file(tmp_path, "gate", "Gate closed"))
         market = article_file(tmp_path, "market", "Market opens", "local-events")
-        run(config, "articles", "add", str(market))
+        add(config, market)
         weekly = make_issue(engine, settings, "weekly", WEEKLY_AT).issue_id
         assert article_ids(engine, weekly) == [1, 2]
         with pytest.raises(SystemExit) as exit_info:
@@ -317,7 +323,7 @@ async def test_quiet_hours_do_not_hold_a_correction(
     engine = create_engine(settings.database.url)
     try:
         make_subscriber(engine, email="ann@example.org", topics=["base-alerts"])
-        run(config, "articles", "add", str(article_file(tmp_path, "gate", "Gate closed")))
+        add(config, article_file(tmp_path, "gate", "Gate closed"))
         make_issue(engine, settings, "alerts", ALERT_AT)
         await send_all(engine, config, ALERT_AT)
         fixed = run(config, "articles", "retract", "1", "--correction", "Gate open again.")
