@@ -90,10 +90,6 @@ class HooksSettings:
     secret: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = 262_144  # one article's JSON; read up to this, never further
 
-    @property
-    def enabled(self) -> bool:
-        return self.secret is not None
-
 
 @dataclass(frozen=True)
 class SmtpSettings:

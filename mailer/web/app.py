@@ -208,7 +208,7 @@ def create_app(
                 limit=limits.max_body_bytes,
                 reject=too_large,
                 exempt=(HOOK_PATH,),
-                exempt_under=("/websub/",),
+                exempt_under=(WEBSUB_PATH.split("{", 1)[0],),
             )
         ],
         exception_handlers={

@@ -38,7 +38,6 @@ def image_origin(logo_url: str | None) -> str | None:
 
 
 PAGE_CSP = page_csp()
-EMBED_CSP = page_csp(script=True)
 # The archive shows an email as its readers saw it: inline styles (css-inlined for mail
 # clients) and remote images, still no script, sandboxed into an opaque origin. Its one form,
 # the sign-up box, may go to our own sign-up page only.

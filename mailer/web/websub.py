@@ -35,7 +35,8 @@ from mailer.web.hooks import read_capped
 
 log = logging.getLogger(__name__)
 
-WEBSUB_PATH = "/websub/{token}"
+# The route is the callback URL given to the hub: one definition for both.
+WEBSUB_PATH = websub.CALLBACK_PATH
 # The spec's signature methods (WebSub §8). sha1 stays: HMAC-SHA1 is still a sound MAC, and
 # widely used hubs sign with it.
 DIGESTS = {
