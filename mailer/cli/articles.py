@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from mailer.cli.context import Context, err, out, pass_ctx, site_time
+from mailer.cli.context import Context, by_option, err, out, pass_ctx, site_time
 from mailer.cli.listing import print_table
 from mailer.clock import now
 from mailer.content.files import load_article_file
@@ -266,12 +265,7 @@ def articles_show(ctx: Context, article_id: int) -> None:
 
 @group.command("remove")
 @click.argument("article_id", type=int)
-@click.option(
-    "--by",
-    default=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "staff",
-    show_default="$USER",
-    help="Who removes it (recorded).",
-)
+@by_option("removes it")
 @pass_ctx
 def articles_remove(ctx: Context, article_id: int, by: str) -> None:
     """Take an article out of every issue not yet sent in full, and out of every later one."""
@@ -301,12 +295,7 @@ def articles_remove(ctx: Context, article_id: int, by: str) -> None:
     metavar="TEXT",
     help="What was wrong: sent at once, as a correction, to everyone who received the article.",
 )
-@click.option(
-    "--by",
-    default=lambda: os.environ.get("USER") or os.environ.get("LOGNAME") or "staff",
-    show_default="$USER",
-    help="Who retracts it (recorded).",
-)
+@by_option("retracts it")
 @pass_ctx
 def articles_retract(ctx: Context, article_id: int, correction: str | None, by: str) -> None:
     """Take an article back; with --correction, tell those who received it.

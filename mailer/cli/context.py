@@ -3,6 +3,7 @@ few lines that several commands print alike."""
 
 from __future__ import annotations
 
+import getpass
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -103,3 +104,18 @@ def started(line: str) -> None:
     """The one start-up line, out at once even when standard output is a file or a pipe."""
     out.print(line, markup=False)
     sys.stdout.flush()
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except OSError:  # no login name anywhere (a container without USER): still recorded
+        return "staff"
+
+
+def by_option(what: str) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """``--by NAME``: who does ``what`` (recorded), the OS user unless given. One option for
+    every command that records a person, so they all record the same name."""
+    return click.option(
+        "--by", default=_os_user, show_default="the OS user", help=f"Who {what} (recorded)."
+    )

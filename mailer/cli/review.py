@@ -5,29 +5,20 @@ staff acting on an issue made for review (``mailer.issues.review``), each record
 
 from __future__ import annotations
 
-import getpass
 import sys
 from datetime import datetime
 
 import click
 import sqlalchemy as sa
 
-from mailer.cli.context import Context, out, pass_ctx
+from mailer.cli.context import Context, by_option, out, pass_ctx
 from mailer.clock import now
 from mailer.db.schema import WAITING_ISSUE_STATUSES
 from mailer.issues.review import Outcome
 from mailer.issues.review_actions import Action, last_decision
 from mailer.issues.schedule import local_time
 
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except OSError:  # no login name anywhere (a container without USER): still recorded
-        return "staff"
-
-
-BY = click.option("--by", default=_os_user, show_default="the OS user", help="Who acts (recorded).")
+BY = by_option("acts")
 
 
 def _readers(n: int, *, about: bool) -> str:
