@@ -29,6 +29,7 @@ from mailer.content.pushed import PushError, parse_pushed
 from mailer.content.store import store_one
 from mailer.web.context import NO_STORE, WebContext, client_ip
 from mailer.web.ratelimit import RateLimiter
+from mailer.web.signatures import signed_by
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,7 @@ def sign(secret: bytes, body: bytes) -> str:
 
 def signature_ok(secret: bytes, body: bytes, header: str | None) -> bool:
     """True if ``header`` is ``sha256=`` and the body's HMAC under ``secret``; constant time."""
-    if header is None or not header.isascii() or not header.startswith(SIGNATURE_PREFIX):
-        return False
-    return hmac.compare_digest(sign(secret, body).encode(), header.strip().lower().encode())
+    return signed_by(secret, body, header, {"sha256": hashlib.sha256})
 
 
 def _answer(status: int, **content: object) -> JSONResponse:
