@@ -207,9 +207,20 @@ class Service:
         """One look at the store for the arrival digests (``ArrivalWatch.step``) at the
         clock's now, on the event loop's thread; a made issue wakes the worker."""
         step = self.arrivals.step(self.clock())
+        self._arrivals_seen(step)
+        return step
+
+    def _arrivals_seen(self, step: arrival.Step) -> float:
+        """After a look at the store: wake the worker for the issues it made (on the event
+        loop: an asyncio.Event is not safe from a thread); how long to wait before the next
+        look (the poll, or less when a debounce ends first)."""
         if step.made:
             self.work.set()
-        return step
+        wait = arrival.POLL_SECONDS
+        if step.next_due is not None:
+            until_due = (step.next_due - self.clock()).total_seconds()
+            wait = min(wait, max(until_due, 0.0))
+        return wait
 
     async def arrivals_forever(self) -> None:
         """Watch for arrivals until stopped: every ``arrival.POLL_SECONDS``, sooner when a
@@ -220,12 +231,7 @@ class Service:
             self.arrived.clear()
             try:
                 step = await asyncio.to_thread(self.arrivals.step, self.clock())
-                if step.made:
-                    self.work.set()  # here, not in the thread: an asyncio.Event is not safe there
-                wait = arrival.POLL_SECONDS
-                if step.next_due is not None:
-                    until_due = (step.next_due - self.clock()).total_seconds()
-                    wait = min(wait, max(until_due, 0.0))
+                wait = self._arrivals_seen(step)
             except Exception as exc:
                 # What the watch did not catch (a thread that could not start): next poll.
                 log.error(

@@ -3,9 +3,11 @@ clock, real SMTP delivery, both databases; then real ``mailer run`` processes.""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,12 +18,14 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from mailer.cli import cli
+from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Digest, Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
 from mailer.db.schema import articles, issue_articles, issues, staff_alerts
 from mailer.errors import ConfigError, RenderError
+from mailer.issues import arrival
 from mailer.issues.arrival import LATE
 from mailer.service import Service
 from mailer.staff import checks
@@ -206,6 +210,35 @@ def test_an_article_pushed_as_an_alert_does_not_wait_for_the_debounce(
     # although it is the older of the two.
     assert [i.articles for i in step.made] == [2]
     assert made(engine) == [(NOW + timedelta(seconds=3), ["Shelter in place", "Road work"])]
+
+
+async def test_the_running_watch_wakes_when_told_an_article_arrived(
+    engine: sa.Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A poll too slow to find it within the test: only the wake-up can.
+    monkeypatch.setattr(arrival, "POLL_SECONDS", 600.0)
+    settings = arrival_settings(db_url, debounce_seconds=0)
+    service = Service(engine, settings)
+    looked = threading.Event()
+    first_look = service.arrivals.step
+
+    def step(now: datetime) -> Any:
+        try:
+            return first_look(now)
+        finally:
+            looked.set()
+
+    monkeypatch.setattr(service.arrivals, "step", step)
+    watch = asyncio.create_task(service.arrivals_forever())
+    try:
+        assert await asyncio.to_thread(looked.wait, 10)  # its first look found nothing
+        store_alert(db_url, clock_now(), "Gate closed")
+        service.arrived.set()  # what the push hook does once it stored an article
+        await asyncio.wait_for(service.work.wait(), timeout=10)
+        assert [titles for _at, titles in made(engine)] == [["Gate closed"]]
+    finally:
+        service.stop.set()
+        await asyncio.wait_for(watch, timeout=10)
 
 
 async def test_debounce_zero_makes_the_issue_at_once_and_a_later_arrival_its_own(
