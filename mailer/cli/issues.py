@@ -24,10 +24,12 @@ from mailer.cli.context import (
     waiting,
 )
 from mailer.cli.listing import format_option, print_table
-from mailer.cli.review import acted, print_review, review_actions
+from mailer.cli.review import print_review, review_actions
 from mailer.clock import now
 from mailer.config.load import with_processes
+from mailer.db.schema import WAITING_ISSUE_STATUSES
 from mailer.issues import progress
+from mailer.issues.review_actions import DECISIONS, last_decision
 from mailer.preflight import preflight
 
 
@@ -150,13 +152,13 @@ def issues_list(ctx: Context, digest: str | None, limit: int) -> None:
         pending = (
             s.counts.get("queued", 0) + s.counts.get("deferred", 0) + s.counts.get("sending", 0)
         )
-        # An issue made for review says who decided (approved by ana), until it is released.
-        decided = acted(who.get(s.id, ())) if s.status in ("approved", "held", "skipped") else ""
+        # An issue made for review says who decided (approved (ana)), until it is released.
+        last = last_decision(who.get(s.id, ())) if s.status in DECISIONS else None
         table.add_row(
             str(s.id),
             s.digest,
             f"{s.scheduled_for.astimezone(ZoneInfo(zone)):%Y-%m-%d %H:%M %Z}",
-            f"{s.status} ({decided.split(' by ', 1)[1]})" if decided else s.status,
+            f"{s.status} ({last.by})" if last else s.status,
             str(s.counts.get("sent", 0)),
             str(pending),
             s.subject,
@@ -180,7 +182,7 @@ def issues_show(ctx: Context, issue_id: int) -> None:
         for line in s.note.splitlines():
             out.print(f"    {line}".rstrip(), markup=False)
     print_review(ctx, issue_id)
-    if not s.total and s.status in ("review", "approved", "held", "skipped"):
+    if not s.total and s.status in (*WAITING_ISSUE_STATUSES, "skipped"):
         return  # no delivery is made before its release
     for status, n in sorted(s.counts.items()):
         out.print(f"  {status:10} {n}")

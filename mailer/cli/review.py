@@ -15,7 +15,7 @@ from mailer.cli.context import Context, by_option, out, pass_ctx
 from mailer.clock import now
 from mailer.db.schema import WAITING_ISSUE_STATUSES
 from mailer.issues.review import Outcome
-from mailer.issues.review_actions import Action, last_decision
+from mailer.issues.review_actions import Action
 from mailer.issues.schedule import local_time
 
 BY = by_option("acts")
@@ -142,12 +142,6 @@ def note(ctx: Context, issue_id: int, text: str | None, clear: bool, by: str) ->
 
 
 COMMANDS = (approve, hold, skip, drop_article, note)
-
-
-def acted(actions: tuple[Action, ...]) -> str:
-    """The last decision staff (or the schedule) made on an issue: ``approved by ana``."""
-    last = last_decision(actions)
-    return f"{last.kind} by {last.by}" if last else ""
 
 
 def print_review(ctx: Context, issue_id: int) -> None:

@@ -257,10 +257,14 @@ def actions(conn: sa.Connection, issue_ids: list[int]) -> dict[int, tuple[Action
     return {i: tuple(a) for i, a in found.items()}
 
 
+# What staff (or the schedule) decided about an issue in review: its status after it.
+DECISIONS = ("approved", "held", "skipped")
+
+
 def last_decision(acts: tuple[Action, ...]) -> Action | None:
     """The last approve, hold or skip among ``acts`` (oldest first): where staff (or the
     schedule) left the issue."""
-    decisions = [a for a in acts if a.kind in ("approved", "held", "skipped")]
+    decisions = [a for a in acts if a.kind in DECISIONS]
     return decisions[-1] if decisions else None
 
 
