@@ -120,9 +120,9 @@ def articles_sources(ctx: Context) -> None:
     A feed that failed backs off (the wait doubles with each failure in a row, up to an
     hour); `mailer articles fetch` fetches it at once regardless.
     """
-    from mailer.content.feeds.backoff import next_fetch_at
     from mailer.content.feeds.state import load_feed_states
-    from mailer.content.feeds.websub import load_subscriptions, poll_due
+    from mailer.content.feeds.websub import load_subscriptions
+    from mailer.content.sources import deferred
 
     settings = ctx.settings
     states = load_feed_states(ctx.engine())
@@ -148,25 +148,25 @@ def articles_sources(ctx: Context) -> None:
             out.print("  never fetched", markup=False)
             continue
         status = f" (HTTP {state.last_status})" if state.last_status else ""
-        due = next_fetch_at(state, interval)
+        later = deferred(
+            state,
+            hubs.get(url),
+            interval=interval,
+            poll_every=timedelta(minutes=settings.feeds.websub_poll_minutes),
+            now=moment,
+        )
         if settings.feeds.interval_minutes == 0:
             following = "only by mailer articles fetch ([feeds].interval_minutes = 0)"
-        elif due is None:
+        elif later is None:
             following = "next fetch round"
-            polled = poll_due(
-                hubs.get(url),
-                state.last_fetched_at,
-                moment,
-                poll_every=timedelta(minutes=settings.feeds.websub_poll_minutes),
-            )
-            if polled is not None and polled > moment:
-                following = f"{at(polled)} (its hub delivers; polled rarely)"
-        else:
-            when = "next fetch round" if due <= moment else at(due)
+        elif later.backing_off:
             failures = state.consecutive_failures
             following = (
-                f"{when} (backing off after {failures} failure{'' if failures == 1 else 's'})"
+                f"{at(later.until)} (backing off after {failures}"
+                f" failure{'' if failures == 1 else 's'})"
             )
+        else:
+            following = f"{at(later.until)} (its hub delivers; polled rarely)"
         rows = [
             ("last fetched", at(state.last_fetched_at) + status),
             ("last success", at(state.last_success_at) if state.last_success_at else "never"),

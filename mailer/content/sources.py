@@ -202,26 +202,61 @@ async def _run_source(run: _Run, source: Source) -> SourceResult:
     return await _run_directory(run, source)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """Why the scheduled round does not fetch a feed now, and until when."""
+
+    until: datetime
+    backing_off: bool  # failures in a row (else: its WebSub hub delivers, polled rarely)
+
+
+def deferred(
+    state: FeedState | None,
+    subscription: Subscription | None,
+    *,
+    interval: timedelta,
+    poll_every: timedelta,
+    now: datetime,
+) -> Deferred | None:
+    """Whether the scheduled round starting at ``now`` leaves the feed for later: backing off
+    after failures, or polled rarely while its hub delivers; None when it fetches it. The one
+    rule the round follows and ``mailer articles sources`` shows."""
+    if not is_due(state, interval, now):
+        until = next_fetch_at(state, interval)
+        assert until is not None  # not due means a failure set a time
+        return Deferred(until, backing_off=True)
+    polled = poll_due(
+        subscription, state.last_fetched_at if state else None, now, poll_every=poll_every
+    )
+    if polled is not None and polled > now:
+        return Deferred(polled, backing_off=False)
+    return None
+
+
 async def _run_feed(run: _Run, source: Source) -> SourceResult:
     url = source.url
     if url is None:  # the config refuses this; kept so the type checker knows
         return SourceResult(source, error="a feed source needs a url")
     state = run.states.get(url)
-    if run.backoff is not None and not is_due(state, run.backoff, run.now):
+    later = (
+        None
+        if run.backoff is None
+        else deferred(
+            state,
+            run.subscriptions.get(url),
+            interval=run.backoff,
+            poll_every=run.websub_poll,
+            now=run.now,
+        )
+    )
+    if later is not None and later.backing_off:
         return SourceResult(
             source,
-            backing_off_until=next_fetch_at(state, run.backoff),
+            backing_off_until=later.until,
             failures=state.consecutive_failures if state else 0,
         )
-    if run.backoff is not None:
-        polled = poll_due(
-            run.subscriptions.get(url),
-            state.last_fetched_at if state else None,
-            run.now,
-            poll_every=run.websub_poll,
-        )
-        if polled is not None and polled > run.now:
-            return SourceResult(source, hub_delivers_until=polled)
+    if later is not None:
+        return SourceResult(source, hub_delivers_until=later.until)
     try:
         async with run.limit:
             fetched = await fetch_feed(
