@@ -254,7 +254,7 @@ def subject_for(
     articles = _articles(content, shown)
     if len(articles) == len(content.articles):
         return content.subject
-    digest = next((d for d in settings.digests if d.key == content.digest_key), None)
+    digest = settings.find_digest(content.digest_key)
     if digest is None:
         return content.subject
     try:

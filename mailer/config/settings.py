@@ -278,10 +278,15 @@ class Settings:
     welcome: WelcomeSettings = WelcomeSettings()
     hooks: HooksSettings = HooksSettings()
 
+    def find_digest(self, key: str) -> Digest | None:
+        """The configured digest ``key``, or None (an issue of a digest since removed)."""
+        return next((d for d in self.digests if d.key == key), None)
+
     def digest(self, key: str) -> Digest:
-        for digest in self.digests:
-            if digest.key == key:
-                return digest
+        """The configured digest ``key``; a ConfigError naming the known ones if none."""
+        found = self.find_digest(key)
+        if found is not None:
+            return found
         known = ", ".join(d.key for d in self.digests) or "none"
         raise ConfigError(f"no digest {key!r} in [[digests]] (known: {known})", path=self._where)
 

@@ -63,7 +63,7 @@ def load_content(conn: sa.Connection, issue_id: int, settings: Settings) -> Issu
     if row.kind == "correction":
         return correction_content(conn, row, settings)
     # A digest since removed from the config still renders its issues, in the site's zone.
-    digest = {d.key: d for d in settings.digests}.get(row.digest)
+    digest = settings.find_digest(row.digest)
     zone = ZoneInfo(digest.timezone if digest else settings.site.timezone)
     return IssueContent(
         issue_id=row.id,

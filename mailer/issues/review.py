@@ -261,7 +261,7 @@ def alert_held(
     # An issue whose digest left the config cannot be approved (``review_actions.approve``
     # refuses it) until the digest is back.
     approve = f"`mailer issues approve {i}`"
-    if digest_of(settings, digest_key) is None:
+    if settings.find_digest(digest_key) is None:
         approve = f"you put the digest {digest_key} back in the config and run {approve}"
     raise_alert(
         engine,
@@ -298,10 +298,6 @@ def locking(conn: sa.Connection, issue_id: int) -> sa.Select[Any]:
     transaction already holds the database's write lock)."""
     query = sa.select(issues).where(issues.c.id == issue_id)
     return query.with_for_update() if conn.dialect.name == "postgresql" else query
-
-
-def digest_of(settings: Settings, key: str) -> Digest | None:
-    return {d.key: d for d in settings.digests}.get(key)
 
 
 def set_status(conn: sa.Connection, issue_id: int, status: str) -> None:

@@ -28,7 +28,6 @@ from mailer.issues.notes import clean_note
 from mailer.issues.progress import kept_articles
 from mailer.issues.review import (
     Outcome,
-    digest_of,
     kept_topics,
     locking,
     log_released,
@@ -91,7 +90,7 @@ def hold(
         row = _acting(conn, issue_id, ("review", "approved"), "held")
         set_status(conn, issue_id, "held")
         audit.record(conn, None, "issue.held", now, issue=issue_id, by=by)
-        outcome = outcome_of(conn, row, "held", digest_of(settings, row.digest), now)
+        outcome = outcome_of(conn, row, "held", settings.find_digest(row.digest), now)
     log.info("issue held", extra={"issue": issue_id, "by": by})
     return outcome
 
@@ -181,7 +180,7 @@ def set_note(
 def _resubject(conn: sa.Connection, settings: Settings, renderer: Renderer, row: Any) -> None:
     """Render the subject of issue ``row`` again from the articles it keeps (kept as it was
     if its digest left the config or its subject no longer renders: logged)."""
-    digest = digest_of(settings, row.digest)
+    digest = settings.find_digest(row.digest)
     if digest is None:
         return
     kept = kept_articles(conn, row.id)
@@ -215,7 +214,7 @@ def review_state(
         row = conn.execute(sa.select(issues).where(issues.c.id == issue_id)).first()
         if row is None:
             raise UnknownIssueError(issue_id)
-        digest = digest_of(settings, row.digest)
+        digest = settings.find_digest(row.digest)
         outcome = outcome_of(conn, row, row.status, digest, now)
         dropped = conn.execute(
             sa.select(articles.c.id, articles.c.title, issue_articles.c.dropped_by)
@@ -300,7 +299,7 @@ def _either(states: tuple[str, ...]) -> str:
 
 def _configured(settings: Settings, key: str) -> Digest:
     """The issue's digest, which must still be configured for the issue to go out."""
-    found = digest_of(settings, key)
+    found = settings.find_digest(key)
     if found is None:
         raise DigestError(f"the issue's digest {key} is no longer in the config: it cannot go out")
     return found
