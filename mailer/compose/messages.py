@@ -588,15 +588,50 @@ def personal_links(
     settings: Settings, content: IssueContent, unsubscribe: str, preferences: str
 ) -> LinkView:
     """The links of one reader's copy of ``content``: theirs, and the site's shared ones."""
+    return reader_links(
+        settings, unsubscribe, preferences, archive_url(settings.site, content.issue_id)
+    )
+
+
+def reader_links(settings: Settings, unsubscribe: str, preferences: str, archive: str) -> LinkView:
+    """The links of a mail to one reader: their own unsubscribe and preferences links, the
+    site's privacy policy and home page, and ``archive`` (an issue's web copy, or the
+    archive)."""
     site = settings.site
     return LinkView(
         unsubscribe=unsubscribe,
         preferences=preferences,
         privacy=site.privacy_policy_url,
-        archive=archive_url(site, content.issue_id),
+        archive=archive,
         home=site.base_url + "/",
         personal=True,
     )
+
+
+def list_message(
+    settings: Settings,
+    *,
+    to: str,
+    message_id: str,
+    subject: str,
+    unsubscribe: str,
+    text: str,
+    html: str,
+    now: datetime,
+) -> bytes:
+    """A rendered mail to one reader, as list mail (List-Unsubscribe with one-click, List-Id)
+    serialized by the ``email`` package: the header order and MIME shape every such mail
+    shares."""
+    msg = EmailMessage(policy=POLICY)
+    personal = PersonalHeaders(
+        to=check_address(to),
+        date=date_value(now),
+        message_id=check_message_id(message_id),
+        list_unsubscribe=list_unsubscribe_value(settings.site, unsubscribe),
+    )
+    add_headers(msg, settings, subject, personal, raw=False, list_headers=True)
+    attach_parts(msg, text, html)
+    return msg.as_bytes()
 
 
 def whole_message(
@@ -616,16 +651,16 @@ def whole_message(
     reference the splice is checked against, and a test copy (other links, other subject)."""
     view = personal_links(settings, content, unsubscribe, preferences)
     html, text = render_digest(settings, content, shown, view, renderer)
-    msg = EmailMessage(policy=POLICY)
-    personal = PersonalHeaders(
-        to=check_address(to),
-        date=date_value(now),
-        message_id=check_message_id(message_id),
-        list_unsubscribe=list_unsubscribe_value(settings.site, unsubscribe),
+    return list_message(
+        settings,
+        to=to,
+        message_id=message_id,
+        subject=subject,
+        unsubscribe=unsubscribe,
+        text=text,
+        html=html,
+        now=now,
     )
-    add_headers(msg, settings, subject, personal, raw=False, list_headers=True)
-    attach_parts(msg, text, html)
-    return msg.as_bytes()
 
 
 @dataclass(frozen=True)

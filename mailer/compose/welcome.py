@@ -12,20 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import EmailMessage
 
 from mailer.compose.messages import (
-    POLICY,
-    PersonalHeaders,
-    add_headers,
-    attach_parts,
-    check_address,
-    check_message_id,
-    date_value,
-    list_unsubscribe_value,
+    list_message,
+    reader_links,
     require_links,
 )
-from mailer.compose.rendering import LinkView, Renderer, article_view, site_view
+from mailer.compose.rendering import Renderer, article_view, site_view
 from mailer.config.settings import Settings
 from mailer.models import Article, Recipient
 from mailer.sandbox import paragraphs
@@ -99,27 +92,21 @@ def build_welcome(
     """
     site = settings.site
     links = links_for(site, recipient.uid)
-    view = LinkView(
-        unsubscribe=links.unsubscribe,
-        preferences=links.preferences,
-        privacy=site.privacy_policy_url,
-        archive=site.base_url + "/archive",
-        home=site.base_url + "/",
-        personal=True,
-    )
+    # No issue to view in the browser yet: the footer's archive link is the archive.
+    view = reader_links(settings, links.unsubscribe, links.preferences, site.base_url + "/archive")
     context = {"site": site_view(settings), "welcome": welcome, "links": view}
     html = renderer.render_html(f"{TEMPLATE}.html", context)
     text = renderer.render(f"{TEMPLATE}.txt", context)
     require_links(
         html, text, (view.unsubscribe, view.preferences, view.privacy), settings, TEMPLATE
     )
-    msg = EmailMessage(policy=POLICY)
-    personal = PersonalHeaders(
-        to=check_address(recipient.email),
-        date=date_value(now),
-        message_id=check_message_id(recipient.message_id),
-        list_unsubscribe=list_unsubscribe_value(site, links.unsubscribe),
+    return list_message(
+        settings,
+        to=recipient.email,
+        message_id=recipient.message_id,
+        subject=welcome_subject(settings),
+        unsubscribe=links.unsubscribe,
+        text=text,
+        html=html,
+        now=now,
     )
-    add_headers(msg, settings, welcome_subject(settings), personal, raw=False, list_headers=True)
-    attach_parts(msg, text, html)
-    return msg.as_bytes()
