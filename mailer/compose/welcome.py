@@ -86,8 +86,8 @@ def build_welcome(
 ) -> bytes:
     """The RFC 5322 bytes (CRLF) of ``recipient``'s welcome mail.
 
-    Rendered in full and serialized by the ``email`` package, with the header order and MIME
-    shape of ``messages.whole_message``; a template that drops the unsubscribe, preferences or
+    Rendered in full and assembled as a digest copy is (``messages.list_message``: the same
+    headers and MIME shape); a template that drops the unsubscribe, preferences or
     privacy link or the postal address is refused, as for a digest.
     """
     site = settings.site
