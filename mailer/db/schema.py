@@ -387,3 +387,59 @@ staff_alerts = sa.Table(
     sa.Column("times", sa.Integer, nullable=False, server_default="1"),
     sa.Column("message", sa.Text, nullable=False),
 )
+
+# The staff console (mailer.console). An account is an address and a role; its password is an
+# Argon2id hash, NULL until the account's one-time link was used. The link itself is never
+# stored, only its SHA-256 (one link per account at a time; using it, or a new one, ends it).
+STAFF_ROLES = ("editor", "admin")
+staff_accounts = sa.Table(
+    "staff_accounts",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("role", sa.String(8), nullable=False),
+    sa.Column("password_hash", sa.String(200)),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("password_set_at", UtcDateTime),
+    sa.Column("link_hash", sa.String(64), unique=True),
+    sa.Column("link_expires_at", UtcDateTime),
+    sa.CheckConstraint(_in("role", STAFF_ROLES), name="role"),
+    sqlite_autoincrement=True,
+)
+
+# Server-side sessions: the cookie carries a random id (signed); the table keeps its SHA-256,
+# so a copy of the table logs nobody in. A session ends when idle too long, at its absolute
+# end, at logout, and with its account (removed, or its password set anew).
+staff_sessions = sa.Table(
+    "staff_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column(
+        "account_id",
+        Id,
+        sa.ForeignKey("staff_accounts.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("last_seen_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=False),
+    sa.Column("ip", sa.String(45)),
+    sa.Index("ix_staff_sessions_account_id", "account_id"),
+)
+
+# Login attempts, in the database so that every instance of the app counts the same ones: per
+# account (the address typed, normalized, whether or not such an account exists) and per
+# client address. Rows older than the longest window are deleted as new ones come.
+staff_login_attempts = sa.Table(
+    "staff_login_attempts",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("account", sa.String(320), nullable=False),
+    sa.Column("address", sa.String(45), nullable=False),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("succeeded", sa.Boolean, nullable=False),
+    sa.Index("ix_staff_login_attempts_account_at", "account", "at"),
+    sa.Index("ix_staff_login_attempts_address_at", "address", "at"),
+    sqlite_autoincrement=True,
+)

@@ -22,6 +22,7 @@ Routes (DESIGN.md "URLs"):
 ``GET /healthz``                      database check, JSON
 ``GET /static/style.css``             the one stylesheet
 ``GET /static/embed.js``              the /embed page's "Copy" button (its only script)
+``/staff/…``                          the staff console, behind a login (mailer.console)
 ====================================  ========================================================
 """
 
@@ -44,6 +45,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
+from mailer.console.app import build_console, console_mount, login_redirect
+from mailer.console.guard import LoginRequired
 from mailer.db.engine import safe_url
 from mailer.db.outages import OutageLog
 from mailer.errors import DatabaseUnavailable
@@ -120,6 +123,7 @@ def create_app(
     test_links = TestLinkViews(web)
     hooks = HookViews(web)
     websub = WebSubViews(web)
+    console = build_console(web)
     if settings.hooks.configured and settings.hooks.secret is None:
         # Said once, when the app starts: the site expects to push, and every push will be 503.
         log.warning(
@@ -157,6 +161,7 @@ def create_app(
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
         Route("/static/embed.js", public.embed_script, methods=["GET"]),
+        console_mount(console),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -197,6 +202,10 @@ def create_app(
         outage.failed(exc.reason)
         return pages.error(503, headers={"Retry-After": "30"})
 
+    async def login_required(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LoginRequired)
+        return login_redirect(console, exc)
+
     async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
         await pages.error(413)(scope, receive, send)
 
@@ -215,10 +224,12 @@ def create_app(
             HTTPException: http_error,
             ClientDisconnect: disconnected,
             DatabaseUnavailable: unavailable,
+            LoginRequired: login_required,
             Exception: server_error,
         },
     )
     app.hsts = urlsplit(settings.site.base_url).scheme == "https"
     app.csp = page_csp(web.image_origin)
     app.state.web = web
+    app.state.console = console
     return app

@@ -1,0 +1,52 @@
+"""The console's routes, mounted under ``/staff`` by the web app (``mailer.web.app``).
+
+Each group of pages is a module with ``routes(console)``; this module puts them together.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+
+from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
+from mailer.console.guard import Guard, LoginRequired
+from mailer.console.sessions import Rules
+from mailer.web.context import WebContext
+
+LOGIN_PATH = "/login"
+
+
+def build_console(web: WebContext, rules: Rules | None = None) -> Console:
+    """The console's shared state for one app."""
+    guard = Guard(
+        engine=web.engine,
+        secret=web.settings.site.require_secret(),
+        rules=rules or Rules(),
+        clock=web.clock,
+    )
+    return Console(web=web, guard=guard, pages=ConsolePages(web))
+
+
+def console_mount(console: Console) -> Mount:
+    """Every console route, under ``/staff``."""
+
+    async def stylesheet(request: Request) -> Response:
+        return Response(
+            console.pages.stylesheet,
+            media_type="text/css",
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
+
+    routes: list[Route] = [
+        Route("/static/console.css", stylesheet, methods=["GET"]),
+    ]
+    return Mount(PREFIX, routes=routes)
+
+
+def login_redirect(console: Console, exc: LoginRequired) -> Response:
+    """A page asked for without a session: to the login page, and back here afterwards."""
+    target = console.pages.url(LOGIN_PATH) + "?" + urlencode({"next": exc.next_path})
+    return RedirectResponse(target, status_code=303, headers=CONSOLE_HEADERS)

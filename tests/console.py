@@ -1,0 +1,82 @@
+"""The staff console in tests: an app, a staff account and a logged-in client.
+
+``staff_client`` opens a session the way a login does (``sessions.open_session``) and hands
+back a TestClient that carries its cookie over HTTPS (the cookie is ``Secure``), plus the
+session's CSRF token for the forms a test posts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from mailer.console import sessions
+from mailer.db.schema import staff_accounts
+
+BASE = "https://testserver"
+
+
+@dataclass
+class StaffClient:
+    """A TestClient logged in as one staff account."""
+
+    client: TestClient
+    account_id: int
+    email: str
+    csrf: str
+
+    def post(self, path: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """A console form post with this session's CSRF token."""
+        return self.client.post(
+            path, data={"csrf": self.csrf, **(data or {})}, follow_redirects=False, **kwargs
+        )
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.client.get(path, follow_redirects=False, **kwargs)
+
+
+def add_account(
+    engine: sa.Engine, email: str, role: str = "editor", *, now: datetime, password_hash: str = ""
+) -> int:
+    """A staff account row (a password hash only if given)."""
+    with engine.begin() as conn:
+        account_id: int = conn.execute(
+            staff_accounts.insert()
+            .values(email=email, role=role, created_at=now, password_hash=password_hash or None)
+            .returning(staff_accounts.c.id)
+        ).scalar_one()
+    return account_id
+
+
+def staff_client(
+    app: Starlette,
+    engine: sa.Engine,
+    *,
+    now: datetime,
+    role: str = "editor",
+    email: str | None = None,
+    rules: sessions.Rules | None = None,
+) -> StaffClient:
+    """A client logged in as a new account of ``role`` (``email`` defaults by role)."""
+    email = email or f"{role}@news.example.org"
+    account_id = add_account(engine, email, role, now=now)
+    with engine.begin() as conn:
+        session_id = sessions.open_session(
+            conn, account_id, now=now, rules=rules or sessions.Rules(), ip="127.0.0.1"
+        )
+        csrf = conn.scalar(
+            sa.select(sessions.staff_sessions.c.csrf).where(
+                sessions.staff_sessions.c.account_id == account_id
+            )
+        )
+    secret = app.state.web.settings.site.require_secret()
+    client = TestClient(app, base_url=BASE)
+    client.cookies.set(
+        sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id), domain="testserver"
+    )
+    return StaffClient(client, account_id, email, str(csrf))
