@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -98,11 +98,17 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
 
 
 def list_issues(
-    engine: sa.Engine, *, digest: str | None = None, limit: int = 20
+    engine: sa.Engine, *, digest: str | None = None, limit: int = 20, offset: int = 0
 ) -> list[IssueSummary]:
-    """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
+    """The newest ``limit`` issues (of ``digest`` if given), newest slot first, after the
+    first ``offset`` of them (a page of a longer list)."""
     with reading(engine) as conn:
-        query = sa.select(issues).order_by(issues.c.scheduled_for.desc()).limit(limit)
+        query = (
+            sa.select(issues)
+            .order_by(issues.c.scheduled_for.desc(), issues.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         if digest is not None:
             query = query.where(issues.c.digest == digest)
         return _summaries(conn, conn.execute(query).all())
@@ -401,3 +407,51 @@ def unfinished(
             why[short_reason(reply)] += n
     reason = why.most_common(1)[0][0] if why else None
     return Unfinished(dict(counts), reason, next_retry, tuple(sorted({r[0] for r in rows})))
+
+
+# ---------------------------------------------------------------- sends in progress
+
+# How far back the sending rate is measured: long enough to smooth one batch's commit, short
+# enough that a send slowing down shows within a minute.
+RATE_WINDOW_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class SendProgress:
+    """An issue sending now: its deliveries by status, its recent rate and the time left."""
+
+    summary: IssueSummary
+    rate: float  # messages sent per second over the last RATE_WINDOW_SECONDS (or since start)
+    seconds_left: float | None  # the deliveries still due at ``rate``; None when nothing is sent
+
+    @property
+    def left(self) -> int:
+        """Deliveries not final yet (queued, sending, deferred, unknown)."""
+        return sum(n for status, n in self.summary.counts.items() if status not in FINAL)
+
+
+def sending_now(engine: sa.Engine, *, now: datetime) -> list[SendProgress]:
+    """Every issue sending now, oldest slot first, with its counts, rate and time left."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(issues).where(issues.c.status == "sending").order_by(issues.c.scheduled_for)
+        ).all()
+        summaries = _summaries(conn, rows)
+        found = []
+        for summary in summaries:
+            of_issue = deliveries.c.issue_id == summary.id
+            first = conn.execute(
+                sa.select(sa.func.min(deliveries.c.sent_at)).where(of_issue)
+            ).scalar_one_or_none()
+            if first is None:
+                found.append(SendProgress(summary, 0.0, None))
+                continue
+            start = max(first, now - timedelta(seconds=RATE_WINDOW_SECONDS))
+            recent = conn.execute(
+                sa.select(sa.func.count()).where(of_issue, deliveries.c.sent_at >= start)
+            ).scalar_one()
+            elapsed = max((now - start).total_seconds(), 1.0)
+            rate = recent / elapsed
+            left = sum(n for status, n in summary.counts.items() if status not in FINAL)
+            found.append(SendProgress(summary, rate, left / rate if rate else None))
+    return found

@@ -148,7 +148,7 @@ def build_report(
             raise UnknownIssueError(issue_id)
         content = load_content(conn, issue_id, settings)
         outcomes, retried = _outcomes(conn, issue_id)
-        topic_sets = _topic_sets(conn, settings, issue_id, content)
+        topic_sets = topic_sets_of(conn, settings, issue_id, content)
         first, last = conn.execute(
             sa.select(sa.func.min(deliveries.c.sent_at), sa.func.max(deliveries.c.sent_at)).where(
                 deliveries.c.issue_id == issue_id
@@ -212,7 +212,7 @@ def _outcomes(conn: sa.Connection, issue_id: int) -> tuple[Outcomes, int]:
     return Outcomes(**counts), retried
 
 
-def _topic_sets(
+def topic_sets_of(
     conn: sa.Connection, settings: Settings, issue_id: int, content: IssueContent
 ) -> tuple[TopicSet, ...]:
     """Recipients and sent messages per variant, counted in the database: each delivery's

@@ -9,18 +9,22 @@ two processes never both raise it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
 from mailer.config.settings import Settings
-from mailer.db.engine import upsert_insert, writing
+from mailer.db.engine import reading, upsert_insert, writing
 from mailer.db.schema import staff_alerts
 from mailer.staff.outbox import enqueue
 
 log = logging.getLogger(__name__)
 
 ALERT_EVERY = timedelta(hours=1)
+# An alert raised within this long is open: what is wrong is likely still wrong (a cause seen
+# again is raised again each ``ALERT_EVERY``).
+OPEN_FOR = timedelta(hours=24)
 
 
 def raise_alert(
@@ -70,3 +74,26 @@ def _claim(conn: sa.Connection, cause: str, message: str, now: datetime) -> bool
         .returning(staff_alerts.c.cause)
     ).scalar_one_or_none()
     return raised is not None
+
+
+@dataclass(frozen=True)
+class OpenAlert:
+    """An alert raised within ``OPEN_FOR``: its cause, its last subject, when and how often."""
+
+    cause: str
+    message: str
+    last_raised_at: datetime
+    times: int
+
+
+def open_alerts(
+    engine: sa.Engine, *, now: datetime, within: timedelta = OPEN_FOR
+) -> list[OpenAlert]:
+    """The alerts raised within ``within`` of ``now``, the latest first."""
+    with reading(engine) as conn:
+        rows = conn.execute(
+            sa.select(staff_alerts)
+            .where(staff_alerts.c.last_raised_at >= now - within)
+            .order_by(staff_alerts.c.last_raised_at.desc(), staff_alerts.c.cause)
+        ).all()
+    return [OpenAlert(r.cause, r.message, r.last_raised_at, r.times) for r in rows]

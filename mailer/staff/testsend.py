@@ -21,7 +21,7 @@ from mailer.compose.testcopy import TEST_PREFIX, build_test_copy
 from mailer.config.settings import Digest, Settings
 from mailer.db.engine import reading
 from mailer.delivery.policy import SendResult
-from mailer.errors import MailerError
+from mailer.errors import DigestError, MailerError
 from mailer.issues.nextissue import NextIssue, next_issue
 from mailer.issues.sample import Reader, named_reader, sample_reader
 from mailer.staff.transport import Outgoing, send_now
@@ -79,6 +79,34 @@ def prepare(
         else:
             reader = named_reader(conn, settings, digest, issue.content, as_email, now=now)
     return Prepared(issue, reader)
+
+
+def prepare_issue(
+    engine: sa.Engine,
+    settings: Settings,
+    issue_id: int,
+    digest_key: str,
+    *,
+    now: datetime,
+    renderer: Renderer,
+) -> Prepared:
+    """``prepare`` for issue ``issue_id`` of ``digest_key``, which must be the digest's next
+    issue (a test copy is of the issue readers get next); DigestError naming it otherwise."""
+    digest = settings.find_digest(digest_key)
+    if digest is None:
+        raise DigestError(
+            f"the digest {digest_key} is no longer in the config: it has no next issue to test"
+        )
+    prepared = prepare(engine, settings, digest, now=now, renderer=renderer)
+    if prepared.issue.issue_id != issue_id:
+        which = (
+            f"issue {prepared.issue.issue_id}" if prepared.issue.made else "an issue not made yet"
+        )
+        raise DigestError(
+            f"a test copy is of the next issue of {digest_key}, which is {which}, not issue"
+            f" {issue_id}"
+        )
+    return prepared
 
 
 def reader_copy(
