@@ -17,8 +17,11 @@
     return minutes ? minutes + " min" : "";
   }
 
+  // The server's clock, not the browser's: the countdown says what the page said at load.
+  var skew = 0;
+
   function tick() {
-    var now = Date.now();
+    var now = Date.now() + skew;
     document.querySelectorAll("time[data-countdown]").forEach(function (el) {
       var at = Date.parse(el.getAttribute("datetime"));
       if (isNaN(at)) { return; }
@@ -87,6 +90,9 @@
   }
 
   function start() {
+    var marked = document.querySelector("[data-server-now]");
+    var server = marked ? Date.parse(marked.getAttribute("data-server-now")) : NaN;
+    if (!isNaN(server)) { skew = server - Date.now(); }
     tick();
     window.setInterval(tick, 30000);
     var section = document.querySelector("[data-progress-url]");
