@@ -212,6 +212,7 @@ def test_progress_json_counts_match_the_deliveries(setup: Setup) -> None:
     answer = setup.staff.get("/staff/progress.json")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["as_of_text"] == "Fri 20 Nov 2026, 06:10 EST"
     (send,) = answer.json()["sending"]
     assert send["id"] == issue_id
     assert send["total"] == 5
@@ -529,3 +530,29 @@ class _Served(Setup):
         self.engine = engine
         self.settings = settings
         self.clock = clock
+
+
+def test_a_test_send_the_relay_cannot_take_says_so(setup: Setup) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    settings = console_settings_on_port(setup, port)
+    app = create_app(
+        settings,
+        setup.engine,
+        SmtpConfirmationSender(settings, local_hostname="client.test"),
+        clock=setup.clock,
+    )
+    staff = staff_client(app, setup.engine, now=setup.clock(), email="desk@news.example.org")
+    issue_id = in_review(setup, "Gate 4 closed")
+    answer = staff.post(f"/staff/issues/{issue_id}/test-send")
+    assert answer.status_code == 409
+    assert "Not done:" in answer.text and "desk@news.example.org" in answer.text
+
+
+def console_settings_on_port(s: Setup, port: int) -> Settings:
+    from dataclasses import replace
+
+    return replace(s.settings, smtp=replace(s.settings.smtp, port=port))

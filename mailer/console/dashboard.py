@@ -94,7 +94,8 @@ class DashboardViews:
         await console.guard.reader(request)
         now = console.web.clock()
         found = await run_in_threadpool(sending_now, console.web.engine, now=now)
-        return JSONResponse(progress_json(found, now), headers=CONSOLE_HEADERS)
+        as_of = console.pages.env.filters["local_time"](now)
+        return JSONResponse(progress_json(found, now, as_of), headers=CONSOLE_HEADERS)
 
     async def script(self, request: Request) -> Response:
         return Response(

@@ -81,11 +81,12 @@ def rate_text(rate: float) -> str:
     return f"{rate:,.1f}/s" if rate < 100 else f"{rate:,.0f}/s"
 
 
-def progress_json(found: list[SendProgress], now: datetime) -> dict[str, Any]:
+def progress_json(found: list[SendProgress], now: datetime, as_of: str) -> dict[str, Any]:
     """What ``/staff/progress.json`` answers: each issue sending now, its counts, rate,
-    time left and bar."""
+    time left and bar; ``as_of`` is ``now`` as the page shows times (the site's zone)."""
     return {
         "as_of": now.isoformat(),
+        "as_of_text": as_of,
         "sending": [
             {
                 "id": p.summary.id,

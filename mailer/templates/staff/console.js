@@ -69,7 +69,7 @@
       }
     });
     var asOf = section.querySelector("[data-as-of]");
-    if (asOf && data.as_of) { asOf.textContent = new Date(data.as_of).toLocaleString(); }
+    if (asOf && data.as_of_text) { asOf.textContent = data.as_of_text; }
     return active > 0 || (data.sending || []).length > 0;
   }
 
