@@ -231,9 +231,13 @@ def test_progress_json_counts_match_the_deliveries(setup: Setup) -> None:
 
 
 def test_progress_json_refuses_without_a_session(setup: Setup) -> None:
+    issue_id = in_review(setup)
     anonymous = TestClient(setup.app, base_url="https://testserver")
     assert anonymous.get("/staff/progress.json").status_code == 401
-    assert anonymous.get("/staff/", follow_redirects=False).status_code == 303
+    for path in ("/staff/", "/staff/issues", f"/staff/issues/{issue_id}/variants/1"):
+        assert anonymous.get(path, follow_redirects=False).status_code == 303
+    assert anonymous.post(f"/staff/issues/{issue_id}/approve").status_code == 401
+    assert status_of(setup.engine, issue_id) == "review"
 
 
 def test_the_script_is_served_by_the_console(setup: Setup) -> None:
