@@ -30,7 +30,16 @@ from mailer.subscribers.lifecycle import Consent, confirm, record_signup
 from mailer.web import SmtpConfirmationSender, create_app
 from tests.browser import DESKTOP, PHONE, fits, page_at
 from tests.console import StaffClient, add_account, staff_client
-from tests.factories import NOW, TOPICS, make_article, make_issue, make_settings, make_subscriber
+from tests.factories import (
+    NOW,
+    SECRET,
+    TOPICS,
+    make_article,
+    make_issue,
+    make_settings,
+    make_subscriber,
+    write_config,
+)
 from tests.served import at, serve
 
 with warnings.catch_warnings():
@@ -411,3 +420,24 @@ def test_search_and_open_a_record_in_chromium_at_phone_and_desktop(
             )
             assert fits(page), f"sideways scroll on the record page at {name} width"
             page.context.close()
+
+
+def test_subscribers_show_json_is_the_document_the_console_exports(
+    console: Console, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from mailer.cli import cli
+
+    monkeypatch.setenv("MAILER_SECRET_KEY", SECRET)
+    monkeypatch.setattr("mailer.cli.subscribers.now", lambda: NOW)
+    config = write_config(tmp_path / "mailer.toml", db_url)
+    sub = signed_up(console.engine, "reader@example.org")
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "subscribers", "show", sub.email, "--format", "json"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    exported = console.client().post(f"/staff/subscribers/{sub.id}/export")
+    assert json.loads(result.output) == json.loads(exported.text)
