@@ -394,6 +394,13 @@ def test_search_and_open_a_record_in_chromium_at_phone_and_desktop(
         sub = signed_up(engine, "maria.long-address.for-a-phone-screen@example.org")
         make_subscriber(engine, email="other@example.org", name="Someone Else")
         account = add_account(engine, "admin@news.example.org", "admin", now=NOW)
+        upsert_articles(
+            engine,
+            [make_article(title="Main gate closed for a long while today")],
+            now=NOW,
+            origin=feed_origin(FEED),
+        )
+        record_failure(engine, FEED, FeedError(FEED, "HTTP 503 Service Unavailable"), now=NOW)
         base = settings.site.base_url
         for name, viewport in (("phone", PHONE), ("desktop", DESKTOP)):
             # The served app runs on the real clock: the session opens now.
@@ -419,6 +426,11 @@ def test_search_and_open_a_record_in_chromium_at_phone_and_desktop(
                 path=str(shots / f"console-subscriber-record-{name}.png"), full_page=True
             )
             assert fits(page), f"sideways scroll on the record page at {name} width"
+            for what in ("articles", "sources"):
+                page.goto(f"{base}/staff/{what}")
+                assert page.is_visible(f"text={FEED}")
+                page.screenshot(path=str(shots / f"console-{what}-{name}.png"), full_page=True)
+                assert fits(page), f"sideways scroll on the {what} page at {name} width"
             page.context.close()
 
 
