@@ -7,7 +7,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from html import unescape
 from pathlib import Path
@@ -453,3 +453,25 @@ def test_subscribers_show_json_is_the_document_the_console_exports(
     assert result.exit_code == 0, result.output
     exported = console.client().post(f"/staff/subscribers/{sub.id}/export")
     assert json.loads(result.output) == json.loads(exported.text)
+
+
+def test_each_way_in_records_its_origin_once(console: Console) -> None:
+    from mailer.content.store import CLI_ORIGIN, Origin, latest, origins, store_one
+
+    engine = console.engine
+    store_one(engine, make_article(title="Pushed"), now=NOW)
+    typed = make_article(title="Typed")
+    upsert_articles(engine, [typed], now=NOW, origin=CLI_ORIGIN)
+    upsert_articles(engine, [make_article(title="Other")], now=NOW, origin=feed_origin(FEED))
+    # An update of a stored article is not a new arrival: its origin stays the first one.
+    edited = replace(typed, body="The body, corrected.")
+    report = upsert_articles(engine, [edited], now=NOW + timedelta(hours=1), origin="feed:x")
+    assert report.updated == 1
+    found = {item.article.title: item.origin for item in latest(engine).articles}
+    assert found == {
+        "Pushed": Origin("push"),
+        "Typed": Origin("cli"),
+        "Other": Origin("feed", FEED),
+    }
+    assert str(found["Other"]) == f"feed {FEED}"
+    assert origins(engine, {}) == {}
