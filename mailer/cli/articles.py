@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -15,11 +13,8 @@ from mailer.cli.context import Context, by_option, err, out, pass_ctx, site_time
 from mailer.cli.listing import print_table
 from mailer.clock import now
 from mailer.content.files import load_article_file
-from mailer.content.store import Duplicate, list_articles, upsert_articles
+from mailer.content.store import CLI_ORIGIN, Duplicate, list_articles, upsert_articles
 from mailer.errors import MailerError
-
-if TYPE_CHECKING:  # the module loads httpx: only `articles sources` imports it, when run
-    from mailer.content.feeds.websub import Subscription
 
 
 @click.group("articles")
@@ -48,7 +43,7 @@ def articles_add(ctx: Context, files: tuple[Path, ...], topic: str | None) -> No
         except MailerError as exc:
             err.print(str(exc), markup=False)
             failed += 1
-    report = upsert_articles(ctx.engine(), parsed, now=moment)
+    report = upsert_articles(ctx.engine(), parsed, now=moment, origin=CLI_ORIGIN)
     line = f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged"
     if report.duplicates:
         line += f", {len(report.duplicates)} skipped as duplicates"
@@ -120,83 +115,45 @@ def articles_sources(ctx: Context) -> None:
     A feed that failed backs off (the wait doubles with each failure in a row, up to an
     hour); `mailer articles fetch` fetches it at once regardless.
     """
-    from mailer.content.feeds.state import load_feed_states
-    from mailer.content.feeds.websub import load_subscriptions
-    from mailer.content.sources import deferred
+    from mailer.content.source_status import hub_state, next_attempt, source_statuses
 
     settings = ctx.settings
-    states = load_feed_states(ctx.engine())
-    hubs = load_subscriptions(ctx.engine())
-    interval = timedelta(minutes=settings.feeds.interval_minutes)
     moment = now()
     at = functools.partial(site_time, settings)
     if not settings.sources:
         out.print("no [[sources]] configured")
         return
-    for index, source in enumerate(settings.sources):
+    for index, found in enumerate(source_statuses(ctx.engine(), settings, now=moment)):
+        source = found.source
         if index:
             out.print("")
-        if source.type == "directory":
+        if not found.is_feed:
             out.print(f"{source.path} (directory, topic {source.topic})", markup=False)
             out.print("  read on every fetch round", markup=False)
             continue
-        url = source.url or ""
         private = ", private addresses allowed" if source.allow_private else ""
-        out.print(f"{url} (feed, topic {source.topic}{private})", markup=False)
-        state = states.get(url)
+        out.print(f"{source.url or ''} (feed, topic {source.topic}{private})", markup=False)
+        state = found.state
         if state is None:
             out.print("  never fetched", markup=False)
             continue
         status = f" (HTTP {state.last_status})" if state.last_status else ""
-        later = deferred(
-            state,
-            hubs.get(url),
-            interval=interval,
-            poll_every=timedelta(minutes=settings.feeds.websub_poll_minutes),
-            now=moment,
-        )
-        if settings.feeds.interval_minutes == 0:
-            following = "only by mailer articles fetch ([feeds].interval_minutes = 0)"
-        elif later is None:
-            following = "next fetch round"
-        elif later.backing_off:
-            failures = state.consecutive_failures
-            following = (
-                f"{at(later.until)} (backing off after {failures}"
-                f" failure{'' if failures == 1 else 's'})"
-            )
-        else:
-            following = f"{at(later.until)} (its hub delivers; polled rarely)"
         rows = [
             ("last fetched", at(state.last_fetched_at) + status),
             ("last success", at(state.last_success_at) if state.last_success_at else "never"),
-            ("next attempt", following),
+            ("next attempt", next_attempt(found, settings, at)),
         ]
         if state.last_error:
             rows.append(("last error", state.last_error))
-        subscription = hubs.get(url)
+        subscription = found.subscription
         if subscription is None:
             rows.append(("hub", "no hub"))
         else:
-            rows.append(("hub", _hub_state(subscription, moment, at)))
+            rows.append(("hub", hub_state(subscription, moment, at)))
             if subscription.last_error:
                 rows.append(("hub error", subscription.last_error))
         for name, value in rows:
             out.print(f"  {name + ':':<14}{value}", markup=False)
-
-
-def _hub_state(subscription: Subscription, moment: datetime, at: Callable[[datetime], str]) -> str:
-    """One line: the hub, and whether it delivers (subscribed until …), waits or refused."""
-    hub = subscription.hub
-    if subscription.live(moment) and subscription.lease_expires_at is not None:
-        heard = subscription.last_content_at
-        last = f", last content {at(heard)}" if heard else ", no content yet"
-        return f"subscribed until {at(subscription.lease_expires_at)} ({hub}{last})"
-    if subscription.state == "denied":
-        return f"denied ({hub})"
-    if subscription.state == "verified":
-        return f"lease lapsed, renewal pending ({hub})"
-    return f"pending: waiting for the hub to verify ({hub})"
 
 
 def _print_duplicates(prefix: str, duplicates: Sequence[Duplicate]) -> None:

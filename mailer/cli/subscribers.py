@@ -227,11 +227,28 @@ def _as_json(sub: store.Subscriber, zone: ZoneInfo) -> dict[str, object]:
 
 @group.command("show")
 @click.argument("email")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: everything held about the person, the file they download themselves.",
+)
 @pass_ctx
-def subscribers_show(ctx: Context, email: str) -> None:
+def subscribers_show(ctx: Context, email: str, fmt: str) -> None:
     """Show one subscriber: status first, then topics, digests (each with its pause) and
-    consent evidence."""
+    consent evidence; or, as json, everything held about them (GDPR Art. 15 and 20)."""
     sub = store.get(ctx.engine(), email)
+    if fmt == "json":
+        site = ctx.settings.site
+        text = personal.document(
+            ctx.engine(), sub.uid, newsletter=site.name, publisher=site.publisher, now=now()
+        )
+        if text is None:  # erased between the two reads
+            raise MailerError(f"no subscriber {sub.email}")
+        sys.stdout.write(text)
+        return
     out.print(sub.status)
     zone = ZoneInfo(ctx.settings.site.timezone)
     for label, value in [

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from mailer.console import dashboard, issues
+from mailer.console import dashboard, issues, records
 from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
 from mailer.console.guard import Guard, LoginRequired
 from mailer.console.sessions import Rules
@@ -45,6 +45,7 @@ def console_mount(console: Console) -> Mount:
         Route("/static/console.css", stylesheet, methods=["GET"]),
         *dashboard.routes(console),
         *issues.routes(console),
+        *records.routes(console),
     ]
     return Mount(PREFIX, routes=routes)
 

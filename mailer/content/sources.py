@@ -34,7 +34,13 @@ from mailer.content.feeds.parse import category_topics, parse_feed
 from mailer.content.feeds.state import FeedState, load_feed_states, record_failure, record_success
 from mailer.content.feeds.websub import Subscription, load_subscriptions, maintain, poll_due
 from mailer.content.files import load_article_file
-from mailer.content.store import Duplicate, UpsertReport, upsert_articles
+from mailer.content.store import (
+    Duplicate,
+    UpsertReport,
+    feed_origin,
+    file_origin,
+    upsert_articles,
+)
 from mailer.errors import ArticleError, FeedError
 
 log = logging.getLogger(__name__)
@@ -292,7 +298,12 @@ async def _run_feed(run: _Run, source: Source) -> SourceResult:
     async with run.db_lock:
         if feed is not None:
             report = await asyncio.to_thread(
-                upsert_articles, run.engine, feed.articles, now=run.now, keep_topic=True
+                upsert_articles,
+                run.engine,
+                feed.articles,
+                now=run.now,
+                keep_topic=True,
+                origin=feed_origin(url),
             )
         # A 304 may carry fresher validators (RFC 9110 §15.4.5); otherwise keep the stored ones.
         etag = fetched.etag or (state.etag if state and fetched.not_modified else None)
@@ -350,7 +361,9 @@ async def _run_directory(run: _Run, source: Source) -> SourceResult:
     except ArticleError as exc:
         return SourceResult(source, error=str(exc))
     async with run.db_lock:
-        report = await asyncio.to_thread(upsert_articles, run.engine, parsed, now=run.now)
+        report = await asyncio.to_thread(
+            upsert_articles, run.engine, parsed, now=run.now, origin=file_origin(source.path)
+        )
     return SourceResult(
         source,
         added=report.added,

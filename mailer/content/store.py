@@ -27,13 +27,78 @@ import sqlalchemy as sa
 from mailer.content.article import MAX_GUID, MAX_LINK, MAX_TITLE, ParsedArticle
 from mailer.db import audit
 from mailer.db.engine import reading, upsert_insert
-from mailer.db.schema import articles, issue_articles, issues
+from mailer.db.schema import articles, events, issue_articles, issues
 from mailer.errors import ArticleError, UnknownArticleError
 from mailer.models import Article
 
 log = logging.getLogger(__name__)
 
 UPSERT_CHUNK = 500  # guids per IN (...) list: well under SQLite's and PostgreSQL's bind limits
+
+# Where an article came from, as ``upsert_articles`` records it (``origin``) and ``origins``
+# reads it back: "feed:<url>", "websub:<feed url>", "file:<folder>", "push", "cli".
+ARRIVED = "article_arrived"
+PUSH_ORIGIN = "push"
+CLI_ORIGIN = "cli"
+
+
+def feed_origin(url: str, *, websub: bool = False) -> str:
+    """The origin of articles a feed gave (fetched, or delivered by its WebSub hub)."""
+    return ("websub:" if websub else "feed:") + url
+
+
+def file_origin(path: object) -> str:
+    """The origin of articles read from a ``[[sources]]`` folder."""
+    return f"file:{path}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an article came from: ``kind`` is feed, websub, file, push or cli; ``where`` the
+    feed URL or folder (empty for push and cli)."""
+
+    kind: str
+    where: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Origin:
+        kind, _, where = text.partition(":")
+        return cls(kind, where)
+
+    def __str__(self) -> str:
+        labels = {
+            "feed": "feed",
+            "websub": "feed (WebSub push)",
+            "file": "file",
+            "push": "pushed by the site",
+            "cli": "mailer articles add",
+        }
+        label = labels.get(self.kind, self.kind)
+        return f"{label} {self.where}" if self.where else label
+
+
+def origins(engine: sa.Engine, arrivals: dict[int, datetime]) -> dict[int, Origin]:
+    """Where each article came from, by id (``arrivals``: id → its ``created_at``). An article
+    stored before origins were recorded is absent."""
+    if not arrivals:
+        return {}
+    found: dict[int, Origin] = {}
+    moments = sorted(set(arrivals.values()))
+    with reading(engine) as conn:
+        for start in range(0, len(moments), UPSERT_CHUNK):
+            rows = conn.execute(
+                sa.select(events.c.detail).where(
+                    # Anonymous events are few, and ix_events_subscriber finds them.
+                    events.c.subscriber_id.is_(None),
+                    events.c.kind == ARRIVED,
+                    events.c.at.in_(moments[start : start + UPSERT_CHUNK]),
+                )
+            )
+            for (detail,) in rows:
+                article = detail.get("article") if isinstance(detail, dict) else None
+                if article in arrivals and isinstance(detail.get("origin"), str):
+                    found[article] = Origin.parse(detail["origin"])
+    return found
 
 
 @dataclass(frozen=True)
@@ -100,7 +165,12 @@ def _values(item: ParsedArticle) -> dict[str, Any]:
 
 
 def upsert_articles(
-    engine: sa.Engine, items: Sequence[ParsedArticle], *, now: datetime, keep_topic: bool = False
+    engine: sa.Engine,
+    items: Sequence[ParsedArticle],
+    *,
+    now: datetime,
+    keep_topic: bool = False,
+    origin: str = "",
 ) -> UpsertReport:
     """Store articles by guid: new ones are added, changed ones updated, the rest left alone.
 
@@ -112,6 +182,10 @@ def upsert_articles(
     again). It keeps the stored ``priority`` too: a feed cannot say one, so the site's push of
     an alert (``POST /hooks/articles``) is not turned back into bulk by the next fetch of the
     same guid. Runs in one transaction, with a few bulk statements per chunk of guids.
+
+    ``origin`` says where the articles came from (``feed_origin``, ``file_origin``,
+    ``PUSH_ORIGIN``, ``CLI_ORIGIN``); each article added is recorded with it in the audit trail
+    (an ``article_arrived`` event), which the staff console reads back with ``origins``.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -120,7 +194,9 @@ def upsert_articles(
     report = UpsertReport()
     with engine.begin() as conn:
         for start in range(0, len(unique), UPSERT_CHUNK):
-            _upsert_chunk(conn, unique[start : start + UPSERT_CHUNK], report, now, keep_topic)
+            _upsert_chunk(
+                conn, unique[start : start + UPSERT_CHUNK], report, now, keep_topic, origin
+            )
     return report
 
 
@@ -130,6 +206,7 @@ def _upsert_chunk(
     report: UpsertReport,
     now: datetime,
     keep_topic: bool = False,
+    origin: str = "",
 ) -> None:
     stored: dict[str, tuple[int, str, str, str]] = {
         guid: (id_, content_hash, topic, priority)
@@ -181,6 +258,13 @@ def _upsert_chunk(
         for guid, id_ in inserted.items():
             _claim(owners, rows[guid], id_, guid)
         added = len(inserted)
+        if origin:
+            audit.record_each(
+                conn,
+                ARRIVED,
+                now,
+                [(None, {"article": id_, "origin": origin}) for id_ in inserted.values()],
+            )
     changed: list[ParsedArticle] = []
     for item in chunk:
         if item.guid not in stored or stored[item.guid][1] == rows[item.guid]["content_hash"]:
@@ -228,7 +312,7 @@ class Stored:
 def store_one(engine: sa.Engine, item: ParsedArticle, *, now: datetime) -> Stored:
     """Store one article (``upsert_articles``) and say what happened to it, with its id: the
     answer to the site when it pushes one (``POST /hooks/articles``)."""
-    report = upsert_articles(engine, [item], now=now)
+    report = upsert_articles(engine, [item], now=now, origin=PUSH_ORIGIN)
     if report.duplicates:
         return Stored("duplicate", report.duplicates[0].of)
     with reading(engine) as conn:
@@ -457,3 +541,71 @@ def remove(engine: sa.Engine, article_id: int, *, by: str, now: datetime) -> Rem
         audit.record(conn, None, "article_removed", now, article=article_id, by=by, issues=unsent)
     log.info("article removed", extra={"article": article_id, "by": by, "issues": unsent})
     return Removal(article_id, row.title, tuple(unsent), False, now, by)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latest articles for staff (the console's articles page)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One article of ``latest``: when it arrived, where from, and the issues that took it."""
+
+    article: Article
+    created_at: datetime
+    origin: Origin | None  # None: stored before origins were recorded
+    issues: tuple[TakenBy, ...]
+
+
+@dataclass(frozen=True)
+class Latest:
+    """One page of ``latest`` and how many articles there are in all."""
+
+    articles: tuple[Listed, ...]
+    total: int
+
+
+def latest(
+    engine: sa.Engine, *, topic: str | None = None, limit: int = 25, offset: int = 0
+) -> Latest:
+    """The newest articles (as ``list_articles``: by publication, newest first), the page of
+    ``limit`` from ``offset``, each with its arrival, origin and issues."""
+    if limit < 1 or offset < 0:
+        raise ValueError(f"limit must be 1 or more and offset 0 or more, got {limit}, {offset}")
+    query = sa.select(*ARTICLE_COLUMNS, articles.c.created_at)
+    counting = sa.select(sa.func.count()).select_from(articles)
+    if topic is not None:
+        query = query.where(articles.c.topic == topic)
+        counting = counting.where(articles.c.topic == topic)
+    with reading(engine) as conn:
+        total = conn.execute(counting).scalar_one()
+        rows = conn.execute(_newest_first(query, limit).offset(offset)).all()
+        ids = [row.id for row in rows]
+        taken: dict[int, list[TakenBy]] = {i: [] for i in ids}
+        if ids:
+            for article_id, *issue in conn.execute(
+                sa.select(
+                    issue_articles.c.article_id,
+                    issues.c.id,
+                    issues.c.digest,
+                    issues.c.scheduled_for,
+                    issues.c.status,
+                )
+                .join(issues, issues.c.id == issue_articles.c.issue_id)
+                .where(issue_articles.c.article_id.in_(ids), issue_articles.c.dropped_at.is_(None))
+                .order_by(issues.c.scheduled_for, issues.c.id)
+            ):
+                taken[article_id].append(TakenBy(*issue))
+    found = origins(engine, {row.id: row.created_at for row in rows})
+    return Latest(
+        tuple(
+            Listed(
+                Article(**{c.name: row._mapping[c.name] for c in ARTICLE_COLUMNS}),
+                row.created_at,
+                found.get(row.id),
+                tuple(taken[row.id]),
+            )
+            for row in rows
+        ),
+        total,
+    )

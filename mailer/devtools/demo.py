@@ -37,7 +37,7 @@ from mailer.compose.rendering import Renderer
 from mailer.config.load import load_settings
 from mailer.config.settings import Settings
 from mailer.content.files import load_article_file
-from mailer.content.store import upsert_articles
+from mailer.content.store import file_origin, upsert_articles
 from mailer.db.engine import create_engine, migrate, reading
 from mailer.db.schema import deliveries, issues, subscribers
 from mailer.delivery.foreground import deliver_issue
@@ -304,7 +304,7 @@ def _run(settings: Settings, out_dir: Path, console: Console) -> dict[str, Any]:
         for p in sorted(source.path.iterdir())
         if p.is_file()
     ]
-    added = upsert_articles(engine, parsed, now=moment)
+    added = upsert_articles(engine, parsed, now=moment, origin=file_origin(source.path))
     digest, alerts = settings.digest("weekly"), settings.digest("alerts")
     renderer = Renderer()
     preview = preview_next(engine, settings, digest, now=moment, renderer=renderer)

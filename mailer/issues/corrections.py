@@ -164,6 +164,39 @@ def retract(
     return Retraction(removal, len(readers), issue_id, recipients)
 
 
+@dataclass(frozen=True)
+class Audience:
+    """Who a correction of an article would go to, asked before retracting it."""
+
+    received: int  # readers who received the article
+    active: int  # of those, readers still active: the correction's recipients
+    correction_issue: int | None  # the correction already made for it (none is made again)
+
+
+def audience(engine: sa.Engine, article_id: int) -> Audience:
+    """Who ``retract(..., correction=TEXT)`` would send a correction to now, by the same rule
+    (``received_by``, then readers still active); UnknownArticleError if there is no article."""
+    with reading(engine) as conn:
+        found = conn.execute(
+            sa.select(articles.c.id).where(articles.c.id == article_id)
+        ).scalar_one_or_none()
+        if found is None:
+            raise UnknownArticleError(article_id)
+        existing = conn.execute(
+            sa.select(issues.c.id).where(issues.c.corrects_article == article_id)
+        ).scalar_one_or_none()
+        readers = received_by(conn, article_id)
+        active = 0
+        for start in range(0, len(readers), _CHUNK):
+            chunk = readers[start : start + _CHUNK]
+            active += conn.execute(
+                sa.select(sa.func.count())
+                .select_from(subscribers)
+                .where(subscribers.c.id.in_(chunk), subscribers.c.status == "active")
+            ).scalar_one()
+    return Audience(len(readers), active, existing)
+
+
 def received_by(conn: sa.Connection, article_id: int) -> list[int]:
     """The ids of the readers who received the article (see the module docstring)."""
     query = (

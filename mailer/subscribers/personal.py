@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -104,10 +105,30 @@ def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
     }
 
 
-def erase(engine: sa.Engine, email: str, *, now: datetime, reason: str = "erased") -> None:
+def document(
+    engine: sa.Engine, uid: str, *, newsletter: str, publisher: str, now: datetime
+) -> str | None:
+    """``export`` as the JSON file a person downloads (from their preferences page, or staff
+    for them in the console): who holds the data, when it was exported, then the data."""
+    data = export(engine, uid)
+    if data is None:
+        return None
+    body = {"newsletter": newsletter, "publisher": publisher, "exported_at": now.isoformat()}
+    return json.dumps(body | data, indent=2, ensure_ascii=False) + "\n"
+
+
+def erase(
+    engine: sa.Engine,
+    email: str,
+    *,
+    now: datetime,
+    reason: str = "erased",
+    by: str | None = None,
+) -> None:
     """Delete everything held about a person; keep only the address hash on the suppression list.
 
     Their deliveries and events go too (cascade); issue totals keep counting them nowhere.
+    ``by`` (a staff member) is recorded with the erasure when staff did it.
     """
     address = normalize_address(email)
     with engine.begin() as conn:
@@ -117,7 +138,8 @@ def erase(engine: sa.Engine, email: str, *, now: datetime, reason: str = "erased
         if sid is not None:
             conn.execute(subscribers.delete().where(subscribers.c.id == sid))
         store.suppress(conn, address, reason, now)
-        audit.record(conn, None, "erased", now, email_hash=address_hash(address))
+        who = {} if by is None else {"by": by}
+        audit.record(conn, None, "erased", now, email_hash=address_hash(address), **who)
 
 
 def erase_by_uid(engine: sa.Engine, uid: str, *, now: datetime) -> bool:

@@ -500,3 +500,74 @@ def counts_by_status(
             )
         )
         return {status: n for status, n in rows}
+
+
+# --- search (the staff console) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    """One page of a search: the subscribers on it and how many match in all."""
+
+    subscribers: tuple[Subscriber, ...]
+    total: int
+
+
+def _like(text: str) -> str:
+    """``text`` as a LIKE pattern that matches it anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def search(
+    engine: sa.Engine,
+    text: str = "",
+    *,
+    status: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> Found:
+    """Subscribers whose address or name contains ``text`` (any case), of one ``status`` if
+    given, in address order: the page of ``limit`` from ``offset``, and the total."""
+    if status is not None and status not in SUBSCRIBER_STATUSES:
+        raise SubscriberError(
+            f"unknown status {status!r} (known: {', '.join(SUBSCRIBER_STATUSES)})"
+        )
+    if limit < 1 or offset < 0:
+        raise ValueError(f"limit must be 1 or more and offset 0 or more, got {limit}, {offset}")
+    where: list[sa.ColumnElement[bool]] = []
+    wanted = text.strip().lower()
+    if wanted:
+        pattern = _like(wanted)
+        where.append(
+            sa.or_(
+                sa.func.lower(subscribers.c.email).like(pattern, escape="\\"),
+                sa.func.lower(subscribers.c.name).like(pattern, escape="\\"),
+            )
+        )
+    if status is not None:
+        where.append(subscribers.c.status == status)
+    with engine.connect() as conn:
+        total = conn.execute(
+            sa.select(sa.func.count()).select_from(subscribers).where(*where)
+        ).scalar_one()
+        rows = conn.execute(
+            sa.select(subscribers)
+            .where(*where)
+            .order_by(subscribers.c.email)
+            .limit(limit)
+            .offset(offset)
+        ).all()
+        ids = [r.id for r in rows]
+        topics = topics_of(conn, ids)
+        chosen = editions.choices_of(conn, ids)
+    return Found(tuple(_to_subscriber(r, topics[r.id], chosen[r.id]) for r in rows), total)
+
+
+def get_by_id(engine: sa.Engine, sid: int) -> Subscriber:
+    """The subscriber with this id; SubscriberError if there is none (erased, purged)."""
+    with engine.connect() as conn:
+        found = load_by_id(conn, sid)
+    if found is None:
+        raise SubscriberError(f"no subscriber with id {sid} (erased, or never there)")
+    return found

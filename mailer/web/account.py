@@ -7,7 +7,6 @@ a page, never a redirect (RFC 8058 §3.1 forbids one for the unsubscribe POST).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -252,21 +251,19 @@ class AccountViews:
         """POST: everything we hold about the subscriber, as a JSON download (GDPR Art. 15, 20)."""
         web = self.web
         uid = web.uid(request.path_params["token"], Purpose.PREFERENCES)
-        data = await run_in_threadpool(personal.export, web.engine, uid)
-        if data is None:
-            return self._not_found()
-        body = json.dumps(
-            {
-                "newsletter": web.settings.site.name,
-                "publisher": web.settings.site.publisher,
-                "exported_at": web.clock().isoformat(),
-                **data,
-            },
-            indent=2,
-            ensure_ascii=False,
+        body = await run_in_threadpool(
+            lambda: personal.document(
+                web.engine,
+                uid,
+                newsletter=web.settings.site.name,
+                publisher=web.settings.site.publisher,
+                now=web.clock(),
+            )
         )
+        if body is None:
+            return self._not_found()
         return Response(
-            body + "\n",
+            body,
             media_type="application/json",
             headers={
                 **NO_STORE,

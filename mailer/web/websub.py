@@ -26,7 +26,7 @@ from starlette.responses import PlainTextResponse, Response
 from mailer.config.settings import Source
 from mailer.content.feeds import websub
 from mailer.content.feeds.parse import parse_feed
-from mailer.content.store import upsert_articles
+from mailer.content.store import feed_origin, upsert_articles
 from mailer.errors import FeedError, TokenError
 from mailer.subscribers.tokens import Purpose, read_token
 from mailer.web.context import NO_STORE, WebContext
@@ -160,7 +160,13 @@ class WebSubViews:
             await run_in_threadpool(websub.content_failed, self.web.engine, subscription, error)
             return Response(status_code=202, headers=NO_STORE)
         report = await run_in_threadpool(
-            lambda: upsert_articles(self.web.engine, feed.articles, now=now, keep_topic=True)
+            lambda: upsert_articles(
+                self.web.engine,
+                feed.articles,
+                now=now,
+                keep_topic=True,
+                origin=feed_origin(subscription.feed_url, websub=True),
+            )
         )
         await run_in_threadpool(websub.delivered, self.web.engine, subscription, now=now)
         log.info(
