@@ -449,7 +449,7 @@ def test_subscribers_show_json_is_the_document_the_console_exports(
 
 
 def test_each_way_in_records_its_origin_once(console: Console) -> None:
-    from mailer.content.store import CLI_ORIGIN, Origin, latest, origins, store_one
+    from mailer.content.store import CLI_ORIGIN, Origin, latest, store_one
 
     engine = console.engine
     store_one(engine, make_article(title="Pushed"), now=NOW)
@@ -467,4 +467,3 @@ def test_each_way_in_records_its_origin_once(console: Console) -> None:
         "Other": Origin("feed", FEED),
     }
     assert str(found["Other"]) == f"feed {FEED}"
-    assert origins(engine, {}) == {}

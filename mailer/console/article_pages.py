@@ -80,10 +80,7 @@ class ArticlePages:
             detail = await run_in_threadpool(store.show, self.web.engine, article_id)
         except UnknownArticleError as exc:
             return self._problem(request, member, 404, "No such article", f"{exc}.")
-        found = await run_in_threadpool(
-            store.origins, self.web.engine, {article_id: detail.created_at}
-        )
-        return detail, found.get(article_id)
+        return detail, detail.origin
 
     async def article(self, request: Request) -> Response:
         """``GET /staff/articles/{id}``: every field, arrival, origin, issues, removal."""

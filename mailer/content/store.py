@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from mailer.content.article import MAX_GUID, MAX_LINK, MAX_TITLE, ParsedArticle
 from mailer.db import audit
 from mailer.db.engine import reading, upsert_insert
-from mailer.db.schema import articles, events, issue_articles, issues
+from mailer.db.schema import articles, issue_articles, issues
 from mailer.errors import ArticleError, UnknownArticleError
 from mailer.models import Article
 
@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 
 UPSERT_CHUNK = 500  # guids per IN (...) list: well under SQLite's and PostgreSQL's bind limits
 
-# Where an article came from, as ``upsert_articles`` records it (``origin``) and ``origins``
-# reads it back: "feed:<url>", "websub:<feed url>", "file:<folder>", "push", "cli".
-ARRIVED = "article_arrived"
+# Where an article came from, as ``upsert_articles`` records it in ``articles.origin``:
+# "feed:<url>", "websub:<feed url>", "file:<folder>", "push", "cli".
 PUSH_ORIGIN = "push"
 CLI_ORIGIN = "cli"
 
@@ -75,30 +74,6 @@ class Origin:
         }
         label = labels.get(self.kind, self.kind)
         return f"{label} {self.where}" if self.where else label
-
-
-def origins(engine: sa.Engine, arrivals: dict[int, datetime]) -> dict[int, Origin]:
-    """Where each article came from, by id (``arrivals``: id → its ``created_at``). An article
-    stored before origins were recorded is absent."""
-    if not arrivals:
-        return {}
-    found: dict[int, Origin] = {}
-    moments = sorted(set(arrivals.values()))
-    with reading(engine) as conn:
-        for start in range(0, len(moments), UPSERT_CHUNK):
-            rows = conn.execute(
-                sa.select(events.c.detail).where(
-                    # Anonymous events are few, and ix_events_subscriber finds them.
-                    events.c.subscriber_id.is_(None),
-                    events.c.kind == ARRIVED,
-                    events.c.at.in_(moments[start : start + UPSERT_CHUNK]),
-                )
-            )
-            for (detail,) in rows:
-                article = detail.get("article") if isinstance(detail, dict) else None
-                if article in arrivals and isinstance(detail.get("origin"), str):
-                    found[article] = Origin.parse(detail["origin"])
-    return found
 
 
 @dataclass(frozen=True)
@@ -184,8 +159,8 @@ def upsert_articles(
     same guid. Runs in one transaction, with a few bulk statements per chunk of guids.
 
     ``origin`` says where the articles came from (``feed_origin``, ``file_origin``,
-    ``PUSH_ORIGIN``, ``CLI_ORIGIN``); each article added is recorded with it in the audit trail
-    (an ``article_arrived`` event), which the staff console reads back with ``origins``.
+    ``PUSH_ORIGIN``, ``CLI_ORIGIN``); each article added keeps it in ``articles.origin``, and
+    an update never changes it.
     """
     latest: dict[str, ParsedArticle] = {}
     for item in items:
@@ -251,20 +226,16 @@ def _upsert_chunk(
                 upsert_insert(conn, articles)
                 .on_conflict_do_nothing()
                 .returning(articles.c.guid, articles.c.id),
-                [row | {"created_at": now, "updated_at": now} for row in new],
+                [
+                    row | {"created_at": now, "updated_at": now, "origin": origin or None}
+                    for row in new
+                ],
             )
         }
         _lost_races(conn, [row for row in new if row["guid"] not in inserted], report)
         for guid, id_ in inserted.items():
             _claim(owners, rows[guid], id_, guid)
         added = len(inserted)
-        if origin:
-            audit.record_each(
-                conn,
-                ARRIVED,
-                now,
-                [(None, {"article": id_, "origin": origin}) for id_ in inserted.values()],
-            )
     changed: list[ParsedArticle] = []
     for item in chunk:
         if item.guid not in stored or stored[item.guid][1] == rows[item.guid]["content_hash"]:
@@ -440,6 +411,7 @@ class ArticleDetail:
     removed_by: str | None
     removed_from: tuple[int, ...]
     issues: tuple[TakenBy, ...]
+    origin: Origin | None = None  # None: stored before origins were recorded
 
 
 @dataclass(frozen=True)
@@ -468,6 +440,7 @@ def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
                 articles.c.updated_at,
                 articles.c.removed_by,
                 articles.c.removed_from,
+                articles.c.origin,
             ).where(articles.c.id == article_id)
         ).first()
         if row is None:
@@ -486,6 +459,7 @@ def show(engine: sa.Engine, article_id: int) -> ArticleDetail:
         removed_by=row.removed_by,
         removed_from=_issue_ids(row.removed_from),
         issues=tuple(TakenBy(*t) for t in taken),
+        origin=Origin.parse(row.origin) if row.origin else None,
     )
 
 
@@ -572,7 +546,7 @@ def latest(
     ``limit`` from ``offset``, each with its arrival, origin and issues."""
     if limit < 1 or offset < 0:
         raise ValueError(f"limit must be 1 or more and offset 0 or more, got {limit}, {offset}")
-    query = sa.select(*ARTICLE_COLUMNS, articles.c.created_at)
+    query = sa.select(*ARTICLE_COLUMNS, articles.c.created_at, articles.c.origin)
     counting = sa.select(sa.func.count()).select_from(articles)
     if topic is not None:
         query = query.where(articles.c.topic == topic)
@@ -596,13 +570,12 @@ def latest(
                 .order_by(issues.c.scheduled_for, issues.c.id)
             ):
                 taken[article_id].append(TakenBy(*issue))
-    found = origins(engine, {row.id: row.created_at for row in rows})
     return Latest(
         tuple(
             Listed(
                 Article(**{c.name: row._mapping[c.name] for c in ARTICLE_COLUMNS}),
                 row.created_at,
-                found.get(row.id),
+                Origin.parse(row.origin) if row.origin else None,
                 tuple(taken[row.id]),
             )
             for row in rows

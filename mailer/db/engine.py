@@ -34,7 +34,7 @@ MIGRATIONS_DIR = Path(str(resources.files("mailer.db") / "migrations"))
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # The newest migration in migrations/versions (tests/test_db.py checks it against
 # Alembic's head).
-SCHEMA_HEAD = "0014"
+SCHEMA_HEAD = "0015"
 # A Connection execution option: the transaction only reads (see _sqlite_begin).
 READ_ONLY = "mailer_read_only"
 

@@ -171,6 +171,9 @@ articles = sa.Table(
     # "alert" (migration 0011): the site marked it urgent; it leads every issue that takes it.
     # A plain column, no index: read with the row, never searched by.
     sa.Column("priority", sa.String(8), nullable=False, server_default="bulk"),
+    # Where it came from (migration 0015): "feed:<url>", "websub:<feed url>", "file:<folder>",
+    # "push" or "cli" (mailer.content.store.Origin); NULL for articles stored before 0015.
+    sa.Column("origin", sa.String(1100)),
     sa.CheckConstraint(_in("priority", ARTICLE_PRIORITIES), name="priority"),
     sa.Index("ix_articles_topic_published", "topic", "published_at"),
     sa.Index("ix_articles_text_key", "text_key", unique=True),
