@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from datetime import timedelta
 from typing import Any
@@ -38,6 +39,7 @@ from mailer.web.context import client_ip, read_form
 FORM_COOKIE = "mailer_staff_form"
 FORM_FIELD = "form_token"
 FORM_LIFETIME = timedelta(hours=1)
+NONCE = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
 def routes(console: Console) -> list[Route]:
@@ -76,7 +78,11 @@ class LoginViews:
         self, request: Request, template: str, *, status: int = 200, **context: Any
     ) -> Response:
         """A login or welcome page, with a fresh form token and its cookie."""
-        nonce = secrets.token_urlsafe(16)
+        # The browser's nonce is kept while it has one, so a page in another tab (or the
+        # page a refused login answers with) does not void the form it already shows.
+        nonce = request.cookies.get(FORM_COOKIE, "")
+        if not NONCE.fullmatch(nonce):
+            nonce = secrets.token_urlsafe(16)
         issued = int(self.web.clock().timestamp())
         token = f"{nonce}.{issued}.{self._form_mac(nonce, issued)}"
         context.setdefault("notice", self.console.notice(request))
