@@ -12,6 +12,7 @@ import statistics
 import time
 import warnings
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 from starlette.routing import Mount, Route
 
+from mailer.clock import now as clock_now
 from mailer.console import accounts, sessions
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, metadata, staff_sessions
@@ -474,3 +476,48 @@ def test_the_staff_page_adds_shows_the_link_once_and_removes_behind_a_confirmati
     assert accounts.find(engine, admin.email) is not None
     assert [k for k, _ in kinds(engine)] == ["staff.added", "staff.removed"]
     assert all(d["by"] == admin.email for _, d in kinds(engine))
+
+
+# -- in a real browser ------------------------------------------------------------------------
+
+
+def test_in_chromium_set_a_password_log_in_and_out_at_phone_width(
+    browser: Any, db_url: str, shots: Path
+) -> None:
+    from tests.browser import PHONE, page_at
+    from tests.served import at, serve
+
+    with serve(lambda base: make_settings(db_url, **at(base))) as (server, engine, settings):
+        link = accounts.add(engine, "admin@news.example.org", "admin", clock_now())
+        page = page_at(browser, PHONE)
+        try:
+            page.goto(accounts.link_url(settings, link.token))
+            assert page.get_by_role("heading", name="Set your password").is_visible()
+            page.get_by_label("New password").fill(PASSWORD)
+            page.get_by_label("The same again").fill(PASSWORD)
+            page.screenshot(path=str(shots / "staff-welcome-phone.png"), full_page=True)
+            page.get_by_role("button", name="Set password").click()
+            page.wait_for_url(re.compile(r".*/staff/login\?notice=.*"))
+            assert "Your password is set" in page.inner_text("main")
+            page.get_by_label("Email address").fill("admin@news.example.org")
+            page.get_by_label("Password").fill(PASSWORD)
+            page.screenshot(path=str(shots / "staff-login-phone.png"), full_page=True)
+            page.get_by_role("button", name="Log in").click()
+            # The dashboard's URL, whatever page is there yet.
+            page.wait_for_url(f"{server.url}/staff/")
+            cookie = next(c for c in page.context.cookies() if c["name"] == sessions.COOKIE_NAME)
+            assert cookie["secure"] and cookie["httpOnly"]
+            assert cookie["sameSite"] == "Strict" and cookie["path"] == "/staff"
+            page.goto(f"{server.url}/staff/accounts")
+            assert page.get_by_role("heading", name="Staff accounts").is_visible()
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= PHONE["width"], width  # no sideways scroll
+            page.screenshot(path=str(shots / "staff-accounts-phone.png"), full_page=True)
+            page.get_by_role("button", name="Log out").click()
+            page.wait_for_url(re.compile(r".*/staff/login\?notice=.*"))
+            assert "You are logged out." in page.inner_text("main")
+            assert all(c["name"] != sessions.COOKIE_NAME for c in page.context.cookies())
+            page.goto(f"{server.url}/staff/accounts")
+            assert "/staff/login?next=" in page.url
+        finally:
+            page.context.close()
