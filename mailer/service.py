@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import uvicorn
@@ -40,6 +40,9 @@ from mailer.signals import stop_on_signals, stopped_within
 from mailer.staff import checks
 from mailer.staff.rounds import StaffRound, Step, staff_steps
 from mailer.text import one_line
+
+if TYPE_CHECKING:
+    from mailer.web.server import QuietServer
 
 log = logging.getLogger(__name__)
 
@@ -496,7 +499,7 @@ class Service:
             server = self._web_server() if self.parts.web else None
             self.web_server = server
             totals = Totals()
-            server_pair: list[tuple[uvicorn.Server, socket.socket]] = []
+            server_pair: list[tuple[QuietServer, socket.socket]] = []
             try:
                 if server is not None:
                     sockets = [self.web_socket] if self.web_socket is not None else None
@@ -512,9 +515,7 @@ class Service:
                         # [staff_web] gives the console a listener of its own.
                         staff_server, staff_sock = console
                         server_pair.append((staff_server, staff_sock))
-                        staff_web = asyncio.create_task(
-                            staff_server.serve(sockets=[staff_sock]), name="staff web"
-                        )
+                        staff_web = await staff_server.serve_listening([staff_sock])
                         tasks.append(staff_web)
                         staff_web.add_done_callback(self._web_ended)
                 if on_started is not None:
@@ -553,7 +554,7 @@ class Service:
                     staff_sock.close()
         return totals
 
-    def _console_server(self) -> tuple[uvicorn.Server, socket.socket] | None:
+    def _console_server(self) -> tuple[QuietServer, socket.socket] | None:
         from mailer.web.sender import SmtpConfirmationSender
         from mailer.web.server import console_server
 

@@ -20,6 +20,7 @@ from mailer.console import accounts, logins, sessions
 from mailer.db.schema import events, staff_accounts, staff_login_attempts, staff_sessions
 from mailer.errors import AddressError, PasswordRejected, StaffAccountError, StaffLinkError
 from tests.factories import NOW, SECRET, write_config
+from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 GOOD = "quilt harbor velvet 1987 tram"
 
@@ -311,3 +312,100 @@ def test_cli_staff_reset_and_remove(
     assert code == 1 and "invalid email address" in err
     code, _ = fails(config, capsys, "staff", "add", "x@news.example.org", "--role", "owner")
     assert code == 2
+
+
+# -- [staff_web] -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"idle_minutes": 0}, "[staff_web].idle_minutes must be"),
+        ({"idle_minutes": 600, "session_hours": 2}, "is longer than session_hours"),
+        ({"host": "10.0.0.5"}, "[staff_web].host needs [staff_web].port too"),
+        ({"port": 8000}, "is the web app's own"),
+        ({"port": 70000}, "[staff_web].port must be 1–65535"),
+        ({"base_url": "intranet"}, "[staff_web].base_url must be an absolute"),
+        ({"idle": 5}, "[staff_web].idle is not a known key"),
+    ],
+    ids=["idle-zero", "idle-over-lifetime", "host-alone", "same-port", "port-range", "url", "typo"],
+)
+def test_staff_web_is_checked_when_the_config_loads(table: dict[str, object], message: str) -> None:
+    from mailer.errors import ConfigError
+    from tests.factories import make_settings
+
+    with pytest.raises(ConfigError) as info:
+        make_settings(staff_web=table)
+    assert message in str(info.value)
+
+
+def test_staff_web_sets_session_rules_and_the_links_address(db_url: str) -> None:
+    from mailer.web import SmtpConfirmationSender, create_app
+    from tests.factories import make_settings
+
+    settings = make_settings(
+        db_url,
+        staff_web={
+            "idle_minutes": 10,
+            "session_hours": 2,
+            "base_url": "https://staff.news.example.org/",
+        },
+    )
+    app = create_app(settings, sa.create_engine(db_url), SmtpConfirmationSender(settings))
+    rules = app.state.console.guard.rules
+    assert (rules.idle, rules.lifetime) == (timedelta(minutes=10), timedelta(hours=2))
+    assert accounts.link_url(settings, "T") == "https://staff.news.example.org/staff/welcome/T"
+
+
+@pytest.mark.parametrize("command", ["web", "run"])
+def test_the_console_on_its_own_listener(
+    tmp_path: Path,
+    db_url: str,
+    smtp_server: FaultServer,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.pg_cluster import free_port
+
+    web_port, staff_port = free_port(), free_port()
+    config = write_config(
+        tmp_path / "mailer.toml",
+        db_url,
+        smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 2},
+        web={"port": web_port},
+        staff_web={"host": "127.0.0.1", "port": staff_port},
+        scheduler={"catch_up": "none"},
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailer", "--config", str(config), command],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=dict(os.environ, MAILER_SECRET_KEY=SECRET),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert f"staff console on http://127.0.0.1:{staff_port}/staff/" in line, line
+        public = f"http://127.0.0.1:{web_port}"
+        staff = f"http://127.0.0.1:{staff_port}"
+        with httpx.Client(timeout=5) as client:
+            # the line is printed once both listen
+            answer = client.get(f"{staff}/staff/login")
+            assert answer.status_code == 200 and "Log in to the staff console" in answer.text
+            assert client.get(f"{staff}/").headers["location"] == "/staff/"
+            assert client.get(f"{staff}/privacy").status_code == 404
+            assert client.get(f"{public}/staff/login").status_code == 404
+            assert client.get(f"{public}/privacy").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    assert process.returncode in (0, -signal.SIGTERM), err

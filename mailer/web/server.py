@@ -88,7 +88,7 @@ async def serve_async(
         return
     console, console_sock = staff
     with console_sock:
-        task = asyncio.create_task(console.serve(sockets=[console_sock]), name="staff web")
+        task = await console.serve_listening([console_sock])
         try:
             await server.serve(sockets=[sock] if sock is not None else None)
         finally:
@@ -103,7 +103,7 @@ def console_server(
     *,
     forwarded_allow_ips: str | None = None,
     **options: object,
-) -> tuple[uvicorn.Server, socket.socket] | None:
+) -> tuple[QuietServer, socket.socket] | None:
     """The staff console's own server and its bound socket, when ``[staff_web]`` gives it a
     port; None when the web app serves it under /staff/. The port is claimed here, so a port
     in use is one line naming it, not a traceback at start."""
@@ -121,7 +121,28 @@ def console_server(
 
 
 class QuietServer(uvicorn.Server):
-    """uvicorn leaving signals to the server or service it runs beside."""
+    """uvicorn leaving signals to the server or service it runs beside; ``listening`` is set
+    once it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
+    async def serve_listening(self, sockets: list[socket.socket]) -> asyncio.Task[None]:
+        """Start serving in a task; return it once the server listens (or has ended)."""
+        task = asyncio.create_task(self.serve(sockets=sockets), name="staff web")
+        waiter = asyncio.create_task(self.listening.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # what stopped it, if it raised
+            raise RuntimeError("the staff console's server stopped before it listened")
+        return task
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
