@@ -409,3 +409,19 @@ def test_the_console_on_its_own_listener(
         process.send_signal(signal.SIGTERM)
         _out, err = process.communicate(timeout=30)
     assert process.returncode in (0, -signal.SIGTERM), err
+
+
+def test_the_demo_prints_a_login_link_for_its_admin(db_url: str, engine: sa.Engine) -> None:
+    from rich.console import Console
+
+    from mailer.devtools.demo import DEMO_ADMIN, staff_login_link
+    from tests.factories import make_settings
+
+    settings = make_settings(db_url, site__base_url="http://127.0.0.1:8000")
+    printed = io.StringIO()
+    url = staff_login_link(settings, Console(file=printed, width=300))
+    assert url.startswith("http://127.0.0.1:8000/staff/welcome/")
+    assert url in printed.getvalue() and DEMO_ADMIN in printed.getvalue()
+    token = url.rsplit("/", 1)[1]
+    account = accounts.link_account(engine, token, NOW)
+    assert (account.email, account.role) == ("admin@news.example.org", "admin")
