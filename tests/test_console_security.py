@@ -481,10 +481,8 @@ def test_the_staff_page_adds_shows_the_link_once_and_removes_behind_a_confirmati
 # -- in a real browser ------------------------------------------------------------------------
 
 
-def test_in_chromium_set_a_password_log_in_and_out_at_phone_width(
-    browser: Any, db_url: str, shots: Path
-) -> None:
-    from tests.browser import PHONE, page_at
+def test_in_chromium_set_a_password_log_in_and_out(browser: Any, db_url: str, shots: Path) -> None:
+    from tests.browser import DESKTOP, PHONE, page_at
     from tests.served import at, serve
 
     with serve(lambda base: make_settings(db_url, **at(base))) as (server, engine, settings):
@@ -495,12 +493,14 @@ def test_in_chromium_set_a_password_log_in_and_out_at_phone_width(
             assert page.get_by_role("heading", name="Set your password").is_visible()
             page.get_by_label("New password").fill(PASSWORD)
             page.get_by_label("The same again").fill(PASSWORD)
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
             page.screenshot(path=str(shots / "staff-welcome-phone.png"), full_page=True)
             page.get_by_role("button", name="Set password").click()
             page.wait_for_url(re.compile(r".*/staff/login\?notice=.*"))
             assert "Your password is set" in page.inner_text("main")
             page.get_by_label("Email address").fill("admin@news.example.org")
             page.get_by_label("Password").fill(PASSWORD)
+            assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
             page.screenshot(path=str(shots / "staff-login-phone.png"), full_page=True)
             page.get_by_role("button", name="Log in").click()
             # The dashboard's URL, whatever page is there yet.
@@ -513,6 +513,10 @@ def test_in_chromium_set_a_password_log_in_and_out_at_phone_width(
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], width  # no sideways scroll
             page.screenshot(path=str(shots / "staff-accounts-phone.png"), full_page=True)
+            page.set_viewport_size(DESKTOP)
+            assert page.evaluate("document.documentElement.scrollWidth") <= DESKTOP["width"]
+            page.screenshot(path=str(shots / "staff-accounts-desktop.png"), full_page=True)
+            page.set_viewport_size(PHONE)
             page.get_by_role("button", name="Log out").click()
             page.wait_for_url(re.compile(r".*/staff/login\?notice=.*"))
             assert "You are logged out." in page.inner_text("main")
