@@ -417,6 +417,19 @@ def test_an_unknown_link_is_a_404(app: Starlette) -> None:
     assert client.get("/staff/welcome/not-a-real-token").status_code == 404
 
 
+def test_odd_ids_and_tokens_are_answered_not_crashed_on(app: Starlette, engine: sa.Engine) -> None:
+    admin = staff_client(app, engine, now=NOW, role="admin")
+    for odd in ("²", "9" * 40, "-1", "x"):
+        assert admin.get(f"/staff/accounts/{odd}/remove").status_code == 404
+        assert admin.post(f"/staff/accounts/{odd}/reset").status_code == 404
+    client = TestClient(app, base_url=BASE)
+    token = form_token(client)
+    nonce, issued, mac = token.split(".")
+    for forged in (f"{nonce}.²{issued}.{mac}", f"{nonce}.{issued}9.{mac}", "." * 5):
+        data = {"form_token": forged, "email": "a@news.example.org", "password": PASSWORD}
+        assert client.post("/staff/login", data=data).status_code == 403
+
+
 # -- timing ---------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def routes(console: Console) -> list[Route]:
 
 def _account_id(request: Request) -> int:
     raw = request.path_params["account_id"]
-    if not (isinstance(raw, str) and raw.isdigit() and len(raw) <= 18):
+    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise HTTPException(404, "There is no such staff account.")
     return int(raw)
 

@@ -106,7 +106,11 @@ class LoginViews:
             return False
         nonce, _, rest = sent.partition(".")
         issued_text, _, mac = rest.partition(".")
-        if not nonce or not issued_text.isdigit() or len(issued_text) > 12:
+        if (
+            not nonce
+            or not (issued_text.isascii() and issued_text.isdigit())
+            or len(issued_text) > 12
+        ):
             return False
         issued = int(issued_text)
         if not hmac.compare_digest(mac, self._form_mac(nonce, issued)):
