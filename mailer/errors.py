@@ -168,3 +168,43 @@ class DatabaseUnavailable(MailerError, ConnectionError):
         if hint is not None:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class StaffAccountError(MailerError, LookupError):
+    """A staff account operation cannot be done; ``email`` is the account, ``reason`` a short
+    code (``unknown``, ``exists``, ``last_admin``, ``self``, ``role``)."""
+
+    def __init__(self, message: str, *, email: str | None = None, reason: str = "") -> None:
+        self.email = email
+        self.reason = reason
+        super().__init__(message)
+
+
+class PasswordRejected(MailerError, ValueError):
+    """A new staff password is refused; ``reason`` is why (``short``, ``long``, ``weak``,
+    ``local_part``), ``warning`` and ``suggestions`` are the strength estimator's own words."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        warning: str = "",
+        suggestions: tuple[str, ...] = (),
+    ) -> None:
+        self.reason = reason
+        self.warning = warning
+        self.suggestions = suggestions
+        super().__init__(message)
+
+
+class StaffLinkError(MailerError, ValueError):
+    """A one-time staff link cannot be used; ``reason`` is ``unknown`` (never issued, already
+    used or replaced) or ``expired``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        text = {
+            "expired": "this link has expired: ask an admin for a new one (mailer staff reset)",
+        }.get(reason, "this link is not valid or was already used: ask an admin for a new one")
+        super().__init__(text)

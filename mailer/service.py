@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import uvicorn
@@ -40,6 +40,9 @@ from mailer.signals import stop_on_signals, stopped_within
 from mailer.staff import checks
 from mailer.staff.rounds import StaffRound, Step, staff_steps
 from mailer.text import one_line
+
+if TYPE_CHECKING:
+    from mailer.web.server import QuietServer
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +499,7 @@ class Service:
             server = self._web_server() if self.parts.web else None
             self.web_server = server
             totals = Totals()
+            server_pair: list[tuple[QuietServer, socket.socket]] = []
             try:
                 if server is not None:
                     sockets = [self.web_socket] if self.web_socket is not None else None
@@ -506,6 +510,14 @@ class Service:
                         web.result()  # what stopped it, if it raised
                         raise MailerError("the web app stopped before it listened")
                     web.add_done_callback(self._web_ended)
+                    console = self._console_server()
+                    if console is not None:
+                        # [staff_web] gives the console a listener of its own.
+                        staff_server, staff_sock = console
+                        server_pair.append((staff_server, staff_sock))
+                        staff_web = await staff_server.serve_listening([staff_sock])
+                        tasks.append(staff_web)
+                        staff_web.add_done_callback(self._web_ended)
                 if on_started is not None:
                     on_started()
                 log.info(
@@ -527,6 +539,8 @@ class Service:
                     scheduler.shutdown(wait=False)
                 if server is not None:
                     server.should_exit = True
+                for staff_server, _sock in server_pair:
+                    staff_server.should_exit = True
                 if watch is not None and not self.stop.is_set():
                     watch.cancel()  # the service failed; after SIGTERM it ends on its own
                 tasks.extend(self.alerting)
@@ -536,7 +550,20 @@ class Service:
                     tasks.append(firing)  # after SIGTERM: each logs its slot as not made
                 if tasks:
                     await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
+                for _server, staff_sock in server_pair:
+                    staff_sock.close()
         return totals
+
+    def _console_server(self) -> tuple[QuietServer, socket.socket] | None:
+        from mailer.web.sender import SmtpConfirmationSender
+        from mailer.web.server import console_server
+
+        return console_server(
+            self.settings,
+            self.engine,
+            SmtpConfirmationSender(self.settings, sign=self.sign),
+            renderer=self.renderer,
+        )
 
     def _web_server(self) -> _QuietServer:
         from mailer.web.app import create_app

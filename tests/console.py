@@ -76,7 +76,7 @@ def staff_client(
         )
     secret = app.state.web.settings.site.require_secret()
     client = TestClient(app, base_url=BASE)
-    client.cookies.set(
-        sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id), domain="testserver.local"
-    )
+    # No domain: the cookie jar files a dotless host as "testserver.local", so a cookie set
+    # for domain "testserver" would never be sent.
+    client.cookies.set(sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id))
     return StaffClient(client, account_id, email, str(csrf))

@@ -23,6 +23,7 @@ from mailer.cli import (
     report,
     review,
     running,
+    staffaccounts,
     staffsend,
     subscribers,
 )
@@ -73,6 +74,7 @@ for command in (
     dkim.group,
     devtools.sink,
     devtools.demo,
+    staffaccounts.group,
 ):
     cli.add_command(command)
 for command in review.COMMANDS:

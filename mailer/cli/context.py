@@ -97,7 +97,12 @@ def web_line(settings: Settings, sock: socket.socket) -> str:
     """Where the web app listens, and the public address its links use."""
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"web app on http://{shown}:{port}/ (public address {settings.site.base_url}/)"
+    line = f"web app on http://{shown}:{port}/ (public address {settings.site.base_url}/)"
+    staff = settings.staff_web
+    if staff.separate:
+        staff_host = f"[{staff.host}]" if staff.host and ":" in staff.host else staff.host
+        line += f"; staff console on http://{staff_host}:{staff.port}/staff/"
+    return line
 
 
 def started(line: str) -> None:

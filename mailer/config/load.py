@@ -24,6 +24,7 @@ from mailer.config.sections import (
     read_site,
     read_smtp,
     read_staff,
+    read_staff_web,
     read_welcome,
     resolve_path,
 )
@@ -111,6 +112,7 @@ def parse_settings(
     bounces = read_bounces(root.table("bounces", required=False))
     staff = read_staff(root.table("staff", required=False))
     welcome = read_welcome(root.table("welcome", required=False))
+    staff_web = read_staff_web(root.table("staff_web", required=False), web.host, web.port)
 
     topics: list[Topic] = []
     for t in root.tables("topics"):
@@ -190,6 +192,7 @@ def parse_settings(
         staff=staff,
         welcome=welcome,
         hooks=hooks,
+        staff_web=staff_web,
     )
 
 

@@ -1,6 +1,6 @@
 """Each table of the config file read into its settings: ``[site]``, ``[smtp]``,
-``[scheduler]``, ``[feeds]``, ``[hooks]``, ``[bounces]``, ``[staff]``, ``[welcome]``,
-``[dkim]`` and one ``[[digests]]`` entry."""
+``[scheduler]``, ``[feeds]``, ``[hooks]``, ``[bounces]``, ``[staff]``, ``[staff_web]``,
+``[welcome]``, ``[dkim]`` and one ``[[digests]]`` entry."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from mailer.config.settings import (
     SiteSettings,
     SmtpSettings,
     StaffSettings,
+    StaffWebSettings,
     WelcomeSettings,
 )
 from mailer.config.table import KEY_RE, REQUIRED, Table
@@ -247,6 +248,35 @@ def read_staff(t: Table | None) -> StaffSettings:
     )
     t.finish()
     return staff
+
+
+def read_staff_web(t: Table | None, web_host: str, web_port: int) -> StaffWebSettings:
+    """``[staff_web]`` (defaults when absent: the console under ``/staff/`` of the web app,
+    sessions idle for 30 minutes or 12 hours old end)."""
+    t = t or Table({}, "staff_web", None)
+    defaults = StaffWebSettings()
+    idle = t.number("idle_minutes", defaults.idle_minutes, low=1, high=24 * 60)
+    hours = t.number("session_hours", defaults.session_hours, low=0.25, high=30 * 24)
+    if idle > hours * 60:
+        raise t.error(
+            "idle_minutes", f"is longer than session_hours ({hours:g} h): lower it or raise that"
+        )
+    t.used.add("port")  # optional, and named among the known keys when a key is unknown
+    port = t.integer("port", None, low=1, high=65535) if "port" in t.data else None
+    host = t.text("host")
+    if host is not None and port is None:
+        raise t.error("host", "needs [staff_web].port too (the console's own listener)")
+    host = host or (web_host if port is not None else None)
+    if port is not None and port == web_port and host == web_host:
+        raise t.error("port", f"is the web app's own ({web_host}:{web_port}): choose another")
+    base_url = t.text("base_url")
+    if base_url is not None:
+        base_url = check_url(t, "base_url", base_url)
+    staff_web = StaffWebSettings(
+        idle_minutes=idle, session_hours=hours, host=host, port=port, base_url=base_url
+    )
+    t.finish()
+    return staff_web
 
 
 def read_welcome(t: Table | None) -> WelcomeSettings:

@@ -80,6 +80,36 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class StaffWebSettings:
+    """``[staff_web]``: the staff console's sessions, and where it is served.
+
+    Without ``host``/``port`` the console is served by the web app under ``/staff/``; with
+    them it has a listener of its own (an internal interface, say) and the public app does not
+    mount ``/staff`` at all. ``base_url`` is the console's address as staff open it (for the
+    one-time links; default ``[site].base_url``).
+    """
+
+    idle_minutes: float = 30
+    session_hours: float = 12
+    host: str | None = None
+    port: int | None = None
+    base_url: str | None = None
+
+    @property
+    def separate(self) -> bool:
+        """True when the console has its own listener."""
+        return self.port is not None
+
+    @property
+    def idle(self) -> timedelta:
+        return timedelta(minutes=self.idle_minutes)
+
+    @property
+    def lifetime(self) -> timedelta:
+        return timedelta(hours=self.session_hours)
+
+
+@dataclass(frozen=True)
 class HooksSettings:
     """``[hooks]``: the site's CMS pushes articles to ``POST /hooks/articles``, each signed
     with HMAC-SHA256 under ``secret``. Without a ``[hooks]`` table (``configured`` False), or
@@ -277,6 +307,7 @@ class Settings:
     staff: StaffSettings = StaffSettings()
     welcome: WelcomeSettings = WelcomeSettings()
     hooks: HooksSettings = HooksSettings()
+    staff_web: StaffWebSettings = StaffWebSettings()
 
     def find_digest(self, key: str) -> Digest | None:
         """The configured digest ``key``, or None (an issue of a digest since removed)."""

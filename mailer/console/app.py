@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from mailer.console import dashboard, issues, records
+from mailer.console import accountpages, dashboard, issues, login, records
 from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
 from mailer.console.guard import Guard, LoginRequired
 from mailer.console.sessions import Rules
@@ -25,7 +25,8 @@ def build_console(web: WebContext, rules: Rules | None = None) -> Console:
     guard = Guard(
         engine=web.engine,
         secret=web.settings.site.require_secret(),
-        rules=rules or Rules(),
+        rules=rules
+        or Rules(idle=web.settings.staff_web.idle, lifetime=web.settings.staff_web.lifetime),
         clock=web.clock,
     )
     return Console(web=web, guard=guard, pages=ConsolePages(web))
@@ -46,6 +47,8 @@ def console_mount(console: Console) -> Mount:
         *dashboard.routes(console),
         *issues.routes(console),
         *records.routes(console),
+        *login.routes(console),
+        *accountpages.routes(console),
     ]
     return Mount(PREFIX, routes=routes)
 

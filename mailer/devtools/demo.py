@@ -88,6 +88,8 @@ TOPICS = [
 
 # The demo's staff address: its report lands in DIR/mail beside the readers' copies.
 DEMO_STAFF = "editor@news.example.org"
+# The staff console's demo admin (``--serve`` prints the link that sets its password).
+DEMO_ADMIN = "admin@news.example.org"
 # The reader who signs up and confirms during the demo: their confirmation and welcome mail.
 DEMO_READER = "new.reader@example.org"
 DEMO_READER_TOPICS = ("base-alerts", "local-events")
@@ -258,10 +260,30 @@ def run_demo(out_dir: Path, *, console: Console, serve: bool = False) -> dict[st
         settings = load_settings(config_path, env={})
         figures = _run(settings, out_dir, console)
         if serve:
+            figures["staff_link"] = staff_login_link(settings, console)
             _serve(settings, console)
         return figures
     finally:
         sink.stop()
+
+
+def staff_login_link(settings: Settings, console: Console) -> str:
+    """Make the demo's admin (``DEMO_ADMIN``) and print the one-time link that sets its
+    password: the way into the staff console at /staff/."""
+    from mailer.console import accounts
+
+    engine = create_engine(settings.database.url)
+    try:
+        link = accounts.add(engine, DEMO_ADMIN, "admin", now(), by="demo")
+    finally:
+        engine.dispose()
+    url = accounts.link_url(settings, link.token)
+    console.print(
+        f"  staff login           {url}  (sets the password of {DEMO_ADMIN}, an admin; once)",
+        markup=False,
+        soft_wrap=True,
+    )
+    return url
 
 
 def _serve(settings: Settings, console: Console) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
+from typing import Literal
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -38,14 +39,15 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.console.app import build_console, console_mount, login_redirect
+from mailer.console.context import PREFIX
 from mailer.console.guard import LoginRequired
 from mailer.db.engine import safe_url
 from mailer.db.outages import OutageLog
@@ -83,6 +85,11 @@ class WebApp(Starlette):
         )
 
 
+async def to_console(request: Request) -> Response:
+    """``/`` of the console's own listener."""
+    return RedirectResponse(PREFIX + "/", status_code=303)
+
+
 def create_app(
     settings: Settings,
     engine: sa.Engine,
@@ -93,15 +100,23 @@ def create_app(
     pages: Pages | None = None,
     renderer: Renderer | None = None,
     on_article: Callable[[], None] | None = None,
+    part: Literal["all", "public", "staff"] | None = None,
 ) -> Starlette:
     """The web app. ``mailer`` sends the confirmation mails (``SmtpConfirmationSender`` in
     production); ``clock`` is the one clock; ``limits`` the abuse limits; ``renderer`` renders
     the confirmation mails and the archive (default: the app's own); ``on_article`` is called
     on the event loop after a push stored an article (the service's arrival watch).
 
+    ``part``: ``"all"`` serves the subscriber pages and the staff console under /staff;
+    ``"public"`` leaves /staff out; ``"staff"`` is the console alone (its own listener, with
+    ``/`` leading to /staff/). Default: ``"public"`` when ``[staff_web]`` gives the console a
+    port of its own, else ``"all"``.
+
     Raises ``ConfigError`` now, not at the first request, if the site secret is missing or the
     privacy policy file cannot be read or rendered.
     """
+    if part is None:
+        part = "public" if settings.staff_web.separate else "all"
     settings.site.require_secret()
     limits = limits or Limits()
     pages = pages or Pages(settings)
@@ -132,7 +147,7 @@ def create_app(
             settings.hooks.secret_env,
             HOOK_PATH,
         )
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", signup.home, methods=["GET"]),
         Route("/subscribe", signup.subscribe, methods=["POST"]),
         Route("/confirm/{token}", signup.confirm_page, methods=["GET"]),
@@ -161,8 +176,18 @@ def create_app(
         Route("/healthz", public.healthz, methods=["GET"]),
         Route("/static/style.css", public.stylesheet, methods=["GET"]),
         Route("/static/embed.js", public.embed_script, methods=["GET"]),
-        console_mount(console),
     ]
+    if part != "public":  # "public": /staff is not there at all (404 like any unknown path)
+        routes.append(console_mount(console))
+    if part == "staff":
+        # The console's own listener: the console, the health check and the stylesheet its
+        # error pages use; nothing a subscriber would come for.
+        routes = [
+            Route("/", to_console, methods=["GET"]),
+            Route("/healthz", public.healthz, methods=["GET"]),
+            Route("/static/style.css", public.stylesheet, methods=["GET"]),
+            console_mount(console),
+        ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -25,6 +25,11 @@ class Limits:
     per_address_window: float = 3600.0
     confirmations_per_day: int = 3  # confirmation mails to one address in 24 hours
     max_body_bytes: int = 16_384  # every request body; the forms are a few hundred bytes
+    # Staff console logins (counted in the database, mailer.console.logins): failures allowed
+    # per address typed and per client address within the window.
+    staff_login_per_account: int = 5
+    staff_login_per_address: int = 20
+    staff_login_window: float = 900.0  # seconds
 
 
 class RateLimiter:

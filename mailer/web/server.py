@@ -4,10 +4,11 @@ loop (``mailer run``, ``mailer demo --serve``), or in a background thread (brows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Self
 
@@ -71,7 +72,8 @@ async def serve_async(
     ``sock``: a socket already bound to ``host:port`` (``mailer.preflight.claim_port``);
     ``on_started`` is called once the app listens (and signals are handled).
     """
-    app = create_app(settings, engine, mailer or SmtpConfirmationSender(settings))
+    sender = mailer or SmtpConfirmationSender(settings)
+    app = create_app(settings, engine, sender)
     config = server_config(
         app,
         host=host or settings.web.host,
@@ -80,7 +82,71 @@ async def serve_async(
     )
     log.info("web app listening", extra={"host": config.host, "port": config.port})
     server = AnnouncingServer(config, on_started=on_started)
-    await server.serve(sockets=[sock] if sock is not None else None)
+    staff = console_server(settings, engine, sender, forwarded_allow_ips=forwarded_allow_ips)
+    if staff is None:
+        await server.serve(sockets=[sock] if sock is not None else None)
+        return
+    console, console_sock = staff
+    with console_sock:
+        task = await console.serve_listening([console_sock])
+        try:
+            await server.serve(sockets=[sock] if sock is not None else None)
+        finally:
+            console.should_exit = True
+            await task
+
+
+def console_server(
+    settings: Settings,
+    engine: sa.Engine,
+    mailer: ConfirmationSender,
+    *,
+    forwarded_allow_ips: str | None = None,
+    **options: object,
+) -> tuple[QuietServer, socket.socket] | None:
+    """The staff console's own server and its bound socket, when ``[staff_web]`` gives it a
+    port; None when the web app serves it under /staff/. The port is claimed here, so a port
+    in use is one line naming it, not a traceback at start."""
+    from mailer.preflight import claim_port
+
+    staff = settings.staff_web
+    if staff.port is None:
+        return None
+    host = staff.host or settings.web.host
+    sock = claim_port(host, staff.port)
+    app = create_app(settings, engine, mailer, part="staff", **options)  # type: ignore[arg-type]
+    config = server_config(app, host=host, port=staff.port, forwarded_allow_ips=forwarded_allow_ips)
+    log.info("staff console listening", extra={"host": host, "port": staff.port})
+    return QuietServer(config), sock
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn leaving signals to the server or service it runs beside; ``listening`` is set
+    once it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
+    async def serve_listening(self, sockets: list[socket.socket]) -> asyncio.Task[None]:
+        """Start serving in a task; return it once the server listens (or has ended)."""
+        task = asyncio.create_task(self.serve(sockets=sockets), name="staff web")
+        waiter = asyncio.create_task(self.listening.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # what stopped it, if it raised
+            raise RuntimeError("the staff console's server stopped before it listened")
+        return task
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def serve(
