@@ -34,8 +34,9 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 PASSWORD = "quilt harbor velvet 1987 tram"
-# Routes under /staff that answer without a session, by design.
-PUBLIC = {"/static/console.css", "/login", "/welcome/{token}"}
+# Routes under /staff that answer without a session, by design: the login pages, and the
+# console's stylesheet and script (static files that hold no data).
+PUBLIC = {"/static/console.css", "/static/console.js", "/login", "/welcome/{token}"}
 
 
 def make_app(engine: sa.Engine, db_url: str, clock: Clock, **limits: Any) -> Starlette:
