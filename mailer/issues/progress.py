@@ -98,13 +98,20 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
 
 
 def list_issues(
-    engine: sa.Engine, *, digest: str | None = None, limit: int = 20
+    engine: sa.Engine,
+    *,
+    digest: str | None = None,
+    limit: int = 20,
+    statuses: Sequence[str] | None = None,
 ) -> list[IssueSummary]:
-    """The newest ``limit`` issues (of ``digest`` if given), newest slot first."""
+    """The newest ``limit`` issues (of ``digest`` if given, in ``statuses`` if given), newest
+    slot first."""
     with reading(engine) as conn:
         query = sa.select(issues).order_by(issues.c.scheduled_for.desc()).limit(limit)
         if digest is not None:
             query = query.where(issues.c.digest == digest)
+        if statuses is not None:
+            query = query.where(issues.c.status.in_(list(statuses)))
         return _summaries(conn, conn.execute(query).all())
 
 
