@@ -77,6 +77,6 @@ def staff_client(
     secret = app.state.web.settings.site.require_secret()
     client = TestClient(app, base_url=BASE)
     client.cookies.set(
-        sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id), domain="testserver"
+        sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id), domain="testserver.local"
     )
     return StaffClient(client, account_id, email, str(csrf))
