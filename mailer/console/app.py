@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
+from mailer.console import chartviews
 from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
 from mailer.console.guard import Guard, LoginRequired
 from mailer.console.sessions import Rules
@@ -42,6 +43,7 @@ def console_mount(console: Console) -> Mount:
 
     routes: list[Route] = [
         Route("/static/console.css", stylesheet, methods=["GET"]),
+        *chartviews.routes(console),
     ]
     return Mount(PREFIX, routes=routes)
 
