@@ -4,10 +4,12 @@ endpoints that serve it and the tables behind it, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from itertools import count
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -16,14 +18,17 @@ import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from mailer.console import charts, figures
+from mailer.console import charts, figures, sessions
 from mailer.console.chartviews import CHARTS
 from mailer.db.buckets import below
+from mailer.db.engine import create_engine
 from mailer.db.schema import UtcDateTime, deliveries, events, issues, subscribers
 from mailer.staff.checks import Rates
 from mailer.web import SmtpConfirmationSender, create_app
-from tests.console import BASE, staff_client
+from tests.browser import DESKTOP, PHONE, page_at
+from tests.console import BASE, add_account, staff_client
 from tests.factories import Clock, make_settings
+from tests.served import at, serve
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 ZONE = ZoneInfo("UTC")
@@ -111,6 +116,10 @@ UNSUBSCRIBES = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0]
 
 @pytest.fixture
 def seeded(engine: sa.Engine) -> dict[str, int]:
+    return seed(engine)
+
+
+def seed(engine: sa.Engine) -> dict[str, int]:
     with engine.begin() as conn:
         a = add_subscriber(conn, "active", confirmed=ago(100))
         b = add_subscriber(conn, "active", confirmed=ago(10))
@@ -402,3 +411,70 @@ def test_the_charts_page_of_a_new_installation_says_there_is_nothing_yet(
         "Chart: Hard-bounce rate over 30 days, against the 2 % limit. No mail sent in the"
         " last 30 days: no hard-bounce rate to show.",
     ]
+
+
+@pytest.mark.browser
+def test_the_charts_show_in_chromium_on_a_phone_and_a_desktop(
+    tmp_path: Path, sqlite_template: Path, browser: Any, shots: Path
+) -> None:
+    """The page's CSP lets the pictures in (img-src 'self'), each is drawn as an image, and
+    nothing scrolls sideways."""
+    database = tmp_path / "mailer.db"
+    shutil.copy(sqlite_template, database)
+    url = f"sqlite:///{database}"
+    engine = create_engine(url)
+    seed(engine)
+    account = add_account(engine, "editor@news.example.org", "editor", now=NOW)
+    with engine.begin() as conn:
+        session_id = sessions.open_session(
+            conn, account, now=NOW, rules=sessions.Rules(), ip="127.0.0.1"
+        )
+    try:
+        with serve(lambda base: make_settings(url, **at(base)), engine, clock=Clock(NOW)) as (
+            _server,
+            _engine,
+            settings,
+        ):
+            base = settings.site.base_url
+            cookie = sessions.cookie_value(settings.site.require_secret(), session_id)
+            for label, viewport in (("phone", PHONE), ("desktop", DESKTOP)):
+                page = page_at(browser, viewport)
+                problems: list[str] = []
+                page.on(
+                    "console",
+                    lambda m, seen=problems: (
+                        seen.append(f"{m.text} ({m.location.get('url')})")
+                        if m.type == "error"
+                        else None
+                    ),
+                )
+                failed: list[str] = []
+                page.on(
+                    "response",
+                    lambda r, seen=failed: seen.append(r.url) if r.status >= 400 else None,
+                )
+                page.context.add_cookies(
+                    [{"name": sessions.COOKIE_NAME, "value": cookie, "url": base}]
+                )
+                page.goto(base + "/staff/charts")
+                page.wait_for_load_state("load")
+                # Each picture decodes as an image (a broken or refused one rejects); the
+                # lower ones are lazy, so they are asked for now.
+                decoded = page.evaluate(
+                    """Promise.all([...document.querySelectorAll('img.chart-image')].map(
+                        i => { i.loading = 'eager'; return i.decode().then(() => i.width); }))"""
+                )
+                assert len(decoded) == 4 and all(width > 300 for width in decoded), decoded
+                wide = page.evaluate(
+                    "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+                )
+                assert wide <= 0
+                page.click("#chart-deliveries summary")
+                assert page.is_visible("#chart-deliveries table")
+                page.screenshot(path=shots / f"console-charts-{label}.png", full_page=True)
+                page.context.close()
+                assert failed == []
+                # The browser asks for a favicon of its own accord; the site has none.
+                assert [p for p in problems if "/favicon.ico" not in p] == []  # no CSP report
+    finally:
+        engine.dispose()

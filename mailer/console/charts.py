@@ -250,7 +250,10 @@ def rate_chart(days: Sequence[DayRates], zone: ZoneInfo, *, complaints: bool) ->
     ]
     if all(value is None for value in values):
         return _empty("No mail sent in the last 30 days")
-    top = nice_top(max([100 * limit * 1.5, *(v for v in values if v is not None)]) * 100) / 100
+    # Room above the limit line, never past 100 %.
+    top = min(
+        nice_top(max([100 * limit * 1.5, *(v for v in values if v is not None)]) * 100) / 100, 100
+    )
     labels = [_day(day.at, zone) for day in days]
     what = "Complaint rate" if complaints else "Hard-bounce rate"
     chart = pygal.Line(

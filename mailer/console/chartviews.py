@@ -78,7 +78,7 @@ class Drawn:
 
 
 def _day(moment: datetime, zone: ZoneInfo) -> str:
-    return moment.astimezone(zone).strftime("%a %-d %b %Y")
+    return moment.astimezone(zone).strftime("%-d %b %Y")
 
 
 def percent(rate: float) -> str:

@@ -1,9 +1,10 @@
 """The numbers behind the console's charts, read from the store.
 
-Each figure is a few aggregate queries whatever the size of the list: counts are made by the
-database (``count(*) FILTER (WHERE …)`` per week or day, on SQLite and PostgreSQL alike), never
-by loading rows. The rates are the ones the staff check alerts on (``mailer.staff.checks``),
-measured by its own function; the deliveries per issue are what ``mailer issues list`` counts.
+Each figure is a few aggregate queries whatever the size of the list: the database places
+each row among the weeks or days (``mailer.db.buckets``) and counts the rows by place, on
+SQLite and PostgreSQL alike, and the few counts are added up here; no row is loaded. The
+rates are the ones the staff check alerts on (``mailer.staff.checks``), measured by its own
+definitions; the deliveries per issue are what ``mailer issues list`` counts.
 """
 
 from __future__ import annotations
