@@ -407,11 +407,12 @@ def explain(engine: sa.Engine, statement: sa.Select[Any, Any]) -> str:
 def rates_query() -> sa.Select[Any, Any]:
     """The first statement of ``checks.measure_rates``: a month of deliveries."""
     since = NOW - timedelta(days=30)
-    accepted = deliveries.c.sent_at >= since
+    accepted = sa.and_(deliveries.c.sent_at >= since, deliveries.c.sent_at <= NOW)
     refused = sa.and_(
         deliveries.c.status == "bounced",
         deliveries.c.sent_at.is_(None),
         deliveries.c.updated_at >= since,
+        deliveries.c.updated_at <= NOW,
     )
     return sa.select(
         sa.func.count().filter(accepted), sa.func.count().filter(sa.or_(accepted, refused))

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from mailer.console import accountpages, dashboard, issues, login, records
+from mailer.console import accountpages, chartviews, dashboard, issues, login, records
 from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
 from mailer.console.guard import Guard, LoginRequired
 from mailer.console.sessions import Rules
@@ -49,6 +49,7 @@ def console_mount(console: Console) -> Mount:
         *records.routes(console),
         *login.routes(console),
         *accountpages.routes(console),
+        *chartviews.routes(console),
     ]
     return Mount(PREFIX, routes=routes)
 

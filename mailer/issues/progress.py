@@ -98,10 +98,15 @@ def summarize(engine: sa.Engine, issue_id: int) -> IssueSummary:
 
 
 def list_issues(
-    engine: sa.Engine, *, digest: str | None = None, limit: int = 20, offset: int = 0
+    engine: sa.Engine,
+    *,
+    digest: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+    statuses: Sequence[str] | None = None,
 ) -> list[IssueSummary]:
-    """The newest ``limit`` issues (of ``digest`` if given), newest slot first, after the
-    first ``offset`` of them (a page of a longer list)."""
+    """The newest ``limit`` issues (of ``digest`` if given, in ``statuses`` if given), newest
+    slot first, after the first ``offset`` of them (a page of a longer list)."""
     with reading(engine) as conn:
         query = (
             sa.select(issues)
@@ -111,6 +116,8 @@ def list_issues(
         )
         if digest is not None:
             query = query.where(issues.c.digest == digest)
+        if statuses is not None:
+            query = query.where(issues.c.status.in_(list(statuses)))
         return _summaries(conn, conn.execute(query).all())
 
 
