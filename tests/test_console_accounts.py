@@ -327,8 +327,25 @@ def test_cli_staff_reset_and_remove(
         ({"port": 70000}, "[staff_web].port must be 1–65535"),
         ({"base_url": "intranet"}, "[staff_web].base_url must be an absolute"),
         ({"idle": 5}, "[staff_web].idle is not a known key"),
+        ({"port": 8001}, "[staff_web].base_url is needed with [staff_web].port"),
+        (
+            {"port": 8001, "base_url": "http://10.0.0.5:8001"},
+            "[staff_web].base_url must be https:// for a host other than this machine",
+        ),
+        ({"base_url": "http://staff.example.org"}, "TLS proxy"),
     ],
-    ids=["idle-zero", "idle-over-lifetime", "host-alone", "same-port", "port-range", "url", "typo"],
+    ids=[
+        "idle-zero",
+        "idle-over-lifetime",
+        "host-alone",
+        "same-port",
+        "port-range",
+        "url",
+        "typo",
+        "port-without-url",
+        "port-plain-http",
+        "plain-http",
+    ],
 )
 def test_staff_web_is_checked_when_the_config_loads(table: dict[str, object], message: str) -> None:
     from mailer.errors import ConfigError
@@ -380,7 +397,11 @@ def test_the_console_on_its_own_listener(
         db_url,
         smtp={"host": "127.0.0.1", "port": smtp_server.port, "timeout": 2},
         web={"port": web_port},
-        staff_web={"host": "127.0.0.1", "port": staff_port},
+        staff_web={
+            "host": "127.0.0.1",
+            "port": staff_port,
+            "base_url": f"http://127.0.0.1:{staff_port}",
+        },
         scheduler={"catch_up": "none"},
     )
     process = subprocess.Popen(

@@ -524,6 +524,13 @@ def test_approve_in_the_browser_then_watch_a_send_progress(
         page.set_viewport_size(PHONE)
         assert fits(page)
         page.screenshot(path=str(shots / "console-dashboard-phone.png"), full_page=True)
+        # The session ends (logout elsewhere, a reset): the next poll's 401 stops the polling,
+        # and the dashboard says so with a link to log in again.
+        sessions.close_session(engine, session_id)
+        ended = page.locator("[data-session-ended]")
+        expect(ended).to_have_text("Your session has ended: log in again")
+        assert ended.get_by_role("link").get_attribute("href") == "/staff/login?next=/staff/"
+        assert fits(page)
         page.context.close()
 
 

@@ -204,7 +204,8 @@ def test_login_sets_a_strict_cookie_and_lands_on_the_dashboard(
     assert "secure" in attributes and "httponly" in attributes
     assert attributes["samesite"].strip().lower() == "samesite=strict"
     assert attributes["path"].strip() == "Path=/staff"
-    assert attributes["max-age"].strip() == "Max-Age=43200"  # [staff_web].session_hours
+    # A browser-session cookie: the server ends the session at its idle time or lifetime.
+    assert "max-age" not in attributes and "expires" not in attributes
     assert client.get("/staff/accounts", follow_redirects=False).status_code == 200
     assert ("staff.login", {"by": "ann@news.example.org", "ip": "testclient"}) in kinds(engine)
 
@@ -354,7 +355,8 @@ def test_the_login_limit_holds_across_two_app_instances(
     finally:
         other_engine.dispose()
     refused = [d["reason"] for k, d in kinds(engine) if k == "staff.login_refused"]
-    assert refused == ["password"] * 5 + ["limit:account"] * 2
+    # A refusal by the limit is a log line, not an audit event (anyone can cause one).
+    assert refused == ["password"] * 5
 
 
 def test_the_login_limit_per_client_address(engine: sa.Engine, db_url: str, clock: Clock) -> None:

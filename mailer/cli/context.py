@@ -101,7 +101,13 @@ def web_line(settings: Settings, sock: socket.socket) -> str:
     staff = settings.staff_web
     if staff.separate:
         staff_host = f"[{staff.host}]" if staff.host and ":" in staff.host else staff.host
-        line += f"; staff console on http://{staff_host}:{staff.port}/staff/"
+        # The listener speaks plain HTTP; staff open the console at its base_url (the TLS
+        # proxy's https:// address, or this machine's own).
+        address = (staff.base_url or settings.site.base_url).rstrip("/")
+        line += (
+            f"; staff console on http://{staff_host}:{staff.port}/staff/"
+            f" (staff open {address}/staff/)"
+        )
     return line
 
 

@@ -31,6 +31,11 @@ def check_url(table: Table, key: str, value: str, *, https_only: bool = False) -
 LOOPBACK_HOSTS = frozenset({"localhost"})
 
 
+def is_loopback(host: str) -> bool:
+    """True for this machine's own names and addresses (localhost, 127.0.0.1, ::1)."""
+    return _is_loopback(host)
+
+
 def _is_loopback(host: str) -> bool:
     if host.lower() in LOOPBACK_HOSTS or host.lower().endswith(".localhost"):
         return True

@@ -10,6 +10,7 @@ from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from mailer.config.checks import (
@@ -20,6 +21,7 @@ from mailer.config.checks import (
     check_template,
     check_url,
     check_zone,
+    is_loopback,
 )
 from mailer.config.cron import CronError, first_fire, gap_minutes, parse_cron, shortest_gap
 from mailer.config.settings import (
@@ -272,6 +274,23 @@ def read_staff_web(t: Table | None, web_host: str, web_port: int) -> StaffWebSet
     base_url = t.text("base_url")
     if base_url is not None:
         base_url = check_url(t, "base_url", base_url)
+        parts = urlsplit(base_url)
+        if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+            raise t.error(
+                "base_url",
+                f"must be https:// for a host other than this machine, got {base_url!r}: the"
+                " console's session cookie is Secure, so browsers send it over HTTPS only."
+                " Put a TLS proxy (nginx, Caddy) in front of the console's listener and give"
+                " its https:// address here (plain http is accepted for localhost and"
+                " 127.0.0.1 only)",
+            )
+    elif port is not None:
+        raise t.error(
+            "base_url",
+            "is needed with [staff_web].port: the console's address as staff open it (the"
+            " https:// address of the TLS proxy in front of its listener, e.g."
+            " https://staff.example.org), which the one-time links start with",
+        )
     staff_web = StaffWebSettings(
         idle_minutes=idle, session_hours=hours, host=host, port=port, base_url=base_url
     )

@@ -1,8 +1,8 @@
 """The admins' Staff page: ``/staff/accounts``.
 
 List the accounts; add one (its one-time link is shown once, on the page the POST answers, and
-never put in a URL or a log); reset one (new link, password cleared, sessions ended); remove
-one behind a confirmation page. These call ``mailer.console.accounts``, as ``mailer staff``
+never put in a URL or a log); reset one (new link, password cleared, sessions ended) and remove
+one, each behind a confirmation page. These call ``mailer.console.accounts``, as ``mailer staff``
 does; an admin cannot remove their own account or the last admin (the library refuses both).
 """
 
@@ -28,6 +28,7 @@ def routes(console: Console) -> list[Route]:
     return [
         Route("/accounts", views.page, methods=["GET"]),
         Route("/accounts", views.add, methods=["POST"]),
+        Route("/accounts/{account_id}/reset", views.reset_page, methods=["GET"]),
         Route("/accounts/{account_id}/reset", views.reset, methods=["POST"]),
         Route("/accounts/{account_id}/remove", views.remove_page, methods=["GET"]),
         Route("/accounts/{account_id}/remove", views.remove, methods=["POST"]),
@@ -110,6 +111,13 @@ class AccountPages:
             return await self._render(request, member, status=400, error=str(exc))
         return await self._render(request, member, link=self._shown(link, "reset"))
 
+    async def reset_page(self, request: Request) -> Response:
+        member = await self.console.guard.page(request, "admin")
+        account = await self._account(request)
+        return self.console.render(
+            request, "account_reset.html", member, section="accounts", account=account
+        )
+
     async def remove_page(self, request: Request) -> Response:
         member = await self.console.guard.page(request, "admin")
         account = await self._account(request)
@@ -127,5 +135,7 @@ class AccountPages:
         except StaffAccountError as exc:
             return await self._render(request, member, status=400, error=str(exc))
         return self.console.redirect(
-            "/accounts", notice=f"{account.email} removed; their sessions have ended."
+            "/accounts",
+            notice=f"Staff account {account.id} removed; its sessions have ended.",
+            member=member,
         )

@@ -21,7 +21,6 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -31,6 +30,7 @@ from zxcvbn import zxcvbn
 
 from mailer.console import sessions
 from mailer.db import audit
+from mailer.db.engine import reading
 from mailer.db.schema import STAFF_ROLES, staff_accounts
 from mailer.errors import AddressError, PasswordRejected, StaffAccountError, StaffLinkError
 from mailer.subscribers.addresses import normalize_address
@@ -147,7 +147,7 @@ def add(engine: sa.Engine, email: str, role: str, now: datetime, *, by: str | No
 
 def list_accounts(engine: sa.Engine) -> list[Account]:
     """Every account, in address order."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(sa.select(staff_accounts).order_by(staff_accounts.c.email))
         return [_account(row) for row in rows]
 
@@ -158,7 +158,7 @@ def find(engine: sa.Engine, email: str) -> Account | None:
         address = normalize(email)
     except AddressError:
         return None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(staff_accounts).where(staff_accounts.c.email == address)
         ).first()
@@ -167,7 +167,7 @@ def find(engine: sa.Engine, email: str) -> Account | None:
 
 def get(engine: sa.Engine, account_id: int) -> Account:
     """The account with this id; StaffAccountError if there is none."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(staff_accounts).where(staff_accounts.c.id == account_id)
         ).first()
@@ -203,12 +203,16 @@ def remove(engine: sa.Engine, email: str, now: datetime, *, by: str | None = Non
                 reason="self",
             )
         if row.role == "admin":
-            admins = conn.scalar(
-                sa.select(sa.func.count())
-                .select_from(staff_accounts)
+            # The admins' rows are locked while counted: two admins removing each other at
+            # once on PostgreSQL would otherwise each count two and leave none. (SQLite's
+            # BEGIN IMMEDIATE already lets one writer in at a time.)
+            admins = conn.scalars(
+                sa.select(staff_accounts.c.id)
                 .where(staff_accounts.c.role == "admin")
-            )
-            if (admins or 0) <= 1:
+                .order_by(staff_accounts.c.id)
+                .with_for_update()
+            ).all()
+            if len(admins) <= 1:
                 raise StaffAccountError(
                     f"{row.email} is the last admin: add another admin first",
                     email=row.email,
@@ -241,7 +245,7 @@ def reset(engine: sa.Engine, email: str, now: datetime, *, by: str | None = None
 def link_account(engine: sa.Engine, token: str, now: datetime) -> Account:
     """The account a one-time link is for, without using it; StaffLinkError if it cannot
     be used (unknown, used, replaced or expired)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(staff_accounts).where(staff_accounts.c.link_hash == _digest(token))
         ).first()
@@ -319,11 +323,9 @@ def set_password(engine: sa.Engine, token: str, password: str, now: datetime) ->
     return get(engine, account.id)
 
 
-@cache
-def _dummy_hash() -> str:
-    # Made once per process with the same parameters as real hashes, so that verifying
-    # against it costs what verifying a real one does.
-    return _hasher.hash(secrets.token_urlsafe(16))
+# Made once, at import, with the same parameters as real hashes: verifying against it costs
+# what verifying a real one does, and the first unknown address is no slower than the next.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 
 def verify(engine: sa.Engine, email: str, password: str, now: datetime) -> Account | None:
@@ -335,7 +337,7 @@ def verify(engine: sa.Engine, email: str, password: str, now: datetime) -> Accou
         address = None
     row = None
     if address is not None:
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             row = conn.execute(
                 sa.select(staff_accounts).where(staff_accounts.c.email == address)
             ).first()
@@ -345,7 +347,7 @@ def verify(engine: sa.Engine, email: str, password: str, now: datetime) -> Accou
     too_long = len(password) > MAX_LENGTH
     try:
         _hasher.verify(
-            _dummy_hash() if stored is None or too_long else stored,
+            _DUMMY_HASH if stored is None or too_long else stored,
             password[:MAX_LENGTH],
         )
     except (VerificationError, InvalidHashError):

@@ -162,7 +162,7 @@ class ArticlePages:
                 request, member, detail, correction=text, error=str(exc), status=400
             )
         return self.console.redirect(
-            f"/articles/{detail.article.id}", notice=_said(done, asked=bool(text))
+            f"/articles/{detail.article.id}", notice=_said(done, asked=bool(text)), member=member
         )
 
 

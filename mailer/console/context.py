@@ -97,27 +97,34 @@ class Console:
         self, request: Request, name: str, member: StaffMember | None, **context: Any
     ) -> HTMLResponse:
         """A console page, with the notice a redirect left for it."""
-        context.setdefault("notice", self.notice(request))
+        context.setdefault("notice", self.notice(request, member))
         return self.pages.render(name, member, **context)
 
-    def redirect(self, path: str, *, notice: str | None = None) -> RedirectResponse:
+    def redirect(
+        self, path: str, *, notice: str | None = None, member: StaffMember | None = None
+    ) -> RedirectResponse:
         """A 303 to a console path (after a POST, so a reload does not post again), with a
-        one-line ``notice`` the next page shows ("Issue 4 approved."). The notice is signed:
-        a link made elsewhere cannot put words on a console page."""
+        one-line ``notice`` the next page shows ("Issue 4 approved."). The notice is signed,
+        and for a ``member`` the signature includes their session: a link made elsewhere, or
+        copied from another session, cannot put words on a console page. A notice travels in
+        a URL (history, logs), so it names records by number, never a person's address."""
         target = self.pages.url(path)
         if notice:
-            signed = urlencode({"notice": notice, "ns": self._sign(notice)})
+            signed = urlencode({"notice": notice, "ns": self._sign(notice, member)})
             target += ("&" if "?" in target else "?") + signed
         return RedirectResponse(target, status_code=303, headers=CONSOLE_HEADERS)
 
-    def notice(self, request: Request) -> str | None:
-        """The notice a redirect passed to this page, if its signature holds."""
+    def notice(self, request: Request, member: StaffMember | None = None) -> str | None:
+        """The notice a redirect passed to this page, if its signature holds for this
+        ``member``'s session (None: the login pages, without a session)."""
         text = request.query_params.get("notice")
         signature = request.query_params.get("ns", "")
-        if not text or not hmac.compare_digest(signature, self._sign(text)):
+        if not text or not hmac.compare_digest(signature, self._sign(text, member)):
             return None
         return text
 
-    def _sign(self, text: str) -> str:
+    def _sign(self, text: str, member: StaffMember | None) -> str:
         secret = self.web.settings.site.require_secret()
-        return hmac.new(secret, b"staff-notice:" + text.encode(), hashlib.sha256).hexdigest()[:32]
+        session = member.session_hash if member is not None else ""
+        message = b"staff-notice:" + session.encode() + b":" + text.encode()
+        return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]

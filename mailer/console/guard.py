@@ -28,6 +28,7 @@ Role = Literal["editor", "admin"]
 RANK: dict[str, int] = {"editor": 1, "admin": 2}
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class StaffMember:
         return RANK.get(self.role, 0) >= RANK[role]
 
 
+class ReadRefused(HTTPException):
+    """A script's read refused (401 or 403): the app answers it as JSON, not as a page."""
+
+
 class LoginRequired(Exception):
     """A page was asked for without a session: the app redirects to the login page, which
     comes back to ``next_path`` afterwards."""
@@ -71,15 +76,18 @@ class Guard:
     rules: sessions.Rules
     clock: Callable[[], datetime]
 
-    async def member(self, request: Request) -> StaffMember | None:
-        """The staff member whose session cookie came with the request, or None."""
+    async def member(self, request: Request, *, touch: bool = True) -> StaffMember | None:
+        """The staff member whose session cookie came with the request, or None; ``touch``
+        restarts the session's idle clock (pages and actions do, scripts' reads do not)."""
         session_id = sessions.session_id_from(
             self.secret, request.cookies.get(sessions.COOKIE_NAME)
         )
         if session_id is None:
             return None
         found = await run_in_threadpool(
-            sessions.find_session, self.engine, session_id, now=self.clock(), rules=self.rules
+            lambda: sessions.find_session(
+                self.engine, session_id, now=self.clock(), rules=self.rules, touch=touch
+            )
         )
         if found is None:
             return None
@@ -97,11 +105,13 @@ class Guard:
 
     async def reader(self, request: Request, role: Role = "editor") -> StaffMember:
         """The member for a read a script makes (JSON): 401 without a session, 403 below
-        ``role``."""
-        member = await self.member(request)
+        ``role``, both answered as JSON. It does not restart the idle clock: a dashboard left
+        polling does not keep its session alive."""
+        member = await self.member(request, touch=False)
         if member is None:
-            raise HTTPException(401, "Log in to the staff console first.")
-        _require(member, role)
+            raise ReadRefused(401, "Your session has ended: log in to the staff console again.")
+        if not member.may(role):
+            raise ReadRefused(403, f"This needs the {role} role.")
         return member
 
     async def action(self, request: Request, role: Role = "editor") -> tuple[StaffMember, FormData]:
@@ -109,7 +119,11 @@ class Guard:
         without this session's CSRF token (form field ``csrf`` or header X-CSRF-Token)."""
         member = await self.member(request)
         if member is None:
-            raise HTTPException(401, "Your session has ended: log in to the staff console again.")
+            raise HTTPException(
+                401,
+                "Your session has ended: log in to the staff console again.",
+                headers=NO_STORE,
+            )
         _require(member, role)
         form = await read_form(request)
         sent = form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
@@ -118,10 +132,15 @@ class Guard:
                 403,
                 "This form has expired or did not come from the staff console: nothing was"
                 " changed. Reload the page and try again.",
+                headers=NO_STORE,
             )
         return member, form
 
 
 def _require(member: StaffMember, role: Role) -> None:
+    # The page names no address (a screenshot or a shared screen shows no one's), and is
+    # not kept by the browser's cache.
     if not member.may(role):
-        raise HTTPException(403, f"This needs the {role} role; {member.email} is an {member.role}.")
+        raise HTTPException(
+            403, f"This needs the {role} role; your account is an {member.role}.", headers=NO_STORE
+        )

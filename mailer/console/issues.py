@@ -151,7 +151,7 @@ class IssueViews:
             member,
             status=409 if error else 200,
             section="issues",
-            notice=None if error else console.notice(request),
+            notice=None if error else console.notice(request, member),
             error=error,
             issue=summary,
             state=state,
@@ -331,7 +331,7 @@ class IssueViews:
         except (MailerError, _Refused) as exc:
             log.info("staff action refused", extra={"issue": issue_id, "error": str(exc)})
             return await self._issue_page(request, member, issue_id, error=_sentence(str(exc)))
-        return self.console.redirect(f"/issues/{issue_id}", notice=notice)
+        return self.console.redirect(f"/issues/{issue_id}", notice=notice, member=member)
 
 
 class _Refused(Exception):

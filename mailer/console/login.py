@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 from datetime import timedelta
@@ -40,6 +41,8 @@ FORM_COOKIE = "mailer_staff_form"
 FORM_FIELD = "form_token"
 FORM_LIFETIME = timedelta(hours=1)
 NONCE = re.compile(r"[A-Za-z0-9_-]{22}")
+
+log = logging.getLogger(__name__)
 
 
 def routes(console: Console) -> list[Route]:
@@ -130,10 +133,14 @@ class LoginViews:
             return home
         if any(ch in value for ch in "\\\r\n\t") or value.startswith("//"):
             return home
+        # Encoded dots, slashes and backslashes have no place in a console path: a server or
+        # proxy that decodes them could read /staff/%2e%2e/ as a path outside the console.
+        if any(code in value.lower() for code in ("%2e", "%2f", "%5c")):
+            return home
         parts = urlsplit(value)
         if parts.scheme or parts.netloc or not parts.path.startswith(home):
             return home
-        if "/../" in parts.path or parts.path.endswith("/.."):
+        if "//" in parts.path or any(seg in (".", "..") for seg in parts.path.split("/")):
             return home
         return value
 
@@ -152,6 +159,7 @@ class LoginViews:
         password = str(form.get("password") or "")
         target = self.safe_next(form.get("next"))
         now = self.web.clock()
+        client = client_ip(request)
 
         def refused(error: str, status: int) -> Response:
             return self._form_page(
@@ -159,18 +167,25 @@ class LoginViews:
             )
 
         if not self._form_ok(request, form):
-            await run_in_threadpool(self._audit_refused, typed, "form", request)
+            # Anyone can post this: a log line, not an audit event per request.
+            log.info("staff login refused: form token missing or wrong", extra={"ip": client})
             return refused(
                 "This login form had expired or did not come from this page. Try again.", 403
             )
         account_key = logins.account_key(typed)
-        address = logins.address_key(client_ip(request))
-        blocked = await run_in_threadpool(
-            logins.check, self.web.engine, account_key, address, now=now, limits=self.limits
+        address = logins.address_key(client)
+        # Recorded as a failure before the password is checked, and counted with it: logins
+        # sent at once cannot all slip under the limit.
+        attempt = await run_in_threadpool(
+            lambda: logins.attempt(
+                self.web.engine, account_key, address, now=now, limits=self.limits
+            )
         )
-        if blocked is not None:
-            await run_in_threadpool(
-                self._audit_refused, account_key, f"limit:{blocked.by}", request
+        if attempt.blocked is not None:
+            blocked = attempt.blocked
+            log.warning(
+                "staff login refused: too many failures",
+                extra={"limit": blocked.by, "ip": client},
             )
             whose = "this account" if blocked.by == "account" else "your network address"
             plural = "" if blocked.minutes == 1 else "s"
@@ -180,25 +195,17 @@ class LoginViews:
                 429,
             )
         account = await run_in_threadpool(accounts.verify, self.web.engine, typed, password, now)
-        await run_in_threadpool(
-            lambda: logins.record(
-                self.web.engine,
-                account_key,
-                address,
-                succeeded=account is not None,
-                now=now,
-                limits=self.limits,
-            )
-        )
         if account is None:
             await run_in_threadpool(self._audit_refused, account_key, "password", request)
             return refused("Wrong address or password.", 401)
+        await run_in_threadpool(logins.succeeded, self.web.engine, attempt.id)
         session_id = await run_in_threadpool(self._open, request, account.id, account.email)
         response = self.console.redirect(target.removeprefix(self.console.pages.url("")))
+        # A browser-session cookie (no Max-Age or Expires): it goes when the browser closes,
+        # and the server ends the session at its idle time or lifetime whatever the cookie.
         response.set_cookie(
             sessions.COOKIE_NAME,
             sessions.cookie_value(self.secret, session_id),
-            max_age=int(self.console.guard.rules.lifetime.total_seconds()),
             path=self.cookie_path,
             secure=True,
             httponly=True,
@@ -216,6 +223,7 @@ class LoginViews:
         if old is not None:
             sessions.close_session(self.web.engine, old)
         with self.web.engine.begin() as conn:
+            sessions.close_ended(conn, account_id, now=now, rules=self.console.guard.rules)
             session_id = sessions.open_session(
                 conn, account_id, now=now, rules=self.console.guard.rules, ip=client_ip(request)
             )
@@ -318,6 +326,4 @@ class LoginViews:
             return again(str(exc)[:1].upper() + str(exc)[1:] + ".", 400)
         except StaffLinkError as exc:
             return self._link_error(exc)
-        return self.console.redirect(
-            "/login", notice=f"Your password is set: log in as {account.email}."
-        )
+        return self.console.redirect("/login", notice="Your password is set: log in with it.")

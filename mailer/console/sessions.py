@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from mailer.db.engine import reading
 from mailer.db.schema import staff_accounts, staff_sessions
 
 COOKIE_NAME = "mailer_staff"
@@ -88,12 +89,18 @@ def open_session(
 
 
 def find_session(
-    engine: sa.Engine, session_id: str, *, now: datetime, rules: Rules
+    engine: sa.Engine, session_id: str, *, now: datetime, rules: Rules, touch: bool = True
 ) -> Session | None:
-    """The open session with this id, its idle clock restarted; None if there is none or it
-    has ended (an ended one is deleted on the way)."""
+    """The open session with this id, or None if there is none or it has ended (an ended one
+    is deleted on the way). With ``touch`` (pages and actions) its idle clock restarts;
+    without (a script polling JSON) it does not, so a dashboard left open does not keep a
+    session alive.
+
+    The lookup only reads (``reading``: no write lock on SQLite, so a console page answers
+    while the worker writes); a write transaction is opened only to delete an ended session
+    or to write ``last_seen_at``, at most once per ``TOUCH_EVERY``."""
     id_hash = _digest(session_id)
-    with engine.begin() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             sa.select(
                 staff_sessions.c.account_id,
@@ -106,18 +113,37 @@ def find_session(
             .join(staff_accounts, staff_accounts.c.id == staff_sessions.c.account_id)
             .where(staff_sessions.c.id_hash == id_hash)
         ).first()
-        if row is None:
-            return None
-        if now >= row.expires_at or now - row.last_seen_at >= rules.idle:
+    if row is None:
+        return None
+    if now >= row.expires_at or now - row.last_seen_at >= rules.idle:
+        with engine.begin() as conn:
             conn.execute(staff_sessions.delete().where(staff_sessions.c.id_hash == id_hash))
-            return None
-        if now - row.last_seen_at >= TOUCH_EVERY:
+        return None
+    if touch and now - row.last_seen_at >= TOUCH_EVERY:
+        with engine.begin() as conn:
+            # Only forward: a slower request with an older clock does not move it back.
             conn.execute(
                 staff_sessions.update()
-                .where(staff_sessions.c.id_hash == id_hash)
+                .where(staff_sessions.c.id_hash == id_hash, staff_sessions.c.last_seen_at < now)
                 .values(last_seen_at=now)
             )
     return Session(id_hash, row.account_id, row.email, row.role, row.csrf, row.expires_at)
+
+
+def close_ended(conn: sa.Connection, account_id: int, *, now: datetime, rules: Rules) -> int:
+    """Delete the account's sessions that have ended (idle too long or past their lifetime)
+    inside the caller's transaction; how many. Login calls it, so ended sessions do not pile
+    up for an account whose browser never came back."""
+    result = conn.execute(
+        staff_sessions.delete().where(
+            staff_sessions.c.account_id == account_id,
+            sa.or_(
+                staff_sessions.c.expires_at <= now,
+                staff_sessions.c.last_seen_at <= now - rules.idle,
+            ),
+        )
+    )
+    return result.rowcount or 0
 
 
 def close_session(engine: sa.Engine, session_id: str) -> None:

@@ -214,7 +214,9 @@ class SubscriberPages:
             return sub
         path = f"/subscribers/{sub.id}"
         if sub.status == "unsubscribed":
-            return self.console.redirect(path, notice=f"{sub.email} was already unsubscribed.")
+            return self.console.redirect(
+                path, notice=f"Subscriber {sub.id} was already unsubscribed.", member=member
+            )
         try:
             await run_in_threadpool(
                 lambda: store.set_status(
@@ -228,8 +230,11 @@ class SubscriberPages:
             )
         except MailerError as exc:
             return self._gone(request, member, f"{exc}.")
+        # No address in the notice: it travels in a URL (history, server logs).
         return self.console.redirect(
-            path, notice=f"{sub.email} is unsubscribed: no further issue goes to them."
+            path,
+            notice=f"Subscriber {sub.id} is unsubscribed: no further issue goes to them.",
+            member=member,
         )
 
     async def erase_page(self, request: Request) -> Response:
@@ -262,6 +267,7 @@ class SubscriberPages:
             "/subscribers",
             notice=f"Subscriber {sub.id} erased. Only a one-way hash of the address stays, on"
             " the suppression list, so it is never mailed again.",
+            member=member,
         )
 
 

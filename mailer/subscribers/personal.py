@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.db import audit
+from mailer.db.engine import reading
 from mailer.db.schema import deliveries, events, issues, subscriber_digests, subscribers
 from mailer.errors import SubscriberError
 from mailer.subscribers import store
@@ -23,7 +24,7 @@ def _plain(value: Any) -> Any:
 
 def export(engine: sa.Engine, uid: str) -> dict[str, Any] | None:
     """Everything held about one subscriber, as JSON-ready data (GDPR Art. 15 and 20)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(sa.select(subscribers).where(subscribers.c.uid == uid)).first()
         if row is None:
             return None

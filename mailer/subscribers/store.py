@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailer.db import audit
-from mailer.db.engine import upsert_insert
+from mailer.db.engine import reading, upsert_insert
 from mailer.db.schema import (
     SUBSCRIBER_STATUSES,
     subscriber_digests,
@@ -547,7 +547,7 @@ def search(
         )
     if status is not None:
         where.append(subscribers.c.status == status)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         total = conn.execute(
             sa.select(sa.func.count()).select_from(subscribers).where(*where)
         ).scalar_one()
@@ -566,7 +566,7 @@ def search(
 
 def get_by_id(engine: sa.Engine, sid: int) -> Subscriber:
     """The subscriber with this id; SubscriberError if there is none (erased, purged)."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         found = load_by_id(conn, sid)
     if found is None:
         raise SubscriberError(f"no subscriber with id {sid} (erased, or never there)")

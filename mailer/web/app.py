@@ -39,7 +39,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,8 +47,8 @@ from mailer.clock import now as clock_now
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.console.app import build_console, console_mount, login_redirect
-from mailer.console.context import PREFIX
-from mailer.console.guard import LoginRequired
+from mailer.console.context import CONSOLE_HEADERS, PREFIX
+from mailer.console.guard import LoginRequired, ReadRefused
 from mailer.db.engine import safe_url
 from mailer.db.outages import OutageLog
 from mailer.errors import DatabaseUnavailable
@@ -191,6 +191,13 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if isinstance(exc, ReadRefused):
+            # A script's read (the dashboard's poll): JSON it can act on, not an HTML page.
+            return JSONResponse(
+                {"error": exc.detail, "status": exc.status_code},
+                status_code=exc.status_code,
+                headers={**CONSOLE_HEADERS, **(exc.headers or {})},
+            )
         return pages.error(exc.status_code, exc.detail, headers=exc.headers)
 
     async def server_error(request: Request, exc: Exception) -> Response:

@@ -73,18 +73,36 @@
     return active > 0 || (data.sending || []).length > 0;
   }
 
+  // The session has ended (logged out, idle too long, account removed): polling stops, and
+  // the section says so with a link to the login page.
+  function ended(section) {
+    if (section.querySelector("[data-session-ended]")) { return; }
+    var note = document.createElement("p");
+    note.className = "error";
+    note.setAttribute("data-session-ended", "");
+    note.setAttribute("role", "alert");
+    note.appendChild(document.createTextNode("Your session has ended: "));
+    var link = document.createElement("a");
+    link.href = section.getAttribute("data-login-url") || "login";
+    link.textContent = "log in again";
+    note.appendChild(link);
+    section.insertBefore(note, section.firstChild);
+  }
+
   function poll(section) {
     var url = section.getAttribute("data-progress-url");
     fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (response) {
+        if (response.status === 401) { ended(section); return null; }
         if (!response.ok) { throw new Error("progress " + response.status); }
         return response.json();
       })
       .then(function (data) {
+        if (data === null) { return; }
         if (update(section, data)) { window.setTimeout(function () { poll(section); }, POLL_MS); }
       })
       .catch(function () {
-        // A failed poll (logged out, server restarting): try again later, a little slower.
+        // A failed poll (server restarting, network down): try again later, a little slower.
         window.setTimeout(function () { poll(section); }, POLL_MS * 5);
       });
   }
