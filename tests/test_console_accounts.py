@@ -206,29 +206,27 @@ def test_login_limits_count_failures_per_account_and_per_address(engine: sa.Engi
     limits = logins.Limits(per_account=5, per_address=20, window=timedelta(minutes=15))
     at = NOW
     for n in range(5):
-        assert logins.check(engine, "ann@x.org", "10.0.0.1", now=at, limits=limits) is None
-        logins.record(engine, "ann@x.org", "10.0.0.1", succeeded=False, now=at, limits=limits)
+        tried = logins.attempt(engine, "ann@x.org", "10.0.0.1", now=at, limits=limits)
+        assert tried.blocked is None  # a wrong password: the row stays a failure
         at += timedelta(minutes=1) if n < 4 else timedelta(0)
-    blocked = logins.check(engine, "ann@x.org", "10.0.0.2", now=at, limits=limits)
+    blocked = logins.attempt(engine, "ann@x.org", "10.0.0.2", now=at, limits=limits).blocked
     assert blocked is not None and blocked.by == "account"
     assert blocked.minutes == 11  # the first failure (NOW) leaves the window at NOW + 15 min
-    # a success is recorded but forgives nothing
-    logins.record(engine, "ann@x.org", "10.0.0.1", succeeded=True, now=at, limits=limits)
-    assert logins.check(engine, "ann@x.org", "10.0.0.1", now=at, limits=limits) is not None
-    assert (
-        logins.check(
-            engine, "ann@x.org", "10.0.0.1", now=NOW + timedelta(minutes=15), limits=limits
-        )
-        is None
-    )
+    # the limit lifts when the first failure leaves the window
+    later = NOW + timedelta(minutes=15)
+    tried = logins.attempt(engine, "ann@x.org", "10.0.0.1", now=later, limits=limits)
+    assert tried.blocked is None
+    logins.succeeded(engine, tried.id)  # a right password no longer counts as a failure
     # per client address: 20 failures over many typed addresses
     for n in range(20):
-        logins.record(engine, f"u{n}@x.org", "10.9.9.9", succeeded=False, now=at, limits=limits)
-    blocked = logins.check(engine, "fresh@x.org", "10.9.9.9", now=at, limits=limits)
+        assert (
+            logins.attempt(engine, f"u{n}@x.org", "10.9.9.9", now=at, limits=limits).blocked is None
+        )
+    blocked = logins.attempt(engine, "fresh@x.org", "10.9.9.9", now=at, limits=limits).blocked
     assert blocked is not None and blocked.by == "address" and blocked.minutes == 15
     # old rows go as new ones come
-    later = at + timedelta(hours=1)
-    logins.record(engine, "ann@x.org", "10.0.0.1", succeeded=False, now=later, limits=limits)
+    hour_later = at + timedelta(hours=1)
+    logins.attempt(engine, "ann@x.org", "10.0.0.1", now=hour_later, limits=limits)
     with engine.connect() as conn:
         assert conn.scalar(sa.select(sa.func.count()).select_from(staff_login_attempts)) == 1
 

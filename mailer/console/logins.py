@@ -29,7 +29,6 @@ from typing import Literal
 
 import sqlalchemy as sa
 
-from mailer.db.engine import reading
 from mailer.db.schema import staff_login_attempts
 from mailer.errors import AddressError
 from mailer.subscribers.addresses import normalize_address
@@ -82,84 +81,6 @@ def address_key(client: str | None) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
-
-
-def _wait(
-    conn: sa.Connection,
-    column: sa.ColumnElement[str],
-    value: str,
-    limit: int,
-    *,
-    now: datetime,
-    limits: Limits,
-) -> timedelta | None:
-    recent = list(
-        conn.scalars(
-            sa.select(staff_login_attempts.c.at)
-            .where(
-                column == value,
-                staff_login_attempts.c.succeeded.is_(False),
-                staff_login_attempts.c.at > now - limits.window,
-            )
-            .order_by(staff_login_attempts.c.at.desc())
-            .limit(limit)
-        )
-    )
-    if len(recent) < limit:
-        return None
-    # The oldest of the last ``limit`` failures must leave the window before one more is let in.
-    oldest: datetime = recent[-1]
-    return oldest + limits.window - now
-
-
-def check(
-    engine: sa.Engine, account: str, address: str, *, now: datetime, limits: Limits
-) -> Blocked | None:
-    """None if a login for ``account`` from ``address`` may be tried now, else why not and
-    for how long."""
-    with reading(engine) as conn:
-        wait = _wait(
-            conn,
-            staff_login_attempts.c.account,
-            account,
-            limits.per_account,
-            now=now,
-            limits=limits,
-        )
-        if wait is not None:
-            return Blocked("account", wait)
-        wait = _wait(
-            conn,
-            staff_login_attempts.c.address,
-            address,
-            limits.per_address,
-            now=now,
-            limits=limits,
-        )
-        if wait is not None:
-            return Blocked("address", wait)
-    return None
-
-
-def record(
-    engine: sa.Engine,
-    account: str,
-    address: str,
-    *,
-    succeeded: bool,
-    now: datetime,
-    limits: Limits,
-) -> None:
-    """Record one attempt, and forget those that have left the window."""
-    with engine.begin() as conn:
-        conn.execute(
-            staff_login_attempts.delete().where(staff_login_attempts.c.at <= now - limits.window)
-        )
-        conn.execute(
-            staff_login_attempts.insert().values(
-                account=account, address=address, at=now, succeeded=succeeded
-            )
-        )
 
 
 @dataclass(frozen=True)
