@@ -7,16 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from mailer.console.inputs import MAX_ID_DIGITS, parse_id
+from mailer.console.outcomes import no_slot
 from mailer.console.wording import sentence
 from mailer.content.store import upsert_articles
 from mailer.subscribers import store
-from tests.factories import NOW, Clock, make_article, make_subscriber
+from mailer.web import SmtpConfirmationSender, create_app
+from tests.console import staff_client
+from tests.factories import BASE_CONFIG, NOW, Clock, make_article, make_settings, make_subscriber
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 from tests.test_console_issues import LOOKING, Setup, console_settings, in_review
 from tests.test_console_records import Console, make_console, text_of
@@ -210,3 +214,41 @@ def test_the_script_and_the_stylesheet_are_served_alike(console: Console) -> Non
         answer = anyone.get(path)
         assert answer.status_code == 200 and answer.headers["content-type"].startswith(kind)
         assert answer.headers["cache-control"] == "public, max-age=3600"
+
+
+def test_the_pager_keeps_the_listings_own_parameters(console: Console) -> None:
+    upsert_articles(
+        console.engine,
+        [make_article(title=f"Notice {i:02d}", topic="base-alerts") for i in range(26)],
+        now=NOW,
+    )
+    page = console.client("editor").get("/staff/articles?topic=base-alerts")
+    assert 'href="/staff/articles?topic=base-alerts&amp;page=2">Older</a>' in page.text
+    assert "Newer" not in page.text
+
+
+# --- the dashboard ----------------------------------------------------------------------------
+
+ON_ARRIVAL = {
+    "key": "alerts",
+    "name": "Base alerts",
+    "subject": "Base alert",
+    "trigger": "arrival",
+    "topics": ["base-alerts"],
+    "debounce_seconds": 30,
+}
+
+
+def test_an_arrival_digest_says_when_it_is_sent_and_an_ended_schedule_says_so(
+    engine: sa.Engine, db_url: str
+) -> None:
+    settings = make_settings(db_url, digests=[*BASE_CONFIG["digests"], ON_ARRIVAL])
+    app = create_app(settings, engine, SmtpConfirmationSender(settings), clock=lambda: NOW)
+    text = text_of(staff_client(app, engine, now=NOW).get("/staff/").text)
+    assert "Base alerts (alerts) Sent when its articles arrive (within 30 s of the first)." in text
+    assert "No coming slot" not in text
+    # A scheduled digest without a coming slot is one whose schedule has ended.
+    assert no_slot(settings.digests[0]) == "No coming slot: its schedule has ended."
+    assert no_slot(replace(settings.digest("alerts"), debounce_seconds=0)) == (
+        "Sent when its articles arrive (as soon as the first one is stored)."
+    )
