@@ -5,9 +5,11 @@ SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from html import unescape
 from typing import Any
 
 import pytest
@@ -252,3 +254,30 @@ def test_an_arrival_digest_says_when_it_is_sent_and_an_ended_schedule_says_so(
     assert no_slot(replace(settings.digest("alerts"), debounce_seconds=0)) == (
         "Sent when its articles arrive (as soon as the first one is stored)."
     )
+
+
+# --- the variant frames -----------------------------------------------------------------------
+
+
+def test_a_variant_frame_named_by_its_topics_counts_no_readers(issues_setup: Setup) -> None:
+    s = issues_setup
+    issue_id = in_review(s)
+    page = s.staff.get(f"/staff/issues/{issue_id}")
+    sources = re.findall(r'<iframe sandbox src="([^"]+)"', page.text)
+    assert sources and all("?topics=" in src for src in sources), sources
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any, **kwargs: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(s.engine, "before_cursor_execute", seen)
+    try:
+        framed = s.staff.get(unescape(sources[0]))
+    finally:
+        sa.event.remove(s.engine, "before_cursor_execute", seen)
+    assert framed.status_code == 200 and "Gate 4 closed" in framed.text
+    assert not [q for q in statements if "subscriber_topics" in q]
+    # The same digest as the frame found by its number alone (an address kept from before).
+    assert framed.text == s.staff.get(f"/staff/issues/{issue_id}/variants/1").text
+    wrong = s.staff.get(f"/staff/issues/{issue_id}/variants/1?topics=no-such-topic")
+    assert wrong.status_code == 404 and "has no variant for the topics no-such-topic" in wrong.text

@@ -42,7 +42,7 @@ from mailer.issues import progress, review_actions
 from mailer.issues.report import FINAL_ISSUE, build_report
 from mailer.issues.report_text import report_view
 from mailer.issues.review import Outcome as Decided
-from mailer.issues.variants import issue_variants, render_variant
+from mailer.issues.variants import issue_variants, render_topics, render_variant
 from mailer.staff import testsend
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,29 @@ class IssueViews:
         if number is None:
             raise HTTPException(404, "There is no such variant of this issue.")
         web = console.web
+        # The issue page names the variant's topics in the frame's address: the frame renders
+        # them at once. Finding the nth variant from its number alone counts the readers of
+        # every variant again (their order is by readers), one query over every recipient's
+        # topics per frame: only a frame opened by an address without its topics does that.
+        topics = tuple(t for t in request.query_params.get("topics", "").split(",") if t)
         try:
-            _variant, html, _text = await run_in_threadpool(
-                render_variant,
-                web.engine,
-                web.settings,
-                issue_id,
-                number,
-                now=web.clock(),
-                renderer=web.renderer,
-            )
+            if topics:
+                html, _text = await run_in_threadpool(
+                    lambda: render_topics(
+                        web.engine, web.settings, issue_id, topics, renderer=web.renderer
+                    )
+                )
+            else:
+                _variant, html, _text = await run_in_threadpool(
+                    lambda: render_variant(
+                        web.engine,
+                        web.settings,
+                        issue_id,
+                        number,
+                        now=web.clock(),
+                        renderer=web.renderer,
+                    )
+                )
         except DatabaseUnavailable:
             raise  # the app's 503 page: an outage is not a missing variant
         except MailerError as exc:
