@@ -257,7 +257,9 @@ def test_issue_page_shows_state_articles_variants_and_actions(setup: Setup) -> N
     text = text_of(page.text)
     assert "Gate 4 closed" in text and "Weekly digest" in text
     assert "it is held at its slot until approved" in text
-    assert f'<iframe sandbox src="/staff/issues/{issue_id}/variants/1"' in page.text
+    assert (
+        f'<iframe sandbox src="/staff/issues/{issue_id}/variants/1?topics=base-alerts"' in page.text
+    )
     for action in ("approve", "hold", "skip", "drop", "note", "test-send"):
         assert f'action="/staff/issues/{issue_id}/{action}"' in page.text
     assert "/retry" not in page.text  # nothing deferred
