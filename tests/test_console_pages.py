@@ -158,9 +158,11 @@ def test_ids_and_numbers_that_are_not_ones_are_named_for_what_they_are(
     s = issues_setup
     issue_id = in_review(s)
     too_long = "9" * (MAX_ID_DIGITS + 1)
-    for path in ("/staff/issues/x", f"/staff/issues/{too_long}"):
+    longest = "9" * MAX_ID_DIGITS  # an id, of no issue
+    for path in ("/staff/issues/x", f"/staff/issues/{too_long}", f"/staff/issues/{longest}"):
         page = s.staff.get(path)
-        assert page.status_code == 404 and "There is no such issue." in page.text
+        assert page.status_code == 404 and "There is no such issue" in page.text
+    assert s.staff.post(f"/staff/issues/{longest}/approve").status_code == 404
     for number in ("x", too_long):
         frame = s.staff.get(f"/staff/issues/{issue_id}/variants/{number}")
         assert frame.status_code == 404 and "There is no such variant" in frame.text
