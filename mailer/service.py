@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -125,7 +124,7 @@ class Service:
             shown=self._shown,
         )
         self.alerting: set[asyncio.Task[None]] = set()  # alerts raised from the event loop
-        self.web_server: _QuietServer | None = None  # while ``run`` serves the web app
+        self.web_server: QuietServer | None = None  # while ``run`` serves the web app
         # Why the web app stopped on its own while the service ran (it then stops too).
         self.web_failure: str | None = None
 
@@ -499,7 +498,7 @@ class Service:
             server = self._web_server() if self.parts.web else None
             self.web_server = server
             totals = Totals()
-            server_pair: list[tuple[QuietServer, socket.socket]] = []
+            staff: tuple[QuietServer, socket.socket] | None = None
             try:
                 if server is not None:
                     sockets = [self.web_socket] if self.web_socket is not None else None
@@ -510,11 +509,10 @@ class Service:
                         web.result()  # what stopped it, if it raised
                         raise MailerError("the web app stopped before it listened")
                     web.add_done_callback(self._web_ended)
-                    console = self._console_server()
-                    if console is not None:
+                    staff = self._console_server()
+                    if staff is not None:
                         # [staff_web] gives the console a listener of its own.
-                        staff_server, staff_sock = console
-                        server_pair.append((staff_server, staff_sock))
+                        staff_server, staff_sock = staff
                         staff_web = await staff_server.serve_listening([staff_sock])
                         tasks.append(staff_web)
                         staff_web.add_done_callback(self._web_ended)
@@ -539,8 +537,8 @@ class Service:
                     scheduler.shutdown(wait=False)
                 if server is not None:
                     server.should_exit = True
-                for staff_server, _sock in server_pair:
-                    staff_server.should_exit = True
+                if staff is not None:
+                    staff[0].should_exit = True
                 if watch is not None and not self.stop.is_set():
                     watch.cancel()  # the service failed; after SIGTERM it ends on its own
                 tasks.extend(self.alerting)
@@ -550,8 +548,8 @@ class Service:
                     tasks.append(firing)  # after SIGTERM: each logs its slot as not made
                 if tasks:
                     await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
-                for _server, staff_sock in server_pair:
-                    staff_sock.close()
+                if staff is not None:
+                    staff[1].close()
         return totals
 
     def _console_server(self) -> tuple[QuietServer, socket.socket] | None:
@@ -565,10 +563,10 @@ class Service:
             renderer=self.renderer,
         )
 
-    def _web_server(self) -> _QuietServer:
+    def _web_server(self) -> QuietServer:
         from mailer.web.app import create_app
         from mailer.web.sender import SmtpConfirmationSender
-        from mailer.web.server import server_config
+        from mailer.web.server import QuietServer, server_config
 
         app = create_app(
             self.settings,
@@ -578,24 +576,7 @@ class Service:
             on_article=self.arrived.set,
         )
         config = server_config(app, host=self.settings.web.host, port=self.settings.web.port)
-        return _QuietServer(config)
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the service owns SIGTERM and SIGINT."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = asyncio.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            self.listening.set()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+        return QuietServer(config)
 
 
 def _done(task: asyncio.Task[Any]) -> asyncio.Event:

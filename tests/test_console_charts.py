@@ -351,6 +351,36 @@ def test_a_chart_is_served_as_svg_that_runs_nothing(
     assert staff.get("/staff/charts/nothing.svg").status_code == 404
 
 
+def test_a_page_computes_each_figure_once_and_draws_nothing(
+    engine: sa.Engine, db_url: str, seeded: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page needs the figures and their tables; the picture is the ``.svg``'s work."""
+    calls: dict[str, int] = {}
+
+    def counted(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    for name in ("subscriber_weeks", "issue_outcomes", "rates_by_day"):
+        counted(figures, name)
+    for name in ("subscribers_chart", "deliveries_chart", "rate_chart"):
+        counted(charts, name)
+    staff = staff_client(make_app(engine, db_url), engine, now=NOW)
+    assert staff.get("/staff/").status_code == 200
+    assert calls == {"subscriber_weeks": 1, "issue_outcomes": 1}
+    calls.clear()
+    assert staff.get("/staff/charts").status_code == 200
+    assert calls == {"subscriber_weeks": 1, "issue_outcomes": 1, "rates_by_day": 1}
+    calls.clear()
+    assert staff.get("/staff/charts/deliveries.svg").status_code == 200
+    assert calls == {"issue_outcomes": 1, "deliveries_chart": 1}
+
+
 def test_the_charts_page_has_each_chart_with_the_same_numbers_in_a_table(
     engine: sa.Engine, db_url: str, seeded: dict[str, int]
 ) -> None:

@@ -68,7 +68,7 @@ def digest_test(
     from mailer.compose.messages import check_address
     from mailer.compose.rendering import Renderer
     from mailer.compose.testcopy import TEST_PREFIX
-    from mailer.staff.testsend import check_staff, prepare, send_test
+    from mailer.staff.testsend import check_staff, prepare, send_test, test_copies
 
     settings = ctx.settings
     digest = settings.digest(key)
@@ -79,9 +79,8 @@ def digest_test(
     renderer = Renderer()
     at = now()
     prepared = prepare(ctx.engine(), settings, digest, now=at, renderer=renderer, as_email=as_email)
-    results = asyncio.run(
-        send_test(settings, prepared, addresses, now=at, renderer=renderer, sign=sign)
-    )
+    copies = test_copies(settings, prepared, addresses, now=at, renderer=renderer)
+    results = asyncio.run(send_test(settings, copies, sign=sign))
     what = f"test copy of {describe(settings, digest, prepared)}"
     subject = TEST_PREFIX + prepared.issue.content.subject
     refused = 0

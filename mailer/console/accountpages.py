@@ -19,6 +19,7 @@ from starlette.routing import Route
 from mailer.console import accounts
 from mailer.console.context import Console
 from mailer.console.guard import StaffMember
+from mailer.console.inputs import path_id
 from mailer.db.schema import STAFF_ROLES
 from mailer.errors import AddressError, StaffAccountError
 
@@ -36,10 +37,10 @@ def routes(console: Console) -> list[Route]:
 
 
 def _account_id(request: Request) -> int:
-    raw = request.path_params["account_id"]
-    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 18):
+    account_id = path_id(request, "account_id")
+    if account_id is None:
         raise HTTPException(404, "There is no such staff account.")
-    return int(raw)
+    return account_id
 
 
 class AccountPages:

@@ -12,12 +12,19 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from mailer.console import accountpages, chartviews, dashboard, issues, login, records
-from mailer.console.context import CONSOLE_HEADERS, PREFIX, Console, ConsolePages
+from mailer.console.context import (
+    CONSOLE_HEADERS,
+    CONSOLE_TEMPLATES,
+    PREFIX,
+    Console,
+    ConsolePages,
+)
 from mailer.console.guard import Guard, LoginRequired
 from mailer.console.sessions import Rules
 from mailer.web.context import WebContext
 
 LOGIN_PATH = "/login"
+STATIC_HEADERS = {"Cache-Control": "public, max-age=3600"}
 
 
 def build_console(web: WebContext, rules: Rules | None = None) -> Console:
@@ -35,15 +42,11 @@ def build_console(web: WebContext, rules: Rules | None = None) -> Console:
 def console_mount(console: Console) -> Mount:
     """Every console route, under ``/staff``."""
 
-    async def stylesheet(request: Request) -> Response:
-        return Response(
-            console.pages.stylesheet,
-            media_type="text/css",
-            headers={"Cache-Control": "public, max-age=3600"},
-        )
-
     routes: list[Route] = [
-        Route("/static/console.css", stylesheet, methods=["GET"]),
+        static_file("console.css", console.pages.stylesheet, "text/css"),
+        static_file(
+            "console.js", (CONSOLE_TEMPLATES / "console.js").read_bytes(), "text/javascript"
+        ),
         *dashboard.routes(console),
         *issues.routes(console),
         *records.routes(console),
@@ -52,6 +55,15 @@ def console_mount(console: Console) -> Mount:
         *chartviews.routes(console),
     ]
     return Mount(PREFIX, routes=routes)
+
+
+def static_file(name: str, body: bytes, media_type: str) -> Route:
+    """``/static/NAME``: one of the console's own files, the same for everyone (no session)."""
+
+    async def serve(request: Request) -> Response:
+        return Response(body, media_type=media_type, headers=STATIC_HEADERS)
+
+    return Route(f"/static/{name}", serve, methods=["GET"])
 
 
 def login_redirect(console: Console, exc: LoginRequired) -> Response:

@@ -12,9 +12,11 @@ from starlette.routing import Route
 
 from mailer.console.context import Console
 from mailer.console.guard import StaffMember
-from mailer.console.records_common import PER_PAGE, page_number, problem, record_id
+from mailer.console.inputs import last_page, page_number, path_id
+from mailer.console.records_common import PER_PAGE, problem
+from mailer.console.wording import sentence
 from mailer.content import store
-from mailer.errors import MailerError, UnknownArticleError
+from mailer.errors import DatabaseUnavailable, MailerError, UnknownArticleError
 from mailer.issues import corrections
 
 SECTION = "articles"
@@ -48,13 +50,17 @@ class ArticlePages:
         topic = request.query_params.get("topic") or None
         if topic not in (None, *(key for key, _ in topics)):
             topic = None
+        engine = self.web.engine
+
+        def latest(page: int) -> store.Latest:
+            return store.latest(engine, topic=topic, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
+
         page = page_number(request)
-        found = await run_in_threadpool(
-            lambda: store.latest(
-                self.web.engine, topic=topic, limit=PER_PAGE, offset=(page - 1) * PER_PAGE
-            )
-        )
-        pages = max(1, -(-found.total // PER_PAGE))
+        found = await run_in_threadpool(latest, page)
+        pages = last_page(found.total, PER_PAGE)
+        if page > pages:  # past the end (an old link, a typed number): the last page
+            page = pages
+            found = await run_in_threadpool(latest, page)
         return self.console.render(
             request,
             "articles.html",
@@ -64,14 +70,14 @@ class ArticlePages:
             topics=topics,
             topic=topic or "",
             topic_names=dict(topics),
-            page=min(page, pages),
+            page=page,
             pages=pages,
         )
 
     async def _detail(
         self, request: Request, member: StaffMember
     ) -> tuple[store.ArticleDetail, store.Origin | None] | Response:
-        article_id = record_id(request)
+        article_id = path_id(request, "record_id")
         if article_id is None:
             return self._problem(
                 request, member, 404, "No such article", "That is not an article's id."
@@ -79,7 +85,7 @@ class ArticlePages:
         try:
             detail = await run_in_threadpool(store.show, self.web.engine, article_id)
         except UnknownArticleError as exc:
-            return self._problem(request, member, 404, "No such article", f"{exc}.")
+            return self._problem(request, member, 404, "No such article", sentence(exc))
         return detail, detail.origin
 
     async def article(self, request: Request) -> Response:
@@ -115,7 +121,7 @@ class ArticlePages:
                 corrections.audience, self.web.engine, detail.article.id
             )
         except UnknownArticleError as exc:
-            return self._problem(request, member, 404, "No such article", f"{exc}.")
+            return self._problem(request, member, 404, "No such article", sentence(exc))
         return self.console.render(
             request,
             "article_retract.html",
@@ -157,9 +163,11 @@ class ArticlePages:
                     now=self.web.clock(),
                 )
             )
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a refused retraction
         except MailerError as exc:
             return await self._retract_page(
-                request, member, detail, correction=text, error=str(exc), status=400
+                request, member, detail, correction=text, error=sentence(exc), status=400
             )
         return self.console.redirect(
             f"/articles/{detail.article.id}", notice=_said(done, asked=bool(text)), member=member

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property, partial
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
@@ -67,14 +68,16 @@ class ChartView:
 
 
 @dataclass(frozen=True)
-class Drawn:
-    """A chart's figures made into its picture and its view."""
+class Figured:
+    """A chart's figures, computed once: what a page shows (title, sentence, table) and how
+    to draw its picture from the same figures (``picture()``, for the ``.svg`` only: a page
+    shows the picture by URL, so it never draws one)."""
 
-    svg: bytes
     title: str
     summary: str
     columns: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
+    picture: Callable[[], bytes]
 
 
 def _day(moment: datetime, zone: ZoneInfo) -> str:
@@ -89,8 +92,29 @@ def percent(rate: float) -> str:
 number = charts.count_text
 
 
-def _subscribers(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
-    weeks: list[Week] = figures.subscriber_weeks(engine, now=now)
+class Source:
+    """The figures of one page or picture as of ``now``, each read from the store once however
+    many charts need it (the complaint and hard-bounce charts share the days' rates)."""
+
+    def __init__(self, engine: sa.Engine, now: datetime) -> None:
+        self.engine = engine
+        self.now = now
+
+    @cached_property
+    def weeks(self) -> list[Week]:
+        return figures.subscriber_weeks(self.engine, now=self.now)
+
+    @cached_property
+    def outcomes(self) -> list[IssueOutcomes]:
+        return figures.issue_outcomes(self.engine)
+
+    @cached_property
+    def days(self) -> list[DayRates]:
+        return figures.rates_by_day(self.engine, now=self.now)
+
+
+def _subscribers(source: Source, zone: ZoneInfo) -> Figured:
+    weeks = source.weeks
     first, last = weeks[0], weeks[-1]
     change = last.active - first.active
     joined = sum(w.signups for w in weeks)
@@ -105,17 +129,17 @@ def _subscribers(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
     )
     if not any(w.active or w.signups or w.unsubscribes for w in weeks):
         summary, rows = "No confirmed subscribers yet.", ()
-    return Drawn(
-        charts.subscribers_chart(weeks, zone),
+    return Figured(
         f"Active subscribers, last {len(weeks)} weeks",
         summary,
         ("Week ending", "Active", "Sign-ups", "Unsubscribes"),
         rows,
+        partial(charts.subscribers_chart, weeks, zone),
     )
 
 
-def _deliveries(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
-    found: list[IssueOutcomes] = figures.issue_outcomes(engine)
+def _deliveries(source: Source, zone: ZoneInfo) -> Figured:
+    found = source.outcomes
     if found:
         latest = found[-1]
         c = latest.counts
@@ -126,8 +150,7 @@ def _deliveries(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
         )
     else:
         summary = "No issue has gone out yet."
-    return Drawn(
-        charts.deliveries_chart(found, zone),
+    return Figured(
         f"Deliveries by outcome, last {figures.ISSUES} issues",
         summary,
         ("Issue", "Slot", *(charts.OUTCOME_LABELS[o] for o in OUTCOMES)),
@@ -139,11 +162,12 @@ def _deliveries(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
             )
             for issue in found
         ),
+        partial(charts.deliveries_chart, found, zone),
     )
 
 
-def _rates(engine: sa.Engine, now: datetime, zone: ZoneInfo, *, complaints: bool) -> Drawn:
-    days: list[DayRates] = figures.rates_by_day(engine, now=now)
+def _rates(source: Source, zone: ZoneInfo, *, complaints: bool) -> Figured:
+    days = source.days
     limit = COMPLAINT_LIMIT if complaints else HARD_BOUNCE_LIMIT
     what = "complaint rate" if complaints else "hard-bounce rate"
     today = days[-1].rates
@@ -167,8 +191,7 @@ def _rates(engine: sa.Engine, now: datetime, zone: ZoneInfo, *, complaints: bool
                 f" With fewer than {RATE_MIN_MESSAGES} messages the rate says little, and no"
                 " alert is raised."
             )
-    return Drawn(
-        charts.rate_chart(days, zone, complaints=complaints),
+    return Figured(
         f"{what.capitalize()} over 30 days, against the {100 * limit:g} % limit",
         summary,
         (
@@ -189,18 +212,19 @@ def _rates(engine: sa.Engine, now: datetime, zone: ZoneInfo, *, complaints: bool
             for day in days
             if drawn
         ),
+        partial(charts.rate_chart, days, zone, complaints=complaints),
     )
 
 
-def _complaints(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
-    return _rates(engine, now, zone, complaints=True)
+def _complaints(source: Source, zone: ZoneInfo) -> Figured:
+    return _rates(source, zone, complaints=True)
 
 
-def _bounces(engine: sa.Engine, now: datetime, zone: ZoneInfo) -> Drawn:
-    return _rates(engine, now, zone, complaints=False)
+def _bounces(source: Source, zone: ZoneInfo) -> Figured:
+    return _rates(source, zone, complaints=False)
 
 
-CHARTS: dict[str, Callable[[sa.Engine, datetime, ZoneInfo], Drawn]] = {
+CHARTS: dict[str, Callable[[Source, ZoneInfo], Figured]] = {
     "subscribers": _subscribers,
     "deliveries": _deliveries,
     "complaints": _complaints,
@@ -208,20 +232,26 @@ CHARTS: dict[str, Callable[[sa.Engine, datetime, ZoneInfo], Drawn]] = {
 }
 
 
-def draw(console: Console, name: str, now: datetime) -> Drawn:
-    """Chart ``name`` (a key of ``CHARTS``) as of ``now``: figures, picture and table."""
+def figure(console: Console, name: str, source: Source) -> Figured:
+    """Chart ``name`` (a key of ``CHARTS``) from ``source``: its figures and table, its
+    picture not drawn yet."""
     zone = ZoneInfo(console.web.settings.site.timezone)
-    return CHARTS[name](console.web.engine, now, zone)
+    return CHARTS[name](source, zone)
 
 
-def _view(console: Console, name: str, drawn: Drawn) -> ChartView:
+def draw(console: Console, name: str, now: datetime) -> bytes:
+    """Chart ``name``'s picture as of ``now`` (the SVG's bytes)."""
+    return figure(console, name, Source(console.web.engine, now)).picture()
+
+
+def _view(console: Console, name: str, figured: Figured) -> ChartView:
     return ChartView(
         name=name,
-        title=drawn.title,
+        title=figured.title,
         svg_url=console.pages.url(f"/charts/{name}.svg"),
-        summary=drawn.summary,
-        columns=drawn.columns,
-        rows=drawn.rows,
+        summary=figured.summary,
+        columns=figured.columns,
+        rows=figured.rows,
     )
 
 
@@ -229,8 +259,11 @@ def charts_for_dashboard(
     console: Console, now: datetime, names: Sequence[str] = tuple(CHARTS)
 ) -> list[ChartView]:
     """The views of the charts ``names`` (all of them by default) as of ``now``, for a page
-    that includes ``staff/_charts.html`` with them as ``charts``. Sync: call it in a thread."""
-    return [_view(console, name, draw(console, name, now)) for name in names]
+    that includes ``staff/_charts.html`` with them as ``charts``: each chart's figures once,
+    no picture drawn (the page's ``<img>`` asks ``/charts/NAME.svg`` for it). Sync: call it
+    in a thread."""
+    source = Source(console.web.engine, now)
+    return [_view(console, name, figure(console, name, source)) for name in names]
 
 
 def routes(console: Console) -> list[Route]:
@@ -249,8 +282,8 @@ def routes(console: Console) -> list[Route]:
         name = request.path_params["name"]
         if name not in CHARTS:
             raise HTTPException(404, f"There is no chart named {name!r}.")
-        drawn = await run_in_threadpool(draw, console, name, console.web.clock())
-        return Response(drawn.svg, media_type="image/svg+xml", headers=SVG_HEADERS)
+        svg = await run_in_threadpool(draw, console, name, console.web.clock())
+        return Response(svg, media_type="image/svg+xml", headers=SVG_HEADERS)
 
     return [
         Route("/charts", page, methods=["GET"]),

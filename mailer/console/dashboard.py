@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -18,9 +17,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mailer.console.chartviews import charts_for_dashboard
-from mailer.console.context import CONSOLE_HEADERS, CONSOLE_TEMPLATES, Console
+from mailer.console.context import CONSOLE_HEADERS, Console
 from mailer.console.outcomes import (
     countdown,
+    no_slot,
     progress_json,
     rate_text,
     segments,
@@ -34,7 +34,6 @@ RECENT = 10  # issues the dashboard lists
 # The charts the dashboard shows (the rest are on /staff/charts): each costs a few aggregate
 # queries per load, so the page an editor opens most stays quick on a large list.
 DASHBOARD_CHARTS = ("subscribers", "deliveries")
-SCRIPT = CONSOLE_TEMPLATES / "console.js"
 
 
 @dataclass(frozen=True)
@@ -50,24 +49,23 @@ class NextIssue:
     decided_at: datetime | None
     issue_id: int | None
     if_nobody: str  # what happens at the slot if nobody decides; "" without review
+    no_slot: str  # why there is no time to count down to ("" when there is one)
     review_opens: datetime | None
     waiting: tuple[MadeIssue, ...]  # issues held past their slot
 
 
 def routes(console: Console) -> list[Route]:
-    """The dashboard, its JSON and its script."""
+    """The dashboard and its JSON (its script is one of the console's static files, ``app``)."""
     views = DashboardViews(console)
     return [
         Route("/", views.dashboard, methods=["GET"]),
         Route("/progress.json", views.progress, methods=["GET"]),
-        Route("/static/console.js", views.script, methods=["GET"]),
     ]
 
 
 class DashboardViews:
-    def __init__(self, console: Console, script: Path = SCRIPT) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.script_bytes = script.read_bytes()
 
     async def dashboard(self, request: Request) -> Response:
         console = self.console
@@ -103,13 +101,6 @@ class DashboardViews:
         as_of = console.pages.env.filters["local_time"](now)
         return JSONResponse(progress_json(found, now, as_of), headers=CONSOLE_HEADERS)
 
-    async def script(self, request: Request) -> Response:
-        return Response(
-            self.script_bytes,
-            media_type="text/javascript",
-            headers={"Cache-Control": "public, max-age=3600"},
-        )
-
     def _next_issues(self, now: datetime) -> list[NextIssue]:
         web = self.console.web
         found = []
@@ -126,6 +117,7 @@ class DashboardViews:
                     if_nobody = "is held if nobody approves it"
             found.append(
                 NextIssue(
+                    no_slot="" if at else no_slot(digest),
                     key=coming.key,
                     name=coming.name,
                     at=at,

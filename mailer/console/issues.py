@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
+import sqlalchemy as sa
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
@@ -25,25 +27,27 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from mailer.compose.dkim import signer_for
+from mailer.config.settings import Settings
 from mailer.console.context import Console
 from mailer.console.guard import StaffMember
+from mailer.console.inputs import last_page, page_number, parse_id
 from mailer.console.outcomes import segments
+from mailer.console.wording import sentence
 from mailer.db import audit
 from mailer.db.engine import writing
 from mailer.db.schema import WAITING_ISSUE_STATUSES
 from mailer.delivery.policy import Outcome as SendOutcome
-from mailer.errors import MailerError, UnknownIssueError
+from mailer.errors import DatabaseUnavailable, MailerError, UnknownIssueError
 from mailer.issues import progress, review_actions
 from mailer.issues.report import FINAL_ISSUE, build_report
 from mailer.issues.report_text import report_view
-from mailer.issues.variants import issue_variants, render_variant
+from mailer.issues.review import Outcome as Decided
+from mailer.issues.variants import issue_variants, render_topics, render_variant
 from mailer.staff import testsend
 
 log = logging.getLogger(__name__)
 
 PER_PAGE = 25
-# A path segment is bounded before it is converted (5,000 digits would be a ValueError).
-MAX_ID_DIGITS = 12
 # The variant frame: the digest as readers see it (inline styles, remote images), no script,
 # an opaque origin (``sandbox``), framed only by our own pages.
 VARIANT_CSP = (
@@ -81,11 +85,20 @@ def routes(console: Console) -> list[Route]:
     ]
 
 
-def _number(text: str) -> int:
-    """A path segment as a positive number; a 404 page otherwise."""
-    if not text.isascii() or not text.isdigit() or len(text) > MAX_ID_DIGITS:
+class Decision(Protocol):
+    """``review_actions.approve``, ``hold`` or ``skip``."""
+
+    def __call__(
+        self, engine: sa.Engine, settings: Settings, issue_id: int, *, by: str, now: datetime
+    ) -> Decided: ...
+
+
+def _issue_id(request: Request) -> int:
+    """The issue the path names; a 404 page if it is not an id."""
+    issue_id = parse_id(request.path_params["issue_id"])
+    if issue_id is None:
         raise HTTPException(404, "There is no such issue.")
-    return int(text)
+    return issue_id
 
 
 class IssueViews:
@@ -97,15 +110,18 @@ class IssueViews:
     async def listing(self, request: Request) -> Response:
         console = self.console
         member = await console.guard.page(request)
-        raw = request.query_params.get("page", "1")
-        page = _number(raw) if raw else 1
-        page = max(page, 1)
-        found = await run_in_threadpool(
-            progress.list_issues,
-            console.web.engine,
-            limit=PER_PAGE + 1,
-            offset=(page - 1) * PER_PAGE,
-        )
+        engine = console.web.engine
+
+        def listed(page: int) -> list[progress.IssueSummary]:
+            return progress.list_issues(engine, limit=PER_PAGE + 1, offset=(page - 1) * PER_PAGE)
+
+        page = page_number(request)
+        found = await run_in_threadpool(listed, page)
+        if not found and page > 1:
+            # Past the end (an old link, a typed number): the last page there is.
+            total = await run_in_threadpool(progress.count_issues, engine)
+            page = last_page(total, PER_PAGE)
+            found = await run_in_threadpool(listed, page)
         return console.render(
             request,
             "issues.html",
@@ -119,7 +135,7 @@ class IssueViews:
 
     async def issue(self, request: Request) -> Response:
         member = await self.console.guard.page(request)
-        issue_id = _number(request.path_params["issue_id"])
+        issue_id = _issue_id(request)
         return await self._issue_page(request, member, issue_id)
 
     async def _issue_page(
@@ -171,21 +187,38 @@ class IssueViews:
     async def variant(self, request: Request) -> Response:
         console = self.console
         await console.guard.page(request)
-        issue_id = _number(request.path_params["issue_id"])
-        number = _number(request.path_params["number"])
+        issue_id = _issue_id(request)
+        number = parse_id(request.path_params["number"])
+        if number is None:
+            raise HTTPException(404, "There is no such variant of this issue.")
         web = console.web
+        # The issue page names the variant's topics in the frame's address: the frame renders
+        # them at once. Finding the nth variant from its number alone counts the readers of
+        # every variant again (their order is by readers), one query over every recipient's
+        # topics per frame: only a frame opened by an address without its topics does that.
+        topics = tuple(t for t in request.query_params.get("topics", "").split(",") if t)
         try:
-            _variant, html, _text = await run_in_threadpool(
-                render_variant,
-                web.engine,
-                web.settings,
-                issue_id,
-                number,
-                now=web.clock(),
-                renderer=web.renderer,
-            )
+            if topics:
+                html, _text = await run_in_threadpool(
+                    lambda: render_topics(
+                        web.engine, web.settings, issue_id, topics, renderer=web.renderer
+                    )
+                )
+            else:
+                _variant, html, _text = await run_in_threadpool(
+                    lambda: render_variant(
+                        web.engine,
+                        web.settings,
+                        issue_id,
+                        number,
+                        now=web.clock(),
+                        renderer=web.renderer,
+                    )
+                )
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a missing variant
         except MailerError as exc:
-            raise HTTPException(404, str(exc)) from exc
+            raise HTTPException(404, sentence(exc)) from exc
         return HTMLResponse(html, headers=VARIANT_HEADERS)
 
     # ------------------------------------------------------------ actions
@@ -199,7 +232,7 @@ class IssueViews:
     async def skip(self, request: Request) -> Response:
         return await self._decide(request, review_actions.skip, "skipped")
 
-    async def _decide(self, request: Request, act: Any, done: str) -> Response:
+    async def _decide(self, request: Request, act: Decision, done: str) -> Response:
         async def run(member: StaffMember, form: FormData, issue_id: int) -> str:
             web = self.console.web
             outcome = await run_in_threadpool(
@@ -288,9 +321,13 @@ class IssueViews:
             )
             # A staff account is staff: its own address needs no [staff].emails entry.
             sign = signer_for(web.settings)
-            results = await testsend.send_test(
-                web.settings, prepared, [member.email], now=now, renderer=web.renderer, sign=sign
+            # Rendering the copy is CPU work: in a thread, not on the event loop.
+            copies = await run_in_threadpool(
+                lambda: testsend.test_copies(
+                    web.settings, prepared, [member.email], now=now, renderer=web.renderer
+                )
             )
+            results = await testsend.send_test(web.settings, copies, sign=sign)
             result = results[0]
             sent = result.outcome is SendOutcome.SENT
             await run_in_threadpool(
@@ -323,14 +360,16 @@ class IssueViews:
         run: Callable[[StaffMember, FormData, int], Awaitable[str]],
     ) -> Response:
         member, form = await self.console.guard.action(request)
-        issue_id = _number(request.path_params["issue_id"])
+        issue_id = _issue_id(request)
         try:
             notice = await run(member, form, issue_id)
         except UnknownIssueError as exc:
             raise HTTPException(404, f"There is no such issue: {exc}.") from exc
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a refused action
         except (MailerError, _Refused) as exc:
             log.info("staff action refused", extra={"issue": issue_id, "error": str(exc)})
-            return await self._issue_page(request, member, issue_id, error=_sentence(str(exc)))
+            return await self._issue_page(request, member, issue_id, error=sentence(exc))
         return self.console.redirect(f"/issues/{issue_id}", notice=notice, member=member)
 
 
@@ -339,15 +378,7 @@ class _Refused(Exception):
 
 
 def _form_number(form: FormData, name: str) -> int:
-    value = form.get(name)
-    if not isinstance(value, str) or not value.isascii() or not value.isdigit():
-        raise HTTPException(400, f"The form's {name} is missing or not a number.")
-    if len(value) > MAX_ID_DIGITS:
-        raise HTTPException(400, f"The form's {name} is not a number we know.")
-    return int(value)
-
-
-def _sentence(text: str) -> str:
-    text = text.strip()
-    text = text[:1].upper() + text[1:]
-    return text if text.endswith((".", "!", "?")) else text + "."
+    value = parse_id(form.get(name))
+    if value is None:
+        raise HTTPException(400, f"The form's {name} is missing or not a number we know.")
+    return value

@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from mailer.console import accounts, logins, sessions
 from mailer.console.context import Console
+from mailer.console.wording import sentence
 from mailer.db import audit
 from mailer.errors import PasswordRejected, StaffLinkError
 from mailer.web.context import client_ip, read_form
@@ -291,7 +292,7 @@ class LoginViews:
             None,
             status=410 if exc.reason == "expired" else 404,
             expired=exc.reason == "expired",
-            message=str(exc).capitalize() + ".",
+            message=sentence(exc),
             notice=None,
         )
 

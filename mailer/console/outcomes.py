@@ -1,4 +1,5 @@
-"""How the console shows an issue's numbers: outcome bars, countdowns, rates and time left.
+"""How the console shows an issue's numbers and times: outcome bars, countdowns, rates, time left,
+and why a digest has no slot to count down to.
 
 A bar is drawn as an inline SVG whose segments are ``<rect>`` with ``x`` and ``width``
 attributes (the console's CSP allows no style attribute), in a 0–100 view box; the script
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from mailer.config.settings import Digest
 from mailer.issues.progress import SendProgress
 
 # The segments of a bar, in order, and the statuses each counts.
@@ -106,3 +108,12 @@ def progress_json(found: list[SendProgress], now: datetime, as_of: str) -> dict[
             for p in found
         ],
     }
+
+
+def no_slot(digest: Digest | None) -> str:
+    """Why a digest has no coming slot: made on arrival, or a schedule that has ended."""
+    if digest is not None and digest.on_arrival:
+        if digest.debounce_seconds <= 0:
+            return "Sent when its articles arrive (as soon as the first one is stored)."
+        return f"Sent when its articles arrive (within {digest.debounce_seconds} s of the first)."
+    return "No coming slot: its schedule has ended."

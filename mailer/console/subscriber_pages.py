@@ -18,10 +18,12 @@ from starlette.routing import Route
 
 from mailer.console.context import CONSOLE_HEADERS, Console
 from mailer.console.guard import StaffMember
-from mailer.console.records_common import PER_PAGE, page_number, problem, record_id
+from mailer.console.inputs import last_page, page_number, path_id
+from mailer.console.records_common import PER_PAGE, problem
+from mailer.console.wording import sentence
 from mailer.db import audit
 from mailer.db.schema import SUBSCRIBER_STATUSES
-from mailer.errors import MailerError
+from mailer.errors import DatabaseUnavailable, MailerError
 from mailer.subscribers import personal, store
 
 SECTION = "subscribers"
@@ -76,13 +78,15 @@ class SubscriberPages:
     async def _subscriber(
         self, request: Request, member: StaffMember
     ) -> store.Subscriber | Response:
-        sid = record_id(request)
+        sid = path_id(request, "record_id")
         if sid is None:
             return self._gone(request, member, "That is not a subscriber's id.")
         try:
             return await run_in_threadpool(store.get_by_id, self.web.engine, sid)
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a missing subscriber
         except MailerError as exc:
-            return self._gone(request, member, f"{exc}.")
+            return self._gone(request, member, sentence(exc))
 
     async def search(self, request: Request) -> Response:
         """``GET /staff/subscribers?q=&status=&page=``: by address or name, any case."""
@@ -91,17 +95,19 @@ class SubscriberPages:
         status = request.query_params.get("status") or None
         if status not in (None, *SUBSCRIBER_STATUSES):
             status = None
-        page = page_number(request)
-        found = await run_in_threadpool(
-            lambda: store.search(
-                self.web.engine,
-                query,
-                status=status,
-                limit=PER_PAGE,
-                offset=(page - 1) * PER_PAGE,
+        engine = self.web.engine
+
+        def search(page: int) -> store.Found:
+            return store.search(
+                engine, query, status=status, limit=PER_PAGE, offset=(page - 1) * PER_PAGE
             )
-        )
-        pages = max(1, -(-found.total // PER_PAGE))
+
+        page = page_number(request)
+        found = await run_in_threadpool(search, page)
+        pages = last_page(found.total, PER_PAGE)
+        if page > pages:  # past the end (an old link, a typed number): the last page
+            page = pages
+            found = await run_in_threadpool(search, page)
         return self.console.render(
             request,
             "subscribers.html",
@@ -111,9 +117,8 @@ class SubscriberPages:
             chosen_status=status or "",
             statuses=SUBSCRIBER_STATUSES,
             found=found,
-            page=min(page, pages),
+            page=page,
             pages=pages,
-            first=(page - 1) * PER_PAGE + 1,
         )
 
     async def record(self, request: Request) -> Response:
@@ -228,8 +233,10 @@ class SubscriberPages:
                     by=member.by,
                 )
             )
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a missing subscriber
         except MailerError as exc:
-            return self._gone(request, member, f"{exc}.")
+            return self._gone(request, member, sentence(exc))
         # No address in the notice: it travels in a URL (history, server logs).
         return self.console.redirect(
             path,
@@ -260,8 +267,10 @@ class SubscriberPages:
                     self.web.engine, sub.email, now=self.web.clock(), by=member.by
                 )
             )
+        except DatabaseUnavailable:
+            raise  # the app's 503 page: an outage is not a missing subscriber
         except MailerError as exc:
-            return self._gone(request, member, f"{exc}.")
+            return self._gone(request, member, sentence(exc))
         # No address in the notice: it travels in a URL, and the address is what was erased.
         return self.console.redirect(
             "/subscribers",

@@ -121,6 +121,13 @@ def list_issues(
         return _summaries(conn, conn.execute(query).all())
 
 
+def count_issues(engine: sa.Engine) -> int:
+    """How many issues there are (of every digest and status): the length of ``list_issues``
+    without a limit."""
+    with reading(engine) as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(issues)).scalar_one())
+
+
 def _summaries(conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[IssueSummary]:
     """The issues of ``rows`` with their deliveries counted by status, by one query."""
     counts: dict[int, dict[str, int]] = {row.id: {} for row in rows}

@@ -13,6 +13,7 @@ Each variant renders as ``digest preview`` and the review mail show it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -60,7 +61,8 @@ def render_variant(
     renderer: Renderer,
 ) -> tuple[Variant, str, str]:
     """Variant ``number`` (1-based) of the issue with its HTML and text, links neutral;
-    DigestError if the issue has no such variant."""
+    DigestError if the issue has no such variant. Finding the nth counts every variant's
+    readers (their order is by readers); ``render_topics`` renders one whose topics are known."""
     with reading(engine) as conn:
         found = _variants(conn, settings, issue_id, now)
         content = load_content(conn, issue_id, settings)
@@ -69,6 +71,28 @@ def render_variant(
     variant = found[number - 1]
     html, text = DigestComposer(settings, content, renderer=renderer).preview(variant.topics)
     return variant, html, text
+
+
+def render_topics(
+    engine: sa.Engine,
+    settings: Settings,
+    issue_id: int,
+    topics: Sequence[str],
+    *,
+    renderer: Renderer,
+) -> tuple[str, str]:
+    """The issue as readers who chose ``topics`` get it, HTML and text, links neutral: one
+    variant, without counting who gets each (``issue_variants`` gave its topics). DigestError
+    if a topic is not one the site offers or none is given; UnknownIssueError if no issue."""
+    with reading(engine) as conn:
+        content = load_content(conn, issue_id, settings)
+    # A topic since removed from the config still names its articles' digests.
+    known = {t.key for t in settings.topics} | {a.topic for a in content.articles}
+    if not topics or any(t not in known for t in topics):
+        raise DigestError(
+            f"issue {issue_id} has no variant for the topics {', '.join(topics) or '(none)'}"
+        )
+    return DigestComposer(settings, content, renderer=renderer).preview(topics)
 
 
 def _variants(

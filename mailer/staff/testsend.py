@@ -1,10 +1,10 @@
 """Test sends: the message a reader would get from the digest's next issue, sent to staff.
 
 ``prepare`` finds the next issue (``issues.nextissue``) and whose copy to show
-(``issues.sample``); ``send_test`` sends one test copy (``compose.testcopy``) to each staff
-address through ``staff.transport``: the subscribers' relay and DKIM key, the plain envelope
-sender, and never the ledger (no delivery row, no event, no count). ``digest preview`` shows
-the same copy, addressed to the reader, without sending it.
+(``issues.sample``); ``test_copies`` makes one test copy (``compose.testcopy``) for each staff
+address and ``send_test`` sends them through ``staff.transport``: the subscribers' relay and
+DKIM key, the plain envelope sender, and never the ledger (no delivery row, no event, no
+count). ``digest preview`` shows the same copy, addressed to the reader, without sending it.
 """
 
 from __future__ import annotations
@@ -132,19 +132,28 @@ def reader_copy(
     )
 
 
-async def send_test(
+def test_copies(
     settings: Settings,
     prepared: Prepared,
     to: Sequence[str],
     *,
     now: datetime,
     renderer: Renderer,
-    sign: Callable[[bytes], bytes] | None,
-) -> list[SendResult]:
-    """Send one test copy to each of ``to`` (checked by ``check_staff`` first); the relay's
-    answer for each, in order. Nothing is recorded."""
-    messages = [
+) -> list[Outgoing]:
+    """One test copy for each of ``to`` (checked by ``check_staff`` first), ready to send.
+    Rendering is CPU work: an event loop calls this in a thread."""
+    return [
         Outgoing(address, reader_copy(settings, prepared, to=address, now=now, renderer=renderer))
         for address in to
     ]
-    return await send_now(settings, messages, sign=sign)
+
+
+async def send_test(
+    settings: Settings,
+    copies: Sequence[Outgoing],
+    *,
+    sign: Callable[[bytes], bytes] | None,
+) -> list[SendResult]:
+    """Send the test ``copies`` (``test_copies``); the relay's answer for each, in order.
+    Nothing is recorded."""
+    return await send_now(settings, copies, sign=sign)

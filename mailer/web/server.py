@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import uvicorn
 from starlette.types import ASGIApp
 
+from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
 from mailer.web.app import create_app
 from mailer.web.sender import ConfirmationSender, SmtpConfirmationSender
@@ -102,11 +103,12 @@ def console_server(
     mailer: ConfirmationSender,
     *,
     forwarded_allow_ips: str | None = None,
-    **options: object,
+    renderer: Renderer | None = None,
 ) -> tuple[QuietServer, socket.socket] | None:
     """The staff console's own server and its bound socket, when ``[staff_web]`` gives it a
     port; None when the web app serves it under /staff/. The port is claimed here, so a port
-    in use is one line naming it, not a traceback at start."""
+    in use is one line naming it, not a traceback at start. ``renderer``: as ``create_app``'s
+    (the service passes its own, shared with the web app)."""
     from mailer.preflight import claim_port
 
     staff = settings.staff_web
@@ -114,15 +116,16 @@ def console_server(
         return None
     host = staff.host or settings.web.host
     sock = claim_port(host, staff.port)
-    app = create_app(settings, engine, mailer, part="staff", **options)  # type: ignore[arg-type]
+    app = create_app(settings, engine, mailer, part="staff", renderer=renderer)
     config = server_config(app, host=host, port=staff.port, forwarded_allow_ips=forwarded_allow_ips)
     log.info("staff console listening", extra={"host": host, "port": staff.port})
     return QuietServer(config), sock
 
 
 class QuietServer(uvicorn.Server):
-    """uvicorn leaving signals to the server or service it runs beside; ``listening`` is set
-    once it listens."""
+    """uvicorn leaving signals to what it runs inside (``mailer run``'s service owns SIGTERM
+    and SIGINT; ``serve_async`` leaves them to the web app's server); ``listening`` is set
+    once it listens. The service's web app and the console's own listener are both one."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
