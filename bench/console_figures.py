@@ -17,18 +17,15 @@ created on the server of ``MAILER_BENCH_PG`` and dropped at the end)::
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from bench._lib import machine, median_range
-from bench.staff_round import NOW, PG_URL, _json, _spread, fill
+from bench._lib import median_range
+from bench.staff_round import NOW, _json, _spread, fill, run_on_both
 from mailer.console import charts, figures
 from mailer.db.engine import create_engine, refresh_statistics
 from mailer.db.schema import deliveries, events, subscribers
@@ -105,26 +102,7 @@ def measure(name: str, url: str, n: int, runs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--n", type=int, default=100_000, help="active subscribers")
-    parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    print(machine())
-    if args.db in ("sqlite", "both"):
-        with tempfile.TemporaryDirectory() as tmp:
-            measure("SQLite", f"sqlite:///{Path(tmp) / 'figures.db'}", args.n, args.runs)
-    if args.db in ("postgres", "both"):
-        admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_NAME}" WITH (FORCE)')
-                conn.exec_driver_sql(f'CREATE DATABASE "{PG_NAME}"')
-            measure("PostgreSQL", PG_URL.rsplit("/", 1)[0] + "/" + PG_NAME, args.n, args.runs)
-        finally:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_NAME}" WITH (FORCE)')
-            admin.dispose()
+    run_on_both(__doc__.split("\n", 1)[0], measure, PG_NAME)
 
 
 if __name__ == "__main__":

@@ -447,7 +447,7 @@ def report_parts(
         about = report._about_its_messages(conn, issue_id)
         parts: list[tuple[str, Callable[[], object]]] = [
             ("outcomes", lambda: report._outcomes(conn, issue_id)),
-            ("topic sets", lambda: report._topic_sets(conn, settings, issue_id, content)),
+            ("topic sets", lambda: report.topic_sets_of(conn, settings, issue_id, content)),
             (
                 "first and last sent",
                 lambda: conn.execute(
@@ -541,8 +541,13 @@ def measure(name: str, url: str, n: int, runs: int) -> list[tuple[str, str]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def run_on_both(
+    description: str, measure: Callable[[str, str, int, int], object], pg_name: str
+) -> None:
+    """The command line of a benchmark that fills a database of ``--n`` subscribers and times
+    ``measure(label, url, n, runs)`` on SQLite, PostgreSQL (a database of its own, dropped
+    after) or both."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--n", type=int, default=100_000, help="active subscribers")
     parser.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--runs", type=int, default=5)
@@ -550,18 +555,22 @@ def main() -> None:
     print(machine())
     if args.db in ("sqlite", "both"):
         with tempfile.TemporaryDirectory() as tmp:
-            measure("SQLite", f"sqlite:///{Path(tmp) / 'staff.db'}", args.n, args.runs)
+            measure("SQLite", f"sqlite:///{Path(tmp) / 'bench.db'}", args.n, args.runs)
     if args.db in ("postgres", "both"):
         admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
         try:
             with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_NAME}" WITH (FORCE)')
-                conn.exec_driver_sql(f'CREATE DATABASE "{PG_NAME}"')
-            measure("PostgreSQL", PG_URL.rsplit("/", 1)[0] + "/" + PG_NAME, args.n, args.runs)
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
+                conn.exec_driver_sql(f'CREATE DATABASE "{pg_name}"')
+            measure("PostgreSQL", PG_URL.rsplit("/", 1)[0] + "/" + pg_name, args.n, args.runs)
         finally:
             with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{PG_NAME}" WITH (FORCE)')
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
             admin.dispose()
+
+
+def main() -> None:
+    run_on_both(__doc__.split("\n", 1)[0], measure, PG_NAME)
 
 
 if __name__ == "__main__":

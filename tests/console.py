@@ -17,6 +17,8 @@ from starlette.testclient import TestClient
 
 from mailer.console import sessions
 from mailer.db.schema import staff_accounts
+from mailer.web import Limits, SmtpConfirmationSender, create_app
+from tests.factories import Clock, make_settings
 
 BASE = "https://testserver"
 
@@ -80,3 +82,12 @@ def staff_client(
     # for domain "testserver" would never be sent.
     client.cookies.set(sessions.COOKIE_NAME, sessions.cookie_value(secret, session_id))
     return StaffClient(client, account_id, email, str(csrf))
+
+
+def make_app(engine: sa.Engine, db_url: str, clock: Clock, **limits: Any) -> Starlette:
+    """The web app with its console over ``engine``, on ``clock``, with login ``limits``
+    (``Limits`` fields) if given."""
+    settings = make_settings(db_url)
+    return create_app(
+        settings, engine, SmtpConfirmationSender(settings), clock=clock, limits=Limits(**limits)
+    )

@@ -31,8 +31,7 @@ from mailer.db.engine import create_engine
 from mailer.db.schema import events, staff_accounts, staff_login_attempts, staff_sessions
 from mailer.errors import StaffAccountError
 from mailer.subscribers import store
-from mailer.web import Limits, SmtpConfirmationSender, create_app
-from tests.console import BASE, staff_client
+from tests.console import BASE, make_app, staff_client
 from tests.factories import NOW, Clock, make_settings, make_subscriber
 
 with warnings.catch_warnings():
@@ -41,13 +40,6 @@ with warnings.catch_warnings():
 
 PASSWORD = "quilt harbor velvet 1987 tram"
 ANN = "ann@news.example.org"
-
-
-def make_app(engine: sa.Engine, db_url: str, clock: Clock, **limits: Any) -> Starlette:
-    settings = make_settings(db_url)
-    return create_app(
-        settings, engine, SmtpConfirmationSender(settings), clock=clock, limits=Limits(**limits)
-    )
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ from mailer.clock import now as clock_now
 from mailer.console import accounts, sessions
 from mailer.db.engine import create_engine
 from mailer.db.schema import events, metadata, staff_sessions
-from mailer.web import Limits, SmtpConfirmationSender, create_app
-from tests.console import BASE, StaffClient, add_account, staff_client
+from tests.console import BASE, StaffClient, add_account, make_app, staff_client
 from tests.factories import NOW, Clock, make_settings
 
 with warnings.catch_warnings():
@@ -37,13 +36,6 @@ PASSWORD = "quilt harbor velvet 1987 tram"
 # Routes under /staff that answer without a session, by design: the login pages, and the
 # console's stylesheet and script (static files that hold no data).
 PUBLIC = {"/static/console.css", "/static/console.js", "/login", "/welcome/{token}"}
-
-
-def make_app(engine: sa.Engine, db_url: str, clock: Clock, **limits: Any) -> Starlette:
-    settings = make_settings(db_url)
-    return create_app(
-        settings, engine, SmtpConfirmationSender(settings), clock=clock, limits=Limits(**limits)
-    )
 
 
 @pytest.fixture
