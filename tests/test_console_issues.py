@@ -5,9 +5,7 @@ for test copies, SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import re
-import shutil
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,15 +14,13 @@ from starlette.testclient import TestClient
 
 from mailer.compose.rendering import Renderer
 from mailer.config.settings import Settings
-from mailer.console import sessions
 from mailer.content.store import upsert_articles
 from mailer.db.schema import deliveries, events, issue_articles, issues
 from mailer.issues import review
 from mailer.issues.create import create_issue
 from mailer.staff.alerts import raise_alert
 from mailer.web import SmtpConfirmationSender, create_app
-from tests.browser import DESKTOP, PHONE, fits, page_at
-from tests.console import StaffClient, add_account, staff_client
+from tests.console import StaffClient, staff_client
 from tests.factories import (
     BASE_CONFIG,
     NOW,
@@ -33,7 +29,6 @@ from tests.factories import (
     make_subscriber,
     server_settings,
 )
-from tests.served import at, serve
 from tests.smtp_server import FaultServer, smtp_server  # noqa: F401
 
 # NOW is Friday 20 November 2026 12:00 UTC: a slot of the weekly digest. The console looks
@@ -438,113 +433,6 @@ def test_a_sent_issue_shows_its_report(setup: Setup) -> None:
     text = text_of(page.text)
     assert "Report" in text and "sent (final)" in text
     assert "no longer reviewed" in text
-
-
-# ---------------------------------------------------------------- in a real browser
-
-
-@pytest.mark.browser
-def test_approve_in_the_browser_then_watch_a_send_progress(
-    browser: Any,
-    shots: Path,
-    tmp_path: Path,
-    sqlite_template: Path,
-    smtp_server: FaultServer,  # noqa: F811
-) -> None:
-    from playwright.sync_api import expect
-
-    database = tmp_path / "mailer.db"
-    shutil.copy(sqlite_template, database)
-    url = f"sqlite:///{database}"
-    clock = Clock(LOOKING)
-
-    def settings_for(base: str) -> Settings:
-        return server_settings(
-            url,
-            smtp_server,
-            digests=[WEEKLY, DAILY],
-            staff={"emails": ["desk@news.example.org"]},
-            **at(base),
-        )
-
-    with serve(settings_for, clock=clock) as (server, engine, settings):
-        s = _Served(engine, settings, clock)
-        issue_id = in_review(s)
-        account = add_account(engine, EDITOR, "editor", now=clock())
-        with engine.begin() as conn:
-            session_id = sessions.open_session(
-                conn, account, now=clock(), rules=sessions.Rules(), ip="127.0.0.1"
-            )
-        cookie = sessions.cookie_value(settings.site.require_secret(), session_id)
-        for viewport, name in ((DESKTOP, "desktop"), (PHONE, "phone")):
-            page = page_at(browser, viewport)
-            page.context.add_cookies(
-                [{"name": sessions.COOKIE_NAME, "value": cookie, "url": server.url}]
-            )
-            page.goto(f"{server.url}/staff/issues/{issue_id}")
-            # The variant, rendered in its sandboxed frame.
-            expect(page.frame_locator("iframe").get_by_text("Gate 4 closed").first).to_be_visible()
-            assert fits(page)
-            if name == "desktop":
-                page.screenshot(
-                    path=str(shots / f"console-issue-review-{name}.png"), full_page=True
-                )
-                page.get_by_role("button", name="Approve").click()
-                page.wait_for_url(re.compile(rf"/staff/issues/{issue_id}\?notice="))
-                notice = page.get_by_role("status")
-                assert f"Issue {issue_id} approved by {EDITOR}" in notice.inner_text()
-                assert page.locator("[data-issue-status]").inner_text() == "approved"
-                assert status_of(engine, issue_id) == "approved"
-            page.screenshot(path=str(shots / f"console-issue-approved-{name}.png"), full_page=True)
-            page.locator("figure.variant").screenshot(
-                path=str(shots / f"console-issue-variant-{name}.png")
-            )
-            page.context.close()
-
-        # A send in progress: the dashboard's numbers follow the ledger without a reload.
-        sending_id = sending(s, readers=6)
-        page = page_at(browser, DESKTOP)
-        page.context.add_cookies(
-            [{"name": sessions.COOKIE_NAME, "value": cookie, "url": server.url}]
-        )
-        page.goto(f"{server.url}/staff/")
-        card = page.locator(f'[data-issue="{sending_id}"]')
-        sent = card.locator('[data-field="sent"]')
-        assert sent.inner_text() == "0"
-        reloads: list[Any] = []
-        page.on("load", lambda loaded: reloads.append(loaded))  # the page must not load again
-        mark(engine, sending_id, "sent", 2, clock())
-        expect(sent).to_have_text("2")
-        mark(engine, sending_id, "sent", 3, clock())
-        mark(engine, sending_id, "deferred", 1, clock())
-        expect(sent).to_have_text("5")
-        expect(card.locator('[data-field="deferred"]')).to_have_text("1")
-        # Nine readers: the three of the issue in review and six more.
-        expect(card.locator('[data-field="left"]')).to_have_text("4")
-        assert card.locator('rect[data-seg="sent"]').get_attribute("width") == "55.556"
-        assert reloads == []
-        assert fits(page)
-        page.screenshot(path=str(shots / "console-dashboard-desktop.png"), full_page=True)
-        page.set_viewport_size(PHONE)
-        assert fits(page)
-        page.screenshot(path=str(shots / "console-dashboard-phone.png"), full_page=True)
-        # The session ends (logout elsewhere, a reset): the next poll's 401 stops the polling,
-        # and the dashboard says so with a link to log in again.
-        sessions.close_session(engine, session_id)
-        ended = page.locator("[data-session-ended]")
-        expect(ended).to_have_text("Your session has ended: log in again")
-        assert ended.get_by_role("link").get_attribute("href") == "/staff/login?next=/staff/"
-        assert fits(page)
-        page.context.close()
-
-
-class _Served(Setup):
-    """The served app's engine, settings and clock, for the helpers above (no TestClient)."""
-
-    def __init__(self, engine: sa.Engine, settings: Settings, clock: Clock) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.clock = clock
 
 
 def test_a_test_send_the_relay_cannot_take_says_so(setup: Setup) -> None:
