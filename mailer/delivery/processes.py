@@ -215,7 +215,12 @@ class Helpers:
                 process.join(5)
                 self.report.exits.append(HelperExit(process.pid or 0, None))
             else:
-                self.report.exits.append(HelperExit(process.pid or 0, process.exitcode))
+                code = process.exitcode
+                if self._stopping and code == -signal.SIGTERM:
+                    # Our own SIGTERM ended it before it set its handler, i.e. before it held
+                    # anything (a spawned helper still importing): a stop, not a failure.
+                    code = 0
+                self.report.exits.append(HelperExit(process.pid or 0, code))
             process.close()
 
     def _read(self) -> None:
