@@ -42,7 +42,7 @@ BASE_CONFIG: dict[str, Any] = {
         "list_id": "updates.news.example.org",
         "unsubscribe_mailto": "unsubscribe@news.example.org",
     },
-    "smtp": {"host": "127.0.0.1", "port": 2525, "connections": 2, "timeout": 5},
+    "smtp": {"host": "127.0.0.1", "port": 2525, "connections": 2, "timeout": 5, "processes": 1},
     "topics": [
         {"key": "base-alerts", "name": "Base alerts"},
         {"key": "local-events", "name": "Local events"},
