@@ -86,6 +86,11 @@ def config_dict(**sections: Any) -> dict[str, Any]:
             data.setdefault(section, {})[key] = value
         else:
             data[name] = value
+    smtp = data.get("smtp")
+    if isinstance(smtp, dict):
+        # One sending process unless a test asks for more: the default ("auto") would start one
+        # per CPU of whatever machine runs the tests.
+        smtp.setdefault("processes", 1)
     return data
 
 

@@ -41,9 +41,10 @@ def doctor(config: Path, *, secret: bool = True) -> subprocess.CompletedProcess[
 
 
 def config_for(tmp_path: Path, db_url: str, port: int, **smtp: Any) -> Path:
-    """A config that sends to ``port``; ``smtp`` replaces the test base config's values (which
-    pin ``processes = 1``): ``processes=None`` leaves the key out, as the example config's
-    defaults would."""
+    """A config that sends to ``port``; ``smtp`` replaces the test base config's values
+    (``None``: the key left out, its default applies; the factories pin ``processes = 1``
+    unless told, so ``processes="auto"`` stands for the default, tested equal in
+    tests/test_config.py)."""
     values: dict[str, Any] = {"host": "127.0.0.1", "port": port, "timeout": 2, "processes": 1}
     values.update(smtp)
     values = {k: v for k, v in values.items() if v is not None}
@@ -64,7 +65,7 @@ def test_doctor_says_what_a_send_will_use_and_exits_0(
     db_url: str,
     smtp_server: FaultServer,  # noqa: F811
 ) -> None:
-    config = config_for(tmp_path, db_url, smtp_server.port, processes=None, connections=None)
+    config = config_for(tmp_path, db_url, smtp_server.port, processes="auto", connections=None)
     result = doctor(config)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
