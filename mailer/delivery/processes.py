@@ -33,11 +33,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailer.config.settings import Settings
 from mailer.delivery.pacing import SharedSchedule
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:
+    from mailer.compose.rendering import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +245,7 @@ def _helper_main(
     engine, pool and signer."""
     from mailer import logs
     from mailer.compose.dkim import signer_for
+    from mailer.compose.rendering import Renderer, digest_templates
     from mailer.db.engine import create_engine
     from mailer.delivery.foreground import deliver_issue  # noqa: F401  (imported while nothing is due yet)
 
@@ -252,13 +256,19 @@ def _helper_main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: requested.set())
     sign = signer_for(settings)
+    # While the command makes the issue: compiled here, the templates cost its first message
+    # nothing.
+    renderer = Renderer()
+    renderer.warm(digest_templates(settings))
     job = _wait_for_job(jobs, parent)
     if job is None:
         events.put(("done", os.getpid(), {}))
         return
     engine = create_engine(settings.database.url)
     try:
-        counts = asyncio.run(_deliver(engine, settings, job, events, requested, sign, schedule))
+        counts = asyncio.run(
+            _deliver(engine, settings, job, events, requested, sign, schedule, renderer)
+        )
     except MailerError as exc:
         # A database outage that outlasted its wait, or a stop during one: one line in the
         # log, not a traceback; the command that started this process reports the exit.
@@ -291,6 +301,7 @@ async def _deliver(
     requested: threading.Event,
     sign: Callable[[bytes], bytes] | None,
     schedule: SharedSchedule,
+    renderer: Renderer,
 ) -> dict[str, int]:
     from mailer.delivery.foreground import deliver_issue
 
@@ -316,5 +327,6 @@ async def _deliver(
             sign=sign,
             stop=stop,
             schedule=schedule,
+            renderer=renderer,
         )
     return totals.counts
