@@ -362,7 +362,7 @@ def config_text(
     *,
     db_url: str,
     smtp_port: int,
-    connections: int,
+    connections: int | None,
     rate_per_second: float = 0,
     batch_size: int = 500,
     dkim_key: Path | None = None,
@@ -394,7 +394,9 @@ def config_text(
         "host": "127.0.0.1",
         "port": smtp_port,
         "security": "none",
-        "connections": connections,
+        # None: the key is left out, so the example config's default applies (and with it
+        # `processes = "auto"`, which the benchmark's config never sets).
+        **({} if connections is None else {"connections": connections}),
         "rate_per_second": rate_per_second,
         "timeout": 30,
         "batch_size": batch_size,
