@@ -116,7 +116,9 @@ def dkim_item(settings: Settings) -> Item:
 def relay_item(settings: Settings) -> Item:
     smtp = settings.smtp
     where = f"{smtp.host}:{smtp.port} (security {smtp.security})"
-    steps = "EHLO" + (", AUTH" if smtp.username else "")
+    steps = {"none": "EHLO", "starttls": "EHLO, STARTTLS, EHLO", "tls": "TLS, EHLO"}[
+        smtp.security
+    ] + (", AUTH" if smtp.username else "")
     started = time.monotonic()
     try:
         check_relay(smtp)
