@@ -140,12 +140,13 @@ def main() -> None:
         with _lib.Sink() as sink:
             for run in range(args.runs):
                 for kind in kinds:
+                    quiet = _lib.wait_quiet()
                     marks = one_run(sink, kind, args.n)
                     rows[kind].append(marks)
                     shown = ", ".join(f"{p} {marks.get(p, float('nan')):.2f}" for p in PHASES)
                     print(
                         f"run {run + 1} {kind:8} {shown} s; steady {marks['rate']:,.0f} msg/s;"
-                        f" N / steady {args.n / marks['rate']:.2f} s; load {_lib.load_avg()}",
+                        f" N / steady {args.n / marks['rate']:.2f} s; {quiet}",
                         flush=True,
                     )
     finally:

@@ -224,6 +224,7 @@ def main() -> None:
         with _lib.Sink() as sink:
             for run in range(args.runs):
                 project, size = prepare(args.n, sink.port, f"run{run}")
+                print(f"run {run + 1}: {_lib.wait_quiet()}", flush=True)
                 measured, received = peer_send(sink, project, args.n)
                 if received != args.n:
                     raise RuntimeError(f"the peer sent {received} of {args.n}")

@@ -315,6 +315,7 @@ def main() -> None:
         with _lib.Sink() as sink:
             for run in range(args.runs):
                 for kind in kinds:
+                    quiet = _lib.wait_quiet()
                     c = ceiling(sink, message_file, sessions, count)
                     common = {
                         "kind": kind,
@@ -349,7 +350,8 @@ def main() -> None:
                         f" (wait4: {o.wait4_rss_mb:.0f}),"
                         f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f}),"
                         f" first message {o.first:.2f} s, {o.lost:.2f} s beyond N / steady"
-                        + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us)),
+                        + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us))
+                        + f"; {quiet}",
                         flush=True,
                     )
     finally:
