@@ -138,7 +138,7 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
 MAX_PROCESSES = 64
 # [smtp].connections per sending process when the file does not say (bench/README.md,
 # "Default connections": the measurement that chose it).
-DEFAULT_CONNECTIONS = 8
+DEFAULT_CONNECTIONS = 32
 AUTO_FROM = '[smtp].processes = "auto"'
 
 
