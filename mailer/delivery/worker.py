@@ -408,9 +408,7 @@ class Deliverer:
         if data is None:
             return ledger.Result(d, None)
         if self.sign is not None:
-            # In a thread: OpenSSL's RSA step (most of a signature) lets go of the GIL, so the
-            # loop keeps every other lane sending meanwhile instead of stopping for each one.
-            data = await asyncio.to_thread(self.sign, data)
+            data = self.sign(data)
         sender = verp_address(self._sender, d.uid) if self.settings.smtp.verp else self._sender
         return ledger.Result(d, await self.pool.send(sender, d.email, data))
 
