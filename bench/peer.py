@@ -197,14 +197,24 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16, help="ours: [smtp].connections")
     parser.add_argument("--processes", type=int, default=2, help="ours: `digest send --processes`")
     parser.add_argument("--workers", type=int, default=0, help="ours: extra `worker --drain`s")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="ours with the example config's defaults (no connections or processes set)",
+    )
     parser.add_argument("--keep-templates", action="store_true")
     args = parser.parse_args()
 
     _lib.ensure_postfix()
     ensure_venv()
     print(
-        f"# peer: N={args.n:,}; {peer_version()}; ours: {args.connections} connections x"
-        f" {args.processes * (1 + args.workers)} processes, SQLite; {_lib.machine()};"
+        f"# peer: N={args.n:,}; {peer_version()}; ours: "
+        + (
+            "the defaults"
+            if args.defaults
+            else f"{args.connections} connections x {args.processes * (1 + args.workers)} processes"
+        )
+        + f", SQLite; {_lib.machine()};"
         f" {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
         flush=True,
     )
@@ -214,6 +224,7 @@ def main() -> None:
         with _lib.Sink() as sink:
             for run in range(args.runs):
                 project, size = prepare(args.n, sink.port, f"run{run}")
+                print(f"run {run + 1}: {_lib.wait_quiet()}", flush=True)
                 measured, received = peer_send(sink, project, args.n)
                 if received != args.n:
                     raise RuntimeError(f"the peer sent {received} of {args.n}")
@@ -222,12 +233,12 @@ def main() -> None:
                     sink,
                     kind="sqlite",
                     n=args.n,
-                    connections=args.connections,
+                    connections=None if args.defaults else args.connections,
                     workers=args.workers,
                     batch_size=500,
                     dkim_key=None,
                     tag=f"peer-{os.getpid()}",
-                    processes=args.processes,
+                    processes=None if args.defaults else args.processes,
                 )
                 pairs.append((peer_rate, o.rate, measured, o))
                 print(

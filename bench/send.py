@@ -55,6 +55,10 @@ class Ours:
     sent: int
     wall: float
     postgres_cpu_us: float = 0.0  # the PostgreSQL server's CPU per message (0 on SQLite)
+    # Seconds from the command's launch to the sink's first message, and the seconds the run
+    # took beyond N at its steady rate (start-up and the tail: wall - N / steady).
+    first: float = 0.0
+    lost: float = 0.0
     # wait4's peak RSS, which includes the benchmark's own peak (see _lib.HighWater).
     wait4_rss_mb: float = 0.0
 
@@ -107,11 +111,13 @@ def commands(
     dkim: bool,
     helper: str = "worker",
     code: Path | None = None,
-    processes: int = 1,
+    processes: int | None = 1,
 ) -> tuple[list[str], list[str]]:
     """The sending command and the helper beside it: ``worker --drain``, or a second
     ``digest send`` (which resumes the issue the first one made). ``code``: run the CLI from
-    another source tree (bench/baseline.py makes one from an older commit)."""
+    another source tree (bench/baseline.py makes one from an older commit). ``processes``:
+    ``--processes P``; None leaves it to the config (``[smtp].processes``, "auto" unless set).
+    """
     if dkim and not cli_signs():
         script = str(Path(__file__).with_name("_dkim_cli.py"))
         send = [str(_lib.PYTHON), script, str(config), "send", "weekly"]
@@ -124,7 +130,7 @@ def commands(
                 " from mailer.cli import main; main()"
             )
             base = [str(_lib.PYTHON), "-c", launch, "--config", str(config)]
-        spread = ["--processes", str(processes)] if processes > 1 else []
+        spread = [] if processes is None else ["--processes", str(processes)]
         send = [*base, "digest", "send", "weekly", *spread]
         worker = [*base, "worker", "--drain", *spread]
     return send, (send if helper == "send" else worker)
@@ -135,7 +141,7 @@ def ours(
     *,
     kind: str,
     n: int,
-    connections: int,
+    connections: int | None,
     workers: int,
     batch_size: int,
     dkim_key: Path | None,
@@ -143,7 +149,7 @@ def ours(
     rate_per_second: float = 0,
     helper: str = "worker",
     code: Path | None = None,
-    processes: int = 1,
+    processes: int | None = 1,
 ) -> Ours:
     url = _lib.fresh_database(kind, n, tag)
     try:
@@ -189,6 +195,7 @@ def ours(
         if len(stamps) >= 2 and stamps[-1][0] > stamps[0][0]:
             steady = (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
         rss = [r.max_rss_mb for r in results]
+        first = stamps[0][0] - started if stamps else 0.0
         return Ours(
             rate=n / wall,
             steady=steady,
@@ -202,6 +209,8 @@ def ours(
             wall=wall,
             postgres_cpu_us=pg_cpu / n * 1e6,
             wait4_rss_mb=max(r.wait4_rss_mb for r in results),
+            first=first,
+            lost=wall - n / steady if steady else 0.0,
         )
     finally:
         _lib.discard_database(url)
@@ -241,6 +250,12 @@ def main() -> None:
         help="`digest send --processes P`: P sending processes (the command's own helpers)",
     )
     parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the example config's defaults: no [smtp].connections or processes in the config,"
+        " no --processes (overrides --connections and --processes)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=0, help="`mailer worker --drain` processes beside it"
     )
     parser.add_argument(
@@ -275,6 +290,10 @@ def main() -> None:
     message_file = _lib.WORK / "ceiling.eml"
     # smtp-source -F sends the file line by line, adding CRLF and dot-stuffing itself.
     message_file.write_bytes(message.replace(b"\r\n", b"\n"))
+    if args.defaults:
+        from mailer.config.sections import DEFAULT_CONNECTIONS, usable_cpus
+
+        args.connections, args.processes = DEFAULT_CONNECTIONS, min(usable_cpus()[0], 64)
     sessions = args.connections * args.processes * (1 + args.workers)
     count = min(args.n, args.ceiling_max)
     for kind in kinds:  # build the templates before anything is timed
@@ -283,7 +302,8 @@ def main() -> None:
     print(
         f"# send: N={args.n:,} dkim={'on' if key else 'off'} connections={args.connections}"
         f" x {args.processes * (1 + args.workers)} processes = {sessions}"
-        f" (--processes {args.processes}, --workers {args.workers}: {args.helper});"
+        f" (--processes {args.processes}, --workers {args.workers}: {args.helper})"
+        f"{' [the defaults: nothing in the config]' if args.defaults else ''};"
         f" mean message {mean_size:,} bytes"
         f" (ceiling sends {len(message):,}); {_lib.machine()};"
         f" {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; load {_lib.load_avg()}",
@@ -295,16 +315,17 @@ def main() -> None:
         with _lib.Sink() as sink:
             for run in range(args.runs):
                 for kind in kinds:
+                    quiet = _lib.wait_quiet()
                     c = ceiling(sink, message_file, sessions, count)
                     common = {
                         "kind": kind,
                         "n": args.n,
-                        "connections": args.connections,
+                        "connections": None if args.defaults else args.connections,
                         "workers": args.workers,
                         "batch_size": args.batch_size,
                         "dkim_key": key,
                         "helper": args.helper,
-                        "processes": args.processes,
+                        "processes": None if args.defaults else args.processes,
                     }
                     o = ours(sink, tag=f"{kind}-{os.getpid()}", **common)
                     rows[kind].append((c, o))
@@ -327,8 +348,10 @@ def main() -> None:
                         f" {'+'.join(f'{x:.1f}' for x in o.wall_each)} s),"
                         f" RSS {'+'.join(f'{r:.0f}' for r in o.rss_each)} MB"
                         f" (wait4: {o.wait4_rss_mb:.0f}),"
-                        f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f})"
-                        + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us)),
+                        f" sink {o.sink_cpu_us:.0f} us/msg (ceiling: {c.sink_cpu_us:.0f}),"
+                        f" first message {o.first:.2f} s, {o.lost:.2f} s beyond N / steady"
+                        + (f", postgres {o.postgres_cpu_us:.0f} us/msg" * bool(o.postgres_cpu_us))
+                        + f"; {quiet}",
                         flush=True,
                     )
     finally:
@@ -339,9 +362,10 @@ def main() -> None:
     print()
     print(
         "| database | DKIM | N | ceiling msg/s | us msg/s (end to end) | us steady msg/s "
-        "| us / ceiling | CPU s per 1,000 | peak RSS MB (per process) |"
+        "| us / ceiling | CPU s per 1,000 | peak RSS MB (per process) | first message s "
+        "| s beyond N / steady |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, pairs in rows.items():
         cs = [c for c, _ in pairs]
         os_ = [o for _, o in pairs]
@@ -352,7 +376,9 @@ def main() -> None:
             f"| {_lib.median_range([o.steady for o in os_])} "
             f"| {_lib.median_range([o.rate / c.rate * 100 for c, o in pairs], '{:.0f}')} % "
             f"| {_lib.median_range([o.cpu_per_1000 for o in os_], '{:.2f}')} "
-            f"| {_lib.median_range([o.peak_rss_mb for o in os_], '{:.0f}')} |"
+            f"| {_lib.median_range([o.peak_rss_mb for o in os_], '{:.0f}')} "
+            f"| {_lib.median_range([o.first for o in os_], '{:.2f}')} "
+            f"| {_lib.median_range([o.lost for o in os_], '{:.2f}')} |"
         )
     for kind, bs in before.items():
         if bs:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mailer.config.load import load_settings, parse_settings
+from mailer.config.sections import DEFAULT_CONNECTIONS
 from mailer.config.settings import BounceSettings
 from mailer.errors import ConfigError
 from tests.factories import SECRET, config_dict, make_settings, write_config
@@ -19,6 +24,7 @@ def test_example_config_loads_with_every_design_key() -> None:
     settings = load_settings(ROOT / "config.example.toml", env={"MAILER_SECRET_KEY": SECRET})
     assert settings.site.domain == "news.example.org"
     assert settings.smtp.security == "none"
+    assert settings.smtp.processes_auto
     assert [t.key for t in settings.topics] == ["base-alerts", "local-events", "military-news"]
     assert settings.digests[0].schedule == "0 7 * * fri"
     assert [(d.key, d.lookback_days) for d in settings.digests] == [("weekly", 7), ("alerts", 2)]
@@ -118,6 +124,20 @@ BAD = [
     ),
     ({"feeds": {"interval_minutes": -1}}, "[feeds].interval_minutes must be 0–1440"),
     ({"smtp": {"lease_seconds": 0.1}}, "[smtp].lease_seconds must be 0.2–86400"),
+    ({"smtp__processes": 0}, '[smtp].processes must be a whole number 1–64 or "auto", got 0'),
+    ({"smtp__processes": 65}, '[smtp].processes must be a whole number 1–64 or "auto", got 65'),
+    (
+        {"smtp__processes": "Auto"},
+        "[smtp].processes must be a whole number 1–64 or \"auto\", got 'Auto'",
+    ),
+    (
+        {"smtp__processes": 2.0},
+        '[smtp].processes must be a whole number 1–64 or "auto", got 2.0',
+    ),
+    (
+        {"smtp__processes": True},
+        '[smtp].processes must be a whole number 1–64 or "auto", got True',
+    ),
 ]
 
 
@@ -475,3 +495,67 @@ def test_staff_alert_emails_default_to_the_staff_emails() -> None:
     settings = make_settings(staff={"emails": ["editor@news.example.org"]})
     assert settings.staff.alert_emails == ("editor@news.example.org",)
     assert make_settings(staff={"emails": ["e@x.org"], "alert_emails": []}).staff.alert_emails == ()
+
+
+def _smtp_defaults(db_url: str, **smtp: Any) -> Any:
+    """The [smtp] settings of a config that gives only ``smtp`` (host and port else)."""
+    data = config_dict(smtp={"host": "127.0.0.1", "port": 2525, **smtp})
+    if "processes" not in smtp:
+        del data["smtp"]["processes"]  # config_dict pins one process; these tests read the default
+    data.setdefault("database", {})["url"] = db_url
+    return parse_settings(data, env={"MAILER_SECRET_KEY": SECRET}).smtp
+
+
+def test_processes_default_to_auto_one_per_cpu_this_process_may_use(tmp_path: Path) -> None:
+    smtp = _smtp_defaults(f"sqlite:///{tmp_path / 'mailer.db'}")
+    usable = len(os.sched_getaffinity(0))
+    assert smtp.processes == min(usable, 64)
+    assert smtp.processes_auto
+    assert smtp.processes_from.startswith('[smtp].processes = "auto": ')
+    assert f"{usable} CPU" in smtp.processes_from
+    assert smtp.connections == DEFAULT_CONNECTIONS
+
+
+def test_processes_auto_written_out_is_the_default(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'mailer.db'}"
+    assert _smtp_defaults(url, processes="auto") == _smtp_defaults(url)
+
+
+@pytest.mark.parametrize("count", [1, 3, 64], ids=["one", "three", "most"])
+def test_processes_given_as_a_count_are_taken_as_given(tmp_path: Path, count: int) -> None:
+    smtp = _smtp_defaults(f"sqlite:///{tmp_path / 'mailer.db'}", processes=count)
+    assert (smtp.processes, smtp.processes_auto) == (count, False)
+    assert smtp.processes_from == f"[smtp].processes = {count}"
+
+
+def test_processes_auto_is_one_for_an_in_memory_database() -> None:
+    smtp = _smtp_defaults("sqlite://")
+    assert smtp.processes == 1
+    assert smtp.processes_from == (
+        '[smtp].processes = "auto": 1, an in-memory SQLite database is private to one process'
+    )
+
+
+def test_two_processes_on_an_in_memory_database_is_a_config_error() -> None:
+    message = _error(database={"url": "sqlite://"}, smtp__processes=2)
+    assert "[smtp].processes must be 1 with an in-memory SQLite database" in message
+
+
+def test_processes_auto_counts_the_affinity_mask_not_the_machine() -> None:
+    # A child pinned to one CPU (taskset, a container's cpuset) gets one process.
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))});"
+        "from mailer.config.sections import read_processes;"
+        "from mailer.config.table import Table;"
+        "print(read_processes(Table({}, 'smtp', None)))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    count, said = ast.literal_eval(shown)
+    assert count == 1
+    machine = os.cpu_count()
+    expected = '[smtp].processes = "auto": 1 CPU'
+    if machine and machine > 1:
+        expected += f" of the machine's {machine}"
+    assert said == expected + " this process may use"

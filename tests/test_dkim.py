@@ -348,6 +348,66 @@ def test_fast_path_is_byte_identical_to_dkimpy_sign(
     assert verifies(fast + message, signer)
 
 
+def _dkimpy_header(
+    message: bytes, key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> bytes:
+    headers, _ = dkim.rfc822_parse(message)
+    include = [
+        n for n in SIGNED_FIELDS for _ in range(1 + sum(h.lower() == n for h, _v in headers))
+    ]
+    monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: SIGNED_AT.timestamp()))
+    signed: bytes = dkim.sign(
+        message,
+        SELECTOR.encode(),
+        DOMAIN.encode(),
+        pem(key, serialization.PrivateFormat.TraditionalOpenSSL),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=include,
+    )
+    return signed
+
+
+def test_one_signer_over_many_recipients_matches_dkimpy_for_each(
+    rsa_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The signer keeps each field's canonical form: the fields every message shares come
+    # from it, the per-recipient ones (To, Message-ID, List-Unsubscribe) must not.
+    signer = DkimSigner(DOMAIN, SELECTOR, rsa_key)
+    composer = DigestComposer(SETTINGS, CONTENT, renderer=Renderer())
+    messages = []
+    for n in range(4):
+        reader = Recipient(
+            email=f"reader{n}@example.org",
+            name=f"Reader {n}",
+            uid=f"{n:022d}",
+            message_id=f"<weekly.202611201200.42.{n:022d}@news.example.org>",
+        )
+        message = composer.message(reader, TOPICS[: 1 + n % 3], NOW)
+        assert isinstance(message, CrlfOnly)
+        messages.append(message)
+    for message in [*messages, PLAIN, *messages]:
+        fast = signer.signature_header(message, now=SIGNED_AT)
+        assert fast == _dkimpy_header(message, rsa_key, monkeypatch)
+        assert verifies(fast + message, signer)
+
+
+def test_the_kept_canonical_fields_are_bounded(
+    rsa_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mailer.compose.dkim._CANONICAL_CACHE", 8)
+    signer = DkimSigner(DOMAIN, SELECTOR, rsa_key)
+    for n in range(12):
+        message = PLAIN.replace(b"reader@", f"reader{n}@".encode())
+        fast = signer.signature_header(message, now=SIGNED_AT)
+        assert fast == _dkimpy_header(message, rsa_key, monkeypatch)
+        assert len(signer._canonical) <= 8
+
+
+def test_a_message_not_marked_crlf_only_is_still_checked(signer: DkimSigner) -> None:
+    with pytest.raises(DkimError, match="CRLF line endings only"):
+        signer.sign(PLAIN.replace(b"\r\n", b"\n", 1))
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(

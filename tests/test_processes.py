@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from mailer.compose.rendering import Renderer
 from mailer.config.load import with_processes
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import deliveries
-from mailer.delivery.processes import HelperExit
+from mailer.delivery.processes import Events, HelperExit, Helpers
 from mailer.errors import ConfigError
 from mailer.issues.create import create_issue
 from tests.factories import make_settings, ready_to_send, write_config
@@ -284,3 +286,23 @@ def test_helpers_waiting_for_their_job_end_when_the_command_is_killed(
         holder.close()
     assert statuses(f"sqlite:///{path}") == Counter(), "nothing was claimed or sent"
     assert smtp_server.received == []
+
+
+def test_a_helper_killed_while_writing_an_event_ends_only_its_own_pipe(tmp_path: Path) -> None:
+    # Each helper reports on a pipe of its own: one killed halfway through writing an event
+    # (SIGKILL, the OOM killer) leaves a cut message and a closed pipe, which ends that pipe;
+    # the other helpers' events still count, and the reading ends.
+    settings = make_settings(f"sqlite:///{tmp_path / 'mailer.db'}", smtp__processes=3)
+    helpers = Helpers(settings)
+    ctx = multiprocessing.get_context("spawn")
+    (cut_in, cut_out), (whole_in, whole_out) = ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)
+    helpers._event_pipes = [cut_in, whole_in]
+    Events(whole_out).put(("done", 1, {"sent": 7}))
+    whole_out.close()
+    os.write(cut_out.fileno(), (1000).to_bytes(4, "big") + b"only the start")
+    cut_out.close()
+    reader = threading.Thread(target=helpers._read)
+    reader.start()
+    reader.join(timeout=60)  # a hang is what is tested, not a speed
+    assert not reader.is_alive()
+    assert helpers.report.counts == {"sent": 7}

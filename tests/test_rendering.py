@@ -15,6 +15,7 @@ from mailer.compose.rendering import (
     TEMPLATE_DIR,
     LinkView,
     Renderer,
+    digest_templates,
     isolate_links,
     leads,
     safe_link,
@@ -474,3 +475,24 @@ def test_an_article_title_that_reads_like_a_reply_does_not_make_the_subject_one(
     # The template's own text still may not (the config check refuses it at load).
     with pytest.raises(TemplateError, match="reply or forward"):
         RENDERER.render_subject(staff_subject("Fwd: {{ lead.title }}"), NOW, replying)
+
+
+def test_warm_compiles_the_digest_templates_before_the_first_render(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path))
+    weekly = BASE_CONFIG["digests"][0]
+    names = digest_templates(make_settings(digests=[weekly, {**weekly, "key": "again"}, ALERTS]))
+    # Each template once, whatever the number of digests that use it.
+    assert names == ["email/digest.html", "email/digest.txt", "email/alert.html", "email/alert.txt"]
+    assert renderer.env.cache is not None
+    assert not renderer.env.cache
+    renderer.warm(names)
+    compiled = {key[1] for key in list(renderer.env.cache)}
+    assert set(names) <= compiled  # in Jinja's cache, compiled: the first render finds them
+
+
+def test_warm_leaves_a_broken_template_for_its_render_to_report(tmp_path: Path) -> None:
+    renderer = Renderer(template_dir(tmp_path, x__html="<p>\n{% for %}\n"))
+    renderer.warm(["email/x.html", "email/digest.html"])
+    with pytest.raises(RenderError, match="syntax error") as caught:
+        renderer.render("email/x.html", {})
+    assert (caught.value.template, caught.value.line) == ("email/x.html", 2)

@@ -3,6 +3,7 @@ issues`` (list, show, cancel, resume, retry)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ def digest_group() -> None:
 def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     """Make an issue now (or resume an unfinished one) and deliver it in the foreground."""
     # Imported before the helpers are forked, so they start with every module they need.
-    from mailer.compose.rendering import Renderer
+    from mailer.compose.rendering import Renderer, digest_templates
     from mailer.delivery.processes import Helpers
     from mailer.delivery.sending import check_issue, issue_report, send_issue
     from mailer.issues.staff import open_issue
@@ -61,7 +62,18 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
     helpers = Helpers(settings, fork=True)
     with helpers:
         engine = ctx.engine()
-        issue = open_issue(engine, settings, digest, now=now(), renderer=Renderer())
+        # The templates compile in a thread while the database makes the issue and its
+        # snapshot (the driver lets go of the GIL meanwhile): the first message does not
+        # wait for them.
+        renderer = Renderer()
+        warming = threading.Thread(
+            target=renderer.warm, args=(digest_templates(settings),), name="templates"
+        )
+        warming.start()
+        try:
+            issue = open_issue(engine, settings, digest, now=now(), renderer=Renderer())
+        finally:
+            warming.join()
         verb = "created" if issue.created else "resuming"
         out.print(
             f"issue {issue.issue_id} {verb}"
@@ -82,6 +94,7 @@ def digest_send(ctx: Context, key: str, processes: int | None) -> None:
                 sign,
                 on_batch=advance,
                 on_wait=waiting,
+                renderer=renderer,
             )
     report = issue_report(totals, helpers, time.monotonic() - started)
     out.print(report.summary())

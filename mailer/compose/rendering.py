@@ -17,7 +17,7 @@ quoted-printable bytes encoded once: see that module.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import css_inline
-from jinja2 import FileSystemLoader
+from jinja2 import FileSystemLoader, TemplateError
 
 from mailer import sandbox
 from mailer.config.settings import Digest, Settings
@@ -314,6 +314,16 @@ class Renderer:
         # Remote stylesheets are never fetched: a staff template must not make us do I/O.
         self._inliner = css_inline.CSSInliner(keep_at_rules=True, load_remote_stylesheets=False)
 
+    def warm(self, names: Iterable[str]) -> None:
+        """Compile templates ``names`` now, so that the first message does not wait for it
+        (about 50 ms for a digest's pair). A template that does not compile is left for its
+        first render to report, with its file and line."""
+        for name in names:
+            try:
+                self.env.get_template(name)
+            except TemplateError:
+                continue  # reported by render, where the message is built
+
     def render(self, name: str, context: Mapping[str, Any]) -> str:
         """Render template ``name`` as is (no CSS inlining)."""
         try:
@@ -336,6 +346,13 @@ class Renderer:
         """The subject line of an issue of ``digest`` dated ``date`` holding ``articles``
         (``leads``), on one line (see ``mailer.sandbox.render_subject``)."""
         return sandbox.render_subject(self.env, digest, date, articles)
+
+
+def digest_templates(settings: Settings) -> list[str]:
+    """The templates the digests of ``settings`` render (``email/<template>.html`` and
+    ``.txt``), each once."""
+    names = dict.fromkeys(d.template for d in settings.digests)
+    return [f"email/{name}.{kind}" for name in names for kind in ("html", "txt")]
 
 
 def isolate_links(html: str) -> str:

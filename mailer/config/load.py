@@ -45,9 +45,12 @@ DEFAULT_CONFIG_NAME = "mailer.toml"
 DB_URL_RE = re.compile(r"^(sqlite|postgresql)(\+[a-z0-9_]+)?://")
 
 
+IN_MEMORY_SQLITE = ("sqlite://", "sqlite:///:memory:")
+
+
 def check_processes(db_url: str, processes: int, *, path: str | None = None) -> None:
     """More than one sending process needs a database they can all open."""
-    if processes > 1 and db_url in ("sqlite://", "sqlite:///:memory:"):
+    if processes > 1 and db_url in IN_MEMORY_SQLITE:
         raise ConfigError(
             f"must be 1 with an in-memory SQLite database ({db_url}: private to one process),"
             f" got {processes}",
@@ -64,7 +67,13 @@ def with_processes(settings: Settings, processes: int | None) -> Settings:
     check_processes(
         settings.database.url, processes, path=str(settings.path) if settings.path else None
     )
-    return replace(settings, smtp=replace(settings.smtp, processes=processes))
+    smtp = replace(
+        settings.smtp,
+        processes=processes,
+        processes_from=f"--processes {processes}",
+        processes_auto=False,
+    )
+    return replace(settings, smtp=smtp)
 
 
 def parse_settings(
@@ -103,6 +112,14 @@ def parse_settings(
 
     smtp_table = root.table("smtp", required=False)
     smtp = read_smtp(smtp_table, env)
+    if smtp.processes_auto and db_url in IN_MEMORY_SQLITE:
+        # "auto" asks for what fits; one process is all an in-memory database allows.
+        smtp = replace(
+            smtp,
+            processes=1,
+            processes_from='[smtp].processes = "auto": 1, an in-memory SQLite database is'
+            " private to one process",
+        )
     check_processes(db_url, smtp.processes, path=where)
 
     scheduler = read_scheduler(root.table("scheduler", required=False))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime, time
 from email.headerregistry import Address
@@ -136,6 +137,42 @@ def read_site(t: Table, base: Path | None, env: dict[str, str]) -> SiteSettings:
     return site
 
 
+# [smtp].processes: "auto" (the default) or a count in this range.
+MAX_PROCESSES = 64
+# [smtp].connections per sending process when the file does not say (bench/README.md,
+# "Default connections": the measurement that chose it).
+DEFAULT_CONNECTIONS = 32
+AUTO_FROM = '[smtp].processes = "auto"'
+
+
+def usable_cpus() -> tuple[int, int | None]:
+    """The CPUs this process may run on (its affinity mask: ``taskset``, a container's cpuset),
+    and the machine's count when it differs; ``os.cpu_count`` where there is no mask."""
+    machine = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux (macOS has no affinity call)
+        return max(1, machine or 1), None
+    return max(1, usable), (machine if machine and machine != usable else None)
+
+
+def read_processes(t: Table) -> tuple[int, str]:
+    """``[smtp].processes``: a count 1–64, or "auto" (the default): one sending process per
+    CPU this process may use. Returns the count and where it came from (``mailer doctor``)."""
+    value = t.value("processes", "auto")
+    if value == "auto":
+        usable, machine = usable_cpus()
+        count = min(usable, MAX_PROCESSES)
+        of = f" of the machine's {machine}" if machine is not None else ""
+        plural = "s" if usable != 1 else ""
+        return count, f"{AUTO_FROM}: {usable} CPU{plural}{of} this process may use"
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROCESSES:
+        raise t.error(
+            "processes", f'must be a whole number 1–{MAX_PROCESSES} or "auto", got {value!r}'
+        )
+    return value, f"[smtp].processes = {value}"
+
+
 def read_smtp(t: Table | None, env: dict[str, str]) -> SmtpSettings:
     """``[smtp]`` (defaults when absent); the password read from the environment."""
     t = t or Table({}, "smtp", None)
@@ -148,6 +185,8 @@ def read_smtp(t: Table | None, env: dict[str, str]) -> SmtpSettings:
     envelope_from = t.text("envelope_from")
     if envelope_from is not None and ("@" not in envelope_from or not envelope_from.isascii()):
         raise t.error("envelope_from", f"must be a plain address, got {envelope_from!r}")
+    processes, processes_from = read_processes(t)
+    processes_auto = processes_from.startswith(AUTO_FROM)
     smtp = SmtpSettings(
         host=t.text("host", "127.0.0.1"),
         port=t.integer("port", 25, low=1, high=65535),
@@ -155,7 +194,7 @@ def read_smtp(t: Table | None, env: dict[str, str]) -> SmtpSettings:
         username=username,
         password_env=password_env,
         password=password,
-        connections=t.integer("connections", 8, low=1, high=256),
+        connections=t.integer("connections", DEFAULT_CONNECTIONS, low=1, high=256),
         rate_per_second=t.number("rate_per_second", 0, low=0, high=1_000_000),
         timeout=t.number("timeout", 30, low=0.1, high=600),
         envelope_from=envelope_from,
@@ -167,7 +206,9 @@ def read_smtp(t: Table | None, env: dict[str, str]) -> SmtpSettings:
         # service, a lease must outlast a slow commit or two (it is renewed every third of it).
         lease_seconds=t.number("lease_seconds", 15, low=0.2, high=86_400),
         in_doubt=t.choice("in_doubt", "resend", ("resend", "hold")),
-        processes=t.integer("processes", 1, low=1, high=64),
+        processes=processes,
+        processes_from=processes_from,
+        processes_auto=processes_auto,
     )
     t.finish()
     return smtp

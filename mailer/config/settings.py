@@ -143,6 +143,11 @@ class SmtpSettings:
     in_doubt: Literal["resend", "hold"]
     # Processes sending at once (mailer.delivery.processes), each with `connections` connections.
     processes: int = 1
+    # Where ``processes`` came from, as ``mailer doctor`` says it: the key, "auto" and the CPU
+    # count it found, or ``--processes``.
+    processes_from: str = "[smtp].processes"
+    # Whether ``processes`` is "auto" (one per usable CPU) rather than a count someone chose.
+    processes_auto: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ class Table:
             return default
         return self.data[key]
 
+    def value(self, key: str, default: Any) -> Any:
+        """The value as TOML gave it, unchecked: for a key the caller checks itself."""
+        return self._get(key, default)
+
     def text(self, key: str, default: Any = None, *, pattern: re.Pattern[str] | None = None) -> Any:
         """A one-line string (``MULTILINE_KEYS`` excepted), matching ``pattern`` if given."""
         value = self._get(key, default)

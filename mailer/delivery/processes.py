@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -33,11 +34,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailer.config.settings import Settings
 from mailer.delivery.pacing import SharedSchedule
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:
+    from mailer.compose.rendering import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 45.0
 # How often a helper waiting for its job checks that the command that started it still runs.
 JOB_POLL_SECONDS = 0.5
+# How long the command waits for the helpers' last events once they have all ended.
+END_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,11 @@ class Helpers:
         self.report = HelperReport()
         forks = fork and sys.platform == "linux" and threading.active_count() == 1
         self._ctx: Any = multiprocessing.get_context("fork" if forks else "spawn")
-        self._events: Any = self._ctx.SimpleQueue()
+        # One pipe per helper for what it reports (batches sent, its totals), read by one
+        # thread here. Not one shared queue: a helper killed while writing to it (SIGKILL, the
+        # OOM killer) left the queue's lock held for ever, and every other process's next
+        # write, this command's included, waited for it.
+        self._event_pipes: list[Any] = []
         self._jobs: list[Any] = []  # the sending end of each helper's job pipe
         self._assigned = False
         self._processes: list[multiprocessing.process.BaseProcess] = []
@@ -138,14 +148,25 @@ class Helpers:
         level = logging.getLogger().getEffectiveLevel()
         for _ in range(self.count):
             receive, send = self._ctx.Pipe(duplex=False)
+            events_in, events_out = self._ctx.Pipe(duplex=False)
             process = self._ctx.Process(
                 target=_helper_main,
-                args=(self.settings, receive, os.getpid(), self._events, self._schedule, level),
+                args=(
+                    self.settings,
+                    receive,
+                    os.getpid(),
+                    Events(events_out),
+                    self._schedule,
+                    level,
+                ),
                 name="mailer-sender",
                 daemon=False,
             )
             process.start()
             receive.close()
+            # Only the helper writes to it: its exit (or death) is the end of its events.
+            events_out.close()
+            self._event_pipes.append(events_in)
             self._jobs.append(send)
             self._processes.append(process)
         self._reader = threading.Thread(target=self._read, name="sender-events", daemon=True)
@@ -197,9 +218,9 @@ class Helpers:
         elif exc_type is not None or self.job is None or not self.job.drain:
             self.stop()
         self._join()
-        self._events.put(("end", 0, {}))
+        # Every helper has ended, so each of their pipes ends once its last event is read.
         if self._reader is not None:
-            self._reader.join(timeout=5)
+            self._reader.join(timeout=END_SECONDS)
 
     def _join(self) -> None:
         for process in self._processes:
@@ -215,19 +236,42 @@ class Helpers:
                 process.join(5)
                 self.report.exits.append(HelperExit(process.pid or 0, None))
             else:
-                self.report.exits.append(HelperExit(process.pid or 0, process.exitcode))
+                code = process.exitcode
+                if self._stopping and code == -signal.SIGTERM:
+                    # Our own SIGTERM ended it before it set its handler, i.e. before it held
+                    # anything (a spawned helper still importing): a stop, not a failure.
+                    code = 0
+                self.report.exits.append(HelperExit(process.pid or 0, code))
             process.close()
 
     def _read(self) -> None:
-        while True:
-            kind, _pid, counts = self._events.get()
-            if kind == "end":
-                return
-            if kind == "batch" and self.on_batch is not None:
-                self.on_batch(counts)
-            elif kind == "done":
-                for status, n in counts.items():
-                    self.report.counts[status] = self.report.counts.get(status, 0) + n
+        pending: list[Any] = list(self._event_pipes)
+        while pending:
+            ready: list[Any] = multiprocessing.connection.wait(pending)
+            for pipe in ready:
+                try:
+                    event: tuple[str, int, dict[str, int]] = pipe.recv()
+                    kind, _pid, counts = event
+                except (EOFError, OSError):
+                    # The helper has ended (a helper killed mid-write ends its pipe here too).
+                    pending.remove(pipe)
+                    pipe.close()
+                    continue
+                if kind == "batch" and self.on_batch is not None:
+                    self.on_batch(counts)
+                elif kind == "done":
+                    for status, n in counts.items():
+                        self.report.counts[status] = self.report.counts.get(status, 0) + n
+
+
+class Events:
+    """A helper's end of its events pipe: ``put((kind, pid, counts))``."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def put(self, event: tuple[str, int, dict[str, int]]) -> None:
+        self.pipe.send(event)
 
 
 def _helper_main(
@@ -237,6 +281,7 @@ def _helper_main(
     engine, pool and signer."""
     from mailer import logs
     from mailer.compose.dkim import signer_for
+    from mailer.compose.rendering import Renderer, digest_templates
     from mailer.db.engine import create_engine
     from mailer.delivery.foreground import deliver_issue  # noqa: F401  (imported while nothing is due yet)
 
@@ -247,13 +292,19 @@ def _helper_main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: requested.set())
     sign = signer_for(settings)
+    # While the command makes the issue: compiled here, the templates cost its first message
+    # nothing.
+    renderer = Renderer()
+    renderer.warm(digest_templates(settings))
     job = _wait_for_job(jobs, parent)
     if job is None:
         events.put(("done", os.getpid(), {}))
         return
     engine = create_engine(settings.database.url)
     try:
-        counts = asyncio.run(_deliver(engine, settings, job, events, requested, sign, schedule))
+        counts = asyncio.run(
+            _deliver(engine, settings, job, events, requested, sign, schedule, renderer)
+        )
     except MailerError as exc:
         # A database outage that outlasted its wait, or a stop during one: one line in the
         # log, not a traceback; the command that started this process reports the exit.
@@ -286,6 +337,7 @@ async def _deliver(
     requested: threading.Event,
     sign: Callable[[bytes], bytes] | None,
     schedule: SharedSchedule,
+    renderer: Renderer,
 ) -> dict[str, int]:
     from mailer.delivery.foreground import deliver_issue
 
@@ -311,5 +363,6 @@ async def _deliver(
             sign=sign,
             stop=stop,
             schedule=schedule,
+            renderer=renderer,
         )
     return totals.counts

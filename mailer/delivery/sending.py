@@ -27,6 +27,7 @@ from mailer.issues.progress import unfinished
 from mailer.signals import stop_on_signals
 
 if TYPE_CHECKING:
+    from mailer.compose.rendering import Renderer
     from mailer.service import Parts
 
 Sign = Callable[[bytes], bytes] | None
@@ -109,12 +110,16 @@ def send_issue(
     *,
     on_batch: Callable[[dict[str, int]], None],
     on_wait: OnWait | None = None,
+    renderer: Renderer | None = None,
 ) -> Totals:
     """Deliver an issue here and in the (started, waiting) helpers; this process's totals.
-    SIGTERM/SIGINT stop this process after its current messages, and the helpers with it."""
+    SIGTERM/SIGINT stop this process after its current messages, and the helpers with it.
+    ``renderer``: this process's (default: a new one)."""
     helpers.assign(Job(issue_id, drain=True), on_batch=on_batch)
     totals, stopped = asyncio.run(
-        _deliver_here(engine, settings, issue_id, on_batch, sign, on_wait, helpers.schedule)
+        _deliver_here(
+            engine, settings, issue_id, on_batch, sign, on_wait, helpers.schedule, renderer
+        )
     )
     if stopped:
         helpers.stop()
@@ -129,6 +134,7 @@ async def _deliver_here(
     sign: Sign,
     on_wait: OnWait | None,
     schedule: SharedSchedule | None,
+    renderer: Renderer | None,
 ) -> tuple[Totals, bool]:
     stop = asyncio.Event()
     with stop_on_signals(stop):
@@ -141,6 +147,7 @@ async def _deliver_here(
             stop=stop,
             on_wait=on_wait,
             schedule=schedule,
+            renderer=renderer,
         )
     return totals, stop.is_set()
 
