@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from mailer.config.settings import Settings
 from mailer.content.store import upsert_articles
 from mailer.db.engine import create_engine
-from mailer.db.schema import deliveries, issues, subscribers
+from mailer.db.schema import deliveries, events, issues, subscribers
 from mailer.delivery import claims, ledger
 from mailer.delivery.owners import owner_gone, process_started
 from mailer.delivery.pool import SmtpPool
@@ -319,9 +319,14 @@ def test_retry_makes_deferred_and_unknown_due_now_and_reopens_the_issue(
         in shown.stdout
     )
 
-    retried = cli_run(config, "issues", "retry", str(issue_id))
+    retried = cli_run(config, "issues", "retry", str(issue_id), "--by", "ann")
     assert retried.returncode == 0, retried.stderr
     assert f"issue {issue_id}: 2 deliveries due now" in retried.stdout
+    with engine.connect() as conn:  # recorded with who asked, as the console's retry is
+        detail = conn.scalar(
+            sa.select(events.c.detail).where(events.c.kind == "staff.retry").order_by(events.c.id)
+        )
+    assert detail == {"by": "ann", "issue": issue_id, "deliveries": 2}
     assert summarize(engine, issue_id).status == "sending"
     due = cli_run(config, "issues", "show", str(issue_id))
     assert "  next attempt due now" in due.stdout and "next retry" not in due.stdout, due.stdout

@@ -17,6 +17,7 @@ from rich.table import Table
 from mailer.cli.context import (
     PROCESSES,
     Context,
+    by_option,
     err,
     left_over,
     out,
@@ -239,9 +240,10 @@ def issues_resume(ctx: Context, issue_id: int, resend_unknown: bool) -> None:
 
 @issues_group.command("retry")
 @click.argument("issue_id", type=int)
+@by_option("retries it")
 @pass_ctx
-def issues_retry(ctx: Context, issue_id: int) -> None:
+def issues_retry(ctx: Context, issue_id: int, by: str) -> None:
     """Make the deferred and unknown deliveries of an issue due now (same Message-ID; who was
     sent the issue is not sent it again); a worker or `mailer digest send` sends them."""
-    count = progress.retry(ctx.engine(), issue_id, now=now())
+    count = progress.retry(ctx.engine(), issue_id, by=by, now=now())
     out.print(f"issue {issue_id}: {count} deliveries due now")

@@ -294,9 +294,8 @@ class IssueViews:
         async def run(member: StaffMember, form: FormData, issue_id: int) -> str:
             web = self.console.web
             now = web.clock()
-            count = await run_in_threadpool(progress.retry, web.engine, issue_id, now=now)
-            await run_in_threadpool(
-                self._record, "staff.retry", member, issue=issue_id, deliveries=count
+            count = await run_in_threadpool(
+                lambda: progress.retry(web.engine, issue_id, by=member.by, now=now)
             )
             if not count:
                 return f"Issue {issue_id} has no deferred delivery to retry."

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from mailer.config.settings import Settings
 from mailer.content.store import ARTICLE_COLUMNS
+from mailer.db import audit
 from mailer.db.engine import reading
 from mailer.db.schema import (
     SENDING_ROW,
@@ -248,8 +249,9 @@ def resume(engine: sa.Engine, issue_id: int, *, now: datetime, resend_unknown: b
         return count
 
 
-def retry(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
+def retry(engine: sa.Engine, issue_id: int, *, by: str, now: datetime) -> int:
     """Make the deferred and unknown deliveries of an issue due now; returns how many.
+    Recorded in the audit trail with who asked (``by``), from the console or the command line.
 
     They keep their Message-ID; sent deliveries are not touched, so no one who was sent the
     issue gets it again. (An ``unknown`` delivery was in flight when its worker died: it may
@@ -274,6 +276,9 @@ def retry(engine: sa.Engine, issue_id: int, *, now: datetime) -> int:
         ).rowcount
         if deferred + unknown:
             _reopen(conn, issue_id)
+        audit.record(
+            conn, None, "staff.retry", now, by=by, issue=issue_id, deliveries=deferred + unknown
+        )
         return deferred + unknown
 
 
