@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from mailer.console.context import Console
 from mailer.console.guard import StaffMember
-from mailer.console.inputs import last_page, page_number, path_id
+from mailer.console.inputs import fetch_page, last_page, path_id
 from mailer.console.records_common import PER_PAGE, problem
 from mailer.console.wording import sentence
 from mailer.content import store
@@ -55,12 +55,7 @@ class ArticlePages:
         def latest(page: int) -> store.Latest:
             return store.latest(engine, topic=topic, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
 
-        page = page_number(request)
-        found = await run_in_threadpool(latest, page)
-        pages = last_page(found.total, PER_PAGE)
-        if page > pages:  # past the end (an old link, a typed number): the last page
-            page = pages
-            found = await run_in_threadpool(latest, page)
+        page, found = await fetch_page(request, latest, PER_PAGE)
         return self.console.render(
             request,
             "articles.html",
@@ -71,12 +66,12 @@ class ArticlePages:
             topic=topic or "",
             topic_names=dict(topics),
             page=page,
-            pages=pages,
+            pages=last_page(found.total, PER_PAGE),
         )
 
     async def _detail(
         self, request: Request, member: StaffMember
-    ) -> tuple[store.ArticleDetail, store.Origin | None] | Response:
+    ) -> store.ArticleDetail | Response:
         article_id = path_id(request, "record_id")
         if article_id is None:
             return self._problem(
@@ -86,15 +81,14 @@ class ArticlePages:
             detail = await run_in_threadpool(store.show, self.web.engine, article_id)
         except UnknownArticleError as exc:
             return self._problem(request, member, 404, "No such article", sentence(exc))
-        return detail, detail.origin
+        return detail
 
     async def article(self, request: Request) -> Response:
         """``GET /staff/articles/{id}``: every field, arrival, origin, issues, removal."""
         member = await self.console.guard.page(request, "editor")
-        got = await self._detail(request, member)
-        if isinstance(got, Response):
-            return got
-        detail, origin = got
+        detail = await self._detail(request, member)
+        if isinstance(detail, Response):
+            return detail
         return self.console.render(
             request,
             "article.html",
@@ -102,7 +96,7 @@ class ArticlePages:
             section=SECTION,
             detail=detail,
             a=detail.article,
-            origin=origin,
+            origin=detail.origin,
             topic_names=dict(self.web.topic_choices),
         )
 
@@ -138,18 +132,17 @@ class ArticlePages:
     async def retract_page(self, request: Request) -> Response:
         """``GET /staff/articles/{id}/retract``: who would get a correction, and the form."""
         member = await self.console.guard.page(request, "editor")
-        got = await self._detail(request, member)
-        if isinstance(got, Response):
-            return got
-        return await self._retract_page(request, member, got[0])
+        detail = await self._detail(request, member)
+        if isinstance(detail, Response):
+            return detail
+        return await self._retract_page(request, member, detail)
 
     async def retract(self, request: Request) -> Response:
         """``POST``: retract, with a correction if text was given (``corrections.retract``)."""
         member, form = await self.console.guard.action(request, "editor")
-        got = await self._detail(request, member)
-        if isinstance(got, Response):
-            return got
-        detail = got[0]
+        detail = await self._detail(request, member)
+        if isinstance(detail, Response):
+            return detail
         raw = form.get("correction")
         text = raw.strip() if isinstance(raw, str) else ""
         try:

@@ -8,6 +8,10 @@ not one means (a 404 page naming the kind of record, a 400 for a form) is the ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 # Every id is a BIGINT (at most 19 digits); 18 digits always fit.
@@ -41,3 +45,27 @@ def page_number(request: Request) -> int:
 def last_page(total: int, per_page: int) -> int:
     """How many pages ``total`` rows fill, ``per_page`` a page; 1 when there are none."""
     return max(1, -(-total // per_page))
+
+
+class Counted(Protocol):
+    """A page of rows that knows how many rows there are in all."""
+
+    @property
+    def total(self) -> int: ...
+
+
+PageT = TypeVar("PageT", bound=Counted)
+
+
+async def fetch_page(
+    request: Request, fetch: Callable[[int], PageT], per_page: int
+) -> tuple[int, PageT]:
+    """The page the request asks for and its rows, read by ``fetch(page)`` in a thread; a
+    page past the end (an old link, a typed number) is the last page there is."""
+    page = page_number(request)
+    found = await run_in_threadpool(fetch, page)
+    pages = last_page(found.total, per_page)
+    if page > pages:
+        page = pages
+        found = await run_in_threadpool(fetch, page)
+    return page, found

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from mailer.console.context import CONSOLE_HEADERS, Console
 from mailer.console.guard import StaffMember
-from mailer.console.inputs import last_page, page_number, path_id
+from mailer.console.inputs import fetch_page, last_page, path_id
 from mailer.console.records_common import PER_PAGE, problem
 from mailer.console.wording import sentence
 from mailer.db import audit
@@ -102,12 +102,7 @@ class SubscriberPages:
                 engine, query, status=status, limit=PER_PAGE, offset=(page - 1) * PER_PAGE
             )
 
-        page = page_number(request)
-        found = await run_in_threadpool(search, page)
-        pages = last_page(found.total, PER_PAGE)
-        if page > pages:  # past the end (an old link, a typed number): the last page
-            page = pages
-            found = await run_in_threadpool(search, page)
+        page, found = await fetch_page(request, search, PER_PAGE)
         return self.console.render(
             request,
             "subscribers.html",
@@ -118,7 +113,7 @@ class SubscriberPages:
             statuses=SUBSCRIBER_STATUSES,
             found=found,
             page=page,
-            pages=pages,
+            pages=last_page(found.total, PER_PAGE),
         )
 
     async def record(self, request: Request) -> Response:
