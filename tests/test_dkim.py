@@ -394,13 +394,16 @@ def test_one_signer_over_many_recipients_matches_dkimpy_for_each(
 def test_the_kept_canonical_fields_are_bounded(
     rsa_key: rsa.RSAPrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("mailer.compose.dkim._CANONICAL_CACHE", 8)
+    from mailer.compose.dkim import _canonical_field
+
     signer = DkimSigner(DOMAIN, SELECTOR, rsa_key)
+    limit = _canonical_field.cache_info().maxsize
+    assert limit is not None
     for n in range(12):
         message = PLAIN.replace(b"reader@", f"reader{n}@".encode())
         fast = signer.signature_header(message, now=SIGNED_AT)
         assert fast == _dkimpy_header(message, rsa_key, monkeypatch)
-        assert len(signer._canonical) <= 8
+        assert _canonical_field.cache_info().currsize <= limit
 
 
 def test_a_message_not_marked_crlf_only_is_still_checked(signer: DkimSigner) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import hashlib
 import logging
 import os
@@ -90,10 +91,6 @@ SIGNED_FIELDS: Final = (
 )
 
 _SIGNED_NAMES: Final = frozenset(SIGNED_FIELDS)
-# Canonical forms kept per signer (``DkimSigner._canonical``): a digest's From, Reply-To,
-# Subject, List-Id, MIME-Version, Content-Type ... repeat message after message, and only To,
-# Date, Message-ID and List-Unsubscribe differ. Emptied when full, so it stays bounded.
-_CANONICAL_CACHE: Final = 4096
 
 SIGNATURE_FIELD: Final = b"DKIM-Signature"
 # Never l= (RFC 6376 §8.2: anyone could append content under our signature); always t=.
@@ -192,6 +189,15 @@ def load_private_key(path: Path) -> PrivateKey:
     return key
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """dkimpy's relaxed canonical form of one header field. Kept: a digest's From, Reply-To,
+    Subject, List-Id, MIME-Version, Content-Type ... repeat message after message, and only
+    To, Date, Message-ID and List-Unsubscribe differ."""
+    (canonical,) = _CANON.canonicalize_headers([(name, value)])
+    return (bytes(canonical[0]), bytes(canonical[1]))
+
+
 class DkimSigner:
     """Signs messages for one DKIM domain and selector: ``sign(message) -> signed message``.
 
@@ -217,8 +223,6 @@ class DkimSigner:
         self.algorithm = b"rsa-sha256" if isinstance(key, rsa.RSAPrivateKey) else b"ed25519-sha256"
         self._d = domain.encode("ascii")
         self._s = selector.encode("ascii")
-        # (name, value) as parsed -> dkimpy's relaxed canonical form of that field.
-        self._canonical: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     @classmethod
     def from_settings(
@@ -309,20 +313,11 @@ class DkimSigner:
         the fields of each name, so which instance it picks does not change. Each field's
         canonical form is dkimpy's own, computed once per distinct field and kept.
         """
-        cache = self._canonical
-        result = []
-        for name, value in headers:
-            if name.lower() not in _SIGNED_NAMES:
-                continue
-            key = (bytes(name), bytes(value))
-            canonical = cache.get(key)
-            if canonical is None:
-                if len(cache) >= _CANONICAL_CACHE:
-                    cache.clear()
-                (canonical,) = _CANON.canonicalize_headers([key])
-                cache[key] = canonical
-            result.append(canonical)
-        return result
+        return [
+            _canonical_field(bytes(name), bytes(value))
+            for name, value in headers
+            if name.lower() in _SIGNED_NAMES
+        ]
 
     def _sign_digest(self, digest: bytes) -> bytes:
         """The one step dkimpy does in pure Python: sign the SHA-256 header hash.
