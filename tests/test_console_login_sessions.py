@@ -342,8 +342,27 @@ def test_two_admins_removing_each_other_at_once_leave_one(db_url: str, engine: s
 # -- 7. the smaller walls --------------------------------------------------------------------
 
 
-def test_the_dummy_hash_is_made_at_import() -> None:
+def test_the_dummy_hash_is_made_at_import(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert accounts._DUMMY_HASH.startswith("$argon2id$")
+    verified: list[str] = []
+    real = accounts._hasher
+
+    class Watched:
+        """The real hasher, watched: which hashes a login verifies against, and no new one."""
+
+        def verify(self, hash_: str, password: str) -> bool:
+            verified.append(hash_)
+            return real.verify(hash_, password)
+
+        def hash(self, password: str) -> str:
+            raise AssertionError("a login made a hash: the first unknown login would be slower")
+
+    monkeypatch.setattr(accounts, "_hasher", Watched())
+    # An unknown account: one verification, against the hash made at import, and no other.
+    assert accounts.verify(engine, "nobody@news.example.org", "a long guess here", NOW) is None
+    assert verified == [accounts._DUMMY_HASH]
 
 
 @pytest.mark.parametrize(
