@@ -18,14 +18,13 @@ created on the server of ``MAILER_BENCH_PG`` and dropped at the end)::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
 from bench._lib import median_range
-from bench.staff_round import NOW, _json, _spread, fill, run_on_both
+from bench.staff_round import NOW, _json, _spread, _timed, fill, run_on_both
 from mailer.console import charts, figures
 from mailer.db.engine import create_engine, refresh_statistics
 from mailer.db.schema import deliveries, events, subscribers
@@ -52,15 +51,6 @@ def add_confirmations(engine: sa.Engine) -> None:
         )
     refresh_statistics(engine, events)
     refresh_statistics(engine, subscribers)
-
-
-def _timed(call: Callable[[], object], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1000)
-    return times
 
 
 def measure(name: str, url: str, n: int, runs: int) -> None:
