@@ -196,15 +196,19 @@ class SubscriberPages:
             },
         )
 
-    async def unsubscribe_page(self, request: Request) -> Response:
-        """``GET /staff/subscribers/{id}/unsubscribe``: what it does, and the button."""
+    async def _confirm_page(self, request: Request, what: str) -> Response:
+        """The page before ``what`` (unsubscribe, erase): what it does, and the button."""
         member = await self.console.guard.page(request, "admin")
         sub = await self._subscriber(request, member)
         if isinstance(sub, Response):
             return sub
         return self.console.render(
-            request, "subscriber_confirm.html", member, section=SECTION, sub=sub, what="unsubscribe"
+            request, "subscriber_confirm.html", member, section=SECTION, sub=sub, what=what
         )
+
+    async def unsubscribe_page(self, request: Request) -> Response:
+        """``GET /staff/subscribers/{id}/unsubscribe``: what it does, and the button."""
+        return await self._confirm_page(request, "unsubscribe")
 
     async def unsubscribe(self, request: Request) -> Response:
         """``POST``: unsubscribe them now, as ``mailer subscribers remove`` (the record stays)."""
@@ -241,13 +245,7 @@ class SubscriberPages:
 
     async def erase_page(self, request: Request) -> Response:
         """``GET /staff/subscribers/{id}/erase``: what goes, what stays, and the button."""
-        member = await self.console.guard.page(request, "admin")
-        sub = await self._subscriber(request, member)
-        if isinstance(sub, Response):
-            return sub
-        return self.console.render(
-            request, "subscriber_confirm.html", member, section=SECTION, sub=sub, what="erase"
-        )
+        return await self._confirm_page(request, "erase")
 
     async def erase(self, request: Request) -> Response:
         """``POST``: erase everything about them, as ``mailer subscribers erase``; the hash of
