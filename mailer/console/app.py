@@ -11,7 +11,16 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from mailer.console import accountpages, chartviews, dashboard, issues, login, records
+from mailer.console import (
+    accountpages,
+    article_pages,
+    chartviews,
+    dashboard,
+    issues,
+    login,
+    source_pages,
+    subscriber_pages,
+)
 from mailer.console.context import (
     CONSOLE_HEADERS,
     CONSOLE_TEMPLATES,
@@ -49,7 +58,9 @@ def console_mount(console: Console) -> Mount:
         ),
         *dashboard.routes(console),
         *issues.routes(console),
-        *records.routes(console),
+        *subscriber_pages.routes(console),
+        *article_pages.routes(console),
+        *source_pages.routes(console),
         *login.routes(console),
         *accountpages.routes(console),
         *chartviews.routes(console),

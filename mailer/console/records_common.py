@@ -1,5 +1,5 @@
-"""What the record pages (``records``) share: the page size and the problem page (ids and
-page numbers are read by ``mailer.console.inputs``)."""
+"""What the record pages (subscribers, articles, sources) share: the page size and the
+problem page (ids and page numbers are read by ``mailer.console.inputs``)."""
 
 from __future__ import annotations
 
