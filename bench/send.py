@@ -241,6 +241,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="subscribers (messages)")
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--dkim", action="store_true", help="sign with an RSA-2048 key")
+    parser.add_argument(
+        "--unsigned-too",
+        action="store_true",
+        help="with --dkim: each run also sends unsigned, right after the signed send, on the"
+        " same sink and a fresh copy of the same database (signed / unsigned of the same run)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--connections", type=int, default=8, help="[smtp].connections")
     parser.add_argument(
@@ -311,6 +317,9 @@ def main() -> None:
     )
     rows: dict[str, list[tuple[Ceiling, Ours]]] = {k: [] for k in kinds}
     before: dict[str, list[Ours]] = {k: [] for k in kinds}
+    unsigned: dict[str, list[Ours]] = {k: [] for k in kinds}
+    if args.unsigned_too and key is None:
+        parser.error("--unsigned-too compares with a signed send: give --dkim too")
     try:
         with _lib.Sink() as sink:
             for run in range(args.runs):
@@ -338,6 +347,17 @@ def main() -> None:
                             f"run {run + 1} {kind:8} before: {b.rate:7,.0f} msg/s end to end,"
                             f" {b.rate / c.rate:5.1%} of ceiling, {b.cpu_per_1000:.2f} CPU s/1000"
                             f" | after / before {o.rate / b.rate:.2f}x",
+                            flush=True,
+                        )
+                    if args.unsigned_too:
+                        u = ours(
+                            sink, tag=f"{kind}-plain-{os.getpid()}", **common | {"dkim_key": None}
+                        )
+                        unsigned[kind].append(u)
+                        print(
+                            f"run {run + 1} {kind:8} unsigned: {u.rate:7,.0f} msg/s end to end,"
+                            f" {u.cpu_per_1000:.2f} CPU s/1000 | signed / unsigned"
+                            f" {o.rate / u.rate:.1%}",
                             flush=True,
                         )
                     print(
@@ -392,6 +412,20 @@ def main() -> None:
                 f"| {_lib.median_range(ratios, '{:.0f}')} % "
                 f"| {_lib.median_range([b.cpu_per_1000 for b in bs], '{:.2f}')} "
                 f"| {_lib.median_range([b.peak_rss_mb for b in bs], '{:.0f}')} |"
+            )
+    for kind, us in unsigned.items():
+        if us:
+            signed = [o for _, o in rows[kind]]
+            shares = [o.rate / u.rate * 100 for o, u in zip(signed, us, strict=True)]
+            print(
+                f"| {kind} unsigned, same runs | off | {args.n:,} | "
+                f"| {_lib.median_range([u.rate for u in us])} "
+                f"| {_lib.median_range([u.steady for u in us])} "
+                f"| signed / unsigned {_lib.median_range(shares, '{:.0f}')} % "
+                f"| {_lib.median_range([u.cpu_per_1000 for u in us], '{:.2f}')} "
+                f"| {_lib.median_range([u.peak_rss_mb for u in us], '{:.0f}')} "
+                f"| {_lib.median_range([u.first for u in us], '{:.2f}')} "
+                f"| {_lib.median_range([u.lost for u in us], '{:.2f}')} |"
             )
     sys.stdout.flush()
 
