@@ -87,3 +87,74 @@ def test_a_failing_bounce_hook_leaves_the_delivery_unrecorded(engine: sa.Engine)
     with pytest.raises(HookFailed):
         record(engine, claimed, hook)
     assert state(engine, claimed) == ("sending", "active")
+
+
+SENT = SendResult(Outcome.SENT, 250, "2.0.0 Ok: queued as 4F2C9", Stage.DATA)
+
+
+def rows_now(engine: sa.Engine) -> dict[int, tuple[str, int, str | None]]:
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(deliveries.c.id, deliveries.c.status, deliveries.c.attempts)
+            .add_columns(deliveries.c.lease_owner)
+            .order_by(deliveries.c.id)
+        ).all()
+    return {i: (status, attempts, owner) for i, status, attempts, owner in found}
+
+
+def commit(
+    engine: sa.Engine, results: list[ledger.Result], starts: list[int]
+) -> tuple[dict[str, int], set[int]]:
+    return ledger.commit_progress(
+        engine,
+        results=results,
+        starts=starts,
+        owner="w",
+        settings=make_settings(str(engine.url)).smtp,
+        now=NOW,
+        lease=LEASE,
+        on_bounce=apply_bounce,
+    )
+
+
+def test_one_group_commit_records_outcomes_and_starts_only_rows_still_held(
+    engine: sa.Engine,
+) -> None:
+    settings = make_settings(str(engine.url))
+    issue_id = new_issue(engine, settings, [f"r{n}@example.org" for n in range(4)])
+    a, b, c, d = claims.claim(engine, owner="w", limit=10, lease=LEASE, now=NOW, issue_id=issue_id)
+    assert commit(engine, [], [a.id, b.id]) == ({}, {a.id, b.id})
+    # Another worker took d over (its lease ran out and it claimed it).
+    with engine.begin() as conn:
+        conn.execute(deliveries.update().where(deliveries.c.id == d.id).values(lease_owner="x"))
+
+    counts, started = commit(engine, [ledger.Result(a, SENT), ledger.Result(b, None)], [c.id, d.id])
+
+    assert counts == {"sent": 1, "cancelled": 1}
+    assert started == {c.id}
+    assert rows_now(engine) == {
+        a.id: ("sent", 1, None),
+        b.id: ("cancelled", 1, None),
+        c.id: ("sending", 1, "w"),
+        d.id: ("queued", 0, "x"),
+    }
+
+
+def test_a_group_commit_that_fails_writes_neither_its_outcomes_nor_its_starts(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(str(engine.url))
+    issue_id = new_issue(engine, settings, ["a@example.org", "b@example.org"])
+    a, b = claims.claim(engine, owner="w", limit=10, lease=LEASE, now=NOW, issue_id=issue_id)
+    commit(engine, [], [a.id])
+    before = rows_now(engine)
+    real = ledger._outcome_row
+
+    def refused_by_the_database(*args: object, **kwargs: object) -> dict[str, object]:
+        return real(*args, **kwargs) | {"_status": "no such status"}  # type: ignore[arg-type]
+
+    # The outcome breaks the status check: the start of b in the same commit must not stay.
+    monkeypatch.setattr(ledger, "_outcome_row", refused_by_the_database)
+    with pytest.raises(sa.exc.IntegrityError):
+        commit(engine, [ledger.Result(a, SENT)], [b.id])
+    assert rows_now(engine) == before
