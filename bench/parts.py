@@ -7,7 +7,9 @@
 * SMTP: ``SmtpPool.send`` into Postfix's smtp-sink over C connections, CPU per message, next to
   aiosmtplib's own ``sendmail`` on the same connections (what the pool used before);
 * DB: ``claims.claim`` (batches of 500) and ``ledger.commit_progress`` (group commits of G
-  outcomes and G in-flight marks) per message, on SQLite and PostgreSQL;
+  outcomes and G in-flight marks; G = 8 and 32 by default) per message, on SQLite and
+  PostgreSQL, with each commit's wall time and, on PostgreSQL, the server's CPU per commit
+  (every server process of this machine, from /proc);
 * ``--profile``: py-spy (installed into .venv if missing) samples ``mailer digest send``
   (one process, SQLite) and the samples are summed per part of the hot path.
 
@@ -169,7 +171,7 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
     from mailer.delivery.worker import apply_bounce
     from mailer.issues.staff import open_issue
 
-    claim_cpu, commits = [], []
+    claim_cpu, commits, server, commit_wall = [], [], [], []
     ok = SendResult(Outcome.SENT, 250, "2.0.0 Ok: queued as 4F2C91234", Stage.DATA)
     lease = timedelta(minutes=5)
     for run in range(runs):
@@ -197,7 +199,11 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
             claim_cpu.append((time.process_time() - t) / len(batches))
             previous: list[claims.Claimed] = []
             t = time.process_time()
+            wall = time.perf_counter()
+            served = _lib.postgres_cpu_seconds() if kind == "postgres" else 0.0
+            groups = 0
             for i in range(0, len(batches), group):
+                groups += 1
                 chunk = batches[i : i + group]
                 ledger.commit_progress(
                     engine,
@@ -211,6 +217,9 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
                 )
                 previous = chunk
             commits.append((time.process_time() - t) / len(batches))
+            commit_wall.append((time.perf_counter() - wall) / groups)
+            if kind == "postgres":
+                server.append((_lib.postgres_cpu_seconds() - served) / groups)
         finally:
             engine.dispose()
             _lib.discard_database(url)
@@ -222,8 +231,16 @@ def measure_db(kind: str, runs: int, n: int, group: int) -> None:
     row(
         f"DB {kind}: group commit per message",
         _lib.median_range([x * 1e6 for x in commits]) + " µs",
-        f"groups of {group}",
+        f"groups of {group}; each commit {_lib.median_range([x * 1e6 for x in commit_wall])} µs"
+        " wall",
     )
+    if server:
+        row(
+            f"DB {kind}: the server's CPU per group commit",
+            _lib.median_range([x * 1e6 for x in server]) + " µs",
+            f"groups of {group}: {_lib.median_range([x * 1e6 / group for x in server])} µs"
+            " per message (every server process)",
+        )
 
 
 PARTS = {
@@ -270,7 +287,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--n", type=int, default=10_000, help="messages per SMTP/build run")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--group", type=int, default=16, help="outcomes per group commit")
+    parser.add_argument(
+        "--group", type=int, nargs="+", default=[8, 32], help="outcomes per group commit"
+    )
     parser.add_argument("--claim-n", type=int, default=100_000, help="rows in the claim's issue")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
@@ -286,9 +305,10 @@ def main() -> None:
         measure_dkim(args.runs, min(args.n, 2000))
         measure_smtp(args.runs, args.n, args.connections)
         for kind in ("sqlite", "postgres"):
-            measure_db(kind, args.runs, 10_000, args.group)
+            for group in args.group:
+                measure_db(kind, args.runs, 10_000, group)
             if args.claim_n != 10_000:
-                measure_db(kind, 1, args.claim_n, args.group)
+                measure_db(kind, 1, args.claim_n, args.group[0])
         if args.profile:
             profile(args.n)
     finally:
