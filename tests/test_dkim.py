@@ -4,6 +4,7 @@ OpenSSL fast path is byte-identical to dkimpy's own (pure Python) signing."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import re
 import stat
@@ -421,6 +422,72 @@ def test_a_message_not_marked_crlf_only_is_still_checked(signer: DkimSigner) -> 
 def test_relaxed_body_equals_dkimpy_on_any_body(pieces: list[bytes]) -> None:
     body = b"".join(pieces)
     assert relaxed_body(body) == Relaxed.canonicalize_body(body)
+
+
+def awkward_article(n: int) -> Article:
+    """Text whose relaxed form differs from it: runs of spaces and tabs, spaces at line ends."""
+    return Article(
+        id=n,
+        guid=f"awkward-{n}",
+        topic=TOPICS[n % 3],
+        title=f"Two  spaces\tand a tab,   then three {n}   ",
+        summary="Sentence one.  Sentence two.   \n\n\tIndented\t\tline.  \nLast line.   ",
+        why_it_matters="  Leading spaces, trailing too.  ",
+        body="",
+        link=f"https://news.example.org/articles/{n}",
+        published_at=NOW,
+    )
+
+
+@pytest.mark.parametrize(
+    ("articles", "name"),
+    [
+        (CONTENT.articles, "Ann Reader"),
+        (tuple(awkward_article(n) for n in range(6)), "Ann  \t Reader  "),
+        (tuple(awkward_article(n) for n in range(1)), "Reader"),
+    ],
+    ids=["digest", "awkward-text-and-name", "one-article"],
+)
+def test_a_composer_message_brings_its_relaxed_body_and_signs_as_dkimpy_does(
+    articles: tuple[Article, ...],
+    name: str,
+    rsa_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    content = dataclasses.replace(CONTENT, articles=articles)
+    composer = DigestComposer(SETTINGS, content, renderer=Renderer())
+    signer = DkimSigner(DOMAIN, SELECTOR, rsa_key)
+    for n, topics in enumerate([TOPICS, TOPICS[:1], TOPICS[1:]]):
+        reader = Recipient(
+            email=f"reader{n}@example.org",
+            name=name,
+            uid=f"{n:022d}",
+            message_id=f"<weekly.202611201200.42.{n:022d}@news.example.org>",
+        )
+        message = composer.message(reader, topics, NOW)
+        if message is None:
+            continue
+        assert isinstance(message, CrlfOnly) and message.relaxed_body is not None
+        body = message[message.index(b"\r\n\r\n") + 4 :]
+        # The parts, put together, are the body canonicalized whole (dkimpy's own rules).
+        assert b"".join(message.relaxed_body()) == Relaxed.canonicalize_body(body)
+        fast = signer.signature_header(message, now=SIGNED_AT)
+        assert fast == signer.signature_header(bytes(message), now=SIGNED_AT)
+        assert fast == _dkimpy_header(message, rsa_key, monkeypatch)
+        assert verifies(fast + message, signer)
+
+
+def test_a_message_made_from_a_composer_message_canonicalizes_its_own_body(
+    signer: DkimSigner,
+) -> None:
+    message = digest_message()
+    assert isinstance(message, CrlfOnly) and message.relaxed_body is not None
+    # A test copy or any rewrite is a new object: it does not carry the original's parts.
+    rewritten = CrlfOnly(message.replace(b"Gate 1 closed", b"Gate 1 open"))
+    assert rewritten.relaxed_body is None
+    assert signer.sign(rewritten) != signer.sign(message)
+    assert verifies(signer.sign(rewritten), signer)
+    assert verifies(signer.sign(signer.sign(message)), signer)
 
 
 # --- keys ------------------------------------------------------------------------------------

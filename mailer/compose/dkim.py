@@ -56,7 +56,13 @@ from dkim.canonicalization import (
 )
 
 from mailer.clock import now as clock_now
-from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
+from mailer.compose.wire import (
+    CrlfOnly,
+    SmtpReady,
+    has_leading_dot,
+    is_crlf_only,
+    relax_lines,
+)
 from mailer.config.settings import DkimSettings, Settings
 from mailer.errors import ConfigError, MailerError
 
@@ -273,7 +279,7 @@ class DkimSigner:
         include = signed_header_names(headers)
         if not any(name.lower() == b"from" for name, _ in headers):
             raise DkimError("cannot sign a message without a From field (RFC 6376 §5.4)")
-        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+        body_hash = base64.b64encode(_body_digest(message, body))
         when = now if now is not None else self.clock()
         fields = [
             (b"v", b"1"),
@@ -331,24 +337,28 @@ class DkimSigner:
         return self.key.sign(digest)
 
 
+def _body_digest(message: bytes, body: bytes) -> bytes:
+    """SHA-256 of ``body`` (``message``'s) in the relaxed canonical form: from the parts the
+    composer canonicalized once (``CrlfOnly.relaxed_body``), or canonicalized here."""
+    parts = message.relaxed_body if isinstance(message, CrlfOnly) else None
+    if parts is None:
+        return hashlib.sha256(relaxed_body(body)).digest()
+    hasher = hashlib.sha256()
+    for part in parts():
+        hasher.update(part)
+    return hasher.digest()
+
+
 def relaxed_body(body: bytes) -> bytes:
     """The relaxed body canonicalization (RFC 6376 §3.4.4), equal to dkimpy's, 10× faster.
 
     dkimpy runs two regular-expression substitutions over the whole body, each matching every
     single space of it: about 0.9 ms for a 30 KB digest, as much as the RSA signature itself.
-    Without tabs, both rules are plain replacements: collapse runs of spaces (halving them until
-    none is left), then drop the one space left before each CRLF. Bodies with tabs (never
-    produced by our quoted-printable encoder) go through dkimpy. A property test checks the
-    two agree on arbitrary bodies.
+    ``relax_lines`` does the same with plain replacements; then trailing empty lines go and an
+    empty body becomes empty (dkimpy's own helpers). A property test checks the two agree on
+    arbitrary bodies.
     """
-    if b"\t" in body:
-        result: bytes = _CANON.canonicalize_body(body)
-        return result
-    while b"  " in body:
-        body = body.replace(b"  ", b" ")
-    body = body.replace(b" \r\n", b"\r\n")
-    # Trailing empty lines go and an empty body becomes empty (dkimpy's own helpers).
-    tail: bytes = correct_empty_body(strip_trailing_lines(body))
+    tail: bytes = correct_empty_body(strip_trailing_lines(relax_lines(body)))
     return tail
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import binascii
 import email.policy
+import functools
 import logging
 import re
 import secrets
@@ -51,7 +52,7 @@ from typing import Final
 from urllib.parse import quote
 
 from mailer.compose.rendering import LinkView, Renderer, digest_context, leads, site_view
-from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only
+from mailer.compose.wire import CrlfOnly, SmtpReady, has_leading_dot, is_crlf_only, relax_lines
 from mailer.config.settings import Settings, SiteSettings
 from mailer.errors import AddressError, ConfigError, DeliveryError, RenderError
 from mailer.models import Article, IssueContent, Recipient
@@ -377,6 +378,7 @@ class SplicedMessage:
         self._slots = [
             (index, part) for index, part in enumerate(self.parts) if not isinstance(part, bytes)
         ]
+        self._relaxed = _relaxed_template(self.parts) if self._wire is not bytes else None
 
     @property
     def line_sources(self) -> tuple[str, ...]:
@@ -397,7 +399,21 @@ class SplicedMessage:
             # a header value is never at a line start.
             if wire is SmtpReady and isinstance(slot, _LineSlot) and has_leading_dot(filled):
                 wire = CrlfOnly
-        return wire(b"".join(out))
+        message = wire(b"".join(out))
+        if self._relaxed is not None and isinstance(message, CrlfOnly):
+            message.relaxed_body = functools.partial(self._relaxed_body, out)
+        return message
+
+    def _relaxed_body(self, filled: list[bytes]) -> list[bytes]:
+        """The body of the message filled as ``filled`` in DKIM's relaxed canonical form: the
+        template's canonical parts, and each line filled in canonicalized (a line ends where
+        its static successor begins with CRLF, so a space at its end goes)."""
+        assert self._relaxed is not None
+        relaxed = self._relaxed.copy()
+        for index, slot in self._slots:
+            if isinstance(slot, _LineSlot):
+                relaxed[index] = relax_lines(filled[index]).rstrip(b" ")
+        return relaxed
 
 
 def _cut(raw: bytes, markers: _Markers) -> Iterable[bytes | _HeaderSlot | _LineSlot]:
@@ -417,6 +433,49 @@ def _cut(raw: bytes, markers: _Markers) -> Iterable[bytes | _HeaderSlot | _LineS
             yield _LineSlot(tuple(markers.text_re.split(decoded.decode("utf-8"))))
             pos = end
     yield raw[pos:]
+
+
+def _relaxed_template(parts: Sequence[bytes | _HeaderSlot | _LineSlot]) -> list[bytes] | None:
+    """The body's static chunks in DKIM's relaxed canonical form, b"" at the slots (and for
+    the header), or None where the body cannot be put together from its parts.
+
+    Each chunk is canonicalized on its own, which is exact when no run of spaces and no line
+    end crosses a chunk's edge: every line slot is a whole line (its chunk before ends a line,
+    its chunk after begins with that line's CRLF), and the last chunk holds the body's end
+    (so that dropping the trailing empty lines stops inside it).
+    """
+    relaxed: list[bytes] = []
+    in_body = False
+    for index, part in enumerate(parts):
+        if isinstance(part, _HeaderSlot):
+            if in_body:
+                return None
+            relaxed.append(b"")
+        elif isinstance(part, _LineSlot):
+            before, after = parts[index - 1] if index else b"", parts[index + 1 : index + 2]
+            whole_line = (
+                in_body
+                and isinstance(before, bytes)
+                and before.endswith(b"\n")
+                and len(after) == 1
+                and isinstance(after[0], bytes)
+                and after[0].startswith(b"\r\n")
+            )
+            if not whole_line:
+                return None
+            relaxed.append(b"")
+        elif in_body:
+            relaxed.append(relax_lines(part))
+        else:
+            end = part.find(b"\r\n\r\n")
+            in_body = end >= 0
+            relaxed.append(relax_lines(part[end + 4 :]) if in_body else b"")
+    if not in_body or not relaxed[-1].rstrip(b"\r\n") or isinstance(parts[-1], _LineSlot):
+        return None
+    # Rule (c): the empty lines at the body's end go, and it ends with one CRLF (the template
+    # is CRLF-only, so stripping CR and LF strips whole line breaks).
+    relaxed[-1] = relaxed[-1].rstrip(b"\r\n") + b"\r\n"
+    return relaxed
 
 
 def _logical_lines(raw: bytes, start: int) -> Iterable[tuple[int, int]]:
