@@ -236,6 +236,30 @@ def dkim_key() -> Path:
     return path
 
 
+def _pct(values: list[float]) -> str:
+    return _lib.median_range(values, "{:.0f}")
+
+
+def table_row(
+    label: str, dkim: bool, n: int, ceiling_cell: str, runs: list[Ours], share: str
+) -> str:
+    """One line of the summary table: medians (min–max) of ``runs``."""
+    cells = [
+        label,
+        "on" if dkim else "off",
+        f"{n:,}",
+        ceiling_cell,
+        _lib.median_range([o.rate for o in runs]),
+        _lib.median_range([o.steady for o in runs]),
+        share,
+        _lib.median_range([o.cpu_per_1000 for o in runs], "{:.2f}"),
+        _lib.median_range([o.peak_rss_mb for o in runs], "{:.0f}"),
+        _lib.median_range([o.first for o in runs], "{:.2f}"),
+        _lib.median_range([o.lost for o in runs], "{:.2f}"),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--n", type=int, default=10_000, help="subscribers (messages)")
@@ -386,47 +410,22 @@ def main() -> None:
         "| s beyond N / steady |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    dkim = key is not None
     for kind, pairs in rows.items():
         cs = [c for c, _ in pairs]
-        os_ = [o for _, o in pairs]
-        print(
-            f"| {kind} | {'on' if key else 'off'} | {args.n:,} "
-            f"| {_lib.median_range([c.rate for c in cs])} "
-            f"| {_lib.median_range([o.rate for o in os_])} "
-            f"| {_lib.median_range([o.steady for o in os_])} "
-            f"| {_lib.median_range([o.rate / c.rate * 100 for c, o in pairs], '{:.0f}')} % "
-            f"| {_lib.median_range([o.cpu_per_1000 for o in os_], '{:.2f}')} "
-            f"| {_lib.median_range([o.peak_rss_mb for o in os_], '{:.0f}')} "
-            f"| {_lib.median_range([o.first for o in os_], '{:.2f}')} "
-            f"| {_lib.median_range([o.lost for o in os_], '{:.2f}')} |"
-        )
-    for kind, bs in before.items():
-        if bs:
-            cs = [c for c, _ in rows[kind]]
-            ratios = [b.rate / c.rate * 100 for c, b in zip(cs, bs, strict=True)]
-            print(
-                f"| {kind} (before: {args.compare}) | {'on' if key else 'off'} | {args.n:,} "
-                f"| {_lib.median_range([c.rate for c in cs])} "
-                f"| {_lib.median_range([b.rate for b in bs])} "
-                f"| {_lib.median_range([b.steady for b in bs])} "
-                f"| {_lib.median_range(ratios, '{:.0f}')} % "
-                f"| {_lib.median_range([b.cpu_per_1000 for b in bs], '{:.2f}')} "
-                f"| {_lib.median_range([b.peak_rss_mb for b in bs], '{:.0f}')} |"
-            )
-    for kind, us in unsigned.items():
-        if us:
-            signed = [o for _, o in rows[kind]]
-            shares = [o.rate / u.rate * 100 for o, u in zip(signed, us, strict=True)]
-            print(
-                f"| {kind} unsigned, same runs | off | {args.n:,} | "
-                f"| {_lib.median_range([u.rate for u in us])} "
-                f"| {_lib.median_range([u.steady for u in us])} "
-                f"| signed / unsigned {_lib.median_range(shares, '{:.0f}')} % "
-                f"| {_lib.median_range([u.cpu_per_1000 for u in us], '{:.2f}')} "
-                f"| {_lib.median_range([u.peak_rss_mb for u in us], '{:.0f}')} "
-                f"| {_lib.median_range([u.first for u in us], '{:.2f}')} "
-                f"| {_lib.median_range([u.lost for u in us], '{:.2f}')} |"
-            )
+        ours_ = [o for _, o in pairs]
+        shares = [o.rate / c.rate * 100 for c, o in pairs]
+        ceiling_cell = _lib.median_range([c.rate for c in cs])
+        print(table_row(kind, dkim, args.n, ceiling_cell, ours_, f"{_pct(shares)} %"))
+        if before[kind]:
+            shares = [b.rate / c.rate * 100 for c, b in zip(cs, before[kind], strict=True)]
+            label = f"{kind} (before: {args.compare})"
+            print(table_row(label, dkim, args.n, ceiling_cell, before[kind], f"{_pct(shares)} %"))
+        if unsigned[kind]:
+            shares = [o.rate / u.rate * 100 for o, u in zip(ours_, unsigned[kind], strict=True)]
+            share = f"signed / unsigned {_pct(shares)} %"
+            label = f"{kind} unsigned, same runs"
+            print(table_row(label, False, args.n, "", unsigned[kind], share))
     sys.stdout.flush()
 
 

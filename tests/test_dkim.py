@@ -426,16 +426,12 @@ def test_relaxed_body_equals_dkimpy_on_any_body(pieces: list[bytes]) -> None:
 
 def awkward_article(n: int) -> Article:
     """Text whose relaxed form differs from it: runs of spaces and tabs, spaces at line ends."""
-    return Article(
-        id=n,
+    return dataclasses.replace(
+        article(n),
         guid=f"awkward-{n}",
-        topic=TOPICS[n % 3],
         title=f"Two  spaces\tand a tab,   then three {n}   ",
         summary="Sentence one.  Sentence two.   \n\n\tIndented\t\tline.  \nLast line.   ",
         why_it_matters="  Leading spaces, trailing too.  ",
-        body="",
-        link=f"https://news.example.org/articles/{n}",
-        published_at=NOW,
     )
 
 
