@@ -404,16 +404,25 @@ def run(config: Path, *args: str) -> int:
     return 0
 
 
-def test_digest_test_sends_signed_copies_to_staff_and_records_nothing(
+def test_digest_test_sends_signed_copies_to_staff_and_records_only_who_sent_them(
     cli_config: Path,
     engine: sa.Engine,
     smtp_server: FaultServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    readers(engine)
-    before = recorded(engine)
+    people = readers(engine)
+    issues_, deliveries_, events_, subscribers_ = recorded(engine)
     code = run(
-        cli_config, "digest", "test", "weekly", "--to", "Editor@News.Example.org", "--to", DESK
+        cli_config,
+        "digest",
+        "test",
+        "weekly",
+        "--to",
+        "Editor@News.Example.org",
+        "--to",
+        DESK,
+        "--by",
+        "Dana Editor",
     )
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -423,7 +432,26 @@ def test_digest_test_sends_signed_copies_to_staff_and_records_nothing(
         " River Updates — week of 27 November"
         for address in ("Editor@News.Example.org", DESK)
     ]
-    assert recorded(engine) == before  # no issue, no delivery, no event, nobody changed
+    # No issue, no delivery, nobody changed: one audit event per copy, as the console's.
+    after = recorded(engine)
+    assert (after[0], after[1], after[3]) == (issues_, deliveries_, subscribers_)
+    assert after[2][: len(events_)] == events_
+    added = [(row[1], row[2], row[4]) for row in after[2][len(events_) :]]
+    assert added == [
+        (
+            None,
+            "staff.test_send",
+            {
+                "issue": None,
+                "digest": "weekly",
+                "to": address,
+                "reader": people["ann"].id,
+                "sent": True,
+                "by": "Dana Editor",
+            },
+        )
+        for address in ("Editor@News.Example.org", DESK)
+    ]
     received = smtp_server.received
     assert sorted(r.recipients[0].lower() for r in received) == [DESK, STAFF]
     record = (cli_config.parent / "dkim.txt").read_text(encoding="utf-8")

@@ -4,17 +4,21 @@ on the screen, in a file, or in staff's own inboxes (``mailer.staff.testsend``).
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+import sqlalchemy as sa
 
-from mailer.cli.context import Context, left_over, out, pass_ctx, signer
+from mailer.cli.context import Context, by_option, left_over, out, pass_ctx, signer
 from mailer.clock import now
 from mailer.config.settings import Digest, Settings
-from mailer.delivery.policy import Outcome
+from mailer.db import audit
+from mailer.db.engine import writing
+from mailer.delivery.policy import Outcome, SendResult
 from mailer.errors import DeliveryError, SubscriberError
 from mailer.issues.schedule import local_time
 from mailer.preflight import preflight
@@ -59,12 +63,15 @@ def describe(settings: Settings, digest: Digest, prepared: Prepared) -> str:
 )
 @AS_OPTION
 @click.option("--force", is_flag=True, help="Also send to addresses not in [staff].emails.")
+@by_option("sends the test copies")
 @pass_ctx
 def digest_test(
-    ctx: Context, key: str, to: tuple[str, ...], as_email: str | None, force: bool
+    ctx: Context, key: str, to: tuple[str, ...], as_email: str | None, force: bool, by: str
 ) -> None:
     """Send staff the message a subscriber would get from the next issue, marked [TEST] and
-    with inert links; never recorded as a delivery."""
+    with inert links; never recorded as a delivery. Each copy is an audit event
+    (``staff.test_send``: the issue, the address, whose copy, whether the relay took it, who
+    sent it), as a test copy sent from the staff console is."""
     from mailer.compose.messages import check_address
     from mailer.compose.rendering import Renderer
     from mailer.compose.testcopy import TEST_PREFIX
@@ -81,6 +88,7 @@ def digest_test(
     prepared = prepare(ctx.engine(), settings, digest, now=at, renderer=renderer, as_email=as_email)
     copies = test_copies(settings, prepared, addresses, now=at, renderer=renderer)
     results = asyncio.run(send_test(settings, copies, sign=sign))
+    record_test_sends(ctx.engine(), prepared, addresses, results, by=by, at=at)
     what = f"test copy of {describe(settings, digest, prepared)}"
     subject = TEST_PREFIX + prepared.issue.content.subject
     refused = 0
@@ -93,6 +101,35 @@ def digest_test(
             out.print(f"{what} refused for {address}: {reply}", markup=False)
     if refused:
         raise DeliveryError(f"{refused} of {len(addresses)} test copies refused by the relay")
+
+
+def record_test_sends(
+    engine: sa.Engine,
+    prepared: Prepared,
+    addresses: list[str],
+    results: list[SendResult],
+    *,
+    by: str,
+    at: datetime,
+) -> None:
+    """One ``staff.test_send`` event per copy, with the fields the console records."""
+    issue = prepared.issue
+    details = [
+        (
+            None,
+            {
+                "issue": issue.issue_id if issue.made else None,
+                "digest": issue.content.digest_key,
+                "to": address,
+                "reader": prepared.reader.id,
+                "sent": result.outcome is Outcome.SENT,
+                "by": by,
+            },
+        )
+        for address, result in zip(addresses, results, strict=True)
+    ]
+    with writing(engine) as conn:
+        audit.record_each(conn, "staff.test_send", at, details)
 
 
 @click.command("preview")
