@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from mailer.console import sessions
-from mailer.db.schema import staff_accounts
+from mailer.db.schema import deliveries, issues, staff_accounts
 from mailer.web import Limits, SmtpConfirmationSender, create_app
 from tests.factories import Clock, make_settings
 
@@ -91,3 +91,26 @@ def make_app(engine: sa.Engine, db_url: str, clock: Clock, **limits: Any) -> Sta
     return create_app(
         settings, engine, SmtpConfirmationSender(settings), clock=clock, limits=Limits(**limits)
     )
+
+
+def mark(engine: sa.Engine, issue_id: int, status: str, count: int, at: datetime) -> None:
+    """``count`` queued deliveries of the issue marked ``status`` at ``at``, as the worker
+    would."""
+    with engine.begin() as conn:
+        ids = conn.scalars(
+            sa.select(deliveries.c.id)
+            .where(deliveries.c.issue_id == issue_id, deliveries.c.status == "queued")
+            .order_by(deliveries.c.id)
+            .limit(count)
+        ).all()
+        assert len(ids) == count
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_(ids))
+            .values(status=status, sent_at=at if status == "sent" else None, updated_at=at)
+        )
+
+
+def status_of(engine: sa.Engine, issue_id: int) -> str:
+    with engine.connect() as conn:
+        return str(conn.scalar(sa.select(issues.c.status).where(issues.c.id == issue_id)))

@@ -20,7 +20,7 @@ from mailer.issues import review
 from mailer.issues.create import create_issue
 from mailer.staff.alerts import raise_alert
 from mailer.web import SmtpConfirmationSender, create_app
-from tests.console import StaffClient, staff_client
+from tests.console import StaffClient, mark, staff_client, status_of
 from tests.factories import (
     BASE_CONFIG,
     NOW,
@@ -108,27 +108,6 @@ def sending(s: Setup, readers: int = 4) -> int:
         reviewed=False,
     )
     return made.issue_id
-
-
-def mark(engine: sa.Engine, issue_id: int, status: str, count: int, at: Any) -> None:
-    """``count`` queued deliveries of the issue marked ``status`` at ``at``."""
-    with engine.begin() as conn:
-        ids = conn.scalars(
-            sa.select(deliveries.c.id)
-            .where(deliveries.c.issue_id == issue_id, deliveries.c.status == "queued")
-            .order_by(deliveries.c.id)
-            .limit(count)
-        ).all()
-        conn.execute(
-            deliveries.update()
-            .where(deliveries.c.id.in_(ids))
-            .values(status=status, sent_at=at if status == "sent" else None, updated_at=at)
-        )
-
-
-def status_of(engine: sa.Engine, issue_id: int) -> str:
-    with engine.connect() as conn:
-        return str(conn.scalar(sa.select(issues.c.status).where(issues.c.id == issue_id)))
 
 
 def events_of(engine: sa.Engine, kind: str) -> list[dict[str, Any]]:

@@ -27,11 +27,12 @@ from mailer.config.load import load_settings
 from mailer.config.settings import Settings
 from mailer.console import sessions
 from mailer.content.store import upsert_articles
-from mailer.db.schema import deliveries, events, issues, subscribers
+from mailer.db.schema import deliveries, events, subscribers
 from mailer.devtools.demo import run_demo
 from mailer.issues.create import create_issue
 from mailer.issues.schedule import slots_between
 from tests.browser import DESKTOP, PHONE, fits, page_at
+from tests.console import mark, status_of
 from tests.factories import make_article
 from tests.served import serve
 
@@ -107,29 +108,6 @@ def sending(engine: sa.Engine, settings: Settings) -> int:
     )
     assert status_of(engine, made.issue_id) == "sending"
     return made.issue_id
-
-
-def mark(engine: sa.Engine, issue_id: int, status: str, count: int) -> None:
-    """``count`` queued deliveries of the issue marked ``status`` now, as the worker would."""
-    moment = now()
-    with engine.begin() as conn:
-        ids = conn.scalars(
-            sa.select(deliveries.c.id)
-            .where(deliveries.c.issue_id == issue_id, deliveries.c.status == "queued")
-            .order_by(deliveries.c.id)
-            .limit(count)
-        ).all()
-        assert len(ids) == count
-        conn.execute(
-            deliveries.update()
-            .where(deliveries.c.id.in_(ids))
-            .values(status=status, sent_at=moment if status == "sent" else None, updated_at=moment)
-        )
-
-
-def status_of(engine: sa.Engine, issue_id: int) -> str:
-    with engine.connect() as conn:
-        return str(conn.scalar(sa.select(issues.c.status).where(issues.c.id == issue_id)))
 
 
 def queued(engine: sa.Engine, issue_id: int) -> int:
@@ -298,10 +276,10 @@ def test_a_staff_member_walks_the_console_in_chromium(
             expect(sent).to_have_text("0")
             loads: list[Any] = []
             page.on("load", lambda loaded: loads.append(loaded))
-            mark(engine, sending_id, "sent", 1)
+            mark(engine, sending_id, "sent", 1, now())
             expect(sent).to_have_text("1")
-            mark(engine, sending_id, "sent", 1)
-            mark(engine, sending_id, "deferred", 1)
+            mark(engine, sending_id, "sent", 1, now())
+            mark(engine, sending_id, "deferred", 1, now())
             expect(sent).to_have_text("2")
             expect(card.locator('[data-field="deferred"]')).to_have_text("1")
             # A deferred delivery is still to go.
