@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -158,3 +159,25 @@ def test_a_group_commit_that_fails_writes_neither_its_outcomes_nor_its_starts(
     with pytest.raises(sa.exc.IntegrityError):
         commit(engine, [ledger.Result(a, SENT)], [b.id])
     assert rows_now(engine) == before
+
+
+def test_on_postgresql_outcomes_and_starts_go_as_one_statement(engine: sa.Engine) -> None:
+    settings = make_settings(str(engine.url))
+    issue_id = new_issue(engine, settings, ["a@example.org", "b@example.org"])
+    a, b = claims.claim(engine, owner="w", limit=10, lease=LEASE, now=NOW, issue_id=issue_id)
+    commit(engine, [], [a.id])
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert commit(engine, [ledger.Result(a, SENT)], [b.id]) == ({"sent": 1}, {b.id})
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    if engine.dialect.name == "postgresql":
+        (statement,) = statements  # the outcomes a CTE of the starts' UPDATE
+        assert statement.startswith("WITH") and statement.count("UPDATE deliveries") == 2
+    else:  # SQLite: its BEGIN IMMEDIATE, the outcomes, then the starts
+        assert [s.split()[0] for s in statements] == ["BEGIN", "UPDATE", "UPDATE"]

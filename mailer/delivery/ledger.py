@@ -158,7 +158,6 @@ _RECORD_ARRAYS = (
 _START_AFTER_RECORD = _start(one_of(deliveries.c.id, "_starts", arrays=True)).add_cte(
     _RECORD_ARRAYS.returning(deliveries.c.id).cte("recorded")
 )
-_START_ALONE = _start(one_of(deliveries.c.id, "_starts", arrays=True))
 
 
 def _outcome_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -187,13 +186,15 @@ def _commit_in_one_statement(
     if rows:
         params |= _outcome_arrays(rows)
     if starts:
-        params |= {"_starts": list(starts), "_owner": owner, "_expires": expires}
+        # Without outcomes the starts' ids take the name _START's own statement binds.
+        ids = "_starts" if rows else "_ids"
+        params |= {ids: list(starts), "_owner": owner, "_expires": expires}
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         if not starts:
             conn.execute(_RECORD_ARRAYS, params)
             return set()
-        statement = _START_AFTER_RECORD if rows else _START_ALONE
+        statement = _START_AFTER_RECORD if rows else _START[True]
         return set(conn.scalars(statement, params))
 
 
