@@ -88,7 +88,6 @@ def digest_test(
     prepared = prepare(ctx.engine(), settings, digest, now=at, renderer=renderer, as_email=as_email)
     copies = test_copies(settings, prepared, addresses, now=at, renderer=renderer)
     results = asyncio.run(send_test(settings, copies, sign=sign))
-    record_test_sends(ctx.engine(), prepared, addresses, results, by=by, at=at)
     what = f"test copy of {describe(settings, digest, prepared)}"
     subject = TEST_PREFIX + prepared.issue.content.subject
     refused = 0
@@ -99,6 +98,8 @@ def digest_test(
             refused += 1
             reply = f"{result.code} {result.reply}" if result.code else result.reply
             out.print(f"{what} refused for {address}: {reply}", markup=False)
+    # After the lines above: if the database fails now, what was sent has been said.
+    record_test_sends(ctx.engine(), prepared, addresses, results, by=by, at=at)
     if refused:
         raise DeliveryError(f"{refused} of {len(addresses)} test copies refused by the relay")
 
