@@ -330,20 +330,7 @@ def test_fast_path_is_byte_identical_to_dkimpy_sign(
     key = rsa_key if bits == 2048 else rsa.generate_private_key(65537, 1024)
     message = make()
     fast = DkimSigner(DOMAIN, SELECTOR, key).signature_header(message, now=SIGNED_AT)
-    headers, _ = dkim.rfc822_parse(message)
-    include = [
-        n for n in SIGNED_FIELDS for _ in range(1 + sum(h.lower() == n for h, _v in headers))
-    ]
-    # dkimpy takes t= from time.time(); pin it so that the two signatures can be compared.
-    monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: SIGNED_AT.timestamp()))
-    slow = dkim.sign(
-        message,
-        SELECTOR.encode(),
-        DOMAIN.encode(),
-        pem(key, serialization.PrivateFormat.TraditionalOpenSSL),
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=include,
-    )
+    slow = _dkimpy_header(message, key, monkeypatch)
     assert fast == slow  # RSASSA-PKCS1-v1_5 is deterministic: b= must match to the byte
     signer = DkimSigner(DOMAIN, SELECTOR, key)
     assert verifies(fast + message, signer)
@@ -356,6 +343,7 @@ def _dkimpy_header(
     include = [
         n for n in SIGNED_FIELDS for _ in range(1 + sum(h.lower() == n for h, _v in headers))
     ]
+    # dkimpy takes t= from time.time(); pin it so that the two signatures can be compared.
     monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: SIGNED_AT.timestamp()))
     signed: bytes = dkim.sign(
         message,
@@ -471,6 +459,15 @@ def test_a_composer_message_brings_its_relaxed_body_and_signs_as_dkimpy_does(
         assert fast == signer.signature_header(bytes(message), now=SIGNED_AT)
         assert fast == _dkimpy_header(message, rsa_key, monkeypatch)
         assert verifies(fast + message, signer)
+
+
+def test_the_signer_hashes_the_parts_a_message_brings_not_its_body(signer: DkimSigner) -> None:
+    message = digest_message()
+    assert isinstance(message, CrlfOnly)
+    parts = [b"other body", b"\r\n"]
+    message.relaxed_body = lambda: parts
+    body_hash = base64.b64encode(hashlib.sha256(b"".join(parts)).digest())
+    assert tags(signer.sign(message))[b"bh"] == body_hash
 
 
 def test_a_message_made_from_a_composer_message_canonicalizes_its_own_body(
