@@ -280,9 +280,11 @@ class Deliverer:
         await self.db(self.composers.refresh, {d.issue_id for d in claimed})
         queue = deque(claimed)
         totals = Totals()
-        committer = Committer(lambda batch: self.db(self.commit, batch), totals.add)
-        commit_task = asyncio.create_task(committer.run(), name="delivery-committer")
         lanes_count = min(self.settings.smtp.connections, len(claimed))
+        committer = Committer(
+            lambda batch: self.db(self.commit, batch), totals.add, lanes=lanes_count
+        )
+        commit_task = asyncio.create_task(committer.run(), name="delivery-committer")
         # Claim the next batch while this one's last messages go out, so that no lane waits
         # for a claim (tens of milliseconds, and a bigger share of a small batch).
         low_water = max(2 * lanes_count, self.settings.smtp.batch_size // 4)
@@ -377,7 +379,7 @@ class Deliverer:
                 await self.backpressure.wait()
             nxt = queue.popleft() if queue and not (stop and stop.is_set()) else None
             popped()
-            started = await committer.handoff(previous, nxt.id if nxt else None)
+            started = await committer.handoff(previous, nxt.id if nxt else None, last=nxt is None)
             if nxt is None:
                 return
             if not started:
