@@ -181,3 +181,31 @@ def test_on_postgresql_outcomes_and_starts_go_as_one_statement(engine: sa.Engine
         assert statement.startswith("WITH") and statement.count("UPDATE deliveries") == 2
     else:  # SQLite: its BEGIN IMMEDIATE, the outcomes, then the starts
         assert [s.split()[0] for s in statements] == ["BEGIN", "UPDATE", "UPDATE"]
+
+
+def test_a_claim_takes_rows_in_doubt_and_waiting_rows_in_one_claim_order(
+    engine: sa.Engine,
+) -> None:
+    settings = make_settings(str(engine.url))
+    issue_id = new_issue(engine, settings, [f"r{n}@example.org" for n in range(5)])
+    with engine.connect() as conn:
+        ids = list(conn.scalars(sa.select(deliveries.c.id).order_by(deliveries.c.id)))
+    # Rows 1 and 3 are in doubt: started by a worker whose lease has ended. Their due times
+    # put them between the waiting rows, so a claim must merge the two kinds.
+    with engine.begin() as conn:
+        for position, id_ in enumerate(ids):
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == id_)
+                .values(next_attempt_at=NOW - timedelta(minutes=10 - position))
+            )
+        conn.execute(
+            deliveries.update()
+            .where(deliveries.c.id.in_([ids[1], ids[3]]))
+            .values(status="sending", lease_owner="dead", lease_expires_at=NOW - LEASE)
+        )
+    claimed = claims.claim(engine, owner="w", limit=4, lease=LEASE, now=NOW, issue_id=issue_id)
+    assert [c.id for c in claimed] == ids[:4]
+    # With nothing in doubt, one kind of row: the batch in its index's order.
+    rest = claims.claim(engine, owner="v", limit=4, lease=LEASE, now=NOW, issue_id=issue_id)
+    assert [c.id for c in rest] == ids[4:]

@@ -204,16 +204,19 @@ def _due(
     order: tuple[sa.ColumnElement[Any], ...] = (deliveries.c.next_attempt_at, deliveries.c.id)
     if issue_id is None:
         order = (deliveries.c.priority.desc(), *order)
-    candidates: list[Any] = []
+    found: list[Sequence[Any]] = []
     for due in branches:
         query = sa.select(deliveries.c.id, deliveries.c.priority, deliveries.c.next_attempt_at)
         query = query.where(due, free)
         if issue_id is not None:
             query = query.where(deliveries.c.issue_id == issue_id)
         query = query.order_by(*order).limit(limit).with_for_update(skip_locked=True)
-        candidates.extend(conn.execute(query).all())
-    if len(branches) > 1:
-        candidates.sort(key=lambda r: (-r.priority, r.next_attempt_at, r.id))
+        if rows := conn.execute(query).all():
+            found.append(rows)
+    if len(found) == 1:  # the usual case, nothing in doubt: already in claim order
+        return [r.id for r in found[0]]
+    candidates = [r for rows in found for r in rows]
+    candidates.sort(key=lambda r: (-r.priority, r.next_attempt_at, r.id))
     return [r.id for r in candidates[:limit]]
 
 
