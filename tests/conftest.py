@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ import sqlalchemy as sa
 from mailer.db.engine import create_engine, migrate
 from mailer.db.schema import metadata
 from mailer.errors import DatabaseUnavailable
+from mailer.logs import KeyValueFormatter
 
 # browser, page, shots: a real headless Chromium for the tests that look at pages and mail.
 pytest_plugins = ["tests.browser"]
@@ -23,6 +25,24 @@ PG_ADMIN_URL = os.environ.get(
     "MAILER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_PG = os.environ.get("MAILER_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def cli_log_handler_removed() -> Iterator[None]:
+    """Take the command line's log handler off the root logger after each test.
+
+    ``main()`` run in a test (``mailer.logs.configure``) gives the root logger a handler on the
+    ``sys.stderr`` of that moment, which under ``capsys`` is a stream closed when the test
+    ends: a record logged later by anyone (the test SMTP server's, in another test) would be
+    written to it and end in "--- Logging error ---" instead of anywhere.
+    """
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in root.handlers[:]:
+        if isinstance(handler.formatter, KeyValueFormatter):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
