@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from mailer.delivery.commits import Committer, Handoff
+from mailer.delivery.commits import Committer, Handoff, WriteCall
 
 LONG = 60.0  # a linger no test may wait out: asyncio.wait_for below fails first
 
@@ -35,60 +36,67 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("the condition never held")
 
 
-async def test_a_collection_waits_for_every_running_lane() -> None:
-    writes = Writes()
-    committer = Committer(writes, lambda counts: None, lanes=3, fill=1.0, linger=LONG)
+@contextlib.asynccontextmanager
+async def running(
+    write: WriteCall, *, lanes: int, fill: float = 1.0, linger: float = LONG
+) -> AsyncIterator[Committer]:
+    """A committer of ``lanes`` lanes writing with ``write``, running; closed and drained on
+    the way out."""
+    committer = Committer(write, lambda counts: None, lanes=lanes, fill=fill, linger=linger)
     runner = asyncio.create_task(committer.run())
-    first = asyncio.create_task(committer.handoff(None, 1))
-    second = asyncio.create_task(committer.handoff(None, 2))
-    await until(lambda: len(committer.pending) == 2)
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert writes.collections == []  # two of three lanes: nothing written yet
-    assert await asyncio.wait_for(committer.handoff(None, 3), 5) is True
-    assert await first is True and await second is True
-    assert writes.collections == [[1, 2, 3]]
+    yield committer
     committer.close()
     await asyncio.wait_for(runner, 5)
+
+
+async def turns(count: int = 10) -> None:
+    """Let the loop take ``count`` turns: what could be written by now has been."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_a_collection_waits_for_every_running_lane() -> None:
+    writes = Writes()
+    async with running(writes, lanes=3) as committer:
+        first = asyncio.create_task(committer.handoff(None, 1))
+        second = asyncio.create_task(committer.handoff(None, 2))
+        await until(lambda: len(committer.pending) == 2)
+        await turns()
+        assert writes.collections == []  # two of three lanes: nothing written yet
+        assert await asyncio.wait_for(committer.handoff(None, 3), 5) is True
+        assert await first is True and await second is True
+    assert writes.collections == [[1, 2, 3]]
 
 
 async def test_a_collection_short_of_its_fill_is_written_after_the_linger() -> None:
     writes = Writes()
-    committer = Committer(writes, lambda counts: None, lanes=4, fill=1.0, linger=0.01)
-    runner = asyncio.create_task(committer.run())
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    assert await asyncio.wait_for(committer.handoff(None, 7), 5) is True
-    assert loop.time() - began >= 0.01
+    async with running(writes, lanes=4, linger=0.01) as committer:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await asyncio.wait_for(committer.handoff(None, 7), 5) is True
+        assert loop.time() - began >= 0.01
     assert writes.collections == [[7]]
-    committer.close()
-    await asyncio.wait_for(runner, 5)
 
 
 async def test_a_lane_that_ends_is_waited_for_once_and_then_no_more() -> None:
     writes = Writes()
-    committer = Committer(writes, lambda counts: None, lanes=3, fill=1.0, linger=LONG)
-    runner = asyncio.create_task(committer.run())
-    first = asyncio.create_task(committer.handoff(None, 1))
-    ending = asyncio.create_task(committer.handoff(None, None, last=True))
-    await until(lambda: len(committer.pending) == 2)
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert writes.collections == []  # the third lane has not handed off yet
-    assert await asyncio.wait_for(committer.handoff(None, 3), 5) is True
-    assert await first is True and await ending is False
-    # Two lanes run on: a collection of their two handoffs is written without the third.
-    both = asyncio.gather(committer.handoff(None, 4), committer.handoff(None, 5))
-    assert list(await asyncio.wait_for(both, 5)) == [True, True]
+    async with running(writes, lanes=3) as committer:
+        first = asyncio.create_task(committer.handoff(None, 1))
+        ending = asyncio.create_task(committer.handoff(None, None, last=True))
+        await until(lambda: len(committer.pending) == 2)
+        await turns()
+        assert writes.collections == []  # the third lane has not handed off yet
+        assert await asyncio.wait_for(committer.handoff(None, 3), 5) is True
+        assert await first is True and await ending is False
+        # Two lanes run on: a collection of their two handoffs is written without the third.
+        both = asyncio.gather(committer.handoff(None, 4), committer.handoff(None, 5))
+        assert list(await asyncio.wait_for(both, 5)) == [True, True]
     assert writes.collections == [[1, None, 3], [4, 5]]
-    committer.close()
-    await asyncio.wait_for(runner, 5)
 
 
 async def test_handoffs_that_arrive_during_a_write_go_in_the_next_collection() -> None:
     gate = asyncio.Event()
     writes = Writes()
-
     writing: list[int | None] = []
 
     async def slow(batch: list[Handoff]) -> tuple[dict[str, int], set[int]]:
@@ -96,17 +104,14 @@ async def test_handoffs_that_arrive_during_a_write_go_in_the_next_collection() -
         await gate.wait()
         return await writes(batch)
 
-    committer = Committer(slow, lambda counts: None, lanes=2, fill=0.5, linger=LONG)
-    runner = asyncio.create_task(committer.run())
-    first = asyncio.create_task(committer.handoff(None, 1))  # one of two lanes: its fill
-    await until(lambda: writing == [1])  # taken, its write waiting at the gate
-    later = [asyncio.create_task(committer.handoff(None, i)) for i in (2, 3)]
-    await until(lambda: len(committer.pending) == 2)
-    gate.set()
-    assert await first is True and all(await asyncio.gather(*later))
+    async with running(slow, lanes=2, fill=0.5) as committer:
+        first = asyncio.create_task(committer.handoff(None, 1))  # one of two lanes: its fill
+        await until(lambda: writing == [1])  # taken, its write waiting at the gate
+        later = [asyncio.create_task(committer.handoff(None, i)) for i in (2, 3)]
+        await until(lambda: len(committer.pending) == 2)
+        gate.set()
+        assert await first is True and all(await asyncio.gather(*later))
     assert writes.collections == [[1], [2, 3]]
-    committer.close()
-    await asyncio.wait_for(runner, 5)
 
 
 async def test_a_failed_write_fails_every_handoff_of_its_collection() -> None:
@@ -125,11 +130,9 @@ async def test_a_failed_write_fails_every_handoff_of_its_collection() -> None:
 
 async def test_closing_writes_what_is_pending_at_once() -> None:
     writes = Writes()
-    committer = Committer(writes, lambda counts: None, lanes=3, fill=1.0, linger=LONG)
-    runner = asyncio.create_task(committer.run())
-    waiting = asyncio.create_task(committer.handoff(None, 9))
-    await until(lambda: len(committer.pending) == 1)
-    committer.close()
+    async with running(writes, lanes=3) as committer:
+        waiting = asyncio.create_task(committer.handoff(None, 9))
+        await until(lambda: len(committer.pending) == 1)
+    # Closed on the way out, with one of three lanes handed off and the linger far away.
     assert await asyncio.wait_for(waiting, 5) is True
-    await asyncio.wait_for(runner, 5)
     assert writes.collections == [[9]]
