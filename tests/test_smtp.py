@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 
 from mailer.config.load import parse_settings
 from mailer.config.settings import SmtpSettings
+from mailer.delivery.pipeline import StartRefused
 from mailer.delivery.policy import Outcome, SendResult, Stage
 from mailer.delivery.pool import PoolClosedError, SmtpAuthError, SmtpPool, SmtpUsageError
 from tests.factories import config_dict
@@ -412,3 +413,54 @@ async def test_closing_waits_for_in_flight_sends_and_refuses_waiting_ones(
     with pytest.raises(PoolClosedError):
         await waiting
     assert smtp_server.quits == smtp_server.connections == 1
+
+
+class Gate:
+    """A send's gate that says when it was asked, and answers when the test says."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        self.asked.set()
+        return self.answer.__await__()
+
+
+async def test_a_gated_message_goes_out_only_once_its_gate_says_yes(
+    smtp_server: FaultServer,
+) -> None:
+    async with pool_for(smtp_server, connections=1) as pool:
+        gate = Gate()
+        sending = asyncio.create_task(pool.send(SENDER, "r1@example.org", message(1), gate=gate))
+        # Asked after the server's 354: the envelope is through, the message not sent.
+        await asyncio.wait_for(gate.asked.wait(), 5)
+        assert not sending.done()
+        assert smtp_server.received == []
+        gate.answer.set_result(True)
+        result = await asyncio.wait_for(sending, 5)
+    assert result.outcome is Outcome.SENT
+    assert [r.data for r in smtp_server.received] == [message(1)]
+
+
+@pytest.mark.parametrize("refusal", ["no", "error"])
+async def test_a_gate_that_says_no_or_fails_sends_nothing_and_hangs_up(
+    smtp_server: FaultServer, refusal: str
+) -> None:
+    async with pool_for(smtp_server, connections=1) as pool:
+        gate = Gate()
+        sending = asyncio.create_task(pool.send(SENDER, "r1@example.org", message(1), gate=gate))
+        await asyncio.wait_for(gate.asked.wait(), 5)
+        if refusal == "no":
+            gate.answer.set_result(False)
+            with pytest.raises(StartRefused):
+                await asyncio.wait_for(sending, 5)
+        else:
+            gate.answer.set_exception(ConnectionError("the database went away"))
+            with pytest.raises(ConnectionError, match="the database went away"):
+                await asyncio.wait_for(sending, 5)
+        # Mid-DATA the only way back is to hang up: the next message takes a new connection.
+        after = await pool.send(SENDER, "r2@example.org", message(2))
+    assert after.outcome is Outcome.SENT
+    assert [r.recipients for r in smtp_server.received] == [("r2@example.org",)]
+    assert smtp_server.connections == 2

@@ -1,10 +1,11 @@
 """The group commit's handoff: lanes hand over their outcomes and next starts, one writer
 writes whatever is waiting in one transaction.
 
-Apart from the delivery loop (mailer.delivery.worker) because it is the one piece that pairs
-the lanes with the database: the ordering it keeps (a lane sends only after its start is
-written) is what bounds a crash to one in-doubt message per connection (mailer.delivery.ledger).
-What a collection's transaction writes is the worker's ``Deliverer.commit``.
+Apart from the delivery loop (mailer.delivery.worker) because it is the one piece that pairs the
+lanes with the database: the ordering it keeps (a lane sends a message's content only after its
+start is written) is what bounds a crash to one in-doubt message per connection
+(mailer.delivery.ledger). What a collection's transaction writes is the worker's
+``Deliverer.commit``.
 
 How big a collection is. A commit costs about as much CPU for 32 handoffs as for 8, ours and
 the database server's alike (``bench/parts.py``: 480 µs of PostgreSQL's CPU per commit of 8,
@@ -75,6 +76,13 @@ class Committer:
     ) -> bool:
         """Record ``result``, mark ``start`` in flight; True once ``start`` may be sent.
         ``last``: the lane ends with this handoff, and no collection waits for it again."""
+        return await self.submit(result, start, last=last)
+
+    def submit(
+        self, result: ledger.Result | None, start: int | None, *, last: bool = False
+    ) -> asyncio.Future[bool]:
+        """``handoff`` without waiting: the future says, once the collection is written,
+        whether ``start`` may be sent (or raises what the write raised)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         self.pending.append(Handoff(result, start, done))
@@ -86,7 +94,7 @@ class Committer:
             self.wake.set()
         elif self._timer is None:
             self._timer = loop.call_later(self.linger, self.wake.set)
-        return await done
+        return done
 
     async def run(self) -> None:
         """Write what is waiting, collection after collection, until closed and drained."""

@@ -6,11 +6,13 @@ the wire) → ``sent`` | ``deferred`` (queued again later) | ``bounced`` | ``fai
 ``cancelled``.
 
 Crash bound. A worker marks a delivery ``sending`` in the same transaction that records the
-outcome of the previous message on that SMTP connection, and starts DATA only after that
-commit. So at any instant a worker has at most one ``sending`` row per open connection, and
-those are the only rows whose fate a crash can leave unknown. Claimed rows not yet started
-keep their old status and simply return to the queue when the lease expires. In-doubt rows
-are re-sent with the same Message-ID, or held as ``unknown``, by ``[smtp].in_doubt``.
+outcome of the previous message on that SMTP connection, and sends the message's content only
+after that commit (its envelope may go out meanwhile: a transaction that ends before the
+content, or with the connection dropped in DATA, delivers nothing). So at any instant a worker
+has at most one ``sending`` row per open connection, and those are the only rows whose fate a
+crash can leave unknown. Claimed rows not yet started keep their old status and simply return to
+the queue when the lease expires. In-doubt rows are re-sent with the same Message-ID, or held as
+``unknown``, by ``[smtp].in_doubt``.
 
 Outcomes are written for many connections in one transaction: a transaction per message was
 measured at about 200 messages per second. The leases live here too: a renewal rides on a

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Awaitable
 from typing import Any, Literal
 
 import aiosmtplib
@@ -20,7 +21,36 @@ from aiosmtplib.typing import Default
 
 from mailer.compose.wire import CrlfOnly, SmtpReady, is_crlf_only
 from mailer.delivery.policy import Stage
+from mailer.errors import DeliveryError
 from mailer.text import is_plain_address
+
+# Whether this message may go out: a lane's start, being written in the group commit while
+# the envelope goes out (mailer.delivery.worker). Nothing of the message itself is sent
+# before it says yes.
+Gate = Awaitable[bool]
+
+
+class StartRefused(DeliveryError):
+    """The message's start was not written (another worker holds its delivery now): nothing of
+    it was sent, and the connection, left in the middle of a transaction, is closed."""
+
+
+class GateFailed(Exception):
+    """The gate itself raised (its ``__cause__``): carried past the handlers that turn an
+    SMTP or network error into a result, since the gate's error (a database's, say) is not
+    the relay's, whatever its class."""
+
+
+async def _through(gate: Gate | None) -> None:
+    """Wait for ``gate``; raise ``StartRefused`` if it says no, ``GateFailed`` if it raised."""
+    if gate is None:
+        return
+    try:
+        passed = await gate
+    except Exception as exc:
+        raise GateFailed() from exc
+    if not passed:
+        raise StartRefused("the delivery's start was not written: not sent")
 
 
 def data_payload(data: bytes) -> tuple[int, bytes] | None:
@@ -214,7 +244,12 @@ class _Connection(aiosmtplib.SMTP):
         return await super().data(message, timeout=timeout)
 
     async def send_one(
-        self, sender: str, recipient: str, data: bytes, options: list[str]
+        self,
+        sender: str,
+        recipient: str,
+        data: bytes,
+        options: list[str],
+        gate: Gate | None = None,
     ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
         """``sendmail(sender, [recipient], data, mail_options=options)``, for far less CPU.
 
@@ -231,6 +266,12 @@ class _Connection(aiosmtplib.SMTP):
         * when the server offers PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one
           write and their replies are read together (``_Replies``): two round trips per
           message instead of four. The message itself is sent only after the 354.
+
+        ``gate``: the message goes out only once it says yes. On the pipelined path MAIL, RCPT
+        and DATA go out first and the message waits after the 354, so that what the gate waits
+        for (the group commit of the delivery's start) runs while the envelope is answered; a
+        no closes the connection mid-transaction, which delivers nothing, and raises
+        ``StartRefused``. Elsewhere the gate is waited for before anything is sent.
 
         Anything else (bare CR or LF in the message, an address that needs parsing, SMTPUTF8,
         a session without EHLO) goes through aiosmtplib's ``sendmail`` unchanged. Errors are
@@ -251,9 +292,11 @@ class _Connection(aiosmtplib.SMTP):
             or not all(o.isascii() and o.isprintable() and " " not in o for o in options)
             or any(o.lower() == "smtputf8" for o in options)
         ):
+            await _through(gate)
             return await self.sendmail(sender, [recipient], data, mail_options=options)
         payload = data_payload(data)
         if payload is None:
+            await _through(gate)
             return await self.sendmail(sender, [recipient], data, mail_options=options)
         size, message = payload
         if self.supports_extension("size"):
@@ -266,7 +309,7 @@ class _Connection(aiosmtplib.SMTP):
         try:
             try:
                 reply = await self._exchange(
-                    transport, replies, sender, recipient, mail, rcpt, message
+                    transport, replies, sender, recipient, mail, rcpt, message, gate
                 )
             finally:
                 replies.close()
@@ -291,8 +334,10 @@ class _Connection(aiosmtplib.SMTP):
         mail: bytes,
         rcpt: bytes,
         message: bytes,
+        gate: Gate | None = None,
     ) -> aiosmtplib.SMTPResponse:
-        """MAIL, RCPT, DATA and the message; the final reply, or the first refusal raised."""
+        """MAIL, RCPT, DATA and the message (once ``gate`` says yes); the final reply, or the
+        first refusal raised."""
         pipelined = self.supports_extension("pipelining")
         self.stage = Stage.MAIL
         if pipelined:
@@ -317,6 +362,12 @@ class _Connection(aiosmtplib.SMTP):
         answer = await replies.next()
         if answer.code != 354:
             raise aiosmtplib.SMTPDataError(answer.code, answer.message)
+        try:
+            await _through(gate)
+        except BaseException:
+            # Mid-DATA there is no way back but to hang up: the server then drops the message.
+            self.close()
+            raise
         transport.write(message)
         answer = await replies.next()
         if answer.code != 250:

@@ -24,7 +24,7 @@ import aiosmtplib
 from mailer.config.settings import SmtpSettings
 from mailer.db.outages import OutageLog
 from mailer.delivery.pacing import Pacer, SharedSchedule
-from mailer.delivery.pipeline import _Connection
+from mailer.delivery.pipeline import Gate, GateFailed, _Connection
 from mailer.delivery.policy import REPLY_LIMIT, Outcome, SendResult, Stage, classify
 from mailer.errors import DeliveryError
 from mailer.text import one_line
@@ -163,7 +163,9 @@ class SmtpPool:
         for slot in slots:
             self._idle.put_nowait(slot)
 
-    async def send(self, envelope_from: str, recipient: str, data: bytes) -> SendResult:
+    async def send(
+        self, envelope_from: str, recipient: str, data: bytes, gate: Gate | None = None
+    ) -> SendResult:
         """Hand one message for one recipient to the server; never raises for an SMTP answer.
 
         ``data`` is the complete message with CRLF line endings, sent as is (aiosmtplib only
@@ -171,6 +173,8 @@ class SmtpPool:
         (the null reverse-path). Raises ``SmtpUsageError`` for a malformed address,
         ``PoolClosedError`` outside ``async with`` and ``SmtpAuthError`` when the server refuses
         our credentials; everything the server or the network does becomes a ``SendResult``.
+        ``gate``: nothing of the message itself goes out until it says yes (``send_one``); a
+        no raises ``StartRefused``, and the connection is not reused.
         """
         _check_address(envelope_from, "envelope sender", allow_empty=True)
         _check_address(recipient, "recipient", allow_empty=False)
@@ -182,7 +186,11 @@ class SmtpPool:
             self._idle.put_nowait(slot)  # the connection itself is fine: aclose() QUITs it
             raise
         try:
-            return await self._send_on(slot, envelope_from, recipient, data)
+            return await self._send_on(slot, envelope_from, recipient, data, gate)
+        except GateFailed as exc:
+            self._discard(slot)
+            assert exc.__cause__ is not None
+            raise exc.__cause__ from None
         except BaseException:
             # Cancelled or failed mid-transaction: the session's state is unknown, so the next
             # message must not inherit it.
@@ -215,7 +223,7 @@ class SmtpPool:
             raise PoolClosedError("SmtpPool.send called outside `async with SmtpPool(...)`")
 
     async def _send_on(
-        self, slot: _Slot, envelope_from: str, recipient: str, data: bytes
+        self, slot: _Slot, envelope_from: str, recipient: str, data: bytes, gate: Gate | None
     ) -> SendResult:
         await self._pacer.acquire()
         for attempt in (1, 2):
@@ -227,7 +235,9 @@ class SmtpPool:
                     return opened
                 slot.client = opened
             assert slot.client is not None
-            result, retry = await self._transaction(slot.client, envelope_from, recipient, data)
+            result, retry = await self._transaction(
+                slot.client, envelope_from, recipient, data, gate
+            )
             if not retry or fresh or attempt == 2:
                 return result
             # A reused connection that the server had already closed (or answers MAIL with 421)
@@ -305,7 +315,12 @@ class SmtpPool:
             raise self._fatal from exc
 
     async def _transaction(
-        self, client: _Connection, envelope_from: str, recipient: str, data: bytes
+        self,
+        client: _Connection,
+        envelope_from: str,
+        recipient: str,
+        data: bytes,
+        gate: Gate | None = None,
     ) -> tuple[SendResult, bool]:
         """One MAIL/RCPT/DATA transaction; returns the result and whether a retry is safe."""
         client.stage = Stage.MAIL
@@ -313,7 +328,7 @@ class SmtpPool:
         if client.supports_extension("8bitmime") and not data.isascii():
             options.append("BODY=8BITMIME")
         try:
-            refused, reply = await client.send_one(envelope_from, recipient, data, options)
+            refused, reply = await client.send_one(envelope_from, recipient, data, options, gate)
         except (aiosmtplib.SMTPException, OSError) as exc:
             stage = client.stage
             result = _failure(exc, stage)

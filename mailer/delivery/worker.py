@@ -1,12 +1,14 @@
 """The delivery loop: claim a batch, send it over the pool's connections, commit in groups.
 
-One *lane* per SMTP connection takes the batch's deliveries one at a time. Before a lane sends
-a message it hands the previous message's outcome and the new message's id to the committer
-(mailer.delivery.commits), and waits: the committer writes what every waiting lane handed it
-in one transaction (a group commit), which both records the outcomes and marks the new
-messages in flight. That ordering is what bounds a crash to at most one in-doubt message per
-connection (see mailer.delivery.ledger). Claims are mailer.delivery.claims', the leases this
-worker holds mailer.delivery.leases'.
+One *lane* per SMTP connection takes the batch's deliveries one at a time. As a lane takes a
+message it hands the previous message's outcome and the new message's id to the committer
+(mailer.delivery.commits): the committer writes what the lanes handed it in one transaction
+(a group commit), which both records the outcomes and marks the new messages in flight.
+Meanwhile the lane builds the message and sends its envelope (MAIL, RCPT, DATA); the message
+itself goes out only once its start is written. That ordering is what bounds a crash to at
+most one in-doubt message per connection (see mailer.delivery.ledger): a transaction cut off
+before its message carries nothing. Claims are mailer.delivery.claims', the leases this worker
+holds mailer.delivery.leases'.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from mailer.delivery.composers import Composers
 from mailer.delivery.holders import Holders, OnWait
 from mailer.delivery.leases import Leases
 from mailer.delivery.pacing import Backpressure
+from mailer.delivery.pipeline import StartRefused
 from mailer.delivery.policy import SendResult
 from mailer.delivery.pool import SmtpPool
 from mailer.errors import AddressError, DatabaseUnavailable, DeliveryError, TokenError
@@ -379,14 +382,13 @@ class Deliverer:
                 await self.backpressure.wait()
             nxt = queue.popleft() if queue and not (stop and stop.is_set()) else None
             popped()
-            started = await committer.handoff(previous, nxt.id if nxt else None, last=nxt is None)
             if nxt is None:
+                await committer.handoff(previous, None, last=True)
                 return
-            if not started:
-                previous = None
-                continue
-            previous = await self._deliver(nxt)
-            if previous.outcome is not None:
+            # The start is written while the message is built and its envelope goes out; the
+            # message itself waits for it (``SmtpPool.send``'s gate).
+            previous = await self._deliver(nxt, committer.submit(previous, nxt.id))
+            if previous is not None and previous.outcome is not None:
                 self.backpressure.observe(previous.outcome)
 
     def _finish(self, issue_ids: set[int]) -> None:
@@ -396,7 +398,12 @@ class Deliverer:
                 if finish_if_done(conn, issue_id, now):
                     log.info("issue sent", extra={"issue": issue_id})
 
-    async def _deliver(self, d: claims.Claimed) -> ledger.Result:
+    async def _deliver(
+        self, d: claims.Claimed, started: asyncio.Future[bool]
+    ) -> ledger.Result | None:
+        """Build and send ``d``, its message once ``started`` says its start was written; what
+        became of it, or None when the start was refused (another worker holds the delivery
+        now, and nothing of it was sent)."""
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
             composers = self.composers
@@ -406,13 +413,18 @@ class Deliverer:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
             # error is the issue's, not the recipient's, and stops the run instead.
             log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
-            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}")
+            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}") if await started else None
         if data is None:
-            return ledger.Result(d, None)
+            return ledger.Result(d, None) if await started else None
         if self.sign is not None:
             data = self.sign(data)
         sender = verp_address(self._sender, d.uid) if self.settings.smtp.verp else self._sender
-        return ledger.Result(d, await self.pool.send(sender, d.email, data))
+        try:
+            outcome = await self.pool.send(sender, d.email, data, gate=started)
+        except StartRefused:
+            return None
+        # A send that ended before its message was due (no connection) never asked the gate.
+        return ledger.Result(d, outcome) if await started else None
 
     async def drain(
         self,
