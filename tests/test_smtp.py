@@ -456,9 +456,15 @@ async def test_a_gate_that_says_no_or_fails_sends_nothing_and_hangs_up(
             with pytest.raises(StartRefused):
                 await asyncio.wait_for(sending, 5)
         else:
-            gate.answer.set_exception(ConnectionError("the database went away"))
-            with pytest.raises(ConnectionError, match="the database went away"):
+            # A ConnectionError, as DatabaseUnavailable is: not to be taken for the relay's.
+            driver = RuntimeError("server closed the connection unexpectedly")
+            failure = ConnectionError("the database went away")
+            failure.__cause__ = driver
+            gate.answer.set_exception(failure)
+            with pytest.raises(ConnectionError, match="the database went away") as raised:
                 await asyncio.wait_for(sending, 5)
+            # The gate's own error, as it was raised: its cause kept for the log.
+            assert raised.value is failure and raised.value.__cause__ is driver
         # Mid-DATA the only way back is to hang up: the next message takes a new connection.
         after = await pool.send(SENDER, "r2@example.org", message(2))
     assert after.outcome is Outcome.SENT

@@ -36,9 +36,14 @@ class StartRefused(DeliveryError):
 
 
 class GateFailed(Exception):
-    """The gate itself raised (its ``__cause__``): carried past the handlers that turn an
-    SMTP or network error into a result, since the gate's error (a database's, say) is not
-    the relay's, whatever its class."""
+    """The gate itself raised ``error``: carried past the handlers that turn an SMTP or network
+    error into a result (``OSError`` among them), since the gate's error is not the relay's
+    whatever its class: ``DatabaseUnavailable`` is a ``ConnectionError``. ``SmtpPool.send``
+    raises ``error`` itself, as it was."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 async def _through(gate: Gate | None) -> None:
@@ -48,7 +53,7 @@ async def _through(gate: Gate | None) -> None:
     try:
         passed = await gate
     except Exception as exc:
-        raise GateFailed() from exc
+        raise GateFailed(exc) from exc
     if not passed:
         raise StartRefused("the delivery's start was not written: not sent")
 

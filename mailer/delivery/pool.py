@@ -187,10 +187,9 @@ class SmtpPool:
             raise
         try:
             return await self._send_on(slot, envelope_from, recipient, data, gate)
-        except GateFailed as exc:
-            self._discard(slot)
-            assert exc.__cause__ is not None
-            raise exc.__cause__ from None
+        except GateFailed as failed:
+            self._discard(slot)  # hung up mid-DATA
+            gate_error = failed.error
         except BaseException:
             # Cancelled or failed mid-transaction: the session's state is unknown, so the next
             # message must not inherit it.
@@ -198,6 +197,9 @@ class SmtpPool:
             raise
         finally:
             self._idle.put_nowait(slot)
+        # Raised here, outside the handler, so that it goes on exactly as the gate raised it
+        # (its own cause kept, no carrier in its context).
+        raise gate_error
 
     async def probe(self) -> SendResult | None:
         """Open one connection as a send would (connect, TLS, EHLO, AUTH where set) and leave
