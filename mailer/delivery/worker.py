@@ -404,6 +404,15 @@ class Deliverer:
         """Build and send ``d``, its message once ``started`` says its start was written; what
         became of it, or None when the start was refused (another worker holds the delivery
         now, and nothing of it was sent)."""
+        try:
+            result = await self._build_and_send(d, started)
+        except StartRefused:
+            return None
+        # Asked again: a message not built, or a send that ended before its message was due
+        # (no connection), never asked the gate.
+        return result if await started else None
+
+    async def _build_and_send(self, d: claims.Claimed, gate: asyncio.Future[bool]) -> ledger.Result:
         recipient = Recipient(email=d.email, name=d.name, uid=d.uid, message_id=d.message_id)
         try:
             composers = self.composers
@@ -413,18 +422,13 @@ class Deliverer:
             # One recipient's data is unusable: fail that delivery, not the batch. A template
             # error is the issue's, not the recipient's, and stops the run instead.
             log.warning("message not built", extra={"delivery": d.id, "error": str(exc)})
-            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}") if await started else None
+            return ledger.Result(d, None, error=f"{NOT_BUILT} {exc}")
         if data is None:
-            return ledger.Result(d, None) if await started else None
+            return ledger.Result(d, None)
         if self.sign is not None:
             data = self.sign(data)
         sender = verp_address(self._sender, d.uid) if self.settings.smtp.verp else self._sender
-        try:
-            outcome = await self.pool.send(sender, d.email, data, gate=started)
-        except StartRefused:
-            return None
-        # A send that ended before its message was due (no connection) never asked the gate.
-        return ledger.Result(d, outcome) if await started else None
+        return ledger.Result(d, await self.pool.send(sender, d.email, data, gate=gate))
 
     async def drain(
         self,
